@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# System packages the test suite uses, installed when missing (Debian/Ubuntu, as root).
+# - faketime: libfaketime, for the real-daemon clock-step tests.
+set -u
+need=()
+command -v faketime >/dev/null 2>&1 || need+=(faketime)
+command -v cc >/dev/null 2>&1 || need+=(gcc)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+else
+    echo "tests/setup-system.sh: missing ${need[*]}; install them (tests that need them are skipped)" >&2
+fi
+exit 0

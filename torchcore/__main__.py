@@ -1,0 +1,3 @@
+from torchcore.cli import main
+
+raise SystemExit(main())
