@@ -1,0 +1,194 @@
+"""The scheduling core as pure code: which (task, second) pairs start on each wake.
+
+The supervisor keeps no other notion of time.  It hands the planner the current
+epoch second; the planner walks the window (watermark, now] and answers which
+tasks are due, which runs were missed, and what happened to the clock.  No
+system calls, no wall clock: everything is a function of the seconds given, so
+the rules below are tested exhaustively on a fake clock.
+
+Rules (the README's "Semantics" section):
+- Normal wake: the window is one second; the tasks matching it are due.
+- Stall or forward step up to ``correction`` (3 h): each task with a scheduled
+  second in the window is due once, for its latest such second, if that second
+  is within ``misfire_grace`` of now; its other seconds are reported missed.
+- Larger forward step: a clock correction; only ``now`` is matched.
+- Backward step: the watermark follows the clock, but a *fixed-time* task (one
+  that fires at most once an hour) never runs again for a wall time its zone
+  has already passed; frequent tasks keep firing on the new wall time.  Past
+  ``correction`` the wall memory is forgotten too.
+- Daylight saving, per zone: wall times skipped by a spring gap are matched for
+  fixed-time tasks at the first second after the gap; a repeated wall hour in
+  autumn runs fixed-time tasks once (the backward-step rule again).
+"""
+
+import dataclasses
+from datetime import datetime, timedelta
+
+from torchcore.schedule import ScheduleTable
+
+CLOCK_CORRECTION = 3 * 3600
+_ONE_SECOND = timedelta(seconds=1)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one wake decided."""
+
+    due: list = dataclasses.field(default_factory=list)      # (name, scheduled second)
+    missed: list = dataclasses.field(default_factory=list)   # (name, latest missed second, count)
+    events: list = dataclasses.field(default_factory=list)   # clock messages for the log
+
+
+def wall_time(second, tz):
+    """Naive wall time of an epoch second in ``tz`` (None: local), with ``fold`` kept."""
+    if tz is None:
+        return datetime.fromtimestamp(second)
+    return datetime.fromtimestamp(second, tz).replace(tzinfo=None)
+
+
+def _wall_key(wall):
+    """Wall times compared as the clock on the wall shows them (fold ignored)."""
+    return wall.replace(fold=0)
+
+
+class _Zone:
+    """One time zone in use: its table and the highest wall time it has passed."""
+
+    def __init__(self, tz):
+        self.tz = tz
+        self.table = ScheduleTable(tz)
+        self.wall_high = None
+
+    def match(self, second, fixed):
+        """Names due at ``second`` in this zone, applying the DST and backward-step rules."""
+        wall = wall_time(second, self.tz)
+        names = self.table.match(wall)
+        key = _wall_key(wall)
+        if self.wall_high is not None and key <= self.wall_high:
+            names = [name for name in names if name not in fixed]   # a wall time seen before
+        else:
+            previous = _wall_key(wall_time(second - 1, self.tz))
+            if key - previous > _ONE_SECOND and key - previous <= timedelta(hours=3):
+                names = self._add_gap(names, previous, key, fixed)
+            self.wall_high = key
+        return names
+
+    def _add_gap(self, names, previous, current, fixed):
+        """Fixed-time tasks whose wall time was skipped (spring gap) run now, once."""
+        found = dict.fromkeys(names)
+        skipped = previous + _ONE_SECOND
+        while skipped < current:
+            for name in self.table.match(skipped):
+                if name in fixed:
+                    found[name] = None
+            skipped += _ONE_SECOND
+        return list(found)
+
+
+class Planner:
+    """Tracks the watermark and the per-zone tables; ``advance(now)`` plans one wake."""
+
+    def __init__(self, misfire_grace=60, correction=CLOCK_CORRECTION):
+        self.misfire_grace = misfire_grace
+        self.correction = correction
+        self.watermark = None
+        self._zones = {}        # zone key -> _Zone
+        self._zone_of = {}      # name -> zone key
+        self._fixed = set()     # names of fixed-time tasks
+
+    def __len__(self):
+        return len(self._zone_of)
+
+    def __contains__(self, name):
+        return name in self._zone_of
+
+    def set(self, name, schedule):
+        """Add or replace the schedule of ``name`` (its zone is the schedule's)."""
+        if name in self._zone_of:
+            self.remove(name)
+        key = _zone_key(schedule.tz)
+        zone = self._zones.get(key)
+        if zone is None:
+            zone = self._zones[key] = _Zone(schedule.tz)
+        zone.table.set(name, schedule)
+        self._zone_of[name] = key
+        if schedule.fixed_time:
+            self._fixed.add(name)
+
+    def remove(self, name):
+        key = self._zone_of.pop(name)
+        self._fixed.discard(name)
+        zone = self._zones[key]
+        zone.table.remove(name)
+        if not len(zone.table):
+            del self._zones[key]
+
+    def start(self, now):
+        """Begin at ``now``: the first wake that can start anything is the next second."""
+        self.watermark = now
+
+    def advance(self, now):
+        """Plan the window (watermark, now]; see the module docstring for the rules."""
+        plan = Plan()
+        if self.watermark is None:
+            self.start(now - 1)
+        if now == self.watermark:
+            return plan
+        if now < self.watermark:
+            self._stepped_back(now, plan)
+        elif now - self.watermark > self.correction:
+            plan.events.append(
+                f"clock jumped forward {now - self.watermark}s: treated as a clock correction, "
+                "nothing caught up")
+            self.watermark = now - 1
+        if now - self.watermark == 1:
+            plan.due = [(name, now) for name in self._match(now)]
+        else:
+            self._catch_up(now, plan)
+        self.watermark = now
+        return plan
+
+    def _stepped_back(self, now, plan):
+        step = self.watermark - now
+        if step > self.correction:
+            plan.events.append(
+                f"clock stepped back {step}s: treated as a clock correction, watermark reset")
+            for zone in self._zones.values():
+                zone.wall_high = None
+        else:
+            plan.events.append(
+                f"clock stepped back {step}s: fixed-time tasks will not repeat wall times "
+                "they already ran")
+        self.watermark = now - 1
+
+    def _catch_up(self, now, plan):
+        """A window of several seconds (a stall or a forward step)."""
+        plan.events.append(
+            f"{now - self.watermark - 1}s were skipped (stall or clock step): catching up "
+            f"within misfire_grace {self.misfire_grace}s")
+        latest, earlier, counts = {}, {}, {}
+        for second in range(self.watermark + 1, now + 1):
+            for name in self._match(second):
+                if name in latest:
+                    earlier[name] = latest[name]
+                latest[name] = second
+                counts[name] = counts.get(name, 0) + 1
+        for name, second in latest.items():
+            if now - second <= self.misfire_grace:
+                plan.due.append((name, second))
+                if name in earlier:
+                    plan.missed.append((name, earlier[name], counts[name] - 1))
+            else:
+                plan.missed.append((name, second, counts[name]))
+
+    def _match(self, second):
+        if len(self._zones) == 1:
+            return next(iter(self._zones.values())).match(second, self._fixed)
+        names = []
+        for zone in self._zones.values():
+            names.extend(zone.match(second, self._fixed))
+        return names
+
+
+def _zone_key(tz):
+    return None if tz is None else getattr(tz, "key", None) or str(tz)

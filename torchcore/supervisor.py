@@ -1,0 +1,641 @@
+"""The supervisor: one process, one thread, one select loop.
+
+Each pass sleeps on a selector until the next second boundary (or a signal, a
+report from an executor, a control request), reaps every child that exited,
+then hands the current second to the planner and launches what is due.
+Signal handlers only record: the wakeup fd turns each signal into a byte the
+loop reads, and ``handle_<signal>`` changes what the loop does next.
+"""
+
+import dataclasses
+import errno
+import gc
+import hashlib
+import json
+import logging
+import os
+import selectors
+import signal
+import threading
+import time
+
+import psutil
+import setproctitle
+
+from torchcore import config, executor, records
+from torchcore.clock import SystemClock
+from torchcore.coordinator import LocalCoordinator
+from torchcore.errors import ConfigError
+from torchcore.planner import Planner
+from torchcore.states import DaemonState, RunState
+
+log = logging.getLogger("torchcore")
+
+STATS_EVERY = 60            # seconds between stats lines
+FAILED_START_UNDER = 1.0    # a daemon instance that lived less than this is a failed start
+BACKOFF_MAX = 60.0
+SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
+           signal.SIGUSR2: "usr2", signal.SIGCHLD: "chld"}
+
+
+@dataclasses.dataclass
+class Run:
+    """One running executor, as the supervisor sees it."""
+
+    run_id: int
+    task: object                # the Task spec it was started with
+    scheduled: int | None
+    manual: bool
+    executor_pid: int
+    started: float
+    state: str = RunState.STARTING
+    pgid: int | None = None     # the command's process group, once the executor reports it
+    result: dict | None = None
+
+
+@dataclasses.dataclass
+class DaemonSlot:
+    """Bookkeeping for a `daemon` task: restarts and the crash-loop backoff."""
+
+    state: str = DaemonState.RUNNING
+    failures: int = 0           # consecutive failed starts
+    next_try: float = 0.0       # monotonic time before which no instance starts
+    restarts: int = 0
+    last_exit: dict | None = None
+
+
+@dataclasses.dataclass
+class Stats:
+    started: int = 0
+    failed: int = 0
+    skipped: int = 0
+    missed: int = 0
+    fork_failures: int = 0
+
+
+class Supervisor:
+    """Runs this node's share of a task file until told to stop."""
+
+    def __init__(self, taskfile, node, clock=None, coordinator=None, pidfile=None, on_ready=None):
+        self.taskfile = taskfile
+        self.settings = taskfile.settings
+        self.node = node
+        self.node_name = node.hostname
+        self.clock = clock or SystemClock()
+        self.coordinator = coordinator or LocalCoordinator()
+        self.pidfile = pidfile
+        self.on_ready = on_ready
+        self.ready = False
+        self.planner = Planner(self.settings.misfire_grace)
+        self.tasks = {}             # name -> Task running on this node
+        self.daemons = {}           # name -> DaemonSlot
+        self.runs = {}              # executor pid -> Run
+        self.by_run_id = {}         # run id -> Run
+        self.by_task = {}           # name -> set of executor pids
+        self.stats = Stats()
+        self.started_at = self.clock.time()
+        self.stopping = False
+        self.shutdown_deadline = None
+        self.killed_all = False
+        self.reload_requested = None     # the reason, when a reload waits for the loop
+        self.last_reload = None          # (epoch, ok, message)
+        self.reload_error = None
+        self.file_signature = None
+        self.retry = []                  # (name, second) whose fork failed: tried again next tick
+        self.last_result = {}            # name -> last finished result dict (for status)
+        self.skipped_last = {}           # name -> reason, while its last due run was skipped
+        self._report_buffer = b""
+        self._next_stats = self.clock.monotonic() + STATS_EVERY
+        self._title = None
+        self.records = None
+        self.selector = None
+        self.control = None
+
+    # ---- start and stop -------------------------------------------------------------------
+
+    def run(self):
+        """Run until a shutdown finishes; returns the exit status (0)."""
+        self._open()
+        try:
+            self._apply(self.taskfile, first=True)
+            self.planner.start(int(self.clock.time()))
+            self._start_reboot_tasks()
+            self.ready = True
+            if self.on_ready is not None:
+                self.on_ready()
+            log.info("torchcore started: %s, %d tasks on this node (%s), pid %d",
+                     self.settings.path, len(self.tasks), self.node_name, os.getpid())
+            while not self._finished():
+                self.loop_once()
+        finally:
+            self._close()
+        log.info("torchcore stopped")
+        return 0
+
+    def _open(self):
+        os.makedirs(self.settings.state_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.settings.log_dir, exist_ok=True)
+        self.records = records.Records(self.db_path)
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.report_r, self.report_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(self.report_w, True)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._read_signals)
+        self.selector.register(self.report_r, selectors.EVENT_READ, self._read_reports)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for signum in SIGNALS:
+            signal.signal(signum, _record_signal)
+        self.file_signature = _file_signature(self.settings.path)
+        self._open_control()
+
+    def _open_control(self):
+        """The control socket, when the plumbing for it is present (see control.py)."""
+        try:
+            from torchcore import control
+        except ImportError:
+            return
+        self.control = control.ControlServer(self.control_path, self)
+        self.control.register(self.selector)
+
+    def _close(self):
+        for signum in SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        if self.control is not None:
+            self.control.close()
+        self._flush()
+        self.records.close()
+        self.selector.close()
+        for fd in (self._wake_r, self._wake_w, self.report_r, self.report_w):
+            os.close(fd)
+
+    @property
+    def db_path(self):
+        return os.path.join(self.settings.state_dir, "torchcore.db")
+
+    @property
+    def control_path(self):
+        return os.path.join(self.settings.state_dir, "control.sock")
+
+    def _finished(self):
+        return self.stopping and not self.runs
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def loop_once(self):
+        """One pass: wait, read events, reap, then act on the current second."""
+        for key, mask in self.selector.select(self._sleep_time()):
+            if callable(key.data):
+                key.data()
+            elif self.control is not None:
+                self.control.handle_event(key, mask)
+        self.reap()
+        if self.reload_requested:
+            reason, self.reload_requested = self.reload_requested, None
+            self.reload(reason)
+        if self.stopping:
+            self._drive_shutdown()
+        else:
+            self._watch_file()
+            now = int(self.clock.time())
+            if now != self.planner.watermark:
+                self.tick(now)
+            self._tend_daemons()
+        self._housekeeping()
+
+    def _sleep_time(self):
+        wall = self.clock.time()
+        wait = (int(wall) + 1 - wall) + 0.0005
+        if self.shutdown_deadline is not None:
+            wait = min(wait, max(0.0, self.shutdown_deadline - self.clock.monotonic()))
+        return min(wait, 1.0)
+
+    def tick(self, now):
+        """Launch what the planner says is due at ``now`` (and log what the clock did)."""
+        plan = self.planner.advance(now)
+        for message in plan.events:
+            log.warning("%s", message)
+        for name, second, count in plan.missed:
+            self._record_missed(name, second, count)
+        retry, self.retry = self.retry, []
+        for name, second in retry:
+            if name in self.tasks and now - second <= self.settings.misfire_grace:
+                self.launch(self.tasks[name], second)
+        for name, second in plan.due:
+            self.launch(self.tasks[name], second)
+
+    # ---- launching ------------------------------------------------------------------------
+
+    def launch(self, task, second, manual=False):
+        """Start one run of ``task`` unless a limit forbids it; returns the Run or None."""
+        reason = self._limit_reason(task)
+        if reason:
+            self._record_skip(task, second, reason, manual)
+            return None
+        if not self.coordinator.claim(task, second):
+            return None
+        run_id = self.records.allocate_run_id()
+        job = executor.Job(
+            run_id=run_id, task=task, scheduled=second, manual=manual, shell=self.settings.shell,
+            log_dir=self.settings.log_dir, log_max_bytes=self.settings.log_max_bytes,
+            log_backups=self.settings.log_backups, db_path=self.db_path, node=self.node_name)
+        try:
+            pid = self.fork(job)
+        except OSError as exc:
+            self.stats.fork_failures += 1
+            log.error("cannot fork for %s (run %d): %s; retrying next second", task.name, run_id, exc)
+            if second is not None and not manual:
+                self.retry.append((task.name, second))
+            return None
+        run = Run(run_id, task, second, manual, pid, self.clock.time())
+        self.runs[pid] = run
+        self.by_run_id[run_id] = run
+        self.by_task.setdefault(task.name, set()).add(pid)
+        self.skipped_last.pop(task.name, None)
+        self.stats.started += 1
+        self.records.add(records.RunRecord(
+            run_id=run_id, task=task.name, node=self.node_name, scheduled=second,
+            started=run.started, ended=None, exit_code=None, signal=None, manual=manual, pid=pid))
+        return run
+
+    def _limit_reason(self, task):
+        running = len(self.by_task.get(task.name, ()))
+        if running >= task.max:
+            return f"max {task.max} reached"
+        cap = self.settings.max_running
+        if cap is not None and len(self.runs) >= cap:
+            return f"max_running {cap} reached"
+        return None
+
+    def fork(self, job):
+        """Fork an executor for ``job``; the child never returns from here."""
+        assert threading.active_count() == 1, "the supervisor must stay single-threaded"
+        pid = os.fork()
+        if pid == 0:
+            executor.execute(job, self.report_w)
+        return pid
+
+    def _start_reboot_tasks(self):
+        for task in self.tasks.values():
+            if task.schedule is not None and task.schedule.is_reboot:
+                self.launch(task, int(self.clock.time()))
+
+    def _tend_daemons(self):
+        """Keep every daemon task at `max` instances, respecting its backoff."""
+        if not self.daemons:
+            return
+        mono = self.clock.monotonic()
+        for name, slot in self.daemons.items():
+            task = self.tasks.get(name)
+            if task is None or slot.state == DaemonState.STOPPED or mono < slot.next_try:
+                continue
+            missing = task.max - len(self.by_task.get(name, ()))
+            for _ in range(missing):
+                if self.launch(task, None) is None:
+                    break
+
+    # ---- reports and reaping --------------------------------------------------------------
+
+    def _read_reports(self):
+        while True:
+            try:
+                chunk = os.read(self.report_r, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self._report_buffer += chunk
+        *lines, self._report_buffer = self._report_buffer.split(b"\n")
+        for line in lines:
+            self._handle_report(line)
+
+    def _handle_report(self, line):
+        try:
+            message = json.loads(line)
+            run = self.by_run_id.get(message["run"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed executor report: %r", line[:200])
+            return
+        if run is None:
+            return
+        if message.get("e") == "start":
+            run.pgid = message.get("pid")
+            run.state = RunState.RUNNING   # STARTING -> RUNNING
+            if self.stopping:
+                self._signal_run(run, signal.SIGTERM)
+        elif message.get("e") == "end":
+            run.result = message
+
+    def reap(self):
+        """Collect every exited child (signals coalesce: never rely on one SIGCHLD each)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            run = self.runs.pop(pid, None)
+            if run is None:
+                continue        # an orphan adopted while we run as PID 1
+            self._read_reports()    # its last report may still sit in the pipe
+            self.by_run_id.pop(run.run_id, None)
+            self.by_task.get(run.task.name, set()).discard(pid)
+            self._finish(run, status)
+
+    def _finish(self, run, status):
+        """Record a run whose executor has exited (RUNNING -> EXITED)."""
+        run.state = RunState.EXITED
+        result = run.result
+        if result is None:
+            code = os.waitstatus_to_exitcode(status)
+            result = {"exit_code": None, "signal": None, "timed_out": False, "peak_rss": None,
+                      "ended": self.clock.time(), "started": run.started,
+                      "error": f"executor ended without a report ({_describe_status(code)})"}
+            log.error("run %d of %s: %s", run.run_id, run.task.name, result["error"])
+            if run.pgid:
+                _killpg(run.pgid, signal.SIGKILL)   # no command may outlive its executor
+        failed = result["exit_code"] != 0 or result["signal"] is not None or result["timed_out"]
+        self.stats.failed += failed
+        self.last_result[run.task.name] = result
+        self.records.add(records.RunRecord(
+            run_id=run.run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
+            started=result.get("started", run.started), ended=result["ended"],
+            exit_code=result["exit_code"], signal=result["signal"], timed_out=result["timed_out"],
+            manual=run.manual, pid=run.pgid, peak_rss=result.get("peak_rss")))
+        log.info("%s run %d ended: %s", run.task.name, run.run_id, _describe_result(result))
+        if run.task.type == "daemon":
+            self._daemon_exited(run, result)
+
+    def _daemon_exited(self, run, result):
+        slot = self.daemons.get(run.task.name)
+        if slot is None or self.stopping:
+            return
+        slot.last_exit = result
+        slot.restarts += 1
+        lived = result["ended"] - result.get("started", run.started)
+        if lived >= FAILED_START_UNDER:
+            slot.failures = 0
+            slot.next_try = 0.0
+            if slot.state == DaemonState.BACKOFF:
+                slot.state = DaemonState.RUNNING     # BACKOFF -> RUNNING
+            return
+        slot.failures += 1
+        delay = min(BACKOFF_MAX, 2.0 ** (slot.failures - 1))
+        slot.next_try = self.clock.monotonic() + delay
+        if slot.state == DaemonState.RUNNING:
+            slot.state = DaemonState.BACKOFF         # RUNNING -> BACKOFF
+        log.warning("daemon %s failed to start (%d in a row, lived %.2fs): next try in %ds",
+                    run.task.name, slot.failures, lived, delay)
+
+    # ---- signals --------------------------------------------------------------------------
+
+    def _read_signals(self):
+        try:
+            data = os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            return
+        for signum in data:
+            name = SIGNALS.get(signum)
+            if name:
+                getattr(self, f"handle_{name}")()
+
+    def handle_term(self):
+        if self.stopping:
+            self.kill_all("second stop signal")
+        else:
+            self.begin_shutdown("SIGTERM")
+
+    def handle_int(self):
+        if self.stopping:
+            self.kill_all("second stop signal")
+        else:
+            self.begin_shutdown("SIGINT")
+
+    def handle_hup(self):
+        self.reload_requested = "SIGHUP"
+
+    def handle_usr2(self):
+        self.reload_requested = "SIGUSR2"
+
+    def handle_chld(self):
+        pass    # reaping happens on every pass
+
+    # ---- shutdown -------------------------------------------------------------------------
+
+    def begin_shutdown(self, reason):
+        """No new runs; ask every run to stop; KILL what is left after shutdown_grace."""
+        self.stopping = True
+        self.shutdown_deadline = self.clock.monotonic() + self.settings.shutdown_grace
+        log.info("stopping (%s): %d runs to stop, grace %ds", reason, len(self.runs),
+                 self.settings.shutdown_grace)
+        for run in list(self.runs.values()):
+            self._signal_run(run, signal.SIGTERM)
+
+    def kill_all(self, reason):
+        if not self.killed_all:
+            log.warning("killing %d runs now (%s)", len(self.runs), reason)
+        self.killed_all = True
+        for run in list(self.runs.values()):
+            self._signal_run(run, signal.SIGKILL)
+
+    def _drive_shutdown(self):
+        if self.runs and self.clock.monotonic() >= self.shutdown_deadline and not self.killed_all:
+            self.kill_all(f"shutdown_grace {self.settings.shutdown_grace}s is over")
+
+    def _signal_run(self, run, signum):
+        """TERM goes to the executor (it stops its command's group); KILL to both at once."""
+        if signum == signal.SIGKILL and run.pgid:
+            _killpg(run.pgid, signal.SIGKILL)
+        try:
+            os.kill(run.executor_pid, signum)
+        except ProcessLookupError:
+            pass
+        if run.state == RunState.RUNNING:
+            run.state = RunState.STOPPING      # RUNNING -> STOPPING
+
+    # ---- reload ---------------------------------------------------------------------------
+
+    def reload(self, reason):
+        """Parse the file again; apply it if valid, keep everything as it is if not.
+
+        Returns (accepted, problems).
+        """
+        try:
+            new = config.load(self.settings.path)
+            problems = config.node_problems(new, self.node)
+            if problems:
+                raise ConfigError(problems)
+        except ConfigError as exc:
+            self.reload_error = str(exc)
+            self.last_reload = (self.clock.time(), False, str(exc))
+            log.error("reload (%s) rejected, the running tasks stay as they were:\n%s", reason, exc)
+            return False, exc.problems
+        except OSError as exc:
+            message = f"{self.settings.path}: cannot read: {exc.strerror}"
+            self.reload_error = message
+            self.last_reload = (self.clock.time(), False, message)
+            log.error("reload (%s) rejected: %s", reason, message)
+            return False, [message]
+        summary = self._apply(new)
+        self.reload_error = None
+        self.last_reload = (self.clock.time(), True, summary)
+        log.info("reloaded (%s): %s", reason, summary)
+        return True, []
+
+    def _apply(self, new, first=False):
+        """Swap in a validated task file between two ticks; returns a summary."""
+        old_tasks = self.tasks
+        new_tasks = {task.name: task for task in new.local_tasks(self.node)}
+        removed = [name for name in old_tasks if name not in new_tasks]
+        changed = [name for name, task in new_tasks.items()
+                   if name in old_tasks and old_tasks[name] != task]
+        added = [name for name in new_tasks if name not in old_tasks]
+        for name in removed + changed:
+            self._retire(old_tasks[name])
+        for name in changed + added:
+            self._admit(new_tasks[name])
+        if not first:
+            self._warn_fixed_settings(new.settings)
+        self.taskfile = new
+        self.settings = dataclasses.replace(
+            new.settings, state_dir=self.settings.state_dir, log_dir=self.settings.log_dir,
+            pidfile=self.settings.pidfile)
+        self.planner.misfire_grace = self.settings.misfire_grace
+        self.tasks = new_tasks
+        self.file_signature = _file_signature(new.path)
+        gc.freeze()     # what is loaded now stays shared with the children
+        return (f"{len(new_tasks)} tasks on this node: {len(added)} added, {len(changed)} changed, "
+                f"{len(removed)} removed")
+
+    def _retire(self, task):
+        """A removed or changed task: unschedule it; stop a daemon's instances gracefully."""
+        if task.name in self.planner:
+            self.planner.remove(task.name)
+        if task.type == "daemon":
+            self.daemons.pop(task.name, None)
+            for pid in self.by_task.get(task.name, ()):
+                self._signal_run(self.runs[pid], signal.SIGTERM)
+
+    def _admit(self, task):
+        if task.type == "daemon":
+            self.daemons[task.name] = DaemonSlot()
+        elif not task.schedule.is_reboot:
+            self.planner.set(task.name, task.schedule)
+
+    def _warn_fixed_settings(self, new):
+        for field in ("state_dir", "log_dir", "pidfile"):
+            if getattr(new, field) != getattr(self.settings, field):
+                log.warning("settings.%s changed to %s: it takes effect at the next restart",
+                            field, getattr(new, field))
+
+    def _watch_file(self):
+        """Reload when the file on disk changes (edits, atomic renames, symlink swaps)."""
+        if not self.settings.watch:
+            return
+        signature = _file_signature(self.settings.path)
+        if signature is None or signature == self.file_signature:
+            return
+        self.file_signature = signature
+        try:
+            with open(self.settings.path, "rb") as handle:
+                digest = hashlib.sha256(handle.read()).hexdigest()
+        except OSError:
+            return
+        if digest != self.taskfile.digest:
+            self.reload("file changed")
+
+    # ---- records, title, stats ------------------------------------------------------------
+
+    def _record_skip(self, task, second, reason, manual):
+        self.stats.skipped += 1
+        self.skipped_last[task.name] = reason
+        if task.type == "daemon":
+            return      # a daemon waiting for max_running is not a skipped run
+        log.warning("%s: run for %s skipped: %s", task.name, _fmt_second(second), reason)
+        self.records.add(records.RunRecord(
+            run_id=self.records.allocate_run_id(), task=task.name, node=self.node_name,
+            scheduled=second, started=None, ended=None, exit_code=None, signal=None,
+            skipped=reason, manual=manual))
+
+    def _record_missed(self, name, second, count):
+        self.stats.missed += count
+        log.warning("%s: %d run(s) missed, the latest for %s (beyond misfire_grace %ds or "
+                    "replaced by a later one)", name, count, _fmt_second(second),
+                    self.settings.misfire_grace)
+        self.records.add(records.RunRecord(
+            run_id=self.records.allocate_run_id(), task=name, node=self.node_name,
+            scheduled=second, started=None, ended=None, exit_code=None, signal=None,
+            missed=True, skipped=f"missed {count} run(s)"))
+
+    def _flush(self):
+        self.records.flush()
+
+    def _housekeeping(self):
+        self._flush()
+        self._set_title()
+        if self.control is not None:
+            self.control.reap_idle(self.clock.monotonic())
+        if self.clock.monotonic() >= self._next_stats:
+            self._next_stats = self.clock.monotonic() + STATS_EVERY
+            log.info("%s", self.stats_line())
+
+    def _set_title(self):
+        name = os.path.basename(self.settings.path)
+        title = f"torchcore: supervisor {name} ({len(self.tasks)} tasks, {len(self.runs)} running)"
+        if self.stopping:
+            title += " stopping"
+        if title != self._title:
+            setproctitle.setproctitle(title)
+            self._title = title
+
+    def stats_line(self):
+        load = os.getloadavg()
+        rss = psutil.Process().memory_info().rss
+        s = self.stats
+        return (f"stats: tasks={len(self.tasks)} running={len(self.runs)} started={s.started} "
+                f"failed={s.failed} skipped={s.skipped} missed={s.missed} "
+                f"fork_failures={s.fork_failures} load={load[0]:.2f},{load[1]:.2f},{load[2]:.2f} "
+                f"rss={rss // 1024}K mem_used={psutil.virtual_memory().percent}%")
+
+
+def _record_signal(signum, frame):
+    """Handlers only record: the wakeup fd carries the signal number to the loop."""
+
+
+def _file_signature(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _killpg(pgid, signum):
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
+
+
+def _describe_status(code):
+    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+
+
+def _describe_result(result):
+    if result.get("error") and result["exit_code"] is None and result["signal"] is None:
+        return result["error"]
+    text = (f"signal {result['signal']}" if result["signal"] is not None
+            else f"exit {result['exit_code']}")
+    if result["timed_out"]:
+        text += " (timed out)"
+    return f"{text} after {result['ended'] - result['started']:.3f}s"
+
+
+def _fmt_second(second):
+    if second is None:
+        return "now"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
