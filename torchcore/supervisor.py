@@ -25,7 +25,7 @@ import setproctitle
 from torchcore import config, executor, records
 from torchcore.clock import SystemClock
 from torchcore.coordinator import LocalCoordinator
-from torchcore.errors import ConfigError
+from torchcore.errors import ConfigError, TorchcoreError
 from torchcore.planner import Planner
 from torchcore.states import DaemonState, RunState
 
@@ -140,7 +140,7 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.report_r, self.report_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         os.set_blocking(self.report_w, True)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self._read_signals)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._read_signals)  # (key, mask)
         self.selector.register(self.report_r, selectors.EVENT_READ, self._read_reports)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for signum in SIGNALS:
@@ -185,10 +185,7 @@ class Supervisor:
     def loop_once(self):
         """One pass: wait, read events, reap, then act on the current second."""
         for key, mask in self.selector.select(self._sleep_time()):
-            if callable(key.data):
-                key.data()
-            elif self.control is not None:
-                self.control.handle_event(key, mask)
+            key.data(key, mask)
         self.reap()
         if self.reload_requested:
             reason, self.reload_requested = self.reload_requested, None
@@ -296,7 +293,7 @@ class Supervisor:
 
     # ---- reports and reaping --------------------------------------------------------------
 
-    def _read_reports(self):
+    def _read_reports(self, key=None, mask=None):
         while True:
             try:
                 chunk = os.read(self.report_r, 65536)
@@ -390,7 +387,7 @@ class Supervisor:
 
     # ---- signals --------------------------------------------------------------------------
 
-    def _read_signals(self):
+    def _read_signals(self, key=None, mask=None):
         try:
             data = os.read(self._wake_r, 4096)
         except BlockingIOError:
@@ -420,6 +417,60 @@ class Supervisor:
 
     def handle_chld(self):
         pass    # reaping happens on every pass
+
+    # ---- the control socket (see control.py): each returns the reply's payload ------------
+
+    def control_status(self, request):
+        """The daemon's live state; the CLI adds next runs and history from the file and db."""
+        when, ok, message = self.last_reload or (None, None, None)
+        return {
+            "pid": os.getpid(), "started": self.started_at, "now": self.clock.time(),
+            "file": self.settings.path, "digest": self.taskfile.digest,
+            "node": {"hostname": self.node.hostname,
+                     "addresses": [str(a) for a in self.node.addresses]},
+            "last_reload": {"at": when, "accepted": ok, "message": message} if when else None,
+            "reload_error": self.reload_error, "stopping": self.stopping,
+            "stats": dataclasses.asdict(self.stats),
+            "tasks": {name: self._task_status(name) for name in self.tasks},
+        }
+
+    def _task_status(self, name):
+        runs = [self.runs[pid] for pid in self.by_task.get(name, ())]
+        entry = {"running": [{"run_id": r.run_id, "pid": r.pgid, "started": r.started,
+                              "scheduled": r.scheduled, "state": r.state} for r in runs],
+                 "skipped": self.skipped_last.get(name)}
+        slot = self.daemons.get(name)
+        if slot is not None:
+            entry["daemon"] = {"state": slot.state, "restarts": slot.restarts,
+                               "failures": slot.failures, "last_exit": slot.last_exit,
+                               "next_try_in": max(0.0, slot.next_try - self.clock.monotonic())}
+        return entry
+
+    def control_run(self, request):
+        """Start a run now (counts against the limits, recorded as manual)."""
+        name = request.get("task")
+        task = self.tasks.get(name)
+        if task is None:
+            where = "is not in the task file" if name not in self._all_names() else \
+                "does not run on this node (or is disabled)"
+            raise TorchcoreError(f"task {name!r} {where}")
+        if self.stopping:
+            raise TorchcoreError("torchcore is stopping")
+        run = self.launch(task, None, manual=True)
+        if run is None:
+            reason = self.skipped_last.get(name) or "the coordinator refused it"
+            raise TorchcoreError(f"task {name!r} not started: {reason}")
+        return {"run_id": run.run_id, "executor_pid": run.executor_pid}
+
+    def _all_names(self):
+        return {task.name for task in self.taskfile.tasks}
+
+    def control_reload(self, request):
+        accepted, problems = self.reload("control request")
+        reply = {"accepted": accepted, "problems": problems}
+        if accepted:
+            reply["summary"] = self.last_reload[2]
+        return reply
 
     # ---- shutdown -------------------------------------------------------------------------
 

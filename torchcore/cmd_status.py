@@ -1,0 +1,214 @@
+"""`torchcore status` and `torchcore run`: what runs, what ran, and a run right now."""
+
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime
+
+from torchcore import cli, config, executor, records
+from torchcore.cmd_daemon import _common, _control_request, locate, not_running, print_json, \
+    running_pid
+from torchcore.errors import TorchcoreError
+from torchcore.node import Node
+from torchcore.states import TaskHealth
+from torchcore.textfmt import format_relative, format_table
+from torchcore.units import format_duration
+
+
+def register(subparsers):
+    status = subparsers.add_parser("status", help="the daemon and every task: next run, running, last result")
+    _common(status)
+    cli.add_node_options(status)
+    cli.add_json_option(status)
+    status.set_defaults(func=cmd_status)
+
+    run = subparsers.add_parser("run", help="start a run of TASK now, through the daemon")
+    _common(run)
+    cli.add_node_options(run)
+    run.add_argument("task", metavar="TASK")
+    run.add_argument("--local", action="store_true",
+                     help="run it here in the foreground, output to the terminal, without a daemon")
+    run.set_defaults(func=cmd_run)
+
+
+# ---- status ------------------------------------------------------------------------------
+
+def cmd_status(args):
+    pidfile, _ = locate(args)
+    taskfile = config.load(cli.task_file_path(args))
+    live = None
+    if running_pid(pidfile) is not None:
+        live = _control_request(taskfile.settings, "status")
+    node = _node_of(live, args)
+    last = _last_results(taskfile.settings)
+    now = time.time()
+    rows = [task_status(task, node, live, last.get(task.name), now) for task in taskfile.tasks]
+    if args.json:
+        print_json({"daemon": _daemon_json(live, pidfile, taskfile), "tasks": rows})
+    else:
+        print(_daemon_text(live, pidfile, taskfile, now))
+        print()
+        print(_tasks_text(rows, now))
+    return cli.EXIT_OK if live else cli.EXIT_NOT_RUNNING
+
+
+def _node_of(live, args):
+    if live:
+        return Node.detect(live["node"]["addresses"], hostname=live["node"]["hostname"])
+    return Node.detect(args.node_ip)
+
+
+def _last_results(settings):
+    path = os.path.join(settings.state_dir, "torchcore.db")
+    if not os.path.exists(path):
+        return {}
+    store = records.Records(path, readonly=True)
+    try:
+        return store.last_results()
+    finally:
+        store.close()
+
+
+def task_status(task, node, live, last, now):
+    """One task's row: schedule, next run, running pids, last result and health."""
+    entry = (live or {}).get("tasks", {}).get(task.name, {})
+    next_run = None
+    if task.schedule is not None and not task.schedule.is_reboot and task.enabled:
+        next_run = task.schedule.next_after(
+            datetime.fromtimestamp(now, task.schedule.tz or _local_zone())).timestamp()
+    row = {"name": task.name, "type": task.type, "schedule": task.schedule_text,
+           "next_run": next_run, "running": [r["pid"] for r in entry.get("running", [])],
+           "last": _last_json(last), "state": _health(task, node, entry, last)}
+    if "daemon" in entry:
+        row["daemon"] = entry["daemon"]
+    return row
+
+
+def _local_zone():
+    return datetime.now().astimezone().tzinfo
+
+
+def _health(task, node, entry, last):
+    if not task.enabled:
+        return TaskHealth.DISABLED
+    if not task.runs_on(node):
+        return TaskHealth.NOT_ON_THIS_NODE
+    if entry.get("daemon", {}).get("state") == "backoff":
+        return TaskHealth.CRASH_LOOPING
+    if entry.get("skipped"):
+        return TaskHealth.SKIPPED_BY_MAX
+    if last is None:
+        return TaskHealth.NEVER_RAN
+    failed = last.exit_code not in (0, None) or last.signal is not None or last.timed_out
+    return TaskHealth.FAILING if failed else TaskHealth.OK
+
+
+def _last_json(last):
+    if last is None:
+        return None
+    return {"run_id": last.run_id, "exit_code": last.exit_code, "signal": last.signal,
+            "timed_out": last.timed_out, "ended": last.ended, "duration": last.duration}
+
+
+def _daemon_json(live, pidfile, taskfile):
+    if not live:
+        return {"running": False, "pidfile": pidfile}
+    return {"running": True, "pidfile": pidfile, **live,
+            "file_changed_since_load": live["digest"] != taskfile.digest}
+
+
+def _daemon_text(live, pidfile, taskfile, now):
+    if not live:
+        return f"torchcore is not running (pidfile {pidfile})"
+    lines = [f"torchcore running: pid {live['pid']}, up {format_duration(now - live['started'])}, "
+             f"file {live['file']} (version {live['digest'][:12]})",
+             f"node: {live['node']['hostname']} "
+             f"({', '.join(live['node']['addresses']) or 'no addresses'})"]
+    reload = live.get("last_reload")
+    if reload:
+        verdict = "accepted" if reload["accepted"] else "REJECTED"
+        lines.append(f"last reload: {format_relative(reload['at'], now)}, {verdict}")
+    if live.get("reload_error"):
+        lines.append("reload error (the previous tasks keep running):")
+        lines.extend("  " + line for line in live["reload_error"].splitlines())
+    elif live["digest"] != taskfile.digest:
+        lines.append("note: the file on disk differs from the version running")
+    stats = live["stats"]
+    lines.append(f"runs: {stats['started']} started, {stats['failed']} failed, "
+                 f"{stats['skipped']} skipped, {stats['missed']} missed")
+    return "\n".join(lines)
+
+
+def _tasks_text(rows, now):
+    table = []
+    for row in rows:
+        nxt = format_relative(row["next_run"], now) if row["next_run"] else "-"
+        running = ",".join(str(pid) for pid in row["running"] if pid) or "-"
+        table.append([row["name"], row["type"], row["schedule"] or "-", nxt, running,
+                      _last_text(row["last"], now), _state_text(row)])
+    return format_table(["NAME", "TYPE", "SCHEDULE", "NEXT RUN", "RUNNING", "LAST RESULT", "STATE"],
+                        table)
+
+
+def _last_text(last, now):
+    if last is None:
+        return "-"
+    how = f"signal {last['signal']}" if last["signal"] is not None else f"exit {last['exit_code']}"
+    if last["timed_out"]:
+        how += " (timeout)"
+    when = format_relative(last["ended"], now) if last["ended"] else ""
+    took = f", {format_duration(last['duration'])}" if last["duration"] is not None else ""
+    return f"{how}, {when}{took}"
+
+
+def _state_text(row):
+    daemon = row.get("daemon")
+    if daemon and daemon["restarts"]:
+        extra = f" ({daemon['restarts']} restarts"
+        if daemon["state"] == "backoff":
+            extra += f", next try in {format_duration(daemon['next_try_in'])}"
+        return row["state"] + extra + ")"
+    return row["state"]
+
+
+# ---- run ---------------------------------------------------------------------------------
+
+def cmd_run(args):
+    if args.local:
+        return _run_local(args)
+    pidfile, settings = locate(args)
+    if running_pid(pidfile) is None:
+        not_running(pidfile)
+        print("(use `torchcore run --local TASK` to run it here without a daemon)", file=sys.stderr)
+        return cli.EXIT_NOT_RUNNING
+    reply = _control_request(settings, "run", task=args.task)
+    if reply is None:
+        raise TorchcoreError("the daemon's control socket is missing; cannot start a run")
+    print(f"started {args.task} run {reply['run_id']}; "
+          f"`torchcore logs {args.task} --run {reply['run_id']}` shows its output")
+    return cli.EXIT_OK
+
+
+def _run_local(args):
+    """The task's command in this terminal: its env, cwd, user and limits, not its schedule."""
+    taskfile = config.load(cli.task_file_path(args))
+    try:
+        task = taskfile.task(args.task)
+    except KeyError:
+        raise TorchcoreError(f"no task named {args.task!r} in {taskfile.path}") from None
+    cred = executor.credentials(task)
+    extra = {}
+    if cred:
+        extra = {"user": cred[1], "group": cred[2], "extra_groups": cred[3]}
+    env = executor.task_environment(task, cred[0] if cred else None)
+    try:
+        done = subprocess.run(task.argv(taskfile.settings.shell), env=env, cwd=task.cwd or None,
+                              preexec_fn=executor.limit_setter(task.limits),
+                              timeout=task.timeout, **extra)
+    except FileNotFoundError as exc:
+        raise TorchcoreError(f"task {task.name!r}: cannot start: {exc}") from None
+    except subprocess.TimeoutExpired:
+        print(f"torchcore: task {task.name!r} timed out after {task.timeout}s", file=sys.stderr)
+        return 124
+    return done.returncode if done.returncode >= 0 else 128 - done.returncode
