@@ -22,12 +22,12 @@ def content(log_dir, task="t"):
 
 
 def test_stamp_format():
-    stamp = format_stamp(1795966200.1234)
+    stamp = format_stamp(1795534200.1234)
     assert re.fullmatch(r"2026-11-2\dT\d\d:\d\d:00\.123[+-]\d\d:\d\d", stamp)
 
 
 def test_lines_are_stamped_with_run_and_stream(tmp_path):
-    log = TaskLog(str(tmp_path / "logs"), "t", 17, 10_000, 2, clock=lambda: 1795966200.5)
+    log = TaskLog(str(tmp_path / "logs"), "t", 17, 10_000, 2, clock=lambda: 1795534200.5)
     log.write("out", b"hello\n")
     log.write("err", b"oops\n")
     log.close()
