@@ -141,3 +141,26 @@ def test_logs_follow_until_ctrl_c(taskfile, capsys, monkeypatch):
     assert main(["logs", "backup", "-f", "-n", "5"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split("| ", 1)[1] for line in out] == ["before", "after"]
+
+
+def test_real_task_file_end_to_end(tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "tasks.yaml").write_text(
+        "settings:\n  state_dir: ./st\n  timezone: UTC\n"
+        "tasks:\n  - name: backup\n    schedule: '0 * * * * *'\n    command: echo hi\n")
+    store = Records(str(tmp_path / "st" / "torchcore.db"))
+    store.add(RunRecord(store.allocate_run_id(), "backup", "n1", 1795534200, 1795534200.5,
+                        1795534201.0, 0, None))
+    store.flush()                                 # the daemon keeps its connection open
+    log = tasklog.TaskLog(str(tmp_path / "st" / "logs"), "backup", 1, 0, 0)
+    log.write("out", b"hi\n")
+    log.close()
+    cmd = [sys.executable, "-m", "torchcore"]
+    out = subprocess.run(cmd + ["history", "-c", str(tmp_path / "tasks.yaml"), "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out)[0]["ended"] == "2026-11-24T15:30:01.000+00:00"
+    out = subprocess.run(cmd + ["logs", "backup", "-c", str(tmp_path / "tasks.yaml")],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.endswith(" run 1 out| hi\n")
+    store.close()
