@@ -1,0 +1,198 @@
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from torchcore.tasklog import (
+    TaskLog, follow_log, format_stamp, line_run_id, log_files, log_path, read_log)
+
+LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d run (\d+) (out|err)\| (.*)$")
+
+
+def texts(lines):
+    return [LINE.match(line).group(3) for line in lines]
+
+
+def content(log_dir, task="t"):
+    with open(log_path(log_dir, task), encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def test_stamp_format():
+    stamp = format_stamp(1795534200.1234)
+    assert re.fullmatch(r"2026-11-2\dT\d\d:\d\d:00\.123[+-]\d\d:\d\d", stamp)
+
+
+def test_lines_are_stamped_with_run_and_stream(tmp_path):
+    log = TaskLog(str(tmp_path / "logs"), "t", 17, 10_000, 2, clock=lambda: 1795534200.5)
+    log.write("out", b"hello\n")
+    log.write("err", b"oops\n")
+    log.close()
+    lines = content(str(tmp_path / "logs"))
+    assert lines[0].endswith(" run 17 out| hello")
+    assert lines[1].endswith(" run 17 err| oops")
+    assert all(LINE.match(line) for line in lines)
+    assert line_run_id(lines[0]) == 17 and line_run_id("garbage") is None
+
+
+def test_partial_lines_wait_for_their_newline_per_stream(tmp_path):
+    log = TaskLog(str(tmp_path), "t", 1, 0, 0)
+    log.write("out", b"hel")
+    log.write("err", b"e1")
+    log.write("out", b"lo wor")
+    assert not os.path.exists(log_path(str(tmp_path), "t")) or content(str(tmp_path)) == []
+    log.write("out", b"ld\nsecond\r\nthi")
+    log.write("err", b"\n")
+    log.close()                                   # an unfinished line is written on close
+    assert texts(content(str(tmp_path))) == ["hello world", "second", "e1", "thi"]
+
+
+def test_utf8_split_across_chunks_and_invalid_bytes(tmp_path):
+    log = TaskLog(str(tmp_path), "t", 1, 0, 0)
+    data = "héllo €\n".encode()
+    for i in range(len(data)):
+        log.write("out", data[i:i + 1])
+    log.write("out", b"bad \xff\xfe end\n")
+    log.close()
+    assert texts(content(str(tmp_path))) == ["héllo €", "bad \ufffd\ufffd end"]
+
+
+def test_long_lines_are_cut_with_a_marker(tmp_path):
+    log = TaskLog(str(tmp_path), "t", 1, 0, 0, max_line=100)
+    log.write("out", b"x" * 60)
+    log.write("out", b"y" * 60)                   # the partial line passes the limit
+    log.write("out", b"z" * 500)                  # still the same line: dropped
+    log.write("out", b"zz\nnext\n" + b"a" * 300 + b"\nshort\n")
+    log.write("out", "é".encode() * 80 + b"\n")  # a cut never splits a character
+    log.close()
+    got = texts(content(str(tmp_path)))
+    assert got[0] == "x" * 60 + "y" * 40 + " [line cut at 100 bytes]"
+    assert got[1:4] == ["next", "a" * 100 + " [line cut at 100 bytes]", "short"]
+    assert got[4] == "é" * 50 + " [line cut at 100 bytes]"
+    assert len(got) == 5
+
+
+def test_rotation_keeps_backups(tmp_path):
+    d = str(tmp_path)
+    log = TaskLog(d, "t", 1, 1000, 2)
+    for i in range(200):
+        log.write("out", b"line %d\n" % i)
+    log.close()
+    files = log_files(d, "t")
+    assert [os.path.basename(f) for f in files] == ["t.log.2", "t.log.1", "t.log"]
+    assert all(os.path.getsize(f) < 1000 + 100 for f in files)
+    kept = texts(read_log(d, "t"))
+    assert kept == ["line %d" % i for i in range(200 - len(kept), 200)]  # the newest, in order
+
+
+def test_rotation_without_backups_starts_afresh(tmp_path):
+    log = TaskLog(str(tmp_path), "t", 1, 500, 0)
+    for i in range(100):
+        log.write("out", b"line %d\n" % i)
+    log.close()
+    assert log_files(str(tmp_path), "t") == [log_path(str(tmp_path), "t")]
+
+
+WRITER = textwrap.dedent("""
+    import sys, random
+    from torchcore.tasklog import TaskLog
+    log_dir, run_id, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    log = TaskLog(log_dir, "t", run_id, 20000, 50)
+    rng = random.Random(run_id)
+    pending = b"".join(b"r%d-%d %s\\n" % (run_id, i, b"p" * rng.randrange(80))
+                       for i in range(count))
+    while pending:                                # chunks cut anywhere, as a pipe delivers them
+        n = rng.randrange(1, 300)
+        log.write("out", pending[:n])
+        pending = pending[n:]
+    log.close()
+""")
+
+
+def test_concurrent_writers_with_rotation_lose_and_mix_nothing(tmp_path):
+    d, count = str(tmp_path), 1500
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, d, str(run_id), str(count)])
+             for run_id in (1, 2, 3, 4)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    files = log_files(d, "t")
+    assert len(files) > 5                         # it did rotate, several times
+    lines = read_log(d, "t")
+    for run_id in (1, 2, 3, 4):
+        mine = [m.group(3) for m in map(LINE.match, lines) if m and m.group(1) == str(run_id)]
+        assert [t.split()[0] for t in mine] == ["r%d-%d" % (run_id, i) for i in range(count)]
+        assert all(t.startswith("r%d-" % run_id) for t in mine)
+    assert all(LINE.match(line) for line in lines)   # no line broken or interleaved
+    assert len(lines) == 4 * count
+    assert len(read_log(d, "t", run_id=3)) == count
+
+
+def test_read_log_last_lines_and_one_run(tmp_path):
+    d = str(tmp_path)
+    for run_id in (1, 2):
+        log = TaskLog(d, "t", run_id, 1000, 3)
+        for i in range(30):
+            log.write("out", b"%d-%d\n" % (run_id, i))
+        log.close()
+    assert texts(read_log(d, "t", lines=3)) == ["2-27", "2-28", "2-29"]
+    assert len(log_files(d, "t")) >= 2                       # the lines span rotated files
+    assert texts(read_log(d, "t", lines=2, run_id=1)) == ["1-28", "1-29"]
+    assert texts(read_log(d, "t", run_id=1)) == ["1-%d" % i for i in range(30)]
+    assert read_log(d, "t", lines=0) == []
+    assert read_log(d, "missing") == []
+
+
+def test_write_errors_are_counted_and_reported_once(tmp_path, capsys):
+    blocker = tmp_path / "notadir"
+    blocker.write_text("")
+    log = TaskLog(str(blocker), "t", 5, 1000, 1)  # the log dir cannot be created
+    log.write("out", b"a\nb\n")
+    log.write("out", b"c\n")
+    log.close()
+    assert log.errors == 2
+    err = capsys.readouterr().err
+    assert err.count("cannot write the log of task 't'") == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_does_not_raise(tmp_path, capsys):
+    os.symlink("/dev/full", tmp_path / "t.log")
+    log = TaskLog(str(tmp_path), "t", 5, 0, 1)
+    log.write("out", b"a\n")
+    log.close()
+    assert log.errors == 1 and "No space left" in capsys.readouterr().err
+
+
+def test_follow_yields_new_lines_across_rotation(tmp_path):
+    d = str(tmp_path)
+    writer = TaskLog(d, "t", 9, 300, 3)
+    writer.write("out", b"old-1\nold-2\n")
+    steps = iter([
+        lambda: writer.write("out", b"new-1\nnew-"),
+        lambda: writer.write("out", b"2\n"),
+        lambda: [writer.write("out", b"rot-%d\n" % i) for i in range(10)],  # rotates
+        lambda: None,
+        lambda: writer.write("out", b"last\n"),
+    ])
+
+    def sleep(_):
+        next(steps)()
+
+    follower = follow_log(d, "t", lines=1, poll=0, sleep=sleep)
+    got = [next(follower) for _ in range(14)]
+    assert texts(got) == ["old-2", "new-1", "new-2"] + ["rot-%d" % i for i in range(10)] + ["last"]
+    assert len(log_files(d, "t")) > 1
+
+
+def test_follow_waits_for_the_file_and_filters_by_run(tmp_path):
+    d = str(tmp_path)
+    logs = {}
+
+    def sleep(_):
+        for run_id in (1, 2):
+            logs.setdefault(run_id, TaskLog(d, "t", run_id, 0, 0)).write("out", b"hi %d\n" % run_id)
+
+    follower = follow_log(d, "t", lines=5, run_id=2, poll=0, sleep=sleep)
+    assert texts([next(follower), next(follower)]) == ["hi 2", "hi 2"]

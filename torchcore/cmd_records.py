@@ -1,0 +1,206 @@
+"""``torchcore history`` and ``torchcore logs``: what ran, how it ended, what it printed."""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import signal
+import sys
+import time
+
+from torchcore import cli, records, tasklog
+from torchcore.errors import TorchcoreError
+from torchcore.textfmt import format_relative, format_table
+from torchcore.units import format_duration, parse_duration
+
+_TASK_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def register(subparsers):
+    history = subparsers.add_parser(
+        "history", help="recent runs, skips and misses, newest first",
+        description="Show recorded runs (with skipped and missed due times), newest first.")
+    history.add_argument("task", nargs="?", metavar="TASK", help="only this task")
+    cli.add_config_option(history)
+    history.add_argument("--limit", "-l", type=_count, default=50, metavar="N",
+                         help="show at most N runs (0 = all; default 50)")
+    history.add_argument("--since", type=_duration, metavar="DURATION",
+                         help="only runs of the last DURATION (e.g. 90m, 2h, 1d)")
+    history.add_argument("--failed", action="store_true",
+                         help="only failed runs (non-zero exit, killed by a signal, timed out)")
+    cli.add_json_option(history)
+    history.set_defaults(func=cmd_history)
+
+    logs = subparsers.add_parser(
+        "logs", help="a task's output",
+        description="Show the last lines a task printed (stdout and stderr, stamped).")
+    logs.add_argument("task", metavar="TASK")
+    cli.add_config_option(logs)
+    logs.add_argument("-n", "--lines", type=_count, default=50, metavar="LINES",
+                      help="how many of the last lines (0 = all; default 50)")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="keep printing new lines until Ctrl-C")
+    logs.add_argument("--run", type=_count, metavar="ID", help="only the lines of this run")
+    logs.set_defaults(func=cmd_logs)
+
+
+def _count(text):
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def _duration(text):
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _load_taskfile(args):
+    """The task file named by -c / $TORCHCORE_TASKS / ./tasks.yaml (ConfigError if invalid)."""
+    from torchcore import config     # the task file layer; imported when a command needs it
+    return config.load(cli.task_file_path(args))
+
+
+def _check_task_name(name):
+    if not _TASK_NAME.fullmatch(name):
+        raise TorchcoreError(f"{name!r} is not a task name (letters, digits, '.', '_', '-')")
+
+
+# -- history ----------------------------------------------------------------------------------
+
+def cmd_history(args):
+    taskfile = _load_taskfile(args)
+    if args.task is not None:
+        _check_task_name(args.task)
+    path = records.db_path(taskfile.settings.state_dir)
+    runs = []
+    if os.path.exists(path):
+        store = records.Records(path)
+        try:
+            since = time.time() - args.since if args.since is not None else None
+            runs = store.query(task=args.task, limit=args.limit or None, since=since,
+                               failed=args.failed)
+        finally:
+            store.close()
+    tz = _zone(taskfile.settings.timezone)
+    if args.json:
+        print(json.dumps([run_json(run, tz) for run in runs], indent=2))
+    elif not runs:
+        print(_nothing_message(args, path))
+    else:
+        print(format_table(["RUN", "TASK", "WHEN", "DURATION", "RESULT", "NODE"],
+                           [_run_row(run, time.time()) for run in runs]))
+    return cli.EXIT_OK
+
+
+def _nothing_message(args, path):
+    if not os.path.exists(path):
+        return f"no runs recorded yet (no records database at {path})"
+    if args.task or args.since is not None or args.failed:
+        return "no matching runs recorded"
+    return "no runs recorded yet"
+
+
+def _zone(name):
+    if not name:
+        return None
+    from zoneinfo import ZoneInfo
+    return ZoneInfo(name)
+
+
+def _iso(epoch, tz, timespec="milliseconds"):
+    """Epoch seconds as ISO-8601 with the offset of ``tz`` (None: local time)."""
+    if epoch is None:
+        return None
+    when = datetime.datetime.fromtimestamp(epoch, tz) if tz else \
+        datetime.datetime.fromtimestamp(epoch).astimezone()
+    return when.isoformat(timespec=timespec)
+
+
+def run_json(run, tz=None):
+    """A run as the JSON object of ``history --json`` (times as ISO-8601 with offset)."""
+    return {
+        "task": run.task, "run_id": run.run_id, "node": run.node,
+        "scheduled": _iso(run.scheduled, tz, "seconds"), "started": _iso(run.started, tz),
+        "ended": _iso(run.ended, tz), "exit_code": run.exit_code, "signal": run.signal,
+        "timed_out": run.timed_out, "skipped": run.skipped is not None,
+        "skip_reason": run.skipped, "missed": run.missed,
+        "duration": None if run.duration is None else round(run.duration, 3),
+        "manual": run.manual, "pid": run.pid, "peak_rss": run.peak_rss,
+    }
+
+
+def _run_row(run, now):
+    when = next(t for t in (run.started, run.scheduled, run.ended, now) if t is not None)
+    return [run.run_id, run.task, format_relative(when, now), _format_seconds(run.duration),
+            describe_result(run), run.node]
+
+
+def _format_seconds(seconds):
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f}s" if seconds < 10 else format_duration(seconds)
+
+
+def describe_result(run):
+    """A run's outcome in a few words: "ok", "exit 3", "killed by SIGKILL", "timed out", ..."""
+    if run.skipped is not None:
+        text = f"skipped: {run.skipped}"
+    elif run.missed:
+        text = "missed"
+    elif run.timed_out:
+        text = "timed out"
+    elif run.signal is not None:
+        text = f"killed by {_signal_name(run.signal)}"
+    elif run.ended is None:
+        text = "running" if run.pid is None else f"running (pid {run.pid})"
+    elif run.exit_code == 0:
+        text = "ok"
+    else:
+        text = f"exit {run.exit_code}"
+    return text + (" (manual)" if run.manual else "")
+
+
+def _signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+# -- logs -------------------------------------------------------------------------------------
+
+def cmd_logs(args):
+    taskfile = _load_taskfile(args)
+    _check_task_name(args.task)
+    log_dir = taskfile.settings.log_dir
+    lines = args.lines or None
+    if not args.follow:
+        if not tasklog.log_files(log_dir, args.task):
+            _no_log(taskfile, args.task, log_dir)
+            return cli.EXIT_OK
+        for line in tasklog.read_log(log_dir, args.task, lines=lines, run_id=args.run):
+            print(line)
+        return cli.EXIT_OK
+    if not tasklog.log_files(log_dir, args.task):
+        _no_log(taskfile, args.task, log_dir)
+    try:
+        for line in tasklog.follow_log(log_dir, args.task, lines=lines, run_id=args.run):
+            print(line, flush=True)
+    except KeyboardInterrupt:
+        pass
+    return cli.EXIT_OK
+
+
+def _no_log(taskfile, task, log_dir):
+    """Say there is no output yet; an unknown task without any log is an error."""
+    try:
+        taskfile.task(task)
+    except KeyError:
+        raise TorchcoreError(
+            f"no task {task!r} in {taskfile.path}, and no log of it in {log_dir}") from None
+    print(f"no output recorded yet for task {task!r} ({tasklog.log_path(log_dir, task)})",
+          file=sys.stderr)

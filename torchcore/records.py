@@ -1,0 +1,400 @@
+"""Run records: every run, skip and miss of every task, kept in SQLite under state_dir.
+
+The supervisor owns one :class:`Records`: ``add()`` only buffers, and ``flush()``
+(called once per tick or so) writes the whole buffer in one transaction, so a
+burst of 500 runs costs one commit, not 500.  A run is written twice under the
+same ``run_id``: a start row, then the end row replacing it.
+
+The database is in WAL mode, so the ``history`` and ``status`` commands read it
+while the daemon writes.  If it is locked or the disk is full, ``flush()`` logs a
+warning, keeps the buffer and tries again next time; it never raises into the
+supervisor.
+
+Run ids come from hi/lo blocks reserved in the ``meta`` table (one small commit
+per block), so they stay unique across restarts, and also when a supervisor was
+killed with -9 while its executors still run and write their own end rows with
+:func:`write_record_now`.
+"""
+
+import dataclasses
+import logging
+import os
+import sqlite3
+import time
+from collections import OrderedDict
+
+from torchcore.errors import TorchcoreError
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "torchcore.db"
+SCHEMA_VERSION = 1
+ID_BLOCK = 1000          # run ids reserved per commit of the hi/lo counter
+MAX_BUFFER = 100_000     # records kept in memory while the database cannot be written
+BUSY_TIMEOUT = 0.5       # seconds a supervisor's statement waits for a lock (it must keep ticking)
+WARN_INTERVAL = 60.0     # seconds between repeated warnings about an unwritable database
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id INTEGER PRIMARY KEY,
+    task TEXT NOT NULL,
+    node TEXT NOT NULL,
+    scheduled INTEGER,
+    started REAL,
+    ended REAL,
+    exit_code INTEGER,
+    signal INTEGER,
+    timed_out INTEGER NOT NULL DEFAULT 0,
+    skipped TEXT,
+    missed INTEGER NOT NULL DEFAULT 0,
+    manual INTEGER NOT NULL DEFAULT 0,
+    pid INTEGER,
+    peak_rss INTEGER,
+    at REAL NOT NULL            -- sort key: started, else scheduled (skips and misses never start)
+);
+CREATE INDEX IF NOT EXISTS runs_at ON runs (at);
+CREATE INDEX IF NOT EXISTS runs_task_at ON runs (task, at);
+CREATE INDEX IF NOT EXISTS runs_failed ON runs (at) WHERE {failed};
+"""
+
+# Also the WHERE of the partial index runs_failed: a query must use the same text to use the index.
+_FAILED = "(exit_code != 0 OR signal IS NOT NULL OR timed_out != 0)"
+_COLUMNS = ("run_id", "task", "node", "scheduled", "started", "ended", "exit_code", "signal",
+            "timed_out", "skipped", "missed", "manual", "pid", "peak_rss")
+_UPSERT = "INSERT OR REPLACE INTO runs ({}, at) VALUES ({}?)".format(
+    ", ".join(_COLUMNS), "?, " * len(_COLUMNS))
+_SELECT = "SELECT {} FROM runs".format(", ".join(_COLUMNS))
+
+
+class RecordsError(TorchcoreError):
+    """The records database cannot be opened or is of an unknown version."""
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """One run of a task (or one skipped or missed due time), as stored."""
+
+    run_id: int
+    task: str
+    node: str
+    scheduled: int | None          # epoch second it was due for (None: manual or daemon start)
+    started: float | None          # epoch seconds
+    ended: float | None
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool = False
+    skipped: str | None = None     # reason, when the run was not started
+    missed: bool = False           # due but beyond misfire_grace (or lost in a stall)
+    manual: bool = False
+    pid: int | None = None
+    peak_rss: int | None = None
+
+    @property
+    def duration(self):
+        """Seconds from start to end, or None while running or when it never ran."""
+        if self.started is None or self.ended is None:
+            return None
+        return self.ended - self.started
+
+    @property
+    def failed(self):
+        """True for a non-zero exit, a death by signal or a timeout (skips are not failures)."""
+        return bool((self.exit_code not in (None, 0)) or self.signal is not None or self.timed_out)
+
+
+def db_path(state_dir):
+    """The database file inside a state directory."""
+    return os.path.join(state_dir, DB_NAME)
+
+
+def _row(record):
+    """The record as the tuple of the upsert statement (a snapshot: later edits do not leak in)."""
+    values = [getattr(record, name) for name in _COLUMNS]
+    for i, name in enumerate(_COLUMNS):
+        if name in ("timed_out", "missed", "manual"):
+            values[i] = int(bool(values[i]))
+    at = next((t for t in (record.started, record.scheduled, record.ended) if t is not None),
+              None)
+    values.append(time.time() if at is None else at)
+    return tuple(values)
+
+
+def _record(row):
+    """A RunRecord from a row selected with _SELECT."""
+    record = RunRecord(*row)
+    record.timed_out, record.missed, record.manual = (
+        bool(record.timed_out), bool(record.missed), bool(record.manual))
+    return record
+
+
+def _connect(path, busy_timeout):
+    """Open the database (creating its directory), in WAL mode with the schema in place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    except (OSError, sqlite3.Error) as exc:
+        raise RecordsError(f"cannot open the records database {path}: {exc}") from exc
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        _ensure_schema(conn, path)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise RecordsError(f"cannot open the records database {path}: {exc}") from exc
+    except RecordsError:
+        conn.close()
+        raise
+    return conn
+
+
+def _schema_version(conn):
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None
+        raise
+    return int(row[0]) if row else None
+
+
+def _ensure_schema(conn, path):
+    """Create the tables once; a reader of an existing database never writes to it."""
+    version = _schema_version(conn)
+    if version is None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.format(failed=_FAILED).split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                         (str(SCHEMA_VERSION),))
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('next_run_id', '1')")
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        version = _schema_version(conn)
+    if version != SCHEMA_VERSION:
+        raise RecordsError(
+            f"{path} has records schema version {version}, this torchcore knows version "
+            f"{SCHEMA_VERSION}: upgrade torchcore, or move the file away to start afresh")
+
+
+def _rollback(conn):
+    """Roll back if a transaction is still open (SQLite may have rolled back on its own)."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+def _reserve_block(conn, size):
+    """Persist next_run_id += size and return the first id of the reserved block."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        start = int(conn.execute(
+            "SELECT value FROM meta WHERE key = 'next_run_id'").fetchone()[0])
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'next_run_id'", (str(start + size),))
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+    return start
+
+
+class Records:
+    """The run records of one node: buffered writes, queries, pruning.
+
+    Use one instance per process, and never across ``fork()``: an executor child
+    that must write on its own uses :func:`write_record_now`.
+    """
+
+    def __init__(self, path, *, busy_timeout=BUSY_TIMEOUT, id_block=ID_BLOCK,
+                 max_buffer=MAX_BUFFER, clock=time.monotonic):
+        self.path = path
+        self._conn = _connect(path, busy_timeout)
+        self._pid = os.getpid()
+        self._buffer = OrderedDict()        # run_id -> row tuple; a later add replaces the row
+        self._max_buffer = max_buffer
+        self._id_block = id_block
+        self._next_id = self._id_limit = 0  # the current hi/lo block: [next, limit)
+        self._spare_block = None            # the following block, reserved ahead of need
+        self._clock = clock
+        self.dropped = 0                    # records dropped because the buffer was full
+        self.failed_flushes = 0             # consecutive flushes that could not write
+        self._last_warning = None
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def allocate_run_id(self):
+        """A run id never handed out before by any process on this database.
+
+        Ids come from a block reserved with one commit; the next block is reserved
+        when a quarter of the current one is left, so a briefly locked database does
+        not stop a launch.  Raises RecordsError only when no id is left and no
+        block can be reserved.
+        """
+        self._check_process()
+        if self._next_id >= self._id_limit:
+            start = self._spare_block
+            self._spare_block = None
+            if start is None:
+                try:
+                    start = _reserve_block(self._conn, self._id_block)
+                except sqlite3.Error as exc:
+                    raise RecordsError(f"cannot reserve run ids in {self.path}: {exc}") from exc
+            self._next_id, self._id_limit = start, start + self._id_block
+        run_id = self._next_id
+        self._next_id += 1
+        if self._spare_block is None and self._id_limit - self._next_id <= self._id_block // 4:
+            try:
+                self._spare_block = _reserve_block(self._conn, self._id_block)
+            except sqlite3.Error as exc:
+                log.warning("records: cannot reserve run ids ahead (will retry): %s", exc)
+        return run_id
+
+    def add(self, record):
+        """Buffer a record (a snapshot of it) for the next flush(); replaces one with its run_id."""
+        self._buffer.pop(record.run_id, None)
+        self._buffer[record.run_id] = _row(record)
+        if len(self._buffer) > self._max_buffer:
+            self._buffer.popitem(last=False)
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("records: buffer full (%d), %d oldest records dropped so far",
+                            self._max_buffer, self.dropped)
+
+    @property
+    def pending(self):
+        """How many records wait for a flush."""
+        return len(self._buffer)
+
+    def flush(self):
+        """Write every buffered record in one transaction; True if the buffer is now empty.
+
+        On any database error (locked, disk full, ...) the buffer is kept for the
+        next flush and a warning is logged (at most once a minute); never raises.
+        """
+        if not self._buffer or os.getpid() != self._pid:
+            return not self._buffer
+        rows = list(self._buffer.values())
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(_UPSERT, rows)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                _rollback(self._conn)
+                raise
+        except sqlite3.Error as exc:
+            self._flush_failed(exc)
+            return False
+        if self.failed_flushes:
+            log.warning("records: wrote %d buffered records after %d failed attempts",
+                        len(rows), self.failed_flushes)
+        self.failed_flushes = 0
+        self._last_warning = None
+        self._buffer.clear()
+        return True
+
+    def _flush_failed(self, exc):
+        self.failed_flushes += 1
+        now = self._clock()
+        if self._last_warning is None or now - self._last_warning >= WARN_INTERVAL:
+            self._last_warning = now
+            log.warning("records: cannot write %d records to %s (kept, will retry): %s",
+                        len(self._buffer), self.path, exc)
+
+    def prune(self, before_epoch):
+        """Delete records older than ``before_epoch``; unfinished runs are kept. Returns the count."""
+        self._check_process()
+        self.flush()
+        try:
+            cursor = self._conn.execute(
+                "DELETE FROM runs WHERE at < ? AND (ended IS NOT NULL OR skipped IS NOT NULL"
+                " OR missed != 0 OR started IS NULL)", (before_epoch,))
+        except sqlite3.Error as exc:
+            log.warning("records: cannot prune %s (will retry): %s", self.path, exc)
+            return 0
+        return cursor.rowcount
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def query(self, task=None, limit=50, since=None, failed=False):
+        """Records newest first, optionally of one task, since an epoch, failed runs only."""
+        where, params = [], []
+        if task is not None:
+            where.append("task = ?")
+            params.append(task)
+        if since is not None:
+            where.append("at >= ?")
+            params.append(since)
+        if failed:
+            where.append(_FAILED)
+        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY at DESC, run_id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return [_record(row) for row in self._read(sql, params)]
+
+    def last_results(self):
+        """The latest finished run of every task: {task: RunRecord}.
+
+        A recursive walk over the (task, at) index visits each task once instead of
+        scanning every row.
+        """
+        sql = f"""
+            WITH RECURSIVE tasks(name) AS (
+                SELECT min(task) FROM runs
+                UNION ALL
+                SELECT (SELECT min(task) FROM runs WHERE task > name) FROM tasks
+                WHERE name IS NOT NULL)
+            SELECT {", ".join("r." + c for c in _COLUMNS)} FROM tasks JOIN runs r
+            ON r.run_id = (SELECT run_id FROM runs WHERE task = tasks.name AND ended IS NOT NULL
+                           ORDER BY at DESC, run_id DESC LIMIT 1)"""
+        return {record.task: record for record in map(_record, self._read(sql, ()))}
+
+    def _read(self, sql, params):
+        self._check_process()
+        try:
+            return self._conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise RecordsError(f"cannot read the records database {self.path}: {exc}") from exc
+
+    def close(self):
+        """Flush what can be written, then close (in the process that opened it only)."""
+        if os.getpid() != self._pid or self._conn is None:
+            return
+        self.flush()
+        self._conn.close()
+        self._conn = None
+
+    def _check_process(self):
+        if os.getpid() != self._pid:
+            raise RecordsError("a Records object cannot be used across fork(); "
+                               "use write_record_now() in a child")
+        if self._conn is None:
+            raise RecordsError(f"the records database {self.path} is closed")
+
+
+def write_record_now(path, record, busy_timeout=5.0):
+    """Write one record at once on a connection of its own; True if it was written.
+
+    For an executor child whose supervisor has died: it opens, writes, commits
+    and closes, and logs (does not raise) when the database cannot be written.
+    """
+    try:
+        conn = _connect(path, busy_timeout)
+    except RecordsError as exc:
+        log.warning("records: %s", exc)
+        return False
+    try:
+        conn.execute(_UPSERT, _row(record))   # autocommit: its own transaction
+        return True
+    except sqlite3.Error as exc:
+        log.warning("records: cannot write run %s to %s: %s", record.run_id, path, exc)
+        return False
+    finally:
+        conn.close()
