@@ -19,7 +19,9 @@ EXIT_NOT_RUNNING = 3
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
 
 COMMAND_MODULES = [
-    "torchcore.cmd_records",
+    "torchcore.cmd_daemon",     # start, stop, reload, restart
+    "torchcore.cmd_status",     # status, run
+    "torchcore.cmd_records",    # history, logs
 ]
 
 

@@ -1,5 +1,6 @@
 """Commands that start and steer the daemon: start, stop, reload, restart, status, run."""
 
+import dataclasses
 import json
 import logging
 import logging.handlers
@@ -126,13 +127,30 @@ def locate(args):
     try:
         settings = config.load(path).settings
     except ConfigError:
-        settings = config.lenient_settings(path)
+        settings = _lenient_settings(path)
     except OSError:
         if not args.pidfile:
             raise DaemonError(f"{path}: cannot read the task file to find the pidfile; "
                               "name it with --pidfile")
     pidfile = args.pidfile or (settings.pidfile if settings else None)
     return os.path.abspath(pidfile), settings
+
+
+def _lenient_settings(path):
+    """Where an invalid task file says its daemon keeps its pidfile and state (best effort)."""
+    import yaml
+
+    settings = config.default_settings(path)
+    try:
+        with open(path, "rb") as handle:
+            raw = yaml.safe_load(handle)
+        named = raw.get("settings") or {}
+        base = os.path.dirname(settings.path)
+        state_dir = os.path.join(base, str(named.get("state_dir", settings.state_dir)))
+        pidfile = os.path.join(base, str(named.get("pidfile", os.path.join(state_dir, "torchcore.pid"))))
+        return dataclasses.replace(settings, state_dir=state_dir, pidfile=pidfile)
+    except (OSError, yaml.YAMLError, AttributeError, TypeError):
+        return settings
 
 
 def running_pid(pidfile):

@@ -63,7 +63,7 @@ def _last_results(settings):
     path = os.path.join(settings.state_dir, "torchcore.db")
     if not os.path.exists(path):
         return {}
-    store = records.Records(path, readonly=True)
+    store = records.Records(path)
     try:
         return store.last_results()
     finally:
