@@ -1,0 +1,224 @@
+"""Pidfile: real processes contending for one flock."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from torchcore import pidfile as pidfile_mod
+from torchcore.errors import DaemonError
+from torchcore.pidfile import AlreadyRunning, Pidfile, pid_alive_and_locked, read_pid
+
+# A contender: try to acquire, say how it went, hold until stdin closes.
+CONTENDER = textwrap.dedent("""
+    import sys
+    from torchcore.pidfile import AlreadyRunning, Pidfile
+    pf = Pidfile(sys.argv[1])
+    try:
+        pf.acquire()
+        print("won", flush=True)
+    except AlreadyRunning as exc:
+        print("lost", exc.pid, flush=True)
+    sys.stdin.read()
+    pf.release()
+""")
+
+
+def start_contender(path):
+    return subprocess.Popen([sys.executable, "-c", CONTENDER, str(path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def finish(proc):
+    proc.stdin.close()
+    assert proc.wait(timeout=10) == 0
+
+
+def dead_pid():
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A separate process holding tmp_path/run/tc.pid."""
+    path = tmp_path / "run" / "tc.pid"
+    proc = start_contender(path)
+    assert proc.stdout.readline().strip() == "won"
+    yield proc, path
+    finish(proc)
+
+
+def test_acquire_writes_pid_and_creates_parent(tmp_path):
+    path = tmp_path / "a" / "b" / "tc.pid"
+    pf = Pidfile(path).acquire()
+    assert path.read_text() == f"{os.getpid()}\n"
+    assert (path.stat().st_mode & 0o777) == 0o644 & ~current_umask()
+    pf.release()
+    assert not path.exists()
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_second_acquire_refused_with_pid_in_message(holder):
+    proc, path = holder
+    with pytest.raises(AlreadyRunning) as info:
+        Pidfile(path).acquire()
+    assert info.value.pid == proc.pid
+    assert str(info.value) == f"torchcore is already running (pid {proc.pid}, pidfile {path})"
+    assert isinstance(info.value, DaemonError)
+    assert path.read_text() == f"{proc.pid}\n"  # the refused start truncated nothing
+
+
+def test_same_process_twice_is_refused(tmp_path):
+    pf = Pidfile(tmp_path / "tc.pid").acquire()
+    with pytest.raises(DaemonError, match="already held"):
+        pf.acquire()
+    with pytest.raises(AlreadyRunning):
+        Pidfile(tmp_path / "tc.pid").acquire()
+    pf.release()
+
+
+def test_stale_pidfile_taken_over(tmp_path):
+    path = tmp_path / "tc.pid"
+    path.write_text(f"{dead_pid()}\n")
+    assert pid_alive_and_locked(path) is None
+    pf = Pidfile(path).acquire()
+    assert path.read_text() == f"{os.getpid()}\n"
+    pf.release()
+
+
+def test_garbage_pidfile_taken_over(tmp_path):
+    path = tmp_path / "tc.pid"
+    path.write_bytes(b"\xff not a pid " * 20)
+    assert read_pid(path) is None
+    with Pidfile(path):
+        assert read_pid(path) == os.getpid()
+
+
+def test_ten_concurrent_acquirers_exactly_one_wins(tmp_path):
+    path = tmp_path / "tc.pid"
+    procs = [start_contender(path) for _ in range(10)]
+    results = [proc.stdout.readline().split() for proc in procs]
+    winners = [proc for proc, res in zip(procs, results) if res == ["won"]]
+    assert len(winners) == 1, results
+    winner = winners[0].pid
+    losers = [res for res in results if res != ["won"]]
+    assert all(res == ["lost", str(winner)] for res in losers), results
+    assert read_pid(path) == winner
+    assert pid_alive_and_locked(path) == winner
+    for proc in procs:
+        finish(proc)
+    assert not path.exists()
+
+
+def test_symlink_refused(tmp_path):
+    target = tmp_path / "victim"
+    target.write_text("precious\n")
+    path = tmp_path / "tc.pid"
+    path.symlink_to(target)
+    with pytest.raises(DaemonError, match="symbolic link"):
+        Pidfile(path).acquire()
+    assert target.read_text() == "precious\n"
+    dangling = tmp_path / "dangling.pid"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(DaemonError, match="symbolic link"):
+        Pidfile(dangling).acquire()
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_unopenable_pidfile_is_a_clear_error(tmp_path):
+    path = tmp_path / "adir"
+    path.mkdir()
+    with pytest.raises(DaemonError, match=f"cannot open pidfile {path}"):
+        Pidfile(path).acquire()
+
+
+def test_release_leaves_a_replaced_file(tmp_path):
+    path = tmp_path / "tc.pid"
+    pf = Pidfile(path).acquire()
+    path.unlink()
+    path.write_text(f"{os.getpid()}\n")  # same content, another inode
+    pf.release()
+    assert path.exists()
+
+
+def test_release_leaves_a_file_with_another_pid(tmp_path):
+    path = tmp_path / "tc.pid"
+    pf = Pidfile(path).acquire()
+    path.write_text("12345\n")  # same inode, rewritten
+    pf.release()
+    assert path.read_text() == "12345\n"
+    assert pid_alive_and_locked(path) is None  # released: nobody holds it
+
+
+def test_release_in_forked_child_only_closes(tmp_path):
+    path = tmp_path / "tc.pid"
+    pf = Pidfile(path).acquire()
+    child = os.fork()
+    if child == 0:
+        try:
+            pf.release()
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    assert read_pid(path) == os.getpid()
+    assert pid_alive_and_locked(path) == os.getpid()
+    pf.release()
+    assert not path.exists()
+
+
+def test_fd_is_close_on_exec(tmp_path):
+    path = tmp_path / "tc.pid"
+    pf = Pidfile(path).acquire()
+    assert os.get_inheritable(pf.fd) is False
+    listing = subprocess.run(
+        ["sh", "-c", 'for f in /proc/$$/fd/*; do readlink "$f"; done; true'],
+        close_fds=False, capture_output=True, text=True, check=True).stdout
+    assert str(tmp_path) in os.readlink(f"/proc/self/fd/{pf.fd}")
+    assert str(path) not in listing
+    pf.release()
+
+
+def test_lock_survives_child_exit_and_is_free_after_holder_dies(tmp_path):
+    path = tmp_path / "tc.pid"
+    proc = start_contender(path)
+    assert proc.stdout.readline().strip() == "won"
+    assert pid_alive_and_locked(path) == proc.pid
+    proc.kill()
+    proc.wait()
+    assert read_pid(path) == proc.pid  # left behind: stale
+    assert pid_alive_and_locked(path) is None
+    with Pidfile(path):
+        assert pid_alive_and_locked(path) == os.getpid()
+
+
+def test_file_unlinked_between_open_and_lock_is_reopened(tmp_path, monkeypatch):
+    path = tmp_path / "tc.pid"
+    real_lock = pidfile_mod.lock_with_patience
+    calls = []
+
+    def racing_lock(fd, operation, patience=pidfile_mod.LOCK_PATIENCE):
+        calls.append(fd)
+        if len(calls) == 1:  # a rival removes the file and creates its own
+            path.unlink()
+            path.write_text("777\n")
+        return real_lock(fd, operation, patience)
+
+    monkeypatch.setattr(pidfile_mod, "lock_with_patience", racing_lock)
+    pf = Pidfile(path).acquire()
+    assert len(calls) == 2
+    assert path.read_text() == f"{os.getpid()}\n"
+    pf.release()
+
+
+def test_probe_helpers_on_missing_file(tmp_path):
+    assert read_pid(tmp_path / "none.pid") is None
+    assert pid_alive_and_locked(tmp_path / "none.pid") is None
