@@ -8,7 +8,6 @@ loop reads, and ``handle_<signal>`` changes what the loop does next.
 """
 
 import dataclasses
-import errno
 import gc
 import hashlib
 import json
@@ -266,11 +265,21 @@ class Supervisor:
 
     def fork(self, job):
         """Fork an executor for ``job``; the child never returns from here."""
-        assert threading.active_count() == 1, "the supervisor must stay single-threaded"
+        if threading.active_count() != 1:
+            # fork() copies only this thread; a lock held by another stays locked in the child.
+            raise RuntimeError("the supervisor must stay single-threaded: refusing to fork with "
+                               f"{threading.active_count()} threads")
         pid = os.fork()
         if pid == 0:
             executor.execute(job, self.report_w)
         return pid
+
+    def kill(self, pid, signum):
+        """os.kill that ignores a process already gone (a negative pid is a process group)."""
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def _start_reboot_tasks(self):
         for task in self.tasks.values():
@@ -351,7 +360,7 @@ class Supervisor:
                       "error": f"executor ended without a report ({_describe_status(code)})"}
             log.error("run %d of %s: %s", run.run_id, run.task.name, result["error"])
             if run.pgid:
-                _killpg(run.pgid, signal.SIGKILL)   # no command may outlive its executor
+                self.kill(-run.pgid, signal.SIGKILL)   # no command may outlive its executor
         failed = result["exit_code"] != 0 or result["signal"] is not None or result["timed_out"]
         self.stats.failed += failed
         self.last_result[run.task.name] = result
@@ -497,11 +506,8 @@ class Supervisor:
     def _signal_run(self, run, signum):
         """TERM goes to the executor (it stops its command's group); KILL to both at once."""
         if signum == signal.SIGKILL and run.pgid:
-            _killpg(run.pgid, signal.SIGKILL)
-        try:
-            os.kill(run.executor_pid, signum)
-        except ProcessLookupError:
-            pass
+            self.kill(-run.pgid, signal.SIGKILL)
+        self.kill(run.executor_pid, signum)
         if run.state == RunState.RUNNING:
             run.state = RunState.STOPPING      # RUNNING -> STOPPING
 
@@ -662,14 +668,6 @@ def _file_signature(path):
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _killpg(pgid, signum):
-    try:
-        os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-    except OSError as exc:
-        if exc.errno != errno.ESRCH:
-            raise
 
 
 def _describe_status(code):
