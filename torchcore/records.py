@@ -398,3 +398,22 @@ def write_record_now(path, record, busy_timeout=5.0):
         return False
     finally:
         conn.close()
+
+
+def _main(argv):
+    """``python -m torchcore.records DB JSON``: write one record from a clean process.
+
+    An executor whose supervisor died uses this: a forked child must not open
+    SQLite with the state it inherited from its parent.
+    """
+    import json
+
+    logging.basicConfig(format="torchcore: %(message)s")
+    path, fields = argv
+    return 0 if write_record_now(path, RunRecord(**json.loads(fields))) else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))

@@ -31,6 +31,7 @@ from torchcore.states import DaemonState, RunState
 log = logging.getLogger("torchcore")
 
 STATS_EVERY = 60            # seconds between stats lines
+PRUNE_EVERY = 6 * 3600      # seconds between prunes of records older than history_days
 FAILED_START_UNDER = 1.0    # a daemon instance that lived less than this is a failed start
 BACKOFF_MAX = 60.0
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
@@ -105,6 +106,7 @@ class Supervisor:
         self.skipped_last = {}           # name -> reason, while its last due run was skipped
         self._report_buffer = b""
         self._next_stats = self.clock.monotonic() + STATS_EVERY
+        self._next_prune = 0.0
         self._title = None
         self.records = None
         self.selector = None
@@ -230,7 +232,12 @@ class Supervisor:
             return None
         if not self.coordinator.claim(task, second):
             return None
-        run_id = self.records.allocate_run_id()
+        try:
+            run_id = self.records.allocate_run_id()
+        except records.RecordsError as exc:
+            log.error("cannot number a run of %s: %s; retrying next second", task.name, exc)
+            self._retry_later(task, second, manual)
+            return None
         job = executor.Job(
             run_id=run_id, task=task, scheduled=second, manual=manual, shell=self.settings.shell,
             log_dir=self.settings.log_dir, log_max_bytes=self.settings.log_max_bytes,
@@ -240,8 +247,7 @@ class Supervisor:
         except OSError as exc:
             self.stats.fork_failures += 1
             log.error("cannot fork for %s (run %d): %s; retrying next second", task.name, run_id, exc)
-            if second is not None and not manual:
-                self.retry.append((task.name, second))
+            self._retry_later(task, second, manual)
             return None
         run = Run(run_id, task, second, manual, pid, self.clock.time())
         self.runs[pid] = run
@@ -253,6 +259,10 @@ class Supervisor:
             run_id=run_id, task=task.name, node=self.node_name, scheduled=second,
             started=run.started, ended=None, exit_code=None, signal=None, manual=manual, pid=pid))
         return run
+
+    def _retry_later(self, task, second, manual):
+        if second is not None and not manual:
+            self.retry.append((task.name, second))
 
     def _limit_reason(self, task):
         running = len(self.by_task.get(task.name, ()))
@@ -633,6 +643,11 @@ class Supervisor:
         self._set_title()
         if self.control is not None:
             self.control.reap_idle(self.clock.monotonic())
+        if self.clock.monotonic() >= self._next_prune:
+            self._next_prune = self.clock.monotonic() + PRUNE_EVERY
+            pruned = self.records.prune(self.clock.time() - self.settings.history_days * 86400)
+            if pruned:
+                log.info("pruned %d records older than %d days", pruned, self.settings.history_days)
         if self.clock.monotonic() >= self._next_stats:
             self._next_stats = self.clock.monotonic() + STATS_EVERY
             log.info("%s", self.stats_line())
