@@ -187,3 +187,34 @@ def test_executor_records_its_run_when_the_supervisor_is_killed(daemons):
     d.proc.wait()
     wait_for(lambda: [r for r in d.runs("orphan") if r["ended"]], 10, "the executor's own record")
     assert d.runs("orphan")[0]["exit_code"] == 0
+
+
+def test_limits_env_cwd_and_user_are_applied(daemons, tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    os.chmod(workdir, 0o777)
+    user = "nobody" if os.geteuid() == 0 else None
+    d = daemons(f"""tasks:
+  - name: hog
+    schedule: "* * * * * *"
+    command: ["{os.sys.executable}", "-c", "import time; b = bytearray(300 << 20); time.sleep(30)"]
+    limits: {{memory: 100M}}
+    kill_grace: 1s
+  - name: env
+    schedule: "* * * * * *"
+    command: 'echo "$GREETING|$(pwd)|$(id -un)|$(ulimit -n)|$(ulimit -t)|$(env | grep -c ^TORCHCORE_)"'
+    env: {{GREETING: "hello world"}}
+    cwd: {workdir}
+    limits: {{nofile: 123, cpu: 77}}
+""" + (f"    user: {user}\n" if user else "")).start()
+    hog = wait_for(lambda: [r for r in d.runs("hog") if r["ended"]], 15, "the hog to be stopped")[0]
+    assert hog["signal"] in (signal.SIGTERM, signal.SIGKILL)
+    assert hog["peak_rss"] >= 100 << 20
+    assert "memory limit" in open(os.path.join(d.dir, "state", "logs", "hog.log")).read()
+    wait_for(lambda: [r for r in d.runs("env") if r["ended"]], 10, "the env run")
+    d.stop()
+    line = [x for x in open(os.path.join(d.dir, "state", "logs", "env.log")) if " out| " in x][0]
+    greeting, cwd, who, nofile, cpu, internals = line.split(" out| ")[1].strip().split("|")
+    assert (greeting, cwd, nofile, cpu, internals) == ("hello world", str(workdir), "123", "77", "0")
+    if user:
+        assert who == user
