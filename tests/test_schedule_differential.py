@@ -11,12 +11,11 @@ with ``*``).
 import random
 from datetime import datetime, timedelta
 
+import cronsim
 import pytest
 from croniter import croniter
 
 from torchcore.schedule import Schedule, ScheduleError
-
-cronsim = pytest.importorskip("cronsim")
 
 FIELDS = [(0, 59, None), (0, 59, None), (0, 23, None), (1, 31, None),
           (1, 12, "JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split()),
