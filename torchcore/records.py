@@ -307,7 +307,7 @@ class Records:
                         len(self._buffer), self.path, exc)
 
     def prune(self, before_epoch):
-        """Delete records older than ``before_epoch``; unfinished runs are kept. Returns the count."""
+        """Delete records older than ``before_epoch`` but not unfinished runs; returns the count."""
         self._check_process()
         self.flush()
         try:

@@ -206,7 +206,7 @@ def line_run_id(line):
 
 
 def _lines_backwards(f, end):
-    """Complete lines of an open binary file before offset ``end``, last first (bytes, no newline)."""
+    """Lines of an open binary file before offset ``end``, last first (bytes, no newline)."""
     pos, rest = end, b""
     while pos > 0:
         size = min(_READ_BLOCK, pos)
