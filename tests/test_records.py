@@ -256,3 +256,15 @@ def test_daemon_writes_while_cli_reads(path):
     assert counts == sorted(counts)               # each read sees a consistent, growing set
     assert counts[-1] == 2000
     assert len(counts) > 1
+
+
+def test_closed_records_refuse_reads_and_flush_quietly(path):
+    with Records(path) as r:
+        r.add(run(1))
+    assert r.flush() is True                      # written on close: nothing left
+    r.add(run(2))
+    assert r.flush() is False and r.pending == 1
+    with pytest.raises(RecordsError, match="closed"):
+        r.query()
+    with Records(path) as again:
+        assert [x.run_id for x in again.query()] == [1]
