@@ -104,6 +104,17 @@ def test_two_writers_rotate_once_and_follow_the_new_file(tmp_path):
     assert texts(read_log(d, "t"))[:5] == ["b-first", "a-0", "a-1", "a-2", "a-3"]
 
 
+def test_a_new_writer_rotates_a_full_file_before_writing(tmp_path):
+    d = str(tmp_path)
+    with open(log_path(d, "t"), "wb") as f:
+        f.write(b"x" * 500 + b"\n")
+    log = TaskLog(d, "t", 3, 400, 2)
+    log.write("out", b"fresh\n")
+    log.close()
+    assert texts(content(d)) == ["fresh"]
+    assert os.path.getsize(log_path(d, "t") + ".1") == 501
+
+
 def test_rotation_without_backups_starts_afresh(tmp_path):
     log = TaskLog(str(tmp_path), "t", 1, 500, 0)
     for i in range(100):

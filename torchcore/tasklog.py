@@ -141,7 +141,8 @@ class TaskLog:
             st = None
         if self._fd is None or st is None or st.st_ino != self._ino:
             self._open()
-        elif self.max_bytes and st.st_size >= self.max_bytes:
+            st = os.fstat(self._fd)
+        if self.max_bytes and st.st_size >= self.max_bytes:
             self._rotate()
 
     def _open(self):
