@@ -276,7 +276,7 @@ class Records:
         On any database error (locked, disk full, ...) the buffer is kept for the
         next flush and a warning is logged (at most once a minute); never raises.
         """
-        if not self._buffer or os.getpid() != self._pid:
+        if not self._buffer or os.getpid() != self._pid or self._conn is None:
             return not self._buffer
         rows = list(self._buffer.values())
         try:
@@ -307,7 +307,7 @@ class Records:
                         len(self._buffer), self.path, exc)
 
     def prune(self, before_epoch):
-        """Delete records older than ``before_epoch``; unfinished runs are kept. Returns the count."""
+        """Delete records older than ``before_epoch`` but not unfinished runs; returns the count."""
         self._check_process()
         self.flush()
         try:
@@ -370,6 +370,12 @@ class Records:
         self.flush()
         self._conn.close()
         self._conn = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def _check_process(self):
         if os.getpid() != self._pid:

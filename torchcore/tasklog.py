@@ -141,7 +141,8 @@ class TaskLog:
             st = None
         if self._fd is None or st is None or st.st_ino != self._ino:
             self._open()
-        elif self.max_bytes and st.st_size >= self.max_bytes:
+            st = os.fstat(self._fd)
+        if self.max_bytes and st.st_size >= self.max_bytes:
             self._rotate()
 
     def _open(self):
@@ -206,7 +207,7 @@ def line_run_id(line):
 
 
 def _lines_backwards(f, end):
-    """Complete lines of an open binary file before offset ``end``, last first (bytes, no newline)."""
+    """Lines of an open binary file before offset ``end``, last first (bytes, no newline)."""
     pos, rest = end, b""
     while pos > 0:
         size = min(_READ_BLOCK, pos)
