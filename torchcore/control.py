@@ -390,7 +390,7 @@ class ControlClient:
         line = json.dumps({"cmd": cmd, **fields}).encode() + b"\n"
         with self.connect() as sock:
             try:
-                sock.sendall(line)
+                send_tolerating_refusal(sock, line)
                 raw = self.read_line(sock)
             except socket.timeout:
                 raise DaemonError(f"the daemon did not answer {cmd!r} within {self.timeout:g}s "
@@ -457,3 +457,15 @@ class ControlClient:
         if not reply.get("ok"):
             raise DaemonError(f"{cmd}: {reply.get('error', 'the daemon reported an error')}")
         return reply
+
+
+def send_tolerating_refusal(sock, data):
+    """sendall, except that a peer that already closed may have left a reply to read.
+
+    A refused client (wrong uid, too many connections) is sent its error line
+    and closed at once, possibly before its request is written.
+    """
+    try:
+        sock.sendall(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
