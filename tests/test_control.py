@@ -1,5 +1,6 @@
 """Control socket: a tiny selector loop here, real clients in other processes."""
 
+import errno
 import json
 import logging
 import os
@@ -424,3 +425,30 @@ def test_close_fds_in_forked_child_leaves_the_server_alone(loop):
     assert os.waitstatus_to_exitcode(status) == 0
     assert os.path.exists(loop.path)
     loop.assert_still_serving()
+
+
+def test_out_of_descriptors_pauses_accepting_instead_of_spinning(loop, monkeypatch):
+    def no_descriptors(sock):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(socket.socket, "accept", no_descriptors)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(loop.path)  # waits in the listen backlog
+    client.sendall(b'{"cmd": "status"}\n')
+    loop.step()
+    assert loop.server.accept_paused_until is not None
+    assert loop.selector.select(0.05) == []  # nothing left to wake the loop needlessly
+    monkeypatch.undo()
+    loop.server.reap_idle(time.monotonic() + 2)  # the pause is over
+    client.settimeout(0.01)
+    reply = b""
+    deadline = time.monotonic() + 10
+    while not reply.endswith(b"\n"):
+        assert time.monotonic() < deadline
+        loop.step()
+        try:
+            reply += client.recv(4096)
+        except socket.timeout:
+            pass
+    assert json.loads(reply)["tasks"] == 3
+    client.close()

@@ -10,8 +10,8 @@ on its selector and calls it back::
     server.register(selector)
     ...
     for key, mask in selector.select(timeout):
-        if key.data is server.handle_event:       # or: callable(key.data)
-            server.handle_event(key, mask)
+        if key.data == server.handle_event:       # a bound method: compare with ==, not is
+            server.handle_event(key, mask)        # (or: if callable(key.data): key.data(key, mask))
     server.reap_idle(time.monotonic())
 
 ``handler`` is any object with ``control_<cmd>(request) -> dict`` methods;
@@ -41,6 +41,7 @@ IDLE_TIMEOUT = 5.0
 MAX_CONNECTIONS = 64
 ACCEPTS_PER_EVENT = 16
 LISTEN_BACKLOG = 128
+ACCEPT_PAUSE = 1.0  # seconds without accepting after running out of descriptors
 CMD_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,39}")
 UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -102,6 +103,7 @@ class ControlServer:
         self.clock = clock
         self.connections = {}  # fd -> Connection
         self.selector = None
+        self.accept_paused_until = None  # set while out of descriptors (EMFILE)
         prepare_state_dir(os.path.dirname(self.path))
         remove_stale_socket(self.path)
         self.listener, self.inode = bind_listener(self.path, LISTEN_BACKLOG)
@@ -135,7 +137,13 @@ class ControlServer:
             self.drop(conn)
 
     def reap_idle(self, now):
-        """Drop connections that made no progress for idle_timeout seconds."""
+        """Drop connections that made no progress for idle_timeout seconds.
+
+        Also resumes accepting after a pause for lack of descriptors.
+        """
+        if self.accept_paused_until is not None and now >= self.accept_paused_until:
+            self.accept_paused_until = None
+            self.selector.register(self.listener, selectors.EVENT_READ, self.handle_event)
         for conn in list(self.connections.values()):
             if now - conn.last_active > self.idle_timeout:
                 log.info("control: dropping a client idle for %.1fs (pid %s)",
@@ -170,8 +178,11 @@ class ControlServer:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: log, retry on the next pass
-                log.warning("control: cannot accept a client: %s", exc.strerror)
+            except OSError as exc:  # EMFILE and friends: pause, or the loop would spin
+                log.warning("control: cannot accept a client: %s; pausing for %gs",
+                            exc.strerror, ACCEPT_PAUSE)
+                self.unregister(self.listener)
+                self.accept_paused_until = self.clock() + ACCEPT_PAUSE
                 return
             self.admit(sock)
 
