@@ -119,7 +119,10 @@ class ControlServer:
     def handle_event(self, key, mask):
         """Serve one selector event; never raises into the loop."""
         if key.fileobj is self.listener:
-            self.accept_some()
+            try:
+                self.accept_some()
+            except Exception:  # a bug of ours must not stop the daemon
+                log.exception("control: accepting a client failed")
             return
         conn = self.connections.get(key.fd)
         if conn is None:
@@ -132,7 +135,7 @@ class ControlServer:
         except OSError as exc:
             log.debug("control connection dropped: %s", exc)
             self.drop(conn)
-        except Exception:  # a bug of ours must not stop the daemon
+        except Exception:
             log.exception("control connection failed; dropping it")
             self.drop(conn)
 
@@ -215,7 +218,10 @@ class ControlServer:
 
     def receive(self, conn):
         """Read what is there, answer every complete line."""
-        data = conn.sock.recv(65536)
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):  # spurious readiness
+            return
         conn.last_active = self.clock()
         if not data:  # the client finished sending: answer a last unterminated line, then close
             if conn.inbuf.strip():
