@@ -236,7 +236,11 @@ SLOW_WRITER = textwrap.dedent("""
 """)
 
 
-def test_refusal_names_the_new_holder_not_the_dead_predecessor(tmp_path):
+def test_refusal_names_the_new_holder_not_the_dead_predecessor(tmp_path, monkeypatch):
+    real_lock = pidfile_mod.lock_with_patience
+    monkeypatch.setattr(pidfile_mod, "lock_with_patience",
+                        lambda fd, operation: real_lock(fd, operation, patience=0))
+    monkeypatch.setattr(pidfile_mod, "LOCK_PATIENCE", 5.0)  # generous wait for the pid
     path = tmp_path / "tc.pid"
     path.write_text(f"{dead_pid()}\n")
     proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(path)],
