@@ -51,12 +51,14 @@ def _common(parser):
 # ---- start -------------------------------------------------------------------------------
 
 def cmd_start(args):
+    from torchcore.control import prepare_state_dir
     from torchcore.daemonize import Daemonizer
     from torchcore.pidfile import Pidfile
 
     node = Node.detect(args.node_ip)
     taskfile = load_for_node(cli.task_file_path(args), node)
     pidfile_path = os.path.abspath(args.pidfile or taskfile.settings.pidfile)
+    prepare_state_dir(taskfile.settings.state_dir)     # 0700 and ours, before anything goes in
     if args.foreground:
         setup_logging(None)
         with Pidfile(pidfile_path) as pidfile:
