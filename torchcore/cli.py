@@ -75,7 +75,9 @@ def main(argv=None):
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
     except TorchcoreError as exc:
-        print(f"torchcore: {exc}", file=sys.stderr)
+        message = str(exc)
+        prefix = "" if message.startswith("torchcore") else "torchcore: "
+        print(prefix + message, file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

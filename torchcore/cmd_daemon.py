@@ -53,17 +53,20 @@ def _common(parser):
 def cmd_start(args):
     from torchcore.control import prepare_state_dir
     from torchcore.daemonize import Daemonizer
-    from torchcore.pidfile import Pidfile
+    from torchcore.pidfile import AlreadyRunning, Pidfile
 
     node = Node.detect(args.node_ip)
     taskfile = load_for_node(cli.task_file_path(args), node)
     pidfile_path = os.path.abspath(args.pidfile or taskfile.settings.pidfile)
     prepare_state_dir(taskfile.settings.state_dir)     # 0700 and ours, before anything goes in
+    holder = running_pid(pidfile_path)
+    if holder is not None:      # refuse at once; the daemon would refuse too, only later
+        raise AlreadyRunning(holder, pidfile_path)
     if args.foreground:
         setup_logging(None)
         with Pidfile(pidfile_path) as pidfile:
             return _supervise(taskfile, node, pidfile)
-    launcher = Daemonizer(started_message=f"torchcore started on {taskfile.path}")
+    launcher = Daemonizer(started_message=f"torchcore started (pid {{pid}}) on {taskfile.path}")
     if not launcher.detach():
         return cli.EXIT_OK      # not reached: the launcher exits with the daemon's verdict
     try:

@@ -455,7 +455,9 @@ class Supervisor:
 
     def _task_status(self, name):
         runs = [self.runs[pid] for pid in self.by_task.get(name, ())]
-        entry = {"running": [{"run_id": r.run_id, "pid": r.pgid, "started": r.started,
+        task = self.tasks[name]
+        entry = {"type": task.type, "schedule": task.schedule_text, "timezone": task.timezone,
+                 "running": [{"run_id": r.run_id, "pid": r.pgid, "started": r.started,
                               "scheduled": r.scheduled, "state": r.state} for r in runs],
                  "skipped": self.skipped_last.get(name)}
         slot = self.daemons.get(name)
