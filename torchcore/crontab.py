@@ -19,6 +19,8 @@ import re
 import shlex
 import zoneinfo
 
+import yaml
+
 from torchcore.errors import TorchcoreError
 
 DEFAULT_SHELL = "/bin/sh"
@@ -250,33 +252,15 @@ def parse_field(text, field):
 
 
 def check_fields(fields):
-    """Validate five cron fields and return them, unambiguous; raise CrontabError if wrong.
+    """Validate five cron fields (raise CrontabError naming the wrong one) and return them.
 
-    Cron's day rule: when day-of-month or day-of-week *starts with* ``*``, a day must match
-    both, otherwise either. Other implementations only treat a lone ``*`` that way, so a
-    ``*``-led field covering every day is written as ``*``, and any other mix is refused.
+    They are kept as written: torchcore reads names, ranges, steps and ``7`` for Sunday as
+    cron does, and applies cron's day rule (when day-of-month or day-of-week starts with
+    ``*`` a day must match both, otherwise either).
     """
-    fields = list(fields)
-    for i, (text, field) in enumerate(zip(fields, FIELDS)):
-        values = parse_field(text, field)
-        if text.startswith("*") and text != "*" and _covers(values, field):
-            fields[i] = "*"
-    dom, dow = fields[2], fields[4]
-    cron_and = dom.startswith("*") or dow.startswith("*")
-    if cron_and != (dom == "*" or dow == "*"):
-        raise CrontabError(
-            f"day-of-month {dom!r} with day-of-week {dow!r}: cron runs on days matching BOTH "
-            "because a field starts with '*', other crons on days matching EITHER; "
-            "write the days out")
+    for text, field in zip(fields, FIELDS):
+        parse_field(text, field)
     return fields
-
-
-def _covers(values, field):
-    name, low, high, _ = field
-    full = set(range(low, high + 1))
-    if name == "day-of-week":
-        values, full = {v % 7 for v in values}, set(range(7))
-    return values == full
 
 
 # --- job lines --------------------------------------------------------------------------------
@@ -362,8 +346,9 @@ def _convert_line(line, lineno, source, env, system, user):
 
 
 def _assign(env, name, value):
-    if not name:
-        raise CrontabError("an environment assignment with an empty variable name")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise CrontabError(f"environment variable name {name!r} cannot be set by a task "
+                           "(names are [A-Za-z_][A-Za-z0-9_]*); it is not set for the lines below")
     if name in ("CRON_TZ", "TZ") and value:
         try:
             zoneinfo.ZoneInfo(value)
@@ -396,7 +381,7 @@ def _entry(line, lineno, source, env, system, user):
         command=cmd if shell == DEFAULT_SHELL else [shell, "-c", cmd],
         user=line_user if system else user,
         env={k: v for k, v in env.items() if k not in MAIL_VARS and k != "CRON_TZ"},
-        timezone=zone, cwd=env.get("HOME") or None, notes=notes,
+        timezone=zone, cwd=_cwd(env, notes), notes=notes,
         name=base_name(split_percent(command)[0]))
 
 
@@ -527,6 +512,16 @@ def _short_hash(*parts):
     return hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()[:6]
 
 
+def check_zone(zone):
+    """Raise CrontabError unless ``zone`` is None or a known IANA time zone."""
+    if zone is not None:
+        try:
+            zoneinfo.ZoneInfo(zone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+            raise CrontabError(f"--timezone {zone!r} is not a known IANA time zone "
+                               "(e.g. Europe/Paris, UTC)") from None
+
+
 def check_prefix(prefix):
     """Raise CrontabError unless ``prefix`` can start a task name."""
     if prefix and (not re.fullmatch(r"[A-Za-z0-9._-]+", prefix) or len(prefix) > 40):
@@ -633,3 +628,192 @@ def targeting(ips=(), hosts=()):
         if not host or any(c.isspace() for c in host):
             raise CrontabError(f"--host {host!r} is not a hostname pattern")
     return out, list(hosts)
+
+
+def _cwd(env, notes):
+    """Cron starts a job in $HOME: an assigned HOME becomes the task's ``cwd``."""
+    home = env.get("HOME")
+    if home and not home.startswith("/"):
+        notes.append(f"HOME={home} is not an absolute path: cron's start directory left out")
+        return None
+    return home or None
+
+
+# --- checking against the task-file loader ------------------------------------------------------
+
+def validate(result, shell=DEFAULT_SHELL, zone=None):
+    """Turn every entry the task-file loader rejects into a Problem (kept as a comment).
+
+    Each task is loaded on its own by the same code ``torchcore check`` uses, so what is
+    emitted is accepted, and a rejected line says why. ``shell`` and ``zone`` are the
+    target file's ``settings.shell`` and ``settings.timezone``.
+    """
+    for i, item in enumerate(result.items):
+        if isinstance(item, Entry):
+            try:
+                load_entry(item, shell, zone)
+            except TorchcoreError as exc:
+                reasons = [p.split(": ", 2)[-1] for p in getattr(exc, "problems", [str(exc)])]
+                result.items[i] = Problem(item.source, item.lineno, item.text, "; ".join(reasons))
+    return result
+
+
+def load_entry(entry, shell=DEFAULT_SHELL, zone=None):
+    """The config.Task an entry becomes in a file with these settings (ConfigError if none)."""
+    from torchcore import config   # the loader, imported late: crontab parsing does not need it
+    head = f"settings:\n  timezone: {yaml_str(zone)}\n" if zone else ""
+    return config.loads(f"{head}tasks:\n" + "\n".join(task_lines(entry, shell=shell)) + "\n",
+                        "tasks.yaml").tasks[0]
+
+
+# --- merging into an existing task file ---------------------------------------------------------
+
+@dataclasses.dataclass
+class Merged:
+    """What a merge did: the new file text and one line per collapsed or added task."""
+
+    text: str
+    collapsed: list   # (entry, existing task name, added targets)
+    added: list       # entries appended as new tasks
+    zone: str | None  # the file's settings.timezone
+
+
+def identity(task):
+    """What makes two tasks "the same job": everything but name, description and targeting."""
+    text = task.schedule_text
+    if text and not text.startswith("@") and len(text.split()) == 5:
+        text = "0 " + text
+    return dataclasses.replace(task, name="", description="", ips=(), hosts=(),
+                               schedule_text=" ".join(text.split()) if text else text)
+
+
+def merge(existing_text, path, result, prefix=""):
+    """Merge imported entries into a task file's text, keeping that text as written.
+
+    An entry identical to an existing task (see :func:`identity`) adds its ``ips``/``hosts``
+    to that task in place; the others are appended to the ``tasks:`` list with their
+    comments. The file must be valid first (ConfigError otherwise), and the result is
+    loaded again before it is returned.
+    """
+    from torchcore import config
+    try:
+        taskfile = config.loads(existing_text, path)
+    except TorchcoreError as exc:
+        raise CrontabError(f"refusing to merge into {path}: it is not a valid task file:\n{exc}")
+    shell, zone = taskfile.settings.shell, taskfile.settings.timezone
+    assign_names(result.entries, prefix, taken={t.name for t in taskfile.tasks})
+    validate(result, shell, zone)
+    root = yaml.compose(existing_text, Loader=yaml.SafeLoader)
+    nodes = _task_nodes(root)
+    by_identity = {}
+    for task, node in zip(taskfile.tasks, nodes):
+        by_identity.setdefault(identity(task), (task, node))
+    edits, collapsed, added, items = [], [], [], []
+    for item in result.items:
+        match = by_identity.pop(identity(load_entry(item, shell, zone)), None) \
+            if isinstance(item, Entry) else None
+        if match is None:
+            items.append(item)
+            added += [item] if isinstance(item, Entry) else []
+            continue
+        targets = _add_targets(match[0], match[1], item, existing_text, edits)
+        collapsed.append((item, match[0].name, targets))
+        items.append(Comment(item.source, item.lineno,
+                             f"{item.text}  -> same job as task '{match[0].name}'"))
+    edits.append(_append_edit(existing_text, root, items, shell))
+    text = _apply(existing_text, edits)
+    _check_merged(text, path, collapsed, added)
+    return Merged(text, collapsed, added, zone)
+
+
+def _task_nodes(root):
+    """The mapping nodes of the ``tasks`` list (in file order), from a composed document."""
+    seq = _tasks_value(root)
+    return list(seq.value) if isinstance(seq, yaml.SequenceNode) else []
+
+
+def _tasks_value(root):
+    if isinstance(root, yaml.MappingNode):
+        for key, value in root.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == "tasks":
+                return value
+    return None
+
+
+def _add_targets(task, node, entry, text, edits):
+    """Edits adding the entry's ips/hosts that ``task`` lacks; returns what was added."""
+    if not task.ips and not task.hosts:
+        return []          # the task already runs on every node
+    have_ips = {str(n) for n in task.ips}
+    new_ips = [ip for ip in entry.ips if str(ipaddress.ip_network(ip, strict=False)) not in have_ips]
+    new_hosts = [h for h in entry.hosts if h not in task.hosts]
+    for key, values in (("ips", new_ips), ("hosts", new_hosts)):
+        if values:
+            edits.append(_list_edit(node, key, values, text))
+    return new_ips + new_hosts
+
+
+def _list_edit(mapping, key, values, text):
+    """One edit ``(start, end, replacement)`` adding ``values`` to list ``key`` of a task."""
+    if mapping.flow_style:
+        raise CrontabError(f"line {mapping.start_mark.line + 1}: a task written as a flow "
+                           "mapping {...} cannot be edited in place; write it in block style")
+    pairs = {k.value: (k, v) for k, v in mapping.value}
+    if key not in pairs:
+        name_key, name_value = pairs["name"]
+        at = _line_end(text, name_value.end_mark.index)
+        line = f"\n{' ' * name_key.start_mark.column}{key}: {yaml_list(values)}"
+        return at, at, line
+    seq = pairs[key][1]
+    if seq.flow_style:
+        at = seq.end_mark.index - 1          # just before the closing ]
+        return at, at, (", " if seq.value else "") + ", ".join(yaml_str(v) for v in values)
+    at = _line_end(text, seq.value[-1].end_mark.index)
+    indent = " " * seq.start_mark.column
+    return at, at, "".join(f"\n{indent}- {yaml_str(v)}" for v in values)
+
+
+def _line_end(text, index):
+    end = text.find("\n", index)
+    return len(text) if end < 0 else end
+
+
+def _append_edit(text, root, items, shell):
+    """The edit appending ``items`` (tasks and comments) to the end of the tasks list."""
+    seq = _tasks_value(root)
+    if isinstance(seq, yaml.SequenceNode) and not seq.flow_style and seq.value:
+        indent = " " * seq.start_mark.column
+        block = [line for item in items for line in item_lines(item, indent, shell)]
+        at = seq.end_mark.index
+        if at >= len(text):       # the list runs to the end of the file
+            lead = "" if text.endswith("\n") else "\n"
+            return len(text), len(text), lead + "\n".join(block) + "\n"
+        at -= seq.end_mark.column  # the start of the line of whatever follows the list
+        return at, at, "\n".join(block) + "\n"
+    if isinstance(seq, yaml.SequenceNode) and not seq.value:
+        block = [line for item in items for line in item_lines(item, "  ", shell)]
+        if not any(isinstance(i, Entry) for i in items):
+            return len(text), len(text), "".join(f"\n{line}" for line in block)
+        return seq.start_mark.index, seq.end_mark.index, "\n" + "\n".join(block)
+    raise CrontabError("the 'tasks' list is written in flow style [...]; write it as a "
+                       "block list (one '- name: ...' per task) to merge into it")
+
+
+def _apply(text, edits):
+    for start, end, replacement in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
+        text = text[:start] + replacement + text[end:]
+    return text
+
+
+def _check_merged(text, path, collapsed, added):
+    """Load the merged text again; any surprise is an error, never a silently wrong file."""
+    from torchcore import config
+    try:
+        merged = config.loads(text, path)
+    except TorchcoreError as exc:
+        raise CrontabError(f"merging into {path} produced an invalid file (nothing written):\n"
+                           f"{exc}") from None
+    names = {t.name for t in merged.tasks}
+    missing = [e.name for e in added if e.name not in names]
+    if missing:
+        raise CrontabError(f"merging into {path} lost tasks {missing} (nothing written)")
