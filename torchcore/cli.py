@@ -19,6 +19,7 @@ EXIT_NOT_RUNNING = 3
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
 
 COMMAND_MODULES = [
+    "torchcore.cmd_tasks",
     "torchcore.cmd_import",
 ]
 

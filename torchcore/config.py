@@ -527,7 +527,8 @@ class _Loader:
         try:
             values["schedule"] = self.schedule(text, tz)
         except ScheduleError as exc:
-            self.problem(pairs["schedule"][1], where, f"schedule: {exc}")
+            message = str(exc).removeprefix("schedule: ")
+            self.problem(pairs["schedule"][1], where, f"schedule: {message}")
 
     def schedule(self, text, tz):
         """A Schedule, shared between tasks with the same text and zone (it is immutable)."""
