@@ -17,6 +17,7 @@ import ipaddress
 import os
 import re
 import shlex
+import unicodedata
 import zoneinfo
 
 import yaml
@@ -333,6 +334,9 @@ def _convert_line(line, lineno, source, env, system, user):
     stripped = line.strip(" \t")
     if not stripped:
         return None
+    if re.search("[\udc80-\udcff]", line):
+        return Problem(source, lineno, line.encode("utf-8", "surrogateescape").decode("latin-1"),
+                       "the line is not valid UTF-8")
     if stripped.startswith("#"):
         return Comment(source, lineno, line)
     assignment = parse_env(line)
@@ -415,7 +419,8 @@ def base_name(command):
     prog, args = _program(chosen)
     if prog in ("sh", "bash", "dash", "zsh", "ksh") and args[:1] == ["-c"] and len(args) > 1:
         return base_name(args[1])
-    arg = next((a for a in args if not a.startswith("-") and a != "/dev/null"), "")
+    arg = next((a for a in args
+                if not a.startswith("-") and a != "/dev/null" and not a.isdigit()), "")
     parts = [sanitize(prog)] + ([sanitize(_last_component(arg))] if arg else [])
     parts = [p for p in parts if p]
     if len(parts) == 2 and parts[0] == parts[1]:
@@ -477,7 +482,8 @@ def _last_component(arg):
 
 
 def sanitize(text):
-    """Keep ``[A-Za-z0-9._-]``; runs of anything else become one ``-``; no ``-._`` at the ends."""
+    """Keep ``[A-Za-z0-9._-]`` (accents dropped: é -> e); other runs become one ``-``."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
     return _NAME_BAD.sub("-", text).strip("-._")
 
 
@@ -720,7 +726,8 @@ def merge(existing_text, path, result, prefix=""):
         collapsed.append((item, match[0].name, targets))
         items.append(Comment(item.source, item.lineno,
                              f"{item.text}  -> same job as task '{match[0].name}'"))
-    edits.append(_append_edit(existing_text, root, items, shell))
+    if any(isinstance(item, (Entry, Problem)) for item in items):
+        edits.append(_append_edit(existing_text, root, items, shell))
     text = _apply(existing_text, edits)
     _check_merged(text, path, collapsed, added)
     return Merged(text, collapsed, added, zone)
