@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 from datetime import datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -129,7 +130,7 @@ def feed(shell, command):
 def test_stdin_command_feeds_exactly_the_bytes_cron_would(shell):
     data = "line 1\n'quoted' \"double\" $HOME `x` \\ % é 日本\n\tEOF\n\n"
     command = crontab.with_stdin("cat; echo; echo second-reader >&2; exit 3", data)
-    proc = subprocess.run([shell, "-c", command], capture_output=True)
+    proc = subprocess.run([shell, "-c", command], capture_output=True, check=False)
     assert proc.stdout == data.encode() + b"\n"
     assert proc.returncode == 3                     # the command's own exit status
     # every part of a compound command reads the same stdin, as under cron
@@ -239,7 +240,7 @@ def test_awkward_commands_survive_the_task_file(tmp_path, capsys, command):
 # --- the whole file: check and next against the original schedules --------------------------------
 
 def test_realistic_crontab_round_trips_through_check_and_next(tmp_path, capsys, monkeypatch):
-    code, out, err = imported(tmp_path, capsys, WEB1, "--ip", "10.0.0.5", "--prefix", "web1")
+    code, out, _ = imported(tmp_path, capsys, WEB1, "--ip", "10.0.0.5", "--prefix", "web1")
     assert code == 1                                      # some lines could not be converted
     assert main(["check", "-c", out, "--node-ip", "10.0.0.5"]) == 0
     capsys.readouterr()
@@ -265,7 +266,8 @@ def test_realistic_crontab_round_trips_through_check_and_next(tmp_path, capsys, 
 
 
 def test_environment_timezone_shell_and_mail_are_carried_over(tmp_path, capsys):
-    code, out, err = imported(tmp_path, capsys)
+    code, out, _ = imported(tmp_path, capsys)
+    assert code == 1
     tasks = {t.description.rsplit(" ", 1)[1]: t for t in config.load(out).tasks}
     backup, weekend, flag = tasks["12"], tasks["24"], tasks["26"]
     env = dict(backup.env)
@@ -276,7 +278,7 @@ def test_environment_timezone_shell_and_mail_are_carried_over(tmp_path, capsys):
     assert weekend.timezone == "Europe/Berlin"              # CRON_TZ wins over TZ
     assert dict(weekend.env)["TZ"] == "America/New_York"    # the job still sees its TZ
     assert flag.command[:2] == ("/bin/bash", "-c")          # SHELL=/bin/bash: argv, not /bin/sh
-    text = open(out, encoding="utf-8").read()
+    text = Path(out).read_text(encoding="utf-8")
     assert "# note: MAILTO=ops@example.com" in text
     assert "# nightly backup, quietly" in text
 
@@ -298,6 +300,7 @@ def test_invalid_cron_tz_reports_the_lines_it_governs(tmp_path, capsys):
 def test_stdin_task_runs_with_the_same_input_cron_gave(tmp_path, capsys):
     code, out, _ = imported(tmp_path, capsys, "0 1 * * * cat > " + str(tmp_path / "in")
                             + r"%Disk report%50\% used%" + "\n")
+    assert code == 0
     [task] = config.load(out).tasks
     subprocess.run(task.argv("/bin/sh"), check=True)
     assert (tmp_path / "in").read_bytes() == b"Disk report\n50% used\n"
@@ -305,7 +308,8 @@ def test_stdin_task_runs_with_the_same_input_cron_gave(tmp_path, capsys):
 
 def test_unconvertible_lines_are_reported_and_kept(tmp_path, capsys):
     code, out, err = imported(tmp_path, capsys)
-    text = open(out, encoding="utf-8").read()
+    assert code == 1
+    text = Path(out).read_text(encoding="utf-8")
     for lineno in WEB1_PROBLEM_LINES:
         assert f"web1.cron:{lineno}: cannot convert:" in err
         assert f"web1.cron:{lineno}: NOT CONVERTED (" in text
@@ -336,6 +340,7 @@ def test_no_log_dash_is_dropped_with_a_note_and_system_users_kept(tmp_path, caps
 def test_user_crontab_user_and_home_as_cwd(tmp_path, capsys):
     code, out, _ = imported(tmp_path, capsys, "HOME=/srv/app\n0 1 * * * ./nightly\n",
                             "--user", "nobody")
+    assert code == 0
     [task] = config.load(out).tasks
     assert task.user == "nobody" and task.cwd == "/srv/app"
 
@@ -344,7 +349,7 @@ def test_stdin_and_stdout_and_atomic_output(tmp_path, capsys, monkeypatch):
     import io
     import sys
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"0 1 * * * /bin/x\n")))
-    code, out, err = run_import(capsys)
+    code, out, _ = run_import(capsys)
     assert code == 0 and yaml.safe_load(out)["tasks"][0]["name"] == "x"
     assert "from stdin" in out
     target = tmp_path / "t.yaml"
@@ -388,13 +393,13 @@ CRON_TZ=Europe/Berlin
 
 def test_two_machines_merge_into_one_file_with_the_union_of_ips(tmp_path, capsys):
     code, fleet, _ = imported(tmp_path, capsys, WEB1, "--ip", "10.0.0.1")
-    with open(fleet, "a", encoding="utf-8") as f:
+    with Path(fleet).open("a", encoding="utf-8") as f:
         f.write("# kept: a hand-written comment at the end\n")
-    before = open(fleet, encoding="utf-8").read()
+    before = Path(fleet).read_text(encoding="utf-8")
     src2 = write(tmp_path, "web2.cron", WEB2)
     code, _, err = run_import(capsys, src2, "--ip", "10.0.0.2", "--merge", fleet, "-o", fleet)
     assert code == 0, err
-    after = open(fleet, encoding="utf-8").read()
+    after = Path(fleet).read_text(encoding="utf-8")
     tasks = {t.name: t for t in config.load(fleet).tasks}
     ips = {name: sorted(str(n) for n in t.ips) for name, t in tasks.items()}
     assert ips["backup.sh-db"] == ips["php-artisan"] == ["10.0.0.1/32", "10.0.0.2/32"]
@@ -408,17 +413,17 @@ def test_two_machines_merge_into_one_file_with_the_union_of_ips(tmp_path, capsys
                if "ips:" not in line)
     # merging the same machine again changes nothing
     assert run_import(capsys, src2, "--ip", "10.0.0.2", "--merge", fleet, "-o", fleet)[0] == 0
-    assert open(fleet, encoding="utf-8").read() == after
+    assert Path(fleet).read_text(encoding="utf-8") == after
 
 
 @pytest.mark.parametrize("existing", [
-    "tasks:\n  - name: a\n    schedule: '0 4 * * *'\n    command: /usr/local/bin/only-on-web2\n"
-    "    ips:\n      - 10.0.0.1   # first\n    max: 1\n",
-    "tasks:\n- name: a\n  schedule: '0 0 4 * * *'\n  command: /usr/local/bin/only-on-web2\n"
-    "  hosts: [web1]\nsettings:\n  shell: /bin/sh\n",
-    "tasks:\n  - {name: b, command: x, schedule: '@daily'}\n"
-    "  - name: a\n    command: /usr/local/bin/only-on-web2\n    schedule: 0 4 * * *\n"
-    "    ips: [10.0.0.1]",
+    ("tasks:\n  - name: a\n    schedule: '0 4 * * *'\n    command: /usr/local/bin/only-on-web2\n"
+     "    ips:\n      - 10.0.0.1   # first\n    max: 1\n"),
+    ("tasks:\n- name: a\n  schedule: '0 0 4 * * *'\n  command: /usr/local/bin/only-on-web2\n"
+     "  hosts: [web1]\nsettings:\n  shell: /bin/sh\n"),
+    ("tasks:\n  - {name: b, command: x, schedule: '@daily'}\n"
+     "  - name: a\n    command: /usr/local/bin/only-on-web2\n    schedule: 0 4 * * *\n"
+     "    ips: [10.0.0.1]"),
 ])
 def test_merge_edits_block_flow_and_missing_lists_in_place(tmp_path, capsys, existing):
     fleet = write(tmp_path, "tasks.yaml", existing)

@@ -124,7 +124,7 @@ def parse_env(line):
     True
     """
     m = re.fullmatch(r"""[ \t]*(?:"([^"=]*)"|'([^'=]*)'|((?!['"])[^\s=]*))\s*=\s*(.*)""",
-                     line, re.S)
+                     line, re.DOTALL)
     if not m:
         return None
     name = next(g for g in m.groups()[:3] if g is not None)
@@ -379,7 +379,8 @@ def _entry(line, lineno, source, env, system, user):
         cmd = with_stdin(cmd, stdin)
         notes.append("the text after '%' is fed to the command's standard input, as cron did")
     for var in sorted(MAIL_VARS & env.keys()):
-        notes.append(f"{var}={env[var]} (cron mailed the output; torchcore logs it)")
+        notes.append(f"{var}={env[var]} (cron mailed the output there; torchcore logs it)"
+                     if env[var] else f"{var}= (cron mailed nothing)")
     return Entry(
         source=source, lineno=lineno, text=line, schedule=schedule,
         command=cmd if shell == DEFAULT_SHELL else [shell, "-c", cmd],
@@ -666,7 +667,7 @@ def validate(result, shell=DEFAULT_SHELL, zone=None):
 
 def load_entry(entry, shell=DEFAULT_SHELL, zone=None):
     """The config.Task an entry becomes in a file with these settings (ConfigError if none)."""
-    from torchcore import config   # the loader, imported late: crontab parsing does not need it
+    from torchcore import config  # the loader, imported late: crontab parsing does not need it
     head = f"settings:\n  timezone: {yaml_str(zone)}\n" if zone else ""
     return config.loads(f"{head}tasks:\n" + "\n".join(task_lines(entry, shell=shell)) + "\n",
                         "tasks.yaml").tasks[0]
