@@ -163,10 +163,21 @@ def test_any_text_after_percent_reaches_stdin_unchanged(tail):
     ("* * * * * * x", "no command after the schedule"),
     ("@every 10s x", "unknown time macro '@every'"),
     ("0 1 * * *", "no command after the schedule"),
+    ("0 1 * * * %x", "the command before '%' is empty"),
 ])
 def test_bad_lines_name_field_and_reason(line, reason):
     [problem] = crontab.convert(line + "\n", "c").problems
     assert reason in problem.reason and problem.lineno == 1
+
+
+def test_percent_inside_quotes_is_split_like_cron_with_a_note():
+    [entry] = crontab.convert('0 1 * * * date "+%Y"\n', "c").entries
+    assert entry.command == "printf '%s' 'Y\"\n' | (\ndate \"+\n)"
+    assert any("inside quotes" in note for note in entry.notes)
+    # the command before '%' never ends in an odd run of backslashes (that '%' would be
+    # escaped), so the line break after it in the generated text is always safe
+    [entry] = crontab.convert("0 1 * * * echo a\\\\%x\n", "c").entries
+    assert feed("/bin/sh", entry.command) == b"a\\\n"
 
 
 def test_names_ranges_steps_and_sunday_7_keep_their_meaning():

@@ -376,8 +376,11 @@ def _entry(line, lineno, source, env, system, user):
         if os.path.basename(shell) not in POSIX_SHELLS:
             raise CrontabError(f"'%' standard input with SHELL={shell}: "
                                "only POSIX shells can be given it in the command")
-        cmd = with_stdin(cmd, stdin)
         notes.append("the text after '%' is fed to the command's standard input, as cron did")
+        if cmd.count("'") % 2 or cmd.count('"') % 2:
+            notes.append("that '%' is inside quotes: cron split the command there all the same; "
+                         "write '\\%' for a literal %")
+        cmd = with_stdin(cmd, stdin)
     for var in sorted(MAIL_VARS & env.keys()):
         notes.append(f"{var}={env[var]} (cron mailed the output there; torchcore logs it)"
                      if env[var] else f"{var}= (cron mailed nothing)")
