@@ -101,6 +101,9 @@ def _value(field, token):
         return number
     if token.upper() in spec.names:
         return spec.names[token.upper()]
+    if token.upper() == "L" and field in (DOM, DOW):
+        _fail(field, "'L' takes no range or step; write L alone" if field == DOM
+              else "'L' needs a weekday before it, like 5L (the last Friday)")
     if spec.names and token.isascii() and token.isalpha():
         allowed = f"{next(iter(spec.names))}-{list(spec.names)[-1]}"
         _fail(field, f"unknown name {token!r} (names are {allowed}, any case)")
