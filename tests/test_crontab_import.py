@@ -464,3 +464,32 @@ def test_merge_into_a_non_sh_file_keeps_cron_shell(tmp_path, capsys):
     code, out, _ = run_import(capsys, src, "--ip", "10.0.0.2", "--merge", fleet)
     assert code == 0
     assert config.loads(out).tasks[0].command == ("/bin/sh", "-c", "echo $0")
+
+
+def test_cron_day_rule_is_kept_for_star_led_fields(tmp_path, capsys):
+    # cron: day-of-month starting with '*' means a day must match BOTH fields (odd Mondays)
+    code, out, _ = imported(tmp_path, capsys, "0 0 */2 * 1 /bin/odd-mondays\n")
+    assert code == 0
+    [task] = config.load(out).tasks
+    when, fires = datetime(2026, 1, 1), []
+    for _ in range(8):
+        when = task.schedule.next_after(when)
+        fires.append(when)
+    assert all(d.weekday() == 0 and d.day % 2 == 1 for d in fires)
+
+
+def test_system_mode_reads_the_files_cron_reads(tmp_path, capsys, monkeypatch):
+    from torchcore import cmd_import
+    crond = tmp_path / "cron.d"
+    crond.mkdir()
+    for name in ("php", "sysstat", "backup.dpkg-old", "notes~", ".hidden"):
+        (crond / name).write_text(f"0 1 * * * root /usr/bin/{name.strip('.~')}-job\n")
+    main_tab = write(tmp_path, "crontab", SYSTEM)
+    monkeypatch.setattr(cmd_import, "SYSTEM_CRONTAB", main_tab)
+    monkeypatch.setattr(cmd_import, "SYSTEM_CRON_DIR", str(crond))
+    code, out, err = run_import(capsys, "--system")
+    assert code == 0, err
+    names = [t["name"] for t in yaml.safe_load(out)["tasks"]]
+    assert "php-job" in names and "sysstat-job" in names and len(names) == 7
+    for skipped in ("backup.dpkg-old", "notes~", ".hidden"):
+        assert f"{skipped}: skipped" in err
