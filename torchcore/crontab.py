@@ -32,8 +32,6 @@ MACROS = {  # cron's @macros -> what torchcore's schedule accepts (same meaning)
     "@weekly": "@weekly", "@daily": "@daily", "@midnight": "@daily", "@hourly": "@hourly",
     "@reboot": "@reboot",
 }
-MACRO_FIELDS = {"@yearly": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
-                "@daily": "0 0 * * *", "@hourly": "0 * * * *"}
 MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
 DAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 FIELDS = [  # (name, low, high, names)
@@ -62,7 +60,6 @@ class Entry:
     timezone: str | None = None
     cwd: str | None = None
     notes: list = dataclasses.field(default_factory=list)      # comments about the conversion
-    comments: list = dataclasses.field(default_factory=list)   # crontab comments above the line
     ips: list = dataclasses.field(default_factory=list)
     hosts: list = dataclasses.field(default_factory=list)
     name: str = ""
@@ -702,7 +699,7 @@ def merge(existing_text, path, result, prefix=""):
 
     An entry identical to an existing task (see :func:`identity`) adds its ``ips``/``hosts``
     to that task in place; the others are appended to the ``tasks:`` list with their
-    comments. The file must be valid first (ConfigError otherwise), and the result is
+    comments. The file must be valid first (CrontabError otherwise), and the result is
     loaded again before it is returned.
     """
     from torchcore import config
