@@ -26,7 +26,7 @@ from torchcore.errors import TorchcoreError
 
 DEFAULT_SHELL = "/bin/sh"
 # Shells whose `-c` text takes the POSIX `printf ... | ( ... )` form used for %-stdin.
-POSIX_SHELLS = {"sh", "bash", "dash", "ash", "ksh", "mksh", "zsh", "busybox", "yash", "posh"}
+POSIX_SHELLS = {"sh", "bash", "dash", "ash", "ksh", "mksh", "zsh", "yash", "posh"}
 MACROS = {  # cron's @macros -> what torchcore's schedule accepts (same meaning)
     "@yearly": "@yearly", "@annually": "@yearly", "@monthly": "@monthly",
     "@weekly": "@weekly", "@daily": "@daily", "@midnight": "@daily", "@hourly": "@hourly",
@@ -209,7 +209,7 @@ def _number(token, field):
     elif names and token.lower() in names:
         value = names.index(token.lower()) + (low if name == "month" else 0)
     else:
-        allowed = f" or a name ({names[0]}-{names[-2]})" if names else ""
+        allowed = f" or a name ({names[0]}-{names[-1 if name == 'month' else -2]})" if names else ""
         raise CrontabError(f"{name} field: {token!r} is not a number{allowed}")
     if not low <= value <= high:
         raise CrontabError(f"{name} field: {value} is out of range {low}-{high}")
