@@ -493,3 +493,26 @@ def test_system_mode_reads_the_files_cron_reads(tmp_path, capsys, monkeypatch):
     assert "php-job" in names and "sysstat-job" in names and len(names) == 7
     for skipped in ("backup.dpkg-old", "notes~", ".hidden"):
         assert f"{skipped}: skipped" in err
+
+
+@pytest.mark.parametrize("existing", [
+    ("tasks:\n  - {name: a, command: /bin/x, schedule: '0 4 * * *', ips: [10.0.0.1]}\n"
+     "  - {name: b, command: /bin/y, schedule: '@daily', ips: [10.0.0.1]}\n"),
+    ("tasks:\n  - name: a\n    command: /bin/x\n    schedule: '0 4 * * *'\n"
+     "    ips: &web [10.0.0.1]\n  - name: b\n    command: /bin/y\n    schedule: '@daily'\n"
+     "    ips: *web\n"),
+    ("tasks:\n  - &base\n    name: b\n    command: /bin/y\n    schedule: '@daily'\n"
+     "    ips: [10.0.0.1]\n  - <<: *base\n    name: a\n    command: /bin/x\n"
+     "    schedule: '0 4 * * *'\n"),
+])
+def test_merge_never_edits_what_other_tasks_share(tmp_path, capsys, existing):
+    fleet = write(tmp_path, "tasks.yaml", existing)
+    src = write(tmp_path, "c", "0 4 * * * /bin/x\n")
+    code, out, err = run_import(capsys, src, "--ip", "10.0.0.2", "--merge", fleet)
+    assert code == 0, err
+    merged = config.loads(out)
+    assert out.startswith(existing)
+    assert [str(n) for n in merged.task("b").ips] == ["10.0.0.1/32"]
+    assert [str(n) for n in merged.task("a").ips] == ["10.0.0.1/32"]
+    [new] = [t for t in merged.tasks if t.name not in ("a", "b")]
+    assert new.command == "/bin/x" and [str(n) for n in new.ips] == ["10.0.0.2/32"]

@@ -714,7 +714,8 @@ def merge(existing_text, path, result, prefix=""):
     nodes = _task_nodes(root)
     by_identity = {}
     for task, node in zip(taskfile.tasks, nodes):
-        by_identity.setdefault(identity(task), (task, node))
+        if _editable(node, nodes):
+            by_identity.setdefault(identity(task), (task, node))
     edits, collapsed, added, items = [], [], [], []
     for item in result.items:
         match = by_identity.pop(identity(load_entry(item, shell, zone)), None) \
@@ -748,6 +749,23 @@ def _tasks_value(root):
     return None
 
 
+def _editable(mapping, all_tasks):
+    """Whether a task's targeting can be extended in place without touching other tasks.
+
+    Not for a flow mapping, a task taking keys from a ``<<`` merge, or an ``ips``/``hosts``
+    list shared through an anchor: such a task is left alone and the import appended.
+    """
+    if not isinstance(mapping, yaml.MappingNode) or mapping.flow_style:
+        return False
+    keys = {k.value: v for k, v in mapping.value if isinstance(k, yaml.ScalarNode)}
+    if "<<" in keys:
+        return False
+    lists = [v for v in (keys.get("ips"), keys.get("hosts")) if v is not None]
+    others = [v for m in all_tasks if m is not mapping and isinstance(m, yaml.MappingNode)
+              for k, v in m.value]
+    return not any(v is o for v in lists for o in others)
+
+
 def _add_targets(task, node, entry, text, edits):
     """Edits adding the entry's ips/hosts that ``task`` lacks; returns what was added."""
     if not task.ips and not task.hosts:
@@ -763,9 +781,6 @@ def _add_targets(task, node, entry, text, edits):
 
 def _list_edit(mapping, key, values, text):
     """One edit ``(start, end, replacement)`` adding ``values`` to list ``key`` of a task."""
-    if mapping.flow_style:
-        raise CrontabError(f"line {mapping.start_mark.line + 1}: a task written as a flow "
-                           "mapping {...} cannot be edited in place; write it in block style")
     pairs = {k.value: (k, v) for k, v in mapping.value}
     if key not in pairs:
         name_key, name_value = pairs["name"]
