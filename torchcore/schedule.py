@@ -25,6 +25,7 @@ from datetime import date, datetime, timedelta, timezone, tzinfo
 from typing import NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from torchcore._core import ffi, lib
 from torchcore.errors import TorchcoreError
 from torchcore.units import parse_duration
 
@@ -100,6 +101,9 @@ def _value(field, token):
         return number
     if token.upper() in spec.names:
         return spec.names[token.upper()]
+    if token.upper() == "L" and field in (DOM, DOW):
+        _fail(field, "'L' takes no range or step; write L alone" if field == DOM
+              else "'L' needs a weekday before it, like 5L (the last Friday)")
     if spec.names and token.isascii() and token.isalpha():
         allowed = f"{next(iter(spec.names))}-{list(spec.names)[-1]}"
         _fail(field, f"unknown name {token!r} (names are {allowed}, any case)")
@@ -447,3 +451,79 @@ class Schedule:
             return -math.inf
         change = self._zone.change_in(before, start)
         return change + self._zone.offset(change - 1)
+
+
+class ScheduleTable:
+    """Many schedules keyed by any hashable (the engine uses task names), matched in one C call.
+
+    All schedules of a table are matched in the table's zone (``tz``: None = system
+    local time). ``set`` and ``remove`` touch one slot of the C table; ``match``
+    makes one call per second and maps the slots that fire back to keys.
+    """
+
+    def __init__(self, tz=None):
+        self.tz = _resolve_zone(tz)
+        self._zone = _Zone(self.tz)
+        table = lib.tc_table_new(64)
+        if table == ffi.NULL:
+            raise MemoryError("cannot allocate the schedule table")
+        self._table = ffi.gc(table, lib.tc_table_free)
+        self._slots = {}          # key -> slot
+        self._keys = []           # slot -> key (None for a free slot)
+        self._spec = ffi.new("tc_spec *")
+        self._tick = ffi.new("tc_tick *")
+        self._out = ffi.new("const uint32_t **")
+        self._count = ffi.new("size_t *")
+        self._slot = ffi.new("uint32_t *")
+
+    def __len__(self):
+        return len(self._slots)
+
+    def __contains__(self, key):
+        return key in self._slots
+
+    def set(self, key, schedule):
+        """Add ``key`` or replace its schedule; touches only that key's slot."""
+        self._fill_spec(schedule._spec)
+        slot = self._slots.get(key)
+        if slot is None:
+            _check(lib.tc_table_add(self._table, self._spec, self._slot))
+            slot = self._slot[0]
+            if slot == len(self._keys):
+                self._keys.append(None)
+            self._slots[key], self._keys[slot] = slot, key
+        else:
+            _check(lib.tc_table_replace(self._table, slot, self._spec))
+
+    def remove(self, key):
+        """Remove ``key``; KeyError if it is not in the table."""
+        slot = self._slots.pop(key)
+        self._keys[slot] = None
+        _check(lib.tc_table_remove(self._table, slot))
+
+    def match(self, dt):
+        """Keys of every schedule firing at the second of ``dt`` (naive = wall time in ``tz``)."""
+        wall, epoch = self._zone.wall(dt)
+        tick = self._tick
+        tick.year, tick.month, tick.day = wall.year, wall.month, wall.day
+        tick.hour, tick.minute, tick.second = wall.hour, wall.minute, wall.second
+        tick.epoch = epoch
+        _check(lib.tc_table_match(self._table, tick, self._out, self._count))
+        return list(map(self._keys.__getitem__, ffi.unpack(self._out[0], self._count[0])))
+
+    def _fill_spec(self, spec):
+        out = self._spec
+        out.sec, out.min, out.hour, out.dom, out.mon = (
+            spec.sec, spec.minute, spec.hour, spec.dom, spec.month)
+        out.dow, out.dow_last, out.dow_nth = spec.dow, spec.dow_last, spec.dow_nth
+        out.day_or, out.every = int(spec.day_or), spec.every
+
+
+def _check(status):
+    """Raise for a status code of the C core (its message from tc_strerror)."""
+    if status == lib.TC_OK:
+        return
+    message = ffi.string(lib.tc_strerror(status)).decode()
+    if status == lib.TC_ERR_NOMEM:
+        raise MemoryError(message)
+    raise TorchcoreError(f"match core: {message}")
