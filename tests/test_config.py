@@ -270,6 +270,11 @@ def test_a_daemon_takes_no_schedule():
     assert "task 'd': schedule: a daemon task is kept running and takes no schedule" in problem
 
 
+def test_a_bad_type_does_not_also_report_a_missing_schedule():
+    problem = one_error("tasks:\n  - {name: d, type: deamon, command: x}\n")
+    assert "type: expected common or daemon" in problem
+
+
 def test_a_task_needs_a_command():
     assert "task 'job': command: missing" in one_error(TASK.replace("    command: echo hi\n", ""))
 

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "torchcore.cmd_daemon",     # start, stop, reload, restart
     "torchcore.cmd_status",     # status, run
     "torchcore.cmd_records",    # history, logs
+    "torchcore.cmd_import",     # import
 ]
 
 

@@ -222,7 +222,7 @@ def by_node_text(targets):
 
 def by_node_json(taskfile, targets):
     return {"file": taskfile.path, "valid": True, "targets": [
-        {"target": target_text(target, kind),
+        {"target": target if kind == "hosts" else target_text(target, kind),
          "kind": "address" if kind == "network" and target.num_addresses == 1 else kind,
          "this_node": is_here, "tasks": [t.name for t in tasks]}
         for target, kind, is_here, tasks in targets]}

@@ -512,6 +512,8 @@ class _Loader:
         kind = values.get("type", "common")
         text = values.pop("schedule", None)
         tz = values.setdefault("timezone", settings.timezone)
+        if "type" in pairs and "type" not in values and pairs["type"][1].tag != NULL:
+            return  # the type is wrong (already reported): which schedule rule applies is unknown
         if kind == "daemon":
             if text is not None:
                 self.problem(pairs["schedule"][1], where,

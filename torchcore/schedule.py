@@ -469,7 +469,7 @@ class ScheduleTable:
             raise MemoryError("cannot allocate the schedule table")
         self._table = ffi.gc(table, lib.tc_table_free)
         self._slots = {}          # key -> slot
-        self._keys = {}           # slot -> key
+        self._keys = []           # slot -> key (None for a free slot)
         self._spec = ffi.new("tc_spec *")
         self._tick = ffi.new("tc_tick *")
         self._out = ffi.new("const uint32_t **")
@@ -489,6 +489,8 @@ class ScheduleTable:
         if slot is None:
             _check(lib.tc_table_add(self._table, self._spec, self._slot))
             slot = self._slot[0]
+            if slot == len(self._keys):
+                self._keys.append(None)
             self._slots[key], self._keys[slot] = slot, key
         else:
             _check(lib.tc_table_replace(self._table, slot, self._spec))
@@ -496,7 +498,7 @@ class ScheduleTable:
     def remove(self, key):
         """Remove ``key``; KeyError if it is not in the table."""
         slot = self._slots.pop(key)
-        del self._keys[slot]
+        self._keys[slot] = None
         _check(lib.tc_table_remove(self._table, slot))
 
     def match(self, dt):
@@ -507,8 +509,7 @@ class ScheduleTable:
         tick.hour, tick.minute, tick.second = wall.hour, wall.minute, wall.second
         tick.epoch = epoch
         _check(lib.tc_table_match(self._table, tick, self._out, self._count))
-        keys = self._keys
-        return [keys[slot] for slot in ffi.unpack(self._out[0], self._count[0])]
+        return list(map(self._keys.__getitem__, ffi.unpack(self._out[0], self._count[0])))
 
     def _fill_spec(self, spec):
         out = self._spec
