@@ -299,6 +299,21 @@ def test_tz_without_cron_tz_becomes_the_timezone(tmp_path, capsys):
     assert code == 0 and config.load(out).tasks[0].timezone == "Asia/Tokyo"
 
 
+def test_posix_tz_stays_in_env_and_local_time(tmp_path, capsys):
+    code, out, _ = imported(tmp_path, capsys, "TZ=EST5EDT,M3.2.0,M11.1.0\n0 9 * * * /bin/x\n")
+    [task] = config.load(out).tasks
+    assert code == 0 and task.timezone is None and dict(task.env)["TZ"].startswith("EST5EDT,")
+    assert "not an IANA zone" in Path(out).read_text(encoding="utf-8")
+
+
+def test_latin1_comment_is_kept_and_a_latin1_job_reported(tmp_path, capsys):
+    src = tmp_path / "c"
+    src.write_bytes(b"# caf\xe9\n0 1 * * * echo caf\xe9\n")
+    code, out, err = run_import(capsys, str(src))
+    assert code == 1 and "c:2: cannot convert: the line is not valid UTF-8" in err
+    assert "# café" in out and "NOT CONVERTED (the line is not valid UTF-8): 0 1 * * * echo café" in out
+
+
 def test_invalid_cron_tz_reports_the_lines_it_governs(tmp_path, capsys):
     code, out, err = imported(tmp_path, capsys, "CRON_TZ=Mars/Olympus\n0 9 * * * /bin/a\n"
                               "CRON_TZ=UTC\n0 9 * * * /bin/b\n")

@@ -331,9 +331,11 @@ def _convert_line(line, lineno, source, env, system, user):
     stripped = line.strip(" \t")
     if not stripped:
         return None
-    if re.search("[\udc80-\udcff]", line):
-        return Problem(source, lineno, line.encode("utf-8", "surrogateescape").decode("latin-1"),
-                       "the line is not valid UTF-8")
+    if re.search("[\udc80-\udcff]", line):   # bytes that are not UTF-8, shown as latin-1
+        shown = line.encode("utf-8", "surrogateescape").decode("latin-1")
+        if stripped.startswith("#"):
+            return Comment(source, lineno, shown)
+        return Problem(source, lineno, shown, "the line is not valid UTF-8")
     if stripped.startswith("#"):
         return Comment(source, lineno, line)
     assignment = parse_env(line)
@@ -350,10 +352,10 @@ def _assign(env, name, value):
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise CrontabError(f"environment variable name {name!r} cannot be set by a task "
                            "(names are [A-Za-z_][A-Za-z0-9_]*); it is not set for the lines below")
-    if name in ("CRON_TZ", "TZ") and value:
+    if name == "CRON_TZ" and value:
         try:
             zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
             env[name] = None   # poisons the lines below: they are reported, not guessed
             raise CrontabError(f"{name}={value!r} is not a known IANA time zone; "
                                "the lines below it cannot be converted") from None
@@ -363,9 +365,9 @@ def _assign(env, name, value):
 def _entry(line, lineno, source, env, system, user):
     schedule, line_user, command, notes = parse_job(line, system)
     shell = env.get("SHELL") or DEFAULT_SHELL
-    if env.get("CRON_TZ", "") is None or env.get("TZ", "") is None:
-        raise CrontabError("an invalid CRON_TZ/TZ above this line leaves its time zone unknown")
-    zone = env.get("CRON_TZ") or env.get("TZ") or None
+    if env.get("CRON_TZ", "") is None:
+        raise CrontabError("an invalid CRON_TZ above this line leaves its time zone unknown")
+    zone = env.get("CRON_TZ") or _tz_zone(env.get("TZ"), notes)
     cmd, stdin = split_percent(command)
     if stdin is not None and cmd.strip() == "":
         raise CrontabError("the command before '%' is empty")
@@ -635,6 +637,19 @@ def targeting(ips=(), hosts=()):
         if not host or any(c.isspace() for c in host):
             raise CrontabError(f"--host {host!r} is not a hostname pattern")
     return out, list(hosts)
+
+
+def _tz_zone(tz, notes):
+    """``TZ`` as the task's zone when it names one; cron itself scheduled by local time."""
+    if not tz:
+        return None
+    try:
+        zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        notes.append(f"TZ={tz} is not an IANA zone: kept in env only, the schedule stays in "
+                     "local time as under cron")
+        return None
+    return tz
 
 
 def _cwd(env, notes):
