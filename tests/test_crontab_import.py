@@ -400,6 +400,8 @@ def test_bad_options_are_clear_errors(tmp_path, capsys):
     assert main(["import", src, "--timezone", "Nowhere/Else"]) == 1
     assert main(["import", str(tmp_path / "missing")]) == 1
     assert "cannot read" in capsys.readouterr().err
+    assert main(["import", src, "-o", str(tmp_path / "no" / "such" / "dir.yaml")]) == 1
+    assert "cannot write" in capsys.readouterr().err
 
 
 # --- merging machines into one fleet file ---------------------------------------------------------
