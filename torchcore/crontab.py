@@ -63,6 +63,7 @@ class Entry:
     ips: list = dataclasses.field(default_factory=list)
     hosts: list = dataclasses.field(default_factory=list)
     name: str = ""
+    task: object = None             # the config.Task it loads as, once validated
 
     @property
     def description(self):
@@ -673,7 +674,7 @@ def validate(result, shell=DEFAULT_SHELL, zone=None):
     for i, item in enumerate(result.items):
         if isinstance(item, Entry):
             try:
-                load_entry(item, shell, zone)
+                item.task = load_entry(item, shell, zone)
             except TorchcoreError as exc:
                 reasons = [p.split(": ", 2)[-1] for p in getattr(exc, "problems", [str(exc)])]
                 result.items[i] = Problem(item.source, item.lineno, item.text, "; ".join(reasons))
@@ -725,15 +726,15 @@ def merge(existing_text, path, result, prefix=""):
     shell, zone = taskfile.settings.shell, taskfile.settings.timezone
     assign_names(result.entries, prefix, taken={t.name for t in taskfile.tasks})
     validate(result, shell, zone)
-    root = yaml.compose(existing_text, Loader=yaml.SafeLoader)
+    root = yaml.compose(existing_text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     nodes = _task_nodes(root)
-    by_identity = {}
+    by_identity, shared = {}, _shared_nodes(nodes)
     for task, node in zip(taskfile.tasks, nodes):
-        if _editable(node, nodes):
+        if _editable(node, shared):
             by_identity.setdefault(identity(task), (task, node))
     edits, collapsed, added, items = [], [], [], []
     for item in result.items:
-        match = by_identity.pop(identity(load_entry(item, shell, zone)), None) \
+        match = by_identity.pop(identity(item.task), None) \
             if isinstance(item, Entry) else None
         if match is None:
             items.append(item)
@@ -764,7 +765,17 @@ def _tasks_value(root):
     return None
 
 
-def _editable(mapping, all_tasks):
+def _shared_nodes(mappings):
+    """ids of the value nodes that more than one task mapping holds (YAML aliases)."""
+    seen, shared = set(), set()
+    for mapping in mappings:
+        if isinstance(mapping, yaml.MappingNode):
+            for node in {id(v): v for _, v in mapping.value}:
+                (shared if node in seen else seen).add(node)
+    return shared
+
+
+def _editable(mapping, shared):
     """Whether a task's targeting can be extended in place without touching other tasks.
 
     Not for a flow mapping, a task taking keys from a ``<<`` merge, or an ``ips``/``hosts``
@@ -775,10 +786,7 @@ def _editable(mapping, all_tasks):
     keys = {k.value: v for k, v in mapping.value if isinstance(k, yaml.ScalarNode)}
     if "<<" in keys:
         return False
-    lists = [v for v in (keys.get("ips"), keys.get("hosts")) if v is not None]
-    others = [v for m in all_tasks if m is not mapping and isinstance(m, yaml.MappingNode)
-              for k, v in m.value]
-    return not any(v is o for v in lists for o in others)
+    return not any(id(keys[k]) in shared for k in ("ips", "hosts") if k in keys)
 
 
 def _add_targets(task, node, entry, text, edits):
