@@ -452,6 +452,9 @@ def test_two_machines_merge_into_one_file_with_the_union_of_ips(tmp_path, capsys
     ("tasks:\n  - {name: b, command: x, schedule: '@daily'}\n"
      "  - name: a\n    command: /usr/local/bin/only-on-web2\n    schedule: 0 4 * * *\n"
      "    ips: [10.0.0.1]"),
+    ("# café 🙂 日本\ntasks:\n  - name: a  # ü\n    description: \"🙂🙂\"\n"
+     "    command: /usr/local/bin/only-on-web2\n    schedule: 0 4 * * *\n"
+     "    ips: [\"10.0.0.1\"]  # 日本\n"),
 ])
 def test_merge_edits_block_flow_and_missing_lists_in_place(tmp_path, capsys, existing):
     fleet = write(tmp_path, "tasks.yaml", existing)
