@@ -299,6 +299,21 @@ def test_tz_without_cron_tz_becomes_the_timezone(tmp_path, capsys):
     assert code == 0 and config.load(out).tasks[0].timezone == "Asia/Tokyo"
 
 
+def test_posix_tz_stays_in_env_and_local_time(tmp_path, capsys):
+    code, out, _ = imported(tmp_path, capsys, "TZ=EST5EDT,M3.2.0,M11.1.0\n0 9 * * * /bin/x\n")
+    [task] = config.load(out).tasks
+    assert code == 0 and task.timezone is None and dict(task.env)["TZ"].startswith("EST5EDT,")
+    assert "not an IANA zone" in Path(out).read_text(encoding="utf-8")
+
+
+def test_latin1_comment_is_kept_and_a_latin1_job_reported(tmp_path, capsys):
+    src = tmp_path / "c"
+    src.write_bytes(b"# caf\xe9\n0 1 * * * echo caf\xe9\n")
+    code, out, err = run_import(capsys, str(src))
+    assert code == 1 and "c:2: cannot convert: the line is not valid UTF-8" in err
+    assert "# café" in out and "NOT CONVERTED (the line is not valid UTF-8): 0 1 * * * echo café" in out
+
+
 def test_invalid_cron_tz_reports_the_lines_it_governs(tmp_path, capsys):
     code, out, err = imported(tmp_path, capsys, "CRON_TZ=Mars/Olympus\n0 9 * * * /bin/a\n"
                               "CRON_TZ=UTC\n0 9 * * * /bin/b\n")
@@ -385,6 +400,8 @@ def test_bad_options_are_clear_errors(tmp_path, capsys):
     assert main(["import", src, "--timezone", "Nowhere/Else"]) == 1
     assert main(["import", str(tmp_path / "missing")]) == 1
     assert "cannot read" in capsys.readouterr().err
+    assert main(["import", src, "-o", str(tmp_path / "no" / "such" / "dir.yaml")]) == 1
+    assert "cannot write" in capsys.readouterr().err
 
 
 # --- merging machines into one fleet file ---------------------------------------------------------
@@ -435,6 +452,9 @@ def test_two_machines_merge_into_one_file_with_the_union_of_ips(tmp_path, capsys
     ("tasks:\n  - {name: b, command: x, schedule: '@daily'}\n"
      "  - name: a\n    command: /usr/local/bin/only-on-web2\n    schedule: 0 4 * * *\n"
      "    ips: [10.0.0.1]"),
+    ("# café 🙂 日本\ntasks:\n  - name: a  # ü\n    description: \"🙂🙂\"\n"
+     "    command: /usr/local/bin/only-on-web2\n    schedule: 0 4 * * *\n"
+     "    ips: [\"10.0.0.1\"]  # 日本\n"),
 ])
 def test_merge_edits_block_flow_and_missing_lists_in_place(tmp_path, capsys, existing):
     fleet = write(tmp_path, "tasks.yaml", existing)

@@ -140,6 +140,13 @@ def write_output(text, path):
         sys.stdout.write(text)
         sys.stdout.flush()
         return
+    try:
+        _write_atomically(text, path)
+    except OSError as exc:
+        raise TorchcoreError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _write_atomically(text, path):
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".import-", dir=directory)
     try:

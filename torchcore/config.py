@@ -346,7 +346,7 @@ class _Loader:
     def problem(self, node, where, message):
         self.problems.append((_line(node), f"{self.path}:{_line(node)}: {where}{message}"))
 
-    def mapping(self, node, where, known):
+    def mapping(self, node, where, known, seen=()):
         """``{key: (key_node, value_node)}`` of a mapping node, with merge keys (``<<: *defaults``)
         applied; duplicate, non-scalar and unknown keys are reported and left out."""
         pairs = {}
@@ -367,17 +367,21 @@ class _Loader:
             else:
                 pairs[key] = (key_node, value_node)
         for value_node in merged:
-            self.merge(value_node, pairs, where, known)
+            self.merge(value_node, pairs, where, known, seen + (id(node),))
         return pairs
 
-    def merge(self, node, pairs, where, known):
-        """Add the keys of a ``<<`` value (a mapping or a list of them) that ``pairs`` lacks."""
+    def merge(self, node, pairs, where, known, seen):
+        """Add the keys of a ``<<`` value (a mapping or a list of them) that ``pairs`` lacks;
+        ``seen`` holds the mappings being merged into, so an alias to one of them is an error."""
         sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
         for source in sources:
             if not isinstance(source, yaml.MappingNode):
                 self.problem(source, where, f"<<: expected a mapping to merge, {_got(source)}")
                 continue
-            for key, value in self.mapping(source, where, known).items():
+            if id(source) in seen:
+                self.problem(source, where, "<<: a mapping cannot merge itself")
+                continue
+            for key, value in self.mapping(source, where, known, seen).items():
                 pairs.setdefault(key, value)
 
     def taskfile(self, root, digest):

@@ -63,6 +63,7 @@ class Entry:
     ips: list = dataclasses.field(default_factory=list)
     hosts: list = dataclasses.field(default_factory=list)
     name: str = ""
+    task: object = None             # the config.Task it loads as, once validated
 
     @property
     def description(self):
@@ -331,9 +332,11 @@ def _convert_line(line, lineno, source, env, system, user):
     stripped = line.strip(" \t")
     if not stripped:
         return None
-    if re.search("[\udc80-\udcff]", line):
-        return Problem(source, lineno, line.encode("utf-8", "surrogateescape").decode("latin-1"),
-                       "the line is not valid UTF-8")
+    if re.search("[\udc80-\udcff]", line):   # bytes that are not UTF-8, shown as latin-1
+        shown = line.encode("utf-8", "surrogateescape").decode("latin-1")
+        if stripped.startswith("#"):
+            return Comment(source, lineno, shown)
+        return Problem(source, lineno, shown, "the line is not valid UTF-8")
     if stripped.startswith("#"):
         return Comment(source, lineno, line)
     assignment = parse_env(line)
@@ -350,10 +353,10 @@ def _assign(env, name, value):
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise CrontabError(f"environment variable name {name!r} cannot be set by a task "
                            "(names are [A-Za-z_][A-Za-z0-9_]*); it is not set for the lines below")
-    if name in ("CRON_TZ", "TZ") and value:
+    if name == "CRON_TZ" and value:
         try:
             zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
             env[name] = None   # poisons the lines below: they are reported, not guessed
             raise CrontabError(f"{name}={value!r} is not a known IANA time zone; "
                                "the lines below it cannot be converted") from None
@@ -363,9 +366,9 @@ def _assign(env, name, value):
 def _entry(line, lineno, source, env, system, user):
     schedule, line_user, command, notes = parse_job(line, system)
     shell = env.get("SHELL") or DEFAULT_SHELL
-    if env.get("CRON_TZ", "") is None or env.get("TZ", "") is None:
-        raise CrontabError("an invalid CRON_TZ/TZ above this line leaves its time zone unknown")
-    zone = env.get("CRON_TZ") or env.get("TZ") or None
+    if env.get("CRON_TZ", "") is None:
+        raise CrontabError("an invalid CRON_TZ above this line leaves its time zone unknown")
+    zone = env.get("CRON_TZ") or _tz_zone(env.get("TZ"), notes)
     cmd, stdin = split_percent(command)
     if stdin is not None and cmd.strip() == "":
         raise CrontabError("the command before '%' is empty")
@@ -637,6 +640,19 @@ def targeting(ips=(), hosts=()):
     return out, list(hosts)
 
 
+def _tz_zone(tz, notes):
+    """``TZ`` as the task's zone when it names one; cron itself scheduled by local time."""
+    if not tz:
+        return None
+    try:
+        zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        notes.append(f"TZ={tz} is not an IANA zone: kept in env only, the schedule stays in "
+                     "local time as under cron")
+        return None
+    return tz
+
+
 def _cwd(env, notes):
     """Cron starts a job in $HOME: an assigned HOME becomes the task's ``cwd``."""
     home = env.get("HOME")
@@ -658,7 +674,7 @@ def validate(result, shell=DEFAULT_SHELL, zone=None):
     for i, item in enumerate(result.items):
         if isinstance(item, Entry):
             try:
-                load_entry(item, shell, zone)
+                item.task = load_entry(item, shell, zone)
             except TorchcoreError as exc:
                 reasons = [p.split(": ", 2)[-1] for p in getattr(exc, "problems", [str(exc)])]
                 result.items[i] = Problem(item.source, item.lineno, item.text, "; ".join(reasons))
@@ -710,15 +726,15 @@ def merge(existing_text, path, result, prefix=""):
     shell, zone = taskfile.settings.shell, taskfile.settings.timezone
     assign_names(result.entries, prefix, taken={t.name for t in taskfile.tasks})
     validate(result, shell, zone)
-    root = yaml.compose(existing_text, Loader=yaml.SafeLoader)
+    root = yaml.compose(existing_text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     nodes = _task_nodes(root)
-    by_identity = {}
+    by_identity, shared = {}, _shared_nodes(nodes)
     for task, node in zip(taskfile.tasks, nodes):
-        if _editable(node, nodes):
+        if _editable(node, shared):
             by_identity.setdefault(identity(task), (task, node))
     edits, collapsed, added, items = [], [], [], []
     for item in result.items:
-        match = by_identity.pop(identity(load_entry(item, shell, zone)), None) \
+        match = by_identity.pop(identity(item.task), None) \
             if isinstance(item, Entry) else None
         if match is None:
             items.append(item)
@@ -749,7 +765,17 @@ def _tasks_value(root):
     return None
 
 
-def _editable(mapping, all_tasks):
+def _shared_nodes(mappings):
+    """ids of the value nodes that more than one task mapping holds (YAML aliases)."""
+    seen, shared = set(), set()
+    for mapping in mappings:
+        if isinstance(mapping, yaml.MappingNode):
+            for node in {id(v): v for _, v in mapping.value}:
+                (shared if node in seen else seen).add(node)
+    return shared
+
+
+def _editable(mapping, shared):
     """Whether a task's targeting can be extended in place without touching other tasks.
 
     Not for a flow mapping, a task taking keys from a ``<<`` merge, or an ``ips``/``hosts``
@@ -760,10 +786,7 @@ def _editable(mapping, all_tasks):
     keys = {k.value: v for k, v in mapping.value if isinstance(k, yaml.ScalarNode)}
     if "<<" in keys:
         return False
-    lists = [v for v in (keys.get("ips"), keys.get("hosts")) if v is not None]
-    others = [v for m in all_tasks if m is not mapping and isinstance(m, yaml.MappingNode)
-              for k, v in m.value]
-    return not any(v is o for v in lists for o in others)
+    return not any(id(keys[k]) in shared for k in ("ips", "hosts") if k in keys)
 
 
 def _add_targets(task, node, entry, text, edits):

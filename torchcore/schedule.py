@@ -509,7 +509,8 @@ class ScheduleTable:
         tick.hour, tick.minute, tick.second = wall.hour, wall.minute, wall.second
         tick.epoch = epoch
         _check(lib.tc_table_match(self._table, tick, self._out, self._count))
-        return list(map(self._keys.__getitem__, ffi.unpack(self._out[0], self._count[0])))
+        slots = memoryview(ffi.buffer(self._out[0], 4 * self._count[0])).cast("I").tolist()
+        return list(map(self._keys.__getitem__, slots))
 
     def _fill_spec(self, spec):
         out = self._spec
