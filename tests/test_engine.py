@@ -218,3 +218,23 @@ def test_limits_env_cwd_and_user_are_applied(daemons, tmp_path):
     assert (greeting, cwd, nofile, cpu, internals) == ("hello world", str(workdir), "123", "77", "0")
     if user:
         assert who == user
+
+
+def test_a_new_supervisor_counts_the_previous_ones_running_executors_against_max(daemons):
+    d = daemons("""tasks:
+  - {name: single, schedule: "* * * * * *", command: "sleep 4; echo done", max: 1}
+""").start()
+    wait_for(lambda: processes_with("sleep 4"), 10, "the first run")
+    d.proc.kill()
+    d.proc.wait()
+    d.start()                                      # the stale pidfile is taken over
+    d.wait_log("still runs: it counts against max")
+    time.sleep(2)
+    sleeps = [p for p in processes_with("sleep 4") if p.name() == "sleep"]
+    assert len(sleeps) == 1                        # max 1 holds across the restart
+    wait_for(lambda: len([r for r in d.runs("single") if r["ended"] and not r["skipped"]]) >= 2,
+             15, "the old run's own record and a new run")
+    assert d.stop() == 0
+    ran = [r for r in d.runs("single") if r["started"] and not r["skipped"]]
+    spans = sorted((r["started"], r["ended"]) for r in ran if r["ended"])
+    assert all(a_end <= b_start + 0.05 for (_, a_end), (b_start, _) in zip(spans, spans[1:]))

@@ -339,6 +339,11 @@ class Records:
             params.append(int(limit))
         return [_record(row) for row in self._read(sql, params)]
 
+    def unfinished(self):
+        """Runs that started and have no end yet (their executor may outlive a supervisor)."""
+        sql = _SELECT + " WHERE ended IS NULL AND started IS NOT NULL AND skipped IS NULL"
+        return [_record(row) for row in self._read(sql + " ORDER BY run_id", [])]
+
     def last_results(self):
         """The latest finished run of every task: {task: RunRecord}.
 

@@ -104,6 +104,7 @@ class Supervisor:
         self.retry = []                  # (name, second) whose fork failed: tried again next tick
         self.last_result = {}            # name -> last finished result dict (for status)
         self.skipped_last = {}           # name -> reason, while its last due run was skipped
+        self.adopted = {}                # name -> {pid: run_id}: executors of a previous supervisor
         self._report_buffer = b""
         self._next_stats = self.clock.monotonic() + STATS_EVERY
         self._next_prune = 0.0
@@ -119,6 +120,7 @@ class Supervisor:
         self._open()
         try:
             self._apply(self.taskfile, first=True)
+            self._adopt_previous_executors()
             self.planner.start(int(self.clock.time()))
             self._start_reboot_tasks()
             self.ready = True
@@ -265,7 +267,7 @@ class Supervisor:
             self.retry.append((task.name, second))
 
     def _limit_reason(self, task):
-        running = len(self.by_task.get(task.name, ()))
+        running = len(self.by_task.get(task.name, ())) + len(self.adopted.get(task.name, ()))
         if running >= task.max:
             return f"max {task.max} reached"
         cap = self.settings.max_running
@@ -290,6 +292,30 @@ class Supervisor:
             os.kill(pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
+
+    def _adopt_previous_executors(self):
+        """Count runs a killed supervisor left behind against `max`, so none runs twice at once.
+
+        Their executors record their own ends; runs whose executor is gone without a
+        record are closed as lost.
+        """
+        for record in self.records.unfinished():
+            if record.pid and _is_executor(record.pid, record.task, record.run_id):
+                self.adopted.setdefault(record.task, {})[record.pid] = record.run_id
+                log.warning("run %d of %s (pid %d) was started by a previous supervisor and still "
+                            "runs: it counts against max", record.run_id, record.task, record.pid)
+            else:
+                record.ended = self.clock.time()
+                record.skipped = "lost: its supervisor and executor stopped before recording an end"
+                self.records.add(record)
+
+    def _forget_finished_adoptees(self):
+        for name, pids in list(self.adopted.items()):
+            for pid, run_id in list(pids.items()):
+                if not _is_executor(pid, name, run_id):
+                    del pids[pid]
+            if not pids:
+                del self.adopted[name]
 
     def _start_reboot_tasks(self):
         for task in self.tasks.values():
@@ -456,9 +482,11 @@ class Supervisor:
     def _task_status(self, name):
         runs = [self.runs[pid] for pid in self.by_task.get(name, ())]
         task = self.tasks[name]
+        adopted = [{"run_id": run_id, "pid": pid, "state": "adopted"}
+                   for pid, run_id in self.adopted.get(name, {}).items()]
         entry = {"type": task.type, "schedule": task.schedule_text, "timezone": task.timezone,
                  "running": [{"run_id": r.run_id, "pid": r.pgid, "started": r.started,
-                              "scheduled": r.scheduled, "state": r.state} for r in runs],
+                              "scheduled": r.scheduled, "state": r.state} for r in runs] + adopted,
                  "skipped": self.skipped_last.get(name)}
         slot = self.daemons.get(name)
         if slot is not None:
@@ -641,6 +669,8 @@ class Supervisor:
         self.records.flush()
 
     def _housekeeping(self):
+        if self.adopted:
+            self._forget_finished_adoptees()
         self._flush()
         self._set_title()
         if self.control is not None:
@@ -675,6 +705,17 @@ class Supervisor:
 
 def _record_signal(signum, frame):
     """Handlers only record: the wakeup fd carries the signal number to the loop."""
+
+
+def _is_executor(pid, task, run_id):
+    """Is ``pid`` a live executor of that run (its title says so)?"""
+    try:
+        proc = psutil.Process(pid)
+        title = " ".join(part for part in proc.cmdline() if part)   # setproctitle pads
+        return proc.status() != psutil.STATUS_ZOMBIE and \
+            title == f"torchcore: {task} [run {run_id}]"
+    except psutil.Error:
+        return False
 
 
 def _file_signature(path):
