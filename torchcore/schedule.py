@@ -18,6 +18,7 @@ torchcore.schedule.ScheduleError: minute: value 61 is out of range 0-59
 """
 
 import calendar
+import functools
 import math
 import re
 import time
@@ -223,6 +224,14 @@ def _compile_macro(words):
     return _compile_fields(_MACROS[name].split()), False
 
 
+@functools.lru_cache(maxsize=8192)
+def _compile(words):
+    """Compile the words of a schedule text into (spec, is_reboot); cached, as fleets repeat texts."""
+    if words[0].startswith("@"):
+        return _compile_macro(list(words))
+    return _compile_fields(list(words)), False
+
+
 def _resolve_zone(tz):
     """Return a tzinfo for an IANA name, the tzinfo itself, or None (system local time)."""
     if tz is None or isinstance(tz, tzinfo):
@@ -327,10 +336,7 @@ class Schedule:
         self.text = text
         self.tz = _resolve_zone(tz)
         self._zone = _Zone(self.tz)
-        if words[0].startswith("@"):
-            self._spec, self.is_reboot = _compile_macro(words)
-        else:
-            self._spec, self.is_reboot = _compile_fields(words), False
+        self._spec, self.is_reboot = _compile(tuple(words))
         self.every = self._spec.every or None
         self.fixed_time = (not self.is_reboot and self.every is None
                            and _bit_count(self._spec.sec) == 1
