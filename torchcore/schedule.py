@@ -123,7 +123,7 @@ def _step(field, text):
 
 
 def _range_bits(field, element):
-    """Return the bitmask of one plain list element: ``*``, ``a``, ``a-b`` with an optional ``/n``."""
+    """Return the bitmask of one plain list element: ``*``, ``a`` or ``a-b``, optionally ``/n``."""
     spec = _FIELDS[field]
     match = _ELEMENT.fullmatch(element)
     if not match:
@@ -190,7 +190,8 @@ def _compile_fields(fields):
     if len(fields) == 5:
         fields = ["0"] + fields
     if len(fields) != 6:
-        raise ScheduleError(f"expected 5 or 6 fields (sec min hour dom month dow), got {len(fields)}")
+        raise ScheduleError("expected 5 or 6 fields (sec min hour dom month dow), "
+                            f"got {len(fields)}")
     parts = dict.fromkeys(_Spec._fields, 0)
     for field, text in enumerate(fields):
         _parse_field(field, text, parts)
@@ -226,7 +227,7 @@ def _compile_macro(words):
 
 @functools.lru_cache(maxsize=8192)
 def _compile(words):
-    """Compile the words of a schedule text into (spec, is_reboot); cached, as fleets repeat texts."""
+    """Compile the words of a schedule into (spec, is_reboot); cached, as fleets repeat texts."""
     if words[0].startswith("@"):
         return _compile_macro(list(words))
     return _compile_fields(list(words)), False
@@ -394,7 +395,8 @@ class Schedule:
     def _next_wall(self, start, limit=None):
         """First matching wall time >= start (and < limit), field by field; None if none."""
         spec = self._spec
-        y, mo, d, h, mi, s = start.year, start.month, start.day, start.hour, start.minute, start.second
+        y, mo, d = start.year, start.month, start.day
+        h, mi, s = start.hour, start.minute, start.second
         stop = (start.year + _HORIZON_YEARS,) if limit is None else tuple(limit.timetuple()[:6])
         while (y, mo, d, h, mi, s) < stop:
             found = _next_bit(spec.month, mo)
