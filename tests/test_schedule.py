@@ -346,6 +346,31 @@ def test_autumn_overlap_non_fixed_fires_in_both_passes():
     assert schedule.next_after(found[-1]) == datetime(2026, 10, 26, 2, 0, tzinfo=PARIS)
 
 
+@pytest.fixture
+def paris_local(monkeypatch):
+    """Make the system's local zone Europe/Paris for the test."""
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_local_zone_follows_the_system(paris_local):
+    schedule = Schedule("0 30 2 * * *")                               # tz=None: local time
+    found = schedule.next_after(datetime(2026, 3, 29, 0, 0, tzinfo=UTC))
+    assert found.timestamp() == datetime(2026, 3, 29, 1, 0, tzinfo=UTC).timestamp()
+    assert found.utcoffset() == timedelta(hours=2)
+    first = schedule.next_after(datetime(2026, 10, 24, 22, 0, tzinfo=UTC))
+    assert first.timestamp() == datetime(2026, 10, 25, 0, 30, tzinfo=UTC).timestamp()
+    assert schedule.next_after(first).replace(tzinfo=None) == dt(2026, 10, 26, 2, 30)
+    assert schedule.matches(datetime(2026, 1, 10, 1, 30, tzinfo=UTC))
+    table = ScheduleTable()
+    table.set("job", schedule)
+    assert table.match(datetime(2026, 1, 10, 1, 30, tzinfo=UTC)) == ["job"]
+    assert table.match(dt(2026, 1, 10, 2, 30)) == ["job"]
+
+
 def test_naive_next_after_is_pure_wall_time():
     schedule = Schedule("0 30 2 * * *", tz="Europe/Paris")
     assert schedule.next_after(dt(2026, 3, 29)) == dt(2026, 3, 29, 2, 30)
@@ -398,6 +423,8 @@ def test_table_set_replace_remove_len_contains():
     assert table.match(monday + timedelta(seconds=1)) == []
     with pytest.raises(KeyError):
         table.remove("a")
+    with pytest.raises(TypeError, match="expected a Schedule"):
+        table.set("a", "* * * * *")
 
 
 def test_table_replace_switches_between_cron_and_every():

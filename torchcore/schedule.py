@@ -492,6 +492,8 @@ class ScheduleTable:
 
     def set(self, key, schedule):
         """Add ``key`` or replace its schedule; touches only that key's slot."""
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"expected a Schedule, got {type(schedule).__name__}")
         self._fill_spec(schedule._spec)
         slot = self._slots.get(key)
         if slot is None:
