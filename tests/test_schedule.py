@@ -522,3 +522,48 @@ def test_the_c_core_rejects_bad_specs_and_ticks():
         assert ffi.string(lib.tc_strerror(99)) == b"unknown status"
     finally:
         lib.tc_table_free(table)
+
+
+def brute_force_next(schedule, start, zone, limit):
+    """The reference for aware next_after near DST changes: a scan over epoch seconds.
+
+    A second fires if its wall time matches, except in the second pass of an overlap for a
+    fixed-time schedule; a fixed-time schedule also fires at the first second after a gap
+    in which one of the skipped wall times matches.
+    """
+    epoch = int(start.timestamp()) + 1
+    for second in range(epoch, epoch + limit):
+        now = datetime.fromtimestamp(second, zone)
+        before = datetime.fromtimestamp(second - 1, zone)
+        wall = now.replace(tzinfo=None)
+        if schedule._wall_matches(wall) and not (schedule.fixed_time and now.fold):
+            return now
+        jump = now.utcoffset() - before.utcoffset()
+        if schedule.fixed_time and jump > timedelta(0):
+            skipped = (wall - jump + timedelta(seconds=s) for s in range(int(jump.total_seconds())))
+            if any(schedule._wall_matches(w) for w in skipped):
+                return now
+    return None
+
+
+@pytest.mark.parametrize("zone_name, change", [
+    ("Europe/Paris", datetime(2026, 3, 29, 1, 0, tzinfo=UTC)),
+    ("Europe/Paris", datetime(2026, 10, 25, 1, 0, tzinfo=UTC)),
+    ("Australia/Lord_Howe", datetime(2026, 4, 4, 15, 0, tzinfo=UTC)),
+    ("Australia/Lord_Howe", datetime(2026, 10, 3, 15, 30, tzinfo=UTC)),
+])
+def test_aware_next_after_near_dst_changes_against_a_scan(zone_name, change):
+    rng, zone = random.Random(zone_name + str(change)), ZoneInfo(zone_name)
+    checked = 0
+    while checked < 12:
+        second = rng.choice(["0", "30", "*/20", "0-5"])
+        minute = rng.choice(["0", "15", "30", "45", "*/10", "5-7", "*/29"])
+        hour = rng.choice(["*", "0-4", "1,2", "2", "1-3", "*/2"])
+        schedule = Schedule(f"{second} {minute} {hour} * * *", tz=zone)
+        start = change + timedelta(seconds=rng.randrange(-3 * 3600, 2 * 3600))
+        expected = brute_force_next(schedule, start, zone, 5 * 3600)
+        if expected is None:
+            continue
+        found = schedule.next_after(start)
+        assert found.timestamp() == expected.timestamp(), (schedule, start)
+        checked += 1
