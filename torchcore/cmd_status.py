@@ -133,7 +133,7 @@ def _health(task, node, entry, last):
     if entry.get("skipped"):
         return TaskHealth.SKIPPED_BY_MAX
     if last is None:
-        return TaskHealth.NEVER_RAN
+        return TaskHealth.OK if entry.get("running") else TaskHealth.NEVER_RAN
     failed = last.exit_code not in (0, None) or last.signal is not None or last.timed_out
     return TaskHealth.FAILING if failed else TaskHealth.OK
 
