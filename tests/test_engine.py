@@ -238,3 +238,26 @@ def test_a_new_supervisor_counts_the_previous_ones_running_executors_against_max
     ran = [r for r in d.runs("single") if r["started"] and not r["skipped"]]
     spans = sorted((r["started"], r["ended"]) for r in ran if r["ended"])
     assert all(a_end <= b_start + 0.05 for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not __import__("shutil").which("unshare"),
+                    reason="needs root and unshare(1) to run the daemon as PID 1 of a namespace")
+def test_as_pid_1_the_supervisor_reaps_orphans_its_tasks_leave(tmp_path):
+    d = Daemon(tmp_path, """tasks:
+  - {name: leaver, schedule: "* * * * * *", command: "sleep 0.2 & exit 0"}
+""")
+    env = dict(os.environ, TORCHCORE_NODE_IP="10.9.9.9")
+    with open(d.err_path, "ab") as err:
+        d.proc = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--kill-child", os.sys.executable, "-m", "torchcore",
+             "start", "--foreground", "-c", d.path], stderr=err, cwd=d.dir, env=env)
+    try:
+        d.wait_log("torchcore started")
+        wait_for(lambda: len([r for r in d.runs("leaver") if r["ended"]]) >= 4, 15, "4 runs")
+        supervisor = psutil.Process(d.proc.pid).children()[0]
+        assert "torchcore: supervisor" in " ".join(supervisor.cmdline())
+        time.sleep(1.0)
+        zombies = [c for c in supervisor.children() if c.status() == psutil.STATUS_ZOMBIE]
+        assert not [z for z in zombies if "sleep" in z.name()]
+    finally:
+        d.kill()
