@@ -174,8 +174,8 @@ def test_names_may_use_dots_dashes_and_underscores():
 
 
 @pytest.mark.parametrize("line, expected", [
-    ("description: 2026-01-01", "description: expected a string, got 2026-01-01 (YAML reads it as a date); "
-                                "quote it: \"2026-01-01\""),
+    ("description: 2026-01-01", ("description: expected a string, got 2026-01-01 (YAML reads it as a "
+                                 "date); quote it: \"2026-01-01\"")),
     ("description: 1.5", "got 1.5 (YAML reads it as a number)"),
     ("cwd: on", "cwd: expected a path, got on (YAML reads it as a boolean)"),
     ("max: '2'", "max: expected a whole number >= 1, got '2'"),
@@ -211,7 +211,7 @@ def test_wrong_values_say_what_was_expected(line, expected):
     problem = one_error(task_with(line.replace("command:", "command:", 1) + "\n", TASK if "command" not in
                                   line else TASK.replace("    command: echo hi\n", "")))
     assert expected in problem
-    assert problem.startswith("tasks.yaml:5: task 'job': ") or problem.startswith("tasks.yaml:4: task 'job': ")
+    assert problem.startswith(("tasks.yaml:5: task 'job': ", "tasks.yaml:4: task 'job': "))
 
 
 def test_integers_in_argv_and_env_are_taken_as_written():
@@ -486,8 +486,8 @@ def test_node_problems_switching_user_needs_root():
     taskfile = load(task_with("user: root\n"))
     assert config.node_problems(taskfile, node("10.0.0.1"), euid=0) == []
     problems = config.node_problems(taskfile, node("10.0.0.1"), euid=54321)
-    assert problems == ["tasks.yaml:2: task 'job': user: running as 'root' needs root, "
-                        "and torchcore runs as '54321' here"]
+    assert problems == [("tasks.yaml:2: task 'job': user: running as 'root' needs root, "
+                         "and torchcore runs as '54321' here")]
 
 
 # -- the shipped example and robustness ---------------------------------------------------------

@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
-
 from torchcore._core import ffi, lib
+
 from torchcore.errors import TorchcoreError
 from torchcore.schedule import Schedule, ScheduleError, ScheduleTable
 

@@ -137,7 +137,7 @@ def locate(args):
     except OSError:
         if not args.pidfile:
             raise DaemonError(f"{path}: cannot read the task file to find the pidfile; "
-                              "name it with --pidfile")
+                              "name it with --pidfile") from None
     pidfile = args.pidfile or (settings.pidfile if settings else None)
     return os.path.abspath(pidfile), settings
 

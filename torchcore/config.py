@@ -13,8 +13,8 @@ parser alone takes.
 """
 
 import difflib
-import functools
 import fnmatch
+import functools
 import grp
 import hashlib
 import ipaddress
@@ -177,11 +177,11 @@ def load(path):
         with open(path, "rb") as handle:
             data = handle.read()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such task file (give one with -c FILE or $TORCHCORE_TASKS)")
+        raise ConfigError(f"{path}: no such task file (give one with -c FILE or $TORCHCORE_TASKS)") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a task file")
+        raise ConfigError(f"{path}: is a directory, not a task file") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the task file: {exc.strerror}")
+        raise ConfigError(f"{path}: cannot read the task file: {exc.strerror}") from None
     return loads(data, path)
 
 
