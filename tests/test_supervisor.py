@@ -30,7 +30,7 @@ class Harness(Supervisor):
         if self.fork_error:
             raise self.fork_error
         self._next_pid += 1
-        self.forked.append((job.task.name, job.scheduled, job.manual))
+        self.forked.append((job.name, job.scheduled, job.manual))
         return self._next_pid
 
     def kill(self, pid, signum):

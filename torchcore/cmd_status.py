@@ -230,14 +230,15 @@ def _run_local(args):
         task = taskfile.task(args.task)
     except KeyError:
         raise TorchcoreError(f"no task named {args.task!r} in {taskfile.path}") from None
-    cred = executor.credentials(task)
+    job = executor.Job.for_task(task, taskfile.settings)
+    cred = executor.credentials(job)
     extra = {}
     if cred:
         extra = {"user": cred[1], "group": cred[2], "extra_groups": cred[3]}
-    env = executor.task_environment(task, cred[0] if cred else None)
+    env = executor.task_environment(job, cred[0] if cred else None)
     try:
-        done = subprocess.run(task.argv(taskfile.settings.shell), env=env, cwd=task.cwd or None,
-                              preexec_fn=executor.limit_setter(task.limits),
+        done = subprocess.run(job.argv, env=env, cwd=job.cwd or None,
+                              preexec_fn=executor.limit_setter(job),
                               timeout=task.timeout, check=False, **extra)
     except FileNotFoundError as exc:
         raise TorchcoreError(f"task {task.name!r}: cannot start: {exc}") from None

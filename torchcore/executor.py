@@ -34,18 +34,52 @@ _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """Everything a child needs for one run, fixed at fork time."""
+    """Everything an executor needs for one run, fixed when it is launched.
+
+    Plain data (it travels to a launcher process as JSON): the task's command,
+    environment and limits, and where the run's output and record go.
+    """
 
     run_id: int
-    task: object            # config.Task
-    scheduled: int | None
-    manual: bool
-    shell: str
-    log_dir: str
-    log_max_bytes: int
-    log_backups: int
-    db_path: str
-    node: str
+    name: str
+    argv: tuple
+    env: tuple = ()                 # (key, value) pairs of the task's own env
+    cwd: str | None = None
+    user: str | None = None
+    group: str | None = None
+    timeout: int | None = None
+    kill_grace: int = 10
+    memory: int | None = None       # bytes of resident memory of the process tree
+    cpu: int | None = None          # CPU seconds (RLIMIT_CPU)
+    nofile: int | None = None       # open files (RLIMIT_NOFILE)
+    scheduled: int | None = None
+    manual: bool = False
+    log_dir: str = "."
+    log_max_bytes: int = 10 << 20
+    log_backups: int = 5
+    db_path: str = ""
+    node: str = ""
+
+    @classmethod
+    def for_task(cls, task, settings, run_id=0, scheduled=None, manual=False, db_path="", node=""):
+        """The job for one run of a config.Task under the file's settings."""
+        return cls(
+            run_id=run_id, name=task.name, argv=tuple(task.argv(settings.shell)), env=task.env,
+            cwd=task.cwd, user=task.user, group=task.group, timeout=task.timeout,
+            kill_grace=task.kill_grace, memory=task.limits.memory, cpu=task.limits.cpu,
+            nofile=task.limits.nofile, scheduled=scheduled, manual=manual,
+            log_dir=settings.log_dir, log_max_bytes=settings.log_max_bytes,
+            log_backups=settings.log_backups, db_path=db_path, node=node)
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text):
+        fields = json.loads(text)
+        fields["argv"] = tuple(fields["argv"])
+        fields["env"] = tuple(tuple(pair) for pair in fields["env"])
+        return cls(**fields)
 
 
 def execute(job, report_fd):
@@ -56,7 +90,7 @@ def execute(job, report_fd):
         code = Executor(job, report_fd).run()
     except BaseException as exc:   # the child must never unwind into the supervisor's code
         try:
-            os.write(2, f"torchcore: executor for {job.task.name} failed: {exc!r}\n".encode())
+            os.write(2, f"torchcore: executor for {job.name} failed: {exc!r}\n".encode())
         except OSError:
             pass
     finally:
@@ -74,7 +108,7 @@ def _become_executor(job, report_fd):
     signal.set_wakeup_fd(-1)
     os.closerange(3, report_fd)
     os.closerange(report_fd + 1, _max_fd())
-    setproctitle.setproctitle(f"torchcore: {job.task.name} [run {job.run_id}]")
+    setproctitle.setproctitle(f"torchcore: {job.name} [run {job.run_id}]")
 
 
 _stop_requested = []
@@ -93,35 +127,35 @@ def _max_fd():
     return soft if soft != resource.RLIM_INFINITY else 65536
 
 
-def task_environment(task, user_entry=None):
+def task_environment(job, user_entry=None):
     """The command's environment: the daemon's, minus torchcore's own, plus the task's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHCORE_")}
     if user_entry is not None:
         env.update(HOME=user_entry.pw_dir, USER=user_entry.pw_name, LOGNAME=user_entry.pw_name,
                    SHELL=user_entry.pw_shell or "/bin/sh")
-    env.update(dict(task.env))
+    env.update(dict(job.env))
     return env
 
 
-def credentials(task):
+def credentials(job):
     """(pwd entry, uid, gid, extra groups) to switch to, or None to stay who we are."""
-    if not task.user or os.geteuid() != 0:
+    if not job.user or os.geteuid() != 0:
         return None
-    entry = pwd.getpwnam(task.user)
+    entry = pwd.getpwnam(job.user)
     gid = entry.pw_gid
-    if task.group:
+    if job.group:
         import grp
-        gid = grp.getgrnam(task.group).gr_gid
+        gid = grp.getgrnam(job.group).gr_gid
     return entry, entry.pw_uid, gid, os.getgrouplist(entry.pw_name, gid)
 
 
-def limit_setter(limits):
+def limit_setter(job):
     """A preexec function applying the rlimits that fit (cpu seconds, open files)."""
     wanted = []
-    if limits.cpu:
-        wanted.append((resource.RLIMIT_CPU, limits.cpu))
-    if limits.nofile:
-        wanted.append((resource.RLIMIT_NOFILE, limits.nofile))
+    if job.cpu:
+        wanted.append((resource.RLIMIT_CPU, job.cpu))
+    if job.nofile:
+        wanted.append((resource.RLIMIT_NOFILE, job.nofile))
     if not wanted:
         return None
 
@@ -139,7 +173,6 @@ class Executor:
 
     def __init__(self, job, report_fd, clock=time):
         self.job = job
-        self.task = job.task
         self.report_fd = report_fd
         self.clock = clock
         self.proc = None
@@ -150,7 +183,7 @@ class Executor:
 
     def run(self):
         started = time.time()
-        log = tasklog.TaskLog(self.job.log_dir, self.task.name, self.job.run_id,
+        log = tasklog.TaskLog(self.job.log_dir, self.job.name, self.job.run_id,
                               self.job.log_max_bytes, self.job.log_backups)
         try:
             if self._spawn(log):
@@ -166,17 +199,17 @@ class Executor:
     def _spawn(self, log):
         cred = None
         try:
-            cred = credentials(self.task)
+            cred = credentials(self.job)
             kwargs = {}
             if cred:
                 _, uid, gid, groups = cred
                 kwargs.update(user=uid, group=gid, extra_groups=groups)
             self.proc = subprocess.Popen(
-                self.task.argv(self.job.shell), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, cwd=self.task.cwd or None,
-                env=task_environment(self.task, cred[0] if cred else None),
+                self.job.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, cwd=self.job.cwd or None,
+                env=task_environment(self.job, cred[0] if cred else None),
                 start_new_session=True,
-                preexec_fn=limit_setter(self.task.limits),  # noqa: PLW1509 (no threads here)
+                preexec_fn=limit_setter(self.job),  # noqa: PLW1509 (no threads here)
                 **kwargs)
             return True
         except (OSError, KeyError, subprocess.SubprocessError) as exc:
@@ -197,7 +230,7 @@ class Executor:
         signal.signal(signal.SIGCHLD, _ignore)   # the wakeup fd turns the command's exit into an event
         sel.register(wake_r, selectors.EVENT_READ, "signal")
         mono = time.monotonic
-        deadline = mono() + self.task.timeout if self.task.timeout else None
+        deadline = mono() + self.job.timeout if self.job.timeout else None
         next_sample = mono()
         exited_at = None
         while sel.get_map() and len(sel.get_map()) > 1:
@@ -208,15 +241,15 @@ class Executor:
                 break
             if deadline is not None and now >= deadline and not self.result["timed_out"]:
                 self.result["timed_out"] = True
-                log.write("err", f"timeout {self.task.timeout}s reached: stopping\n".encode())
+                log.write("err", f"timeout {self.job.timeout}s reached: stopping\n".encode())
                 self._terminate(now)
             if _stop_requested and self.term_sent_at is None:
                 self._terminate(now)
             if self.term_sent_at is not None and not self.killed and \
-                    now - self.term_sent_at >= self.task.kill_grace:
+                    now - self.term_sent_at >= self.job.kill_grace:
                 self._kill_group(signal.SIGKILL)
                 self.killed = True
-            if self.task.limits.memory and now >= next_sample:
+            if self.job.memory and now >= next_sample:
                 next_sample = now + MEMORY_SAMPLE_EVERY
                 self._check_memory(log, now)
             for key, _ in sel.select(self._wait_time(now, deadline, next_sample, exited_at)):
@@ -229,8 +262,8 @@ class Executor:
         if deadline is not None and not self.result["timed_out"]:
             waits.append(deadline - now)
         if self.term_sent_at is not None and not self.killed:
-            waits.append(self.term_sent_at + self.task.kill_grace - now)
-        if self.task.limits.memory:
+            waits.append(self.term_sent_at + self.job.kill_grace - now)
+        if self.job.memory:
             waits.append(next_sample - now)
         if exited_at is not None:
             waits.append(exited_at + DRAIN_AFTER_EXIT - now)
@@ -266,8 +299,8 @@ class Executor:
         if rss is None:
             return
         self.result["peak_rss"] = max(self.result["peak_rss"] or 0, rss)
-        if rss > self.task.limits.memory and self.term_sent_at is None:
-            self.result["error"] = f"memory limit {self.task.limits.memory} bytes exceeded ({rss})"
+        if rss > self.job.memory and self.term_sent_at is None:
+            self.result["error"] = f"memory limit {self.job.memory} bytes exceeded ({rss})"
             log.write("err", (self.result["error"] + ": stopping\n").encode())
             self._terminate(now)
 
@@ -317,7 +350,7 @@ class Executor:
         """
         r = self.result
         fields = dict(
-            run_id=self.job.run_id, task=self.task.name, node=self.job.node,
+            run_id=self.job.run_id, task=self.job.name, node=self.job.node,
             scheduled=self.job.scheduled, started=started, ended=ended,
             exit_code=r["exit_code"], signal=r["signal"], timed_out=r["timed_out"],
             manual=self.job.manual, pid=self.proc.pid if self.proc else None,

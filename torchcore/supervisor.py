@@ -240,10 +240,8 @@ class Supervisor:
             log.error("cannot number a run of %s: %s; retrying next second", task.name, exc)
             self._retry_later(task, second, manual)
             return None
-        job = executor.Job(
-            run_id=run_id, task=task, scheduled=second, manual=manual, shell=self.settings.shell,
-            log_dir=self.settings.log_dir, log_max_bytes=self.settings.log_max_bytes,
-            log_backups=self.settings.log_backups, db_path=self.db_path, node=self.node_name)
+        job = executor.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
+                                    manual=manual, db_path=self.db_path, node=self.node_name)
         try:
             pid = self.fork(job)
         except OSError as exc:
