@@ -46,13 +46,10 @@ class Harness(Supervisor):
 
     def end(self, name, lived=5.0, exit_code=0):
         """Pretend the oldest run of ``name`` ended after ``lived`` seconds."""
-        pid = min(self.by_task[name])
-        run = self.runs.pop(pid)
-        self.by_task[name].discard(pid)
-        self.by_run_id.pop(run.run_id)
+        run = self.runs[min(self.by_task[name])]
         run.result = {"exit_code": exit_code, "signal": None, "timed_out": False,
                       "peak_rss": None, "started": run.started, "ended": run.started + lived}
-        self._finish(run, 0)
+        self._executor_exited(run.run_id, 0)
 
 
 @pytest.fixture
@@ -163,7 +160,7 @@ def test_changed_daemon_is_stopped_gracefully_and_started_again(make):
 """)
     sup._tend_daemons()
     assert sup.forked == [("d", None, False)]
-    old_pid = min(sup.by_task["d"])
+    old_pid = sup.runs[min(sup.by_task["d"])].executor_pid
     rewrite(sup, """tasks:
   - {name: d, type: daemon, command: "sleep 200"}
 """)

@@ -46,11 +46,14 @@ class Run:
     task: object                # the Task spec it was started with
     scheduled: int | None
     manual: bool
-    executor_pid: int
+    executor_pid: int | None    # known once a launcher has forked it
     started: float
     state: str = RunState.STARTING
     pgid: int | None = None     # the command's process group, once the executor reports it
     result: dict | None = None
+    launcher: object = None     # the Launcher that forks it
+    pending_signal: int | None = None   # a stop asked for before the executor existed
+    orphaned: bool = False      # its launcher died: followed by pid until it ends
 
 
 @dataclasses.dataclass
@@ -89,9 +92,11 @@ class Supervisor:
         self.planner = Planner(self.settings.misfire_grace)
         self.tasks = {}             # name -> Task running on this node
         self.daemons = {}           # name -> DaemonSlot
-        self.runs = {}              # executor pid -> Run
-        self.by_run_id = {}         # run id -> Run
-        self.by_task = {}           # name -> set of executor pids
+        self.runs = {}              # run id -> Run
+        self.by_pid = {}            # executor pid -> run id
+        self.by_task = {}           # name -> set of run ids
+        self.launchers = []         # the processes that fork executors (see launcher.py)
+        self._handed_to = None      # the launcher the last fork() went to
         self.stats = Stats()
         self.started_at = self.clock.time()
         self.stopping = False
@@ -119,6 +124,7 @@ class Supervisor:
         """Run until a shutdown finishes; returns the exit status (0)."""
         self._open()
         try:
+            self._start_launchers()
             self._apply(self.taskfile, first=True)
             self._adopt_previous_executors()
             self.planner.start(int(self.clock.time()))
@@ -166,6 +172,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         if self.control is not None:
             self.control.close()
+        self._stop_launchers()
         self._flush()
         self.records.close()
         self.selector.close()
@@ -249,16 +256,30 @@ class Supervisor:
             log.error("cannot fork for %s (run %d): %s; retrying next second", task.name, run_id, exc)
             self._retry_later(task, second, manual)
             return None
-        run = Run(run_id, task, second, manual, pid, self.clock.time())
-        self.runs[pid] = run
-        self.by_run_id[run_id] = run
-        self.by_task.setdefault(task.name, set()).add(pid)
+        run = Run(run_id, task, second, manual, None, self.clock.time(), launcher=self._handed_to)
+        self.runs[run_id] = run
+        self.by_task.setdefault(task.name, set()).add(run_id)
         self.skipped_last.pop(task.name, None)
         self.stats.started += 1
-        self.records.add(records.RunRecord(
-            run_id=run_id, task=task.name, node=self.node_name, scheduled=second,
-            started=run.started, ended=None, exit_code=None, signal=None, manual=manual, pid=pid))
+        self._record_start(run)
+        if pid is not None:
+            self._forked(run, pid)
         return run
+
+    def _record_start(self, run):
+        self.records.add(records.RunRecord(
+            run_id=run.run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
+            started=run.started, ended=None, exit_code=None, signal=None, manual=run.manual,
+            pid=run.executor_pid))
+
+    def _forked(self, run, pid):
+        """The executor of ``run`` exists now (STARTING, pid known)."""
+        run.executor_pid = pid
+        self.by_pid[pid] = run.run_id
+        if run.launcher is not None:
+            self._record_start(run)         # again, now with the pid a new supervisor looks for
+        if run.pending_signal is not None:
+            self._signal_run(run, run.pending_signal)
 
     def _retry_later(self, task, second, manual):
         if second is not None and not manual:
@@ -274,15 +295,111 @@ class Supervisor:
         return None
 
     def fork(self, job):
-        """Fork an executor for ``job``; the child never returns from here."""
+        """Have ``job``'s executor forked; returns its pid, or None when a launcher forks it.
+
+        With launchers running (the daemon), the least busy one forks it and reports the
+        pid later; without (tests, or launchers that cannot start) the supervisor forks.
+        """
         if threading.active_count() != 1:
             # fork() copies only this thread; a lock held by another stays locked in the child.
             raise RuntimeError("the supervisor must stay single-threaded: refusing to fork with "
                                f"{threading.active_count()} threads")
+        self._handed_to = None
+        if self.launchers:
+            chosen = min(self.launchers, key=lambda launcher: launcher.runs)
+            chosen.submit(job)
+            if chosen.pending:
+                self.selector.modify(chosen.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                     self._launcher_event)
+            self._handed_to = chosen
+            return None
         pid = os.fork()
         if pid == 0:
             executor.execute(job, self.report_w)
         return pid
+
+    # ---- launchers ------------------------------------------------------------------------
+
+    def _start_launchers(self):
+        """One small forking process per core (two at most on this machine's kind, four at most)."""
+        from torchcore.launcher import Launcher
+
+        count = max(1, min(4, os.cpu_count() or 1))
+        for _ in range(count - len(self.launchers)):
+            launcher = Launcher(self.report_w)
+            self.launchers.append(launcher)
+            self.selector.register(launcher.sock, selectors.EVENT_READ, self._launcher_event)
+
+    def _launcher_event(self, key, mask):
+        launcher = next((item for item in self.launchers if item.sock is key.fileobj), None)
+        if launcher is None:
+            return
+        if mask & selectors.EVENT_WRITE and launcher.flush():
+            self.selector.modify(launcher.sock, selectors.EVENT_READ, self._launcher_event)
+        if mask & selectors.EVENT_READ:
+            answers = launcher.answers()
+            if answers is None:
+                self._launcher_died(launcher)
+                return
+            for answer in answers:
+                self._launcher_answer(launcher, answer)
+
+    def _launcher_answer(self, launcher, answer):
+        if "forked" in answer:
+            run = self.runs.get(answer["forked"])
+            if run is not None:
+                self._forked(run, answer["pid"])
+        elif "exited" in answer:
+            launcher.runs -= 1
+            self._executor_exited(answer["exited"], answer["status"])
+        elif "fork_failed" in answer:
+            launcher.runs -= 1
+            self._fork_failed(answer["fork_failed"], answer["error"])
+
+    def _fork_failed(self, run_id, error):
+        run = self._forget_run(run_id)
+        if run is None:
+            return
+        self.stats.fork_failures += 1
+        self.stats.started -= 1
+        log.error("cannot fork for %s (run %d): %s; retrying next second", run.task.name, run_id,
+                  error)
+        self.records.add(records.RunRecord(
+            run_id=run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
+            started=None, ended=None, exit_code=None, signal=None, manual=run.manual,
+            skipped=f"fork failed: {error}"))
+        self._retry_later(run.task, run.scheduled, run.manual)
+
+    def _launcher_died(self, launcher):
+        """Replace a launcher that died; follow its runs by pid until they end."""
+        if launcher not in self.launchers:
+            return
+        self.launchers.remove(launcher)
+        self.selector.unregister(launcher.sock)
+        launcher.close()
+        log.error("a launcher (pid %d) died; starting another", launcher.pid)
+        for run in [r for r in self.runs.values() if r.launcher is launcher]:
+            if run.executor_pid is None:
+                self._fork_failed(run.run_id, "its launcher died")
+            else:
+                run.orphaned = True
+        if not self.stopping:
+            self._start_launchers()
+
+    def _follow_orphaned_runs(self):
+        for run in [r for r in self.runs.values() if r.orphaned]:
+            if not _is_executor(run.executor_pid, run.task.name, run.run_id):
+                self._executor_exited(run.run_id, 0)
+
+    def _stop_launchers(self):
+        for launcher in self.launchers:
+            launcher.close()
+        for launcher in self.launchers:
+            try:
+                launcher.proc.wait(2)
+            except Exception:
+                launcher.proc.kill()
+        self.launchers = []
 
     def kill(self, pid, signum):
         """os.kill that ignores a process already gone (a negative pid is a process group)."""
@@ -352,7 +469,7 @@ class Supervisor:
     def _handle_report(self, line):
         try:
             message = json.loads(line)
-            run = self.by_run_id.get(message["run"])
+            run = self.runs.get(message["run"])
         except (ValueError, KeyError, TypeError):
             log.warning("ignored a malformed executor report: %r", line[:200])
             return
@@ -375,13 +492,26 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            run = self.runs.pop(pid, None)
-            if run is None:
-                continue        # an orphan adopted while we run as PID 1
-            self._read_reports()    # its last report may still sit in the pipe
-            self.by_run_id.pop(run.run_id, None)
-            self.by_task.get(run.task.name, set()).discard(pid)
+            launcher = next((item for item in self.launchers if item.pid == pid), None)
+            if launcher is not None:
+                launcher.proc.returncode = os.waitstatus_to_exitcode(status)
+                self._launcher_died(launcher)
+            elif pid in self.by_pid:
+                self._executor_exited(self.by_pid[pid], status)
+            # else: an orphan adopted while we run as PID 1, or a launcher already replaced
+
+    def _executor_exited(self, run_id, status):
+        self._read_reports()    # its last report may still sit in the pipe
+        run = self._forget_run(run_id)
+        if run is not None:
             self._finish(run, status)
+
+    def _forget_run(self, run_id):
+        run = self.runs.pop(run_id, None)
+        if run is not None:
+            self.by_pid.pop(run.executor_pid, None)
+            self.by_task.get(run.task.name, set()).discard(run_id)
+        return run
 
     def _finish(self, run, status):
         """Record a run whose executor has exited (RUNNING -> EXITED)."""
@@ -478,7 +608,7 @@ class Supervisor:
         }
 
     def _task_status(self, name):
-        runs = [self.runs[pid] for pid in self.by_task.get(name, ())]
+        runs = [self.runs[run_id] for run_id in self.by_task.get(name, ())]
         task = self.tasks[name]
         adopted = [{"run_id": run_id, "pid": pid, "state": "adopted"}
                    for pid, run_id in self.adopted.get(name, {}).items()]
@@ -545,6 +675,9 @@ class Supervisor:
         """TERM goes to the executor (it stops its command's group); KILL to both at once."""
         if signum == signal.SIGKILL and run.pgid:
             self.kill(-run.pgid, signal.SIGKILL)
+        if run.executor_pid is None:
+            run.pending_signal = signum     # sent as soon as the launcher has forked it
+            return
         self.kill(run.executor_pid, signum)
         if run.state == RunState.RUNNING:
             run.state = RunState.STOPPING      # RUNNING -> STOPPING
@@ -609,8 +742,8 @@ class Supervisor:
             self.planner.remove(task.name)
         if task.type == "daemon":
             self.daemons.pop(task.name, None)
-            for pid in self.by_task.get(task.name, ()):
-                self._signal_run(self.runs[pid], signal.SIGTERM)
+            for run_id in self.by_task.get(task.name, ()):
+                self._signal_run(self.runs[run_id], signal.SIGTERM)
 
     def _admit(self, task):
         if task.type == "daemon":
@@ -669,6 +802,8 @@ class Supervisor:
     def _housekeeping(self):
         if self.adopted:
             self._forget_finished_adoptees()
+        if any(run.orphaned for run in self.runs.values()):
+            self._follow_orphaned_runs()
         self._flush()
         self._set_title()
         if self.control is not None:
