@@ -29,6 +29,13 @@ def write_taskfile(path, tasks, max_running=5000, misfire_grace=60):
         handle.write("\n".join(lines) + "\n")
 
 
+def idle_tasks(count):
+    """(name, schedule, command) for ``count`` varied tasks that only fire on January 1st."""
+    for i in range(count):
+        yield (f"job-{i:06d}", f"{i % 60} {i // 60 % 60} {i // 3600 % 24} 1 1 *",
+               f"/usr/local/bin/job.sh --shard {i}")
+
+
 def _quote(text):
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -119,3 +126,44 @@ def machine():
     import platform
     return (f"{os.cpu_count()} cores, {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, load {os.getloadavg()[0]:.2f}")
+
+
+def apscheduler_load(count, cap_seconds):
+    """Child side: add ``count`` CronTrigger jobs (the same schedules as idle_tasks) to a started,
+    paused APScheduler 3; stop at ``cap_seconds`` and report how many were added, the time and
+    the RSS.  Prints one line: ``aps <added> <seconds> <rss bytes>``."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from apscheduler.triggers.cron import CronTrigger
+
+    scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler.start(paused=True)
+    start = time.perf_counter()
+    added = 0
+    for name, schedule, command in idle_tasks(count):
+        sec, minute, hour, day, month, _ = schedule.split()
+        trigger = CronTrigger(second=sec, minute=minute, hour=hour, day=day, month=month,
+                              timezone="UTC")
+        scheduler.add_job(print, trigger, args=[command], id=name, name=name)
+        added += 1
+        if added % 1000 == 0 and time.perf_counter() - start > cap_seconds:
+            break
+    elapsed = time.perf_counter() - start
+    rss = psutil.Process().memory_info().rss
+    print(f"aps {added} {elapsed:.3f} {rss}", flush=True)
+    scheduler.shutdown(wait=False)
+
+
+def measure_apscheduler_load(count, cap_seconds):
+    """(jobs added, seconds, RSS bytes) of APScheduler adding ``count`` jobs, in a child."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "aps-load", str(count),
+                          str(cap_seconds)], capture_output=True, text=True,
+                         timeout=cap_seconds * 3 + 120)
+    for line in out.stdout.splitlines():
+        if line.startswith("aps "):
+            _, added, seconds, rss = line.split()
+            return int(added), float(seconds), int(rss)
+    raise RuntimeError(f"APScheduler child failed: {out.stderr[-2000:]}")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["aps-load"]:
+    apscheduler_load(int(sys.argv[2]), float(sys.argv[3]))
