@@ -222,3 +222,31 @@ def test_file_unlinked_between_open_and_lock_is_reopened(tmp_path, monkeypatch):
 def test_probe_helpers_on_missing_file(tmp_path):
     assert read_pid(tmp_path / "none.pid") is None
     assert pid_alive_and_locked(tmp_path / "none.pid") is None
+
+
+SLOW_WRITER = textwrap.dedent("""
+    import fcntl, os, sys, time
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    time.sleep(0.1)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\\n".encode(), 0)
+    sys.stdin.read()
+""")
+
+
+def test_refusal_names_the_new_holder_not_the_dead_predecessor(tmp_path, monkeypatch):
+    real_lock = pidfile_mod.lock_with_patience
+    monkeypatch.setattr(pidfile_mod, "lock_with_patience",
+                        lambda fd, operation: real_lock(fd, operation, patience=0))
+    monkeypatch.setattr(pidfile_mod, "LOCK_PATIENCE", 5.0)  # generous wait for the pid
+    path = tmp_path / "tc.pid"
+    path.write_text(f"{dead_pid()}\n")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"  # locked, old pid still in the file
+    with pytest.raises(AlreadyRunning) as info:
+        Pidfile(path).acquire()
+    assert info.value.pid == proc.pid
+    finish(proc)

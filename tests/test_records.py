@@ -53,7 +53,8 @@ def test_start_row_then_end_row_is_one_record(records):
     records.add(start)
     records.flush()
     (got,) = records.query()
-    assert (got.run_id, got.ended, got.exit_code, got.pid, got.peak_rss) == (7, 1003.0, 0, 123, 4096)
+    assert (got.run_id, got.ended, got.exit_code) == (7, 1003.0, 0)
+    assert (got.pid, got.peak_rss) == (123, 4096)
     assert got.duration == 3.0
 
 
@@ -255,3 +256,15 @@ def test_daemon_writes_while_cli_reads(path):
     assert counts == sorted(counts)               # each read sees a consistent, growing set
     assert counts[-1] == 2000
     assert len(counts) > 1
+
+
+def test_closed_records_refuse_reads_and_flush_quietly(path):
+    with Records(path) as r:
+        r.add(run(1))
+    assert r.flush() is True                      # written on close: nothing left
+    r.add(run(2))
+    assert r.flush() is False and r.pending == 1
+    with pytest.raises(RecordsError, match="closed"):
+        r.query()
+    with Records(path) as again:
+        assert [x.run_id for x in again.query()] == [1]

@@ -6,10 +6,10 @@ import textwrap
 
 import pytest
 
-from torchcore.tasklog import (
-    TaskLog, follow_log, format_stamp, line_run_id, log_files, log_path, read_log)
+from torchcore.tasklog import TaskLog, follow_log, format_stamp, line_run_id, log_files, log_path, read_log
 
-LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d run (\d+) (out|err)\| (.*)$")
+LINE = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d run (\d+) (out|err)\| (.*)$")
 
 
 def texts(lines):
@@ -86,6 +86,32 @@ def test_rotation_keeps_backups(tmp_path):
     assert all(os.path.getsize(f) < 1000 + 100 for f in files)
     kept = texts(read_log(d, "t"))
     assert kept == ["line %d" % i for i in range(200 - len(kept), 200)]  # the newest, in order
+
+
+def test_two_writers_rotate_once_and_follow_the_new_file(tmp_path):
+    d = str(tmp_path)
+    a, b = TaskLog(d, "t", 1, 200, 3), TaskLog(d, "t", 2, 200, 3)   # lines of 45-49 bytes
+    b.write("out", b"b-first\n")
+    for i in range(4):
+        a.write("out", b"a-%d\n" % i)          # now past 100 bytes: the next write rotates
+    b.write("out", b"b-rotates\n")
+    a.write("out", b"a-reopens\n")            # sees the new inode: reopens, does not rotate again
+    a.close()
+    b.close()
+    assert [os.path.basename(f) for f in log_files(d, "t")] == ["t.log.1", "t.log"]
+    assert texts(content(d)) == ["b-rotates", "a-reopens"]
+    assert texts(read_log(d, "t"))[:5] == ["b-first", "a-0", "a-1", "a-2", "a-3"]
+
+
+def test_a_new_writer_rotates_a_full_file_before_writing(tmp_path):
+    d = str(tmp_path)
+    with open(log_path(d, "t"), "wb") as f:
+        f.write(b"x" * 500 + b"\n")
+    log = TaskLog(d, "t", 3, 400, 2)
+    log.write("out", b"fresh\n")
+    log.close()
+    assert texts(content(d)) == ["fresh"]
+    assert os.path.getsize(log_path(d, "t") + ".1") == 501
 
 
 def test_rotation_without_backups_starts_afresh(tmp_path):

@@ -19,9 +19,11 @@ EXIT_NOT_RUNNING = 3
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
 
 COMMAND_MODULES = [
+    "torchcore.cmd_tasks",      # check, next
     "torchcore.cmd_daemon",     # start, stop, reload, restart
     "torchcore.cmd_status",     # status, run
     "torchcore.cmd_records",    # history, logs
+    "torchcore.cmd_import",     # import
 ]
 
 
@@ -74,7 +76,9 @@ def main(argv=None):
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
     except TorchcoreError as exc:
-        print(f"torchcore: {exc}", file=sys.stderr)
+        message = str(exc)
+        prefix = "" if message.startswith("torchcore") else "torchcore: "
+        print(prefix + message, file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

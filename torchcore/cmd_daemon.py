@@ -12,6 +12,7 @@ import time
 from torchcore import cli, config
 from torchcore.errors import ConfigError, DaemonError
 from torchcore.node import Node
+from torchcore.pidfile import pid_alive_and_locked, pid_exists
 
 log = logging.getLogger("torchcore")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -51,17 +52,22 @@ def _common(parser):
 # ---- start -------------------------------------------------------------------------------
 
 def cmd_start(args):
+    from torchcore.control import prepare_state_dir
     from torchcore.daemonize import Daemonizer
-    from torchcore.pidfile import Pidfile
+    from torchcore.pidfile import AlreadyRunning, Pidfile
 
     node = Node.detect(args.node_ip)
     taskfile = load_for_node(cli.task_file_path(args), node)
     pidfile_path = os.path.abspath(args.pidfile or taskfile.settings.pidfile)
+    prepare_state_dir(taskfile.settings.state_dir)     # 0700 and ours, before anything goes in
+    holder = running_pid(pidfile_path)
+    if holder is not None:      # refuse at once; the daemon would refuse too, only later
+        raise AlreadyRunning(holder, pidfile_path)
     if args.foreground:
         setup_logging(None)
         with Pidfile(pidfile_path) as pidfile:
             return _supervise(taskfile, node, pidfile)
-    launcher = Daemonizer(started_message=f"torchcore started on {taskfile.path}")
+    launcher = Daemonizer(started_message=f"torchcore started (pid {{pid}}) on {taskfile.path}")
     if not launcher.detach():
         return cli.EXIT_OK      # not reached: the launcher exits with the daemon's verdict
     try:
@@ -131,7 +137,7 @@ def locate(args):
     except OSError:
         if not args.pidfile:
             raise DaemonError(f"{path}: cannot read the task file to find the pidfile; "
-                              "name it with --pidfile")
+                              "name it with --pidfile") from None
     pidfile = args.pidfile or (settings.pidfile if settings else None)
     return os.path.abspath(pidfile), settings
 
@@ -154,8 +160,7 @@ def _lenient_settings(path):
 
 
 def running_pid(pidfile):
-    from torchcore.pidfile import pid_alive_and_locked
-
+    """The pid of the live daemon holding ``pidfile``, or None."""
     return pid_alive_and_locked(pidfile)
 
 
@@ -174,7 +179,7 @@ def cmd_stop(args):
     os.kill(pid, signal.SIGTERM)
     began = time.monotonic()
     while time.monotonic() - began < timeout:
-        if running_pid(pidfile) != pid and not _alive(pid):
+        if not pid_exists(pid):
             print(f"torchcore stopped (pid {pid}, {time.monotonic() - began:.1f}s)")
             return cli.EXIT_OK
         time.sleep(0.05)
@@ -183,18 +188,6 @@ def cmd_stop(args):
     return cli.EXIT_ERROR
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def cmd_reload(args):

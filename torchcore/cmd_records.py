@@ -60,7 +60,7 @@ def _duration(text):
 
 def _load_taskfile(args):
     """The task file named by -c / $TORCHCORE_TASKS / ./tasks.yaml (ConfigError if invalid)."""
-    from torchcore import config     # the task file layer; imported when a command needs it
+    from torchcore import config  # the task file layer; imported when a command needs it
     return config.load(cli.task_file_path(args))
 
 
@@ -78,13 +78,10 @@ def cmd_history(args):
     path = records.db_path(taskfile.settings.state_dir)
     runs = []
     if os.path.exists(path):
-        store = records.Records(path)
-        try:
-            since = time.time() - args.since if args.since is not None else None
+        since = time.time() - args.since if args.since is not None else None
+        with records.Records(path) as store:
             runs = store.query(task=args.task, limit=args.limit or None, since=since,
                                failed=args.failed)
-        finally:
-            store.close()
     tz = _zone(taskfile.settings.timezone)
     if args.json:
         print(json.dumps([run_json(run, tz) for run in runs], indent=2))

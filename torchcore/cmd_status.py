@@ -7,10 +7,10 @@ import time
 from datetime import datetime
 
 from torchcore import cli, config, executor, records
-from torchcore.cmd_daemon import _common, _control_request, locate, not_running, print_json, \
-    running_pid
-from torchcore.errors import TorchcoreError
+from torchcore.cmd_daemon import _common, _control_request, locate, not_running, print_json, running_pid
+from torchcore.errors import ConfigError, TorchcoreError
 from torchcore.node import Node
+from torchcore.schedule import Schedule
 from torchcore.states import TaskHealth
 from torchcore.textfmt import format_relative, format_table
 from torchcore.units import format_duration
@@ -35,22 +35,55 @@ def register(subparsers):
 # ---- status ------------------------------------------------------------------------------
 
 def cmd_status(args):
-    pidfile, _ = locate(args)
-    taskfile = config.load(cli.task_file_path(args))
+    pidfile, settings = locate(args)
     live = None
     if running_pid(pidfile) is not None:
-        live = _control_request(taskfile.settings, "status")
+        live = _control_request(settings, "status")
+    tasks, digest, problems = _tasks_to_show(cli.task_file_path(args), live)
     node = _node_of(live, args)
-    last = _last_results(taskfile.settings)
+    last = _last_results(settings)
     now = time.time()
-    rows = [task_status(task, node, live, last.get(task.name), now) for task in taskfile.tasks]
+    rows = [task_status(task, node, live, last.get(task.name), now) for task in tasks]
     if args.json:
-        print_json({"daemon": _daemon_json(live, pidfile, taskfile), "tasks": rows})
+        print_json({"daemon": _daemon_json(live, pidfile, digest),
+                    "file_errors": problems, "tasks": rows})
     else:
-        print(_daemon_text(live, pidfile, taskfile, now))
+        print(_daemon_text(live, pidfile, digest, now))
+        if problems:
+            print("the task file on disk is invalid (the daemon runs its last valid version):")
+            print("\n".join("  " + problem for problem in problems))
         print()
         print(_tasks_text(rows, now))
     return cli.EXIT_OK if live else cli.EXIT_NOT_RUNNING
+
+
+def _tasks_to_show(path, live):
+    """(tasks, digest, problems): the file's tasks, or the daemon's when the file is invalid."""
+    try:
+        taskfile = config.load(path)
+        return taskfile.tasks, taskfile.digest, []
+    except ConfigError as exc:
+        if not live:
+            raise
+        tasks = [_LiveTask.of(name, entry) for name, entry in live["tasks"].items()]
+        return tasks, None, exc.problems
+
+
+class _LiveTask:
+    """A task as the daemon reports it, for when the file on disk no longer validates."""
+
+    enabled = True
+
+    def __init__(self, name, type, schedule_text, timezone):
+        self.name, self.type, self.schedule_text = name, type, schedule_text
+        self.schedule = Schedule(schedule_text, timezone) if schedule_text else None
+
+    @classmethod
+    def of(cls, name, entry):
+        return cls(name, entry["type"], entry["schedule"], entry["timezone"])
+
+    def runs_on(self, node):
+        return True     # the daemon only runs tasks of its own node
 
 
 def _node_of(live, args):
@@ -99,7 +132,7 @@ def _health(task, node, entry, last):
     if entry.get("skipped"):
         return TaskHealth.SKIPPED_BY_MAX
     if last is None:
-        return TaskHealth.NEVER_RAN
+        return TaskHealth.OK if entry.get("running") else TaskHealth.NEVER_RAN
     failed = last.exit_code not in (0, None) or last.signal is not None or last.timed_out
     return TaskHealth.FAILING if failed else TaskHealth.OK
 
@@ -111,20 +144,20 @@ def _last_json(last):
             "timed_out": last.timed_out, "ended": last.ended, "duration": last.duration}
 
 
-def _daemon_json(live, pidfile, taskfile):
+def _daemon_json(live, pidfile, digest):
     if not live:
         return {"running": False, "pidfile": pidfile}
     return {"running": True, "pidfile": pidfile, **live,
-            "file_changed_since_load": live["digest"] != taskfile.digest}
+            "file_changed_since_load": live["digest"] != digest}
 
 
-def _daemon_text(live, pidfile, taskfile, now):
+def _daemon_text(live, pidfile, digest, now):
     if not live:
         return f"torchcore is not running (pidfile {pidfile})"
-    lines = [f"torchcore running: pid {live['pid']}, up {format_duration(now - live['started'])}, "
-             f"file {live['file']} (version {live['digest'][:12]})",
-             f"node: {live['node']['hostname']} "
-             f"({', '.join(live['node']['addresses']) or 'no addresses'})"]
+    lines = [(f"torchcore running: pid {live['pid']}, up {format_duration(now - live['started'])}, "
+              f"file {live['file']} (version {live['digest'][:12]})"),
+             (f"node: {live['node']['hostname']} "
+              f"({', '.join(live['node']['addresses']) or 'no addresses'})")]
     reload = live.get("last_reload")
     if reload:
         verdict = "accepted" if reload["accepted"] else "REJECTED"
@@ -132,7 +165,7 @@ def _daemon_text(live, pidfile, taskfile, now):
     if live.get("reload_error"):
         lines.append("reload error (the previous tasks keep running):")
         lines.extend("  " + line for line in live["reload_error"].splitlines())
-    elif live["digest"] != taskfile.digest:
+    elif digest is not None and live["digest"] != digest:
         lines.append("note: the file on disk differs from the version running")
     stats = live["stats"]
     lines.append(f"runs: {stats['started']} started, {stats['failed']} failed, "
@@ -205,7 +238,7 @@ def _run_local(args):
     try:
         done = subprocess.run(task.argv(taskfile.settings.shell), env=env, cwd=task.cwd or None,
                               preexec_fn=executor.limit_setter(task.limits),
-                              timeout=task.timeout, **extra)
+                              timeout=task.timeout, check=False, **extra)
     except FileNotFoundError as exc:
         raise TorchcoreError(f"task {task.name!r}: cannot start: {exc}") from None
     except subprocess.TimeoutExpired:

@@ -14,6 +14,7 @@ parser alone takes.
 
 import difflib
 import fnmatch
+import functools
 import grp
 import hashlib
 import ipaddress
@@ -176,11 +177,11 @@ def load(path):
         with open(path, "rb") as handle:
             data = handle.read()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such task file (give one with -c FILE or $TORCHCORE_TASKS)")
+        raise ConfigError(f"{path}: no such task file (give one with -c FILE or $TORCHCORE_TASKS)") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a task file")
+        raise ConfigError(f"{path}: is a directory, not a task file") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the task file: {exc.strerror}")
+        raise ConfigError(f"{path}: cannot read the task file: {exc.strerror}") from None
     return loads(data, path)
 
 
@@ -295,12 +296,15 @@ def want_duration(node, minimum=0):
     if not isinstance(node, yaml.ScalarNode) or node.tag not in (STR, INT):
         raise _Bad(f"expected a duration like 45s, 15m, 2h, 1d or 1h30m, {_got(node)}", node)
     try:
-        value = parse_duration(node.value)
+        value = _cached_duration(node.value)
     except ValueError as exc:
         raise _Bad(str(exc), node) from None
     if value < minimum:
         raise _Bad(f"expected a duration of at least {minimum}s, got {node.value}", node)
     return value
+
+
+_cached_duration = functools.lru_cache(maxsize=1024)(parse_duration)  # tasks repeat their timeouts
 
 
 def want_size(node):
@@ -346,7 +350,7 @@ class _Loader:
     def problem(self, node, where, message):
         self.problems.append((_line(node), f"{self.path}:{_line(node)}: {where}{message}"))
 
-    def mapping(self, node, where, known):
+    def mapping(self, node, where, known, seen=()):
         """``{key: (key_node, value_node)}`` of a mapping node, with merge keys (``<<: *defaults``)
         applied; duplicate, non-scalar and unknown keys are reported and left out."""
         pairs = {}
@@ -367,17 +371,21 @@ class _Loader:
             else:
                 pairs[key] = (key_node, value_node)
         for value_node in merged:
-            self.merge(value_node, pairs, where, known)
+            self.merge(value_node, pairs, where, known, seen + (id(node),))
         return pairs
 
-    def merge(self, node, pairs, where, known):
-        """Add the keys of a ``<<`` value (a mapping or a list of them) that ``pairs`` lacks."""
+    def merge(self, node, pairs, where, known, seen):
+        """Add the keys of a ``<<`` value (a mapping or a list of them) that ``pairs`` lacks;
+        ``seen`` holds the mappings being merged into, so an alias to one of them is an error."""
         sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
         for source in sources:
             if not isinstance(source, yaml.MappingNode):
                 self.problem(source, where, f"<<: expected a mapping to merge, {_got(source)}")
                 continue
-            for key, value in self.mapping(source, where, known).items():
+            if id(source) in seen:
+                self.problem(source, where, "<<: a mapping cannot merge itself")
+                continue
+            for key, value in self.mapping(source, where, known, seen).items():
                 pairs.setdefault(key, value)
 
     def taskfile(self, root, digest):
@@ -512,6 +520,8 @@ class _Loader:
         kind = values.get("type", "common")
         text = values.pop("schedule", None)
         tz = values.setdefault("timezone", settings.timezone)
+        if "type" in pairs and "type" not in values and pairs["type"][1].tag != NULL:
+            return  # the type is wrong (already reported): which schedule rule applies is unknown
         if kind == "daemon":
             if text is not None:
                 self.problem(pairs["schedule"][1], where,
@@ -527,7 +537,8 @@ class _Loader:
         try:
             values["schedule"] = self.schedule(text, tz)
         except ScheduleError as exc:
-            self.problem(pairs["schedule"][1], where, f"schedule: {exc}")
+            message = str(exc).removeprefix("schedule: ")
+            self.problem(pairs["schedule"][1], where, f"schedule: {message}")
 
     def schedule(self, text, tz):
         """A Schedule, shared between tasks with the same text and zone (it is immutable)."""

@@ -208,7 +208,9 @@ def report(verdict, started_message):
         return 0
     if verdict.output:
         print(verdict.output, file=sys.stderr)
-    print(f"torchcore: {describe_failure(verdict)}", file=sys.stderr)
+    reason = describe_failure(verdict)
+    prefix = "" if reason.startswith("torchcore") else "torchcore: "
+    print(prefix + reason, file=sys.stderr)
     return EXIT_FAILED
 
 

@@ -24,7 +24,7 @@ import time
 import psutil
 import setproctitle
 
-from torchcore import records, tasklog
+from torchcore import tasklog
 
 MEMORY_SAMPLE_EVERY = 0.5   # seconds between RSS samples of a task with a memory limit
 DRAIN_AFTER_EXIT = 2.0      # seconds to keep reading output left by background children
@@ -175,7 +175,9 @@ class Executor:
                 self.task.argv(self.job.shell), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, cwd=self.task.cwd or None,
                 env=task_environment(self.task, cred[0] if cred else None),
-                start_new_session=True, preexec_fn=limit_setter(self.task.limits), **kwargs)
+                start_new_session=True,
+                preexec_fn=limit_setter(self.task.limits),  # noqa: PLW1509 (no threads here)
+                **kwargs)
             return True
         except (OSError, KeyError, subprocess.SubprocessError) as exc:
             message = f"cannot start: {exc}"
@@ -308,15 +310,20 @@ class Executor:
             self._write_own_record(started, ended)
 
     def _write_own_record(self, started, ended):
-        """The supervisor is gone: nobody else will record this run."""
+        """The supervisor is gone: nobody else will record this run.
+
+        The write happens in a fresh interpreter: this process inherited the
+        supervisor's SQLite state through fork(), which SQLite does not survive.
+        """
         r = self.result
-        record = records.RunRecord(
+        fields = dict(
             run_id=self.job.run_id, task=self.task.name, node=self.job.node,
             scheduled=self.job.scheduled, started=started, ended=ended,
             exit_code=r["exit_code"], signal=r["signal"], timed_out=r["timed_out"],
             manual=self.job.manual, pid=self.proc.pid if self.proc else None,
             peak_rss=r["peak_rss"])
-        records.write_record_now(self.job.db_path, record)
+        subprocess.run([sys.executable, "-m", "torchcore.records", self.job.db_path,
+                        json.dumps(fields)], stdin=subprocess.DEVNULL, timeout=60, check=False)
 
 
 def tree_rss(pid):

@@ -153,11 +153,17 @@ def write_pid(fd, path):
 
 
 def read_pid_fd(fd, wait=False):
-    """The pid written in the file, or None; ``wait`` allows a writer a moment to finish."""
+    """The pid written in the file, or None.
+
+    ``wait`` is for a file whose lock is held: its holder may not have written
+    its pid yet (the file is empty, or still shows a dead predecessor's pid),
+    so allow it a moment to finish.
+    """
     deadline = time.monotonic() + (LOCK_PATIENCE if wait else 0)
     while True:
         pid = parse_pid(os.pread(fd, 64, 0))
-        if pid is not None or time.monotonic() >= deadline:
+        settled = pid is not None and (not wait or pid_exists(pid))
+        if settled or time.monotonic() >= deadline:
             return pid
         time.sleep(LOCK_RETRY_SLEEP)
 

@@ -276,7 +276,7 @@ class Records:
         On any database error (locked, disk full, ...) the buffer is kept for the
         next flush and a warning is logged (at most once a minute); never raises.
         """
-        if not self._buffer or os.getpid() != self._pid:
+        if not self._buffer or os.getpid() != self._pid or self._conn is None:
             return not self._buffer
         rows = list(self._buffer.values())
         try:
@@ -307,7 +307,7 @@ class Records:
                         len(self._buffer), self.path, exc)
 
     def prune(self, before_epoch):
-        """Delete records older than ``before_epoch``; unfinished runs are kept. Returns the count."""
+        """Delete records older than ``before_epoch`` but not unfinished runs; returns the count."""
         self._check_process()
         self.flush()
         try:
@@ -338,6 +338,11 @@ class Records:
             sql += " LIMIT ?"
             params.append(int(limit))
         return [_record(row) for row in self._read(sql, params)]
+
+    def unfinished(self):
+        """Runs that started and have no end yet (their executor may outlive a supervisor)."""
+        sql = _SELECT + " WHERE ended IS NULL AND started IS NOT NULL AND skipped IS NULL"
+        return [_record(row) for row in self._read(sql + " ORDER BY run_id", [])]
 
     def last_results(self):
         """The latest finished run of every task: {task: RunRecord}.
@@ -371,6 +376,12 @@ class Records:
         self._conn.close()
         self._conn = None
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def _check_process(self):
         if os.getpid() != self._pid:
             raise RecordsError("a Records object cannot be used across fork(); "
@@ -398,3 +409,22 @@ def write_record_now(path, record, busy_timeout=5.0):
         return False
     finally:
         conn.close()
+
+
+def _main(argv):
+    """``python -m torchcore.records DB JSON``: write one record from a clean process.
+
+    An executor whose supervisor died uses this: a forked child must not open
+    SQLite with the state it inherited from its parent.
+    """
+    import json
+
+    logging.basicConfig(format="torchcore: %(message)s")
+    path, fields = argv
+    return 0 if write_record_now(path, RunRecord(**json.loads(fields))) else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))

@@ -18,6 +18,7 @@ torchcore.schedule.ScheduleError: minute: value 61 is out of range 0-59
 """
 
 import calendar
+import functools
 import math
 import re
 import time
@@ -101,6 +102,9 @@ def _value(field, token):
         return number
     if token.upper() in spec.names:
         return spec.names[token.upper()]
+    if token.upper() == "L" and field in (DOM, DOW):
+        _fail(field, "'L' takes no range or step; write L alone" if field == DOM
+              else "'L' needs a weekday before it, like 5L (the last Friday)")
     if spec.names and token.isascii() and token.isalpha():
         allowed = f"{next(iter(spec.names))}-{list(spec.names)[-1]}"
         _fail(field, f"unknown name {token!r} (names are {allowed}, any case)")
@@ -119,7 +123,7 @@ def _step(field, text):
 
 
 def _range_bits(field, element):
-    """Return the bitmask of one plain list element: ``*``, ``a``, ``a-b`` with an optional ``/n``."""
+    """Return the bitmask of one plain list element: ``*``, ``a`` or ``a-b``, optionally ``/n``."""
     spec = _FIELDS[field]
     match = _ELEMENT.fullmatch(element)
     if not match:
@@ -186,7 +190,8 @@ def _compile_fields(fields):
     if len(fields) == 5:
         fields = ["0"] + fields
     if len(fields) != 6:
-        raise ScheduleError(f"expected 5 or 6 fields (sec min hour dom month dow), got {len(fields)}")
+        raise ScheduleError("expected 5 or 6 fields (sec min hour dom month dow), "
+                            f"got {len(fields)}")
     parts = dict.fromkeys(_Spec._fields, 0)
     for field, text in enumerate(fields):
         _parse_field(field, text, parts)
@@ -218,6 +223,14 @@ def _compile_macro(words):
     if name == "@reboot":
         return _Spec(), True
     return _compile_fields(_MACROS[name].split()), False
+
+
+@functools.lru_cache(maxsize=8192)
+def _compile(words):
+    """Compile the words of a schedule into (spec, is_reboot); cached, as fleets repeat texts."""
+    if words[0].startswith("@"):
+        return _compile_macro(list(words))
+    return _compile_fields(list(words)), False
 
 
 def _resolve_zone(tz):
@@ -324,10 +337,7 @@ class Schedule:
         self.text = text
         self.tz = _resolve_zone(tz)
         self._zone = _Zone(self.tz)
-        if words[0].startswith("@"):
-            self._spec, self.is_reboot = _compile_macro(words)
-        else:
-            self._spec, self.is_reboot = _compile_fields(words), False
+        self._spec, self.is_reboot = _compile(tuple(words))
         self.every = self._spec.every or None
         self.fixed_time = (not self.is_reboot and self.every is None
                            and _bit_count(self._spec.sec) == 1
@@ -385,7 +395,8 @@ class Schedule:
     def _next_wall(self, start, limit=None):
         """First matching wall time >= start (and < limit), field by field; None if none."""
         spec = self._spec
-        y, mo, d, h, mi, s = start.year, start.month, start.day, start.hour, start.minute, start.second
+        y, mo, d = start.year, start.month, start.day
+        h, mi, s = start.hour, start.minute, start.second
         stop = (start.year + _HORIZON_YEARS,) if limit is None else tuple(limit.timetuple()[:6])
         while (y, mo, d, h, mi, s) < stop:
             found = _next_bit(spec.month, mo)
@@ -466,7 +477,7 @@ class ScheduleTable:
             raise MemoryError("cannot allocate the schedule table")
         self._table = ffi.gc(table, lib.tc_table_free)
         self._slots = {}          # key -> slot
-        self._keys = {}           # slot -> key
+        self._keys = []           # slot -> key (None for a free slot)
         self._spec = ffi.new("tc_spec *")
         self._tick = ffi.new("tc_tick *")
         self._out = ffi.new("const uint32_t **")
@@ -481,11 +492,15 @@ class ScheduleTable:
 
     def set(self, key, schedule):
         """Add ``key`` or replace its schedule; touches only that key's slot."""
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"expected a Schedule, got {type(schedule).__name__}")
         self._fill_spec(schedule._spec)
         slot = self._slots.get(key)
         if slot is None:
             _check(lib.tc_table_add(self._table, self._spec, self._slot))
             slot = self._slot[0]
+            if slot == len(self._keys):
+                self._keys.append(None)
             self._slots[key], self._keys[slot] = slot, key
         else:
             _check(lib.tc_table_replace(self._table, slot, self._spec))
@@ -493,7 +508,7 @@ class ScheduleTable:
     def remove(self, key):
         """Remove ``key``; KeyError if it is not in the table."""
         slot = self._slots.pop(key)
-        del self._keys[slot]
+        self._keys[slot] = None
         _check(lib.tc_table_remove(self._table, slot))
 
     def match(self, dt):
@@ -504,8 +519,8 @@ class ScheduleTable:
         tick.hour, tick.minute, tick.second = wall.hour, wall.minute, wall.second
         tick.epoch = epoch
         _check(lib.tc_table_match(self._table, tick, self._out, self._count))
-        keys = self._keys
-        return [keys[slot] for slot in ffi.unpack(self._out[0], self._count[0])]
+        slots = memoryview(ffi.buffer(self._out[0], 4 * self._count[0])).cast("I").tolist()
+        return list(map(self._keys.__getitem__, slots))
 
     def _fill_spec(self, spec):
         out = self._spec

@@ -8,7 +8,6 @@ loop reads, and ``handle_<signal>`` changes what the loop does next.
 """
 
 import dataclasses
-import errno
 import gc
 import hashlib
 import json
@@ -32,6 +31,7 @@ from torchcore.states import DaemonState, RunState
 log = logging.getLogger("torchcore")
 
 STATS_EVERY = 60            # seconds between stats lines
+PRUNE_EVERY = 6 * 3600      # seconds between prunes of records older than history_days
 FAILED_START_UNDER = 1.0    # a daemon instance that lived less than this is a failed start
 BACKOFF_MAX = 60.0
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
@@ -104,8 +104,10 @@ class Supervisor:
         self.retry = []                  # (name, second) whose fork failed: tried again next tick
         self.last_result = {}            # name -> last finished result dict (for status)
         self.skipped_last = {}           # name -> reason, while its last due run was skipped
+        self.adopted = {}                # name -> {pid: run_id}: executors of a previous supervisor
         self._report_buffer = b""
         self._next_stats = self.clock.monotonic() + STATS_EVERY
+        self._next_prune = 0.0
         self._title = None
         self.records = None
         self.selector = None
@@ -118,6 +120,7 @@ class Supervisor:
         self._open()
         try:
             self._apply(self.taskfile, first=True)
+            self._adopt_previous_executors()
             self.planner.start(int(self.clock.time()))
             self._start_reboot_tasks()
             self.ready = True
@@ -231,7 +234,12 @@ class Supervisor:
             return None
         if not self.coordinator.claim(task, second):
             return None
-        run_id = self.records.allocate_run_id()
+        try:
+            run_id = self.records.allocate_run_id()
+        except records.RecordsError as exc:
+            log.error("cannot number a run of %s: %s; retrying next second", task.name, exc)
+            self._retry_later(task, second, manual)
+            return None
         job = executor.Job(
             run_id=run_id, task=task, scheduled=second, manual=manual, shell=self.settings.shell,
             log_dir=self.settings.log_dir, log_max_bytes=self.settings.log_max_bytes,
@@ -241,8 +249,7 @@ class Supervisor:
         except OSError as exc:
             self.stats.fork_failures += 1
             log.error("cannot fork for %s (run %d): %s; retrying next second", task.name, run_id, exc)
-            if second is not None and not manual:
-                self.retry.append((task.name, second))
+            self._retry_later(task, second, manual)
             return None
         run = Run(run_id, task, second, manual, pid, self.clock.time())
         self.runs[pid] = run
@@ -255,8 +262,12 @@ class Supervisor:
             started=run.started, ended=None, exit_code=None, signal=None, manual=manual, pid=pid))
         return run
 
+    def _retry_later(self, task, second, manual):
+        if second is not None and not manual:
+            self.retry.append((task.name, second))
+
     def _limit_reason(self, task):
-        running = len(self.by_task.get(task.name, ()))
+        running = len(self.by_task.get(task.name, ())) + len(self.adopted.get(task.name, ()))
         if running >= task.max:
             return f"max {task.max} reached"
         cap = self.settings.max_running
@@ -266,11 +277,45 @@ class Supervisor:
 
     def fork(self, job):
         """Fork an executor for ``job``; the child never returns from here."""
-        assert threading.active_count() == 1, "the supervisor must stay single-threaded"
+        if threading.active_count() != 1:
+            # fork() copies only this thread; a lock held by another stays locked in the child.
+            raise RuntimeError("the supervisor must stay single-threaded: refusing to fork with "
+                               f"{threading.active_count()} threads")
         pid = os.fork()
         if pid == 0:
             executor.execute(job, self.report_w)
         return pid
+
+    def kill(self, pid, signum):
+        """os.kill that ignores a process already gone (a negative pid is a process group)."""
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _adopt_previous_executors(self):
+        """Count runs a killed supervisor left behind against `max`, so none runs twice at once.
+
+        Their executors record their own ends; runs whose executor is gone without a
+        record are closed as lost.
+        """
+        for record in self.records.unfinished():
+            if record.pid and _is_executor(record.pid, record.task, record.run_id):
+                self.adopted.setdefault(record.task, {})[record.pid] = record.run_id
+                log.warning("run %d of %s (pid %d) was started by a previous supervisor and still "
+                            "runs: it counts against max", record.run_id, record.task, record.pid)
+            else:
+                record.ended = self.clock.time()
+                record.skipped = "lost: its supervisor and executor stopped before recording an end"
+                self.records.add(record)
+
+    def _forget_finished_adoptees(self):
+        for name, pids in list(self.adopted.items()):
+            for pid, run_id in list(pids.items()):
+                if not _is_executor(pid, name, run_id):
+                    del pids[pid]
+            if not pids:
+                del self.adopted[name]
 
     def _start_reboot_tasks(self):
         for task in self.tasks.values():
@@ -351,7 +396,7 @@ class Supervisor:
                       "error": f"executor ended without a report ({_describe_status(code)})"}
             log.error("run %d of %s: %s", run.run_id, run.task.name, result["error"])
             if run.pgid:
-                _killpg(run.pgid, signal.SIGKILL)   # no command may outlive its executor
+                self.kill(-run.pgid, signal.SIGKILL)   # no command may outlive its executor
         failed = result["exit_code"] != 0 or result["signal"] is not None or result["timed_out"]
         self.stats.failed += failed
         self.last_result[run.task.name] = result
@@ -436,8 +481,12 @@ class Supervisor:
 
     def _task_status(self, name):
         runs = [self.runs[pid] for pid in self.by_task.get(name, ())]
-        entry = {"running": [{"run_id": r.run_id, "pid": r.pgid, "started": r.started,
-                              "scheduled": r.scheduled, "state": r.state} for r in runs],
+        task = self.tasks[name]
+        adopted = [{"run_id": run_id, "pid": pid, "state": "adopted"}
+                   for pid, run_id in self.adopted.get(name, {}).items()]
+        entry = {"type": task.type, "schedule": task.schedule_text, "timezone": task.timezone,
+                 "running": [{"run_id": r.run_id, "pid": r.pgid, "started": r.started,
+                              "scheduled": r.scheduled, "state": r.state} for r in runs] + adopted,
                  "skipped": self.skipped_last.get(name)}
         slot = self.daemons.get(name)
         if slot is not None:
@@ -497,11 +546,8 @@ class Supervisor:
     def _signal_run(self, run, signum):
         """TERM goes to the executor (it stops its command's group); KILL to both at once."""
         if signum == signal.SIGKILL and run.pgid:
-            _killpg(run.pgid, signal.SIGKILL)
-        try:
-            os.kill(run.executor_pid, signum)
-        except ProcessLookupError:
-            pass
+            self.kill(-run.pgid, signal.SIGKILL)
+        self.kill(run.executor_pid, signum)
         if run.state == RunState.RUNNING:
             run.state = RunState.STOPPING      # RUNNING -> STOPPING
 
@@ -623,10 +669,17 @@ class Supervisor:
         self.records.flush()
 
     def _housekeeping(self):
+        if self.adopted:
+            self._forget_finished_adoptees()
         self._flush()
         self._set_title()
         if self.control is not None:
             self.control.reap_idle(self.clock.monotonic())
+        if self.clock.monotonic() >= self._next_prune:
+            self._next_prune = self.clock.monotonic() + PRUNE_EVERY
+            pruned = self.records.prune(self.clock.time() - self.settings.history_days * 86400)
+            if pruned:
+                log.info("pruned %d records older than %d days", pruned, self.settings.history_days)
         if self.clock.monotonic() >= self._next_stats:
             self._next_stats = self.clock.monotonic() + STATS_EVERY
             log.info("%s", self.stats_line())
@@ -654,6 +707,17 @@ def _record_signal(signum, frame):
     """Handlers only record: the wakeup fd carries the signal number to the loop."""
 
 
+def _is_executor(pid, task, run_id):
+    """Is ``pid`` a live executor of that run (its title says so)?"""
+    try:
+        proc = psutil.Process(pid)
+        title = " ".join(part for part in proc.cmdline() if part)   # setproctitle pads
+        return proc.status() != psutil.STATUS_ZOMBIE and \
+            title == f"torchcore: {task} [run {run_id}]"
+    except psutil.Error:
+        return False
+
+
 def _file_signature(path):
     try:
         st = os.stat(path)
@@ -662,14 +726,6 @@ def _file_signature(path):
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _killpg(pgid, signum):
-    try:
-        os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-    except OSError as exc:
-        if exc.errno != errno.ESRCH:
-            raise
 
 
 def _describe_status(code):

@@ -141,7 +141,8 @@ class TaskLog:
             st = None
         if self._fd is None or st is None or st.st_ino != self._ino:
             self._open()
-        elif self.max_bytes and st.st_size >= self.max_bytes:
+            st = os.fstat(self._fd)
+        if self.max_bytes and st.st_size >= self.max_bytes:
             self._rotate()
 
     def _open(self):
@@ -206,7 +207,7 @@ def line_run_id(line):
 
 
 def _lines_backwards(f, end):
-    """Complete lines of an open binary file before offset ``end``, last first (bytes, no newline)."""
+    """Lines of an open binary file before offset ``end``, last first (bytes, no newline)."""
     pos, rest = end, b""
     while pos > 0:
         size = min(_READ_BLOCK, pos)
@@ -241,7 +242,7 @@ def read_log(log_dir, task, lines=None, run_id=None):
     try:
         for path in log_files(log_dir, task):
             try:
-                f = open(path, "rb")
+                f = open(path, "rb")  # noqa: SIM115 (closed by the caller)
             except FileNotFoundError:           # rotated away meanwhile
                 continue
             opened.append((f, os.fstat(f.fileno()).st_size))
@@ -280,7 +281,7 @@ class _Follower:
 
     def _open(self, at_end):
         try:
-            self.f = open(self.path, "rb")
+            self.f = open(self.path, "rb")  # noqa: SIM115 (kept open while following)
         except FileNotFoundError:
             self.f = None
             return
@@ -298,7 +299,7 @@ class _Follower:
         try:
             for path in older:
                 try:
-                    f = open(path, "rb")
+                    f = open(path, "rb")  # noqa: SIM115 (closed by the caller)
                 except FileNotFoundError:
                     continue
                 opened.append((f, os.fstat(f.fileno()).st_size))

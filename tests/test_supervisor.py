@@ -1,0 +1,261 @@
+"""The supervisor's decisions on a fake clock, with fork and kill substituted."""
+
+import errno
+import signal
+import threading
+
+import pytest
+
+from torchcore import config
+from torchcore.clock import FakeClock
+from torchcore.node import Node
+from torchcore.states import DaemonState
+from torchcore.supervisor import Supervisor
+
+T0 = 1_767_225_600          # 2026-01-01T00:00:00Z, a multiple of 60
+
+
+class Harness(Supervisor):
+    """A supervisor whose children are make-believe: fork returns fake pids, kill is recorded."""
+
+    def __init__(self, taskfile, **kw):
+        super().__init__(taskfile, Node.detect(["10.0.0.5"], hostname="test-node"),
+                         clock=FakeClock(wall=T0 - 1 + 0.5), **kw)
+        self.forked = []
+        self.killed = []
+        self.fork_error = None
+        self._next_pid = 100000
+
+    def fork(self, job):
+        if self.fork_error:
+            raise self.fork_error
+        self._next_pid += 1
+        self.forked.append((job.task.name, job.scheduled, job.manual))
+        return self._next_pid
+
+    def kill(self, pid, signum):
+        self.killed.append((pid, signum))
+
+    def reap(self):
+        pass
+
+    def second(self, n=1):
+        for _ in range(n):
+            self.clock.advance(1)
+            self.tick(int(self.clock.time()))
+
+    def end(self, name, lived=5.0, exit_code=0):
+        """Pretend the oldest run of ``name`` ended after ``lived`` seconds."""
+        pid = min(self.by_task[name])
+        run = self.runs.pop(pid)
+        self.by_task[name].discard(pid)
+        self.by_run_id.pop(run.run_id)
+        run.result = {"exit_code": exit_code, "signal": None, "timed_out": False,
+                      "peak_rss": None, "started": run.started, "ended": run.started + lived}
+        self._finish(run, 0)
+
+
+@pytest.fixture
+def make(tmp_path):
+    made = []
+
+    def factory(body, **kw):
+        path = tmp_path / "tasks.yaml"
+        path.write_text("settings:\n  timezone: UTC\n  state_dir: state\n" + body)
+        sup = Harness(config.load(str(path)), **kw)
+        sup._open()
+        sup._apply(sup.taskfile, first=True)
+        sup.planner.start(T0 - 1)
+        made.append(sup)
+        return sup
+
+    yield factory
+    for sup in made:
+        sup._close()
+
+
+def rewrite(sup, body):
+    with open(sup.settings.path, "w") as handle:
+        handle.write("settings:\n  timezone: UTC\n  state_dir: state\n" + body)
+
+
+EVERY = """tasks:
+  - name: every
+    schedule: "* * * * * *"
+    command: "true"
+"""
+
+
+def test_due_tasks_are_forked_once_per_second(make):
+    sup = make(EVERY)
+    sup.second(3)
+    sup.end("every")
+    assert [f[:2] for f in sup.forked] == [("every", T0)]  # max 1: seconds 2 and 3 were skipped
+    assert sup.stats.skipped == 2
+    sup.second()
+    assert sup.forked[-1][:2] == ("every", T0 + 3)
+
+
+def test_skips_by_max_are_recorded_with_the_reason(make):
+    sup = make(EVERY)
+    sup.second(2)
+    sup.records.flush()
+    rows = sup.records.query(task="every")
+    assert [r.skipped for r in rows] == ["max 1 reached", None]
+
+
+def test_max_running_caps_the_node(make):
+    sup = make("""  max_running: 2
+tasks:
+  - {name: a, schedule: "* * * * * *", command: "true", max: 5}
+  - {name: b, schedule: "* * * * * *", command: "true", max: 5}
+""")
+    sup.second(2)
+    assert len(sup.forked) == 2
+    assert sup.skipped_last == {"a": "max_running 2 reached", "b": "max_running 2 reached"}
+
+
+def test_fork_failure_is_counted_and_retried_next_second(make):
+    sup = make("""tasks:
+  - {name: fixed, schedule: "0 * * * * *", command: "true"}
+""")
+    sup.fork_error = OSError(errno.EAGAIN, "Resource temporarily unavailable")
+    sup.second()                      # T0: due, fork fails
+    assert sup.stats.fork_failures == 1 and not sup.forked
+    sup.fork_error = None
+    sup.second()
+    assert sup.forked == [("fixed", T0, False)]
+
+
+def test_reload_keeps_unchanged_tasks_and_lets_removed_runs_finish(make):
+    sup = make("""tasks:
+  - {name: keep, schedule: "* * * * * *", command: "sleep 100"}
+  - {name: gone, schedule: "* * * * * *", command: "sleep 100"}
+""")
+    sup.second()
+    assert {f[0] for f in sup.forked} == {"keep", "gone"}
+    rewrite(sup, """tasks:
+  - {name: keep, schedule: "* * * * * *", command: "sleep 100"}
+  - {name: new, schedule: "*/2 * * * * *", command: "true"}
+""")
+    accepted, problems = sup.reload("test")
+    assert accepted and problems == []
+    assert sup.killed == []                       # nothing running was disturbed
+    assert "gone" not in sup.planner and "new" in sup.planner
+    assert len(sup.by_task["gone"]) == 1          # its run goes on until it ends
+    assert "1 added, 0 changed, 1 removed" in sup.last_reload[2]
+
+
+def test_invalid_reload_keeps_everything(make):
+    sup = make(EVERY)
+    rewrite(sup, "tasks:\n  - name: every\n    schedule: '61 * * * * *'\n    command: x\n")
+    accepted, problems = sup.reload("test")
+    assert not accepted
+    assert "out of range" in problems[0] and "tasks.yaml" in problems[0]
+    assert "every" in sup.planner and sup.reload_error
+    sup.second()
+    assert sup.forked == [("every", T0, False)]
+
+
+def test_changed_daemon_is_stopped_gracefully_and_started_again(make):
+    sup = make("""tasks:
+  - {name: d, type: daemon, command: "sleep 100"}
+""")
+    sup._tend_daemons()
+    assert sup.forked == [("d", None, False)]
+    old_pid = min(sup.by_task["d"])
+    rewrite(sup, """tasks:
+  - {name: d, type: daemon, command: "sleep 200"}
+""")
+    sup.reload("test")
+    assert sup.killed == [(old_pid, signal.SIGTERM)]
+    sup._tend_daemons()
+    assert len(sup.forked) == 1                   # waits for the old instance to exit
+    sup.end("d")
+    sup._tend_daemons()
+    assert len(sup.forked) == 2
+
+
+def test_daemon_failed_starts_back_off_doubling_to_a_minute(make):
+    sup = make("""tasks:
+  - {name: crash, type: daemon, command: "false"}
+""")
+    delays = []
+    for _ in range(9):
+        sup._tend_daemons()
+        sup.end("crash", lived=0.01, exit_code=1)
+        slot = sup.daemons["crash"]
+        delays.append(slot.next_try - sup.clock.monotonic())
+        sup.clock.advance(slot.next_try - sup.clock.monotonic())
+    assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    assert slot.state == DaemonState.BACKOFF
+    sup._tend_daemons()
+    sup.end("crash", lived=3.0)                   # a healthy run resets the backoff
+    assert slot.failures == 0 and slot.state == DaemonState.RUNNING
+
+
+def test_daemon_is_not_restarted_before_its_backoff(make):
+    sup = make("""tasks:
+  - {name: crash, type: daemon, command: "false"}
+""")
+    sup._tend_daemons()
+    sup.end("crash", lived=0.01, exit_code=1)
+    sup.clock.advance(0.5)
+    sup._tend_daemons()
+    assert len(sup.forked) == 1
+    sup.clock.advance(0.6)
+    sup._tend_daemons()
+    assert len(sup.forked) == 2
+
+
+def test_reboot_tasks_run_at_start_only(make):
+    sup = make("""tasks:
+  - {name: boot, schedule: "@reboot", command: "true"}
+""")
+    sup._start_reboot_tasks()
+    assert [f[0] for f in sup.forked] == ["boot"]
+    sup.end("boot")
+    sup.reload("test")
+    sup.second(5)
+    assert len(sup.forked) == 1
+
+
+def test_shutdown_terms_every_run_then_kills_after_the_grace(make):
+    sup = make("""  shutdown_grace: 5s
+tasks:
+  - {name: a, schedule: "* * * * * *", command: "sleep 100"}
+""")
+    sup.second()
+    run = next(iter(sup.runs.values()))
+    run.pgid = 4242
+    sup.begin_shutdown("test")
+    assert sup.killed == [(run.executor_pid, signal.SIGTERM)]
+    sup.clock.advance(5)
+    sup._drive_shutdown()
+    assert (-4242, signal.SIGKILL) in sup.killed and (run.executor_pid, signal.SIGKILL) in sup.killed
+    sup.second()
+    assert len(sup.forked) == 1                   # nothing new starts while stopping
+
+
+def test_manual_run_counts_against_max(make):
+    sup = make("""tasks:
+  - {name: m, schedule: "0 0 0 1 1 *", command: "true"}
+""")
+    assert sup.control_run({"task": "m"})["run_id"]
+    with pytest.raises(Exception, match="max 1 reached"):
+        sup.control_run({"task": "m"})
+    with pytest.raises(Exception, match="not in the task file"):
+        sup.control_run({"task": "nope"})
+
+
+def test_fork_refuses_when_another_thread_runs(make):
+    sup = make(EVERY)
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        with pytest.raises(RuntimeError, match="single-threaded"):
+            Supervisor.fork(sup, None)
+    finally:
+        stop.set()
+        thread.join()

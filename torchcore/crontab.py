@@ -1,0 +1,865 @@
+"""Crontabs in, task-file entries out: the parsing and conversion behind ``torchcore import``.
+
+A crontab is read the way Vixie cron and cronie read it: blank lines and ``#`` lines are
+comments, ``NAME = value`` lines set the environment of the lines below them, every other
+line is a job (``min hour dom month dow [user] command`` or ``@macro [user] command``).
+Each job becomes an :class:`Entry`; a line that cannot be converted becomes a
+:class:`Problem` and is kept as a comment by the emitter (never dropped).
+
+>>> result = convert("MAILTO=ops\\n*/15 9-17 * * mon-fri /usr/bin/sync.sh --all\\n", "web1")
+>>> [(e.name, e.schedule, e.command) for e in result.entries]
+[('sync.sh', '*/15 9-17 * * mon-fri', '/usr/bin/sync.sh --all')]
+"""
+
+import dataclasses
+import hashlib
+import ipaddress
+import os
+import re
+import shlex
+import unicodedata
+import zoneinfo
+
+import yaml
+
+from torchcore.errors import TorchcoreError
+
+DEFAULT_SHELL = "/bin/sh"
+# Shells whose `-c` text takes the POSIX `printf ... | ( ... )` form used for %-stdin.
+POSIX_SHELLS = {"sh", "bash", "dash", "ash", "ksh", "mksh", "zsh", "yash", "posh"}
+MACROS = {  # cron's @macros -> what torchcore's schedule accepts (same meaning)
+    "@yearly": "@yearly", "@annually": "@yearly", "@monthly": "@monthly",
+    "@weekly": "@weekly", "@daily": "@daily", "@midnight": "@daily", "@hourly": "@hourly",
+    "@reboot": "@reboot",
+}
+MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+DAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+FIELDS = [  # (name, low, high, names)
+    ("minute", 0, 59, None), ("hour", 0, 23, None), ("day-of-month", 1, 31, None),
+    ("month", 1, 12, MONTHS), ("day-of-week", 0, 7, DAYS)]
+MAIL_VARS = {"MAILTO", "MAILFROM", "CONTENT_TYPE", "CONTENT_TRANSFER_ENCODING"}
+NAME_MAX = 64
+_NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class CrontabError(TorchcoreError):
+    """One crontab line cannot be converted; the message says why."""
+
+
+@dataclasses.dataclass
+class Entry:
+    """One converted job: everything a task needs, plus where it came from."""
+
+    source: str
+    lineno: int
+    text: str                       # the original line, as written
+    schedule: str                   # as emitted (5 fields, or a macro)
+    command: object                 # str (run by /bin/sh -c) or list (argv)
+    user: str | None = None
+    env: dict = dataclasses.field(default_factory=dict)
+    timezone: str | None = None
+    cwd: str | None = None
+    notes: list = dataclasses.field(default_factory=list)      # comments about the conversion
+    ips: list = dataclasses.field(default_factory=list)
+    hosts: list = dataclasses.field(default_factory=list)
+    name: str = ""
+    task: object = None             # the config.Task it loads as, once validated
+
+    @property
+    def description(self):
+        return f"imported from {self.source} line {self.lineno}"
+
+
+@dataclasses.dataclass
+class Problem:
+    """A line that could not be converted; it is reported and kept as a comment."""
+
+    source: str
+    lineno: int
+    text: str
+    reason: str
+
+    def __str__(self):
+        return f"{self.source}:{self.lineno}: cannot convert: {self.reason}"
+
+
+@dataclasses.dataclass
+class Comment:
+    """A crontab line kept as a comment only (a comment or an environment assignment)."""
+
+    source: str
+    lineno: int
+    text: str
+
+
+@dataclasses.dataclass
+class ImportResult:
+    """Everything read from one or more crontabs, in order."""
+
+    items: list = dataclasses.field(default_factory=list)    # Entry | Problem | Comment
+    warnings: list = dataclasses.field(default_factory=list)
+
+    @property
+    def entries(self):
+        return [i for i in self.items if isinstance(i, Entry)]
+
+    @property
+    def problems(self):
+        return [i for i in self.items if isinstance(i, Problem)]
+
+
+# --- environment lines --------------------------------------------------------------------
+
+def parse_env(line):
+    """Return ``(name, value)`` if ``line`` is an environment assignment as cron reads it, else None.
+
+    Quotes around the name or the value are removed (no escapes inside them), spaces around
+    ``=`` are allowed, an unquoted value loses its trailing blanks.
+
+    >>> parse_env('FOO = "a b"')
+    ('FOO', 'a b')
+    >>> parse_env("0 * * * * cmd") is None
+    True
+    """
+    m = re.fullmatch(r"""[ \t]*(?:"([^"=]*)"|'([^'=]*)'|((?!['"])[^\s=]*))\s*=\s*(.*)""",
+                     line, re.DOTALL)
+    if not m:
+        return None
+    name = next(g for g in m.groups()[:3] if g is not None)
+    rest = m.group(4)
+    if rest[:1] in ("'", '"'):
+        q = rest[0]
+        end = rest.find(q, 1)
+        if end < 0 or rest[end + 1:].strip():
+            return None
+        value = rest[1:end]
+    else:
+        value = rest.rstrip()
+    return name, value
+
+
+# --- the % rule -------------------------------------------------------------------------------
+
+def split_percent(command):
+    """Split a crontab command at its first unescaped ``%`` the way cron does.
+
+    Returns ``(command, stdin)``: in the command ``\\%`` becomes ``%``; ``stdin`` is None when
+    there is no unescaped ``%``, else the exact text cron writes to the job's standard input
+    (later ``%`` become newlines, ``\\%`` a literal ``%``, and a newline is added when the
+    text written does not end with one).
+
+    >>> split_percent(r"date +\\%F")
+    ('date +%F', None)
+    >>> split_percent("mail -s hi root%line one%line two")
+    ('mail -s hi root', 'line one\\nline two\\n')
+    """
+    out, i, escaped = [], 0, False
+    while i < len(command):
+        ch = command[i]
+        if escaped:
+            if ch == "%":
+                out[-1] = "%"
+            else:
+                out.append(ch)
+            escaped = False
+        elif ch == "%":
+            return "".join(out), _stdin_text(command[i + 1:])
+        else:
+            out.append(ch)
+            escaped = ch == "\\"
+        i += 1
+    return "".join(out), None
+
+
+def _stdin_text(data):
+    """The bytes cron writes to stdin for the text after the first ``%`` (as a str)."""
+    out, escaped, need_newline = [], False, False
+    for ch in data:
+        if escaped:
+            if ch != "%":
+                out.append("\\")
+        elif ch == "%":
+            ch = "\n"
+        escaped = ch == "\\"
+        if not escaped:
+            out.append(ch)
+            need_newline = ch != "\n"
+    if escaped:
+        out.append("\\")
+    if need_newline:
+        out.append("\n")
+    return "".join(out)
+
+
+def with_stdin(command, data):
+    """Shell text that runs ``command`` with exactly ``data`` on its standard input.
+
+    ``printf '%s'`` writes the bytes unchanged (a builtin: no argument-length limit) and the
+    command runs in a subshell, on lines of its own, so ``;``, ``&&`` and a trailing ``#``
+    comment in it behave as before and every part of it reads the same pipe cron gave it.
+    """
+    return f"printf '%s' {shlex.quote(data)} | (\n{command}\n)"
+
+
+# --- schedules --------------------------------------------------------------------------------
+
+def _number(token, field):
+    name, low, high, names = field
+    if token.isdigit():
+        value = int(token)
+    elif names and token.lower() in names:
+        value = names.index(token.lower()) + (low if name == "month" else 0)
+    else:
+        allowed = f" or a name ({names[0]}-{names[-1 if name == 'month' else -2]})" if names else ""
+        raise CrontabError(f"{name} field: {token!r} is not a number{allowed}")
+    if not low <= value <= high:
+        raise CrontabError(f"{name} field: {value} is out of range {low}-{high}")
+    return value
+
+
+def parse_field(text, field):
+    """The set of values one cron field allows (Vixie cron's grammar), or CrontabError.
+
+    >>> sorted(parse_field("1-7/3,mon", ("day-of-week", 0, 7, DAYS)))
+    [1, 4, 7]
+    """
+    name, low, high, _ = field
+    values = set()
+    for part in text.split(","):
+        body, slash, step_text = part.partition("/")
+        if "~" in body:
+            raise CrontabError(f"{name} field: random ranges ('~') are not supported")
+        if body == "*":
+            first, last = low, high
+        elif "-" in body:
+            a, b = body.split("-", 1)
+            first, last = _number(a, field), _number(b, field)
+            if first > last:
+                raise CrontabError(f"{name} field: range {body!r} runs backwards")
+        else:
+            first = last = _number(body, field)
+            if step_text:
+                raise CrontabError(f"{name} field: {part!r} (a single value with a step) means "
+                                   "different things to different crons; write a range")
+        step = 1
+        if slash:
+            if not step_text.isdigit() or int(step_text) == 0:
+                raise CrontabError(f"{name} field: step {step_text!r} must be a number above 0")
+            step = int(step_text)
+        values.update(range(first, last + 1, step))
+    return values
+
+
+def check_fields(fields):
+    """Validate five cron fields (raise CrontabError naming the wrong one) and return them.
+
+    They are kept as written: torchcore reads names, ranges, steps and ``7`` for Sunday as
+    cron does, and applies cron's day rule (when day-of-month or day-of-week starts with
+    ``*`` a day must match both, otherwise either).
+    """
+    for text, field in zip(fields, FIELDS):
+        parse_field(text, field)
+    return fields
+
+
+# --- job lines --------------------------------------------------------------------------------
+
+def parse_job(line, system):
+    """Split a job line into ``(schedule, user, command, notes)`` or raise CrontabError."""
+    notes = []
+    rest = line.lstrip(" \t")
+    if rest.startswith("-"):
+        rest = rest[1:]
+        notes.append("cron's '-' flag (do not log to syslog) dropped: torchcore records every run")
+    if rest.startswith("@"):
+        word, rest = _split_word(rest)
+        if word not in MACROS:
+            raise CrontabError(f"unknown time macro {word!r} "
+                               f"(cron knows {', '.join(sorted(MACROS))})")
+        schedule = MACROS[word]
+    else:
+        fields = []
+        for name, *_ in FIELDS:
+            word, rest = _split_word(rest)
+            if not word:
+                raise CrontabError(f"the line ends before its {name} field")
+            fields.append(word)
+        schedule = " ".join(check_fields(fields))
+    user = None
+    if system:
+        user, rest = _split_word(rest)
+        if not user:
+            raise CrontabError("the line has no user column (system crontab format)")
+    if not rest.strip() or (not system and rest.startswith("*")):
+        raise CrontabError("no command after the schedule"
+                           + ("" if system else " (or a 6th time field: not valid in a crontab)"))
+    return schedule, user, rest, notes
+
+
+def _split_word(text):
+    """Cron's field splitting: a run of non-blanks, then the blanks after it are skipped."""
+    m = re.match(r"([^ \t]*)[ \t]*", text)
+    return m.group(1), text[m.end():]
+
+
+# --- whole crontabs ---------------------------------------------------------------------------
+
+def convert(text, source, system=False, user=None):
+    """Convert one crontab's text; ``source`` names it in comments, descriptions and messages.
+
+    ``system``: the ``/etc/crontab`` format, with a user column before the command.
+    ``user``: the ``user:`` to give every task of a user crontab (None: leave it out).
+    """
+    result = ImportResult()
+    env = {}
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    elif lines[-1].strip():
+        result.warnings.append(f"{source}:{len(lines)}: no newline at the end of the file "
+                               "(cron ignores such a last line); converted anyway")
+    if any(line.endswith("\r") for line in lines):
+        result.warnings.append(f"{source}: carriage returns at line ends (CRLF) were dropped")
+    for lineno, line in enumerate(lines, 1):
+        result.items.append(_convert_line(line.removesuffix("\r"), lineno, source, env,
+                                          system, user))
+    result.items = [item for item in result.items if item is not None]
+    return result
+
+
+def _convert_line(line, lineno, source, env, system, user):
+    """One line -> Entry, Problem, Comment or None (blank); updates ``env`` on assignments."""
+    stripped = line.strip(" \t")
+    if not stripped:
+        return None
+    if re.search("[\udc80-\udcff]", line):   # bytes that are not UTF-8, shown as latin-1
+        shown = line.encode("utf-8", "surrogateescape").decode("latin-1")
+        if stripped.startswith("#"):
+            return Comment(source, lineno, shown)
+        return Problem(source, lineno, shown, "the line is not valid UTF-8")
+    if stripped.startswith("#"):
+        return Comment(source, lineno, line)
+    assignment = parse_env(line)
+    try:
+        if assignment:
+            _assign(env, *assignment)
+            return Comment(source, lineno, line)
+        return _entry(line, lineno, source, env, system, user)
+    except CrontabError as exc:
+        return Problem(source, lineno, line, str(exc))
+
+
+def _assign(env, name, value):
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise CrontabError(f"environment variable name {name!r} cannot be set by a task "
+                           "(names are [A-Za-z_][A-Za-z0-9_]*); it is not set for the lines below")
+    if name == "CRON_TZ" and value:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+            env[name] = None   # poisons the lines below: they are reported, not guessed
+            raise CrontabError(f"{name}={value!r} is not a known IANA time zone; "
+                               "the lines below it cannot be converted") from None
+    env[name] = value
+
+
+def _entry(line, lineno, source, env, system, user):
+    schedule, line_user, command, notes = parse_job(line, system)
+    shell = env.get("SHELL") or DEFAULT_SHELL
+    if env.get("CRON_TZ", "") is None:
+        raise CrontabError("an invalid CRON_TZ above this line leaves its time zone unknown")
+    zone = env.get("CRON_TZ") or _tz_zone(env.get("TZ"), notes)
+    cmd, stdin = split_percent(command)
+    if stdin is not None and cmd.strip() == "":
+        raise CrontabError("the command before '%' is empty")
+    if stdin:
+        if os.path.basename(shell) not in POSIX_SHELLS:
+            raise CrontabError(f"'%' standard input with SHELL={shell}: "
+                               "only POSIX shells can be given it in the command")
+        notes.append("the text after '%' is fed to the command's standard input, as cron did")
+        if cmd.count("'") % 2 or cmd.count('"') % 2:
+            notes.append("that '%' is inside quotes: cron split the command there all the same; "
+                         "write '\\%' for a literal %")
+        cmd = with_stdin(cmd, stdin)
+    for var in sorted(MAIL_VARS & env.keys()):
+        notes.append(f"{var}={env[var]} (cron mailed the output there; torchcore logs it)"
+                     if env[var] else f"{var}= (cron mailed nothing)")
+    return Entry(
+        source=source, lineno=lineno, text=line, schedule=schedule,
+        command=cmd if shell == DEFAULT_SHELL else [shell, "-c", cmd],
+        user=line_user if system else user,
+        env={k: v for k, v in env.items() if k not in MAIL_VARS and k != "CRON_TZ"},
+        timezone=zone, cwd=_cwd(env, notes), notes=notes,
+        name=base_name(split_percent(command)[0]))
+
+
+# --- names ------------------------------------------------------------------------------------
+
+# Programs that only wrap the real one: (their options that take a value, positionals to skip).
+WRAPPERS = {
+    "nice": ({"-n", "--adjustment"}, 0), "ionice": ({"-c", "-n", "-p", "-t"}, 0),
+    "nohup": (set(), 0), "timeout": ({"-s", "-k", "--signal", "--kill-after"}, 1),
+    "flock": ({"-w", "-E", "--timeout", "--conflict-exit-code"}, 1), "env": ({"-u", "-C"}, 0),
+    "chronic": (set(), 0), "cronic": (set(), 0), "time": ({"-f", "-o"}, 0),
+    "exec": ({"-a"}, 0), "command": (set(), 0), "sudo": ({"-u", "-g", "-C", "-h"}, 0),
+    "run-one": (set(), 0), "setlock": (set(), 1), "stdbuf": ({"-i", "-o", "-e"}, 0),
+}
+# Programs that rarely name a job (`cd /x && real-job`): skipped unless nothing else is left.
+MINOR = {"cd", "test", "[", "[[", "true", "false", ":", "sleep", "export", "set", "umask",
+         "source", ".", "ulimit", "echo", "printf", "cat", "exit"}
+SHELL_WORDS = {"if", "then", "else", "elif", "fi", "do", "done", "while", "until", "for", "{",
+               "}", "!", "[[", "]]"}
+SEPARATORS = {";", "&", "&&", "|", "||", "(", ")", ";;", "|&"}
+
+
+def base_name(command):
+    """A readable task name from a shell command: program basename and first real argument.
+
+    >>> base_name("cd / && nice -n 10 /usr/local/bin/backup.sh --full /srv/db >/dev/null 2>&1")
+    'backup.sh-db'
+    """
+    words = _simple_commands(command)
+    chosen = next((w for w in words if _program(w)[0] not in MINOR), words[0] if words else [])
+    prog, args = _program(chosen)
+    if prog in ("sh", "bash", "dash", "zsh", "ksh") and args[:1] == ["-c"] and len(args) > 1:
+        return base_name(args[1])
+    arg = next((a for a in args
+                if not a.startswith("-") and a != "/dev/null" and not a.isdigit()), "")
+    parts = [sanitize(prog)] + ([sanitize(_last_component(arg))] if arg else [])
+    parts = [p for p in parts if p]
+    if len(parts) == 2 and parts[0] == parts[1]:
+        parts.pop()
+    return "-".join(p[:30] for p in parts) or "task"
+
+
+def _simple_commands(command):
+    """The command split into lists of words, one per simple command; redirections dropped."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=";&|()<>")
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
+    try:
+        tokens = list(lexer)
+    except ValueError:   # an unbalanced quote: a plain split is good enough for a name
+        tokens = command.split()
+    commands, current, skip_next = [], [], False
+    for i, tok in enumerate(tokens):
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
+        if skip_next or tok in SHELL_WORDS:
+            skip_next = False
+        elif tok in SEPARATORS:
+            commands.append(current)
+            current = []
+        elif tok and set(tok) <= set("<>&"):
+            skip_next = True    # a redirection: its target is no argument
+        elif not (tok.isdigit() and nxt[:1] in ("<", ">")):
+            current.append(tok)
+    commands.append(current)
+    return [c for c in commands if c]
+
+
+def _program(words):
+    """``(program basename, its arguments)`` after leading assignments and wrappers."""
+    words = list(words)
+    while words:
+        if re.match(r"[A-Za-z_][A-Za-z0-9_]*=", words[0]):
+            words.pop(0)
+            continue
+        prog = os.path.basename(words[0].rstrip("/")) or words[0]
+        if prog not in WRAPPERS:
+            return prog, words[1:]
+        valued, positional = WRAPPERS[prog]
+        words.pop(0)
+        while words and (words[0].startswith("-") or re.match(r"[A-Za-z_]\w*=", words[0])):
+            opt = words.pop(0)
+            if opt in valued and words:
+                words.pop(0)
+        del words[:positional]
+    return "", []
+
+
+def _last_component(arg):
+    """``/etc/cron.daily`` -> ``cron.daily``; a URL -> its last path part (or its host)."""
+    if "://" in arg:
+        arg = arg.split("://", 1)[1].split("?", 1)[0]
+    parts = [p for p in arg.split("/") if p]
+    return parts[-1] if parts else arg
+
+
+def sanitize(text):
+    """Keep ``[A-Za-z0-9._-]`` (accents dropped: é -> e); other runs become one ``-``."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return _NAME_BAD.sub("-", text).strip("-._")
+
+
+def assign_names(entries, prefix="", taken=()):
+    """Give every entry a unique, stable name: the same crontab always gets the same names.
+
+    A name derived from the command is used as is when no other entry (and nothing in
+    ``taken``) shares it; entries that share one get a suffix from a short hash of their
+    schedule, then of schedule and command; truly identical lines are numbered in order.
+    """
+    prefix = prefix + "-" if prefix and prefix[-1] not in "-._" else prefix
+    room = NAME_MAX - len(prefix) - 7
+    bases = [prefix + e.name[:room].rstrip("-._") for e in entries]
+    used = set(taken)
+    counts = {}
+    for b in bases:
+        counts[b] = counts.get(b, 0) + 1
+    for entry, base in zip(entries, bases):
+        candidates = [] if counts[base] > 1 or base in used else [base]
+        candidates += [f"{base}-{_short_hash(entry.schedule)}",
+                       f"{base}-{_short_hash(entry.schedule, repr(entry.command), entry.user)}"]
+        name = next((c for c in candidates if c not in used), None)
+        n = 2
+        while name is None or name in used:
+            name, n = f"{candidates[-1]}-{n}", n + 1
+        used.add(name)
+        entry.name = name
+    return entries
+
+
+def _short_hash(*parts):
+    return hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()[:6]
+
+
+def check_zone(zone):
+    """Raise CrontabError unless ``zone`` is None or a known IANA time zone."""
+    if zone is not None:
+        try:
+            zoneinfo.ZoneInfo(zone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+            raise CrontabError(f"--timezone {zone!r} is not a known IANA time zone "
+                               "(e.g. Europe/Paris, UTC)") from None
+
+
+def check_prefix(prefix):
+    """Raise CrontabError unless ``prefix`` can start a task name."""
+    if prefix and (not re.fullmatch(r"[A-Za-z0-9._-]+", prefix) or len(prefix) > 40):
+        raise CrontabError(f"--prefix {prefix!r}: use at most 40 of A-Z a-z 0-9 . _ -")
+
+
+# --- YAML text --------------------------------------------------------------------------------
+
+_YAML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r", "\0": "\\0",
+                 "\x85": "\\N", "\u2028": "\\L", "\u2029": "\\P", "\ufeff": "\\uFEFF"}
+_PRINTABLE = re.compile("[\x20-\x7e\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def yaml_str(text):
+    """A YAML double-quoted scalar that reads back as exactly ``text``, on one line.
+
+    >>> print(yaml_str('a "b" #c: \\\\d'))
+    "a \\"b\\" #c: \\\\d"
+    """
+    out = []
+    for ch in text:
+        if ch in _YAML_ESCAPES:
+            out.append(_YAML_ESCAPES[ch])
+        elif _PRINTABLE.match(ch):
+            out.append(ch)
+        elif ord(ch) <= 0xFF:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}")
+    return '"' + "".join(out) + '"'
+
+
+def comment_text(text):
+    """``text`` made safe inside a YAML comment (one line, printable characters only)."""
+    return "".join(ch if _PRINTABLE.match(ch) and ch not in "\x85\u2028\u2029\ufeff"
+                   else yaml_str(ch)[1:-1] for ch in text)
+
+
+def yaml_list(values):
+    return "[" + ", ".join(yaml_str(v) for v in values) + "]"
+
+
+def task_lines(entry, indent="  ", shell=DEFAULT_SHELL):
+    """The YAML lines of one task, with its original line and notes as comments above it.
+
+    ``shell``: the task file's ``settings.shell``; when it is not /bin/sh, a string command
+    is written as ``["/bin/sh", "-c", ...]`` so it still runs under the shell cron used.
+    """
+    command = entry.command
+    if isinstance(command, str) and shell != DEFAULT_SHELL:
+        command = [DEFAULT_SHELL, "-c", command]
+    lines = [f"{indent}# {comment_text(f'{entry.source}:{entry.lineno}: {entry.text}')}"]
+    lines += [f"{indent}# note: {comment_text(n)}" for n in entry.notes]
+    body = [("name", yaml_str(entry.name)), ("description", yaml_str(entry.description)),
+            ("schedule", yaml_str(entry.schedule)),
+            ("command", yaml_list(command) if isinstance(command, list) else yaml_str(command))]
+    for key in ("user", "timezone", "cwd"):
+        if getattr(entry, key):
+            body.append((key, yaml_str(getattr(entry, key))))
+    for key in ("ips", "hosts"):
+        if getattr(entry, key):
+            body.append((key, yaml_list(getattr(entry, key))))
+    lines += [f"{indent}{'- ' if i == 0 else '  '}{k}: {v}" for i, (k, v) in enumerate(body)]
+    if entry.env:
+        lines.append(f"{indent}  env:")
+        lines += [f"{indent}    {yaml_str(k)}: {yaml_str(v)}" for k, v in sorted(entry.env.items())]
+    return lines
+
+
+def item_lines(item, indent="  ", shell=DEFAULT_SHELL):
+    """YAML lines (comments only, except for an Entry) for one item of an ImportResult."""
+    if isinstance(item, Entry):
+        return task_lines(item, indent, shell)
+    if isinstance(item, Problem):
+        text = f"{item.source}:{item.lineno}: NOT CONVERTED ({item.reason}): {item.text}"
+    elif item.text.lstrip(" \t").startswith("#"):
+        text = item.text.lstrip(" \t")[1:].lstrip(" ")
+    else:
+        text = f"{item.source}:{item.lineno}: {item.text}"
+    return [f"{indent}# {comment_text(text)}"]
+
+
+def render(result, sources):
+    """The whole task file for an import: a header, then ``tasks:`` with every item in order."""
+    lines = [f"# Imported by `torchcore import` from {comment_text(', '.join(sources))}.",
+             "# Above each task: its original crontab line; lines that could not be",
+             "# converted are kept as comments marked NOT CONVERTED."]
+    lines.append("tasks:" if result.entries else "tasks: []")
+    for item in result.items:
+        lines += item_lines(item)
+    return "\n".join(lines) + "\n"
+
+
+def targeting(ips=(), hosts=()):
+    """Normalized ``(ips, hosts)`` for ``--ip``/``--host``; CrontabError on a bad address."""
+    out = []
+    for text in ips:
+        try:
+            out.append(str(ipaddress.ip_address(text)) if "/" not in text
+                       else str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise CrontabError(f"--ip {text!r} is not an IP address or CIDR network") from None
+    for host in hosts:
+        if not host or any(c.isspace() for c in host):
+            raise CrontabError(f"--host {host!r} is not a hostname pattern")
+    return out, list(hosts)
+
+
+def _tz_zone(tz, notes):
+    """``TZ`` as the task's zone when it names one; cron itself scheduled by local time."""
+    if not tz:
+        return None
+    try:
+        zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        notes.append(f"TZ={tz} is not an IANA zone: kept in env only, the schedule stays in "
+                     "local time as under cron")
+        return None
+    return tz
+
+
+def _cwd(env, notes):
+    """Cron starts a job in $HOME: an assigned HOME becomes the task's ``cwd``."""
+    home = env.get("HOME")
+    if home and not home.startswith("/"):
+        notes.append(f"HOME={home} is not an absolute path: cron's start directory left out")
+        return None
+    return home or None
+
+
+# --- checking against the task-file loader ------------------------------------------------------
+
+def validate(result, shell=DEFAULT_SHELL, zone=None):
+    """Turn every entry the task-file loader rejects into a Problem (kept as a comment).
+
+    Each task is loaded on its own by the same code ``torchcore check`` uses, so what is
+    emitted is accepted, and a rejected line says why. ``shell`` and ``zone`` are the
+    target file's ``settings.shell`` and ``settings.timezone``.
+    """
+    for i, item in enumerate(result.items):
+        if isinstance(item, Entry):
+            try:
+                item.task = load_entry(item, shell, zone)
+            except TorchcoreError as exc:
+                reasons = [p.split(": ", 2)[-1] for p in getattr(exc, "problems", [str(exc)])]
+                result.items[i] = Problem(item.source, item.lineno, item.text, "; ".join(reasons))
+    return result
+
+
+def load_entry(entry, shell=DEFAULT_SHELL, zone=None):
+    """The config.Task an entry becomes in a file with these settings (ConfigError if none)."""
+    from torchcore import config  # the loader, imported late: crontab parsing does not need it
+    head = f"settings:\n  timezone: {yaml_str(zone)}\n" if zone else ""
+    return config.loads(f"{head}tasks:\n" + "\n".join(task_lines(entry, shell=shell)) + "\n",
+                        "tasks.yaml").tasks[0]
+
+
+# --- merging into an existing task file ---------------------------------------------------------
+
+@dataclasses.dataclass
+class Merged:
+    """What a merge did: the new file text and one line per collapsed or added task."""
+
+    text: str
+    collapsed: list   # (entry, existing task name, added targets)
+    added: list       # entries appended as new tasks
+    zone: str | None  # the file's settings.timezone
+
+
+def identity(task):
+    """What makes two tasks "the same job": everything but name, description and targeting."""
+    text = task.schedule_text
+    if text and not text.startswith("@") and len(text.split()) == 5:
+        text = "0 " + text
+    return dataclasses.replace(task, name="", description="", ips=(), hosts=(),
+                               schedule_text=" ".join(text.split()) if text else text)
+
+
+def merge(existing_text, path, result, prefix=""):
+    """Merge imported entries into a task file's text, keeping that text as written.
+
+    An entry identical to an existing task (see :func:`identity`) adds its ``ips``/``hosts``
+    to that task in place; the others are appended to the ``tasks:`` list with their
+    comments. The file must be valid first (CrontabError otherwise), and the result is
+    loaded again before it is returned.
+    """
+    from torchcore import config
+    try:
+        taskfile = config.loads(existing_text, path)
+    except TorchcoreError as exc:
+        raise CrontabError(f"refusing to merge into {path}: it is not a valid task file:\n{exc}") from None
+    shell, zone = taskfile.settings.shell, taskfile.settings.timezone
+    assign_names(result.entries, prefix, taken={t.name for t in taskfile.tasks})
+    validate(result, shell, zone)
+    root = yaml.compose(existing_text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    nodes = _task_nodes(root)
+    by_identity, shared = {}, _shared_nodes(nodes)
+    for task, node in zip(taskfile.tasks, nodes):
+        if _editable(node, shared):
+            by_identity.setdefault(identity(task), (task, node))
+    edits, collapsed, added, items = [], [], [], []
+    for item in result.items:
+        match = by_identity.pop(identity(item.task), None) \
+            if isinstance(item, Entry) else None
+        if match is None:
+            items.append(item)
+            added += [item] if isinstance(item, Entry) else []
+            continue
+        targets = _add_targets(match[0], match[1], item, existing_text, edits)
+        collapsed.append((item, match[0].name, targets))
+        items.append(Comment(item.source, item.lineno,
+                             f"{item.text}  -> same job as task '{match[0].name}'"))
+    if any(isinstance(item, (Entry, Problem)) for item in items):
+        edits.append(_append_edit(existing_text, root, items, shell))
+    text = _apply(existing_text, edits)
+    _check_merged(text, path, collapsed, added)
+    return Merged(text, collapsed, added, zone)
+
+
+def _task_nodes(root):
+    """The mapping nodes of the ``tasks`` list (in file order), from a composed document."""
+    seq = _tasks_value(root)
+    return list(seq.value) if isinstance(seq, yaml.SequenceNode) else []
+
+
+def _tasks_value(root):
+    if isinstance(root, yaml.MappingNode):
+        for key, value in root.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == "tasks":
+                return value
+    return None
+
+
+def _shared_nodes(mappings):
+    """ids of the value nodes that more than one task mapping holds (YAML aliases)."""
+    seen, shared = set(), set()
+    for mapping in mappings:
+        if isinstance(mapping, yaml.MappingNode):
+            for node in {id(v): v for _, v in mapping.value}:
+                (shared if node in seen else seen).add(node)
+    return shared
+
+
+def _editable(mapping, shared):
+    """Whether a task's targeting can be extended in place without touching other tasks.
+
+    Not for a flow mapping, a task taking keys from a ``<<`` merge, or an ``ips``/``hosts``
+    list shared through an anchor: such a task is left alone and the import appended.
+    """
+    if not isinstance(mapping, yaml.MappingNode) or mapping.flow_style:
+        return False
+    keys = {k.value: v for k, v in mapping.value if isinstance(k, yaml.ScalarNode)}
+    if "<<" in keys:
+        return False
+    return not any(id(keys[k]) in shared for k in ("ips", "hosts") if k in keys)
+
+
+def _add_targets(task, node, entry, text, edits):
+    """Edits adding the entry's ips/hosts that ``task`` lacks; returns what was added."""
+    if not task.ips and not task.hosts:
+        return []          # the task already runs on every node
+    have_ips = {str(n) for n in task.ips}
+    new_ips = [ip for ip in entry.ips if str(ipaddress.ip_network(ip, strict=False)) not in have_ips]
+    new_hosts = [h for h in entry.hosts if h not in task.hosts]
+    for key, values in (("ips", new_ips), ("hosts", new_hosts)):
+        if values:
+            edits.append(_list_edit(node, key, values, text))
+    return new_ips + new_hosts
+
+
+def _list_edit(mapping, key, values, text):
+    """One edit ``(start, end, replacement)`` adding ``values`` to list ``key`` of a task."""
+    pairs = {k.value: (k, v) for k, v in mapping.value}
+    if key not in pairs:
+        name_key, name_value = pairs["name"]
+        at = _line_end(text, name_value.end_mark.index)
+        line = f"\n{' ' * name_key.start_mark.column}{key}: {yaml_list(values)}"
+        return at, at, line
+    seq = pairs[key][1]
+    if seq.flow_style:
+        at = seq.end_mark.index - 1          # just before the closing ]
+        return at, at, (", " if seq.value else "") + ", ".join(yaml_str(v) for v in values)
+    at = _line_end(text, seq.value[-1].end_mark.index)
+    indent = " " * seq.start_mark.column
+    return at, at, "".join(f"\n{indent}- {yaml_str(v)}" for v in values)
+
+
+def _line_end(text, index):
+    end = text.find("\n", index)
+    return len(text) if end < 0 else end
+
+
+def _append_edit(text, root, items, shell):
+    """The edit appending ``items`` (tasks and comments) to the end of the tasks list."""
+    seq = _tasks_value(root)
+    if isinstance(seq, yaml.SequenceNode) and not seq.flow_style and seq.value:
+        indent = " " * seq.start_mark.column
+        block = [line for item in items for line in item_lines(item, indent, shell)]
+        at = seq.end_mark.index
+        if at >= len(text):       # the list runs to the end of the file
+            lead = "" if text.endswith("\n") else "\n"
+            return len(text), len(text), lead + "\n".join(block) + "\n"
+        at -= seq.end_mark.column  # the start of the line of whatever follows the list
+        return at, at, "\n".join(block) + "\n"
+    if isinstance(seq, yaml.SequenceNode) and not seq.value:
+        block = [line for item in items for line in item_lines(item, "  ", shell)]
+        if not any(isinstance(i, Entry) for i in items):
+            return len(text), len(text), "".join(f"\n{line}" for line in block)
+        return seq.start_mark.index, seq.end_mark.index, "\n" + "\n".join(block)
+    raise CrontabError("the 'tasks' list is written in flow style [...]; write it as a "
+                       "block list (one '- name: ...' per task) to merge into it")
+
+
+def _apply(text, edits):
+    for start, end, replacement in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
+        text = text[:start] + replacement + text[end:]
+    return text
+
+
+def _check_merged(text, path, collapsed, added):
+    """Load the merged text again; any surprise is an error, never a silently wrong file."""
+    from torchcore import config
+    try:
+        merged = config.loads(text, path)
+    except TorchcoreError as exc:
+        raise CrontabError(f"merging into {path} produced an invalid file (nothing written):\n"
+                           f"{exc}") from None
+    names = {t.name for t in merged.tasks}
+    missing = [e.name for e in added if e.name not in names]
+    if missing:
+        raise CrontabError(f"merging into {path} lost tasks {missing} (nothing written)")
