@@ -132,3 +132,164 @@ def test_wall_clock_steps_under_a_running_daemon(daemons, monkeypatch, figures):
     doubled = len(seconds) - len(set(seconds))
     assert lost == [] and doubled == 0
     figures.add(faults=6, runs=len(started(every)) + len(hourly) + 90, lost=len(lost), doubled=doubled)
+
+
+# ---- a stopped supervisor, a killed supervisor -------------------------------------------------
+
+def test_sigstop_for_20s_the_executor_still_times_out_and_the_stall_is_caught_up(daemons, figures):
+    d = daemons("""tasks:
+  - {name: slow, schedule: "* * * * * *", command: "sleep 60", timeout: 5s, kill_grace: 1s}
+  - {name: tick, schedule: "* * * * * *", command: "true", max: 3}
+""").start()
+    wait_for(lambda: processes_with("sleep 60"), 10, "the slow run")
+    time.sleep(1)
+    stopped_at = time.time()
+    d.signal(signal.SIGSTOP)
+    time.sleep(20)
+    d.signal(signal.SIGCONT)
+    resumed = time.time()
+    time.sleep(3)
+    assert d.stop() == 0
+    slow = [r for r in started(d.runs("slow")) if r["started"] < stopped_at]
+    assert slow and slow[-1]["timed_out"] and slow[-1]["ended"] < stopped_at + 5 + 1 + 3
+    assert d.log.count("s were skipped (stall or clock step)") >= 1
+    tick = d.runs("tick")
+    stall = [r for r in tick if r["missed"] and stopped_at < r["scheduled"] <= resumed + 1]
+    assert stall and int(re.search(r"missed (\d+)", stall[0]["skipped"]).group(1)) >= 15
+    ran = [r["scheduled"] for r in started(tick)]
+    assert any(stopped_at + 15 < s <= resumed + 1 for s in ran)   # its latest second ran
+    first, last = min(ran), max(ran)
+    lost = lost_seconds(tick, first, last)
+    assert lost == [] and len(ran) == len(set(ran))
+    figures.add(faults=2, runs=last - first + 1 + len(slow), lost=len(lost),
+                doubled=len(ran) - len(set(ran)))
+
+
+def test_kill9_then_restart_keeps_max_and_every_started_run_gets_its_end_record(daemons, figures):
+    """Records complete: every run either supervisor started has exactly one row, and that row
+    has an end (written by its executor when the supervisor was gone) or, for an executor that
+    vanished with it, says it was lost.  No row stays open; no (task, second) started twice."""
+    d = daemons("""tasks:
+  - {name: single, schedule: "* * * * * *", command: "sleep 3", max: 1}
+  - {name: short, schedule: "* * * * * *", command: "sleep 1.5", max: 3}
+""").start()
+    wait_for(lambda: len(started(d.runs("short"))) >= 3, 10, "runs in flight")
+    d.proc.kill()
+    d.proc.wait()
+    killed_at = time.time()
+    d.start()
+    time.sleep(5)
+    assert d.stop() == 0
+    rows = d.runs()
+    ran = started(rows)
+    assert all(r["ended"] is not None for r in ran)                   # nothing left open
+    before = [r for r in ran if r["started"] < killed_at]
+    assert len(before) >= 3
+    assert all(r["exit_code"] == 0 for r in before)                   # they finished undisturbed
+    stopped = [r for r in ran if r["started"] >= killed_at and r["exit_code"] != 0]
+    assert all(r["signal"] == signal.SIGTERM for r in stopped)        # only the final stop's TERM
+    keys = [(r["task"], r["scheduled"]) for r in ran]
+    spans = sorted((r["started"], r["ended"]) for r in ran if r["task"] == "single")
+    overlaps = sum(a_end > b_start + 0.05 for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    assert overlaps == 0 and len(keys) == len(set(keys))
+    figures.add(faults=1, runs=len(ran), doubled=overlaps + len(keys) - len(set(keys)))
+
+
+def test_a_daemon_that_crashes_at_once_backs_off_without_spinning(daemons, figures):
+    d = daemons("""tasks:
+  - {name: crash, type: daemon, command: "exit 3"}
+  - {name: tick, schedule: "* * * * * *", command: "true"}
+""").start()
+    time.sleep(1)
+    proc = psutil.Process(d.proc.pid)
+    cpu0, began = sum(proc.cpu_times()[:2]), time.monotonic()
+    time.sleep(10)
+    cpu = sum(proc.cpu_times()[:2]) - cpu0
+    elapsed = time.monotonic() - began
+    assert d.stop() == 0
+    starts = started(d.runs("crash"))
+    assert 3 <= len(starts) <= 6, len(starts)          # 1, 2, 4, 8 s apart: ~5 in 11 s
+    gaps = [b["started"] - a["started"] for a, b in zip(starts, starts[1:])]
+    assert all(later >= earlier * 1.5 for earlier, later in zip(gaps, gaps[1:])), gaps
+    assert cpu < 0.1 * elapsed, cpu                    # under 10% of a core, ticks included
+    assert "failed to start" in d.log
+    figures.add(faults=len(starts), runs=len(starts))
+
+
+# ---- garbage, a full disk, descriptors ---------------------------------------------------------
+
+def test_garbage_on_the_control_socket_does_not_stop_the_scheduling(daemons, figures):
+    d = daemons("""tasks:
+  - {name: tick, schedule: "* * * * * *", command: "true"}
+""").start()
+    path = os.path.join(d.dir, "state", "control.sock")
+    payloads = [b"\x00\xff" * 5000, b"{" * 70000, b"not json\n", b'{"cmd": 7}\n', b"[]\n",
+                b'{"cmd": "run", "task": {"x": 1}}\n', b'{"cmd": "reload", "extra": ' + b"9" * 5000 + b"}\n",
+                os.urandom(4096), b"\n" * 10000, b'{"cmd":"status"}']
+    socks = []
+    for payload in payloads * 3:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        try:
+            sock.sendall(payload)
+        except OSError:
+            pass
+        socks.append(sock)
+        if len(socks) % 2:
+            sock.close()                                   # half of them hang up at once
+    time.sleep(3)
+    for sock in socks:
+        sock.close()
+    time.sleep(1)
+    assert d.proc.poll() is None
+    assert d.stop() == 0
+    ran = [r["scheduled"] for r in started(d.runs("tick"))]
+    lost = lost_seconds(d.runs("tick"), min(ran), max(ran))
+    assert len(ran) >= 4 and lost == [] and len(ran) == len(set(ran))
+    figures.add(faults=len(payloads) * 3, runs=len(ran), lost=len(lost))
+
+
+def test_a_full_log_disk_is_survived_and_the_runs_are_recorded(daemons, figures):
+    d = daemons("""tasks:
+  - {name: loud, schedule: "* * * * * *", command: "echo hello; echo oops >&2"}
+""")
+    logs = os.path.join(d.dir, "state", "logs")
+    os.makedirs(logs, mode=0o700)
+    os.chmod(os.path.join(d.dir, "state"), 0o700)
+    os.symlink("/dev/full", os.path.join(logs, "loud.log"))     # every write: ENOSPC
+    d.start()
+    wait_for(lambda: len([r for r in d.runs("loud") if r["ended"]]) >= 3, 15, "3 runs")
+    assert d.stop() == 0
+    ran = started(d.runs("loud"))
+    assert all(r["exit_code"] == 0 for r in ran if r["ended"])
+    seconds = [r["scheduled"] for r in ran]
+    lost = lost_seconds(d.runs("loud"), min(seconds), max(seconds))
+    assert lost == [] and len(seconds) == len(set(seconds))
+    figures.add(faults=len(ran), runs=len(ran), lost=len(lost))
+
+
+def test_a_task_inherits_no_descriptor_or_variable_of_torchcore(daemons):
+    d = daemons("""tasks:
+  - {name: peek, schedule: "* * * * * *", command: "ls /proc/$$/fd | tr '\\\\n' ' '; echo; env"}
+""")
+    d.start()
+    wait_for(lambda: [r for r in d.runs("peek") if r["ended"]], 10, "a run")
+    d.stop()
+    out = [line.split(" out| ", 1)[1].rstrip("\n")
+           for line in open(os.path.join(d.dir, "state", "logs", "peek.log")) if " out| " in line]
+    first_fds = out[0].split()
+    assert sorted(first_fds) == ["0", "1", "2"], first_fds        # no db, pidfile, socket or pipe
+    assert not [line for line in out if line.startswith(("TORCHCORE_", "NOTIFY_SOCKET="))]
+
+
+def test_a_planted_pidfile_symlink_is_not_followed(daemons, tmp_path):
+    d = daemons("tasks:\n  - {name: t, schedule: '* * * * * *', command: 'true'}\n")
+    state = os.path.join(d.dir, "state")
+    os.makedirs(state, mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.symlink(victim, os.path.join(state, "torchcore.pid"))
+    d.start(wait=False)
+    assert d.proc.wait(15) != 0
+    assert victim.read_text() == "precious\n"
+    assert "symlink" in d.log or "link" in d.log
