@@ -293,3 +293,63 @@ def test_a_planted_pidfile_symlink_is_not_followed(daemons, tmp_path):
     assert d.proc.wait(15) != 0
     assert victim.read_text() == "precious\n"
     assert "symlink" in d.log or "link" in d.log
+
+
+# ---- a reload storm ----------------------------------------------------------------------------
+
+def storm_file(version):
+    """80 stable tasks, 20 that come, go and change, and a long task edited on each version."""
+    lines = ["tasks:"]
+    lines += [f'  - {{name: s{i}, schedule: "* * * * * *", command: "true", max: 2}}' for i in range(80)]
+    lines.append(f'  - {{name: long, schedule: "* * * * * *", command: "sleep 2.5; : {version}", max: 3}}')
+    lines += [f'  - {{name: v{i}, schedule: "* * * * * *", command: "exit {version % 3}", max: 2}}'
+              for i in range(20) if (i + version) % 3]
+    return "\n".join(lines) + "\n"
+
+
+def test_reload_storm_loses_doubles_and_kills_nothing(daemons, figures):
+    """50 reloads in 10 s while 100 tasks fire every second: edits in place, atomic renames,
+    symlink swaps and truncated (invalid) files.  Stable tasks lose and double nothing; changed
+    and removed tasks double nothing; no running task is killed."""
+    d = daemons(storm_file(0), settings="  misfire_grace: 5s\n")
+    d.start()
+    time.sleep(2)
+    links = [os.path.join(d.dir, name) for name in ("a.yaml", "b.yaml")]
+    header = "settings:\n  timezone: UTC\n  state_dir: state\n  misfire_grace: 5s\n"
+    began = time.time()
+    for version in range(1, 51):
+        text = header + storm_file(version)
+        kind = version % 4
+        if kind == 0:                                   # an edit in place
+            with open(d.path, "w") as handle:
+                handle.write(text)
+        elif kind == 1:                                 # an atomic rename
+            d.write(storm_file(version), "  misfire_grace: 5s\n")
+        elif kind == 2:                                 # a symlink swap
+            target = links[version % 2]
+            with open(target, "w") as handle:
+                handle.write(text)
+            os.symlink(target, d.path + ".new")
+            os.replace(d.path + ".new", d.path)
+        else:                                           # a truncated file: rejected, old tasks stay
+            with open(d.path, "w") as handle:
+                handle.write(text[:len(text) - 40])
+        time.sleep(0.2)
+    ended = time.time()
+    d.write(storm_file(51), "  misfire_grace: 5s\n")
+    time.sleep(4)                                       # let every long run finish
+    assert d.stop() == 0
+    rows = d.runs()
+    ran = started(rows)
+    keys = [(r["task"], r["scheduled"]) for r in ran]
+    doubled = len(keys) - len(set(keys))
+    assert doubled == 0
+    killed = [r for r in ran if r["signal"] is not None and r["started"] < ended + 1]
+    assert killed == []                                 # nothing running was disturbed
+    lost = []
+    for i in range(80):
+        mine = [r for r in rows if r["task"] == f"s{i}"]
+        lost += lost_seconds(mine, int(began), int(ended))
+    assert lost == []
+    assert d.log.count("rejected") >= 5 and d.log.count("reloaded (file changed)") >= 20
+    figures.add(faults=50, runs=80 * (int(ended) - int(began) + 1), lost=len(lost), doubled=doubled)
