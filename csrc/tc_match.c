@@ -358,7 +358,8 @@ static void build_cache(tc_table *t, const tc_tick *k)
     const uint64_t *mn = row(t, R_MIN + k->minute), *hr = row(t, R_HOUR + k->hour);
     const uint64_t *mo = row(t, R_MON + k->month), *dm = row(t, R_DOM + k->day);
     const uint64_t *dl = row(t, R_DOM), *dw = row(t, R_DOW + wd);
-    const uint64_t *dwl = row(t, R_DOWLAST + wd), *nth = row(t, R_NTH + 7 * ((k->day - 1) / 7) + wd);
+    const uint64_t *dwl = row(t, R_DOWLAST + wd);
+    const uint64_t *nth = row(t, R_NTH + 7 * ((k->day - 1) / 7) + wd);
     const uint64_t *dor = row(t, R_DAYOR);
     uint64_t *cache = row(t, R_CACHE);
     for (size_t w = 0, n = live_words(t); w < n; w++) {

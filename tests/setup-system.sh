@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # System packages the test suite uses, installed when missing (Debian/Ubuntu, as root).
 # - faketime: libfaketime, for the real-daemon clock-step tests.
+# - logrotate: to check the shipped logrotate snippet.
 set -u
 need=()
 command -v faketime >/dev/null 2>&1 || need+=(faketime)
+command -v logrotate >/dev/null 2>&1 || need+=(logrotate)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

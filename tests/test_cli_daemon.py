@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from daemon_harness import SETTINGS, wait_for
 
 TASKS = """tasks:
@@ -115,7 +114,8 @@ def test_state_dir_and_socket_are_private(site):
 
 
 def test_a_bad_file_fails_start_with_78_and_the_error(site):
-    (site / "tasks.yaml").write_text(SETTINGS + "tasks:\n  - {name: a, command: x, schedule: '* * * 32 * *'}\n")
+    bad = "tasks:\n  - {name: a, command: x, schedule: '* * * 32 * *'}\n"
+    (site / "tasks.yaml").write_text(SETTINGS + bad)
     out = tc(site, "start")
     assert out.returncode == 78
     assert "tasks.yaml:5: task 'a': schedule: day-of-month" in out.stderr

@@ -13,7 +13,8 @@ with open(os.path.join(ROOT, "tasks.yaml"), "rb") as _handle:
     VALID = _handle.read()
 
 # Pieces that mean something to YAML, to cron, or to the validator.
-TOKENS = [b":", b"- ", b"[", b"]", b"{", b"}", b",", b"&a ", b"*a", b"<<: ", b"<<: *a", b"&a {<<: *a}", b"!!str ", b"!!binary ",
+TOKENS = [b":", b"- ", b"[", b"]", b"{", b"}", b",", b"&a ", b"*a", b"<<: ", b"<<: *a", b"&a {<<: *a}",
+          b"!!str ", b"!!binary ",
           b"? ", b"|", b">", b"'", b'"', b"#", b"\t", b"\n", b"\n  ", b"    ", b"~", b"yes", b"1.5",
           b"2026-01-01", b"0x1F", b"-1", b"99999999999999999999", b"@every 0s", b"@reboot", b"*/0",
           b"L", b"5#9", b"MON-SUN", b"type: daemon", b"max: ", b"ips: [", b"::1", b"10.0.0.0/33",

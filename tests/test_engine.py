@@ -45,7 +45,7 @@ def test_every_second_task_runs_each_second_once_and_is_recorded(daemons):
 
 def test_ps_shows_the_supervisor_and_each_run_by_task_name(daemons):
     d = daemons("""tasks:
-  - {name: sleeper, schedule: "* * * * * *", command: "sleep 30"}
+  - {name: sleeper, schedule: "* * * * * *", command: "sleep 30.11"}
 """).start()
     wait_for(lambda: d.runs("sleeper"), 10, "a run")
     titles = wait_for(lambda: _titles_matching("torchcore: sleeper [run "), 10, "executor title")
@@ -150,9 +150,9 @@ def test_file_change_reloads_and_a_bad_file_keeps_the_old_tasks(daemons):
 
 def test_sighup_reload_does_not_disturb_a_running_task(daemons):
     d = daemons("""tasks:
-  - {name: long, schedule: "* * * * * *", command: "sleep 3; echo finished"}
+  - {name: long, schedule: "* * * * * *", command: "sleep 3.17; echo finished"}
 """).start()
-    wait_for(lambda: processes_with("sleep 3"), 10, "the long run")
+    wait_for(lambda: processes_with("sleep 3.17"), 10, "the long run")
     d.write("tasks:\n  - {name: other, schedule: '* * * * * *', command: 'true'}\n")
     d.signal(signal.SIGHUP)
     d.wait_log("reloaded (SIGHUP)")
@@ -179,9 +179,9 @@ def test_a_daemon_task_is_kept_running(daemons):
 
 def test_executor_records_its_run_when_the_supervisor_is_killed(daemons):
     d = daemons("""tasks:
-  - {name: orphan, schedule: "* * * * * *", command: "sleep 2"}
+  - {name: orphan, schedule: "* * * * * *", command: "sleep 2.07"}
 """).start()
-    wait_for(lambda: processes_with("sleep 2"), 10, "the run")
+    wait_for(lambda: processes_with("sleep 2.07"), 10, "the run")
     time.sleep(0.3)
     d.proc.kill()
     d.proc.wait()
@@ -222,15 +222,15 @@ def test_limits_env_cwd_and_user_are_applied(daemons, tmp_path):
 
 def test_a_new_supervisor_counts_the_previous_ones_running_executors_against_max(daemons):
     d = daemons("""tasks:
-  - {name: single, schedule: "* * * * * *", command: "sleep 4; echo done", max: 1}
+  - {name: single, schedule: "* * * * * *", command: "sleep 4.13; echo done", max: 1}
 """).start()
-    wait_for(lambda: processes_with("sleep 4"), 10, "the first run")
+    wait_for(lambda: processes_with("sleep 4.13"), 10, "the first run")
     d.proc.kill()
     d.proc.wait()
     d.start()                                      # the stale pidfile is taken over
     d.wait_log("still runs: it counts against max")
     time.sleep(2)
-    sleeps = [p for p in processes_with("sleep 4") if p.name() == "sleep"]
+    sleeps = [p for p in processes_with("sleep 4.13") if p.name() == "sleep"]
     assert len(sleeps) == 1                        # max 1 holds across the restart
     wait_for(lambda: len([r for r in d.runs("single") if r["ended"] and not r["skipped"]]) >= 2,
              15, "the old run's own record and a new run")
@@ -238,3 +238,26 @@ def test_a_new_supervisor_counts_the_previous_ones_running_executors_against_max
     ran = [r for r in d.runs("single") if r["started"] and not r["skipped"]]
     spans = sorted((r["started"], r["ended"]) for r in ran if r["ended"])
     assert all(a_end <= b_start + 0.05 for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not __import__("shutil").which("unshare"),
+                    reason="needs root and unshare(1) to run the daemon as PID 1 of a namespace")
+def test_as_pid_1_the_supervisor_reaps_orphans_its_tasks_leave(tmp_path):
+    d = Daemon(tmp_path, """tasks:
+  - {name: leaver, schedule: "* * * * * *", command: "sleep 0.23 & exit 0"}
+""")
+    env = dict(os.environ, TORCHCORE_NODE_IP="10.9.9.9")
+    with open(d.err_path, "ab") as err:
+        d.proc = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--kill-child", os.sys.executable, "-m", "torchcore",
+             "start", "--foreground", "-c", d.path], stderr=err, cwd=d.dir, env=env)
+    try:
+        d.wait_log("torchcore started")
+        wait_for(lambda: len([r for r in d.runs("leaver") if r["ended"]]) >= 4, 15, "4 runs")
+        supervisor = psutil.Process(d.proc.pid).children()[0]
+        assert "torchcore: supervisor" in " ".join(supervisor.cmdline())
+        time.sleep(1.0)
+        zombies = [c for c in supervisor.children() if c.status() == psutil.STATUS_ZOMBIE]
+        assert not [z for z in zombies if "sleep" in z.name()]
+    finally:
+        d.kill()

@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
-
 from torchcore._core import ffi, lib
+
 from torchcore.errors import TorchcoreError
 from torchcore.schedule import Schedule, ScheduleError, ScheduleTable
 
@@ -116,7 +116,7 @@ def test_reboot_never_matches():
     assert reboot.next_after(dt(2026, 1, 1)) is None
 
 
-# --- errors ----------------------------------------------------------------------------------------
+# --- errors --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, message", [
     ("", "schedule: empty"),
@@ -216,7 +216,7 @@ def test_random_garbage_never_raises_anything_else():
             pass
 
 
-# --- matches -----------------------------------------------------------------------------------------
+# --- matches -------------------------------------------------------------------------------------
 
 def test_matches_second_resolution():
     schedule = Schedule("*/15 * * * * *")
@@ -228,7 +228,7 @@ def test_matches_converts_aware_datetimes():
     schedule = Schedule("0 30 2 * * *", tz="Europe/Paris")
     assert schedule.matches(datetime(2026, 1, 10, 1, 30, tzinfo=UTC))       # 02:30 in Paris
     assert not schedule.matches(datetime(2026, 1, 10, 2, 30, tzinfo=UTC))
-    assert schedule.matches(dt(2026, 1, 10, 2, 30))                         # naive = Paris wall time
+    assert schedule.matches(dt(2026, 1, 10, 2, 30))                 # naive = Paris wall time
     assert Schedule("0 30 2 * * *", tz=UTC).matches(datetime(2026, 1, 10, 3, 30, tzinfo=PARIS))
 
 
@@ -256,7 +256,8 @@ def test_every_is_aligned_to_the_epoch():
     epoch = 1_800_000_000
     assert schedule.matches(datetime.fromtimestamp(epoch, UTC))
     assert not schedule.matches(datetime.fromtimestamp(epoch + 5, UTC))
-    assert schedule.matches(datetime.fromtimestamp(epoch, ZoneInfo("Asia/Kolkata")).replace(tzinfo=None))
+    wall = datetime.fromtimestamp(epoch, ZoneInfo("Asia/Kolkata")).replace(tzinfo=None)
+    assert schedule.matches(wall)
     five = Schedule("@every 5m", tz="UTC")
     assert five.matches(dt(2026, 1, 1, 0, 5)) and not five.matches(dt(2026, 1, 1, 0, 5, 1))
     odd = Schedule("@every 7s", tz="UTC")
@@ -271,7 +272,7 @@ def test_every_next_after():
     assert aware.tzinfo == ZoneInfo("UTC") and aware.timestamp() % 90 == 0
 
 
-# --- next_after ----------------------------------------------------------------------------------------
+# --- next_after ----------------------------------------------------------------------------------
 
 def test_next_after_is_strictly_after():
     schedule = Schedule("0 0 12 * * *")
@@ -337,11 +338,37 @@ def test_autumn_overlap_fixed_time_fires_once():
 
 def test_autumn_overlap_non_fixed_fires_in_both_passes():
     schedule = Schedule("0 */30 2 * * *", tz="Europe/Paris")
-    found = fires("0 */30 2 * * *", datetime(2026, 10, 24, 23, 59, tzinfo=UTC), 4, tz="Europe/Paris")
+    start = datetime(2026, 10, 24, 23, 59, tzinfo=UTC)
+    found = fires("0 */30 2 * * *", start, 4, tz="Europe/Paris")
     assert [f.astimezone(UTC).replace(tzinfo=None) for f in found] == [
         dt(2026, 10, 25, 0, 0), dt(2026, 10, 25, 0, 30), dt(2026, 10, 25, 1, 0),
         dt(2026, 10, 25, 1, 30)]
     assert schedule.next_after(found[-1]) == datetime(2026, 10, 26, 2, 0, tzinfo=PARIS)
+
+
+@pytest.fixture
+def paris_local(monkeypatch):
+    """Make the system's local zone Europe/Paris for the test."""
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_local_zone_follows_the_system(paris_local):
+    schedule = Schedule("0 30 2 * * *")                               # tz=None: local time
+    found = schedule.next_after(datetime(2026, 3, 29, 0, 0, tzinfo=UTC))
+    assert found.timestamp() == datetime(2026, 3, 29, 1, 0, tzinfo=UTC).timestamp()
+    assert found.utcoffset() == timedelta(hours=2)
+    first = schedule.next_after(datetime(2026, 10, 24, 22, 0, tzinfo=UTC))
+    assert first.timestamp() == datetime(2026, 10, 25, 0, 30, tzinfo=UTC).timestamp()
+    assert schedule.next_after(first).replace(tzinfo=None) == dt(2026, 10, 26, 2, 30)
+    assert schedule.matches(datetime(2026, 1, 10, 1, 30, tzinfo=UTC))
+    table = ScheduleTable()
+    table.set("job", schedule)
+    assert table.match(datetime(2026, 1, 10, 1, 30, tzinfo=UTC)) == ["job"]
+    assert table.match(dt(2026, 1, 10, 2, 30)) == ["job"]
 
 
 def test_naive_next_after_is_pure_wall_time():
@@ -374,7 +401,7 @@ def test_next_after_agrees_with_matches():
                 assert between.replace(microsecond=0) == found or not schedule.matches(between)
 
 
-# --- the table --------------------------------------------------------------------------------------
+# --- the table -----------------------------------------------------------------------------------
 
 def test_table_set_replace_remove_len_contains():
     table = ScheduleTable(tz="UTC")
@@ -396,6 +423,8 @@ def test_table_set_replace_remove_len_contains():
     assert table.match(monday + timedelta(seconds=1)) == []
     with pytest.raises(KeyError):
         table.remove("a")
+    with pytest.raises(TypeError, match="expected a Schedule"):
+        table.set("a", "* * * * *")
 
 
 def test_table_replace_switches_between_cron_and_every():
@@ -493,3 +522,48 @@ def test_the_c_core_rejects_bad_specs_and_ticks():
         assert ffi.string(lib.tc_strerror(99)) == b"unknown status"
     finally:
         lib.tc_table_free(table)
+
+
+def brute_force_next(schedule, start, zone, limit):
+    """The reference for aware next_after near DST changes: a scan over epoch seconds.
+
+    A second fires if its wall time matches, except in the second pass of an overlap for a
+    fixed-time schedule; a fixed-time schedule also fires at the first second after a gap
+    in which one of the skipped wall times matches.
+    """
+    epoch = int(start.timestamp()) + 1
+    for second in range(epoch, epoch + limit):
+        now = datetime.fromtimestamp(second, zone)
+        before = datetime.fromtimestamp(second - 1, zone)
+        wall = now.replace(tzinfo=None)
+        if schedule._wall_matches(wall) and not (schedule.fixed_time and now.fold):
+            return now
+        jump = now.utcoffset() - before.utcoffset()
+        if schedule.fixed_time and jump > timedelta(0):
+            skipped = (wall - jump + timedelta(seconds=s) for s in range(int(jump.total_seconds())))
+            if any(schedule._wall_matches(w) for w in skipped):
+                return now
+    return None
+
+
+@pytest.mark.parametrize("zone_name, change", [
+    ("Europe/Paris", datetime(2026, 3, 29, 1, 0, tzinfo=UTC)),
+    ("Europe/Paris", datetime(2026, 10, 25, 1, 0, tzinfo=UTC)),
+    ("Australia/Lord_Howe", datetime(2026, 4, 4, 15, 0, tzinfo=UTC)),
+    ("Australia/Lord_Howe", datetime(2026, 10, 3, 15, 30, tzinfo=UTC)),
+])
+def test_aware_next_after_near_dst_changes_against_a_scan(zone_name, change):
+    rng, zone = random.Random(zone_name + str(change)), ZoneInfo(zone_name)
+    checked = 0
+    while checked < 12:
+        second = rng.choice(["0", "30", "*/20", "0-5"])
+        minute = rng.choice(["0", "15", "30", "45", "*/10", "5-7", "*/29"])
+        hour = rng.choice(["*", "0-4", "1,2", "2", "1-3", "*/2"])
+        schedule = Schedule(f"{second} {minute} {hour} * * *", tz=zone)
+        start = change + timedelta(seconds=rng.randrange(-3 * 3600, 2 * 3600))
+        expected = brute_force_next(schedule, start, zone, 5 * 3600)
+        if expected is None:
+            continue
+        found = schedule.next_after(start)
+        assert found.timestamp() == expected.timestamp(), (schedule, start)
+        checked += 1

@@ -6,8 +6,7 @@ import textwrap
 
 import pytest
 
-from torchcore.tasklog import (
-    TaskLog, follow_log, format_stamp, line_run_id, log_files, log_path, read_log)
+from torchcore.tasklog import TaskLog, follow_log, format_stamp, line_run_id, log_files, log_path, read_log
 
 LINE = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d run (\d+) (out|err)\| (.*)$")

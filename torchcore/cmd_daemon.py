@@ -12,6 +12,7 @@ import time
 from torchcore import cli, config
 from torchcore.errors import ConfigError, DaemonError
 from torchcore.node import Node
+from torchcore.pidfile import pid_alive_and_locked, pid_exists
 
 log = logging.getLogger("torchcore")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -136,7 +137,7 @@ def locate(args):
     except OSError:
         if not args.pidfile:
             raise DaemonError(f"{path}: cannot read the task file to find the pidfile; "
-                              "name it with --pidfile")
+                              "name it with --pidfile") from None
     pidfile = args.pidfile or (settings.pidfile if settings else None)
     return os.path.abspath(pidfile), settings
 
@@ -159,8 +160,7 @@ def _lenient_settings(path):
 
 
 def running_pid(pidfile):
-    from torchcore.pidfile import pid_alive_and_locked
-
+    """The pid of the live daemon holding ``pidfile``, or None."""
     return pid_alive_and_locked(pidfile)
 
 
@@ -179,7 +179,7 @@ def cmd_stop(args):
     os.kill(pid, signal.SIGTERM)
     began = time.monotonic()
     while time.monotonic() - began < timeout:
-        if running_pid(pidfile) != pid and not _alive(pid):
+        if not pid_exists(pid):
             print(f"torchcore stopped (pid {pid}, {time.monotonic() - began:.1f}s)")
             return cli.EXIT_OK
         time.sleep(0.05)
@@ -188,18 +188,6 @@ def cmd_stop(args):
     return cli.EXIT_ERROR
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def cmd_reload(args):

@@ -60,7 +60,7 @@ def _duration(text):
 
 def _load_taskfile(args):
     """The task file named by -c / $TORCHCORE_TASKS / ./tasks.yaml (ConfigError if invalid)."""
-    from torchcore import config     # the task file layer; imported when a command needs it
+    from torchcore import config  # the task file layer; imported when a command needs it
     return config.load(cli.task_file_path(args))
 
 

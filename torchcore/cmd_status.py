@@ -7,8 +7,7 @@ import time
 from datetime import datetime
 
 from torchcore import cli, config, executor, records
-from torchcore.cmd_daemon import _common, _control_request, locate, not_running, print_json, \
-    running_pid
+from torchcore.cmd_daemon import _common, _control_request, locate, not_running, print_json, running_pid
 from torchcore.errors import ConfigError, TorchcoreError
 from torchcore.node import Node
 from torchcore.schedule import Schedule
@@ -133,7 +132,7 @@ def _health(task, node, entry, last):
     if entry.get("skipped"):
         return TaskHealth.SKIPPED_BY_MAX
     if last is None:
-        return TaskHealth.NEVER_RAN
+        return TaskHealth.OK if entry.get("running") else TaskHealth.NEVER_RAN
     failed = last.exit_code not in (0, None) or last.signal is not None or last.timed_out
     return TaskHealth.FAILING if failed else TaskHealth.OK
 
@@ -155,10 +154,10 @@ def _daemon_json(live, pidfile, digest):
 def _daemon_text(live, pidfile, digest, now):
     if not live:
         return f"torchcore is not running (pidfile {pidfile})"
-    lines = [f"torchcore running: pid {live['pid']}, up {format_duration(now - live['started'])}, "
-             f"file {live['file']} (version {live['digest'][:12]})",
-             f"node: {live['node']['hostname']} "
-             f"({', '.join(live['node']['addresses']) or 'no addresses'})"]
+    lines = [(f"torchcore running: pid {live['pid']}, up {format_duration(now - live['started'])}, "
+              f"file {live['file']} (version {live['digest'][:12]})"),
+             (f"node: {live['node']['hostname']} "
+              f"({', '.join(live['node']['addresses']) or 'no addresses'})")]
     reload = live.get("last_reload")
     if reload:
         verdict = "accepted" if reload["accepted"] else "REJECTED"
@@ -239,7 +238,7 @@ def _run_local(args):
     try:
         done = subprocess.run(task.argv(taskfile.settings.shell), env=env, cwd=task.cwd or None,
                               preexec_fn=executor.limit_setter(task.limits),
-                              timeout=task.timeout, **extra)
+                              timeout=task.timeout, check=False, **extra)
     except FileNotFoundError as exc:
         raise TorchcoreError(f"task {task.name!r}: cannot start: {exc}") from None
     except subprocess.TimeoutExpired:

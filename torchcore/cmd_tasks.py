@@ -9,7 +9,7 @@ from torchcore import cli, config
 from torchcore.describe import describe_schedule
 from torchcore.errors import ConfigError, TorchcoreError
 from torchcore.node import Node
-from torchcore.textfmt import format_table, format_relative
+from torchcore.textfmt import format_relative, format_table
 
 ALL_NODES = "every node"
 

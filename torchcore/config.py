@@ -14,6 +14,7 @@ parser alone takes.
 
 import difflib
 import fnmatch
+import functools
 import grp
 import hashlib
 import ipaddress
@@ -176,11 +177,11 @@ def load(path):
         with open(path, "rb") as handle:
             data = handle.read()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such task file (give one with -c FILE or $TORCHCORE_TASKS)")
+        raise ConfigError(f"{path}: no such task file (give one with -c FILE or $TORCHCORE_TASKS)") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a task file")
+        raise ConfigError(f"{path}: is a directory, not a task file") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the task file: {exc.strerror}")
+        raise ConfigError(f"{path}: cannot read the task file: {exc.strerror}") from None
     return loads(data, path)
 
 
@@ -295,12 +296,15 @@ def want_duration(node, minimum=0):
     if not isinstance(node, yaml.ScalarNode) or node.tag not in (STR, INT):
         raise _Bad(f"expected a duration like 45s, 15m, 2h, 1d or 1h30m, {_got(node)}", node)
     try:
-        value = parse_duration(node.value)
+        value = _cached_duration(node.value)
     except ValueError as exc:
         raise _Bad(str(exc), node) from None
     if value < minimum:
         raise _Bad(f"expected a duration of at least {minimum}s, got {node.value}", node)
     return value
+
+
+_cached_duration = functools.lru_cache(maxsize=1024)(parse_duration)  # tasks repeat their timeouts
 
 
 def want_size(node):

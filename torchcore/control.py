@@ -409,7 +409,7 @@ class ControlClient:
             try:
                 send_tolerating_refusal(sock, line)
                 raw = self.read_line(sock)
-            except socket.timeout:
+            except TimeoutError:
                 raise DaemonError(f"the daemon did not answer {cmd!r} within {self.timeout:g}s "
                                   f"(socket {self.path})") from None
             except OSError as exc:
@@ -454,7 +454,7 @@ class ControlClient:
         while b"\n" not in data:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise socket.timeout()
+                raise TimeoutError()
             sock.settimeout(remaining)
             chunk = sock.recv(65536)
             if not chunk:

@@ -722,7 +722,7 @@ def merge(existing_text, path, result, prefix=""):
     try:
         taskfile = config.loads(existing_text, path)
     except TorchcoreError as exc:
-        raise CrontabError(f"refusing to merge into {path}: it is not a valid task file:\n{exc}")
+        raise CrontabError(f"refusing to merge into {path}: it is not a valid task file:\n{exc}") from None
     shell, zone = taskfile.settings.shell, taskfile.settings.timezone
     assign_names(result.entries, prefix, taken={t.name for t in taskfile.tasks})
     validate(result, shell, zone)

@@ -175,7 +175,9 @@ class Executor:
                 self.task.argv(self.job.shell), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, cwd=self.task.cwd or None,
                 env=task_environment(self.task, cred[0] if cred else None),
-                start_new_session=True, preexec_fn=limit_setter(self.task.limits), **kwargs)
+                start_new_session=True,
+                preexec_fn=limit_setter(self.task.limits),  # noqa: PLW1509 (no threads here)
+                **kwargs)
             return True
         except (OSError, KeyError, subprocess.SubprocessError) as exc:
             message = f"cannot start: {exc}"

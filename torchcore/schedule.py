@@ -18,6 +18,7 @@ torchcore.schedule.ScheduleError: minute: value 61 is out of range 0-59
 """
 
 import calendar
+import functools
 import math
 import re
 import time
@@ -122,7 +123,7 @@ def _step(field, text):
 
 
 def _range_bits(field, element):
-    """Return the bitmask of one plain list element: ``*``, ``a``, ``a-b`` with an optional ``/n``."""
+    """Return the bitmask of one plain list element: ``*``, ``a`` or ``a-b``, optionally ``/n``."""
     spec = _FIELDS[field]
     match = _ELEMENT.fullmatch(element)
     if not match:
@@ -189,7 +190,8 @@ def _compile_fields(fields):
     if len(fields) == 5:
         fields = ["0"] + fields
     if len(fields) != 6:
-        raise ScheduleError(f"expected 5 or 6 fields (sec min hour dom month dow), got {len(fields)}")
+        raise ScheduleError("expected 5 or 6 fields (sec min hour dom month dow), "
+                            f"got {len(fields)}")
     parts = dict.fromkeys(_Spec._fields, 0)
     for field, text in enumerate(fields):
         _parse_field(field, text, parts)
@@ -221,6 +223,14 @@ def _compile_macro(words):
     if name == "@reboot":
         return _Spec(), True
     return _compile_fields(_MACROS[name].split()), False
+
+
+@functools.lru_cache(maxsize=8192)
+def _compile(words):
+    """Compile the words of a schedule into (spec, is_reboot); cached, as fleets repeat texts."""
+    if words[0].startswith("@"):
+        return _compile_macro(list(words))
+    return _compile_fields(list(words)), False
 
 
 def _resolve_zone(tz):
@@ -327,10 +337,7 @@ class Schedule:
         self.text = text
         self.tz = _resolve_zone(tz)
         self._zone = _Zone(self.tz)
-        if words[0].startswith("@"):
-            self._spec, self.is_reboot = _compile_macro(words)
-        else:
-            self._spec, self.is_reboot = _compile_fields(words), False
+        self._spec, self.is_reboot = _compile(tuple(words))
         self.every = self._spec.every or None
         self.fixed_time = (not self.is_reboot and self.every is None
                            and _bit_count(self._spec.sec) == 1
@@ -388,7 +395,8 @@ class Schedule:
     def _next_wall(self, start, limit=None):
         """First matching wall time >= start (and < limit), field by field; None if none."""
         spec = self._spec
-        y, mo, d, h, mi, s = start.year, start.month, start.day, start.hour, start.minute, start.second
+        y, mo, d = start.year, start.month, start.day
+        h, mi, s = start.hour, start.minute, start.second
         stop = (start.year + _HORIZON_YEARS,) if limit is None else tuple(limit.timetuple()[:6])
         while (y, mo, d, h, mi, s) < stop:
             found = _next_bit(spec.month, mo)
@@ -484,6 +492,8 @@ class ScheduleTable:
 
     def set(self, key, schedule):
         """Add ``key`` or replace its schedule; touches only that key's slot."""
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"expected a Schedule, got {type(schedule).__name__}")
         self._fill_spec(schedule._spec)
         slot = self._slots.get(key)
         if slot is None:

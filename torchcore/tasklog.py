@@ -242,7 +242,7 @@ def read_log(log_dir, task, lines=None, run_id=None):
     try:
         for path in log_files(log_dir, task):
             try:
-                f = open(path, "rb")
+                f = open(path, "rb")  # noqa: SIM115 (closed by the caller)
             except FileNotFoundError:           # rotated away meanwhile
                 continue
             opened.append((f, os.fstat(f.fileno()).st_size))
@@ -281,7 +281,7 @@ class _Follower:
 
     def _open(self, at_end):
         try:
-            self.f = open(self.path, "rb")
+            self.f = open(self.path, "rb")  # noqa: SIM115 (kept open while following)
         except FileNotFoundError:
             self.f = None
             return
@@ -299,7 +299,7 @@ class _Follower:
         try:
             for path in older:
                 try:
-                    f = open(path, "rb")
+                    f = open(path, "rb")  # noqa: SIM115 (closed by the caller)
                 except FileNotFoundError:
                     continue
                 opened.append((f, os.fstat(f.fileno()).st_size))

@@ -55,7 +55,7 @@ def parse_size(value):
 
 def format_duration(seconds):
     """Render whole seconds compactly: 0s, 45s, 3m12s, 1h30m, 2d4h."""
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds}s"
     parts = []
