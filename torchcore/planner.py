@@ -118,10 +118,7 @@ class Planner:
     def remove(self, name):
         key = self._zone_of.pop(name)
         self._fixed.discard(name)
-        zone = self._zones[key]
-        zone.table.remove(name)
-        if not len(zone.table):
-            del self._zones[key]
+        self._zones[key].table.remove(name)     # an empty zone stays: its wall memory must too
 
     def start(self, now):
         """Begin at ``now``: the first wake that can start anything is the next second."""

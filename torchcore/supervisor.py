@@ -224,12 +224,29 @@ class Supervisor:
             log.warning("%s", message)
         for name, second, count in plan.missed:
             self._record_missed(name, second, count)
-        retry, self.retry = self.retry, []
-        for name, second in retry:
-            if name in self.tasks and now - second <= self.settings.misfire_grace:
-                self.launch(self.tasks[name], second)
-        for name, second in plan.due:
+        for name, second in self._due_retries(now, plan.due) + plan.due:
             self.launch(self.tasks[name], second)
+
+    def _due_retries(self, now, due):
+        """Seconds whose fork failed: each task tries once more, for its latest such second,
+        unless a newer second of it is due now or misfire_grace is over.  The rest are
+        recorded as missed: after a fork outage a task neither bursts nor silently drops runs."""
+        retry, self.retry = self.retry, []
+        seconds = {}
+        for name, second in sorted(retry, key=lambda item: item[1]):
+            seconds.setdefault(name, []).append(second)
+        due_names = {name for name, _ in due}
+        launch = []
+        for name, found in seconds.items():
+            if name not in self.tasks:
+                continue
+            latest = found[-1]
+            if name not in due_names and now - latest <= self.settings.misfire_grace:
+                launch.append((name, latest))
+                found = found[:-1]
+            if found:
+                self._record_missed(name, found[-1], len(found))
+        return launch
 
     # ---- launching ------------------------------------------------------------------------
 

@@ -1,0 +1,47 @@
+"""Suite-wide plumbing: the reliability figures the fault tests record, printed in the summary.
+
+A reliability test takes the ``figures`` fixture and adds what it checked:
+``figures.add(faults=3, runs=120, lost=0, doubled=0)``.  A test that finds a lost or doubled run
+fails on its own; the table shows how much was tried, so "0 lost" means something.
+"""
+
+import dataclasses
+
+import pytest
+
+_ROWS = {}      # test name -> Figures
+
+
+@dataclasses.dataclass
+class Figures:
+    faults: int = 0     # faults injected (clock steps, signals, kills, reloads, bad inputs ...)
+    runs: int = 0       # (task, second) runs checked against what was due
+    lost: int = 0       # due runs neither started nor recorded as missed/skipped
+    doubled: int = 0    # (task, second) pairs started more than once
+
+    def add(self, faults=0, runs=0, lost=0, doubled=0):
+        self.faults += faults
+        self.runs += runs
+        self.lost += lost
+        self.doubled += doubled
+
+
+@pytest.fixture
+def figures(request):
+    row = _ROWS.setdefault(request.node.originalname or request.node.name, Figures())
+    return row
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _ROWS:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("reliability figures")
+    width = max(len(name) for name in _ROWS)
+    write(f"{'test':<{width}}  {'faults':>7}  {'runs':>7}  {'lost':>5}  {'doubled':>7}")
+    total = Figures()
+    for name, row in sorted(_ROWS.items()):
+        write(f"{name:<{width}}  {row.faults:>7}  {row.runs:>7}  {row.lost:>5}  {row.doubled:>7}")
+        total.add(**dataclasses.asdict(row))
+    write(f"{'total':<{width}}  {total.faults:>7}  {total.runs:>7}  {total.lost:>5}  "
+          f"{total.doubled:>7}")
