@@ -19,6 +19,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -28,6 +29,8 @@ from torchcore import tasklog
 
 MEMORY_SAMPLE_EVERY = 0.5   # seconds between RSS samples of a task with a memory limit
 DRAIN_AFTER_EXIT = 2.0      # seconds to keep reading output left by background children
+GO_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}   # go, cancel: blocked in launchers and in their
+GO_WAIT = 3.0                                   # children until a prepared run hears one of them
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                     signal.SIGCHLD, signal.SIGPIPE, signal.SIGQUIT)
 
@@ -59,9 +62,11 @@ class Job:
     log_backups: int = 5
     db_path: str = ""
     node: str = ""
+    prepared: bool = False          # forked ahead of its second: waits for go (SIGUSR1)
 
     @classmethod
-    def for_task(cls, task, settings, run_id=0, scheduled=None, manual=False, db_path="", node=""):
+    def for_task(cls, task, settings, run_id=0, scheduled=None, manual=False, db_path="", node="",
+                 prepared=False):
         """The job for one run of a config.Task under the file's settings."""
         return cls(
             run_id=run_id, name=task.name, argv=tuple(task.argv(settings.shell)), env=task.env,
@@ -69,7 +74,7 @@ class Job:
             kill_grace=task.kill_grace, memory=task.limits.memory, cpu=task.limits.cpu,
             nofile=task.limits.nofile, scheduled=scheduled, manual=manual,
             log_dir=settings.log_dir, log_max_bytes=settings.log_max_bytes,
-            log_backups=settings.log_backups, db_path=db_path, node=node)
+            log_backups=settings.log_backups, db_path=db_path, node=node, prepared=prepared)
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
@@ -108,7 +113,10 @@ def _become_executor(job, report_fd):
     signal.set_wakeup_fd(-1)
     os.closerange(3, report_fd)
     os.closerange(report_fd + 1, _max_fd())
+    os.set_inheritable(report_fd, False)            # a command never holds the report pipe
     setproctitle.setproctitle(f"torchcore: {job.name} [run {job.run_id}]")
+    if not job.prepared:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, GO_SIGNALS)   # blocked by the launcher
 
 
 _stop_requested = []
@@ -182,11 +190,15 @@ class Executor:
         self.killed = False
 
     def run(self):
-        started = time.time()
         log = tasklog.TaskLog(self.job.log_dir, self.job.name, self.job.run_id,
                               self.job.log_max_bytes, self.job.log_backups)
+        options = self._popen_options(log)      # all the work that can happen before the second
+        if self.job.prepared and not self._await_go():
+            log.close()
+            return 0            # cancelled before its second: nothing ran, nothing to record
+        started = time.time()
         try:
-            if self._spawn(log):
+            if options is not None and self._spawn(log, options):
                 self._report({"e": "start", "pid": self.proc.pid, "started": started})
                 self._pump(log)
                 self._collect()
@@ -196,28 +208,50 @@ class Executor:
         self._report_end(started, time.time())
         return 0
 
-    def _spawn(self, log):
-        cred = None
+    def _await_go(self):
+        """A prepared run waits for SIGUSR1 (go) or SIGTERM (cancel); True means go.
+
+        Both signals are blocked (inherited from the launcher), so neither is lost or
+        acts early; past its second plus GO_WAIT the run gives up as cancelled.
+        """
+        timeout = max(0.05, min(self.job.scheduled + GO_WAIT - time.time(), 10 + GO_WAIT))
+        got = signal.sigtimedwait(GO_SIGNALS, timeout)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, GO_SIGNALS)
+        return got is not None and got.si_signo == signal.SIGUSR1
+
+    def _popen_options(self, log):
+        """Popen's keyword arguments for this job (user, environment, limits), or None."""
         try:
             cred = credentials(self.job)
-            kwargs = {}
-            if cred:
-                _, uid, gid, groups = cred
-                kwargs.update(user=uid, group=gid, extra_groups=groups)
-            self.proc = subprocess.Popen(
-                self.job.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, cwd=self.job.cwd or None,
-                env=task_environment(self.job, cred[0] if cred else None),
-                start_new_session=True,
-                preexec_fn=limit_setter(self.job),  # noqa: PLW1509 (no threads here)
-                **kwargs)
+        except KeyError as exc:
+            self._cannot_start(log, exc)
+            return None
+        options = {"cwd": self.job.cwd or None, "start_new_session": True,
+                   "env": task_environment(self.job, cred[0] if cred else None),
+                   "preexec_fn": limit_setter(self.job)}
+        if cred:
+            _, uid, gid, groups = cred
+            options.update(user=uid, group=gid, extra_groups=groups)
+        return options
+
+    def _spawn(self, log, options):
+        try:
+            if options["cwd"] or options["preexec_fn"] or "user" in options:
+                self.proc = subprocess.Popen(
+                    self.job.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, **options)
+            else:
+                self.proc = SpawnedCommand(self.job.argv, options["env"])
             return True
-        except (OSError, KeyError, subprocess.SubprocessError) as exc:
-            message = f"cannot start: {exc}"
-            log.write("err", (message + "\n").encode())
-            self.result.update(exit_code=127 if isinstance(exc, FileNotFoundError) else 126,
-                               error=message)
+        except (OSError, subprocess.SubprocessError) as exc:
+            self._cannot_start(log, exc)
             return False
+
+    def _cannot_start(self, log, exc):
+        message = f"cannot start: {exc}"
+        log.write("err", (message + "\n").encode())
+        self.result.update(exit_code=127 if isinstance(exc, FileNotFoundError) else 126,
+                           error=message)
 
     def _pump(self, log):
         """Copy output until the command ends and its pipes close, enforcing the limits."""
@@ -357,6 +391,43 @@ class Executor:
             peak_rss=r["peak_rss"])
         subprocess.run([sys.executable, "-m", "torchcore.records", self.job.db_path,
                         json.dumps(fields)], stdin=subprocess.DEVNULL, timeout=60, check=False)
+
+
+class SpawnedCommand(subprocess.Popen):
+    """A command started with posix_spawn (vfork and exec, no Python in between).
+
+    The quick path for a run that needs no working directory, user switch or rlimits:
+    it spares a freshly forked executor the copy-on-write faults of Popen's Python
+    code.  Everything after the start (poll, wait, returncode) is Popen's.
+    """
+
+    def __init__(self, argv, env):     # Popen.__init__ is replaced on purpose
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        null = os.open(os.devnull, os.O_RDONLY)
+        try:
+            pid = os.posix_spawnp(
+                argv[0], list(argv), env, setsid=True, setsigmask=(),
+                setsigdef=tuple(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}),
+                file_actions=[(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
+                              (os.POSIX_SPAWN_DUP2, err_w, 2)])
+        except OSError:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (null, out_w, err_w):
+                os.close(fd)
+        self.args, self.pid, self.returncode = argv, pid, None
+        self.stdin, self.stdout, self.stderr = None, open(out_r, "rb", 0), open(err_r, "rb", 0)
+        self._waitpid_lock = threading.Lock()      # Popen's; no thread is ever started here
+        self._sigint_wait_secs = 0.25
+        self._child_created = True
+        self._closed_child_pipe_fds = True
+        self._communication_started = False
+        self.text_mode = False
+        self.encoding = self.errors = None
+        self.universal_newlines = False
 
 
 def tree_rss(pid):

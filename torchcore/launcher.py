@@ -84,6 +84,9 @@ def serve(sock, report_fd):
     """Fork an executor for each job line; answer forked/fork_failed/exited lines."""
     from torchcore import executor
 
+    # Executors are born with go/cancel blocked: a prepared one waits for them with
+    # sigtimedwait, any other unblocks them at once (see executor.GO_SIGNALS).
+    signal.pthread_sigmask(signal.SIG_BLOCK, executor.GO_SIGNALS)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)

@@ -120,6 +120,17 @@ class Planner:
         self._fixed.discard(name)
         self._zones[key].table.remove(name)     # an empty zone stays: its wall memory must too
 
+    def peek(self, second):
+        """Names a plain match of ``second`` gives, without changing anything.
+
+        For preparing runs ahead of time only: ``advance`` stays the authority on what
+        is due (clock steps, daylight saving and stalls can still change it).
+        """
+        names = []
+        for zone in self._zones.values():
+            names.extend(zone.table.match(wall_time(second, zone.tz)))
+        return names
+
     def start(self, now):
         """Begin at ``now``: the first wake that can start anything is the next second."""
         self.watermark = now

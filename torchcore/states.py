@@ -2,6 +2,7 @@
 
 
 class RunState:
+    PREPARED = "prepared"    # forked ahead of its second, waiting for go (not counted as running)
     STARTING = "starting"    # forked; the executor has not reported the command's pid yet
     RUNNING = "running"      # the command runs in its own process group
     STOPPING = "stopping"    # TERM sent (timeout, shutdown, daemon stop); KILL follows after a grace

@@ -32,6 +32,9 @@ log = logging.getLogger("torchcore")
 
 STATS_EVERY = 60            # seconds between stats lines
 PRUNE_EVERY = 6 * 3600      # seconds between prunes of records older than history_days
+PREPARE_AT = 0.5            # into each second, the next second's runs are forked, waiting for go
+MAX_PREPARED = 2000         # at most this many executors wait for their second at once
+EARLY_WAKE = 0.002          # with prepared runs waiting, wake this early and spin to the boundary
 FAILED_START_UNDER = 1.0    # a daemon instance that lived less than this is a failed start
 BACKOFF_MAX = 60.0
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
@@ -97,6 +100,9 @@ class Supervisor:
         self.by_task = {}           # name -> set of run ids
         self.launchers = []         # the processes that fork executors (see launcher.py)
         self._handed_to = None      # the launcher the last fork() went to
+        self.prepared = {}          # (name, second) -> Run forked ahead, waiting for go
+        self.prepared_ids = {}      # run id -> Run, for prepared runs not (yet) fired
+        self._prepared_for = 0      # the last second prepared
         self.stats = Stats()
         self.started_at = self.clock.time()
         self.stopping = False
@@ -204,18 +210,33 @@ class Supervisor:
             self._drive_shutdown()
         else:
             self._watch_file()
+            self._await_boundary()
             now = int(self.clock.time())
             if now != self.planner.watermark:
                 self.tick(now)
             self._tend_daemons()
+            self._maybe_prepare()
         self._housekeeping()
 
     def _sleep_time(self):
         wall = self.clock.time()
         wait = (int(wall) + 1 - wall) + 0.0005
+        if self.prepared:
+            wait = max(0.0, wait - 0.0005 - EARLY_WAKE)   # epoll rounds up to whole ms
+        elif self.launchers and self._prepared_for <= int(wall) and wall - int(wall) < PREPARE_AT:
+            wait = int(wall) + PREPARE_AT - wall
         if self.shutdown_deadline is not None:
             wait = min(wait, max(0.0, self.shutdown_deadline - self.clock.monotonic()))
         return min(wait, 1.0)
+
+    def _await_boundary(self):
+        """Spin the last moments to the second boundary when prepared runs wait for it."""
+        if not self.prepared:
+            return
+        boundary = self.planner.watermark + 1
+        give_up = self.clock.monotonic() + 2 * EARLY_WAKE
+        while self.clock.time() < boundary and self.clock.monotonic() < give_up:
+            pass
 
     def tick(self, now):
         """Launch what the planner says is due at ``now`` (and log what the clock did)."""
@@ -225,7 +246,13 @@ class Supervisor:
         for name, second, count in plan.missed:
             self._record_missed(name, second, count)
         for name, second in self._due_retries(now, plan.due) + plan.due:
-            self.launch(self.tasks[name], second)
+            run = self.prepared.pop((name, second), None)
+            if run is None:
+                self.launch(self.tasks[name], second)
+            else:
+                self._fire(run)
+        for key in [key for key in self.prepared if key[1] <= now]:
+            self._cancel(self.prepared.pop(key))        # prepared, but not due after all
 
     def _due_retries(self, now, due):
         """Seconds whose fork failed: each task tries once more, for its latest such second,
@@ -290,8 +317,10 @@ class Supervisor:
             pid=run.executor_pid))
 
     def _forked(self, run, pid):
-        """The executor of ``run`` exists now (STARTING, pid known)."""
+        """The executor of ``run`` exists now (STARTING or PREPARED, pid known)."""
         run.executor_pid = pid
+        if run.state == RunState.PREPARED:
+            return
         self.by_pid[pid] = run.run_id
         if run.launcher is not None:
             self._record_start(run)         # again, now with the pid a new supervisor looks for
@@ -301,6 +330,69 @@ class Supervisor:
     def _retry_later(self, task, second, manual):
         if second is not None and not manual:
             self.retry.append((task.name, second))
+
+    # ---- prepared runs: forked before their second, started by a signal at the boundary ----
+
+    def _maybe_prepare(self):
+        """Half a second ahead, fork the executors of the next second's runs.
+
+        At the boundary only the command's own start is left to do: the tick sends each
+        prepared executor SIGUSR1 (go), so a burst starts in parallel on every core.  What
+        the tick does not find due is cancelled (SIGTERM) and leaves no trace.
+        """
+        wall = self.clock.time()
+        target = int(wall) + 1
+        if not self.launchers or target <= self._prepared_for or wall - int(wall) < PREPARE_AT:
+            return
+        self._prepared_for = target
+        for name in self.planner.peek(target):
+            task = self.tasks.get(name)
+            if len(self.prepared) >= MAX_PREPARED or task is None:
+                break
+            if (name, target) not in self.prepared:
+                self._prepare(task, target)
+
+    def _prepare(self, task, second):
+        try:
+            run_id = self.records.allocate_run_id()
+            job = executor.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
+                                        db_path=self.db_path, node=self.node_name, prepared=True)
+            self.fork(job)
+        except (OSError, records.RecordsError):
+            return          # the tick launches it the ordinary way
+        run = Run(run_id, task, second, False, None, 0.0, launcher=self._handed_to,
+                  state=RunState.PREPARED)
+        self.prepared[(task.name, second)] = run
+        self.prepared_ids[run_id] = run
+
+    def _fire(self, run):
+        """A prepared run is due: start it now, unless a limit says no (PREPARED -> STARTING)."""
+        del self.prepared_ids[run.run_id]
+        task = run.task
+        reason = self._limit_reason(task)
+        if reason or not self.coordinator.claim(task, run.scheduled):
+            self._cancel(run)
+            if reason:
+                self._record_skip(task, run.scheduled, reason, False)
+            return
+        run.state = RunState.STARTING
+        run.started = self.clock.time()
+        self.runs[run.run_id] = run
+        self.by_task.setdefault(task.name, set()).add(run.run_id)
+        if run.executor_pid is not None:
+            self.by_pid[run.executor_pid] = run.run_id
+        self.skipped_last.pop(task.name, None)
+        self.stats.started += 1
+        self._record_start(run)
+        self._signal_run(run, signal.SIGUSR1)
+
+    def _cancel(self, run):
+        self.prepared_ids[run.run_id] = run         # until its executor's exit is seen
+        self._signal_run(run, signal.SIGTERM)
+
+    def _cancel_prepared(self):
+        while self.prepared:
+            self._cancel(self.prepared.popitem()[1])
 
     def _limit_reason(self, task):
         running = len(self.by_task.get(task.name, ())) + len(self.adopted.get(task.name, ()))
@@ -362,16 +454,21 @@ class Supervisor:
                 self._launcher_answer(launcher, answer)
 
     def _launcher_answer(self, launcher, answer):
+        run_id = answer.get("forked", answer.get("exited", answer.get("fork_failed")))
+        prepared = self.prepared_ids.get(run_id)
         if "forked" in answer:
-            run = self.runs.get(answer["forked"])
+            run = self.runs.get(run_id) or prepared
             if run is not None:
                 self._forked(run, answer["pid"])
+            return
+        launcher.runs -= 1
+        if prepared is not None:        # a prepared run that never fired: nothing to record
+            self.prepared_ids.pop(run_id)
+            self.prepared.pop((prepared.task.name, prepared.scheduled), None)
         elif "exited" in answer:
-            launcher.runs -= 1
-            self._executor_exited(answer["exited"], answer["status"])
-        elif "fork_failed" in answer:
-            launcher.runs -= 1
-            self._fork_failed(answer["fork_failed"], answer["error"])
+            self._executor_exited(run_id, answer["status"])
+        else:
+            self._fork_failed(run_id, answer["error"])
 
     def _fork_failed(self, run_id, error):
         run = self._forget_run(run_id)
@@ -395,6 +492,9 @@ class Supervisor:
         self.selector.unregister(launcher.sock)
         launcher.close()
         log.error("a launcher (pid %d) died; starting another", launcher.pid)
+        for run in [r for r in self.prepared_ids.values() if r.launcher is launcher]:
+            self.prepared_ids.pop(run.run_id)
+            self.prepared.pop((run.task.name, run.scheduled), None)
         for run in [r for r in self.runs.values() if r.launcher is launcher]:
             if run.executor_pid is None:
                 self._fork_failed(run.run_id, "its launcher died")
@@ -671,6 +771,7 @@ class Supervisor:
     def begin_shutdown(self, reason):
         """No new runs; ask every run to stop; KILL what is left after shutdown_grace."""
         self.stopping = True
+        self._cancel_prepared()
         self.shutdown_deadline = self.clock.monotonic() + self.settings.shutdown_grace
         log.info("stopping (%s): %d runs to stop, grace %ds", reason, len(self.runs),
                  self.settings.shutdown_grace)
@@ -730,6 +831,7 @@ class Supervisor:
 
     def _apply(self, new, first=False):
         """Swap in a validated task file between two ticks; returns a summary."""
+        self._cancel_prepared()     # they were forked with the old specs
         old_tasks = self.tasks
         new_tasks = {task.name: task for task in new.local_tasks(self.node)}
         removed = [name for name in old_tasks if name not in new_tasks]
