@@ -10,8 +10,8 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
-
-from test_supervisor import T0, make  # noqa: F401  (make is a fixture)
+from test_supervisor import T0
+from test_supervisor import make as harness_fixture  # noqa: F401  (provides the `make` fixture)
 
 BERLIN = ZoneInfo("Europe/Berlin")
 DST = """tasks:
