@@ -9,6 +9,7 @@ Usage: python benchmarks/soak.py [--seconds 600] [--tasks 100] [--every 5] [--js
 """
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -91,7 +92,7 @@ def judge(samples, rss_slack, runs):
     children = [s[3] for s in settled]
     if max(children) > 3 * (sum(children) / len(children)) + 50:
         problems.append(f"children spiked to {max(children)}")
-    persistent = {pid for a, b in zip(samples, samples[1:]) for pid in a[4] & b[4]}
+    persistent = {pid for a, b in itertools.pairwise(samples) for pid in a[4] & b[4]}
     if persistent:
         problems.append(f"zombies lived across samples: {sorted(persistent)}")
     if runs["lost"] or runs["doubled"]:

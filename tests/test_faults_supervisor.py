@@ -10,8 +10,10 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
+import test_supervisor
+from test_supervisor import T0
 
-from test_supervisor import T0, make  # noqa: F401  (make is a fixture)
+make = test_supervisor.make     # the Harness fixture, shared with test_supervisor.py
 
 BERLIN = ZoneInfo("Europe/Berlin")
 DST = """tasks:
