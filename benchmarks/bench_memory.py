@@ -8,7 +8,7 @@ once (against a fresh small Python process).
   the jobs it added and marked so).
 - Executors: 200 tasks due in the same second (every 20 s), each ``sleep 10``, in a file alone and
   beside the 100,000 idle tasks; once 200 executors are alive,
-  the USS (psutil memory_full_info) of every executor (the supervisor's direct children; the
+  the USS (psutil memory_full_info) of every executor (found by title under the launchers; the
   ``sleep`` commands are not counted).  Target: at most 4 MB each.
 
 Usage: python benchmarks/bench_memory.py [--quick] [--tasks N] [--runs N]
@@ -66,11 +66,24 @@ def executor_memory(runs, idle=0, hold=10):
     return uss, sup
 
 
+def _executors(process):
+    """The live executors of a supervisor: its launchers' children titled `torchcore: <task> [run N]`."""
+    found = []
+    for proc in process.children(recursive=True):
+        try:
+            title = " ".join(part for part in proc.cmdline() if part)
+            if proc.status() != psutil.STATUS_ZOMBIE and " [run " in title:
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
 def _wait_for_executors(process, runs, deadline):
-    """The supervisor's children, once ``runs`` of them are alive (or at ``deadline``)."""
+    """The supervisor's executors, once ``runs`` of them are alive (or at ``deadline``)."""
     children = []
     while time.time() < deadline:
-        children = [c for c in process.children() if c.status() != psutil.STATUS_ZOMBIE]
+        children = _executors(process)
         if len(children) >= runs:
             break
         time.sleep(0.1)
