@@ -1,6 +1,7 @@
 """Idle cost and load time with 100,000 tasks that do not fire.
 
-- Load (interleaved, best of two each): the daemon's time from exec to its ready log line (imports, parsing, validation, the
+- Load (interleaved, best of two each): the daemon's time from exec to its ready log line
+  (imports, parsing, validation, the
   match tables, the records database), and ``config.load`` alone in this process, against
   PyYAML's C loader (``yaml.load(..., Loader=CSafeLoader)``) parsing the same file.
   Target: within 2x the C loader.
@@ -21,7 +22,7 @@ import time
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 
 
 def best_of(runs, func):

@@ -31,7 +31,7 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 
 FULL = {    # name: (title, tasks, step s, offset of task i, window s)
     "a": ("light: 20 tasks, one each 3 s, 60 s", 20, 60, lambda i: 3 * i, 60),
@@ -159,7 +159,7 @@ def start_system(system, tasks, workdir):
 def run_floor(spec):
     """The floor: wait for each second, posix_spawn its commands in turn, reap."""
     by_sec = {}
-    for name, secs, command in json.load(open(spec)):
+    for _name, secs, command in json.load(open(spec)):
         for s in secs:
             by_sec.setdefault(s, []).append(["/bin/sh", "-c", command])
     env = dict(os.environ)
@@ -209,7 +209,7 @@ def run_apscheduler(spec):
 
 def measure(system, params):
     """Run one system through one scenario; returns its summary dict."""
-    title, count, step, offset, window = params
+    _title, count, step, offset, window = params
     with tempfile.TemporaryDirectory(prefix="tc-launch-") as workdir:
         out = os.path.join(workdir, "starts.txt")
         tasks = build_tasks(count, step, offset, out)

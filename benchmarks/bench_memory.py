@@ -25,7 +25,7 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
+import benchlib
 
 MB = 2 ** 20
 
@@ -114,7 +114,7 @@ def main():
     cap = args.aps_cap or (5 if args.quick else 60)
     print(f"bench_memory {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {benchlib.machine()}")
     rss, uss, ready = supervisor_memory(count)
-    added, aps_time, aps_rss = benchlib.measure_apscheduler_load(count, cap)
+    added, _aps_time, aps_rss = benchlib.measure_apscheduler_load(count, cap)
     base = _empty_python_rss()
     aps_full = base + (aps_rss - base) * count / added
     note = "" if added == count else f" (scaled from {added:,} jobs: {aps_rss / MB:.0f} MB)"
@@ -142,8 +142,8 @@ def main():
 
 
 def _empty_python_rss():
-    out = subprocess.run([sys.executable, "-c", "import psutil; "
-                          "print(psutil.Process().memory_info().rss)"],
+    out = subprocess.run([sys.executable, "-c",
+                          "import psutil; print(psutil.Process().memory_info().rss)"],
                          capture_output=True, text=True, check=True)
     return int(out.stdout)
 

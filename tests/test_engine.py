@@ -1,5 +1,6 @@
 """The engine on real processes and real seconds: properties with margins for a loaded machine."""
 
+import itertools
 import os
 import signal
 import subprocess
@@ -7,7 +8,6 @@ import time
 
 import psutil
 import pytest
-
 from daemon_harness import Daemon, processes_with, wait_for
 
 
@@ -213,7 +213,8 @@ def test_limits_env_cwd_and_user_are_applied(daemons, tmp_path):
     assert "memory limit" in open(os.path.join(d.dir, "state", "logs", "hog.log")).read()
     wait_for(lambda: [r for r in d.runs("env") if r["ended"]], 10, "the env run")
     d.stop()
-    line = [x for x in open(os.path.join(d.dir, "state", "logs", "env.log")) if " out| " in x][0]
+    with open(os.path.join(d.dir, "state", "logs", "env.log")) as handle:
+        line = next(x for x in handle if " out| " in x)
     greeting, cwd, who, nofile, cpu, internals = line.split(" out| ")[1].strip().split("|")
     assert (greeting, cwd, nofile, cpu, internals) == ("hello world", str(workdir), "123", "77", "0")
     if user:
@@ -237,7 +238,7 @@ def test_a_new_supervisor_counts_the_previous_ones_running_executors_against_max
     assert d.stop() == 0
     ran = [r for r in d.runs("single") if r["started"] and not r["skipped"]]
     spans = sorted((r["started"], r["ended"]) for r in ran if r["ended"])
-    assert all(a_end <= b_start + 0.05 for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    assert all(a_end <= b_start + 0.05 for (_, a_end), (b_start, _) in itertools.pairwise(spans))
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not __import__("shutil").which("unshare"),

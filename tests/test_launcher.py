@@ -7,8 +7,8 @@ import signal
 import time
 
 import psutil
-
 from daemon_harness import Daemon, processes_with, wait_for
+
 from torchcore.executor import Job
 from torchcore.launcher import Launcher
 

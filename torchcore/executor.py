@@ -419,7 +419,10 @@ class SpawnedCommand(subprocess.Popen):
             for fd in (null, out_w, err_w):
                 os.close(fd)
         self.args, self.pid, self.returncode = argv, pid, None
-        self.stdin, self.stdout, self.stderr = None, open(out_r, "rb", 0), open(err_r, "rb", 0)
+        # The pipes belong to this object, as Popen's do (closed when the run is collected).
+        self.stdin = None
+        self.stdout = open(out_r, "rb", 0)  # noqa: SIM115
+        self.stderr = open(err_r, "rb", 0)  # noqa: SIM115
         self._waitpid_lock = threading.Lock()      # Popen's; no thread is ever started here
         self._sigint_wait_secs = 0.25
         self._child_created = True
