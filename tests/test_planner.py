@@ -164,3 +164,13 @@ def test_wall_time_helper_keeps_fold():
     first = wall_time(epoch("2026-10-25T00:30:00"), BERLIN)
     second = wall_time(epoch("2026-10-25T01:30:00"), BERLIN)
     assert (first.hour, first.fold, second.hour, second.fold) == (2, 0, 2, 1)
+
+
+def test_a_backward_step_right_after_the_start_does_not_run_earlier_wall_times():
+    # Found by the property test: the start second's wall time counts as passed.
+    p = planner(hourly=("@hourly", UTC))
+    t0 = epoch("2026-03-29T01:00:00")
+    p.start(t0)
+    plan = p.advance(t0 - 3 * 3600)             # exactly 3 h back: not yet a clock correction
+    assert plan.due == []
+    assert any("stepped back" in event for event in plan.events)

@@ -132,8 +132,14 @@ class Planner:
         return names
 
     def start(self, now):
-        """Begin at ``now``: the first wake that can start anything is the next second."""
+        """Begin at ``now``: the first wake that can start anything is the next second.
+
+        The wall time of ``now`` counts as passed in every zone, so a backward step right
+        after the start does not run fixed-time tasks for wall times before it.
+        """
         self.watermark = now
+        for zone in self._zones.values():
+            zone.wall_high = _wall_key(wall_time(now, zone.tz))
 
     def advance(self, now):
         """Plan the window (watermark, now]; see the module docstring for the rules."""
