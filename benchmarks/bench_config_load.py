@@ -7,11 +7,13 @@ config builds on) and config.load's, and the ratio. Usage: python benchmarks/ben
 import os
 import sys
 import tempfile
-import time
 
 import yaml
 
 from torchcore import config
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib
 
 
 def write_file(path, count):
@@ -28,24 +30,15 @@ def write_file(path, count):
         handle.write("\n".join(lines) + "\n")
 
 
-def best_of(runs, func):
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        func()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main():
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "tasks.yaml")
         write_file(path, count)
         text = open(path, encoding="utf-8").read()
-        bare = best_of(2, lambda: yaml.load(text, Loader=yaml.CSafeLoader))
-        compose = best_of(2, lambda: yaml.compose(text, Loader=yaml.CSafeLoader))
-        ours = best_of(2, lambda: config.load(path))
+        bare = benchlib.best_of(2, lambda: yaml.load(text, Loader=yaml.CSafeLoader))
+        compose = benchlib.best_of(2, lambda: yaml.compose(text, Loader=yaml.CSafeLoader))
+        ours = benchlib.best_of(2, lambda: config.load(path))
     print(f"{count} tasks: yaml.load(CSafeLoader) {bare:.2f}s, yaml.compose {compose:.2f}s, "
           f"config.load {ours:.2f}s = {ours / bare:.2f}x the C loader")
 

@@ -25,22 +25,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib
 
 
-def best_of(runs, func):
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        func()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def measure_load(path):
     """(C loader seconds, config.load seconds)."""
     from torchcore import config
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
-    bare = best_of(1, lambda: yaml.load(text, Loader=yaml.CSafeLoader))
-    ours = best_of(1, lambda: config.load(path))
+    bare = benchlib.best_of(1, lambda: yaml.load(text, Loader=yaml.CSafeLoader))
+    ours = benchlib.best_of(1, lambda: config.load(path))
     return bare, ours
 
 

@@ -102,6 +102,16 @@ def cpu_seconds(process):
     return times.user + times.system
 
 
+def best_of(runs, func):
+    """The fastest of ``runs`` timed calls of ``func``, in seconds (a shared machine is noisy)."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def percentile(values, fraction):
     """Nearest-rank percentile of a non-empty list."""
     ordered = sorted(values)

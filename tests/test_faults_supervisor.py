@@ -65,7 +65,7 @@ def test_fork_failures_for_seconds_are_counted_retried_and_scheduling_goes_on(ma
     assert ("fixed", T0 + 5) in started          # retried while within misfire_grace
     assert ("every", T0 + 10) in started
     assert len(sup.forked) == len(started)       # nothing twice, no burst of old seconds
-    sup._flush()
+    sup.records.flush()
     rows = sup.records.query(task="every", limit=100)
     assert not [r for r in rows if r.skipped and "max" in r.skipped]
     accounted = {r.scheduled for r in rows if r.missed} | {s for n, s in started if n == "every"}
@@ -79,19 +79,19 @@ def test_a_locked_database_keeps_records_buffered_and_writes_them_later(make, fi
   - {name: every, schedule: "* * * * * *", command: "true", max: 10}
 """)
     sup.second()
-    sup._flush()
+    sup.records.flush()
     blocker = sqlite3.connect(sup.db_path, timeout=0)
     blocker.execute("BEGIN EXCLUSIVE")
     try:
         for _ in range(5):
             sup.second()
-            sup._flush()                         # fails: locked; must not raise
+            sup.records.flush()                         # fails: locked; must not raise
         assert sup.records.pending >= 5 and sup.records.failed_flushes >= 5
     finally:
         blocker.rollback()
         blocker.close()
     sup.second()
-    sup._flush()
+    sup.records.flush()
     assert sup.records.pending == 0
     seconds = [r.scheduled for r in sup.records.query(task="every", limit=100)]
     assert sorted(seconds) == list(range(T0, T0 + 7))

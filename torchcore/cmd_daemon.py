@@ -65,8 +65,8 @@ def cmd_start(args):
         raise AlreadyRunning(holder, pidfile_path)
     if args.foreground:
         setup_logging(None)
-        with Pidfile(pidfile_path) as pidfile:
-            return _supervise(taskfile, node, pidfile)
+        with Pidfile(pidfile_path):
+            return _supervise(taskfile, node)
     launcher = Daemonizer(started_message=f"torchcore started (pid {{pid}}) on {taskfile.path}")
     if not launcher.detach():
         return cli.EXIT_OK      # not reached: the launcher exits with the daemon's verdict
@@ -78,17 +78,17 @@ def cmd_start(args):
         launcher.failed(str(exc))
         os._exit(cli.EXIT_ERROR)
     try:
-        code = _supervise(taskfile, node, pidfile, on_ready=launcher.ready,
+        code = _supervise(taskfile, node, on_ready=launcher.ready,
                           on_failure=launcher.failed)
     finally:
         pidfile.release()
     os._exit(code)
 
 
-def _supervise(taskfile, node, pidfile, on_ready=None, on_failure=None):
+def _supervise(taskfile, node, on_ready=None, on_failure=None):
     from torchcore.supervisor import Supervisor
 
-    supervisor = Supervisor(taskfile, node, pidfile=pidfile, on_ready=on_ready)
+    supervisor = Supervisor(taskfile, node, on_ready=on_ready)
     try:
         return supervisor.run()
     except Exception as exc:
@@ -186,8 +186,6 @@ def cmd_stop(args):
     print(f"torchcore: still running after {timeout:.0f}s (pid {pid}); "
           f"`kill -TERM {pid}` again skips the grace period", file=sys.stderr)
     return cli.EXIT_ERROR
-
-
 
 
 def cmd_reload(args):

@@ -12,7 +12,6 @@ class RunState:
 class DaemonState:
     RUNNING = "running"          # kept at `max` instances
     BACKOFF = "backoff"          # failed starts: waiting before the next try
-    STOPPED = "stopped"          # removed or changed on reload: instances are being stopped
 
 
 class TaskHealth:

@@ -82,14 +82,13 @@ class Stats:
 class Supervisor:
     """Runs this node's share of a task file until told to stop."""
 
-    def __init__(self, taskfile, node, clock=None, coordinator=None, pidfile=None, on_ready=None):
+    def __init__(self, taskfile, node, clock=None, coordinator=None, on_ready=None):
         self.taskfile = taskfile
         self.settings = taskfile.settings
         self.node = node
         self.node_name = node.hostname
         self.clock = clock or SystemClock()
         self.coordinator = coordinator or LocalCoordinator()
-        self.pidfile = pidfile
         self.on_ready = on_ready
         self.ready = False
         self.planner = Planner(self.settings.misfire_grace)
@@ -179,7 +178,7 @@ class Supervisor:
         if self.control is not None:
             self.control.close()
         self._stop_launchers()
-        self._flush()
+        self.records.flush()
         self.records.close()
         self.selector.close()
         for fd in (self._wake_r, self._wake_w, self.report_r, self.report_w):
@@ -561,7 +560,7 @@ class Supervisor:
         mono = self.clock.monotonic()
         for name, slot in self.daemons.items():
             task = self.tasks.get(name)
-            if task is None or slot.state == DaemonState.STOPPED or mono < slot.next_try:
+            if task is None or mono < slot.next_try:
                 continue
             missing = task.max - len(self.by_task.get(name, ()))
             for _ in range(missing):
@@ -915,15 +914,12 @@ class Supervisor:
             scheduled=second, started=None, ended=None, exit_code=None, signal=None,
             missed=True, skipped=f"missed {count} run(s)"))
 
-    def _flush(self):
-        self.records.flush()
-
     def _housekeeping(self):
         if self.adopted:
             self._forget_finished_adoptees()
         if any(run.orphaned for run in self.runs.values()):
             self._follow_orphaned_runs()
-        self._flush()
+        self.records.flush()
         self._set_title()
         if self.control is not None:
             self.control.reap_idle(self.clock.monotonic())
