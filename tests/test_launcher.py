@@ -89,3 +89,134 @@ def test_a_killed_launcher_is_replaced_and_its_run_still_recorded(tmp_path):
         assert unfinished == []
     finally:
         d.kill()
+
+
+# ---- prepared runs: go pipes held by the launcher, commands waiting at the gate ----------
+
+def _prepared(tmp_path, run_id, argv, **fields):
+    return Job(run_id=run_id, name=f"p{run_id}", argv=argv, log_dir=str(tmp_path),
+               db_path=str(tmp_path / "db"), scheduled=int(time.time()) + 2, prepared=True,
+               **fields)
+
+
+def _reports(fd):
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+    except BlockingIOError:
+        pass
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def _exits(launcher, run_ids):
+    seen = answers_until(launcher, lambda s: {a.get("exited") for a in s} >= set(run_ids))
+    return {a["exited"]: a for a in seen if "exited" in a}
+
+
+def test_prepared_runs_start_on_go_and_leave_no_trace_on_cancel(tmp_path):
+    marker = tmp_path / "ran"
+    report_r, report_w = os.pipe()
+    launcher = Launcher(report_w)
+    try:
+        go_job = _prepared(tmp_path, 11, ("sh", "-c", f"echo go >> {marker}; echo out"))
+        cancel_job = _prepared(tmp_path, 12, ("sh", "-c", f"echo cancelled >> {marker}"))
+        popen_job = _prepared(tmp_path, 13, ("sh", "-c", f"echo popen >> {marker}; pwd"),
+                              cwd=str(tmp_path))          # a cwd takes the Popen path
+        for job in (go_job, cancel_job, popen_job):
+            launcher.submit(job)
+        answers_until(launcher, lambda s: len([a for a in s if "forked" in a]) == 3)
+        wait_for(lambda: len(processes_with("torchcore-gate")) >= 2, 10, "two gates")
+        time.sleep(0.3)
+        assert not marker.exists(), "a prepared command ran before its go"
+        before = time.time()
+        launcher.go([11, 13])
+        launcher.cancel([12])
+        exits = _exits(launcher, [11, 12, 13])
+        assert all(os.waitstatus_to_exitcode(a["status"]) == 0 for a in exits.values())
+        assert sorted(marker.read_text().split()) == ["go", "popen"]
+        reports = _reports(report_r)
+        assert {r["run"] for r in reports} == {11, 13}           # the cancelled run says nothing
+        starts = {r["run"]: r for r in reports if r["e"] == "start"}
+        ends = {r["run"]: r for r in reports if r["e"] == "end"}
+        assert before - 0.01 <= starts[11]["started"] <= before + 2
+        assert ends[11]["exit_code"] == 0 and ends[13]["exit_code"] == 0
+        log = (tmp_path / "p11.log").read_text()
+        assert "run 11 out| out" in log
+        assert str(tmp_path) in (tmp_path / "p13.log").read_text()
+        assert not processes_with("torchcore-gate")
+    finally:
+        launcher.close()
+        launcher.proc.wait(5)
+        os.close(report_r)
+        os.close(report_w)
+
+
+def test_a_command_that_cannot_start_at_the_gate_is_reported(tmp_path):
+    report_r, report_w = os.pipe()
+    launcher = Launcher(report_w)
+    try:
+        launcher.submit(_prepared(tmp_path, 21, ("no-such-command-tc",)))
+        answers_until(launcher, lambda s: any("forked" in a for a in s))
+        wait_for(lambda: processes_with("torchcore-gate"), 10, "the gate")
+        launcher.go([21])
+        _exits(launcher, [21])
+        ends = [r for r in _reports(report_r) if r["e"] == "end"]
+        assert ends[0]["exit_code"] == 127 and "No such file" in ends[0]["error"]
+        assert "cannot start" in (tmp_path / "p21.log").read_text()
+    finally:
+        launcher.close()
+        launcher.proc.wait(5)
+        os.close(report_r)
+        os.close(report_w)
+
+
+def test_prepared_runs_never_start_without_their_launcher_or_executor(tmp_path):
+    marker = tmp_path / "ran"
+    report_r, report_w = os.pipe()
+    launcher = Launcher(report_w)
+    try:
+        launcher.submit(_prepared(tmp_path, 31, ("sh", "-c", f"echo 31 >> {marker}")))
+        launcher.submit(_prepared(tmp_path, 32, ("sh", "-c", f"echo 32 >> {marker}")))
+        seen = answers_until(launcher, lambda s: len([a for a in s if "forked" in a]) == 2)
+        wait_for(lambda: len(processes_with("torchcore-gate")) == 2, 10, "two gates")
+        executor_32 = next(a["pid"] for a in seen if a.get("forked") == 32)
+        os.kill(executor_32, signal.SIGKILL)        # its gate sees the status pipe lose its reader
+        wait_for(lambda: len(processes_with("torchcore-gate")) == 1, 10, "run 32's gate to give up")
+        launcher.go([32])
+        launcher.proc.kill()                        # its go pipes close: run 31 is cancelled
+        launcher.proc.wait(5)
+        wait_for(lambda: not processes_with("torchcore-gate"), 10, "every gate to give up")
+        time.sleep(0.2)
+        assert not marker.exists()
+        assert not [r for r in _reports(report_r) if r["run"] in (31, 32)]
+    finally:
+        launcher.close()
+        os.close(report_r)
+        os.close(report_w)
+
+
+def test_a_prepared_run_nobody_starts_gives_up_after_its_wait(tmp_path, monkeypatch):
+    import torchcore.executor as executor_module
+
+    marker = tmp_path / "ran"
+    monkeypatch.setattr(executor_module, "GO_WAIT", 0.0)
+    go_r, go_w = os.pipe()
+    report_r, report_w = os.pipe()
+    job = Job(run_id=41, name="late", argv=("sh", "-c", f"echo x > {marker}"), log_dir=str(tmp_path),
+              scheduled=int(time.time()), prepared=True)
+    pid = os.fork()
+    if pid == 0:
+        executor_module.execute(job, report_w, go_r)
+    os.close(go_r)
+    started = time.monotonic()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and time.monotonic() - started < 5
+    os.close(go_w)
+    os.close(report_w)
+    assert not marker.exists() and not _reports(report_r)
+    os.close(report_r)

@@ -15,6 +15,7 @@ import json
 import os
 import pwd
 import resource
+import select
 import selectors
 import signal
 import subprocess
@@ -29,8 +30,10 @@ from torchcore import tasklog
 
 MEMORY_SAMPLE_EVERY = 0.5   # seconds between RSS samples of a task with a memory limit
 DRAIN_AFTER_EXIT = 2.0      # seconds to keep reading output left by background children
-GO_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}   # go, cancel: blocked in launchers and in their
-GO_WAIT = 3.0                                   # children until a prepared run hears one of them
+GO_WAIT = 60.0              # seconds past its second a prepared run waits for go at most (a backstop:
+                            # a run is cancelled on purpose, or when its launcher or executor ends)
+BOOKKEEPING_NICE = 10       # an executor's own priority once its command is on its way
+GATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_gate")   # csrc/tc_gate.c
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                     signal.SIGCHLD, signal.SIGPIPE, signal.SIGQUIT)
 
@@ -62,7 +65,7 @@ class Job:
     log_backups: int = 5
     db_path: str = ""
     node: str = ""
-    prepared: bool = False          # forked ahead of its second: waits for go (SIGUSR1)
+    prepared: bool = False          # forked ahead of its second: waits for go on its go pipe
 
     @classmethod
     def for_task(cls, task, settings, run_id=0, scheduled=None, manual=False, db_path="", node="",
@@ -81,18 +84,26 @@ class Job:
 
     @classmethod
     def from_json(cls, text):
-        fields = json.loads(text)
+        return cls.from_fields(json.loads(text))
+
+    @classmethod
+    def from_fields(cls, fields):
+        fields = dict(fields)
         fields["argv"] = tuple(fields["argv"])
         fields["env"] = tuple(tuple(pair) for pair in fields["env"])
         return cls(**fields)
 
 
-def execute(job, report_fd):
-    """The child's whole life: run ``job`` and ``os._exit``.  Never returns."""
+def execute(job, report_fd, go_fd=None):
+    """The child's whole life: run ``job`` and ``os._exit``.  Never returns.
+
+    A prepared job comes with ``go_fd``, the read end of its go pipe: one byte means
+    start, end of file (or nothing until its second plus GO_WAIT) means cancelled.
+    """
     code = 70
     try:
-        _become_executor(job, report_fd)
-        code = Executor(job, report_fd).run()
+        _become_executor(job, report_fd, go_fd)
+        code = Executor(job, report_fd, go_fd=go_fd).run()
     except BaseException as exc:   # the child must never unwind into the supervisor's code
         try:
             os.write(2, f"torchcore: executor for {job.name} failed: {exc!r}\n".encode())
@@ -102,7 +113,7 @@ def execute(job, report_fd):
         os._exit(code)
 
 
-def _become_executor(job, report_fd):
+def _become_executor(job, report_fd, go_fd=None):
     for signum in _HANDLED_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)   # a dead supervisor shows as EPIPE, not death
@@ -111,12 +122,13 @@ def _become_executor(job, report_fd):
     signal.signal(signal.SIGTERM, _request_stop)
     signal.signal(signal.SIGINT, _request_stop)
     signal.set_wakeup_fd(-1)
-    os.closerange(3, report_fd)
-    os.closerange(report_fd + 1, _max_fd())
-    os.set_inheritable(report_fd, False)            # a command never holds the report pipe
+    low = 3
+    for keep in sorted(fd for fd in (report_fd, go_fd) if fd is not None):
+        os.closerange(low, keep)
+        os.set_inheritable(keep, False)             # a command never holds these
+        low = keep + 1
+    os.closerange(low, _max_fd())
     setproctitle.setproctitle(f"torchcore: {job.name} [run {job.run_id}]")
-    if not job.prepared:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, GO_SIGNALS)   # blocked by the launcher
 
 
 _stop_requested = []
@@ -128,6 +140,26 @@ def _request_stop(signum, frame):
 
 def _ignore(signum, frame):
     pass
+
+
+def _step_aside():
+    """Once its command is on its way, an executor's own work (copying output, watching
+    limits, reporting) yields to the starts of other runs: it lowers its priority by
+    BOOKKEEPING_NICE (once).  The command keeps the daemon's priority."""
+    if _stepped_aside:
+        return
+    _stepped_aside.append(True)
+    try:
+        os.nice(BOOKKEEPING_NICE)
+    except OSError:
+        pass
+
+
+_stepped_aside = []
+
+
+def _gate_usable():
+    return os.access(GATE, os.X_OK)
 
 
 def _max_fd():
@@ -179,9 +211,10 @@ def limit_setter(job):
 class Executor:
     """One run: start the command, pump its output, watch its limits, report."""
 
-    def __init__(self, job, report_fd, clock=time):
+    def __init__(self, job, report_fd, clock=time, go_fd=None):
         self.job = job
         self.report_fd = report_fd
+        self.go_fd = go_fd
         self.clock = clock
         self.proc = None
         self.result = {"exit_code": None, "signal": None, "timed_out": False, "peak_rss": None,
@@ -192,60 +225,122 @@ class Executor:
     def run(self):
         log = tasklog.TaskLog(self.job.log_dir, self.job.name, self.job.run_id,
                               self.job.log_max_bytes, self.job.log_backups)
-        options = self._popen_options(log)      # all the work that can happen before the second
-        if self.job.prepared and not self._await_go():
-            log.close()
-            return 0            # cancelled before its second: nothing ran, nothing to record
-        started = time.time()
+        command = self._prepare_command(log)    # all the work that can happen before the second
+        if self.job.prepared:
+            started = self._start_prepared(log, command)
+            if started is None:
+                log.close()
+                return 0        # cancelled before its second: nothing ran, nothing to record
+        else:
+            started = time.time()
+            if command is not None:
+                self._start(log, command)
         try:
-            if options is not None and self._spawn(log, options):
+            if self.proc is not None:
                 self._report({"e": "start", "pid": self.proc.pid, "started": started})
                 self._pump(log)
                 self._collect()
         finally:
+            _step_aside()
             self._note_end(log, started)
             log.close()
         self._report_end(started, time.time())
         return 0
 
-    def _await_go(self):
-        """A prepared run waits for SIGUSR1 (go) or SIGTERM (cancel); True means go.
+    def _start_prepared(self, log, command):
+        """Wait for go and start; the start time, or None when the run was cancelled.
 
-        Both signals are blocked (inherited from the launcher), so neither is lost or
-        acts early; past its second plus GO_WAIT the run gives up as cancelled.
+        A plain command waits at the gate (csrc/tc_gate.c): spawned now, ahead of its
+        second, it only has to exec the command when the go byte arrives, and this
+        executor is not even woken for it.  A command that needs Python between fork
+        and exec (a user, a working directory, rlimits) starts here after go.
         """
-        timeout = max(0.05, min(self.job.scheduled + GO_WAIT - time.time(), 10 + GO_WAIT))
-        got = signal.sigtimedwait(GO_SIGNALS, timeout)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, GO_SIGNALS)
-        return got is not None and got.si_signo == signal.SIGUSR1
+        wait = max(0.05, min(self.job.scheduled + GO_WAIT - time.time(), 2 * GO_WAIT))
+        if isinstance(command, SpawnedCommand) and _gate_usable():
+            try:
+                command.start_at_gate(self.go_fd, wait)
+            except OSError:
+                pass                # the gate cannot start: wait for go here instead
+            else:
+                _step_aside()
+                return self._pass_gate(log, command)
+        if not self._await_go(wait):
+            if command is not None:
+                command.discard()
+            return None
+        started = time.time()
+        if command is not None:
+            self._start(log, command)
+        return started
 
-    def _popen_options(self, log):
-        """Popen's keyword arguments for this job (user, environment, limits), or None."""
+    def _await_go(self, wait):
+        """Wait for the go byte: True for go, False for cancelled (end of file, or too late)."""
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            ready, _, _ = select.select([self.go_fd], [], [], left)
+            if ready:
+                try:
+                    return os.read(self.go_fd, 1) != b""
+                except BlockingIOError:
+                    continue
+
+    def _pass_gate(self, log, command):
+        """Read what the gate says: the start time, or None if it was cancelled."""
+        status = command.gate_status()
+        if status.startswith(b"S"):
+            started = float(status[1:].split(b"\n", 1)[0])
+            failed = status.split(b"\n", 1)[1]
+            if failed.startswith(b"E"):
+                command.proc.wait()
+                command.proc.stdout.close()
+                command.proc.stderr.close()
+                errno_ = int(failed[1:].strip() or errno.ENOENT)
+                exc_type = FileNotFoundError if errno_ == errno.ENOENT else OSError
+                self._cannot_start(log, exc_type(errno_, os.strerror(errno_), self.job.argv[0]))
+                return started
+            self.proc = command.proc
+            return started
+        command.proc.wait()         # cancelled (or the gate died): nothing ran
+        command.proc.stdout.close()
+        command.proc.stderr.close()
+        return None
+
+    def _prepare_command(self, log):
+        """The command made ready to start (Spawned- or PopenCommand), or None if it cannot."""
         try:
             cred = credentials(self.job)
         except KeyError as exc:
             self._cannot_start(log, exc)
             return None
-        options = {"cwd": self.job.cwd or None, "start_new_session": True,
-                   "env": task_environment(self.job, cred[0] if cred else None),
-                   "preexec_fn": limit_setter(self.job)}
-        if cred:
-            _, uid, gid, groups = cred
-            options.update(user=uid, group=gid, extra_groups=groups)
-        return options
-
-    def _spawn(self, log, options):
+        env = task_environment(self.job, cred[0] if cred else None)
+        preexec = limit_setter(self.job)
+        if self.job.cwd or preexec or cred:
+            options = {"cwd": self.job.cwd or None, "start_new_session": True, "env": env,
+                       "preexec_fn": preexec}
+            if cred:
+                _, uid, gid, groups = cred
+                options.update(user=uid, group=gid, extra_groups=groups)
+            return PopenCommand(self.job.argv, options)
         try:
-            if options["cwd"] or options["preexec_fn"] or "user" in options:
-                self.proc = subprocess.Popen(
-                    self.job.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE, **options)
-            else:
-                self.proc = SpawnedCommand(self.job.argv, options["env"])
-            return True
+            return SpawnedCommand(self.job.argv, env)
+        except OSError as exc:
+            self._cannot_start(log, exc)
+            return None
+
+    def _start(self, log, command):
+        """Start the command, then step aside for the starts of other runs."""
+        try:
+            command.start()
         except (OSError, subprocess.SubprocessError) as exc:
+            command.discard()
             self._cannot_start(log, exc)
             return False
+        _step_aside()
+        self.proc = command.proc
+        return True
 
     def _cannot_start(self, log, exc):
         message = f"cannot start: {exc}"
@@ -393,31 +488,112 @@ class Executor:
                         json.dumps(fields)], stdin=subprocess.DEVNULL, timeout=60, check=False)
 
 
-class SpawnedCommand(subprocess.Popen):
+class PopenCommand:
+    """A command started by subprocess.Popen: the path for a working directory, a user
+    switch or rlimits (work that needs Python code between fork and exec)."""
+
+    def __init__(self, argv, options):
+        self.argv, self.options, self.proc = argv, options, None
+
+    def start(self):
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, **self.options)
+
+    def discard(self):
+        pass
+
+
+class SpawnedCommand:
     """A command started with posix_spawn (vfork and exec, no Python in between).
 
-    The quick path for a run that needs no working directory, user switch or rlimits:
-    it spares a freshly forked executor the copy-on-write faults of Popen's Python
-    code.  Everything after the start (poll, wait, returncode) is Popen's.
+    The quick path for a run that needs no working directory, user switch or rlimits.
+    Everything but the spawn itself (pipes, file actions, signal dispositions, the
+    environment) is made ready beforehand, so a prepared run's start at its second
+    is one system call.
     """
 
-    def __init__(self, argv, env):     # Popen.__init__ is replaced on purpose
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        null = os.open(os.devnull, os.O_RDONLY)
+    _DEFAULT_SIGNALS = tuple(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
+
+    def __init__(self, argv, env):
+        self.argv, self.env, self.proc = list(argv), env, None
+        self._fds = []
         try:
-            pid = os.posix_spawnp(
-                argv[0], list(argv), env, setsid=True, setsigmask=(),
-                setsigdef=tuple(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}),
-                file_actions=[(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
-                              (os.POSIX_SPAWN_DUP2, err_w, 2)])
+            self.out_r, self.out_w = self._pipe()
+            self.err_r, self.err_w = self._pipe()
+            self.null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            self._fds.append(self.null)
         except OSError:
-            for fd in (out_r, err_r):
+            self.discard()
+            raise
+        self.file_actions = [(os.POSIX_SPAWN_DUP2, self.null, 0),
+                             (os.POSIX_SPAWN_DUP2, self.out_w, 1),
+                             (os.POSIX_SPAWN_DUP2, self.err_w, 2)]
+
+    def _pipe(self):
+        fds = os.pipe()
+        self._fds += fds
+        return fds
+
+    def start(self):
+        pid = os.posix_spawnp(self.argv[0], self.argv, self.env, setsid=True, setsigmask=(),
+                              setsigdef=self._DEFAULT_SIGNALS, file_actions=self.file_actions)
+        self._started(pid)
+
+    def start_at_gate(self, go_fd, wait):
+        """Spawn the gate now: it execs the command when a byte arrives on ``go_fd``."""
+        status_r, status_w = os.pipe()
+        argv_r, argv_w = os.pipe()
+        try:
+            pid = os.posix_spawn(
+                GATE, ["torchcore-gate", str(int(wait * 1000))], self.env,
+                setsid=True, setsigmask=(), setsigdef=self._DEFAULT_SIGNALS,
+                file_actions=self.file_actions + [(os.POSIX_SPAWN_DUP2, go_fd, 3),
+                                                  (os.POSIX_SPAWN_DUP2, status_w, 4),
+                                                  (os.POSIX_SPAWN_DUP2, argv_r, 5)])
+        except OSError:
+            for fd in (status_r, argv_w):
                 os.close(fd)
             raise
         finally:
-            for fd in (null, out_w, err_w):
+            for fd in (status_w, argv_r):
                 os.close(fd)
+        self.status_r = status_r
+        os.close(go_fd)
+        self._started(pid)
+        try:        # the command line, after the spawn: the gate reads it as it is written
+            with open(argv_w, "wb") as words:
+                words.write(b"".join(os.fsencode(word) + b"\0" for word in self.argv))
+        except OSError:
+            pass    # the gate is gone: its status says so
+
+    def gate_status(self):
+        """Everything the gate wrote on its status pipe, once it closed (exec, exit)."""
+        chunks = []
+        while True:
+            chunk = os.read(self.status_r, 256)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(self.status_r)
+        return b"".join(chunks)
+
+    def _started(self, pid):
+        for fd in (self.null, self.out_w, self.err_w):
+            os.close(fd)
+        self._fds = []
+        self.proc = _SpawnedProcess(self.argv, pid, self.out_r, self.err_r)
+
+    def discard(self):
+        """Close what was made ready for a command that will not start."""
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+class _SpawnedProcess(subprocess.Popen):
+    """A posix_spawned command as a Popen: poll, wait and returncode are Popen's."""
+
+    def __init__(self, argv, pid, out_r, err_r):     # Popen.__init__ is replaced on purpose
         self.args, self.pid, self.returncode = argv, pid, None
         # The pipes belong to this object, as Popen's do (closed when the run is collected).
         self.stdin = None

@@ -10,8 +10,14 @@ socket.  The launcher forks the executor and answers ``forked`` with its pid (or
 executors report their results straight to the supervisor over the shared
 report pipe, as before.  A launcher is single-threaded and exits when the
 supervisor closes its socket.
+
+A prepared run (forked ahead of its second) gets a go pipe: the launcher keeps
+the write end.  ``{"go": [run ids]}`` writes one byte to each (start now),
+``{"cancel": [run ids]}`` closes them (the run ends untraced); so does the
+launcher's own end, so nothing prepared ever starts without a go.
 """
 
+import collections
 import errno
 import json
 import os
@@ -22,6 +28,7 @@ import subprocess
 import sys
 
 LINE_LIMIT = 1 << 20
+FORKS_PER_PASS = 16     # forks between two looks at the socket (where go and cancel arrive)
 
 
 class Launcher:
@@ -36,7 +43,8 @@ class Launcher:
         theirs.close()
         self.sock.setblocking(False)
         self.pid = self.proc.pid
-        self.pending = bytearray()      # job lines not yet accepted by the socket
+        self.pending = bytearray()      # lines not yet accepted by the socket
+        self.mid_line = False           # the socket took part of pending's first line
         self.buffer = b""               # partial answer line
         self.runs = 0                   # runs handed over and not yet exited
 
@@ -49,6 +57,26 @@ class Launcher:
         self.runs += 1
         self.flush()
 
+    def go(self, run_ids):
+        """Start these prepared runs now (one message for all of them)."""
+        self._send({"go": list(run_ids)})
+
+    def cancel(self, run_ids):
+        """Cancel these prepared runs: their executors end without starting anything."""
+        self._send({"cancel": list(run_ids)})
+
+    def _send(self, message):
+        """Queue go/cancel ahead of any job lines still waiting: a run's start never waits
+        behind the forks of other runs (the launcher keeps an early go for a job it has
+        not forked yet)."""
+        line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        at = self.pending.index(b"\n") + 1 if self.mid_line else 0
+        self.pending[at:at] = line
+        try:
+            self.flush()
+        except OSError:
+            pass            # it died: its end closes every go pipe it held (= cancel)
+
     def flush(self):
         """Write what the socket takes now; True when nothing is left to write."""
         while self.pending:
@@ -56,6 +84,8 @@ class Launcher:
                 sent = self.sock.send(self.pending)
             except BlockingIOError:
                 return False
+            if sent:
+                self.mid_line = self.pending[sent - 1] != ord("\n")
             del self.pending[:sent]
         return True
 
@@ -84,9 +114,6 @@ def serve(sock, report_fd):
     """Fork an executor for each job line; answer forked/fork_failed/exited lines."""
     from torchcore import executor
 
-    # Executors are born with go/cancel blocked: a prepared one waits for them with
-    # sigtimedwait, any other unblocks them at once (see executor.GO_SIGNALS).
-    signal.pthread_sigmask(signal.SIG_BLOCK, executor.GO_SIGNALS)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
@@ -95,8 +122,11 @@ def serve(sock, report_fd):
     sel.register(sock, selectors.EVENT_READ, "jobs")
     sel.register(wake_r, selectors.EVENT_READ, "signal")
     children, buffer = {}, b""
+    gates = {}          # run id -> write end of a prepared run's go pipe
+    queue = collections.deque()     # jobs received, not forked yet
+    early = {}          # run id of a queued job -> go (b"g") or cancel (b"") that came first
     while True:
-        for key, _ in sel.select(1.0):
+        for key, _ in sel.select(0 if queue else 1.0):
             if key.data == "signal":
                 _drain(wake_r)
                 continue
@@ -107,26 +137,63 @@ def serve(sock, report_fd):
             if len(buffer) > LINE_LIMIT:
                 return
             for line in lines:
-                _launch(executor, executor.Job.from_json(line), sock, report_fd, children, wake_r,
-                        wake_w)
-        _reap(sock, children)
+                message = json.loads(line)
+                if "go" in message or "cancel" in message:
+                    byte = b"g" if "go" in message else b""
+                    queued = {job.run_id for job in queue}
+                    for run_id in message.get("go", message.get("cancel")):
+                        if run_id in gates:
+                            _open_gates(gates, [run_id], byte)
+                        elif run_id in queued:
+                            early[run_id] = byte
+                else:
+                    queue.append(executor.Job.from_fields(message))
+        for _ in range(min(len(queue), FORKS_PER_PASS)):
+            job = queue.popleft()
+            _launch(executor, job, sock, report_fd, children, gates)
+            if job.run_id in early:
+                _open_gates(gates, [job.run_id], early.pop(job.run_id))
+        _reap(sock, children, gates)
 
 
-def _launch(executor, job, sock, report_fd, children, wake_r, wake_w):
+def _launch(executor, job, sock, report_fd, children, gates):
+    go_r = go_w = None
     try:
+        if job.prepared:
+            go_r, go_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
     except OSError as exc:
+        for fd in (go_r, go_w):
+            if fd is not None:
+                os.close(fd)
         _answer(sock, {"fork_failed": job.run_id, "error": str(exc)})
         return
     if pid == 0:
-        for fd in (sock.fileno(), wake_r, wake_w):
-            os.close(fd)
-        executor.execute(job, report_fd)        # never returns
+        # The executor closes every other descriptor (other runs' go pipes included).
+        executor.execute(job, report_fd, go_r)          # never returns
+    if go_r is not None:
+        os.close(go_r)
+        gates[job.run_id] = go_w
     children[pid] = job.run_id
     _answer(sock, {"forked": job.run_id, "pid": pid})
 
 
-def _reap(sock, children):
+def _open_gates(gates, run_ids, byte):
+    """Write ``byte`` to each run's go pipe (go), or nothing (cancel); then close it."""
+    for run_id in run_ids:
+        fd = gates.pop(run_id, None)
+        if fd is None:
+            continue
+        try:
+            if byte:
+                os.write(fd, byte)
+        except OSError:
+            pass            # the executor is gone already
+        finally:
+            os.close(fd)
+
+
+def _reap(sock, children, gates):
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -136,6 +203,7 @@ def _reap(sock, children):
             return
         run_id = children.pop(pid, None)
         if run_id is not None:
+            _open_gates(gates, [run_id], b"")
             _answer(sock, {"exited": run_id, "pid": pid, "status": status})
 
 

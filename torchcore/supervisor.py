@@ -32,7 +32,9 @@ log = logging.getLogger("torchcore")
 
 STATS_EVERY = 60            # seconds between stats lines
 PRUNE_EVERY = 6 * 3600      # seconds between prunes of records older than history_days
-PREPARE_AT = 0.5            # into each second, the next second's runs are forked, waiting for go
+PREPARE_LEAD = 0.5          # seconds ahead of its second a run is prepared (forked, waiting for go)...
+PREPARE_COST = 0.004        # ...or more for a big burst: about this much CPU per run, per launcher
+LOOKAHEAD = 5               # seconds ahead the supervisor looks for bursts to prepare
 MAX_PREPARED = 2000         # at most this many executors wait for their second at once
 EARLY_WAKE = 0.002          # with prepared runs waiting, wake this early and spin to the boundary
 FAILED_START_UNDER = 1.0    # a daemon instance that lived less than this is a failed start
@@ -102,6 +104,8 @@ class Supervisor:
         self.prepared = {}          # (name, second) -> Run forked ahead, waiting for go
         self.prepared_ids = {}      # run id -> Run, for prepared runs not (yet) fired
         self._prepared_for = 0      # the last second prepared
+        self._prepare_at = 0.0      # wall time to prepare the next second
+        self._due_counts = {}       # second -> names due then (planner.peek), for the look-ahead
         self.stats = Stats()
         self.started_at = self.clock.time()
         self.stopping = False
@@ -222,8 +226,8 @@ class Supervisor:
         wait = (int(wall) + 1 - wall) + 0.0005
         if self.prepared:
             wait = max(0.0, wait - 0.0005 - EARLY_WAKE)   # epoll rounds up to whole ms
-        elif self.launchers and self._prepared_for <= int(wall) and wall - int(wall) < PREPARE_AT:
-            wait = int(wall) + PREPARE_AT - wall
+        if self.launchers and not self.stopping and wall < self._prepare_at:
+            wait = min(wait, self._prepare_at - wall)
         if self.shutdown_deadline is not None:
             wait = min(wait, max(0.0, self.shutdown_deadline - self.clock.monotonic()))
         return min(wait, 1.0)
@@ -233,6 +237,8 @@ class Supervisor:
         if not self.prepared:
             return
         boundary = self.planner.watermark + 1
+        if boundary - self.clock.time() > 2 * EARLY_WAKE:
+            return          # woken by something else, well before the boundary
         give_up = self.clock.monotonic() + 2 * EARLY_WAKE
         while self.clock.time() < boundary and self.clock.monotonic() < give_up:
             pass
@@ -244,12 +250,16 @@ class Supervisor:
             log.warning("%s", message)
         for name, second, count in plan.missed:
             self._record_missed(name, second, count)
+        go = {}         # launcher -> run ids of prepared runs to start now
         for name, second in self._due_retries(now, plan.due) + plan.due:
             run = self.prepared.pop((name, second), None)
             if run is None:
                 self.launch(self.tasks[name], second)
-            else:
-                self._fire(run)
+            elif self._fire(run):
+                go.setdefault(run.launcher, []).append(run.run_id)
+        for launcher, run_ids in go.items():
+            launcher.go(run_ids)
+            self._watch_pending(launcher)
         for key in [key for key in self.prepared if key[1] <= now]:
             self._cancel(self.prepared.pop(key))        # prepared, but not due after all
 
@@ -330,26 +340,48 @@ class Supervisor:
         if second is not None and not manual:
             self.retry.append((task.name, second))
 
-    # ---- prepared runs: forked before their second, started by a signal at the boundary ----
+    # ---- prepared runs: forked before their second, started by a go byte at the boundary ----
 
     def _maybe_prepare(self):
-        """Half a second ahead, fork the executors of the next second's runs.
+        """Ahead of each second, fork the executors of its runs, waiting for go.
 
-        At the boundary only the command's own start is left to do: the tick sends each
-        prepared executor SIGUSR1 (go), so a burst starts in parallel on every core.  What
-        the tick does not find due is cancelled (SIGTERM) and leaves no trace.
+        At the boundary only the command's own exec is left to do: the tick tells each
+        launcher which of its prepared runs go, and the launcher writes a byte to each
+        one's go pipe, so a burst starts in parallel on every core.  What the tick does not
+        find due is cancelled (its go pipe closed) and leaves no trace.  A second is
+        prepared PREPARE_LEAD ahead, or earlier when its burst is too big to fork in that
+        time (seconds are prepared in order, so a big burst also brings the ones before it).
         """
-        wall = self.clock.time()
-        target = int(wall) + 1
-        if not self.launchers or target <= self._prepared_for or wall - int(wall) < PREPARE_AT:
+        if not self.launchers:
             return
-        self._prepared_for = target
-        for name in self.planner.peek(target):
-            task = self.tasks.get(name)
-            if len(self.prepared) >= MAX_PREPARED or task is None:
-                break
-            if (name, target) not in self.prepared:
-                self._prepare(task, target)
+        wall = self.clock.time()
+        first = max(self._prepared_for + 1, int(wall) + 1)
+        upto = None
+        self._prepare_at = float("inf")
+        for second in range(first, int(wall) + LOOKAHEAD + 1):
+            start_at = second - self._lead(second)
+            if start_at <= wall:
+                upto = second
+            else:
+                self._prepare_at = min(self._prepare_at, start_at)
+        for second in range(first, (upto or 0) + 1):
+            self._prepared_for = second
+            for name in self._due_at(second):
+                task = self.tasks.get(name)
+                if len(self.prepared) >= MAX_PREPARED or task is None:
+                    break
+                if (name, second) not in self.prepared:
+                    self._prepare(task, second)
+        for second in [s for s in self._due_counts if s <= self._prepared_for]:
+            del self._due_counts[second]
+
+    def _due_at(self, second):
+        if second not in self._due_counts:
+            self._due_counts[second] = self.planner.peek(second)
+        return self._due_counts[second]
+
+    def _lead(self, second):
+        return max(PREPARE_LEAD, len(self._due_at(second)) * PREPARE_COST / len(self.launchers))
 
     def _prepare(self, task, second):
         try:
@@ -365,7 +397,8 @@ class Supervisor:
         self.prepared_ids[run_id] = run
 
     def _fire(self, run):
-        """A prepared run is due: start it now, unless a limit says no (PREPARED -> STARTING)."""
+        """A prepared run is due: True if it starts now (PREPARED -> STARTING; its launcher is
+        then told go), False if a limit says no (it is cancelled)."""
         del self.prepared_ids[run.run_id]
         task = run.task
         reason = self._limit_reason(task)
@@ -373,7 +406,7 @@ class Supervisor:
             self._cancel(run)
             if reason:
                 self._record_skip(task, run.scheduled, reason, False)
-            return
+            return False
         run.state = RunState.STARTING
         run.started = self.clock.time()
         self.runs[run.run_id] = run
@@ -383,11 +416,12 @@ class Supervisor:
         self.skipped_last.pop(task.name, None)
         self.stats.started += 1
         self._record_start(run)
-        self._signal_run(run, signal.SIGUSR1)
+        return True
 
     def _cancel(self, run):
         self.prepared_ids[run.run_id] = run         # until its executor's exit is seen
-        self._signal_run(run, signal.SIGTERM)
+        run.launcher.cancel([run.run_id])
+        self._watch_pending(run.launcher)
 
     def _cancel_prepared(self):
         while self.prepared:
@@ -416,9 +450,7 @@ class Supervisor:
         if self.launchers:
             chosen = min(self.launchers, key=lambda launcher: launcher.runs)
             chosen.submit(job)
-            if chosen.pending:
-                self.selector.modify(chosen.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                                     self._launcher_event)
+            self._watch_pending(chosen)
             self._handed_to = chosen
             return None
         pid = os.fork()
@@ -437,6 +469,12 @@ class Supervisor:
             launcher = Launcher(self.report_w)
             self.launchers.append(launcher)
             self.selector.register(launcher.sock, selectors.EVENT_READ, self._launcher_event)
+
+    def _watch_pending(self, launcher):
+        """Have the loop finish writing to a launcher whose socket did not take everything."""
+        if launcher.pending and launcher in self.launchers:
+            self.selector.modify(launcher.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                 self._launcher_event)
 
     def _launcher_event(self, key, mask):
         launcher = next((item for item in self.launchers if item.sock is key.fileobj), None)
@@ -831,6 +869,7 @@ class Supervisor:
     def _apply(self, new, first=False):
         """Swap in a validated task file between two ticks; returns a summary."""
         self._cancel_prepared()     # they were forked with the old specs
+        self._due_counts.clear()
         old_tasks = self.tasks
         new_tasks = {task.name: task for task in new.local_tasks(self.node)}
         removed = [name for name in old_tasks if name not in new_tasks]
