@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 
-import psutil
 import setproctitle
 
 from torchcore import tasklog
@@ -610,7 +609,13 @@ class _SpawnedProcess(subprocess.Popen):
 
 
 def tree_rss(pid):
-    """Resident memory of a process and all its descendants, in bytes (None if it is gone)."""
+    """Resident memory of a process and all its descendants, in bytes (None if it is gone).
+
+    psutil is imported here, by the executors of tasks with a memory limit only: the
+    launchers stay without it, which keeps every fork (and every executor's exit) cheaper.
+    """
+    import psutil
+
     try:
         root = psutil.Process(pid)
         procs = [root] + root.children(recursive=True)
