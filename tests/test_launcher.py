@@ -140,10 +140,12 @@ def test_prepared_runs_start_on_go_and_leave_no_trace_on_cancel(tmp_path):
         assert all(os.waitstatus_to_exitcode(a["status"]) == 0 for a in exits.values())
         assert sorted(marker.read_text().split()) == ["go", "popen"]
         reports = _reports(report_r)
-        assert {r["run"] for r in reports} == {11, 13}           # the cancelled run says nothing
-        starts = {r["run"]: r for r in reports if r["e"] == "start"}
+        gates = {r["run"]: r["pid"] for r in reports if r["e"] == "gate"}
+        assert set(gates) == {11, 12}           # plain commands wait at a gate, reported ahead
         ends = {r["run"]: r for r in reports if r["e"] == "end"}
-        assert before - 0.01 <= starts[11]["started"] <= before + 2
+        assert set(ends) == {11, 13}            # the cancelled run leaves no result
+        assert [r["run"] for r in reports if r["e"] == "start"] == [13]   # the Popen path
+        assert before - 0.01 <= ends[11]["started"] <= before + 2
         assert ends[11]["exit_code"] == 0 and ends[13]["exit_code"] == 0
         log = (tmp_path / "p11.log").read_text()
         assert "run 11 out| out" in log
@@ -193,7 +195,7 @@ def test_prepared_runs_never_start_without_their_launcher_or_executor(tmp_path):
         wait_for(lambda: not processes_with("torchcore-gate"), 10, "every gate to give up")
         time.sleep(0.2)
         assert not marker.exists()
-        assert not [r for r in _reports(report_r) if r["run"] in (31, 32)]
+        assert not [r for r in _reports(report_r) if r["e"] != "gate"]
     finally:
         launcher.close()
         os.close(report_r)
@@ -218,5 +220,5 @@ def test_a_prepared_run_nobody_starts_gives_up_after_its_wait(tmp_path, monkeypa
     assert os.waitstatus_to_exitcode(status) == 0 and time.monotonic() - started < 5
     os.close(go_w)
     os.close(report_w)
-    assert not marker.exists() and not _reports(report_r)
+    assert not marker.exists() and [r["e"] for r in _reports(report_r)] == ["gate"]
     os.close(report_r)

@@ -33,6 +33,7 @@ GO_WAIT = 60.0              # seconds past its second a prepared run waits for g
                             # a run is cancelled on purpose, or when its launcher or executor ends)
 BOOKKEEPING_NICE = 10       # an executor's own priority once its command is on its way
 GATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_gate")   # csrc/tc_gate.c
+AT_GATE = object()          # a prepared run's command waits at the gate for its go byte
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                     signal.SIGCHLD, signal.SIGPIPE, signal.SIGQUIT)
 
@@ -227,32 +228,60 @@ class Executor:
         command = self._prepare_command(log)    # all the work that can happen before the second
         if self.job.prepared:
             started = self._start_prepared(log, command)
-            if started is None:
-                log.close()
-                return 0        # cancelled before its second: nothing ran, nothing to record
         else:
             started = time.time()
             if command is not None:
                 self._start(log, command)
         try:
-            if self.proc is not None:
+            if started is AT_GATE:
+                started = self._follow_gate(log, command)
+            elif self.proc is not None:
                 self._report({"e": "start", "pid": self.proc.pid, "started": started})
                 self._pump(log)
                 self._collect()
         finally:
-            _step_aside()
-            self._note_end(log, started)
+            if started is not None:
+                _step_aside()
+                self._note_end(log, started)
             log.close()
+        if started is None:
+            return 0            # cancelled before its second: nothing ran, nothing to record
         self._report_end(started, time.time())
         return 0
 
+    def _follow_gate(self, log, command):
+        """Watch a command that waits at the gate: the start time, or None if cancelled.
+
+        The executor does not wake when the gate execs the command (the burst of starts
+        at a second is left to the commands): it reports the gate's process group at
+        once, watches output, limits and the end as for any run (a timeout counts from
+        the scheduled second), and reads what the gate said once the command is over.
+        """
+        self.proc = command.proc
+        self._report({"e": "gate", "pid": self.proc.pid})
+        try:
+            self._pump(log, since=self.job.scheduled)
+            self._collect()
+        finally:
+            status = command.gate_status()
+        if status.startswith(b"S"):
+            started, _, failure = status[1:].partition(b"\n")
+            if failure.startswith(b"E"):
+                code = int(failure[1:].strip() or errno.ENOENT)
+                exc_type = FileNotFoundError if code == errno.ENOENT else OSError
+                self._cannot_start(log, exc_type(code, os.strerror(code), self.job.argv[0]))
+            return float(started)
+        if status.startswith(b"C"):
+            return None         # cancelled: the gate left without starting anything
+        return time.time()      # stopped before it could start (a TERM to its group)
+
     def _start_prepared(self, log, command):
-        """Wait for go and start; the start time, or None when the run was cancelled.
+        """Start a prepared run: AT_GATE, the start time, or None if it was cancelled.
 
         A plain command waits at the gate (csrc/tc_gate.c): spawned now, ahead of its
-        second, it only has to exec the command when the go byte arrives, and this
-        executor is not even woken for it.  A command that needs Python between fork
-        and exec (a user, a working directory, rlimits) starts here after go.
+        second, it only has to exec the command when the go byte arrives (AT_GATE).  A
+        command that needs Python between fork and exec (a user, a working directory,
+        rlimits) waits for go here and starts after it.
         """
         wait = max(0.05, min(self.job.scheduled + GO_WAIT - time.time(), 2 * GO_WAIT))
         if isinstance(command, SpawnedCommand) and _gate_usable():
@@ -262,7 +291,7 @@ class Executor:
                 pass                # the gate cannot start: wait for go here instead
             else:
                 _step_aside()
-                return self._pass_gate(log, command)
+                return AT_GATE
         if not self._await_go(wait):
             if command is not None:
                 command.discard()
@@ -285,27 +314,6 @@ class Executor:
                     return os.read(self.go_fd, 1) != b""
                 except BlockingIOError:
                     continue
-
-    def _pass_gate(self, log, command):
-        """Read what the gate says: the start time, or None if it was cancelled."""
-        status = command.gate_status()
-        if status.startswith(b"S"):
-            started = float(status[1:].split(b"\n", 1)[0])
-            failed = status.split(b"\n", 1)[1]
-            if failed.startswith(b"E"):
-                command.proc.wait()
-                command.proc.stdout.close()
-                command.proc.stderr.close()
-                errno_ = int(failed[1:].strip() or errno.ENOENT)
-                exc_type = FileNotFoundError if errno_ == errno.ENOENT else OSError
-                self._cannot_start(log, exc_type(errno_, os.strerror(errno_), self.job.argv[0]))
-                return started
-            self.proc = command.proc
-            return started
-        command.proc.wait()         # cancelled (or the gate died): nothing ran
-        command.proc.stdout.close()
-        command.proc.stderr.close()
-        return None
 
     def _prepare_command(self, log):
         """The command made ready to start (Spawned- or PopenCommand), or None if it cannot."""
@@ -347,8 +355,10 @@ class Executor:
         self.result.update(exit_code=127 if isinstance(exc, FileNotFoundError) else 126,
                            error=message)
 
-    def _pump(self, log):
-        """Copy output until the command ends and its pipes close, enforcing the limits."""
+    def _pump(self, log, since=None):
+        """Copy output until the command ends and its pipes close, enforcing the limits.
+
+        The timeout counts from ``since`` (epoch seconds) when given, else from now."""
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ, "out")
         sel.register(self.proc.stderr, selectors.EVENT_READ, "err")
@@ -358,7 +368,9 @@ class Executor:
         signal.signal(signal.SIGCHLD, _ignore)   # the wakeup fd turns the command's exit into an event
         sel.register(wake_r, selectors.EVENT_READ, "signal")
         mono = time.monotonic
-        deadline = mono() + self.job.timeout if self.job.timeout else None
+        deadline = None
+        if self.job.timeout:
+            deadline = mono() + self.job.timeout - (time.time() - since if since else 0.0)
         next_sample = mono()
         exited_at = None
         while sel.get_map() and len(sel.get_map()) > 1:

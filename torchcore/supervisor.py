@@ -407,7 +407,8 @@ class Supervisor:
             if reason:
                 self._record_skip(task, run.scheduled, reason, False)
             return False
-        run.state = RunState.STARTING
+        # Waiting at the gate (its group known), the command is starting right now.
+        run.state = RunState.RUNNING if run.pgid else RunState.STARTING
         run.started = self.clock.time()
         self.runs[run.run_id] = run
         self.by_task.setdefault(task.name, set()).add(run.run_id)
@@ -628,8 +629,11 @@ class Supervisor:
             log.warning("ignored a malformed executor report: %r", line[:200])
             return
         if run is None:
+            prepared = self.prepared_ids.get(message.get("run"))
+            if prepared is not None and message.get("e") == "gate":
+                prepared.pgid = message.get("pid")      # its command's group, before it runs
             return
-        if message.get("e") == "start":
+        if message.get("e") in ("start", "gate"):     # gate: read only after it was fired
             run.pgid = message.get("pid")
             run.state = RunState.RUNNING   # STARTING -> RUNNING
             if self.stopping:
