@@ -222,3 +222,22 @@ def test_a_prepared_run_nobody_starts_gives_up_after_its_wait(tmp_path, monkeypa
     os.close(report_w)
     assert not marker.exists() and [r["e"] for r in _reports(report_r)] == ["gate"]
     os.close(report_r)
+
+
+def test_a_go_that_overtakes_its_job_line_still_starts_the_run(tmp_path):
+    marker = tmp_path / "ran"
+    report_r, report_w = os.pipe()
+    launcher = Launcher(report_w)
+    try:
+        launcher.submit(_prepared(tmp_path, 60, ("true",)))
+        launcher.go([61])               # sent first: nothing is pending for the socket
+        launcher.submit(_prepared(tmp_path, 61, ("sh", "-c", f"echo 61 > {marker}")))
+        _exits(launcher, [61])
+        assert marker.read_text() == "61\n"
+        launcher.cancel([60])
+        _exits(launcher, [60])
+    finally:
+        launcher.close()
+        launcher.proc.wait(5)
+        os.close(report_r)
+        os.close(report_w)

@@ -124,7 +124,8 @@ def serve(sock, report_fd):
     children, buffer = {}, b""
     gates = {}          # run id -> write end of a prepared run's go pipe
     queue = collections.deque()     # jobs received, not forked yet
-    early = {}          # run id of a queued job -> go (b"g") or cancel (b"") that came first
+    early = {}          # run id of a job not forked yet -> go (b"g") or cancel (b"") that came first
+    newest = 0          # the highest run id received (the supervisor hands them out in order)
     while True:
         for key, _ in sel.select(0 if queue else 1.0):
             if key.data == "signal":
@@ -139,15 +140,19 @@ def serve(sock, report_fd):
             for line in lines:
                 message = json.loads(line)
                 if "go" in message or "cancel" in message:
+                    # go/cancel overtake job lines on the way here (Launcher._send): one for a
+                    # job not forked yet, queued or still to come, waits for it.
                     byte = b"g" if "go" in message else b""
                     queued = {job.run_id for job in queue}
                     for run_id in message.get("go", message.get("cancel")):
                         if run_id in gates:
                             _open_gates(gates, [run_id], byte)
-                        elif run_id in queued:
+                        elif run_id in queued or run_id > newest:
                             early[run_id] = byte
                 else:
-                    queue.append(executor.Job.from_fields(message))
+                    job = executor.Job.from_fields(message)
+                    newest = max(newest, job.run_id)
+                    queue.append(job)
         for _ in range(min(len(queue), FORKS_PER_PASS)):
             job = queue.popleft()
             _launch(executor, job, sock, report_fd, children, gates)
