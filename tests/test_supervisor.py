@@ -256,3 +256,50 @@ def test_fork_refuses_when_another_thread_runs(make):
     finally:
         stop.set()
         thread.join()
+
+
+class FakeLauncher:
+    runs, pending = 0, b""
+
+    def __init__(self):
+        self.told = []
+
+    def go(self, run_ids):
+        self.told.append(("go", list(run_ids)))
+
+    def cancel(self, run_ids):
+        self.told.append(("cancel", list(run_ids)))
+
+
+def test_runs_are_prepared_ahead_and_big_bursts_earlier(make):
+    from torchcore import supervisor as supervisor_module
+
+    burst = "".join(f"  - {{name: b{i}, schedule: '30 * * * * *', command: 'true'}}\n"
+                    for i in range(1000))
+    sup = make("tasks:\n  - {name: every, schedule: '* * * * * *', command: 'true'}\n" + burst)
+    sup.launchers = [FakeLauncher(), FakeLauncher()]
+    prepared = []
+
+    def fork(job):
+        prepared.append((job.name, job.scheduled, round(sup.clock.time() - job.scheduled, 3)))
+        sup._handed_to = sup.launchers[len(prepared) % 2]
+    sup.fork = fork
+    lead = 1000 * supervisor_module.PREPARE_COST / 2            # 3 s with two launchers
+    sup.clock.advance(-0.3)                                      # T0 - 0.8
+    sup._maybe_prepare()
+    assert prepared == []                                        # T0 is more than 0.5 s away
+    assert sup._prepare_at == pytest.approx(T0 - 0.5)
+    sup.clock.advance(0.3)
+    sup._maybe_prepare()
+    assert prepared == [("every", T0, -0.5)]
+    sup.clock.advance(T0 + 30 - lead - 0.5 - sup.clock.time())
+    sup._maybe_prepare()
+    assert {s for _, s, _ in prepared} == {T0, T0 + 27}     # seconds already past are not prepared
+    sup.clock.advance(0.5)
+    sup._maybe_prepare()
+    burst_runs = [p for p in prepared if p[0].startswith("b")]
+    assert len(burst_runs) == 1000 and {s for _, s, _ in burst_runs} == {T0 + 30}
+    assert all(ahead == -lead for _, _, ahead in burst_runs)
+    assert ("every", T0 + 30, -lead) in prepared                  # seconds are prepared in order
+    assert ("every", T0 + 28, -1.0) in prepared and ("every", T0 + 29, -2.0) in prepared
+    sup.launchers = []                  # nothing to stop at the end

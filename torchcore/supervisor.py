@@ -105,7 +105,7 @@ class Supervisor:
         self.prepared_ids = {}      # run id -> Run, for prepared runs not (yet) fired
         self._prepared_for = 0      # the last second prepared
         self._prepare_at = 0.0      # wall time to prepare the next second
-        self._due_counts = {}       # second -> names due then (planner.peek), for the look-ahead
+        self._due_names = {}       # second -> names due then (planner.peek), for the look-ahead
         self.stats = Stats()
         self.started_at = self.clock.time()
         self.stopping = False
@@ -372,13 +372,13 @@ class Supervisor:
                     break
                 if (name, second) not in self.prepared:
                     self._prepare(task, second)
-        for second in [s for s in self._due_counts if s <= self._prepared_for]:
-            del self._due_counts[second]
+        for second in [s for s in self._due_names if s <= self._prepared_for]:
+            del self._due_names[second]
 
     def _due_at(self, second):
-        if second not in self._due_counts:
-            self._due_counts[second] = self.planner.peek(second)
-        return self._due_counts[second]
+        if second not in self._due_names:
+            self._due_names[second] = self.planner.peek(second)
+        return self._due_names[second]
 
     def _lead(self, second):
         return max(PREPARE_LEAD, len(self._due_at(second)) * PREPARE_COST / len(self.launchers))
@@ -873,7 +873,7 @@ class Supervisor:
     def _apply(self, new, first=False):
         """Swap in a validated task file between two ticks; returns a summary."""
         self._cancel_prepared()     # they were forked with the old specs
-        self._due_counts.clear()
+        self._due_names.clear()
         old_tasks = self.tasks
         new_tasks = {task.name: task for task in new.local_tasks(self.node)}
         removed = [name for name in old_tasks if name not in new_tasks]
