@@ -241,3 +241,40 @@ def test_a_go_that_overtakes_its_job_line_still_starts_the_run(tmp_path):
         launcher.proc.wait(5)
         os.close(report_r)
         os.close(report_w)
+
+
+def test_the_process_that_forks_executors_stays_without_threading_and_logging():
+    """threading's at-fork hook runs in every forked child (about 0.4 ms more per fork and
+    exit, measured); logging and subprocess bring it in, and dataclasses brings inspect.
+    A launcher with what an executor needs loaded, title set, must have none of them."""
+    import subprocess
+    import sys
+
+    import torchcore
+
+    root = os.path.dirname(os.path.dirname(torchcore.__file__))
+    code = ("import sys; import torchcore.launcher, torchcore.executor, torchcore.proctitle as t; "
+            "t.set_title('torchcore: probe'); "
+            "print(' '.join(sorted(m for m in ('threading', 'logging', 'subprocess', "
+            "'dataclasses', 'inspect', 'setproctitle') if m in sys.modules)))")
+    # -S: without site (whose .pth files may import anything); the same path as this process.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in sys.path if p]))
+    out = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == []
+
+
+def test_a_job_travels_as_json_unchanged_and_is_fixed_once_made():
+    import pytest
+
+    job = Job(run_id=3, name="n", argv=("sh", "-c", "true"), env=(("A", "1"),), timeout=5,
+              scheduled=1_767_225_600, prepared=True)
+    assert Job.from_json(job.to_json()) == job
+    assert Job.from_json(job.to_json()) != Job(run_id=3, name="n", argv=("sh", "-c", "true"))
+    with pytest.raises(AttributeError):
+        job.timeout = 6
+    with pytest.raises(TypeError, match="no field colour"):
+        Job(run_id=1, name="n", argv=("true",), colour="red")
+    with pytest.raises(TypeError, match="needs argv"):
+        Job(run_id=1, name="n")

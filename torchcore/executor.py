@@ -9,7 +9,6 @@ pipe (writes below PIPE_BUF are atomic, so every executor shares one pipe).  If
 the supervisor is gone, it writes its own record.
 """
 
-import dataclasses
 import errno
 import json
 import os
@@ -18,14 +17,10 @@ import resource
 import select
 import selectors
 import signal
-import subprocess
 import sys
-import threading
 import time
 
-import setproctitle
-
-from torchcore import tasklog
+from torchcore import proctitle, tasklog
 
 MEMORY_SAMPLE_EVERY = 0.5   # seconds between RSS samples of a task with a memory limit
 DRAIN_AFTER_EXIT = 2.0      # seconds to keep reading output left by background children
@@ -38,34 +33,52 @@ _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1
                     signal.SIGCHLD, signal.SIGPIPE, signal.SIGQUIT)
 
 
-@dataclasses.dataclass(frozen=True)
 class Job:
     """Everything an executor needs for one run, fixed when it is launched.
 
     Plain data (it travels to a launcher process as JSON): the task's command,
-    environment and limits, and where the run's output and record go.
+    environment and limits, and where the run's output and record go.  A plain class
+    rather than a dataclass: dataclasses imports inspect, and the launcher that forks
+    the executors is kept to the modules an executor needs (see proctitle).
     """
 
-    run_id: int
-    name: str
-    argv: tuple
-    env: tuple = ()                 # (key, value) pairs of the task's own env
-    cwd: str | None = None
-    user: str | None = None
-    group: str | None = None
-    timeout: int | None = None
-    kill_grace: int = 10
-    memory: int | None = None       # bytes of resident memory of the process tree
-    cpu: int | None = None          # CPU seconds (RLIMIT_CPU)
-    nofile: int | None = None       # open files (RLIMIT_NOFILE)
-    scheduled: int | None = None
-    manual: bool = False
-    log_dir: str = "."
-    log_max_bytes: int = 10 << 20
-    log_backups: int = 5
-    db_path: str = ""
-    node: str = ""
-    prepared: bool = False          # forked ahead of its second: waits for go on its go pipe
+    FIELDS = (
+        ("run_id", None), ("name", None), ("argv", None),
+        ("env", ()),                    # (key, value) pairs of the task's own env
+        ("cwd", None), ("user", None), ("group", None),
+        ("timeout", None), ("kill_grace", 10),
+        ("memory", None),               # bytes of resident memory of the process tree
+        ("cpu", None),                  # CPU seconds (RLIMIT_CPU)
+        ("nofile", None),               # open files (RLIMIT_NOFILE)
+        ("scheduled", None), ("manual", False),
+        ("log_dir", "."), ("log_max_bytes", 10 << 20), ("log_backups", 5),
+        ("db_path", ""), ("node", ""),
+        ("prepared", False),            # forked ahead of its second: waits for go on its go pipe
+    )
+    __slots__ = tuple(name for name, _ in FIELDS)
+
+    def __init__(self, **fields):
+        for required in ("run_id", "name", "argv"):
+            if required not in fields:
+                raise TypeError(f"Job needs {required}")
+        for name, default in self.FIELDS:
+            object.__setattr__(self, name, fields.pop(name, default))
+        if fields:
+            raise TypeError(f"Job has no field {sorted(fields)[0]}")
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a Job is fixed once made")
+
+    def __eq__(self, other):
+        return type(other) is Job and self.fields() == other.fields()
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"Job(run_id={self.run_id!r}, name={self.name!r}, argv={self.argv!r})"
+
+    def fields(self):
+        return {name: getattr(self, name) for name, _ in self.FIELDS}
 
     @classmethod
     def for_task(cls, task, settings, run_id=0, scheduled=None, manual=False, db_path="", node="",
@@ -80,7 +93,7 @@ class Job:
             log_backups=settings.log_backups, db_path=db_path, node=node, prepared=prepared)
 
     def to_json(self):
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+        return json.dumps(self.fields(), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text):
@@ -128,7 +141,7 @@ def _become_executor(job, report_fd, go_fd=None):
         os.set_inheritable(keep, False)             # a command never holds these
         low = keep + 1
     os.closerange(low, _max_fd())
-    setproctitle.setproctitle(f"torchcore: {job.name} [run {job.run_id}]")
+    proctitle.set_title(f"torchcore: {job.name} [run {job.run_id}]")
 
 
 _stop_requested = []
@@ -341,7 +354,7 @@ class Executor:
         """Start the command, then step aside for the starts of other runs."""
         try:
             command.start()
-        except (OSError, subprocess.SubprocessError) as exc:
+        except OSError as exc:
             command.discard()
             self._cannot_start(log, exc)
             return False
@@ -495,6 +508,8 @@ class Executor:
             exit_code=r["exit_code"], signal=r["signal"], timed_out=r["timed_out"],
             manual=self.job.manual, pid=self.proc.pid if self.proc else None,
             peak_rss=r["peak_rss"])
+        import subprocess
+
         subprocess.run([sys.executable, "-m", "torchcore.records", self.job.db_path,
                         json.dumps(fields)], stdin=subprocess.DEVNULL, timeout=60, check=False)
 
@@ -507,8 +522,15 @@ class PopenCommand:
         self.argv, self.options, self.proc = argv, options, None
 
     def start(self):
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, **self.options)
+        # Imported here, not at the top: only these runs pay for it (see proctitle).
+        import subprocess
+
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         **self.options)
+        except subprocess.SubprocessError as exc:   # what preexec_fn raised, in the child
+            raise OSError(str(exc)) from exc
 
     def discard(self):
         pass
@@ -601,23 +623,35 @@ class SpawnedCommand:
         self._fds = []
 
 
-class _SpawnedProcess(subprocess.Popen):
-    """A posix_spawned command as a Popen: poll, wait and returncode are Popen's."""
+class _SpawnedProcess:
+    """A posix_spawned command, with the part of Popen's interface an executor uses:
+    pid, stdout, stderr, poll(), wait() and returncode (minus the signal number when a
+    signal ended it, as Popen's)."""
 
-    def __init__(self, argv, pid, out_r, err_r):     # Popen.__init__ is replaced on purpose
+    def __init__(self, argv, pid, out_r, err_r):
         self.args, self.pid, self.returncode = argv, pid, None
-        # The pipes belong to this object, as Popen's do (closed when the run is collected).
-        self.stdin = None
+        # The pipes belong to this object, as Popen's do.
         self.stdout = open(out_r, "rb", 0)  # noqa: SIM115
         self.stderr = open(err_r, "rb", 0)  # noqa: SIM115
-        self._waitpid_lock = threading.Lock()      # Popen's; no thread is ever started here
-        self._sigint_wait_secs = 0.25
-        self._child_created = True
-        self._closed_child_pipe_fds = True
-        self._communication_started = False
-        self.text_mode = False
-        self.encoding = self.errors = None
-        self.universal_newlines = False
+
+    def poll(self):
+        if self.returncode is None:
+            self._waitpid(os.WNOHANG)
+        return self.returncode
+
+    def wait(self):
+        while self.returncode is None:
+            self._waitpid(0)
+        return self.returncode
+
+    def _waitpid(self, flags):
+        try:
+            pid, status = os.waitpid(self.pid, flags)
+        except ChildProcessError:       # reaped elsewhere: nothing more can be known
+            self.returncode = 255
+            return
+        if pid == self.pid:
+            self.returncode = os.waitstatus_to_exitcode(status)
 
 
 def tree_rss(pid):

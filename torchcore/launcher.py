@@ -19,12 +19,12 @@ launcher's own end, so nothing prepared ever starts without a go.
 
 import collections
 import errno
+import gc
 import json
 import os
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 
 LINE_LIMIT = 1 << 20
@@ -35,6 +35,9 @@ class Launcher:
     """The supervisor's handle on one launcher process."""
 
     def __init__(self, report_fd):
+        # The supervisor's side only: the launcher process stays without it (see proctitle).
+        import subprocess
+
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = ours
         self.proc = subprocess.Popen(
@@ -113,6 +116,8 @@ class Launcher:
 def serve(sock, report_fd):
     """Fork an executor for each job line; answer forked/fork_failed/exited lines."""
     from torchcore import executor
+
+    gc.freeze()     # what exists now is never scanned again, here or in the executors
 
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
@@ -233,9 +238,9 @@ def _drain(fd):
 
 
 def main(argv):
-    import setproctitle
+    from torchcore import proctitle
 
-    setproctitle.setproctitle("torchcore: launcher")
+    proctitle.set_title("torchcore: launcher")
     sock = socket.socket(fileno=int(argv[0]))
     sock.setblocking(False)
     serve(sock, int(argv[1]))
