@@ -303,3 +303,28 @@ def test_runs_are_prepared_ahead_and_big_bursts_earlier(make):
     assert ("every", T0 + 30, -lead) in prepared                  # seconds are prepared in order
     assert ("every", T0 + 28, -1.0) in prepared and ("every", T0 + 29, -2.0) in prepared
     sup.launchers = []                  # nothing to stop at the end
+
+
+def test_the_first_second_is_prepared_before_the_loop_first_sleeps(tmp_path):
+    """A daemon started 0.5 s before a second prepares it then, not after its first tick
+    (which used to launch the first second's runs the slow way)."""
+    path = tmp_path / "tasks.yaml"
+    path.write_text("settings:\n  timezone: UTC\n  state_dir: state\ntasks:\n"
+                    "  - {name: every, schedule: '* * * * * *', command: 'true'}\n")
+    sup = Harness(config.load(str(path)))        # its clock: T0 - 0.5
+    prepared, seen = [], []
+
+    def start_launchers():
+        sup.launchers = [FakeLauncher()]
+
+    def fork(job):
+        prepared.append((job.name, job.scheduled, job.prepared))
+        sup._handed_to = sup.launchers[0]
+
+    def loop_once():
+        seen.append(list(prepared))
+        sup.launchers, sup.stopping = [], True
+
+    sup._start_launchers, sup.fork, sup.loop_once = start_launchers, fork, loop_once
+    sup.run()
+    assert seen == [[("every", T0, True)]]

@@ -138,6 +138,7 @@ class Supervisor:
             self._adopt_previous_executors()
             self.planner.start(int(self.clock.time()))
             self._start_reboot_tasks()
+            self._maybe_prepare()       # the first seconds too, not from the first tick on
             self.ready = True
             if self.on_ready is not None:
                 self.on_ready()
