@@ -269,7 +269,7 @@ def test_a_job_travels_as_json_unchanged_and_is_fixed_once_made():
     import pytest
 
     job = Job(run_id=3, name="n", argv=("sh", "-c", "true"), env=(("A", "1"),), timeout=5,
-              scheduled=1_767_225_600, prepared=True)
+              scheduled=1_767_225_600, prepared=True, hold_until=1_767_225_600.4)
     assert Job.from_json(job.to_json()) == job
     assert Job.from_json(job.to_json()) != Job(run_id=3, name="n", argv=("sh", "-c", "true"))
     with pytest.raises(AttributeError):
@@ -278,3 +278,63 @@ def test_a_job_travels_as_json_unchanged_and_is_fixed_once_made():
         Job(run_id=1, name="n", argv=("true",), colour="red")
     with pytest.raises(TypeError, match="needs argv"):
         Job(run_id=1, name="n")
+
+
+# ---- runs of a burst hold their wrap-up until the burst's starts are over -------------------
+
+def test_a_run_in_a_burst_reports_after_its_hold_with_its_command_s_own_end(tmp_path):
+    report_r, report_w = os.pipe()
+    launcher = Launcher(report_w)
+    try:
+        hold_until = time.time() + 2.5
+        launcher.submit(_prepared(tmp_path, 71, ("sh", "-c", "echo held"), hold_until=hold_until))
+        launcher.submit(_prepared(tmp_path, 72, ("sh", "-c", "echo never"), hold_until=hold_until))
+        answers_until(launcher, lambda s: len([a for a in s if "forked" in a]) == 2)
+        wait_for(lambda: len(processes_with("torchcore-gate")) == 2, 10, "two gates")
+        went = time.time()
+        launcher.go([71])
+        launcher.cancel([72])
+        exits = _exits(launcher, [72])
+        assert time.time() < hold_until - 0.5       # a cancelled run has nothing to hold for
+        assert [r["e"] for r in _reports(report_r)] == ["gate", "gate"]
+        exits = _exits(launcher, [71])
+        reported = time.time()
+        end = next(r for r in _reports(report_r) if r["e"] == "end")
+        assert reported >= hold_until - 0.05         # the wrap-up waited for the hold...
+        assert went - 0.01 <= end["started"] <= end["ended"] < hold_until - 1.0   # ...not the end
+        assert end["exit_code"] == 0 and os.waitstatus_to_exitcode(exits[71]["status"]) == 0
+        log = (tmp_path / "p71.log").read_text()
+        assert "run 71 out| held" in log
+        took = float(log.split("after ")[1].split("s")[0])
+        assert took < 1.0       # the log's duration is the command's too
+    finally:
+        launcher.close()
+        launcher.proc.wait(5)
+        os.close(report_r)
+        os.close(report_w)
+
+
+def test_a_stop_or_a_timeout_ends_a_hold_early(tmp_path):
+    report_r, report_w = os.pipe()
+    launcher = Launcher(report_w)
+    try:
+        hold_until = time.time() + 30
+        launcher.submit(_prepared(tmp_path, 81, ("true",), hold_until=hold_until))
+        launcher.submit(_prepared(tmp_path, 82, ("sleep", "20"), hold_until=hold_until,
+                                  timeout=1, kill_grace=1))
+        seen = answers_until(launcher, lambda s: len([a for a in s if "forked" in a]) == 2)
+        wait_for(lambda: len(processes_with("torchcore-gate")) == 2, 10, "two gates")
+        launcher.go([81, 82])
+        time.sleep(0.5)
+        os.kill(next(a["pid"] for a in seen if a.get("forked") == 81), signal.SIGTERM)
+        exits = _exits(launcher, [81, 82])
+        assert time.time() < hold_until - 20
+        ends = {r["run"]: r for r in _reports(report_r) if r["e"] == "end"}
+        assert ends[81]["exit_code"] == 0 and not ends[81]["timed_out"]
+        assert ends[82]["timed_out"] and ends[82]["signal"] == signal.SIGTERM
+        assert all(os.waitstatus_to_exitcode(a["status"]) == 0 for a in exits.values())
+    finally:
+        launcher.close()
+        launcher.proc.wait(5)
+        os.close(report_r)
+        os.close(report_w)

@@ -328,3 +328,59 @@ def test_the_first_second_is_prepared_before_the_loop_first_sleeps(tmp_path):
     sup._start_launchers, sup.fork, sup.loop_once = start_launchers, fork, loop_once
     sup.run()
     assert seen == [[("every", T0, True)]]
+
+
+def test_runs_of_a_burst_hold_their_wrap_up_for_as_long_as_its_starts_take(make):
+    import json
+
+    from torchcore import supervisor as supervisor_module
+
+    burst = "".join(f"  - {{name: b{i}, schedule: '*/10 * * * * *', command: 'true'}}\n"
+                    for i in range(1000))
+    sup = make("tasks:\n  - {name: every, schedule: '* * * * * *', command: 'true'}\n"
+               "  - {name: pair, schedule: '*/10 * * * * *', command: 'true'}\n" + burst)
+    sup.launchers, sup._cores = [FakeLauncher(), FakeLauncher()], 2
+    sup._housekeeping()                             # its first pass prunes (and flushes)
+    holds = {}
+
+    def fork(job):
+        holds[(job.name, job.scheduled)] = job.hold_until
+        sup._handed_to = sup.launchers[0]
+    sup.fork = fork
+    sup.clock.advance(0.4)                          # T0 - 0.1: T0 and its burst are prepared
+    sup._maybe_prepare()
+    cost, margin = supervisor_module.START_COST, supervisor_module.HOLD_MARGIN
+    assert holds[("b7", T0)] == pytest.approx(T0 + 1002 * cost / 2 * margin)    # 1.503 s
+    assert holds[("every", T0)] == T0 + 0.5        # due again in a second: half of that at most
+    sup.clock.advance(0.15)
+    sup.tick(T0)                                    # the burst fires
+    sup._housekeeping()
+    assert sup.records.pending == 1002              # no database writes during its starts...
+    for run in list(sup.runs.values()):             # its starts spread over 0.9 s
+        started = T0 + 0.9 * run.run_id / max(sup.runs)
+        sup._handle_report(json.dumps({"e": "end", "run": run.run_id, "started": started,
+                                       "ended": started + 0.01, "exit_code": 0}).encode())
+    sup.clock.advance(1.6)
+    sup._housekeeping()
+    assert sup.records.pending == 0                 # ...but once they are over
+    sup.clock.advance(7.95)                         # T0 + 9.6: the next burst is prepared
+    sup._maybe_prepare()
+    measured = 0.9 * 2 / 1002                       # CPU per start, measured
+    assert holds[("b7", T0 + 10)] == pytest.approx(T0 + 10 + 1002 * measured / 2 * margin)
+    sup.launchers = []
+
+
+def test_runs_that_are_no_burst_do_not_hold(make):
+    sup = make("tasks:\n  - {name: solo, schedule: '* * * * * *', command: 'true'}\n"
+               "  - {name: duo, schedule: '* * * * * *', command: 'true'}\n")
+    sup.launchers, sup._cores = [FakeLauncher()], 2
+    holds = {}
+
+    def fork(job):
+        holds[job.name] = job.hold_until
+        sup._handed_to = sup.launchers[0]
+    sup.fork = fork
+    sup.clock.advance(0.4)
+    sup._maybe_prepare()
+    assert holds == {"solo": None, "duo": None}      # no more runs than cores: no hold
+    sup.launchers = []

@@ -54,6 +54,7 @@ class Job:
         ("log_dir", "."), ("log_max_bytes", 10 << 20), ("log_backups", 5),
         ("db_path", ""), ("node", ""),
         ("prepared", False),            # forked ahead of its second: waits for go on its go pipe
+        ("hold_until", None),           # in a burst: wrap up (log, report, exit) no earlier than this
     )
     __slots__ = tuple(name for name, _ in FIELDS)
 
@@ -82,7 +83,7 @@ class Job:
 
     @classmethod
     def for_task(cls, task, settings, run_id=0, scheduled=None, manual=False, db_path="", node="",
-                 prepared=False):
+                 prepared=False, hold_until=None):
         """The job for one run of a config.Task under the file's settings."""
         return cls(
             run_id=run_id, name=task.name, argv=tuple(task.argv(settings.shell)), env=task.env,
@@ -90,7 +91,8 @@ class Job:
             kill_grace=task.kill_grace, memory=task.limits.memory, cpu=task.limits.cpu,
             nofile=task.limits.nofile, scheduled=scheduled, manual=manual,
             log_dir=settings.log_dir, log_max_bytes=settings.log_max_bytes,
-            log_backups=settings.log_backups, db_path=db_path, node=node, prepared=prepared)
+            log_backups=settings.log_backups, db_path=db_path, node=node, prepared=prepared,
+            hold_until=hold_until)
 
     def to_json(self):
         return json.dumps(self.fields(), separators=(",", ":"))
@@ -230,10 +232,12 @@ class Executor:
         self.go_fd = go_fd
         self.clock = clock
         self.proc = None
+        self.command = None
         self.result = {"exit_code": None, "signal": None, "timed_out": False, "peak_rss": None,
                        "error": None}
         self.term_sent_at = None
         self.killed = False
+        self.ended = None           # when the command ended, if seen sitting out a burst
 
     def run(self):
         log = tasklog.TaskLog(self.job.log_dir, self.job.name, self.job.run_id,
@@ -259,7 +263,7 @@ class Executor:
             log.close()
         if started is None:
             return 0            # cancelled before its second: nothing ran, nothing to record
-        self._report_end(started, time.time())
+        self._report_end(started, self.ended or time.time())
         return 0
 
     def _follow_gate(self, log, command):
@@ -269,14 +273,17 @@ class Executor:
         at a second is left to the commands): it reports the gate's process group at
         once, watches output, limits and the end as for any run (a timeout counts from
         the scheduled second), and reads what the gate said once the command is over.
+        A run of a burst first sits the burst out (_sit_out_burst).
         """
-        self.proc = command.proc
+        self.proc, self.command = command.proc, command
         self._report({"e": "gate", "pid": self.proc.pid})
         try:
+            if self.job.hold_until and not self.job.memory:
+                self.ended = self._sit_out_burst()
             self._pump(log, since=self.job.scheduled)
             self._collect()
         finally:
-            status = command.gate_status()
+            status = self.command.gate_status()
         if status.startswith(b"S"):
             started, _, failure = status[1:].partition(b"\n")
             if failure.startswith(b"E"):
@@ -287,6 +294,40 @@ class Executor:
         if status.startswith(b"C"):
             return None         # cancelled: the gate left without starting anything
         return time.time()      # stopped before it could start (a TERM to its group)
+
+    def _sit_out_burst(self):
+        """A run of a burst: wait for the command's end, then for the burst's starts to be done.
+
+        Hundreds of commands start in the same second; every executor that wakes to copy
+        output, log, report and exit while they start takes CPU from the starts still to
+        come.  So until ``hold_until`` (the supervisor's estimate of when this second's
+        starts are over) the executor watches only for its command's end (SIGCHLD, one wake
+        to note the time) and for a stop request; the output waits in its pipe (a command
+        writing more than a pipe holds, 64 KiB, pauses until then).  A timeout shorter
+        than the hold ends the wait at the timeout.  Returns when the command ended, or None
+        if it is still running (or a stop was requested first).
+        """
+        until = self.job.hold_until
+        if self.job.timeout:
+            until = min(until, self.job.scheduled + self.job.timeout)
+        watched = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+        try:
+            ended = None
+            while (left := until - time.time()) > 0:
+                caught = signal.sigtimedwait(watched, left)
+                if caught is None:
+                    break
+                if caught.si_signo != signal.SIGCHLD:
+                    _stop_requested.append(caught.si_signo)
+                    break
+                if ended is None and self.proc.poll() is not None:
+                    ended = time.time()
+                    if not self.command.gate_status().startswith(b"S"):
+                        return None     # cancelled, or it could not start: nothing to hold for
+            return ended
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)
 
     def _start_prepared(self, log, command):
         """Start a prepared run: AT_GATE, the start time, or None if it was cancelled.
@@ -473,7 +514,8 @@ class Executor:
         how = f"signal {r['signal']}" if r["signal"] is not None else f"exit {r['exit_code']}"
         if r["timed_out"]:
             how += " (timed out)"
-        log.write("tc", f"run ended: {how} after {time.time() - started:.3f}s\n".encode())
+        log.write("tc", f"run ended: {how} after {(self.ended or time.time()) - started:.3f}s\n"
+                  .encode())
 
     def _report(self, message):
         message.update(run=self.job.run_id)
@@ -550,6 +592,7 @@ class SpawnedCommand:
     def __init__(self, argv, env):
         self.argv, self.env, self.proc = list(argv), env, None
         self._fds = []
+        self._status = None
         try:
             self.out_r, self.out_w = self._pipe()
             self.err_r, self.err_w = self._pipe()
@@ -601,14 +644,16 @@ class SpawnedCommand:
 
     def gate_status(self):
         """Everything the gate wrote on its status pipe, once it closed (exec, exit)."""
-        chunks = []
-        while True:
-            chunk = os.read(self.status_r, 256)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        os.close(self.status_r)
-        return b"".join(chunks)
+        if self._status is None:
+            chunks = []
+            while True:
+                chunk = os.read(self.status_r, 256)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            os.close(self.status_r)
+            self._status = b"".join(chunks)
+        return self._status
 
     def _started(self, pid):
         for fd in (self.null, self.out_w, self.err_w):
