@@ -7,10 +7,23 @@ import signal
 import time
 
 import psutil
+import pytest
 from daemon_harness import Daemon, processes_with, wait_for
 
 from torchcore.executor import Job
 from torchcore.launcher import Launcher
+
+
+@pytest.fixture
+def launched():
+    """A launcher and the read end of its report pipe; closed (and waited for) after the test."""
+    report_r, report_w = os.pipe()
+    launcher = Launcher(report_w)
+    yield launcher, report_r
+    launcher.close()
+    launcher.proc.wait(5)
+    os.close(report_r)
+    os.close(report_w)
 
 
 def answers_until(launcher, predicate, timeout=15):
@@ -118,63 +131,49 @@ def _exits(launcher, run_ids):
     return {a["exited"]: a for a in seen if "exited" in a}
 
 
-def test_prepared_runs_start_on_go_and_leave_no_trace_on_cancel(tmp_path):
+def test_prepared_runs_start_on_go_and_leave_no_trace_on_cancel(tmp_path, launched):
+    launcher, report_r = launched
     marker = tmp_path / "ran"
-    report_r, report_w = os.pipe()
-    launcher = Launcher(report_w)
-    try:
-        go_job = _prepared(tmp_path, 11, ("sh", "-c", f"echo go >> {marker}; echo out"))
-        cancel_job = _prepared(tmp_path, 12, ("sh", "-c", f"echo cancelled >> {marker}"))
-        popen_job = _prepared(tmp_path, 13, ("sh", "-c", f"echo popen >> {marker}; pwd"),
-                              cwd=str(tmp_path))          # a cwd takes the Popen path
-        for job in (go_job, cancel_job, popen_job):
-            launcher.submit(job)
-        answers_until(launcher, lambda s: len([a for a in s if "forked" in a]) == 3)
-        wait_for(lambda: len(processes_with("torchcore-gate")) >= 2, 10, "two gates")
-        time.sleep(0.3)
-        assert not marker.exists(), "a prepared command ran before its go"
-        before = time.time()
-        launcher.go([11, 13])
-        launcher.cancel([12])
-        exits = _exits(launcher, [11, 12, 13])
-        assert all(os.waitstatus_to_exitcode(a["status"]) == 0 for a in exits.values())
-        assert sorted(marker.read_text().split()) == ["go", "popen"]
-        reports = _reports(report_r)
-        gates = {r["run"]: r["pid"] for r in reports if r["e"] == "gate"}
-        assert set(gates) == {11, 12}           # plain commands wait at a gate, reported ahead
-        ends = {r["run"]: r for r in reports if r["e"] == "end"}
-        assert set(ends) == {11, 13}            # the cancelled run leaves no result
-        assert [r["run"] for r in reports if r["e"] == "start"] == [13]   # the Popen path
-        assert before - 0.01 <= ends[11]["started"] <= before + 2
-        assert ends[11]["exit_code"] == 0 and ends[13]["exit_code"] == 0
-        log = (tmp_path / "p11.log").read_text()
-        assert "run 11 out| out" in log
-        assert str(tmp_path) in (tmp_path / "p13.log").read_text()
-        assert not processes_with("torchcore-gate")
-    finally:
-        launcher.close()
-        launcher.proc.wait(5)
-        os.close(report_r)
-        os.close(report_w)
+    go_job = _prepared(tmp_path, 11, ("sh", "-c", f"echo go >> {marker}; echo out"))
+    cancel_job = _prepared(tmp_path, 12, ("sh", "-c", f"echo cancelled >> {marker}"))
+    popen_job = _prepared(tmp_path, 13, ("sh", "-c", f"echo popen >> {marker}; pwd"),
+                          cwd=str(tmp_path))          # a cwd takes the Popen path
+    for job in (go_job, cancel_job, popen_job):
+        launcher.submit(job)
+    answers_until(launcher, lambda s: len([a for a in s if "forked" in a]) == 3)
+    wait_for(lambda: len(processes_with("torchcore-gate")) >= 2, 10, "two gates")
+    time.sleep(0.3)
+    assert not marker.exists(), "a prepared command ran before its go"
+    before = time.time()
+    launcher.go([11, 13])
+    launcher.cancel([12])
+    exits = _exits(launcher, [11, 12, 13])
+    assert all(os.waitstatus_to_exitcode(a["status"]) == 0 for a in exits.values())
+    assert sorted(marker.read_text().split()) == ["go", "popen"]
+    reports = _reports(report_r)
+    gates = {r["run"]: r["pid"] for r in reports if r["e"] == "gate"}
+    assert set(gates) == {11, 12}           # plain commands wait at a gate, reported ahead
+    ends = {r["run"]: r for r in reports if r["e"] == "end"}
+    assert set(ends) == {11, 13}            # the cancelled run leaves no result
+    assert [r["run"] for r in reports if r["e"] == "start"] == [13]   # the Popen path
+    assert before - 0.01 <= ends[11]["started"] <= before + 2
+    assert ends[11]["exit_code"] == 0 and ends[13]["exit_code"] == 0
+    log = (tmp_path / "p11.log").read_text()
+    assert "run 11 out| out" in log
+    assert str(tmp_path) in (tmp_path / "p13.log").read_text()
+    assert not processes_with("torchcore-gate")
 
 
-def test_a_command_that_cannot_start_at_the_gate_is_reported(tmp_path):
-    report_r, report_w = os.pipe()
-    launcher = Launcher(report_w)
-    try:
-        launcher.submit(_prepared(tmp_path, 21, ("no-such-command-tc",)))
-        answers_until(launcher, lambda s: any("forked" in a for a in s))
-        wait_for(lambda: processes_with("torchcore-gate"), 10, "the gate")
-        launcher.go([21])
-        _exits(launcher, [21])
-        ends = [r for r in _reports(report_r) if r["e"] == "end"]
-        assert ends[0]["exit_code"] == 127 and "No such file" in ends[0]["error"]
-        assert "cannot start" in (tmp_path / "p21.log").read_text()
-    finally:
-        launcher.close()
-        launcher.proc.wait(5)
-        os.close(report_r)
-        os.close(report_w)
+def test_a_command_that_cannot_start_at_the_gate_is_reported(tmp_path, launched):
+    launcher, report_r = launched
+    launcher.submit(_prepared(tmp_path, 21, ("no-such-command-tc",)))
+    answers_until(launcher, lambda s: any("forked" in a for a in s))
+    wait_for(lambda: processes_with("torchcore-gate"), 10, "the gate")
+    launcher.go([21])
+    _exits(launcher, [21])
+    ends = [r for r in _reports(report_r) if r["e"] == "end"]
+    assert ends[0]["exit_code"] == 127 and "No such file" in ends[0]["error"]
+    assert "cannot start" in (tmp_path / "p21.log").read_text()
 
 
 def test_prepared_runs_never_start_without_their_launcher_or_executor(tmp_path):
@@ -224,23 +223,16 @@ def test_a_prepared_run_nobody_starts_gives_up_after_its_wait(tmp_path, monkeypa
     os.close(report_r)
 
 
-def test_a_go_that_overtakes_its_job_line_still_starts_the_run(tmp_path):
+def test_a_go_that_overtakes_its_job_line_still_starts_the_run(tmp_path, launched):
+    launcher, report_r = launched
     marker = tmp_path / "ran"
-    report_r, report_w = os.pipe()
-    launcher = Launcher(report_w)
-    try:
-        launcher.submit(_prepared(tmp_path, 60, ("true",)))
-        launcher.go([61])               # sent first: nothing is pending for the socket
-        launcher.submit(_prepared(tmp_path, 61, ("sh", "-c", f"echo 61 > {marker}")))
-        _exits(launcher, [61])
-        assert marker.read_text() == "61\n"
-        launcher.cancel([60])
-        _exits(launcher, [60])
-    finally:
-        launcher.close()
-        launcher.proc.wait(5)
-        os.close(report_r)
-        os.close(report_w)
+    launcher.submit(_prepared(tmp_path, 60, ("true",)))
+    launcher.go([61])               # sent first: nothing is pending for the socket
+    launcher.submit(_prepared(tmp_path, 61, ("sh", "-c", f"echo 61 > {marker}")))
+    _exits(launcher, [61])
+    assert marker.read_text() == "61\n"
+    launcher.cancel([60])
+    _exits(launcher, [60])
 
 
 def test_the_process_that_forks_executors_stays_without_threading_and_logging():
@@ -266,8 +258,6 @@ def test_the_process_that_forks_executors_stays_without_threading_and_logging():
 
 
 def test_a_job_travels_as_json_unchanged_and_is_fixed_once_made():
-    import pytest
-
     job = Job(run_id=3, name="n", argv=("sh", "-c", "true"), env=(("A", "1"),), timeout=5,
               scheduled=1_767_225_600, prepared=True, hold_until=1_767_225_600.4)
     assert Job.from_json(job.to_json()) == job
@@ -282,59 +272,45 @@ def test_a_job_travels_as_json_unchanged_and_is_fixed_once_made():
 
 # ---- runs of a burst hold their wrap-up until the burst's starts are over -------------------
 
-def test_a_run_in_a_burst_reports_after_its_hold_with_its_command_s_own_end(tmp_path):
-    report_r, report_w = os.pipe()
-    launcher = Launcher(report_w)
-    try:
-        hold_until = time.time() + 2.5
-        launcher.submit(_prepared(tmp_path, 71, ("sh", "-c", "echo held"), hold_until=hold_until))
-        launcher.submit(_prepared(tmp_path, 72, ("sh", "-c", "echo never"), hold_until=hold_until))
-        answers_until(launcher, lambda s: len([a for a in s if "forked" in a]) == 2)
-        wait_for(lambda: len(processes_with("torchcore-gate")) == 2, 10, "two gates")
-        went = time.time()
-        launcher.go([71])
-        launcher.cancel([72])
-        exits = _exits(launcher, [72])
-        assert time.time() < hold_until - 0.5       # a cancelled run has nothing to hold for
-        assert [r["e"] for r in _reports(report_r)] == ["gate", "gate"]
-        exits = _exits(launcher, [71])
-        reported = time.time()
-        end = next(r for r in _reports(report_r) if r["e"] == "end")
-        assert reported >= hold_until - 0.05         # the wrap-up waited for the hold...
-        assert went - 0.01 <= end["started"] <= end["ended"] < hold_until - 1.0   # ...not the end
-        assert end["exit_code"] == 0 and os.waitstatus_to_exitcode(exits[71]["status"]) == 0
-        log = (tmp_path / "p71.log").read_text()
-        assert "run 71 out| held" in log
-        took = float(log.split("after ")[1].split("s")[0])
-        assert took < 1.0       # the log's duration is the command's too
-    finally:
-        launcher.close()
-        launcher.proc.wait(5)
-        os.close(report_r)
-        os.close(report_w)
+def test_a_run_in_a_burst_reports_after_its_hold_with_its_command_s_own_end(tmp_path, launched):
+    launcher, report_r = launched
+    hold_until = time.time() + 2.5
+    launcher.submit(_prepared(tmp_path, 71, ("sh", "-c", "echo held"), hold_until=hold_until))
+    launcher.submit(_prepared(tmp_path, 72, ("sh", "-c", "echo never"), hold_until=hold_until))
+    answers_until(launcher, lambda s: len([a for a in s if "forked" in a]) == 2)
+    wait_for(lambda: len(processes_with("torchcore-gate")) == 2, 10, "two gates")
+    went = time.time()
+    launcher.go([71])
+    launcher.cancel([72])
+    exits = _exits(launcher, [72])
+    assert time.time() < hold_until - 0.5       # a cancelled run has nothing to hold for
+    assert [r["e"] for r in _reports(report_r)] == ["gate", "gate"]
+    exits = _exits(launcher, [71])
+    reported = time.time()
+    end = next(r for r in _reports(report_r) if r["e"] == "end")
+    assert reported >= hold_until - 0.05         # the wrap-up waited for the hold...
+    assert went - 0.01 <= end["started"] <= end["ended"] < hold_until - 1.0   # ...not the end
+    assert end["exit_code"] == 0 and os.waitstatus_to_exitcode(exits[71]["status"]) == 0
+    log = (tmp_path / "p71.log").read_text()
+    assert "run 71 out| held" in log
+    took = float(log.split("after ")[1].split("s")[0])
+    assert took < 1.0       # the log's duration is the command's too
 
 
-def test_a_stop_or_a_timeout_ends_a_hold_early(tmp_path):
-    report_r, report_w = os.pipe()
-    launcher = Launcher(report_w)
-    try:
-        hold_until = time.time() + 30
-        launcher.submit(_prepared(tmp_path, 81, ("true",), hold_until=hold_until))
-        launcher.submit(_prepared(tmp_path, 82, ("sleep", "20"), hold_until=hold_until,
-                                  timeout=1, kill_grace=1))
-        seen = answers_until(launcher, lambda s: len([a for a in s if "forked" in a]) == 2)
-        wait_for(lambda: len(processes_with("torchcore-gate")) == 2, 10, "two gates")
-        launcher.go([81, 82])
-        time.sleep(0.5)
-        os.kill(next(a["pid"] for a in seen if a.get("forked") == 81), signal.SIGTERM)
-        exits = _exits(launcher, [81, 82])
-        assert time.time() < hold_until - 20
-        ends = {r["run"]: r for r in _reports(report_r) if r["e"] == "end"}
-        assert ends[81]["exit_code"] == 0 and not ends[81]["timed_out"]
-        assert ends[82]["timed_out"] and ends[82]["signal"] == signal.SIGTERM
-        assert all(os.waitstatus_to_exitcode(a["status"]) == 0 for a in exits.values())
-    finally:
-        launcher.close()
-        launcher.proc.wait(5)
-        os.close(report_r)
-        os.close(report_w)
+def test_a_stop_or_a_timeout_ends_a_hold_early(tmp_path, launched):
+    launcher, report_r = launched
+    hold_until = time.time() + 30
+    launcher.submit(_prepared(tmp_path, 81, ("true",), hold_until=hold_until))
+    launcher.submit(_prepared(tmp_path, 82, ("sleep", "20"), hold_until=hold_until,
+                              timeout=1, kill_grace=1))
+    seen = answers_until(launcher, lambda s: len([a for a in s if "forked" in a]) == 2)
+    wait_for(lambda: len(processes_with("torchcore-gate")) == 2, 10, "two gates")
+    launcher.go([81, 82])
+    time.sleep(0.5)
+    os.kill(next(a["pid"] for a in seen if a.get("forked") == 81), signal.SIGTERM)
+    exits = _exits(launcher, [81, 82])
+    assert time.time() < hold_until - 20
+    ends = {r["run"]: r for r in _reports(report_r) if r["e"] == "end"}
+    assert ends[81]["exit_code"] == 0 and not ends[81]["timed_out"]
+    assert ends[82]["timed_out"] and ends[82]["signal"] == signal.SIGTERM
+    assert all(os.waitstatus_to_exitcode(a["status"]) == 0 for a in exits.values())
