@@ -561,12 +561,15 @@ class PopenCommand:
     switch or rlimits (work that needs Python code between fork and exec)."""
 
     def __init__(self, argv, options):
+        # Imported here, not at the top, so only these runs pay for it (see proctitle); and
+        # when the command is made ready, so a prepared run pays before its second.
+        import subprocess
+
+        self.subprocess = subprocess
         self.argv, self.options, self.proc = argv, options, None
 
     def start(self):
-        # Imported here, not at the top: only these runs pay for it (see proctitle).
-        import subprocess
-
+        subprocess = self.subprocess
         try:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,

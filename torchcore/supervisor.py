@@ -39,7 +39,8 @@ MAX_PREPARED = 2000         # at most this many executors wait for their second 
 EARLY_WAKE = 0.002          # with prepared runs waiting, wake this early and spin to the boundary
 START_COST = 0.002          # CPU seconds a command's start takes, until measured (sh + date: 1.9 ms)
 HOLD_MARGIN = 1.5           # a burst's executors hold their wrap-up this much longer than its starts
-HOLD_MAX = 3.0              # ...and never longer than this after their second
+HOLD_MAX = 3.0              # ...and never longer than this after their second,
+HOLD_SHARE = 0.3            # ...nor than this share of the time to the task's next run
 FAILED_START_UNDER = 1.0    # a daemon instance that lived less than this is a failed start
 BACKOFF_MAX = 60.0
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
@@ -260,15 +261,19 @@ class Supervisor:
         for name, second, count in plan.missed:
             self._record_missed(name, second, count)
         go = {}         # launcher -> run ids of prepared runs to start now
+        fired = []
         for name, second in self._due_retries(now, plan.due) + plan.due:
             run = self.prepared.pop((name, second), None)
             if run is None:
                 self.launch(self.tasks[name], second)
             elif self._fire(run):
                 go.setdefault(run.launcher, []).append(run.run_id)
+                fired.append(run)
         for launcher, run_ids in go.items():
             launcher.go(run_ids)
             self._watch_pending(launcher)
+        for run in fired:           # the starts first, the bookkeeping after
+            self._record_start(run)
         for key in [key for key in self.prepared if key[1] <= now]:
             self._cancel(self.prepared.pop(key))        # prepared, but not due after all
 
@@ -402,7 +407,8 @@ class Supervisor:
         waking meanwhile to wrap up after their command ended take CPU from the starts
         still to come (see Executor._sit_out_burst).  Their wrap-up waits until the starts
         should be over: runs x the CPU one start takes / cores, with a margin, at most
-        HOLD_MAX and at most half the time to the task's next run.  The CPU per start is
+        HOLD_MAX and at most HOLD_SHARE of the time to the task's next run (its executor
+        must be gone by then, or `max` skips the run).  The CPU per start is
         measured: the latest start seen in the last burst whose hold is over, spread over
         its runs and the cores (START_COST until then).
         """
@@ -413,7 +419,7 @@ class Supervisor:
         hold = min(HOLD_MAX, due * self._start_cost / self._cores * HOLD_MARGIN)
         for gap in range(1, LOOKAHEAD + 1):
             if name in self._due_set(second + gap):
-                hold = min(hold, gap / 2)
+                hold = min(hold, gap * HOLD_SHARE)
                 break
         burst = self._bursts.setdefault(second, [due, second, 0.0])
         burst[1] = max(burst[1], second + hold)
@@ -458,7 +464,7 @@ class Supervisor:
 
     def _fire(self, run):
         """A prepared run is due: True if it starts now (PREPARED -> STARTING; its launcher is
-        then told go), False if a limit says no (it is cancelled)."""
+        then told go, and its start recorded), False if a limit says no (it is cancelled)."""
         del self.prepared_ids[run.run_id]
         task = run.task
         reason = self._limit_reason(task)
@@ -476,7 +482,6 @@ class Supervisor:
             self.by_pid[run.executor_pid] = run.run_id
         self.skipped_last.pop(task.name, None)
         self.stats.started += 1
-        self._record_start(run)
         return True
 
     def _cancel(self, run):
