@@ -109,8 +109,8 @@ class Supervisor:
         self.prepared_ids = {}      # run id -> Run, for prepared runs not (yet) fired
         self._prepared_for = 0      # the last second prepared
         self._prepare_at = 0.0      # wall time to prepare the next second
-        self._due_names = {}       # second -> names due then (planner.peek), for the look-ahead
-        self._due_sets = {}        # second -> the same names as a set
+        self._due_names = {}       # second -> names due then (planner.peek, in its order, as dict
+                                   # keys: the look-ahead also asks whether a name is among them)
         self._start_cost = START_COST   # measured on the bursts seen (see _hold_until)
         self._bursts = {}          # second -> [runs due, hold until, latest start seen]
         self._cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
@@ -380,6 +380,7 @@ class Supervisor:
                 self._prepare_at = min(self._prepare_at, start_at)
         for second in range(first, (upto or 0) + 1):
             self._prepared_for = second
+            self._learn_start_cost()
             for name in self._due_at(second):
                 task = self.tasks.get(name)
                 if len(self.prepared) >= MAX_PREPARED or task is None:
@@ -388,17 +389,11 @@ class Supervisor:
                     self._prepare(task, second)
         for second in [s for s in self._due_names if s <= self._prepared_for]:
             del self._due_names[second]
-            self._due_sets.pop(second, None)
 
     def _due_at(self, second):
         if second not in self._due_names:
-            self._due_names[second] = self.planner.peek(second)
+            self._due_names[second] = dict.fromkeys(self.planner.peek(second))
         return self._due_names[second]
-
-    def _due_set(self, second):
-        if second not in self._due_sets:
-            self._due_sets[second] = frozenset(self._due_at(second))
-        return self._due_sets[second]
 
     def _hold_until(self, name, second):
         """When the executor of a run in a burst may wrap up (log, report, exit), or None.
@@ -410,15 +405,15 @@ class Supervisor:
         HOLD_MAX and at most HOLD_SHARE of the time to the task's next run (its executor
         must be gone by then, or `max` skips the run).  The CPU per start is
         measured: the latest start seen in the last burst whose hold is over, spread over
-        its runs and the cores (START_COST until then).
+        its runs and the cores (START_COST until then; see _learn_start_cost, called once
+        for each second prepared).
         """
         due = len(self._due_at(second))
         if due <= self._cores:
             return None
-        self._learn_start_cost()
         hold = min(HOLD_MAX, due * self._start_cost / self._cores * HOLD_MARGIN)
         for gap in range(1, LOOKAHEAD + 1):
-            if name in self._due_set(second + gap):
+            if name in self._due_at(second + gap):
                 hold = min(hold, gap * HOLD_SHARE)
                 break
         burst = self._bursts.setdefault(second, [due, second, 0.0])
@@ -436,6 +431,7 @@ class Supervisor:
         return any(second <= now < held_until for second, (_, held_until, _) in self._bursts.items())
 
     def _learn_start_cost(self):
+        """Fold the bursts whose hold is over (and whose reports are in) into the CPU per start."""
         now = self.clock.time()
         for second, (due, held_until, latest) in sorted(self._bursts.items()):
             if held_until + 1 > now:
@@ -942,7 +938,6 @@ class Supervisor:
         """Swap in a validated task file between two ticks; returns a summary."""
         self._cancel_prepared()     # they were forked with the old specs
         self._due_names.clear()
-        self._due_sets.clear()
         old_tasks = self.tasks
         new_tasks = {task.name: task for task in new.local_tasks(self.node)}
         removed = [name for name in old_tasks if name not in new_tasks]
