@@ -353,7 +353,10 @@ def test_runs_of_a_burst_hold_their_wrap_up_for_as_long_as_its_starts_take(make)
     assert holds[("b7", T0)] == pytest.approx(T0 + 1002 * cost / 2 * margin)    # 1.503 s
     assert holds[("every", T0)] == T0 + 0.3        # due again in a second: 0.3 of it at most
     sup.clock.advance(0.15)
+    pending_at_go = []
+    sup.launchers[0].go = lambda run_ids: pending_at_go.append(sup.records.pending)
     sup.tick(T0)                                    # the burst fires
+    assert pending_at_go == [0]                     # go first, the start records after
     sup._housekeeping()
     assert sup.records.pending == 1002              # no database writes during its starts...
     for run in list(sup.runs.values()):             # its starts spread over 0.9 s
