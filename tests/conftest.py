@@ -1,4 +1,8 @@
-"""Suite-wide plumbing: the reliability figures the fault tests record, printed in the summary.
+"""Suite-wide plumbing: test kinds, and the reliability figures the fault tests record.
+
+Kinds: a test module that starts real processes or daemons says ``pytestmark = pytest.mark.process``; a
+test that takes more than a few seconds is also ``slow``.  Every other test is marked ``unit`` here, so
+``pytest -m unit`` runs the fast, in-process tests alone, in seconds.
 
 A reliability test takes the ``figures`` fixture and adds what it checked:
 ``figures.add(faults=3, runs=120, lost=0, doubled=0)``.  A test that finds a lost or doubled run
@@ -24,6 +28,12 @@ class Figures:
         self.runs += runs
         self.lost += lost
         self.doubled += doubled
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("process") is None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture

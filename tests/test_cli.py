@@ -1,8 +1,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from torchcore import __version__
 from torchcore.cli import main
+
+pytestmark = pytest.mark.process
 
 
 def test_version_flag(capsys):

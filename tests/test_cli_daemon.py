@@ -11,6 +11,8 @@ import time
 import pytest
 from daemon_harness import SETTINGS, wait_for
 
+pytestmark = pytest.mark.process
+
 TASKS = """tasks:
   - {name: tick, schedule: "* * * * * *", command: "echo tick"}
   - {name: later, schedule: "0 0 0 1 1 *", command: "echo manual run"}

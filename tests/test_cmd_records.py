@@ -143,6 +143,7 @@ def test_logs_follow_until_ctrl_c(taskfile, capsys, monkeypatch):
     assert [line.split("| ", 1)[1] for line in out] == ["before", "after"]
 
 
+@pytest.mark.process
 def test_real_task_file_end_to_end(tmp_path):
     import subprocess
     import sys

@@ -7,6 +7,8 @@ import subprocess
 
 import pytest
 
+pytestmark = pytest.mark.process
+
 CONTRIB = os.path.join(os.path.dirname(__file__), "..", "torchcore", "contrib")
 
 

@@ -218,6 +218,7 @@ def test_request_in_dribbles_and_pipelined(loop):
     assert replies[2] == [{"ok": True, "tasks": 3, "running": ["backup"]}]
 
 
+@pytest.mark.process
 def test_stalled_client_is_dropped_others_are_served(tmp_path):
     loop = Loop(tmp_path / "state", idle_timeout=0.5)
     replies = loop.client("""
@@ -236,6 +237,7 @@ def test_stalled_client_is_dropped_others_are_served(tmp_path):
     loop.server.close()
 
 
+@pytest.mark.process
 def test_many_clients_and_the_connection_limit(tmp_path):
     loop = Loop(tmp_path / "state", max_connections=64)
     replies = loop.client("""
@@ -375,6 +377,7 @@ def test_client_errors_when_daemon_unreachable(tmp_path):
         ControlClient(str(tmp_path / "dead.sock")).request("status")
 
 
+@pytest.mark.process
 def test_client_times_out_on_a_daemon_that_does_not_answer(tmp_path):
     mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     mute.bind(str(tmp_path / "mute.sock"))
@@ -397,6 +400,7 @@ def test_close_removes_socket_and_unregisters(tmp_path):
         ControlClient(loop.path).request("ping")
 
 
+@pytest.mark.process
 def test_handle_event_never_raises_on_a_vanished_peer(loop):
     proc = subprocess.Popen([sys.executable, "-c", CLIENT_PRELUDE + textwrap.dedent("""
         for _ in range(20):

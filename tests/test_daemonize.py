@@ -13,6 +13,8 @@ import pytest
 from torchcore.daemonize import parse_messages
 from torchcore.pidfile import pid_alive_and_locked
 
+pytestmark = pytest.mark.process
+
 # The program under test: `python -c DAEMON MODE WORKDIR TIMEOUT`.
 DAEMON = textwrap.dedent("""
     import json, os, sys, time

@@ -10,6 +10,8 @@ import psutil
 import pytest
 from daemon_harness import Daemon, processes_with, wait_for
 
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture
 def daemons(tmp_path):

@@ -16,6 +16,8 @@ import psutil
 import pytest
 from daemon_harness import Daemon, processes_with, wait_for
 
+pytestmark = pytest.mark.process
+
 FAKETIME_LIBS = glob.glob("/usr/lib/*/faketime/libfaketime.so.1") + \
     glob.glob("/usr/lib/faketime/libfaketime.so.1")
 

@@ -5,6 +5,7 @@ import os
 import random
 import time
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,6 +25,7 @@ TASK = st.dictionaries(
                      "description", "bogus"]), VALUES, max_size=8)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(tasks=st.lists(TASK, max_size=4), settings_=st.dictionaries(
@@ -38,6 +40,7 @@ def test_task_files_of_random_structure_load_or_raise_config_error(tasks, settin
     figures.add(faults=1)
 
 
+@pytest.mark.slow
 def test_a_task_file_of_100000_tasks_loads(tmp_path):
     path = tmp_path / "tasks.yaml"
     rng = random.Random(3)
@@ -50,6 +53,7 @@ def test_a_task_file_of_100000_tasks_loads(tmp_path):
     assert time.monotonic() - began < 60
 
 
+@pytest.mark.slow
 def test_task_files_of_50_mb_load_or_fail_cleanly(tmp_path):
     path = tmp_path / "tasks.yaml"
     big = 50 << 20

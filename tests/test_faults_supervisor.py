@@ -74,6 +74,7 @@ def test_fork_failures_for_seconds_are_counted_retried_and_scheduling_goes_on(ma
     figures.add(faults=10, runs=len(started) + 11, lost=len(lost))
 
 
+@pytest.mark.slow
 def test_a_locked_database_keeps_records_buffered_and_writes_them_later(make, figures):
     sup = make("""tasks:
   - {name: every, schedule: "* * * * * *", command: "true", max: 10}

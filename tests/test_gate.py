@@ -8,6 +8,8 @@ import pytest
 
 from torchcore.executor import GATE
 
+pytestmark = pytest.mark.process
+
 
 def start_gate(argv, wait_ms=5000, args=None):
     """Spawn the gate as the executor does; returns (process, go write end, status read end)."""

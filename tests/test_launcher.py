@@ -13,6 +13,8 @@ from daemon_harness import Daemon, processes_with, wait_for
 from torchcore.executor import Job
 from torchcore.launcher import Launcher
 
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture
 def launched():

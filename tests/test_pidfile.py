@@ -11,6 +11,8 @@ from torchcore import pidfile as pidfile_mod
 from torchcore.errors import DaemonError
 from torchcore.pidfile import AlreadyRunning, Pidfile, pid_alive_and_locked, read_pid
 
+pytestmark = pytest.mark.process
+
 # A contender: try to acquire, say how it went, hold until stdin closes.
 CONTENDER = textwrap.dedent("""
     import sys

@@ -19,6 +19,7 @@ to or before that second in between, and the task is not fixed-time or the step 
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -120,6 +121,7 @@ class History:
             self.started[(name, second)] = self.wake
 
 
+@pytest.mark.slow
 @settings(max_examples=120, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(start=st.sampled_from(STARTS), offset=st.integers(-7200, 3600),

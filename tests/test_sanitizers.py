@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = [pytest.mark.process, pytest.mark.slow]
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -81,6 +81,7 @@ def cronsim_next(text, start):
         return None
 
 
+@pytest.mark.slow
 def test_against_cronsim():
     rng = random.Random(2026)
     checked = 0
@@ -133,6 +134,7 @@ def croniter_compatible(text):
     return plain and not a_step and not (full and "*" not in (dom + dow))
 
 
+@pytest.mark.slow
 def test_against_croniter():
     rng = random.Random(17)
     checked = 0
