@@ -203,6 +203,27 @@ def load(path):
     return loads(data, path)
 
 
+def load_settings(path):
+    """The settings of the task file at ``path`` even when its tasks (or some settings) do not
+    validate: invalid settings keep their defaults.  Read within the same budget as ``load``
+    (this is what ``stop`` and ``status`` find the daemon by); ConfigError (or OSError) when the
+    file cannot be read as YAML at all."""
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: the file is larger than {MAX_FILE_BYTES >> 20} MiB")
+    root = _compose(_decode(data, path), path)
+    _budget(root, path)
+    loader = _Loader(path)
+    if not isinstance(root, yaml.MappingNode):
+        return default_settings(path)
+    try:
+        top = loader.mapping(root, "", ("settings", "tasks"))
+        return loader.settings(top.get("settings", (None, None))[1])
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply") from None
+
+
 def loads(text, path="tasks.yaml"):
     """Validate task file contents (str or bytes); ``path`` names the file in messages and anchors
     relative paths in ``settings``."""
