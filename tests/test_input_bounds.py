@@ -3,6 +3,7 @@ for ``import``) can hold is bounded at validation, refused at file:line naming t
 the field, fast, and never with a traceback (see README "Semantics")."""
 
 import os
+import signal
 import time
 from datetime import datetime, timezone
 
@@ -335,3 +336,67 @@ def test_cli_commands_report_out_of_range_schedules(tmp_path, capsys, schedule, 
     err = capsys.readouterr().err
     assert "tasks.yaml:5: task 'rare': schedule: " in err and "out of range" in err, err
     assert os.path.exists(path)
+
+
+# -- generated hostile files: the loader answers, fast, with ConfigError or a TaskFile ----------
+
+class _TooSlow(Exception):
+    pass
+
+
+def _budgeted_load(text, seconds):
+    """config.loads(text) under a wall-clock alarm: a hang fails the test instead of hanging it."""
+    def alarm(signum, frame):
+        raise _TooSlow
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds * 5)
+    began = time.monotonic()
+    try:
+        try:
+            config.loads(text)
+        except ConfigError as exc:
+            assert exc.problems and all(p.startswith("tasks.yaml") for p in exc.problems), exc.problems
+    except _TooSlow:
+        raise AssertionError(f"the loader took over {seconds * 5}s") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    return time.monotonic() - began
+
+
+NUMERALS = st.one_of(st.integers(-2 ** 80, 2 ** 80).map(str), st.sampled_from(
+    [HUGE, "9" * 4301, "0" * 5000 + "1", "²", "١٢", "1e400", ".inf", "0x" + "f" * 40, "1_0", "+7"]))
+SCALARS = st.one_of(NUMERALS, NUMERALS.map(lambda n: f"'@every {n}s'"), NUMERALS.map(lambda n: f"{n}d"),
+                    NUMERALS.map(lambda n: f"'*/{n} * * * * *'"), NUMERALS.map(lambda n: f"{n}T"),
+                    st.text(max_size=12).map(lambda t: '"' + t.encode("unicode_escape").decode()
+                                             .replace('"', '\\"') + '"'),
+                    st.sampled_from(['"\\0"', '"a\\x00b"', '"\\x1b"', '"\\u202e"', '"\\ud800"', "~", "[]"]))
+KEYS = st.sampled_from(["name", "schedule", "command", "max", "timeout", "kill_grace", "user", "group",
+                        "cwd", "env", "limits", "description", "timezone", "type", "enabled"])
+
+
+@st.composite
+def hostile_files(draw):
+    kind = draw(st.sampled_from(["fields", "merge", "alias", "chain", "deep", "settings"]))
+    if kind == "fields":
+        fields = draw(st.dictionaries(KEYS, SCALARS, max_size=8))
+        return HEAD + "".join(f"    {k}: {v}\n" for k, v in fields.items())
+    if kind == "settings":
+        key = draw(st.sampled_from(["max_running", "log_backups", "history_days", "shutdown_grace",
+                                    "misfire_grace", "log_max_bytes", "shell", "log_dir"]))
+        return f"settings:\n  {key}: {draw(SCALARS)}\n" + task()
+    if kind == "merge":
+        return merge_bomb(draw(st.integers(2, 30)), draw(st.integers(1, 40)))
+    if kind == "alias":
+        return alias_bomb(draw(st.integers(2, 30)))
+    if kind == "chain":
+        return merge_chain(draw(st.integers(2, 4000)))
+    depth = draw(st.integers(1, 1100))
+    return HEAD + f"    schedule: '@every 1s'\n    command: {'[' * depth}x{']' * depth}\n"
+
+
+@settings(derandomize=True, max_examples=300, deadline=None)
+@given(hostile_files())
+def test_generated_hostile_files_load_or_fail_within_a_time_budget(text):
+    """Returns a TaskFile or raises ConfigError, within 2 s (the alarm at 10 s stops a hang)."""
+    assert _budgeted_load(text, 2) < 2
