@@ -400,3 +400,12 @@ def hostile_files(draw):
 def test_generated_hostile_files_load_or_fail_within_a_time_budget(text):
     """Returns a TaskFile or raises ConfigError, within 2 s (the alarm at 10 s stops a hang)."""
     assert _budgeted_load(text, 2) < 2
+
+
+@pytest.mark.parametrize("count", ["10001", HUGE, "\u0661\u0662"])
+def test_next_counts_are_bounded_and_ascii(tmp_path, capsys, count):
+    path = tmp_path / "tasks.yaml"
+    path.write_text(task())
+    with pytest.raises(SystemExit) as info:
+        main(["next", "-c", str(path), "-n", count])
+    assert info.value.code == 2 and "expected a whole number" in capsys.readouterr().err
