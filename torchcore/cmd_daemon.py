@@ -1,6 +1,5 @@
 """Commands that start and steer the daemon: start, stop, reload, restart, status, run."""
 
-import dataclasses
 import json
 import logging
 import logging.handlers
@@ -143,20 +142,12 @@ def locate(args):
 
 
 def _lenient_settings(path):
-    """Where an invalid task file says its daemon keeps its pidfile and state (best effort)."""
-    import yaml
-
-    settings = config.default_settings(path)
+    """Where an invalid task file says its daemon keeps its pidfile and state (best effort,
+    within the loading budget: a file that would take long to read gives the defaults)."""
     try:
-        with open(path, "rb") as handle:
-            raw = yaml.safe_load(handle)
-        named = raw.get("settings") or {}
-        base = os.path.dirname(settings.path)
-        state_dir = os.path.join(base, str(named.get("state_dir", settings.state_dir)))
-        pidfile = os.path.join(base, str(named.get("pidfile", os.path.join(state_dir, "torchcore.pid"))))
-        return dataclasses.replace(settings, state_dir=state_dir, pidfile=pidfile)
-    except (OSError, yaml.YAMLError, AttributeError, TypeError):
-        return settings
+        return config.load_settings(path)
+    except (OSError, ConfigError):
+        return config.default_settings(path)
 
 
 def running_pid(pidfile):

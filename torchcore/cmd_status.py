@@ -108,8 +108,8 @@ def task_status(task, node, live, last, now):
     entry = (live or {}).get("tasks", {}).get(task.name, {})
     next_run = None
     if task.schedule is not None and not task.schedule.is_reboot and task.enabled:
-        next_run = task.schedule.next_after(
-            datetime.fromtimestamp(now, task.schedule.tz or _local_zone())).timestamp()
+        when = task.schedule.next_after(datetime.fromtimestamp(now, task.schedule.tz or _local_zone()))
+        next_run = when.timestamp() if when is not None else None      # None: it never fires
     row = {"name": task.name, "type": task.type, "schedule": task.schedule_text,
            "next_run": next_run, "running": [r["pid"] for r in entry.get("running", [])],
            "last": _last_json(last), "state": _health(task, node, entry, last)}

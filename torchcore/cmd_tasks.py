@@ -10,6 +10,7 @@ from torchcore.describe import describe_schedule
 from torchcore.errors import ConfigError, TorchcoreError
 from torchcore.node import Node
 from torchcore.textfmt import format_relative, format_table
+from torchcore.units import OutOfRange, parse_digits, shown
 
 ALL_NODES = "every node"
 
@@ -42,13 +43,20 @@ def register(subparsers):
     nxt.set_defaults(func=cmd_next)
 
 
+MAX_NEXT = 10_000     # fire times `next -n` lists per task
+
+
 def positive_int(text):
+    """1..MAX_NEXT, from ASCII digits (a numeral of thousands of digits is out of range, not a crash)."""
     try:
-        value = int(text)
+        value = parse_digits(text, MAX_NEXT)
+    except OutOfRange:
+        raise argparse.ArgumentTypeError(f"expected a whole number in 1-{MAX_NEXT}, "
+                                         f"got {shown(text)}") from None
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {shown(text)!r}")
     return value
 
 

@@ -18,6 +18,7 @@ import functools
 import grp
 import hashlib
 import ipaddress
+import json
 import os
 import pwd
 import re
@@ -28,7 +29,7 @@ import yaml
 
 from torchcore.errors import ConfigError
 from torchcore.schedule import Schedule, ScheduleError
-from torchcore.units import parse_duration, parse_size
+from torchcore.units import MAX_COUNT, OutOfRange, parse_digits, parse_duration, parse_size, shown
 
 try:
     _YAML_LOADER = yaml.CSafeLoader
@@ -37,7 +38,24 @@ except AttributeError:  # pyyaml built without libyaml: slower, same results
 
 DEFAULT_SHELL = "/bin/sh"
 DEFAULT_STATE_DIR = ".torchcore"
-NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# A name is a file name in log_dir and a word on command lines: no leading '.' or '-'.
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+RESERVED_NAMES = ("torchcore",)     # log_dir/torchcore.log is the daemon's own log
+
+# The loading budget: what a file may hold before it is validated (see _budget).
+MAX_FILE_BYTES = 64 << 20
+MAX_DEPTH = 64                      # nesting levels, counted through aliases and merge keys
+ALIAS_GROWTH = 10                   # aliases may expand the document to 10x its own nodes ...
+ALIAS_ALLOWANCE = 100_000           # ... plus this many
+# What a task may hand to exec and the launcher (whose frame is 1 MiB): every word at most
+# Linux's MAX_ARG_STRLEN (128 KiB with its NUL), the job's command and env together at most
+# 512 KiB as JSON (non-ASCII characters take 6 bytes there), short fields at most a PATH_MAX.
+MAX_ARG_BYTES = (128 << 10) - 1
+MAX_JOB_TEXT = 512 << 10
+MAX_WORD_BYTES = 4096
+LOG_BACKUPS_MAX = 1000              # rotation renames every backup, under the log's lock
+HISTORY_DAYS_MAX = 36500
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 HOST_GLOB_RE = re.compile(r"[A-Za-z0-9.*?\[\]!_-]+")
 TASK_TYPES = ("common", "daemon")
@@ -175,7 +193,7 @@ def load(path):
     """Read and validate the task file at ``path``; ConfigError lists every problem found."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read()
+            data = handle.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such task file (give one with -c FILE or $TORCHCORE_TASKS)") from None
     except IsADirectoryError:
@@ -185,15 +203,91 @@ def load(path):
     return loads(data, path)
 
 
+def load_settings(path):
+    """The settings of the task file at ``path`` even when its tasks (or some settings) do not
+    validate: invalid settings keep their defaults.  Read within the same budget as ``load``
+    (this is what ``stop`` and ``status`` find the daemon by); ConfigError (or OSError) when the
+    file cannot be read as YAML at all."""
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: the file is larger than {MAX_FILE_BYTES >> 20} MiB")
+    root = _compose(_decode(data, path), path)
+    _budget(root, path)
+    loader = _Loader(path)
+    if not isinstance(root, yaml.MappingNode):
+        return default_settings(path)
+    try:
+        top = loader.mapping(root, "", ("settings", "tasks"))
+        return loader.settings(top.get("settings", (None, None))[1])
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply") from None
+
+
 def loads(text, path="tasks.yaml"):
     """Validate task file contents (str or bytes); ``path`` names the file in messages and anchors
     relative paths in ``settings``."""
     data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: the file is larger than {MAX_FILE_BYTES >> 20} MiB; "
+                          "a task file is at most that")
     digest = hashlib.sha256(data).hexdigest()
     if not isinstance(text, str):
         text = _decode(data, path)
     root = _compose(text, path)
-    return _Loader(path).taskfile(root, digest)
+    _budget(root, path)
+    try:
+        return _Loader(path).taskfile(root, digest)
+    except RecursionError:      # _budget bounds the depth; this is the net under it
+        raise ConfigError(f"{path}: the YAML is nested too deeply") from None
+
+
+def _children(node):
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return node.value if isinstance(node, yaml.SequenceNode) else ()
+
+
+def _budget(root, path):
+    """ConfigError unless the document, with every alias and merge key expanded, has at most
+    MAX_DEPTH levels and ALIAS_GROWTH times its own nodes plus ALIAS_ALLOWANCE.
+
+    Each node is measured once (its expanded size and height are memoized), so a file of
+    nested aliases that would expand to billions of nodes is measured, and refused, in
+    time linear in its own size.  An alias back into a node being measured counts once.
+    """
+    if root is None:
+        return
+    measured = {}           # id(node) -> (expanded size, height, node)
+    active = set()
+    own = 0                 # nodes as written: every collection and the scalars in it
+    stack = [(root, False)]
+    while stack:
+        node, leaving = stack.pop()
+        key = id(node)
+        if leaving:
+            size, height = 1, 0
+            for child in _children(node):
+                own += isinstance(child, yaml.ScalarNode)
+                child_size, child_height, _ = measured.get(id(child), (1, 1, None))
+                size, height = min(size + child_size, 1 << 62), max(height, child_height)
+            measured[key] = (size, height + 1, node)
+            own += 1
+            active.discard(key)
+            if height + 1 > MAX_DEPTH:
+                raise ConfigError(f"{path}:{_line(node)}: the YAML is nested more than {MAX_DEPTH} "
+                                  "levels deep here (aliases and merge keys included)")
+        elif key not in measured and key not in active and not isinstance(node, yaml.ScalarNode):
+            active.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node)
+                         if not isinstance(child, yaml.ScalarNode) and id(child) not in measured)
+    limit = ALIAS_GROWTH * own + ALIAS_ALLOWANCE
+    if id(root) in measured and measured[id(root)][0] > limit:
+        culprit = min((m for m in measured.values() if m[0] > limit), key=lambda m: m[0])
+        raise ConfigError(f"{path}:{_line(culprit[2])}: aliases and merge keys here expand the file "
+                          f"to more than {limit:,} YAML nodes ({ALIAS_GROWTH} times its own plus "
+                          f"{ALIAS_ALLOWANCE:,}); write the repeated parts out or share less")
 
 
 def _decode(data, path):
@@ -220,6 +314,9 @@ def _compose(text, path):
             problem = exc.problem or "invalid YAML"
             if exc.context:
                 problem = f"{problem} ({exc.context})"
+            if "alias" in problem:
+                problem += ("; a value that starts with '*' is read as an alias: "
+                            "quote it, as in schedule: '*/20 * * * * *'")
         raise ConfigError(f"{path}:{line}: YAML syntax error: {problem}") from None
     except yaml.reader.ReaderError as exc:
         line = text[:exc.position].count("\n") + 1 if isinstance(exc.position, int) else 1
@@ -257,10 +354,21 @@ def _got(node):
     return f"got {_kind(node)}"
 
 
-def want_str(node, what="a string"):
-    """The text of a string scalar; other types are an error suggesting quotes where that helps."""
+def want_str(node, what="a string", limit=MAX_ARG_BYTES):
+    """The text of a string scalar; other types are an error suggesting quotes where that helps.
+
+    Every string of a task file passes here: a NUL byte (which no exec, path or name can
+    hold) and text over ``limit`` bytes of UTF-8 are refused.
+    """
     if node.tag == STR and isinstance(node, yaml.ScalarNode):
-        return node.value
+        value = node.value
+        if "\x00" in value:
+            raise _Bad(f"a NUL byte (\\0) at character {value.index(chr(0)) + 1}; "
+                       "no command, name or path can hold one", node)
+        if len(value) > limit // 4 and len(value.encode("utf-8", "surrogatepass")) > limit:
+            raise _Bad(f"{len(value.encode('utf-8', 'surrogatepass')):,} bytes long; "
+                       f"at most {limit:,} bytes", node)
+        return value
     hint = f"; quote it: \"{node.value}\"" if isinstance(node, yaml.ScalarNode) and node.tag != NULL else ""
     raise _Bad(f"expected {what}, {_got(node)}{hint}", node)
 
@@ -275,11 +383,29 @@ def want_text(node, what="a string"):
     return value
 
 
-def want_int(node, minimum, what="a whole number"):
-    """A plain decimal integer >= ``minimum``."""
-    if node.tag != INT or not isinstance(node, yaml.ScalarNode) or not node.value.lstrip("+").isdigit():
+def want_word(node, what):
+    """A one-line string (a user, a group, a path, a zone): no control characters, at most
+    MAX_WORD_BYTES."""
+    value = want_text(node, what) if node.tag == INT else want_str(node, what, MAX_WORD_BYTES)
+    bad = _CONTROL.search(value)
+    if bad:
+        raise _Bad(f"expected {what}, got a control character ({bad.group()!r}) in {shown(value, 60)!r}",
+                   node)
+    if not value.strip():
+        raise _Bad(f"expected {what}, got an empty string", node)
+    return value
+
+
+def want_int(node, minimum, maximum=MAX_COUNT, what="a whole number"):
+    """A plain decimal integer in ``minimum``..``maximum`` (ASCII digits, an optional ``+``)."""
+    if node.tag != INT or not isinstance(node, yaml.ScalarNode):
         raise _Bad(f"expected {what} >= {minimum}, {_got(node)}", node)
-    value = int(node.value)
+    try:
+        value = parse_digits(node.value.removeprefix("+"), maximum)
+    except OutOfRange:
+        raise _Bad(f"{shown(node.value)} is out of range {minimum}-{maximum}", node) from None
+    except ValueError:
+        raise _Bad(f"expected {what} >= {minimum}, {_got(node)}", node) from None
     if value < minimum:
         raise _Bad(f"expected {what} >= {minimum}, got {value}", node)
     return value
@@ -367,7 +493,7 @@ class _Loader:
                 first = _line(pairs[key][0])
                 self.problem(key_node, where, f"{key}: duplicate key (first at line {first})")
             elif key not in known:
-                self.problem(key_node, where, f"{key}: unknown key{suggest(key, known)}")
+                self.problem(key_node, where, f"{shown(key, 40)}: unknown key{suggest(key[:100], known)}")
             else:
                 pairs[key] = (key_node, value_node)
         for value_node in merged:
@@ -454,12 +580,12 @@ class _Loader:
 
     def abspath(self, node):
         """A path string; relative paths are taken from the task file's directory."""
-        text = want_text(node, "a path")
+        text = want_word(node, "a path")
         return os.path.normpath(os.path.join(self.base, os.path.expanduser(text)))
 
     def zone(self, node):
         """A validated IANA zone name (``Europe/Berlin``, ``UTC``)."""
-        name = want_text(node, "an IANA time zone name like Europe/Berlin or UTC")
+        name = want_word(node, "an IANA time zone name like Europe/Berlin or UTC")
         if name not in self.zones:
             self.zones[name] = check_zone(name)
         if self.zones[name] is None:
@@ -508,15 +634,23 @@ class _Loader:
             return None
         if not NAME_RE.fullmatch(name):
             self.problem(name_node, f"task #{number}: ",
-                         f"name: {name!r} is not a valid name: use 1-64 of A-Z a-z 0-9 . _ -")
+                         f"name: {shown(name, 70)!r} is not a valid name: use 1-64 of A-Z a-z 0-9 . _ -, "
+                         "starting with a letter, a digit or _")
+            return None
+        if name.lower() in RESERVED_NAMES:
+            self.problem(name_node, f"task #{number}: ",
+                         f"name: {name!r} is reserved: {name}.log in log_dir is the daemon's own log")
             return None
         return name
 
     def task_rules(self, node, pairs, values, settings, where):
-        """Rules across fields: command required, schedule by type, the schedule in the task's zone."""
+        """Rules across fields: command required, the job fits, schedule by type, the schedule
+        in the task's zone."""
         command = pairs.get("command")
         if command is None or command[1].tag == NULL:
             self.problem(node, where, "command: missing; give a string (run by the shell) or a list (argv)")
+        elif "command" in values:
+            self.job_size(command[1], values, settings, where)
         kind = values.get("type", "common")
         text = values.pop("schedule", None)
         tz = values.setdefault("timezone", settings.timezone)
@@ -539,6 +673,15 @@ class _Loader:
         except ScheduleError as exc:
             message = str(exc).removeprefix("schedule: ")
             self.problem(pairs["schedule"][1], where, f"schedule: {message}")
+
+    def job_size(self, node, values, settings, where):
+        """The command and env, as the launcher is sent them, within MAX_JOB_TEXT."""
+        command = values["command"]
+        argv = [settings.shell, "-c", command] if isinstance(command, str) else list(command)
+        size = len(json.dumps([argv, values.get("env", ())]))
+        if size > MAX_JOB_TEXT:
+            self.problem(node, where, f"command: the command and env take {size:,} bytes as sent "
+                                      f"to a run (non-ASCII characters count 6); at most {MAX_JOB_TEXT:,}")
 
     def schedule(self, text, tz):
         """A Schedule, shared between tasks with the same text and zone (it is immutable)."""
@@ -615,7 +758,7 @@ def _ips(loader, node):
 def _hosts(loader, node):
     globs = []
     for item in want_list(node, "hostname globs, e.g. [web-*, db1]"):
-        glob = want_str(item, "a hostname glob")
+        glob = want_str(item, "a hostname glob", MAX_WORD_BYTES)
         if not HOST_GLOB_RE.fullmatch(glob):
             raise _Bad(f"{glob!r} is not a hostname glob (letters, digits, . - _ and * ? [ ])", item)
         globs.append(glob)
@@ -629,7 +772,8 @@ def _env(loader, node):
     for key_node, value_node in node.value:
         key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
         if not isinstance(key, str) or not ENV_NAME_RE.fullmatch(key):
-            raise _Bad(f"{key!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)", key_node)
+            raise _Bad(f"{shown(key, 40)!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+                       key_node)
         if key in pairs:
             raise _Bad(f"{key}: duplicate variable", key_node)
         if value_node.tag == NULL:
@@ -639,6 +783,9 @@ def _env(loader, node):
             pairs[key] = want_text(value_node) if value_node.tag == INT else want_str(value_node)
         except _Bad as bad:
             raise _Bad(f"{key}: {bad}", value_node) from None
+        if len(key) + 1 + len(pairs[key].encode("utf-8", "surrogatepass")) > MAX_ARG_BYTES:
+            raise _Bad(f"{key}: {key}=value is longer than {MAX_ARG_BYTES:,} bytes, "
+                       "the most one variable can hold", value_node)
     return tuple(sorted(pairs.items()))
 
 
@@ -662,8 +809,8 @@ def _limits(loader, node):
 
 
 def _user(loader, node):
-    value = want_text(node, "a user name")
-    if value.isdigit():
+    value = want_word(node, "a user name")
+    if value.isascii() and value.isdigit():
         raise _Bad(f"expected a user name, got the number {value}; quote it if it is a name", node)
     return value
 
@@ -688,7 +835,7 @@ TASK_FIELDS = {
     "env": _env,
     "cwd": _Loader.abspath,
     "user": _user,
-    "group": lambda loader, node: want_text(node, "a group name"),
+    "group": lambda loader, node: want_word(node, "a group name"),
     "enabled": lambda loader, node: want_bool(node),
     "timezone": _Loader.zone,
     "limits": _limits,
@@ -699,14 +846,14 @@ SETTINGS_FIELDS = {
     "state_dir": _Loader.abspath,
     "pidfile": _Loader.abspath,
     "timezone": _Loader.zone,
-    "shell": lambda loader, node: want_text(node, "a shell path like /bin/sh"),
+    "shell": lambda loader, node: want_word(node, "a shell path like /bin/sh"),
     "max_running": lambda loader, node: want_int(node, 1),
     "shutdown_grace": lambda loader, node: want_duration(node, 0),
     "misfire_grace": lambda loader, node: want_duration(node, 0),
     "watch": lambda loader, node: want_bool(node),
     "log_max_bytes": lambda loader, node: want_size(node),
-    "log_backups": lambda loader, node: want_int(node, 0),
-    "history_days": lambda loader, node: want_int(node, 1),
+    "log_backups": lambda loader, node: want_int(node, 0, LOG_BACKUPS_MAX),
+    "history_days": lambda loader, node: want_int(node, 1, HISTORY_DAYS_MAX),
 }
 
 

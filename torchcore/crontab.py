@@ -23,6 +23,7 @@ import zoneinfo
 import yaml
 
 from torchcore.errors import TorchcoreError
+from torchcore.units import OutOfRange, parse_digits, shown
 
 DEFAULT_SHELL = "/bin/sh"
 # Shells whose `-c` text takes the POSIX `printf ... | ( ... )` form used for %-stdin.
@@ -39,6 +40,7 @@ FIELDS = [  # (name, low, high, names)
     ("month", 1, 12, MONTHS), ("day-of-week", 0, 7, DAYS)]
 MAIL_VARS = {"MAILTO", "MAILFROM", "CONTENT_TYPE", "CONTENT_TRANSFER_ENCODING"}
 NAME_MAX = 64
+RESERVED_NAMES = ("torchcore",)     # as config.RESERVED_NAMES (config is imported late here)
 _NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -205,16 +207,24 @@ def with_stdin(command, data):
 
 def _number(token, field):
     name, low, high, names = field
-    if token.isdigit():
-        value = int(token)
+    if token.isascii() and token.isdigit():     # ASCII only: '²'.isdigit() is True, int('²') fails
+        value = _digits(token, high + 1)
     elif names and token.lower() in names:
         value = names.index(token.lower()) + (low if name == "month" else 0)
     else:
         allowed = f" or a name ({names[0]}-{names[-1 if name == 'month' else -2]})" if names else ""
-        raise CrontabError(f"{name} field: {token!r} is not a number{allowed}")
+        raise CrontabError(f"{name} field: {shown(token, 40)!r} is not a number{allowed}")
     if not low <= value <= high:
-        raise CrontabError(f"{name} field: {value} is out of range {low}-{high}")
+        raise CrontabError(f"{name} field: {shown(token)} is out of range {low}-{high}")
     return value
+
+
+def _digits(token, maximum):
+    """The value of an ASCII numeral, or ``maximum`` when larger (no int() of a huge numeral)."""
+    try:
+        return parse_digits(token, maximum)
+    except OutOfRange:
+        return maximum
 
 
 def parse_field(text, field):
@@ -243,9 +253,9 @@ def parse_field(text, field):
                                    "different things to different crons; write a range")
         step = 1
         if slash:
-            if not step_text.isdigit() or int(step_text) == 0:
-                raise CrontabError(f"{name} field: step {step_text!r} must be a number above 0")
-            step = int(step_text)
+            step = _digits(step_text, high + 1) if step_text.isascii() and step_text.isdigit() else 0
+            if step == 0:
+                raise CrontabError(f"{name} field: step {shown(step_text, 40)!r} must be a number above 0")
         values.update(range(first, last + 1, step))
     return values
 
@@ -333,10 +343,13 @@ def _convert_line(line, lineno, source, env, system, user):
     if not stripped:
         return None
     if re.search("[\udc80-\udcff]", line):   # bytes that are not UTF-8, shown as latin-1
-        shown = line.encode("utf-8", "surrogateescape").decode("latin-1")
+        latin = line.encode("utf-8", "surrogateescape").decode("latin-1")
         if stripped.startswith("#"):
-            return Comment(source, lineno, shown)
-        return Problem(source, lineno, shown, "the line is not valid UTF-8")
+            return Comment(source, lineno, latin)
+        return Problem(source, lineno, latin, "the line is not valid UTF-8")
+    if "\x00" in line:
+        return Problem(source, lineno, line, "the line holds a NUL byte; no command, variable "
+                                             "or name can hold one")
     if stripped.startswith("#"):
         return Comment(source, lineno, line)
     assignment = parse_env(line)
@@ -506,7 +519,8 @@ def assign_names(entries, prefix="", taken=()):
     for b in bases:
         counts[b] = counts.get(b, 0) + 1
     for entry, base in zip(entries, bases):
-        candidates = [] if counts[base] > 1 or base in used else [base]
+        reserved = base.lower() in RESERVED_NAMES     # torchcore.log is the daemon's own log
+        candidates = [] if counts[base] > 1 or base in used or reserved else [base]
         candidates += [f"{base}-{_short_hash(entry.schedule)}",
                        f"{base}-{_short_hash(entry.schedule, repr(entry.command), entry.user)}"]
         name = next((c for c in candidates if c not in used), None)

@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from torchcore._core import ffi, lib
 from torchcore.errors import TorchcoreError
-from torchcore.units import parse_duration
+from torchcore.units import OutOfRange, parse_digits, parse_duration, shown
 
 
 class ScheduleError(TorchcoreError, ValueError):
@@ -96,9 +96,9 @@ def _value(field, token):
     """Return the number a token stands for in a field (a number or a name), range-checked."""
     spec = _FIELDS[field]
     if token.isascii() and token.isdigit():
-        number = int(token)
+        number = _bounded(field, token, spec.hi + 1)
         if not spec.lo <= number <= spec.hi:
-            _fail(field, f"value {number} is out of range {spec.lo}-{spec.hi}")
+            _fail(field, f"value {shown(token)} is out of range {spec.lo}-{spec.hi}")
         return number
     if token.upper() in spec.names:
         return spec.names[token.upper()]
@@ -107,18 +107,30 @@ def _value(field, token):
               else "'L' needs a weekday before it, like 5L (the last Friday)")
     if spec.names and token.isascii() and token.isalpha():
         allowed = f"{next(iter(spec.names))}-{list(spec.names)[-1]}"
-        _fail(field, f"unknown name {token!r} (names are {allowed}, any case)")
-    _fail(field, f"{token!r} is not a number in {spec.lo}-{spec.hi}")
+        _fail(field, f"unknown name {shown(token, 40)!r} (names are {allowed}, any case)")
+    _fail(field, f"{shown(token, 40)!r} is not a number in {spec.lo}-{spec.hi}")
+
+
+def _bounded(field, digits, maximum):
+    """The value of an ASCII numeral, or ``maximum`` when larger: the caller reports the range
+    (a numeral of thousands of digits never reaches ``int``)."""
+    try:
+        return parse_digits(digits, maximum)
+    except OutOfRange:
+        return maximum
+    except ValueError as exc:
+        _fail(field, str(exc))
 
 
 def _step(field, text):
     """Return the step of ``a-b/n``; zero and steps longer than the field are errors."""
     spec = _FIELDS[field]
-    step, span = int(text), spec.hi - spec.lo + 1
+    span = spec.hi - spec.lo + 1
+    step = _bounded(field, text, span + 1)
     if step == 0:
         _fail(field, "step 0 is invalid; a step must be at least 1")
     if step > span:
-        _fail(field, f"step {step} is out of range 1-{span}")
+        _fail(field, f"step {shown(text)} is out of range 1-{span}")
     return step
 
 
@@ -127,7 +139,7 @@ def _range_bits(field, element):
     spec = _FIELDS[field]
     match = _ELEMENT.fullmatch(element)
     if not match:
-        _fail(field, f"cannot parse {element!r}; expected a number, a range a-b, "
+        _fail(field, f"cannot parse {shown(element, 40)!r}; expected a number, a range a-b, "
                      f"a step */n or a-b/n, or a list of these")
     base, step_text = match.groups()
     if base == "*":
@@ -166,9 +178,10 @@ def _parse_field(field, text, parts):
                 parts["dow_last"] |= 1 << _weekday(field, last.group(1))
                 continue
             if nth:
-                occurrence = int(nth.group(2))
+                occurrence = _bounded(field, nth.group(2), 6)
                 if not 1 <= occurrence <= 5:
-                    _fail(field, f"occurrence {occurrence} in {element!r} is out of range 1-5")
+                    _fail(field, f"occurrence {shown(nth.group(2))} in {shown(element)!r} "
+                                 "is out of range 1-5")
                 parts["dow_nth"] |= 1 << (7 * (occurrence - 1) + _weekday(field, nth.group(1)))
                 continue
         parts[_Spec._fields[field]] |= _range_bits(field, element)
@@ -360,11 +373,18 @@ class Schedule:
         """The first second strictly after ``dt`` at which the schedule fires.
 
         Naive in, naive out (pure wall time); aware in, aware out in ``tz``, with the
-        DST rules of the class docstring. None for ``@reboot`` and for a schedule
-        that never fires in the next 400 years (such as ``0 0 0 */20 * 0#5``).
+        DST rules of the class docstring. None for ``@reboot``, for a schedule
+        that never fires in the next 400 years (such as ``0 0 0 */20 * 0#5``) and
+        when the next time is past the last year ``datetime`` holds (9999).
         """
         if self.is_reboot:
             return None
+        try:
+            return self._next_after(dt)
+        except (OverflowError, ValueError):     # "year 10000 is out of range" and the like
+            return None
+
+    def _next_after(self, dt):
         if self.every:
             epoch = (self._zone.wall(dt)[1] // self.every + 1) * self.every
             return self._zone.naive(epoch) if dt.tzinfo is None else self._zone.aware(epoch)
