@@ -175,9 +175,10 @@ class Supervisor:
 
     def _open(self):
         os.makedirs(self.settings.state_dir, mode=0o700, exist_ok=True)
+        self.selector = selectors.DefaultSelector()
+        self._open_control()        # first: refused if another daemon serves this state_dir
         os.makedirs(self.settings.log_dir, exist_ok=True)
         self.records = records.Records(self.db_path)
-        self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.report_r, self.report_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         os.set_blocking(self.report_w, True)
@@ -187,7 +188,6 @@ class Supervisor:
         for signum in SIGNALS:
             signal.signal(signum, _record_signal)
         self.file_signature = _file_signature(self.settings.path)
-        self._open_control()
 
     def _open_control(self):
         """The control socket, when the plumbing for it is present (see control.py)."""
@@ -205,11 +205,12 @@ class Supervisor:
         if self.control is not None:
             self.control.close()
         self._stop_launchers()
-        self.records.flush()
-        self.records.close()
+        if self.records is not None:
+            self.records.close()
         self.selector.close()
-        for fd in (self._wake_r, self._wake_w, self.report_r, self.report_w):
-            os.close(fd)
+        for name in ("_wake_r", "_wake_w", "report_r", "report_w"):
+            if hasattr(self, name):
+                os.close(getattr(self, name))
 
     @property
     def db_path(self):
