@@ -738,7 +738,8 @@ class Supervisor:
         self.followed.add(run.run_id)
         log.warning("run %d of %s (pid %d) was started by a previous supervisor and still runs: "
                     "adopted", run.run_id, task.name, run.executor_pid)
-        if instance and task.type != "daemon":      # its daemon task is gone or changed
+        current = self.tasks.get(record.task)
+        if instance and (current is None or current.type != "daemon"):  # its daemon task is gone
             self._signal_run(run, signal.SIGTERM)
 
     def _close_adopted(self, run):
