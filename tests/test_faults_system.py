@@ -258,13 +258,14 @@ def test_a_full_log_dir_in_daemon_mode_kills_no_run(daemons, figures, tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
-        with open(os.path.join(full, "filler"), "wb") as handle:
-            try:
-                while True:
-                    handle.write(b"x" * 4096)
-                    handle.flush()
-            except OSError:
-                pass                            # ENOSPC: the disk is full
+        fd = os.open(os.path.join(full, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while os.write(fd, b"x" * 4096):
+                pass
+        except OSError:
+            pass                                # ENOSPC: the disk is full
+        finally:
+            os.close(fd)
         d.start(wait=False)
         wait_for(lambda: len([r for r in d.runs("tick") if r["ended"]]) >= 4, 20, "runs")
         procs = _tree(d.pid)
