@@ -306,3 +306,32 @@ def test_a_launcher_handle_never_raises_on_a_dead_launcher(tmp_path):
         launcher.close()
         os.close(report_r)
         os.close(report_w)
+
+
+def test_the_daemon_log_handler_never_raises_and_reports_a_failure_once(tmp_path, capsys):
+    import os
+    import shutil
+
+    from torchcore.daemonlog import DaemonLogHandler
+
+    path = tmp_path / "logs" / "torchcore.log"
+    handler = DaemonLogHandler(str(path))
+    logger = logging.getLogger("torchcore-test-daemonlog")
+    logger.handlers[:], logger.propagate = [handler], False
+    try:
+        logger.warning("one")
+        shutil.rmtree(tmp_path / "logs")              # removed under it: made again
+        logger.warning("two")
+        assert "two" in path.read_text()
+        os.rename(tmp_path / "logs", tmp_path / "moved")
+        (tmp_path / "logs").write_text("")            # a file where the directory was: no way
+        for _ in range(3):
+            logger.warning("lost")
+        assert handler.failures == 3
+        assert capsys.readouterr().err.count("cannot write the daemon log") == 1
+        os.unlink(tmp_path / "logs")
+        logger.warning("three")
+        text = path.read_text()
+        assert "3 lines lost" in text and "three" in text
+    finally:
+        handler.close()
