@@ -35,12 +35,12 @@ NEW = """tasks:
 """
 
 
-def _fail_on(monkeypatch, name, exc=OverflowError("int too big to convert")):
+def _fail_on(monkeypatch, name):
     real = ScheduleTable.set
 
     def set_or_fail(self, key, schedule):
         if key == name:
-            raise exc
+            raise OverflowError("int too big to convert")
         return real(self, key, schedule)
     monkeypatch.setattr(ScheduleTable, "set", set_or_fail)
 
