@@ -1214,7 +1214,8 @@ class Supervisor:
         s = self.stats
         return (f"stats: tasks={len(self.tasks)} running={len(self.runs)} started={s.started} "
                 f"failed={s.failed} skipped={s.skipped} missed={s.missed} "
-                f"fork_failures={s.fork_failures} load={load[0]:.2f},{load[1]:.2f},{load[2]:.2f} "
+                f"fork_failures={s.fork_failures} errors={s.errors} "
+                f"load={load[0]:.2f},{load[1]:.2f},{load[2]:.2f} "
                 f"rss={rss // 1024}K mem_used={psutil.virtual_memory().percent}%")
 
 
