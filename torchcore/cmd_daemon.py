@@ -71,11 +71,12 @@ def cmd_start(args):
     launcher = Daemonizer(started_message=f"torchcore started (pid {{pid}}) on {taskfile.path}")
     if not launcher.detach():
         return cli.EXIT_OK      # not reached: the launcher exits with the daemon's verdict
+    pidfile = Pidfile(pidfile_path)
     try:                        # the pidfile first: a refused daemon writes into no one's log
-        pidfile = Pidfile(pidfile_path)
         pidfile.acquire()
         setup_logging(os.path.join(taskfile.settings.log_dir, "torchcore.log"))
     except (DaemonError, OSError) as exc:
+        pidfile.release()
         launcher.failed(str(exc))
         os._exit(cli.EXIT_ERROR)
     try:                        # helpers never keep the start-up pipe as their stderr
