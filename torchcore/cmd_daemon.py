@@ -9,7 +9,7 @@ import sys
 import time
 
 from torchcore import cli, config
-from torchcore.errors import ConfigError, DaemonError
+from torchcore.errors import ConfigError, DaemonError, TorchcoreError
 from torchcore.node import Node
 from torchcore.pidfile import pid_alive_and_locked, pid_exists
 
@@ -62,6 +62,7 @@ def cmd_start(args):
     holder = running_pid(pidfile_path)
     if holder is not None:      # refuse at once; the daemon would refuse too, only later
         raise AlreadyRunning(holder, pidfile_path)
+    refuse_if_served(taskfile.settings.state_dir)
     if args.foreground:
         setup_logging(None)
         with Pidfile(pidfile_path):
@@ -69,32 +70,63 @@ def cmd_start(args):
     launcher = Daemonizer(started_message=f"torchcore started (pid {{pid}}) on {taskfile.path}")
     if not launcher.detach():
         return cli.EXIT_OK      # not reached: the launcher exits with the daemon's verdict
-    try:
-        setup_logging(os.path.join(taskfile.settings.log_dir, "torchcore.log"))
-        pidfile = Pidfile(pidfile_path)
+    pidfile = Pidfile(pidfile_path)
+    try:                        # the pidfile first: a refused daemon writes into no one's log
         pidfile.acquire()
+        setup_logging(os.path.join(taskfile.settings.log_dir, "torchcore.log"))
     except (DaemonError, OSError) as exc:
+        pidfile.release()
         launcher.failed(str(exc))
         os._exit(cli.EXIT_ERROR)
-    try:
+    try:                        # helpers never keep the start-up pipe as their stderr
         code = _supervise(taskfile, node, on_ready=launcher.ready,
-                          on_failure=launcher.failed)
+                          on_failure=launcher.failed, helper_stderr=os.devnull)
     finally:
         pidfile.release()
     os._exit(code)
 
 
-def _supervise(taskfile, node, on_ready=None, on_failure=None):
+def _supervise(taskfile, node, on_ready=None, on_failure=None, helper_stderr=None):
+    """Run the supervisor.  A start refused (another daemon on the same state_dir, ...)
+    is one line for the starting command, and nothing in the log, which may be the
+    running daemon's; a failure after start-up goes to the log."""
     from torchcore.supervisor import Supervisor
 
-    supervisor = Supervisor(taskfile, node, on_ready=on_ready)
+    supervisor = Supervisor(taskfile, node, on_ready=on_ready, helper_stderr=helper_stderr)
     try:
         return supervisor.run()
     except Exception as exc:
-        if on_failure is not None and not supervisor.ready:
-            on_failure(f"cannot start: {exc}")
-        log.exception("supervisor failed")
+        if supervisor.ready:
+            log.exception("supervisor failed")
+            return cli.EXIT_ERROR
+        message = str(exc) if isinstance(exc, TorchcoreError) else \
+            f"cannot start: {type(exc).__name__}: {exc}"
+        if on_failure is None:
+            raise TorchcoreError(message) from None     # the CLI prints it as one line
+        on_failure(message)
         return cli.EXIT_ERROR
+
+
+def refuse_if_served(state_dir):
+    """DaemonError if a process serves the control socket of ``state_dir`` (a daemon whose
+    pidfile is elsewhere): checked before anything of the new daemon exists."""
+    import socket
+
+    from torchcore.control import socket_path
+
+    path = socket_path(state_dir)
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        return          # stale, or not a socket: the daemon sorts that out as before
+    finally:
+        probe.close()
+    raise DaemonError(f"another process is serving the control socket {path}; "
+                      "is a second daemon using the same state_dir?")
 
 
 def load_for_node(path, node):
@@ -108,11 +140,12 @@ def load_for_node(path, node):
 
 def setup_logging(path):
     """stderr in the foreground; otherwise a file that logrotate may move (WatchedFileHandler)."""
+    from torchcore.daemonlog import DaemonLogHandler
+
     if path is None:
         handler = logging.StreamHandler(sys.stderr)
     else:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        handler = logging.handlers.WatchedFileHandler(path)
+        handler = DaemonLogHandler(path)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]

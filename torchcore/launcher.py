@@ -9,7 +9,13 @@ socket.  The launcher forks the executor and answers ``forked`` with its pid (or
 ``fork_failed``), reaps it, and answers ``exited`` with its wait status.  The
 executors report their results straight to the supervisor over the shared
 report pipe, as before.  A launcher is single-threaded and exits when the
-supervisor closes its socket.
+supervisor closes its socket; it ignores the signals sent to a whole process
+group (TERM from `timeout` or systemd, INT and HUP from a terminal): the
+supervisor decides when it ends, and stops it by hanging up.
+
+The supervisor's handle never raises on a dead launcher: ``dead`` turns true and
+the supervisor replaces it.  A job line over LINE_LIMIT (a launcher would quit on
+it) is refused with JobTooLarge before anything is sent.
 
 A prepared run (forked ahead of its second) gets a go pipe: the launcher keeps
 the write end.  ``{"go": [run ids]}`` writes one byte to each (start now),
@@ -27,24 +33,45 @@ import signal
 import socket
 import sys
 
+from torchcore.errors import TorchcoreError
+
 LINE_LIMIT = 1 << 20
 FORKS_PER_PASS = 16     # forks between two looks at the socket (where go and cancel arrive)
+GROUP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class JobTooLarge(TorchcoreError):
+    """A job whose message is over the launcher's line limit: it cannot be handed over."""
 
 
 class Launcher:
     """The supervisor's handle on one launcher process."""
 
-    def __init__(self, report_fd):
+    def __init__(self, report_fd, stderr=None):
+        """Start one launcher.  ``stderr``: a path its stderr (and its executors') goes to,
+        appended (the daemon's log, or os.devnull); None: the supervisor's own.  A daemon
+        passes one: its own stderr is the start-up pipe until it is ready, and a helper
+        keeping that pipe would get EPIPE once the starting command has exited."""
         # The supervisor's side only: the launcher process stays without it (see proctitle).
         import subprocess
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        err = None if stderr is None else _open_stderr(stderr)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "torchcore.launcher", str(theirs.fileno()), str(report_fd)],
+                pass_fds=(theirs.fileno(), report_fd), stdin=subprocess.DEVNULL, stderr=err,
+                close_fds=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+            if err is not None:
+                os.close(err)
         self.sock = ours
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "torchcore.launcher", str(theirs.fileno()), str(report_fd)],
-            pass_fds=(theirs.fileno(), report_fd), stdin=subprocess.DEVNULL, close_fds=True)
-        theirs.close()
         self.sock.setblocking(False)
+        self.dead = False               # its socket failed: the supervisor replaces it
         self.pid = self.proc.pid
         self.pending = bytearray()      # lines not yet accepted by the socket
         self.mid_line = False           # the socket took part of pending's first line
@@ -55,8 +82,12 @@ class Launcher:
         return self.sock.fileno()
 
     def submit(self, job):
-        """Queue one job; raises OSError if the launcher is gone."""
-        self.pending += job.to_json().encode() + b"\n"
+        """Queue one job (see ``dead`` afterwards); JobTooLarge if it cannot be framed."""
+        line = job.to_json().encode() + b"\n"
+        if len(line) > LINE_LIMIT:
+            raise JobTooLarge(f"its job message is {len(line)} bytes, over the launcher's limit "
+                              f"of {LINE_LIMIT} bytes (the command or env is too long)")
+        self.pending += line
         self.runs += 1
         self.flush()
 
@@ -75,40 +106,73 @@ class Launcher:
         line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
         at = self.pending.index(b"\n") + 1 if self.mid_line else 0
         self.pending[at:at] = line
-        try:
-            self.flush()
-        except OSError:
-            pass            # it died: its end closes every go pipe it held (= cancel)
+        self.flush()        # if it died, its end closes every go pipe it held (= cancel)
 
     def flush(self):
-        """Write what the socket takes now; True when nothing is left to write."""
+        """Write what the socket takes now; True when nothing is left to write.
+
+        Never raises: a launcher whose socket fails (EPIPE, ECONNRESET ...) is ``dead``
+        and what was queued for it is dropped."""
         while self.pending:
             try:
                 sent = self.sock.send(self.pending)
             except BlockingIOError:
                 return False
+            except OSError:
+                self.dead = True
+                self.pending.clear()
+                return True
             if sent:
                 self.mid_line = self.pending[sent - 1] != ord("\n")
             del self.pending[:sent]
         return True
 
     def answers(self):
-        """Every complete answer line available now; None at end of file (it died)."""
+        """Every complete answer available now; None at end of file or on a socket error
+        (it died).  A line that is not a JSON object is dropped."""
         chunks = []
         while True:
             try:
                 chunk = self.sock.recv(65536)
             except BlockingIOError:
                 break
+            except OSError:
+                self.dead = True
+                return None
             if not chunk:
                 return None
             chunks.append(chunk)
         *lines, self.buffer = (self.buffer + b"".join(chunks)).split(b"\n")
-        return [json.loads(line) for line in lines if line]
+        found = []
+        for line in lines:
+            try:
+                answer = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(answer, dict):
+                found.append(answer)
+        return found
 
     def close(self):
         """Close its socket: a launcher exits when the supervisor hangs up."""
         self.sock.close()
+
+    def kill(self):
+        """SIGKILL it (a launcher found dead may be only stopped or hung); not once reaped."""
+        if self.proc.returncode is not None:
+            return
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _open_stderr(path):
+    """A descriptor appending to ``path`` (created 0600), or /dev/null if it cannot be opened."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
 
 # ---- the launcher process ----------------------------------------------------------------
@@ -122,7 +186,8 @@ def serve(sock, report_fd):
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # a terminal's Ctrl-C is the supervisor's
+    for signum in GROUP_SIGNALS:    # sent to the whole group: the supervisor's to act on
+        signal.signal(signum, signal.SIG_IGN)
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ, "jobs")
     sel.register(wake_r, selectors.EVENT_READ, "signal")

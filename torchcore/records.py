@@ -8,7 +8,10 @@ same ``run_id``: a start row, then the end row replacing it.
 The database is in WAL mode, so the ``history`` and ``status`` commands read it
 while the daemon writes.  If it is locked or the disk is full, ``flush()`` logs a
 warning, keeps the buffer and tries again next time; it never raises into the
-supervisor.
+supervisor.  If the database file is removed (or replaced) while the daemon
+runs, the next flush notices (one stat of the file, only when there is something
+to write), warns once, creates it again and writes there, with run ids that go on
+from where the lost file was.
 
 Run ids come from hi/lo blocks reserved in the ``meta`` table (one small commit
 per block), so they stay unique across restarts, and also when a supervisor was
@@ -213,7 +216,10 @@ class Records:
     def __init__(self, path, *, busy_timeout=BUSY_TIMEOUT, id_block=ID_BLOCK,
                  max_buffer=MAX_BUFFER, clock=time.monotonic):
         self.path = path
+        self._busy_timeout = busy_timeout
         self._conn = _connect(path, busy_timeout)
+        self._identity = _file_identity(path)
+        self.recreated = 0                  # times the file was found gone and made again
         self._pid = os.getpid()
         self._buffer = OrderedDict()        # run_id -> row tuple; a later add replaces the row
         self._max_buffer = max_buffer
@@ -278,6 +284,7 @@ class Records:
         """
         if not self._buffer or os.getpid() != self._pid or self._conn is None:
             return not self._buffer
+        self._recreate_if_gone()
         rows = list(self._buffer.values())
         try:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -297,6 +304,32 @@ class Records:
         self._last_warning = None
         self._buffer.clear()
         return True
+
+    def _recreate_if_gone(self):
+        """The file at ``path`` is not the one we opened (removed, with its -wal and -shm, or
+        replaced): open (create) it again.  Run ids go on after every id handed out so far."""
+        identity = _file_identity(self.path)
+        if identity == self._identity or identity is False:
+            return
+        log.warning("records: %s was removed or replaced while in use; creating it again "
+                    "(the records it held are gone, the ones not yet written go to the new one)",
+                    self.path)
+        self._conn.close()      # first: closing the old may remove its -wal file by name
+        try:
+            self._conn = _connect(self.path, self._busy_timeout)
+        except RecordsError as exc:
+            self._conn = sqlite3.connect(":memory:", isolation_level=None)  # retried next flush
+            self._identity = ()     # matches no file: tried again at the next flush
+            log.warning("records: %s", exc)
+            return
+        self._identity = _file_identity(self.path)
+        self.recreated += 1
+        floor = max(self._id_limit, (self._spare_block or 0) + self._id_block)
+        try:
+            self._conn.execute("UPDATE meta SET value = ? WHERE key = 'next_run_id' "
+                               "AND CAST(value AS INTEGER) < ?", (str(floor), floor))
+        except sqlite3.Error as exc:
+            log.warning("records: cannot carry the run ids over to %s: %s", self.path, exc)
 
     def _flush_failed(self, exc):
         self.failed_flushes += 1
@@ -390,6 +423,17 @@ class Records:
             raise RecordsError(f"the records database {self.path} is closed")
 
 
+def _file_identity(path):
+    """(device, inode) of the file at ``path``; None when there is none; False when unknown."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino)
+
+
 def write_record_now(path, record, busy_timeout=5.0):
     """Write one record at once on a connection of its own; True if it was written.
 
@@ -418,7 +462,10 @@ def _main(argv):
     SQLite with the state it inherited from its parent.
     """
     import json
+    import signal
 
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):   # sent to a whole group:
+        signal.signal(signum, signal.SIG_IGN)       # this short write finishes regardless
     logging.basicConfig(format="torchcore: %(message)s")
     path, fields = argv
     return 0 if write_record_now(path, RunRecord(**json.loads(fields))) else 1

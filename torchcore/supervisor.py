@@ -8,6 +8,7 @@ loop reads, and ``handle_<signal>`` changes what the loop does next.
 """
 
 import dataclasses
+import errno
 import gc
 import hashlib
 import json
@@ -25,6 +26,7 @@ from torchcore import config, executor, records
 from torchcore.clock import SystemClock
 from torchcore.coordinator import LocalCoordinator
 from torchcore.errors import ConfigError, TorchcoreError
+from torchcore.launcher import JobTooLarge, Launcher
 from torchcore.planner import Planner
 from torchcore.states import DaemonState, RunState
 
@@ -63,6 +65,7 @@ class Run:
     launcher: object = None     # the Launcher that forks it
     pending_signal: int | None = None   # a stop asked for before the executor existed
     orphaned: bool = False      # its launcher died: followed by pid until it ends
+    adopted: bool = False       # started by a previous supervisor (killed): followed by pid too
 
 
 @dataclasses.dataclass
@@ -83,12 +86,14 @@ class Stats:
     skipped: int = 0
     missed: int = 0
     fork_failures: int = 0
+    errors: int = 0             # failures of the supervisor's own work, contained (see _contain)
 
 
 class Supervisor:
     """Runs this node's share of a task file until told to stop."""
 
-    def __init__(self, taskfile, node, clock=None, coordinator=None, on_ready=None):
+    def __init__(self, taskfile, node, clock=None, coordinator=None, on_ready=None,
+                 helper_stderr=None):
         self.taskfile = taskfile
         self.settings = taskfile.settings
         self.node = node
@@ -96,6 +101,7 @@ class Supervisor:
         self.clock = clock or SystemClock()
         self.coordinator = coordinator or LocalCoordinator()
         self.on_ready = on_ready
+        self.helper_stderr = helper_stderr  # a path for the launchers' stderr (None: ours)
         self.ready = False
         self.planner = Planner(self.settings.misfire_grace)
         self.tasks = {}             # name -> Task running on this node
@@ -104,6 +110,7 @@ class Supervisor:
         self.by_pid = {}            # executor pid -> run id
         self.by_task = {}           # name -> set of run ids
         self.launchers = []         # the processes that fork executors (see launcher.py)
+        self.launcher_target = 0    # how many run (one per core, four at most; set by run())
         self._handed_to = None      # the launcher the last fork() went to
         self.prepared = {}          # (name, second) -> Run forked ahead, waiting for go
         self.prepared_ids = {}      # run id -> Run, for prepared runs not (yet) fired
@@ -127,7 +134,9 @@ class Supervisor:
         self.retry = []                  # (name, second) whose fork failed: tried again next tick
         self.last_result = {}            # name -> last finished result dict (for status)
         self.skipped_last = {}           # name -> reason, while its last due run was skipped
-        self.adopted = {}                # name -> {pid: run_id}: executors of a previous supervisor
+        self.followed = set()            # ids of runs followed by pid (orphaned or adopted)
+        self._errors_seen = set()        # (where, exception type) already logged once
+        self._launchers_retry_at = 0.0   # monotonic time to try again to start missing launchers
         self._report_buffer = b""
         self._next_stats = self.clock.monotonic() + STATS_EVERY
         self._next_prune = 0.0
@@ -142,6 +151,7 @@ class Supervisor:
         """Run until a shutdown finishes; returns the exit status (0)."""
         self._open()
         try:
+            self.launcher_target = max(1, min(4, os.cpu_count() or 1))
             self._start_launchers()
             self._apply(self.taskfile, first=True)
             self._adopt_previous_executors()
@@ -154,7 +164,10 @@ class Supervisor:
             log.info("torchcore started: %s, %d tasks on this node (%s), pid %d",
                      self.settings.path, len(self.tasks), self.node_name, os.getpid())
             while not self._finished():
-                self.loop_once()
+                try:
+                    self.loop_once()
+                except Exception as exc:    # whatever one pass met, the next pass runs
+                    self._contain("a pass of the loop", exc)
         finally:
             self._close()
         log.info("torchcore stopped")
@@ -162,9 +175,10 @@ class Supervisor:
 
     def _open(self):
         os.makedirs(self.settings.state_dir, mode=0o700, exist_ok=True)
+        self.selector = selectors.DefaultSelector()
+        self._open_control()        # first: refused if another daemon serves this state_dir
         os.makedirs(self.settings.log_dir, exist_ok=True)
         self.records = records.Records(self.db_path)
-        self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.report_r, self.report_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         os.set_blocking(self.report_w, True)
@@ -174,7 +188,6 @@ class Supervisor:
         for signum in SIGNALS:
             signal.signal(signum, _record_signal)
         self.file_signature = _file_signature(self.settings.path)
-        self._open_control()
 
     def _open_control(self):
         """The control socket, when the plumbing for it is present (see control.py)."""
@@ -192,11 +205,12 @@ class Supervisor:
         if self.control is not None:
             self.control.close()
         self._stop_launchers()
-        self.records.flush()
-        self.records.close()
+        if self.records is not None:
+            self.records.close()
         self.selector.close()
-        for fd in (self._wake_r, self._wake_w, self.report_r, self.report_w):
-            os.close(fd)
+        for name in ("_wake_r", "_wake_w", "report_r", "report_w"):
+            if hasattr(self, name):
+                os.close(getattr(self, name))
 
     @property
     def db_path(self):
@@ -231,6 +245,19 @@ class Supervisor:
             self._maybe_prepare()
         self._housekeeping()
 
+    def _contain(self, what, exc):
+        """One unit of work failed (a task's start, a launcher's answer, a pass): count it, log
+        it once for each kind, and go on with the rest.  The supervisor outlives its bugs and
+        whatever the system throws at it; the count shows in the stats line and in status."""
+        self.stats.errors += 1
+        kind = (what, type(exc).__name__)
+        if kind in self._errors_seen:
+            return
+        self._errors_seen.add(kind)
+        log.error("%s failed, carrying on (more of these are counted, not logged): %s: %s",
+                  what, type(exc).__name__, exc)
+        log.debug("the failure of %s", what, exc_info=exc)
+
     def _sleep_time(self):
         wall = self.clock.time()
         wait = (int(wall) + 1 - wall) + 0.0005
@@ -262,20 +289,31 @@ class Supervisor:
             self._record_missed(name, second, count)
         go = {}         # launcher -> run ids of prepared runs to start now
         fired = []
+        rest = []       # due, not prepared: forked after the prepared ones got their go
         for name, second in self._due_retries(now, plan.due) + plan.due:
             run = self.prepared.pop((name, second), None)
             if run is None:
-                self.launch(self.tasks[name], second)
-            elif self._fire(run):
+                rest.append((name, second))
+            elif self._contained(f"starting {name}", self._fire, run):
                 go.setdefault(run.launcher, []).append(run.run_id)
                 fired.append(run)
         for launcher, run_ids in go.items():
             launcher.go(run_ids)
             self._watch_pending(launcher)
+        for name, second in rest:
+            self._contained(f"starting {name}", self.launch, self.tasks[name], second)
         for run in fired:           # the starts first, the bookkeeping after
             self._record_start(run)
         for key in [key for key in self.prepared if key[1] <= now]:
             self._cancel(self.prepared.pop(key))        # prepared, but not due after all
+
+    def _contained(self, what, action, *args):
+        """``action(*args)``, its failure contained (see _contain); returns its result or None."""
+        try:
+            return action(*args)
+        except Exception as exc:
+            self._contain(what, exc)
+            return None
 
     def _due_retries(self, now, due):
         """Seconds whose fork failed: each task tries once more, for its latest such second,
@@ -318,6 +356,9 @@ class Supervisor:
                                     manual=manual, db_path=self.db_path, node=self.node_name)
         try:
             pid = self.fork(job)
+        except JobTooLarge as exc:
+            self._refuse(task, second, manual, run_id, str(exc))
+            return None
         except OSError as exc:
             self.stats.fork_failures += 1
             log.error("cannot fork for %s (run %d): %s; retrying next second", task.name, run_id, exc)
@@ -332,6 +373,24 @@ class Supervisor:
         if pid is not None:
             self._forked(run, pid)
         return run
+
+    def _refuse(self, task, second, manual, run_id, reason):
+        """A run that cannot be handed to a launcher: recorded at once as failed (exit 126, as
+        a command that cannot start), with the reason in the log; not retried."""
+        now = self.clock.time()
+        self.stats.failed += 1
+        if ("refused", task.name) not in self._errors_seen:
+            self._errors_seen.add(("refused", task.name))
+            log.error("%s: run %d refused: %s (further refusals of it are recorded, not logged)",
+                      task.name, run_id, reason)
+        result = {"exit_code": 126, "signal": None, "timed_out": False, "peak_rss": None,
+                  "started": now, "ended": now, "error": f"refused: {reason}"}
+        self.last_result[task.name] = result
+        self.records.add(records.RunRecord(
+            run_id=run_id, task=task.name, node=self.node_name, scheduled=second, started=now,
+            ended=now, exit_code=126, signal=None, manual=manual))
+        if task.type == "daemon":       # a failed start: the daemon backs off
+            self._daemon_exited(Run(run_id, task, second, manual, None, now), result)
 
     def _record_start(self, run):
         self.records.add(records.RunRecord(
@@ -451,8 +510,8 @@ class Supervisor:
                                         db_path=self.db_path, node=self.node_name, prepared=True,
                                         hold_until=self._hold_until(task.name, second))
             self.fork(job)
-        except (OSError, records.RecordsError):
-            return          # the tick launches it the ordinary way
+        except (OSError, TorchcoreError):
+            return          # the tick launches it the ordinary way (or refuses it)
         run = Run(run_id, task, second, False, None, 0.0, launcher=self._handed_to,
                   state=RunState.PREPARED)
         self.prepared[(task.name, second)] = run
@@ -490,7 +549,7 @@ class Supervisor:
             self._cancel(self.prepared.popitem()[1])
 
     def _limit_reason(self, task):
-        running = len(self.by_task.get(task.name, ())) + len(self.adopted.get(task.name, ()))
+        running = len(self.by_task.get(task.name, ()))
         if running >= task.max:
             return f"max {task.max} reached"
         cap = self.settings.max_running
@@ -510,25 +569,42 @@ class Supervisor:
                                f"{threading.active_count()} threads")
         self._handed_to = None
         if self.launchers:
-            chosen = min(self.launchers, key=lambda launcher: launcher.runs)
-            chosen.submit(job)
-            self._watch_pending(chosen)
-            self._handed_to = chosen
-            return None
+            return self._hand_over(job)
         pid = os.fork()
         if pid == 0:
             executor.execute(job, self.report_w)
         return pid
 
+    def _hand_over(self, job):
+        """Queue ``job`` on the least busy launcher.  One found dead is replaced and the job
+        goes to the next; JobTooLarge for a job no launcher can take; OSError when none is left."""
+        for _ in range(len(self.launchers) + 1):
+            if not self.launchers:
+                break
+            chosen = min(self.launchers, key=lambda launcher: launcher.runs)
+            chosen.submit(job)
+            if chosen.dead:
+                self._launcher_died(chosen)
+                continue
+            self._watch_pending(chosen)
+            self._handed_to = chosen
+            return None
+        raise OSError(errno.EAGAIN, "no launcher takes jobs now")
+
     # ---- launchers ------------------------------------------------------------------------
 
     def _start_launchers(self):
-        """One small forking process per core (two at most on this machine's kind, four at most)."""
-        from torchcore.launcher import Launcher
+        """One small forking process per core (two at most on this machine's kind, four at most).
 
-        count = max(1, min(4, os.cpu_count() or 1))
-        for _ in range(count - len(self.launchers)):
-            launcher = Launcher(self.report_w)
+        A launcher that cannot start (no memory, no pids) is tried again a few seconds later;
+        meanwhile the others take the jobs (with none, the supervisor forks them itself)."""
+        for _ in range(self.launcher_target - len(self.launchers)):
+            try:
+                launcher = Launcher(self.report_w, stderr=self.helper_stderr)
+            except OSError as exc:
+                self._launchers_retry_at = self.clock.monotonic() + 5.0
+                self._contain("starting a launcher", exc)
+                return
             self.launchers.append(launcher)
             self.selector.register(launcher.sock, selectors.EVENT_READ, self._launcher_event)
 
@@ -542,15 +618,14 @@ class Supervisor:
         launcher = next((item for item in self.launchers if item.sock is key.fileobj), None)
         if launcher is None:
             return
-        if mask & selectors.EVENT_WRITE and launcher.flush():
+        if mask & selectors.EVENT_WRITE and launcher.flush() and not launcher.dead:
             self.selector.modify(launcher.sock, selectors.EVENT_READ, self._launcher_event)
-        if mask & selectors.EVENT_READ:
-            answers = launcher.answers()
-            if answers is None:
-                self._launcher_died(launcher)
-                return
-            for answer in answers:
-                self._launcher_answer(launcher, answer)
+        answers = launcher.answers() if mask & selectors.EVENT_READ else []
+        if answers is None or launcher.dead:
+            self._launcher_died(launcher)
+            return
+        for answer in answers:
+            self._contained("an answer of a launcher", self._launcher_answer, launcher, answer)
 
     def _launcher_answer(self, launcher, answer):
         run_id = answer.get("forked", answer.get("exited", answer.get("fork_failed")))
@@ -584,12 +659,16 @@ class Supervisor:
         self._retry_later(run.task, run.scheduled, run.manual)
 
     def _launcher_died(self, launcher):
-        """Replace a launcher that died; follow its runs by pid until they end."""
+        """Replace a launcher that died; follow its runs by pid until they end.
+
+        Its runs not forked yet are recorded as failed forks and tried again; prepared ones
+        are started the ordinary way by their tick; forked ones report as before."""
         if launcher not in self.launchers:
             return
         self.launchers.remove(launcher)
         self.selector.unregister(launcher.sock)
         launcher.close()
+        launcher.kill()         # a stopped or hung one too: its socket is closed now
         log.error("a launcher (pid %d) died; starting another", launcher.pid)
         for run in [r for r in self.prepared_ids.values() if r.launcher is launcher]:
             self.prepared_ids.pop(run.run_id)
@@ -599,13 +678,19 @@ class Supervisor:
                 self._fork_failed(run.run_id, "its launcher died")
             else:
                 run.orphaned = True
+                self.followed.add(run.run_id)
         if not self.stopping:
             self._start_launchers()
 
-    def _follow_orphaned_runs(self):
-        for run in [r for r in self.runs.values() if r.orphaned]:
-            if not _is_executor(run.executor_pid, run.task.name, run.run_id):
-                self._executor_exited(run.run_id, 0)
+    def _follow_runs_by_pid(self):
+        """Runs whose executor is not our child (its launcher died, or it was adopted) end
+        when their executor is gone."""
+        for run_id in list(self.followed):
+            run = self.runs.get(run_id)
+            if run is None:
+                self.followed.discard(run_id)
+            elif not _is_executor(run.executor_pid, run.task.name, run.run_id):
+                self._executor_exited(run_id, 0)
 
     def _stop_launchers(self):
         for launcher in self.launchers:
@@ -625,28 +710,55 @@ class Supervisor:
             pass
 
     def _adopt_previous_executors(self):
-        """Count runs a killed supervisor left behind against `max`, so none runs twice at once.
+        """Take over the runs a killed supervisor left behind, so none runs twice at once.
 
-        Their executors record their own ends; runs whose executor is gone without a
-        record are closed as lost.
+        An adopted run is a run like any other, followed by its executor's pid: it counts
+        against `max` and `max_running`, is stopped at shutdown and when a reload retires
+        its daemon task, and its executor still enforces its timeout.  Its executor records
+        its own end; runs whose executor is gone without a record are closed as lost.
         """
         for record in self.records.unfinished():
             if record.pid and _is_executor(record.pid, record.task, record.run_id):
-                self.adopted.setdefault(record.task, {})[record.pid] = record.run_id
-                log.warning("run %d of %s (pid %d) was started by a previous supervisor and still "
-                            "runs: it counts against max", record.run_id, record.task, record.pid)
+                self._adopt(record)
             else:
                 record.ended = self.clock.time()
                 record.skipped = "lost: its supervisor and executor stopped before recording an end"
                 self.records.add(record)
 
-    def _forget_finished_adoptees(self):
-        for name, pids in list(self.adopted.items()):
-            for pid, run_id in list(pids.items()):
-                if not _is_executor(pid, name, run_id):
-                    del pids[pid]
-            if not pids:
-                del self.adopted[name]
+    def _adopt(self, record):
+        # A run with no scheduled second that was not started by hand is a daemon instance.
+        instance = record.scheduled is None and not record.manual
+        task = self.tasks.get(record.task) or _Retired(record.task, "daemon" if instance else "common")
+        run = Run(record.run_id, task, record.scheduled, record.manual, record.pid,
+                  record.started or self.clock.time(), state=RunState.RUNNING,
+                  pgid=_command_group(record.pid), adopted=True)
+        self.runs[run.run_id] = run
+        self.by_pid[run.executor_pid] = run.run_id
+        self.by_task.setdefault(task.name, set()).add(run.run_id)
+        self.followed.add(run.run_id)
+        log.warning("run %d of %s (pid %d) was started by a previous supervisor and still runs: "
+                    "it counts against max (adopted, stopped like any other run)", run.run_id, task.name, run.executor_pid)
+        current = self.tasks.get(record.task)
+        if instance and (current is None or current.type != "daemon"):  # its daemon task is gone
+            self._signal_run(run, signal.SIGTERM)
+
+    def _close_adopted(self, run):
+        """An adopted run ended: its executor wrote its record, or it is closed as lost here."""
+        now = self.clock.time()
+        self.records.flush()
+        try:
+            record = next((r for r in self.records.unfinished() if r.run_id == run.run_id), None)
+        except records.RecordsError:
+            record = None
+        if record is not None:
+            record.ended = now
+            record.skipped = "lost: its executor ended without recording an end"
+            self.records.add(record)
+        log.info("%s run %d (adopted) ended%s", run.task.name, run.run_id,
+                 ": lost" if record is not None else "")
+        if run.task.type == "daemon":
+            self._daemon_exited(run, {"exit_code": None, "signal": None, "timed_out": False,
+                                      "started": run.started, "ended": now})
 
     def _start_reboot_tasks(self):
         for task in self.tasks.values():
@@ -725,11 +837,14 @@ class Supervisor:
     def _executor_exited(self, run_id, status):
         self._read_reports()    # its last report may still sit in the pipe
         run = self._forget_run(run_id)
-        if run is not None:
+        if run is not None and run.adopted:
+            self._close_adopted(run)
+        elif run is not None:
             self._finish(run, status)
 
     def _forget_run(self, run_id):
         run = self.runs.pop(run_id, None)
+        self.followed.discard(run_id)
         if run is not None:
             self.by_pid.pop(run.executor_pid, None)
             self.by_task.get(run.task.name, set()).discard(run_id)
@@ -832,11 +947,10 @@ class Supervisor:
     def _task_status(self, name):
         runs = [self.runs[run_id] for run_id in self.by_task.get(name, ())]
         task = self.tasks[name]
-        adopted = [{"run_id": run_id, "pid": pid, "state": "adopted"}
-                   for pid, run_id in self.adopted.get(name, {}).items()]
         entry = {"type": task.type, "schedule": task.schedule_text, "timezone": task.timezone,
-                 "running": [{"run_id": r.run_id, "pid": r.pgid, "started": r.started,
-                              "scheduled": r.scheduled, "state": r.state} for r in runs] + adopted,
+                 "running": [{"run_id": r.run_id, "pid": r.pgid or r.executor_pid,
+                              "started": r.started, "scheduled": r.scheduled,
+                              "state": "adopted" if r.adopted else r.state} for r in runs],
                  "skipped": self.skipped_last.get(name)}
         slot = self.daemons.get(name)
         if slot is not None:
@@ -896,6 +1010,8 @@ class Supervisor:
 
     def _signal_run(self, run, signum):
         """TERM goes to the executor (it stops its command's group); KILL to both at once."""
+        if run.adopted and not _is_executor(run.executor_pid, run.task.name, run.run_id):
+            return      # ended already (its pid may be another process's now)
         if signum == signal.SIGKILL and run.pgid:
             self.kill(-run.pgid, signal.SIGKILL)
         if run.executor_pid is None:
@@ -910,40 +1026,58 @@ class Supervisor:
     def reload(self, reason):
         """Parse the file again; apply it if valid, keep everything as it is if not.
 
+        All or nothing: any failure while loading or applying the file (whatever slipped
+        past validation) is a rejected reload, logged once; the old tasks stay untouched.
         Returns (accepted, problems).
         """
+        path = self.settings.path
         try:
-            new = config.load(self.settings.path)
+            new = config.load(path)
             problems = config.node_problems(new, self.node)
             if problems:
                 raise ConfigError(problems)
         except ConfigError as exc:
-            self.reload_error = str(exc)
-            self.last_reload = (self.clock.time(), False, str(exc))
-            log.error("reload (%s) rejected, the running tasks stay as they were:\n%s", reason, exc)
-            return False, exc.problems
+            return self._reject(reason, exc.problems)
         except OSError as exc:
-            message = f"{self.settings.path}: cannot read: {exc.strerror}"
-            self.reload_error = message
-            self.last_reload = (self.clock.time(), False, message)
-            log.error("reload (%s) rejected: %s", reason, message)
-            return False, [message]
-        summary = self._apply(new)
+            return self._reject(reason, [f"{path}: cannot read: {exc.strerror or exc}"])
+        except Exception as exc:
+            return self._reject(reason, [f"{path}: cannot load: {type(exc).__name__}: {exc}"])
+        try:
+            summary = self._apply(new)
+        except Exception as exc:
+            return self._reject(reason, [f"{path}: cannot apply: {type(exc).__name__}: {exc}"])
         self.reload_error = None
         self.last_reload = (self.clock.time(), True, summary)
         log.info("reloaded (%s): %s", reason, summary)
         return True, []
 
+    def _reject(self, reason, problems):
+        message = "\n".join(problems)
+        self.reload_error = message
+        self.last_reload = (self.clock.time(), False, message)
+        log.error("reload (%s) rejected, the running tasks stay as they were:\n%s", reason, message)
+        return False, problems
+
     def _apply(self, new, first=False):
-        """Swap in a validated task file between two ticks; returns a summary."""
-        self._cancel_prepared()     # they were forked with the old specs
-        self._due_names.clear()
+        """Swap in a validated task file between two ticks; returns a summary.
+
+        All or nothing: everything that can fail (the new task set, the settings, the
+        schedule table) is done first, the table put back as it was if it fails; only then
+        are prepared runs cancelled and retired daemons stopped.
+        """
         old_tasks = self.tasks
         new_tasks = {task.name: task for task in new.local_tasks(self.node)}
+        settings = dataclasses.replace(
+            new.settings, state_dir=self.settings.state_dir, log_dir=self.settings.log_dir,
+            pidfile=self.settings.pidfile)
         removed = [name for name in old_tasks if name not in new_tasks]
         changed = [name for name, task in new_tasks.items()
                    if name in old_tasks and old_tasks[name] != task]
         added = [name for name in new_tasks if name not in old_tasks]
+        self._reschedule(old_tasks, removed + changed, [new_tasks[name] for name in changed + added])
+        # Nothing below fails: the new state is in place.
+        self._cancel_prepared()     # they were forked with the old specs
+        self._due_names.clear()
         for name in removed + changed:
             self._retire(old_tasks[name])
         for name in changed + added:
@@ -951,9 +1085,7 @@ class Supervisor:
         if not first:
             self._warn_fixed_settings(new.settings)
         self.taskfile = new
-        self.settings = dataclasses.replace(
-            new.settings, state_dir=self.settings.state_dir, log_dir=self.settings.log_dir,
-            pidfile=self.settings.pidfile)
+        self.settings = settings
         self.planner.misfire_grace = self.settings.misfire_grace
         self.tasks = new_tasks
         self.file_signature = _file_signature(new.path)
@@ -961,20 +1093,43 @@ class Supervisor:
         return (f"{len(new_tasks)} tasks on this node: {len(added)} added, {len(changed)} changed, "
                 f"{len(removed)} removed")
 
+    def _reschedule(self, old_tasks, out, into):
+        """Take the names ``out`` off the schedule table and put the tasks ``into`` on it.
+
+        If any step fails (a number the C core cannot hold, no memory), the table gets
+        back every schedule it had and the error is raised: a reload is all or nothing.
+        """
+        touched = []
+        try:
+            for name in out:
+                if name in self.planner:
+                    touched.append(name)
+                    self.planner.remove(name)
+            for task in into:
+                if task.type != "daemon" and not task.schedule.is_reboot:
+                    touched.append(task.name)
+                    self.planner.set(task.name, task.schedule)
+        except BaseException:
+            for name in touched:
+                if name in self.planner:
+                    self.planner.remove(name)
+                old = old_tasks.get(name)
+                if old is not None and old.type != "daemon" and not old.schedule.is_reboot:
+                    self.planner.set(name, old.schedule)
+            raise
+
     def _retire(self, task):
-        """A removed or changed task: unschedule it; stop a daemon's instances gracefully."""
-        if task.name in self.planner:
-            self.planner.remove(task.name)
+        """A removed or changed task (already off the schedule): stop a daemon's instances
+        gracefully."""
         if task.type == "daemon":
             self.daemons.pop(task.name, None)
             for run_id in self.by_task.get(task.name, ()):
                 self._signal_run(self.runs[run_id], signal.SIGTERM)
 
     def _admit(self, task):
+        """A new or changed task (already on the schedule): a daemon gets its slot."""
         if task.type == "daemon":
             self.daemons[task.name] = DaemonSlot()
-        elif not task.schedule.is_reboot:
-            self.planner.set(task.name, task.schedule)
 
     def _warn_fixed_settings(self, new):
         for field in ("state_dir", "log_dir", "pidfile"):
@@ -1001,10 +1156,13 @@ class Supervisor:
     # ---- records, title, stats ------------------------------------------------------------
 
     def _record_skip(self, task, second, reason, manual):
+        if task.type == "daemon":   # a daemon waiting for a limit is not a skipped run: its
+            if self.skipped_last.get(task.name) != reason:      # wait counts once, not each pass
+                self.stats.skipped += 1
+            self.skipped_last[task.name] = reason
+            return
         self.stats.skipped += 1
         self.skipped_last[task.name] = reason
-        if task.type == "daemon":
-            return      # a daemon waiting for max_running is not a skipped run
         log.warning("%s: run for %s skipped: %s", task.name, _fmt_second(second), reason)
         self.records.add(records.RunRecord(
             run_id=self.records.allocate_run_id(), task=task.name, node=self.node_name,
@@ -1022,10 +1180,11 @@ class Supervisor:
             missed=True, skipped=f"missed {count} run(s)"))
 
     def _housekeeping(self):
-        if self.adopted:
-            self._forget_finished_adoptees()
-        if any(run.orphaned for run in self.runs.values()):
-            self._follow_orphaned_runs()
+        if self.followed:
+            self._follow_runs_by_pid()
+        if len(self.launchers) < self.launcher_target and not self.stopping and \
+                self.clock.monotonic() >= self._launchers_retry_at:
+            self._start_launchers()
         if not self._in_burst():
             self.records.flush()
         self._set_title()
@@ -1055,7 +1214,8 @@ class Supervisor:
         s = self.stats
         return (f"stats: tasks={len(self.tasks)} running={len(self.runs)} started={s.started} "
                 f"failed={s.failed} skipped={s.skipped} missed={s.missed} "
-                f"fork_failures={s.fork_failures} load={load[0]:.2f},{load[1]:.2f},{load[2]:.2f} "
+                f"fork_failures={s.fork_failures} errors={s.errors} "
+                f"load={load[0]:.2f},{load[1]:.2f},{load[2]:.2f} "
                 f"rss={rss // 1024}K mem_used={psutil.virtual_memory().percent}%")
 
 
@@ -1072,6 +1232,26 @@ def _is_executor(pid, task, run_id):
             title == f"torchcore: {task} [run {run_id}]"
     except psutil.Error:
         return False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Retired:
+    """The task of an adopted run that the task file no longer has (name and kind only)."""
+
+    name: str
+    type: str
+
+
+def _command_group(executor_pid):
+    """The process group of an executor's command (its child in a group of its own), or None."""
+    try:
+        for child in psutil.Process(executor_pid).children():
+            group = os.getpgid(child.pid)
+            if group == child.pid and group != os.getpgrp():
+                return group
+    except (psutil.Error, OSError):
+        pass
+    return None
 
 
 def _file_signature(path):

@@ -1,0 +1,74 @@
+"""The daemon's own log file: follows logrotate, comes back after its directory goes, never raises.
+
+The standard WatchedFileHandler reopens a moved file, but it reopens outside
+logging's error handling: with ``log_dir`` renamed or removed, the reopen raises
+FileNotFoundError into whatever called ``log.info`` -- the supervisor's loop.  A
+full disk makes every write fail as well.  :class:`DaemonLogHandler` recreates the
+directory and the file when it can; when it cannot, the line is dropped and
+counted, the first failure of a stretch is reported once on stderr, and the first
+line written afterwards says how many were lost and why.
+"""
+
+import logging
+import logging.handlers
+import os
+import sys
+
+DIR_MODE = 0o750
+
+
+class DaemonLogHandler(logging.handlers.WatchedFileHandler):
+    """A WatchedFileHandler that survives any failure to write its file (see the module)."""
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=DIR_MODE, exist_ok=True)
+        super().__init__(path)
+        self.lost = 0               # lines dropped since the log could last be written
+        self.failures = 0           # every failed line, over the handler's life
+        self.first_error = None     # why the current stretch of failures began
+
+    def emit(self, record):
+        try:
+            try:
+                self.reopenIfNeeded()
+            except OSError:
+                self.stream = None          # the old file is gone and the new one cannot open
+            if self.stream is None:
+                self._recreate()
+        except OSError as exc:
+            self._failed(exc)
+            return
+        if self.lost:
+            self._report_recovery()
+        super(logging.handlers.WatchedFileHandler, self).emit(record)
+
+    def _recreate(self):
+        """Open the file again, making its directory first if it was removed or renamed."""
+        os.makedirs(os.path.dirname(self.baseFilename), mode=DIR_MODE, exist_ok=True)
+        self.stream = self._open()
+        self._statstream()
+
+    def handleError(self, record):
+        """A write failed (disk full, I/O error): counted, never raised, never a traceback."""
+        self._failed(sys.exc_info()[1])
+
+    def _failed(self, exc):
+        self.failures += 1
+        self.lost += 1
+        if self.first_error is not None:
+            return
+        self.first_error = f"{type(exc).__name__}: {exc}"
+        try:
+            sys.stderr.write(f"torchcore: cannot write the daemon log {self.baseFilename}: "
+                             f"{self.first_error}; lines are counted, not written, until it works\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _report_recovery(self):
+        lost, why = self.lost, self.first_error
+        self.lost, self.first_error = 0, None
+        line = logging.LogRecord("torchcore", logging.WARNING, __file__, 0,
+                                 "the daemon log could not be written for a while: %d lines lost "
+                                 "(%s)", (lost, why), None)
+        super(logging.handlers.WatchedFileHandler, self).emit(line)
