@@ -34,8 +34,6 @@ GO_WAIT = 60.0              # seconds past its second a prepared run waits for g
 BOOKKEEPING_NICE = 10       # an executor's own priority once its command is on its way
 GATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_gate")   # csrc/tc_gate.c
 AT_GATE = object()          # a prepared run's command waits at the gate for its go byte
-_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
-                    signal.SIGCHLD, signal.SIGPIPE, signal.SIGQUIT)
 
 
 class Job:
@@ -515,8 +513,9 @@ class Executor:
 
     def _note_limits(self, log, now):
         """A stop request TERMs the group; a timeout the alarm caught is logged (once)."""
-        if _stop_requested and self.term_sent_at is None and self.proc.returncode is None:
-            self.result["stopped"] = True
+        if _stop_requested and self.term_sent_at is None and \
+                (self.proc.returncode is None or self._watches_group()):
+            self.result["stopped"] = self.proc.returncode is None   # else its own end stands
             self._terminate(now)
         if self.result["timed_out"] and not self._timeout_noted:
             self._timeout_noted = True
