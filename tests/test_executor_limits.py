@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -75,6 +76,22 @@ def test_background_processes_a_command_leaves_stay_under_its_memory_limit(tmp_p
     try:
         assert end["exit_code"] == 0 and "memory limit" in end["error"], end
         assert end["ended"] - end["started"] < 10, end
+        assert not group_members(pgid)
+    finally:
+        cleanup(pgid)
+
+
+def test_a_stop_request_ends_what_a_finished_command_left_in_its_group(tmp_path):
+    """A shutdown does not wait for the timeout of a command's leftovers: they are stopped too,
+    and the command's own result (exit 0) stands."""
+    run = ExecutorRun(tmp_path, [SH, "-c", "sleep 30 >/dev/null 2>&1 & exit 0"], timeout=60,
+                      kill_grace=1)
+    time.sleep(1.5)
+    run.proc.send_signal(signal.SIGTERM)
+    end = run.wait(20)
+    pgid = started_pgid(run)
+    try:
+        assert end is not None and end["exit_code"] == 0 and not end["stopped"], end
         assert not group_members(pgid)
     finally:
         cleanup(pgid)

@@ -532,6 +532,7 @@ class Executor:
         if self.killed and time.monotonic() - self.killed_at > GIVE_UP_AFTER_KILL:
             return True         # what is left cannot die (a zombie nobody reaps, a stuck disk)
         if self._group_alive():
+            self.ended = None       # a burst run's noted end was its command's, not the run's
             return False
         return not pipes_open or since_exit > DRAIN_AFTER_EXIT
 
