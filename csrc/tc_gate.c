@@ -14,6 +14,10 @@
  *   WAIT_MS pass   nobody said go in time: the same as a cancel;
  *   executor gone  the status pipe has no reader: the same as a cancel.
  *
+ * Just before the exec every signal is put back to its default disposition and the signal
+ * mask is emptied: whatever the gate was started with (posix_spawn resets them, and this
+ * holds even if a caller did not), a command never inherits an ignored or blocked signal.
+ *
  * What happened goes to the executor on fd 4 (the status pipe, close-on-exec, so a
  * successful exec shows as its end of file):
  *
@@ -25,9 +29,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -138,6 +144,27 @@ static int await_go(long wait_ms)
     }
 }
 
+/* Every signal at SIG_DFL, none blocked.  The two signals glibc keeps for itself (32 and 33)
+ * are refused by its sigaction, and its posix_spawn leaves them ignored in the child: they
+ * are reset with the system call itself (an all-zero kernel sigaction is SIG_DFL). */
+static void default_signals(void)
+{
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    unsigned long long kernel_dfl[4] = {0, 0, 0, 0};
+    for (int signum = 1; signum < NSIG; signum++) {
+        if (signum == SIGKILL || signum == SIGSTOP)
+            continue;
+        if (sigaction(signum, &dfl, NULL) < 0)
+            syscall(SYS_rt_sigaction, signum, kernel_dfl, NULL, (size_t)((NSIG - 1) / 8));
+    }
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 2)
@@ -170,6 +197,7 @@ int main(int argc, char **argv)
     int length = snprintf(line, sizeof line, "S%lld.%06ld\n", (long long)started.tv_sec,
                           started.tv_nsec / 1000);
     say(line, (size_t)length);
+    default_signals();
     execvp(command[0], command);
     length = snprintf(line, sizeof line, "E%d\n", errno);
     say(line, (size_t)length);

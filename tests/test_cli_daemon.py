@@ -78,7 +78,7 @@ def test_of_many_simultaneous_starts_exactly_one_wins(site):
 def test_status_reload_run_and_restart(site):
     (site / "tasks.yaml").write_text(SETTINGS + "  watch: false\n" + TASKS)
     assert tc(site, "start").returncode == 0
-    wait_for(lambda: "exit 0" in tc(site, "status").stdout, 15, "a finished run in status")
+    wait_for(lambda: " ok, " in tc(site, "status").stdout, 15, "a finished run in status")
     status = json.loads(tc(site, "status", "--json").stdout)
     assert status["daemon"]["running"] and status["daemon"]["file_changed_since_load"] is False
     rows = {row["name"]: row for row in status["tasks"]}

@@ -57,7 +57,7 @@ def test_history_table(taskfile, capsys):
     assert lines[0].split() == ["RUN", "TASK", "WHEN", "DURATION", "RESULT", "NODE"]
     assert [line.split()[0] for line in lines[1:]] == ["5", "4", "3", "2", "1"]
     text = "\n".join(lines)
-    assert "running (pid 4242)" in text and "timed out (manual)" in text
+    assert "running (pid 4242)" in text and "timed out (killed by SIGTERM) (manual)" in text
     assert "skipped: max 1 reached" in text and "exit 3" in text
     assert "2h ago" in lines[5] and "3m20s" in lines[5] and "ok" in lines[5]
     assert "0.5s" in lines[4]

@@ -222,3 +222,66 @@ def test_follow_waits_for_the_file_and_filters_by_run(tmp_path):
 
     follower = follow_log(d, "t", lines=5, run_id=2, poll=0, sleep=sleep)
     assert texts([next(follower), next(follower)]) == ["hi 2", "hi 2"]
+
+
+def _within(seconds, action):
+    """Run ``action``; fail (instead of hanging) if it takes longer than ``seconds``."""
+    import signal
+
+    def too_slow(signum, frame):
+        raise AssertionError(f"took over {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, too_slow)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return action()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("backups", [3, 10**12])
+def test_rotation_costs_the_backups_that_exist_not_the_setting(tmp_path, backups):
+    """log_backups of a trillion used to walk a trillion names under the lock."""
+    log = TaskLog(str(tmp_path), "t", 1, 100, backups)
+
+    def write_a_lot():
+        for i in range(40):
+            log.write("out", b"x" * 60 + b"%d\n" % i)
+        log.close()
+    _within(5, write_a_lot)
+    names = sorted(os.listdir(tmp_path))
+    kept = min(backups, 40)
+    assert len([n for n in names if re.fullmatch(r"t\.log\.\d+", n)]) == min(kept, 39)
+    if backups == 3:
+        assert names == ["t.log", "t.log.1", "t.log.2", "t.log.3", "t.log.lock"]
+
+
+def test_a_writer_never_waits_for_another_one_s_rotation(tmp_path):
+    """Another process holds the rotation lock (a writer stuck mid-rotation): this one appends."""
+    log = TaskLog(str(tmp_path), "t", 1, 10, 2)
+    log.write("out", b"first line\n")
+    holder = subprocess.Popen([sys.executable, "-c", ("import fcntl, os, sys, time; "
+                               "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
+                               "time.sleep(30)"), str(tmp_path / "t.log.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        _within(3, lambda: (log.write("out", b"second line\n"), log.close()))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [line.split("| ")[1] for line in read_log(str(tmp_path), "t")] == \
+        ["first line", "second line"]
+    assert log.errors == 0
+
+
+def test_lost_writes_are_counted_in_bytes_and_stderr_may_be_gone(tmp_path, monkeypatch):
+    os.symlink("/dev/full", tmp_path / "t.log")
+    monkeypatch.setattr(sys, "stderr", None)        # printing raises: must not reach the run
+    log = TaskLog(str(tmp_path), "t", 7, 0, 0)
+    log.write("out", b"abc\n")
+    log.write("err", b"defg\n")
+    assert log.errors == 2 and log.lost_bytes > 9
+    assert log.problem().startswith(f"its log lost {log.lost_bytes} bytes in 2 writes")

@@ -5,7 +5,6 @@ import datetime
 import json
 import os
 import re
-import signal
 import sys
 import time
 
@@ -28,7 +27,8 @@ def register(subparsers):
     history.add_argument("--since", type=_duration, metavar="DURATION",
                          help="only runs of the last DURATION (e.g. 90m, 2h, 1d)")
     history.add_argument("--failed", action="store_true",
-                         help="only failed runs (non-zero exit, killed by a signal, timed out)")
+                         help="only failed runs (any end but exit 0: an exit code, a signal, a timeout, "
+                              "an executor that died; planned stops are not failures)")
     cli.add_json_option(history)
     history.set_defaults(func=cmd_history)
 
@@ -127,6 +127,7 @@ def run_json(run, tz=None):
         "skip_reason": run.skipped, "missed": run.missed,
         "duration": None if run.duration is None else round(run.duration, 3),
         "manual": run.manual, "pid": run.pid, "peak_rss": run.peak_rss,
+        "error": run.error, "stopped": run.stopped, "failed": run.failed,
     }
 
 
@@ -143,29 +144,8 @@ def _format_seconds(seconds):
 
 
 def describe_result(run):
-    """A run's outcome in a few words: "ok", "exit 3", "killed by SIGKILL", "timed out", ..."""
-    if run.skipped is not None:
-        text = f"skipped: {run.skipped}"
-    elif run.missed:
-        text = "missed"
-    elif run.timed_out:
-        text = "timed out"
-    elif run.signal is not None:
-        text = f"killed by {_signal_name(run.signal)}"
-    elif run.ended is None:
-        text = "running" if run.pid is None else f"running (pid {run.pid})"
-    elif run.exit_code == 0:
-        text = "ok"
-    else:
-        text = f"exit {run.exit_code}"
-    return text + (" (manual)" if run.manual else "")
-
-
-def _signal_name(number):
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
+    """A run's outcome in a few words (records.RunRecord.describe), "(manual)" added."""
+    return run.describe() + (" (manual)" if run.manual else "")
 
 
 # -- logs -------------------------------------------------------------------------------------

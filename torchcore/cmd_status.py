@@ -133,15 +133,16 @@ def _health(task, node, entry, last):
         return TaskHealth.SKIPPED_BY_MAX
     if last is None:
         return TaskHealth.OK if entry.get("running") else TaskHealth.NEVER_RAN
-    failed = last.exit_code not in (0, None) or last.signal is not None or last.timed_out
-    return TaskHealth.FAILING if failed else TaskHealth.OK
+    return TaskHealth.FAILING if last.failed else TaskHealth.OK
 
 
 def _last_json(last):
     if last is None:
         return None
     return {"run_id": last.run_id, "exit_code": last.exit_code, "signal": last.signal,
-            "timed_out": last.timed_out, "ended": last.ended, "duration": last.duration}
+            "timed_out": last.timed_out, "ended": last.ended, "duration": last.duration,
+            "error": last.error, "stopped": last.stopped, "failed": last.failed,
+            "result": last.describe()}
 
 
 def _daemon_json(live, pidfile, digest):
@@ -187,9 +188,7 @@ def _tasks_text(rows, now):
 def _last_text(last, now):
     if last is None:
         return "-"
-    how = f"signal {last['signal']}" if last["signal"] is not None else f"exit {last['exit_code']}"
-    if last["timed_out"]:
-        how += " (timeout)"
+    how = last["result"]
     when = format_relative(last["ended"], now) if last["ended"] else ""
     took = f", {format_duration(last['duration'])}" if last["duration"] is not None else ""
     return f"{how}, {when}{took}"

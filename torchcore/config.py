@@ -95,6 +95,7 @@ class Task:
     cwd: str | None = None
     user: str | None = None
     group: str | None = None
+    inherit_env: bool = False       # a user: task gets the daemon's environment, not cron's minimal one
     enabled: bool = True
     timezone: str | None = None
     limits: Limits = Limits()
@@ -836,6 +837,7 @@ TASK_FIELDS = {
     "cwd": _Loader.abspath,
     "user": _user,
     "group": lambda loader, node: want_word(node, "a group name"),
+    "inherit_env": lambda loader, node: want_bool(node),
     "enabled": lambda loader, node: want_bool(node),
     "timezone": _Loader.zone,
     "limits": _limits,

@@ -27,11 +27,12 @@ import time
 from collections import OrderedDict
 
 from torchcore.errors import TorchcoreError
+from torchcore.outcome import describe_outcome, run_failed
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "torchcore.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2       # 2: the error and stopped columns (a version 1 database is upgraded)
 ID_BLOCK = 1000          # run ids reserved per commit of the hi/lo counter
 MAX_BUFFER = 100_000     # records kept in memory while the database cannot be written
 BUSY_TIMEOUT = 0.5       # seconds a supervisor's statement waits for a lock (it must keep ticking)
@@ -54,6 +55,8 @@ CREATE TABLE IF NOT EXISTS runs (
     manual INTEGER NOT NULL DEFAULT 0,
     pid INTEGER,
     peak_rss INTEGER,
+    error TEXT,                 -- why a run failed without an exit code (executor died, cannot start)
+    stopped TEXT,               -- why a planned stop ended the run (shutdown, reload): not a failure
     at REAL NOT NULL            -- sort key: started, else scheduled (skips and misses never start)
 );
 CREATE INDEX IF NOT EXISTS runs_at ON runs (at);
@@ -61,10 +64,15 @@ CREATE INDEX IF NOT EXISTS runs_task_at ON runs (task, at);
 CREATE INDEX IF NOT EXISTS runs_failed ON runs (at) WHERE {failed};
 """
 
-# Also the WHERE of the partial index runs_failed: a query must use the same text to use the index.
-_FAILED = "(exit_code != 0 OR signal IS NOT NULL OR timed_out != 0)"
+# The rule of outcome.run_failed() in SQL (tests/test_outcome.py checks they agree).  Also the
+# WHERE of the partial index runs_failed: a query must use the same text to use the index.
+_FAILED = ("(ended IS NOT NULL AND skipped IS NULL AND missed = 0 AND stopped IS NULL"
+           " AND (exit_code IS NOT 0 OR signal IS NOT NULL OR timed_out != 0 OR error IS NOT NULL))")
 _COLUMNS = ("run_id", "task", "node", "scheduled", "started", "ended", "exit_code", "signal",
-            "timed_out", "skipped", "missed", "manual", "pid", "peak_rss")
+            "timed_out", "skipped", "missed", "manual", "pid", "peak_rss", "error", "stopped")
+_UPGRADE_FROM_1 = ("ALTER TABLE runs ADD COLUMN error TEXT", "ALTER TABLE runs ADD COLUMN stopped TEXT",
+                   "DROP INDEX IF EXISTS runs_failed",
+                   f"CREATE INDEX runs_failed ON runs (at) WHERE {_FAILED}")
 _UPSERT = "INSERT OR REPLACE INTO runs ({}, at) VALUES ({}?)".format(
     ", ".join(_COLUMNS), "?, " * len(_COLUMNS))
 _SELECT = "SELECT {} FROM runs".format(", ".join(_COLUMNS))
@@ -92,6 +100,8 @@ class RunRecord:
     manual: bool = False
     pid: int | None = None
     peak_rss: int | None = None
+    error: str | None = None       # why it failed without an exit code (or beside it)
+    stopped: str | None = None     # why a planned stop ended it (then it did not fail)
 
     @property
     def duration(self):
@@ -101,9 +111,26 @@ class RunRecord:
         return self.ended - self.started
 
     @property
+    def finished(self):
+        """An ended run (not one still running, nor a skipped or missed due time)."""
+        return self.ended is not None and self.skipped is None and not self.missed
+
+    @property
     def failed(self):
-        """True for a non-zero exit, a death by signal or a timeout (skips are not failures)."""
-        return bool((self.exit_code not in (None, 0)) or self.signal is not None or self.timed_out)
+        """run_failed() for an ended run; skips, misses and running runs are not failures."""
+        return self.finished and run_failed(self.exit_code, self.signal, self.timed_out,
+                                            self.error, self.stopped)
+
+    def describe(self):
+        """describe_outcome() of an ended run, or what it is: skipped, missed, running."""
+        if self.skipped is not None:
+            return f"skipped: {self.skipped}"
+        if self.missed:
+            return "missed"
+        if self.ended is None:
+            return "running" if self.pid is None else f"running (pid {self.pid})"
+        return describe_outcome(self.exit_code, self.signal, self.timed_out, self.error,
+                                self.stopped)
 
 
 def db_path(state_dir):
@@ -180,10 +207,28 @@ def _ensure_schema(conn, path):
             _rollback(conn)
             raise
         version = _schema_version(conn)
+    if version == 1:
+        version = _upgrade_from_1(conn)
     if version != SCHEMA_VERSION:
         raise RecordsError(
             f"{path} has records schema version {version}, this torchcore knows version "
             f"{SCHEMA_VERSION}: upgrade torchcore, or move the file away to start afresh")
+
+
+def _upgrade_from_1(conn):
+    """Add the error and stopped columns and the new failed index (once, by whoever opens first)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if _schema_version(conn) == 1:
+            for statement in _UPGRADE_FROM_1:
+                conn.execute(statement)
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                         (str(SCHEMA_VERSION),))
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+    return _schema_version(conn)
 
 
 def _rollback(conn):

@@ -66,6 +66,7 @@ class Run:
     pending_signal: int | None = None   # a stop asked for before the executor existed
     orphaned: bool = False      # its launcher died: followed by pid until it ends
     adopted: bool = False       # started by a previous supervisor (killed): followed by pid too
+    stop_reason: str | None = None  # why the supervisor stopped it: recorded as stopped, not failed
 
 
 @dataclasses.dataclass
@@ -722,7 +723,7 @@ class Supervisor:
                 self._adopt(record)
             else:
                 record.ended = self.clock.time()
-                record.skipped = "lost: its supervisor and executor stopped before recording an end"
+                record.error = "lost: its supervisor and executor stopped before recording an end"
                 self.records.add(record)
 
     def _adopt(self, record):
@@ -736,8 +737,9 @@ class Supervisor:
         self.by_pid[run.executor_pid] = run.run_id
         self.by_task.setdefault(task.name, set()).add(run.run_id)
         self.followed.add(run.run_id)
-        log.warning("run %d of %s (pid %d) was started by a previous supervisor and still runs: "
-                    "it counts against max (adopted, stopped like any other run)", run.run_id, task.name, run.executor_pid)
+        log.warning("run %d of %s (pid %d) was started by a previous supervisor and still runs: it "
+                    "counts against max (adopted, stopped like any other run)",
+                    run.run_id, task.name, run.executor_pid)
         current = self.tasks.get(record.task)
         if instance and (current is None or current.type != "daemon"):  # its daemon task is gone
             self._signal_run(run, signal.SIGTERM)
@@ -752,7 +754,7 @@ class Supervisor:
             record = None
         if record is not None:
             record.ended = now
-            record.skipped = "lost: its executor ended without recording an end"
+            record.error = "lost: its executor ended without recording an end"
             self.records.add(record)
         log.info("%s run %d (adopted) ended%s", run.task.name, run.run_id,
                  ": lost" if record is not None else "")
@@ -810,7 +812,7 @@ class Supervisor:
             run.pgid = message.get("pid")
             run.state = RunState.RUNNING   # STARTING -> RUNNING
             if self.stopping:
-                self._signal_run(run, signal.SIGTERM)
+                self._signal_run(run, signal.SIGTERM, "shutdown")
         elif message.get("e") == "end":
             run.result = message
             burst = self._bursts.get(run.scheduled)
@@ -862,15 +864,19 @@ class Supervisor:
             log.error("run %d of %s: %s", run.run_id, run.task.name, result["error"])
             if run.pgid:
                 self.kill(-run.pgid, signal.SIGKILL)   # no command may outlive its executor
-        failed = result["exit_code"] != 0 or result["signal"] is not None or result["timed_out"]
-        self.stats.failed += failed
-        self.last_result[run.task.name] = result
-        self.records.add(records.RunRecord(
+        # a planned stop, if it is what ended the run (the executor says; without a report, yes)
+        stopped = run.stop_reason if result.get("stopped", True) else None
+        record = records.RunRecord(
             run_id=run.run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
             started=result.get("started", run.started), ended=result["ended"],
             exit_code=result["exit_code"], signal=result["signal"], timed_out=result["timed_out"],
-            manual=run.manual, pid=run.pgid, peak_rss=result.get("peak_rss")))
-        log.info("%s run %d ended: %s", run.task.name, run.run_id, _describe_result(result))
+            manual=run.manual, pid=run.pgid, peak_rss=result.get("peak_rss"),
+            error=result.get("error"), stopped=stopped)
+        self.stats.failed += record.failed
+        self.last_result[run.task.name] = result
+        self.records.add(record)
+        log.info("%s run %d ended: %s after %.3fs%s", run.task.name, run.run_id, record.describe(),
+                 record.duration or 0.0, result.get("log_problem") or "")
         if run.task.type == "daemon":
             self._daemon_exited(run, result)
 
@@ -995,21 +1001,24 @@ class Supervisor:
         log.info("stopping (%s): %d runs to stop, grace %ds", reason, len(self.runs),
                  self.settings.shutdown_grace)
         for run in list(self.runs.values()):
-            self._signal_run(run, signal.SIGTERM)
+            self._signal_run(run, signal.SIGTERM, "shutdown")
 
     def kill_all(self, reason):
         if not self.killed_all:
             log.warning("killing %d runs now (%s)", len(self.runs), reason)
         self.killed_all = True
         for run in list(self.runs.values()):
-            self._signal_run(run, signal.SIGKILL)
+            self._signal_run(run, signal.SIGKILL, "shutdown")
 
     def _drive_shutdown(self):
         if self.runs and self.clock.monotonic() >= self.shutdown_deadline and not self.killed_all:
             self.kill_all(f"shutdown_grace {self.settings.shutdown_grace}s is over")
 
-    def _signal_run(self, run, signum):
-        """TERM goes to the executor (it stops its command's group); KILL to both at once."""
+    def _signal_run(self, run, signum, reason=None):
+        """TERM goes to the executor (it stops its command's group); KILL to both at once.
+
+        ``reason`` makes it a planned stop (shutdown, reload): recorded as stopped, not failed."""
+        run.stop_reason = run.stop_reason or reason
         if run.adopted and not _is_executor(run.executor_pid, run.task.name, run.run_id):
             return      # ended already (its pid may be another process's now)
         if signum == signal.SIGKILL and run.pgid:
@@ -1079,7 +1088,7 @@ class Supervisor:
         self._cancel_prepared()     # they were forked with the old specs
         self._due_names.clear()
         for name in removed + changed:
-            self._retire(old_tasks[name])
+            self._retire(old_tasks[name], "removed" if name in removed else "changed")
         for name in changed + added:
             self._admit(new_tasks[name])
         if not first:
@@ -1118,13 +1127,13 @@ class Supervisor:
                     self.planner.set(name, old.schedule)
             raise
 
-    def _retire(self, task):
+    def _retire(self, task, how="removed"):
         """A removed or changed task (already off the schedule): stop a daemon's instances
         gracefully."""
         if task.type == "daemon":
             self.daemons.pop(task.name, None)
             for run_id in self.by_task.get(task.name, ()):
-                self._signal_run(self.runs[run_id], signal.SIGTERM)
+                self._signal_run(self.runs[run_id], signal.SIGTERM, f"task {how} by reload")
 
     def _admit(self, task):
         """A new or changed task (already on the schedule): a daemon gets its slot."""
@@ -1266,16 +1275,6 @@ def _file_signature(path):
 
 def _describe_status(code):
     return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-
-
-def _describe_result(result):
-    if result.get("error") and result["exit_code"] is None and result["signal"] is None:
-        return result["error"]
-    text = (f"signal {result['signal']}" if result["signal"] is not None
-            else f"exit {result['exit_code']}")
-    if result["timed_out"]:
-        text += " (timed out)"
-    return f"{text} after {result['ended'] - result['started']:.3f}s"
 
 
 def _fmt_second(second):

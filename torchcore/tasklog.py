@@ -7,9 +7,15 @@ Several runs of one task append to the same file at once, each from its own
 executor process: every write is O_APPEND and holds whole lines only, so lines
 never interleave.  When the file reaches ``max_bytes`` it is rotated to
 ``<task>.log.1`` .. ``<task>.log.N`` under an flock on ``<task>.log.lock``; the
-other writers notice the new inode and reopen.  A write error (disk full) is
-counted and reported once on stderr, never raised: a task must not die because
-its log cannot be written.
+other writers notice the new inode and reopen.  A write error (disk full, the
+directory gone) is counted (lines and bytes lost) and reported once on stderr,
+never raised: a task must not die because its log cannot be written.
+
+Writing never holds up a run: the file is written without blocking (a FIFO or a
+full pipe in its place loses lines rather than stopping the writer), a writer that
+finds another one rotating does not wait for the lock (it appends to the current
+file, which that writer rotates), and a rotation costs a rename for each backup
+that exists, however large ``backups`` is.
 """
 
 import datetime
@@ -52,6 +58,8 @@ class TaskLog:
         self.max_bytes, self.backups = max_bytes, backups
         self.max_line = max_line
         self.errors = 0                     # failed writes (lines lost)
+        self.lost_bytes = 0                 # bytes of those writes
+        self.first_error = None
         self._log_dir = log_dir
         self._clock = clock
         self._partial = {}                  # stream -> bytes of an unfinished line
@@ -124,14 +132,26 @@ class TaskLog:
             if written != len(data):
                 raise OSError(f"short write ({written} of {len(data)} bytes)")
         except OSError as exc:
-            self._failed(exc)
+            self._failed(exc, len(data))
 
-    def _failed(self, exc):
+    def _failed(self, exc, size=0):
         self.errors += 1
+        self.lost_bytes += size
         if self.errors == 1:
-            print(f"torchcore: cannot write the log of task {self.task!r} (run {self.run_id}) "
-                  f"to {self.path}: {exc}; further errors are counted, not shown",
-                  file=sys.stderr, flush=True)
+            self.first_error = str(exc)
+            try:
+                print(f"torchcore: cannot write the log of task {self.task!r} (run {self.run_id}) "
+                      f"to {self.path}: {exc}; further errors are counted, not shown",
+                      file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass            # no stderr either (a closed pipe): the count is reported
+
+    def problem(self):
+        """What was lost, for the run's record line: None when every write went through."""
+        if not self.errors:
+            return None
+        return (f"its log lost {self.lost_bytes} bytes in {self.errors} writes "
+                f"({self.first_error})")
 
     def _prepare(self):
         """Open the file, reopen it after another writer rotated it, rotate it when full."""
@@ -152,12 +172,16 @@ class TaskLog:
         os.makedirs(self._log_dir, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._ino = os.fstat(self._fd).st_ino
+        os.set_blocking(self._fd, False)     # a FIFO in its place must not stop the run
 
     def _rotate(self):
         """Shift <task>.log.N-1 .. .log to .N .. .1 once, however many writers see the file full."""
         lock = os.open(self.path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return                      # another writer rotates it now: append meanwhile
             try:
                 st = os.stat(self.path)
             except FileNotFoundError:
@@ -169,14 +193,27 @@ class TaskLog:
             os.close(lock)                  # releases the flock
 
     def _shift(self):
+        """.log.N-1 .. .log.1 move up one (the one at ``backups`` is dropped), .log to .log.1:
+        one rename for each backup that exists (never a walk up to ``backups``)."""
         if self.backups <= 0:
             os.unlink(self.path)
             return
-        for n in range(self.backups - 1, 0, -1):
+        for n in sorted(self._backup_numbers(), reverse=True):
             older = f"{self.path}.{n}"
-            if os.path.exists(older):
+            if n >= self.backups:
+                os.unlink(older)
+            else:
                 os.replace(older, f"{self.path}.{n + 1}")
         os.replace(self.path, self.path + ".1")
+
+    def _backup_numbers(self):
+        prefix = os.path.basename(self.path) + "."
+        numbers = []
+        for name in os.listdir(self._log_dir):
+            suffix = name[len(prefix):] if name.startswith(prefix) else ""
+            if suffix.isdigit() and suffix[0] != "0":
+                numbers.append(int(suffix))
+        return numbers
 
 
 # -- reading ----------------------------------------------------------------------------------
