@@ -231,7 +231,7 @@ def test_an_adopted_daemon_run_counts_as_its_instance_and_is_stopped_at_shutdown
     sup._housekeeping()
     assert sup._finished()
     rows = [r for r in sup.records.query(task="d") if r.run_id == run.run_id]
-    assert len(rows) == 1 and rows[0].ended is not None and rows[0].skipped.startswith("lost")
+    assert len(rows) == 1 and rows[0].ended is not None and rows[0].error.startswith("lost")
     figures.add(faults=1, runs=1)
 
 
