@@ -122,6 +122,7 @@ class Supervisor:
         self.killed_all = False
         self.reload_requested = None     # the reason, when a reload waits for the loop
         self.last_reload = None          # (epoch, ok, message)
+        self.last_applied = None         # the last accepted reload: at, reason, digest, counts
         self.reload_error = None
         self.file_signature = None
         self.retry = []                  # (name, second) whose fork failed: tried again next tick
@@ -148,6 +149,7 @@ class Supervisor:
             self.planner.start(int(self.clock.time()))
             self._start_reboot_tasks()
             self._maybe_prepare()       # the first seconds too, not from the first tick on
+            self._set_title()           # before `start` returns: ps never shows the command line
             self.ready = True
             if self.on_ready is not None:
                 self.on_ready()
@@ -819,7 +821,8 @@ class Supervisor:
         """The daemon's live state; the CLI adds next runs and history from the file and db."""
         when, ok, message = self.last_reload or (None, None, None)
         return {
-            "pid": os.getpid(), "started": self.started_at, "now": self.clock.time(),
+            "pid": os.getpid(), "pidfile": self.settings.pidfile,
+            "started": self.started_at, "now": self.clock.time(),
             "file": self.settings.path, "digest": self.taskfile.digest,
             "node": {"hostname": self.node.hostname,
                      "addresses": [str(a) for a in self.node.addresses]},
@@ -850,8 +853,8 @@ class Supervisor:
         name = request.get("task")
         task = self.tasks.get(name)
         if task is None:
-            where = "is not in the task file" if name not in self._all_names() else \
-                "does not run on this node (or is disabled)"
+            where = f"is not in the task file{config.suggest(str(name), self._all_names())}" \
+                if name not in self._all_names() else "does not run on this node (or is disabled)"
             raise TorchcoreError(f"task {name!r} {where}")
         if self.stopping:
             raise TorchcoreError("torchcore is stopping")
@@ -865,11 +868,22 @@ class Supervisor:
         return {task.name for task in self.taskfile.tasks}
 
     def control_reload(self, request):
+        before = self.last_applied
         accepted, problems = self.reload("control request")
         reply = {"accepted": accepted, "problems": problems}
         if accepted:
             reply["summary"] = self.last_reload[2]
+            if before and before["reason"] == "file changed" and \
+                    before["digest"] == self.taskfile.digest and not any(self._changes.values()):
+                reply["already"] = before       # the file watch applied this very file
+                self.last_applied = before
         return reply
+
+    def control_ping(self, request):
+        """Who serves this socket: the CLI finds the daemon (and its pidfile) by this."""
+        return {"pid": os.getpid(), "pidfile": self.settings.pidfile,
+                "state_dir": self.settings.state_dir, "file": self.settings.path,
+                "started": self.started_at, "shutdown_grace": self.settings.shutdown_grace}
 
     # ---- shutdown -------------------------------------------------------------------------
 
@@ -931,6 +945,8 @@ class Supervisor:
         summary = self._apply(new)
         self.reload_error = None
         self.last_reload = (self.clock.time(), True, summary)
+        self.last_applied = {"at": self.clock.time(), "reason": reason,
+                             "digest": new.digest, **self._changes}
         log.info("reloaded (%s): %s", reason, summary)
         return True, []
 
@@ -944,6 +960,7 @@ class Supervisor:
         changed = [name for name, task in new_tasks.items()
                    if name in old_tasks and old_tasks[name] != task]
         added = [name for name in new_tasks if name not in old_tasks]
+        self._changes = {"added": len(added), "changed": len(changed), "removed": len(removed)}
         for name in removed + changed:
             self._retire(old_tasks[name])
         for name in changed + added:

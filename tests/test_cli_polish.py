@@ -1,0 +1,192 @@
+"""The operator's commands agree with each other: finding the daemon, reload, pids, names, output.
+
+Unit tests first (pure, in-process); the daemon-level ones are marked ``process``.
+"""
+
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from daemon_harness import SETTINGS, wait_for
+from hypothesis import given, settings, strategies as st
+
+from torchcore import cmd_daemon
+
+TASKS = """tasks:
+  - {name: tick, schedule: "* * * * * *", command: "echo tick"}
+  - {name: later, schedule: "0 0 0 1 1 *", command: "echo manual run"}
+"""
+
+# Issue 12's file: nested merge keys that take minutes to expand.
+MERGE_BOMB = "a0: &a0 {x: 1}\n" + "".join(
+    f"a{i}: &a{i} {{<<: [{', '.join([f'*a{i - 1}'] * 10)}]}}\n" for i in range(1, 10))
+
+
+def tc(directory, *args, timeout=30, config="tasks.yaml"):
+    env = dict(os.environ, TORCHCORE_NODE_IP="10.9.9.9")
+    env.pop("NO_COLOR", None)
+    return subprocess.run([sys.executable, "-m", "torchcore", *args, "-c", config],
+                          capture_output=True, text=True, cwd=directory, env=env, timeout=timeout)
+
+
+# ---- finding the daemon: the settings block, read within a budget ---------------------------
+
+def test_peek_settings_reads_only_the_settings_block(tmp_path):
+    path = tmp_path / "tasks.yaml"
+    path.write_text("settings:\n  state_dir: st  # here\n  pidfile: /run/x/tc.pid\n"
+                    "  shutdown_grace: 2m\n" + MERGE_BOMB + "tasks: [\n")
+    found = cmd_daemon.peek_settings(str(path))
+    assert found.state_dir == str(tmp_path / "st")
+    assert found.pidfile == "/run/x/tc.pid" and found.shutdown_grace == 120
+    assert found.log_dir == str(tmp_path / "st" / "logs")
+
+
+@settings(derandomize=True, max_examples=150, deadline=2000)
+@given(junk=st.one_of(st.binary(max_size=3000), st.text(max_size=3000).map(str.encode),
+                      st.sampled_from([MERGE_BOMB.encode(), b"settings: *a\n", b"settings: [\n",
+                                       b"settings:\n  state_dir: " + b"9" * 5000 + b"\n",
+                                       b"settings:\n  shutdown_grace: " + b"9" * 5000 + b"\n",
+                                       b"settings:\n  state_dir: \"a\\0b\"\n",
+                                       b"settings:\n" + b"  " * 40000 + b"- x\n"])),
+       head=st.sampled_from([b"", b"settings:\n  state_dir: st\n"]))
+def test_peek_settings_never_fails_whatever_the_file_holds(tmp_path_factory, junk, head):
+    path = tmp_path_factory.mktemp("peek") / "tasks.yaml"
+    path.write_bytes(head + junk)
+    began = time.monotonic()
+    found = cmd_daemon.peek_settings(str(path))
+    assert time.monotonic() - began < 1.5
+    assert os.path.isabs(found.state_dir) and os.path.isabs(found.pidfile)
+    if head:
+        assert found.state_dir == str(path.parent / "st")
+
+
+def test_peek_settings_of_a_huge_file_reads_only_its_head(tmp_path):
+    path = tmp_path / "tasks.yaml"
+    with open(path, "wb") as handle:
+        handle.write(b"settings:\n  state_dir: big\ntasks:\n")
+        handle.truncate(200 << 20)         # sparse: 200 MB of NULs after the settings
+    began = time.monotonic()
+    assert cmd_daemon.peek_settings(str(path)).state_dir == str(tmp_path / "big")
+    assert time.monotonic() - began < 1.0
+
+
+# ---- reload's words ---------------------------------------------------------------------------
+
+def test_reload_text_says_the_file_watch_already_applied_it():
+    at = datetime.datetime(2026, 5, 1, 4, 12, 31).timestamp()
+    reply = {"accepted": True, "summary": "2 tasks on this node: 0 added, 0 changed, 0 removed",
+             "already": {"at": at, "reason": "file changed", "added": 0, "changed": 1,
+                         "removed": 0}}
+    assert cmd_daemon.reload_text(reply) == "already applied by the file watch at 04:12:31: 1 changed"
+    del reply["already"]
+    assert cmd_daemon.reload_text(reply).startswith("reloaded: 2 tasks")
+
+
+# ---- against the real daemon --------------------------------------------------------------
+
+@pytest.fixture
+def site(tmp_path):
+    (tmp_path / "tasks.yaml").write_text(SETTINGS + TASKS)
+    (tmp_path / "pids").mkdir()
+    yield tmp_path
+    for pidfile in (tmp_path / "state" / "torchcore.pid", tmp_path / "pids" / "tc.pid"):
+        try:
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
+@pytest.mark.process
+def test_every_command_finds_a_daemon_started_with_another_pidfile(site):
+    pidfile = site / "pids" / "tc.pid"
+    started = tc(site, "start", "--pidfile", str(pidfile))
+    assert started.returncode == 0, started.stderr
+    pid = int(pidfile.read_text())
+    status = tc(site, "status")
+    assert status.returncode == 0 and f"pid {pid}" in status.stdout, status.stderr
+    shown = json.loads(tc(site, "status", "--json").stdout)["daemon"]
+    assert shown["pid"] == pid and shown["pidfile"] == str(pidfile)
+    assert tc(site, "run", "later").returncode == 0
+    assert tc(site, "reload").returncode == 0
+    restarted = tc(site, "restart")
+    assert restarted.returncode == 0, restarted.stderr
+    assert int(pidfile.read_text()) != pid          # restarted with the pidfile it had
+    assert not (site / "state" / "torchcore.pid").exists()
+    stopped = tc(site, "stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert tc(site, "status").returncode == 3
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("content", [MERGE_BOMB.encode(), b"\0\xff" * 1000, b"tasks: [\n"])
+def test_stop_and_status_work_whatever_the_file_now_holds(site, content):
+    (site / "tasks.yaml").write_text(SETTINGS + "  watch: false\n" + TASKS)
+    assert tc(site, "start").returncode == 0
+    pid = int((site / "state" / "torchcore.pid").read_text())
+    with open(site / "tasks.yaml", "ab") as handle:
+        handle.write(content)
+    status = tc(site, "status", timeout=60)
+    assert f"pid {pid}" in status.stdout + status.stderr or status.returncode == 78, status
+    stopped = tc(site, "stop", timeout=60)
+    assert stopped.returncode == 0, stopped.stderr
+    assert not psutil.pid_exists(pid)
+
+
+@pytest.mark.process
+def test_a_pidfile_in_a_missing_directory_is_refused(site):
+    missing = site / "nowhere" / "dir" / "tc.pid"
+    refused = tc(site, "start", "--pidfile", str(missing))
+    assert refused.returncode == 1
+    assert f"{missing.parent} does not exist" in refused.stderr and "--create-dirs" in refused.stderr
+    assert not missing.parent.parent.exists()
+    made = tc(site, "start", "--pidfile", str(missing), "--create-dirs")
+    assert made.returncode == 0, made.stderr
+    os.kill(int(missing.read_text()), signal.SIGKILL)
+
+
+@pytest.mark.process
+def test_the_supervisor_title_is_set_before_start_returns(site):
+    assert tc(site, "start").returncode == 0
+    pid = int((site / "state" / "torchcore.pid").read_text())
+    title = " ".join(part for part in psutil.Process(pid).cmdline() if part)
+    assert title.startswith("torchcore: supervisor"), title
+    assert tc(site, "stop").returncode == 0
+
+
+@pytest.mark.process
+def test_reload_after_the_file_watch_says_it_was_already_applied(site):
+    assert tc(site, "start").returncode == 0
+    (site / "tasks.yaml").write_text(SETTINGS + TASKS.replace("echo tick", "echo tock"))
+    wait_for(lambda: json.loads(tc(site, "status", "--json").stdout)["daemon"]["last_reload"],
+             15, "the file watch's reload")
+    reload = tc(site, "reload")
+    assert reload.returncode == 0
+    assert "already applied by the file watch at " in reload.stdout
+    assert reload.stdout.rstrip().endswith(": 1 changed")
+    assert tc(site, "stop").returncode == 0
+
+
+@pytest.mark.process
+def test_status_json_has_iso_times_each_task_once_and_no_wire_keys(site):
+    (site / "tasks.yaml").write_text(SETTINGS + TASKS + "  - {name: d, type: daemon, command: \"exit 3\"}\n")
+    assert tc(site, "start").returncode == 0
+    wait_for(lambda: "exit 0" in tc(site, "status").stdout, 15, "a finished run")
+    wait_for(lambda: '"restarts": 0' not in tc(site, "status", "--json").stdout, 15, "a restart")
+    doc = json.loads(tc(site, "status", "--json").stdout)
+    text = json.dumps(doc)
+    assert '"e":' not in text and "digest" not in text
+    assert [task["name"] for task in doc["tasks"]] == ["tick", "later", "d"]
+    assert "tasks" not in doc["daemon"]
+    for when in (doc["daemon"]["started"], doc["tasks"][1]["next_run"],
+                 doc["tasks"][0]["last"]["ended"]):
+        assert datetime.datetime.fromisoformat(when).utcoffset() is not None
+    last_exit = doc["tasks"][2]["daemon"]["last_exit"]
+    assert set(last_exit) == {"exit_code", "signal", "timed_out", "ended"}
+    assert last_exit["exit_code"] == 3
+    assert tc(site, "stop").returncode == 0
