@@ -190,3 +190,60 @@ def test_status_json_has_iso_times_each_task_once_and_no_wire_keys(site):
     assert set(last_exit) == {"exit_code", "signal", "timed_out", "ended"}
     assert last_exit["exit_code"] == 3
     assert tc(site, "stop").returncode == 0
+
+
+# ---- run ids: dense across clean restarts, unique always ------------------------------------
+
+def _store_run(store, run_id):
+    from torchcore.records import RunRecord
+    store.add(RunRecord(run_id, "t", "n", None, 1.0, 2.0, 0, None))
+
+
+def test_run_ids_go_on_densely_after_a_clean_close(tmp_path):
+    from torchcore.records import Records
+    path = str(tmp_path / "torchcore.db")
+    for expected in (range(1, 109), range(109, 112), range(112, 1400)):
+        store = Records(path)
+        ids = [store.allocate_run_id() for _ in expected]
+        for run_id in ids:
+            _store_run(store, run_id)
+        store.close()
+        assert ids == list(expected)
+
+
+@settings(derandomize=True, max_examples=60, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(0, 2), st.sampled_from(["alloc", "close", "open"]),
+                                st.integers(1, 40)), max_size=30))
+def test_run_ids_stay_unique_whatever_owners_open_and_close(tmp_path_factory, steps):
+    from torchcore.records import Records
+    path = str(tmp_path_factory.mktemp("ids") / "torchcore.db")
+    owners, seen = {}, []
+    for who, action, n in steps:
+        if action == "open" and who not in owners:
+            owners[who] = Records(path, id_block=16)
+        elif action == "alloc" and who in owners:
+            ids = [owners[who].allocate_run_id() for _ in range(n)]
+            for run_id in ids[::3]:             # some ids recorded, some lost with their owner
+                _store_run(owners[who], run_id)
+            seen += ids
+        elif action == "close" and who in owners:
+            owners.pop(who).close()
+    for store in owners.values():
+        store.close()
+    assert len(seen) == len(set(seen))
+
+
+@pytest.mark.process
+def test_torchcores_own_lines_in_a_task_log_are_tagged_sys(site):
+    (site / "tasks.yaml").write_text(
+        SETTINGS + 'tasks:\n  - {name: slow, schedule: "0 0 0 1 1 *", timeout: 1s, '
+        'command: "echo hello; echo oops >&2; sleep 30"}\n')
+    assert tc(site, "start").returncode == 0
+    assert tc(site, "run", "slow").returncode == 0
+    wait_for(lambda: "run ended" in tc(site, "logs", "slow").stdout, 20, "the end of the run")
+    lines = tc(site, "logs", "slow").stdout.splitlines()
+    tags = {line.split("| ", 1)[1]: line.split("| ", 1)[0].rsplit(" ", 1)[1] for line in lines}
+    assert tags["hello"] == "out" and tags["oops"] == "err"
+    assert tags["timeout 1s reached: stopping"] == "sys"
+    assert [tag for text, tag in tags.items() if text.startswith("run ended")] == ["sys"]
+    assert tc(site, "stop").returncode == 0

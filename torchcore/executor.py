@@ -405,7 +405,7 @@ class Executor:
 
     def _cannot_start(self, log, exc):
         message = f"cannot start: {exc}"
-        log.write("err", (message + "\n").encode())
+        log.write(tasklog.SYS, (message + "\n").encode())
         self.result.update(exit_code=127 if isinstance(exc, FileNotFoundError) else 126,
                            error=message)
 
@@ -435,7 +435,7 @@ class Executor:
                 break
             if deadline is not None and now >= deadline and not self.result["timed_out"]:
                 self.result["timed_out"] = True
-                log.write("err", f"timeout {self.job.timeout}s reached: stopping\n".encode())
+                log.write(tasklog.SYS, f"timeout {self.job.timeout}s reached: stopping\n".encode())
                 self._terminate(now)
             if _stop_requested and self.term_sent_at is None:
                 self._terminate(now)
@@ -495,7 +495,7 @@ class Executor:
         self.result["peak_rss"] = max(self.result["peak_rss"] or 0, rss)
         if rss > self.job.memory and self.term_sent_at is None:
             self.result["error"] = f"memory limit {self.job.memory} bytes exceeded ({rss})"
-            log.write("err", (self.result["error"] + ": stopping\n").encode())
+            log.write(tasklog.SYS, (self.result["error"] + ": stopping\n").encode())
             self._terminate(now)
 
     def _collect(self):
@@ -514,7 +514,7 @@ class Executor:
         how = f"signal {r['signal']}" if r["signal"] is not None else f"exit {r['exit_code']}"
         if r["timed_out"]:
             how += " (timed out)"
-        log.write("tc", f"run ended: {how} after {(self.ended or time.time()) - started:.3f}s\n"
+        log.write(tasklog.SYS, f"run ended: {how} after {(self.ended or time.time()) - started:.3f}s\n"
                   .encode())
 
     def _report(self, message):
