@@ -14,9 +14,11 @@ import time
 import psutil
 import pytest
 from daemon_harness import SETTINGS, wait_for
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from torchcore import cmd_daemon
+from torchcore import cli, cmd_daemon
+from torchcore.cli import main
 
 TASKS = """tasks:
   - {name: tick, schedule: "* * * * * *", command: "echo tick"}
@@ -88,6 +90,82 @@ def test_reload_text_says_the_file_watch_already_applied_it():
     assert cmd_daemon.reload_text(reply).startswith("reloaded: 2 tasks")
 
 
+# ---- names: did-you-mean wherever a name is looked up ------------------------------------------
+
+PLACES = """settings:\n  timezone: UTC\n  state_dir: state\ntasks:
+  - {name: backup, schedule: "@hourly", command: "true"}
+  - {name: far, schedule: "@daily", ips: [10.1.0.0/16], hosts: ["web*"], command: "true"}
+"""
+
+
+@pytest.fixture
+def places(tmp_path, monkeypatch):
+    (tmp_path / "tasks.yaml").write_text(PLACES)
+    monkeypatch.setenv("TORCHCORE_NODE_IP", "10.9.9.9")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv", [["next", "bakup"], ["logs", "bakup"], ["history", "bakup"],
+                                  ["run", "--local", "bakup"], ["logs", "-f", "bakup"]])
+def test_a_misspelt_task_name_gets_a_suggestion(places, capsys, argv):
+    assert main(argv) == 1
+    assert "did you mean 'backup'?" in capsys.readouterr().err
+
+
+def test_import_suggests_the_time_zone(places, capsys):
+    (places / "cron").write_text("0 5 * * * true\n")
+    assert main(["import", "--timezone", "Europe/Berln", "cron"]) == 1
+    assert "did you mean 'Europe/Berlin'?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["next", "logs"])
+def test_a_task_of_other_nodes_is_said_so_with_its_targets(places, capsys, command):
+    assert main([command, "far"]) == 0
+    err = capsys.readouterr().err
+    assert "does not run on this node" in err and "10.9.9.9" in err
+    assert "ips 10.1.0.0/16" in err and "hosts web*" in err
+    assert "no output recorded yet" not in err
+    assert main([command, "backup"]) == 0
+    assert "does not run on this node" not in capsys.readouterr().err
+
+
+# ---- --since: one parser -----------------------------------------------------------------------
+
+NOW = datetime.datetime(2026, 11, 24, 15, 30, 5).astimezone().timestamp()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1d", NOW - 86400), ("90m", NOW - 5400), ("1w", NOW - 7 * 86400), ("2w", NOW - 14 * 86400),
+    ("today", datetime.datetime(2026, 11, 24).astimezone().timestamp()),
+    ("yesterday", datetime.datetime(2026, 11, 23).astimezone().timestamp()),
+    ("2026-11-20", datetime.datetime(2026, 11, 20).astimezone().timestamp()),
+    ("2026-11-20T10:15", datetime.datetime(2026, 11, 20, 10, 15).astimezone().timestamp()),
+    ("2026-11-20T10:15:00+00:00", datetime.datetime(2026, 11, 20, 10, 15,
+                                                    tzinfo=datetime.timezone.utc).timestamp()),
+])
+def test_since_takes_durations_weeks_words_and_iso_times(text, expected):
+    assert cli.parse_since(text, now=NOW) == pytest.approx(expected)
+
+
+@settings(derandomize=True, max_examples=200)
+@given(st.text(max_size=30))
+def test_since_refuses_anything_else_with_a_usage_error(text):
+    import argparse
+    try:
+        value = cli.parse_since(text, now=NOW)
+    except argparse.ArgumentTypeError as exc:
+        assert "yesterday" in str(exc)
+    else:
+        assert isinstance(value, float)
+
+
+def test_history_since_accepts_the_new_forms(places, capsys):
+    for since in ("1w", "yesterday", "today", "2026-11-20"):
+        assert main(["history", "--since", since]) == 0
+    capsys.readouterr()
+
+
 # ---- against the real daemon --------------------------------------------------------------
 
 @pytest.fixture
@@ -113,6 +191,8 @@ def test_every_command_finds_a_daemon_started_with_another_pidfile(site):
     shown = json.loads(tc(site, "status", "--json").stdout)["daemon"]
     assert shown["pid"] == pid and shown["pidfile"] == str(pidfile)
     assert tc(site, "run", "later").returncode == 0
+    misspelt = tc(site, "run", "latter")
+    assert misspelt.returncode == 1 and "did you mean 'later'?" in misspelt.stderr
     assert tc(site, "reload").returncode == 0
     restarted = tc(site, "restart")
     assert restarted.returncode == 0, restarted.stderr

@@ -5,9 +5,13 @@ subcommands and sets ``func`` on each: ``func(args) -> int`` (the exit status).
 """
 
 import argparse
+import datetime
+import difflib
 import importlib
 import os
+import re
 import sys
+import time
 
 from torchcore import __version__
 from torchcore.errors import ConfigError, TorchcoreError
@@ -52,6 +56,74 @@ def add_json_option(parser):
 def task_file_path(args):
     return args.config or default_task_file()
 
+
+# ---- shared by every command: names looked up, --since, where a task runs ------------------
+
+def did_you_mean(name, known):
+    """`` (did you mean 'backup'?)`` for a misspelt name, or nothing."""
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def lookup_task(taskfile, name):
+    """The task called ``name``, or TorchcoreError naming the file and the closest name."""
+    try:
+        return taskfile.task(name)
+    except KeyError:
+        raise TorchcoreError(f"{taskfile.path}: no task named {name!r}"
+                             f"{did_you_mean(name, taskfile.index)}") from None
+
+
+def targets_text(task):
+    """Where a task runs: "ips 10.1.0.0/16; hosts web*" (every node: "every node")."""
+    parts = []
+    if task.ips:
+        parts.append("ips " + ", ".join(str(network) for network in task.ips))
+    if task.hosts:
+        parts.append("hosts " + ", ".join(task.hosts))
+    return "; ".join(parts) or "every node"
+
+
+def not_here_text(task, node):
+    """One line saying that ``task`` does not run on ``node`` (None: it does run here)."""
+    if task.runs_on(node):
+        return None
+    addresses = ", ".join(str(address) for address in node.addresses) or "no addresses"
+    return (f"task {task.name!r} does not run on this node ({node.hostname}: {addresses}); "
+            f"it runs on {targets_text(task)}")
+
+
+SINCE_HELP = ("a duration (90m, 2h, 1d, 1w), today, yesterday, or an ISO date or time "
+              "(2026-11-24, 2026-11-24T15:30)")
+_WEEKS = re.compile(r"(\d{1,6})w")
+
+
+def parse_since(text, now=None):
+    """The epoch second a ``--since`` value stands for (one parser for every --since).
+
+    >>> parse_since("2h", now=10000)
+    2800.0
+    >>> parse_since("1w", now=700000)
+    95200.0
+    """
+    from torchcore.units import parse_duration
+
+    now = time.time() if now is None else now
+    word = text.strip().lower()
+    if word in ("today", "yesterday"):
+        day = datetime.date.fromtimestamp(now) - datetime.timedelta(days=word == "yesterday")
+        return datetime.datetime.combine(day, datetime.time()).astimezone().timestamp()
+    weeks = _WEEKS.fullmatch(word)
+    try:
+        seconds = int(weeks.group(1)) * 7 * 86400 if weeks else parse_duration(word)
+        return float(now - seconds)
+    except ValueError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {SINCE_HELP}; got {text!r}") from None
+    return (when if when.tzinfo else when.astimezone()).timestamp()
 
 def build_parser():
     parser = argparse.ArgumentParser(

@@ -271,10 +271,7 @@ def cmd_run(args):
 def _run_local(args):
     """The task's command in this terminal: its env, cwd, user and limits, not its schedule."""
     taskfile = config.load(cli.task_file_path(args))
-    try:
-        task = taskfile.task(args.task)
-    except KeyError:
-        raise TorchcoreError(f"no task named {args.task!r} in {taskfile.path}") from None
+    task = cli.lookup_task(taskfile, args.task)
     job = executor.Job.for_task(task, taskfile.settings)
     cred = executor.credentials(job)
     extra = {}

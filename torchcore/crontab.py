@@ -528,8 +528,9 @@ def check_zone(zone):
         try:
             zoneinfo.ZoneInfo(zone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
-            raise CrontabError(f"--timezone {zone!r} is not a known IANA time zone "
-                               "(e.g. Europe/Paris, UTC)") from None
+            from torchcore.config import suggest_zone
+            raise CrontabError(f"--timezone {zone!r} is not a known IANA time zone"
+                               f"{suggest_zone(zone) or ' (e.g. Europe/Paris, UTC)'}") from None
 
 
 def check_prefix(prefix):
