@@ -327,3 +327,30 @@ def test_torchcores_own_lines_in_a_task_log_are_tagged_sys(site):
     assert tags["timeout 1s reached: stopping"] == "sys"
     assert [tag for text, tag in tags.items() if text.startswith("run ended")] == ["sys"]
     assert tc(site, "stop").returncode == 0
+
+
+# ---- one pid per run: the command's ---------------------------------------------------------
+
+@pytest.mark.process
+def test_status_history_and_records_show_the_commands_pid(site):
+    marker = f"sleep 4.{os.getpid()}"
+    (site / "tasks.yaml").write_text(
+        SETTINGS + f'tasks:\n  - {{name: nap, schedule: "0 0 0 1 1 *", command: "{marker}; true"}}\n')
+    assert tc(site, "start").returncode == 0
+    assert tc(site, "run", "nap").returncode == 0
+
+    def command_pid():
+        found = [p.pid for p in psutil.process_iter(["cmdline"])
+                 if p.info["cmdline"] and " ".join(p.info["cmdline"]).endswith(f"-c {marker}; true")]
+        return found[0] if found else None
+    pid = wait_for(command_pid, 10, "the command")
+
+    def shown():
+        running = json.loads(tc(site, "status", "--json").stdout)["tasks"][0]["running"]
+        history = json.loads(tc(site, "history", "--json").stdout)
+        return running and history and history[0]["pid"] and (running[0]["pid"], history[0]["pid"])
+    assert wait_for(shown, 10, "the run in status and history") == (pid, pid)
+    assert f"running (pid {pid})" in tc(site, "history").stdout
+    wait_for(lambda: json.loads(tc(site, "history", "--json").stdout)[0]["ended"], 20, "the end")
+    assert json.loads(tc(site, "history", "--json").stdout)[0]["pid"] == pid
+    assert tc(site, "stop").returncode == 0

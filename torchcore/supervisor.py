@@ -339,7 +339,7 @@ class Supervisor:
         self.records.add(records.RunRecord(
             run_id=run.run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
             started=run.started, ended=None, exit_code=None, signal=None, manual=run.manual,
-            pid=run.executor_pid))
+            pid=run.pgid or run.executor_pid))    # the command's pid once known (one pid per run)
 
     def _forked(self, run, pid):
         """The executor of ``run`` exists now (STARTING or PREPARED, pid known)."""
@@ -633,10 +633,11 @@ class Supervisor:
         record are closed as lost.
         """
         for record in self.records.unfinished():
-            if record.pid and _is_executor(record.pid, record.task, record.run_id):
-                self.adopted.setdefault(record.task, {})[record.pid] = record.run_id
+            pid = _executor_of(record.pid, record.task, record.run_id)
+            if pid:
+                self.adopted.setdefault(record.task, {})[pid] = record.run_id
                 log.warning("run %d of %s (pid %d) was started by a previous supervisor and still "
-                            "runs: it counts against max", record.run_id, record.task, record.pid)
+                            "runs: it counts against max", record.run_id, record.task, pid)
             else:
                 record.ended = self.clock.time()
                 record.skipped = "lost: its supervisor and executor stopped before recording an end"
@@ -697,7 +698,9 @@ class Supervisor:
                 prepared.pgid = message.get("pid")      # its command's group, before it runs
             return
         if message.get("e") in ("start", "gate"):     # gate: read only after it was fired
-            run.pgid = message.get("pid")
+            known, run.pgid = run.pgid, message.get("pid")
+            if run.pgid != known:
+                self._record_start(run)         # history shows the command's pid, as status
             run.state = RunState.RUNNING   # STARTING -> RUNNING
             if self.stopping:
                 self._signal_run(run, signal.SIGTERM)
@@ -1089,6 +1092,19 @@ def _is_executor(pid, task, run_id):
             title == f"torchcore: {task} [run {run_id}]"
     except psutil.Error:
         return False
+
+
+def _executor_of(pid, task, run_id):
+    """The live executor of a run recorded with ``pid``: its command's (its child) or its own."""
+    if not pid:
+        return None
+    if _is_executor(pid, task, run_id):
+        return pid
+    try:
+        parent = psutil.Process(pid).ppid()
+    except psutil.Error:
+        return None
+    return parent if _is_executor(parent, task, run_id) else None
 
 
 def _file_signature(path):
