@@ -354,3 +354,30 @@ def test_status_history_and_records_show_the_commands_pid(site):
     wait_for(lambda: json.loads(tc(site, "history", "--json").stdout)[0]["ended"], 20, "the end")
     assert json.loads(tc(site, "history", "--json").stdout)[0]["pid"] == pid
     assert tc(site, "stop").returncode == 0
+
+
+# ---- import: warnings that point at the line ------------------------------------------------
+
+def test_import_warns_about_a_percent_and_a_missing_user(places, capsys):
+    (places / "cron").write_text("0 5 * * * date +%F > /tmp/day\n0 6 * * * echo 100\\% ok\n")
+    assert main(["import", "cron"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2
+    assert warnings[0].startswith("warning: cron:1: unescaped '%'") and "'\\%'" in warnings[0]
+    assert "without --user" in warnings[1] and "2 task(s)" in warnings[1]
+    assert "printf '%s' 'F > /tmp/day\n' | (\ndate +\n)" in captured.out.replace("\\n", "\n") \
+        or "date +" in captured.out                     # converted as cron runs it
+    assert main(["import", "--user", "bob", "cron"]) == 0
+    assert "without --user" not in capsys.readouterr().err
+
+
+@settings(derandomize=True, max_examples=200)
+@given(st.text(alphabet="ab %\\+F", min_size=1, max_size=20).filter(lambda t: t.strip(" %")))
+def test_the_percent_warning_is_given_exactly_when_cron_would_cut(command):
+    from torchcore import crontab
+    line = "0 5 * * * x" + command + "\n"
+    result = crontab.convert(line, "cron")
+    cut = crontab.split_percent("x" + command)[1] is not None
+    warned = any("unescaped '%'" in warning for warning in result.warnings)
+    assert warned == cut or not result.entries
