@@ -381,3 +381,82 @@ def test_the_percent_warning_is_given_exactly_when_cron_would_cut(command):
     cut = crontab.split_percent("x" + command)[1] is not None
     warned = any("unescaped '%'" in warning for warning in result.warnings)
     assert warned == cut or not result.entries
+
+
+# ---- help, completion, man page: made from the parser ---------------------------------------
+
+def _parser_commands():
+    from torchcore import cmd_help
+    parser = cli.build_parser()
+    return parser, cmd_help.commands(parser)
+
+
+def test_help_command_shows_the_commands_and_one_commands_help(capsys):
+    assert main(["help"]) == 0
+    out = capsys.readouterr().out
+    _, subs = _parser_commands()
+    assert all(name in out for name in subs)
+    assert main(["help", "stop"]) == 0
+    assert capsys.readouterr().out.startswith("usage: torchcore stop")
+    assert main(["help", "stpo"]) == 1
+    assert "did you mean 'stop'?" in capsys.readouterr().err
+
+
+def test_the_man_page_matches_the_parser():
+    import re
+
+    from torchcore import cmd_help
+    parser, subs = _parser_commands()
+    page = cmd_help.man_page(parser)
+    sections = re.split(r'^\.SS "(.*)"$', page.split(".SH EXIT STATUS")[0], flags=re.M)[1:]
+    documented = dict(zip(sections[::2], sections[1::2]))
+    assert list(documented) == list(subs)
+    for name, sub in subs.items():
+        shown = set(re.findall(r"\\fB(.*?)\\fR", documented[name]))
+        expected = {cmd_help.roff(opt) for action in cmd_help.options(sub)
+                    for opt in action.option_strings}
+        assert shown == expected, name
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/groff"), reason="no groff")
+def test_the_man_page_renders_without_warnings():
+    from torchcore import cmd_help
+    page = cmd_help.man_page(cli.build_parser())
+    done = subprocess.run(["groff", "-man", "-ww", "-z"], input=page, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0 and not done.stderr
+
+
+def _bash_complete(script, *words):
+    line = " ".join(words)
+    program = (script + f"\nCOMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _torchcore; "
+               'printf "%s\\n" "${COMPREPLY[@]}"')
+    done = subprocess.run(["bash", "--norc", "-c", program], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_bash_completion_knows_every_command_and_option():
+    from torchcore import cmd_help
+    parser, subs = _parser_commands()
+    script = cmd_help.bash_script(parser)
+    assert set(_bash_complete(script, "torchcore", "sta")) == {"start", "status"}
+    for name, sub in subs.items():
+        offered = _bash_complete(script, "torchcore", name, "-")
+        for action in cmd_help.options(sub):
+            assert set(action.option_strings) <= set(offered), (name, action.option_strings)
+    assert "stop" in _bash_complete(script, "torchcore", "help", "st")
+    assert set(_bash_complete(script, "torchcore", "completion", "")) == {"bash", "zsh", "--help"}
+
+
+def test_zsh_completion_names_every_command_and_option():
+    from torchcore import cmd_help
+    parser, subs = _parser_commands()
+    script = cmd_help.zsh_script(parser)
+    assert script.startswith("#compdef torchcore\n")
+    for name, sub in subs.items():
+        case = next(line for line in script.splitlines() if line.strip().startswith(f"({name})"))
+        for action in cmd_help.options(sub):
+            for opt in action.option_strings:
+                assert f"'{opt}[" in case, (name, opt)

@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "torchcore.cmd_status",     # status, run
     "torchcore.cmd_records",    # history, logs
     "torchcore.cmd_import",     # import
+    "torchcore.cmd_help",       # help, completion, man
 ]
 
 
