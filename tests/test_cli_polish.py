@@ -6,6 +6,7 @@ Unit tests first (pure, in-process); the daemon-level ones are marked ``process`
 import datetime
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -460,3 +461,74 @@ def test_zsh_completion_names_every_command_and_option():
         for action in cmd_help.options(sub):
             for opt in action.option_strings:
                 assert f"'{opt}[" in case, (name, opt)
+
+
+# ---- tables: the terminal's width, colour only on a terminal without NO_COLOR ---------------
+
+@settings(derandomize=True, max_examples=300)
+@given(rows=st.lists(st.lists(st.text(alphabet="abc xyz-0123", max_size=60), min_size=4,
+                              max_size=4), max_size=8),
+       width=st.integers(20, 200))
+def test_tables_fit_the_width_and_keep_their_columns(rows, width):
+    from torchcore.textfmt import format_table
+    headers = ["NAME", "STATE", "WHEN", "NOTE"]
+    text = format_table(headers, rows, width=width, colour=False)
+    lines = text.split("\n")
+    assert len(lines) == len(rows) + 1
+    floor = sum(max(len(h), 6) for h in headers) + 6
+    assert all(len(line) <= max(width, floor) for line in lines)
+    if width >= max(len(line) for line in format_table(headers, rows, width=None,
+                                                         colour=False).split("\n")):
+        assert text == format_table(headers, rows, width=None, colour=False)   # nothing cut
+
+
+def test_result_words_are_coloured_only_when_asked():
+    from torchcore.textfmt import format_table
+    rows = [["a", "ok"], ["b", "failing"], ["c", "skipped by max"], ["d", "never ran"]]
+    plain = format_table(["NAME", "STATE"], rows, width=None, colour=False)
+    assert "\x1b[" not in plain
+    painted = format_table(["NAME", "STATE"], rows, width=None, colour=True)
+    assert "\x1b[32mok\x1b[0m" in painted and "\x1b[31mfailing\x1b[0m" in painted
+    assert "\x1b[33mskipped by max\x1b[0m" in painted
+    assert painted.replace("\x1b[32m", "").replace("\x1b[31m", "").replace("\x1b[33m", "") \
+        .replace("\x1b[0m", "") == plain
+
+
+def _in_a_terminal(args, directory, columns=50, no_color=None):
+    """Run torchcore with its stdout on a pty; returns what it printed there."""
+    import pty
+    env = dict(os.environ, COLUMNS=str(columns), TORCHCORE_NODE_IP="10.9.9.9")
+    env.pop("NO_COLOR", None)
+    if no_color is not None:
+        env["NO_COLOR"] = no_color
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "torchcore", *args], stdout=slave,
+                            stderr=subprocess.DEVNULL, cwd=directory, env=env)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(30)
+    os.close(master)
+    return out.decode()
+
+
+@pytest.mark.process
+def test_commands_fit_the_terminal_and_colour_only_there(tmp_path):
+    (tmp_path / "tasks.yaml").write_text(
+        SETTINGS + 'tasks:\n  - {name: a-task-with-a-rather-long-name-indeed, '
+        'schedule: "0 0 0 1 1 *", command: "true"}\n')
+    shown = _in_a_terminal(["status"], tmp_path, columns=70)
+    table = shown.split("\r\n\r\n", 1)[1]
+    assert all(len(line) <= 70 for line in re.sub("\x1b\\[[0-9;]*m", "", table).split("\r\n"))
+    assert "\x1b[33mnever ran" in table
+    assert "\x1b[" not in _in_a_terminal(["status"], tmp_path, no_color="1")
+    assert "\x1b[" not in _in_a_terminal(["status", "--json"], tmp_path)
+    piped = tc(tmp_path, "status")
+    assert "\x1b[" not in piped.stdout and "a-task-with-a-rather-long-name-indeed" in piped.stdout
