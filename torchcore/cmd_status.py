@@ -1,6 +1,7 @@
 """`torchcore status` and `torchcore run`: what runs, what ran, and a run right now."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -57,13 +58,40 @@ def cmd_status(args):
 def _tasks_to_show(path, live):
     """(tasks, digest, problems): the file's tasks, or the daemon's when the file is invalid."""
     try:
-        taskfile = config.load(path)
+        taskfile = load_within(path, LOAD_BUDGET)
         return taskfile.tasks, taskfile.digest, []
     except ConfigError as exc:
         if not live:
             raise
         tasks = [_LiveTask.of(name, entry) for name, entry in live["tasks"].items()]
         return tasks, None, exc.problems
+
+
+LOAD_BUDGET = 10     # seconds status gives the task file on disk before it shows the daemon's
+
+
+def load_within(path, seconds):
+    """config.load, or ConfigError after ``seconds``: status must answer whatever the file holds.
+
+    A command-line process, not the supervisor: the alarm's handler may raise here.
+    """
+    def expired(signum, frame):
+        raise _Expired()
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return config.load(path)
+    except _Expired:
+        raise ConfigError(f"{path}: not validated within {seconds}s (too large or too deeply "
+                          "aliased); the daemon's running tasks are shown") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class _Expired(BaseException):   # not an Exception: no handler inside the loader catches it
+    """The task file took longer than status allows."""
 
 
 class _LiveTask:
