@@ -360,6 +360,8 @@ def test_status_history_and_records_show_the_commands_pid(site):
         history = json.loads(tc(site, "history", "--json").stdout)
         return running and history and history[0]["pid"] and (running[0]["pid"], history[0]["pid"])
     assert wait_for(shown, 10, "the run in status and history") == (pid, pid)
+    running = json.loads(tc(site, "status", "--json").stdout)["tasks"][0]["running"][0]
+    assert psutil.Process(pid).ppid() == running["executor_pid"]    # only where asked for
     assert f"running (pid {pid})" in tc(site, "history").stdout
     wait_for(lambda: json.loads(tc(site, "history", "--json").stdout)[0]["ended"], 20, "the end")
     assert json.loads(tc(site, "history", "--json").stdout)[0]["pid"] == pid
@@ -541,3 +543,15 @@ def test_commands_fit_the_terminal_and_colour_only_there(tmp_path):
     assert "\x1b[" not in _in_a_terminal(["status", "--json"], tmp_path)
     piped = tc(tmp_path, "status")
     assert "\x1b[" not in piped.stdout and "a-task-with-a-rather-long-name-indeed" in piped.stdout
+
+
+@pytest.mark.process
+def test_run_of_a_task_of_other_nodes_names_its_targets(tmp_path):
+    (tmp_path / "tasks.yaml").write_text(PLACES)
+    try:
+        assert tc(tmp_path, "start").returncode == 0
+        refused = tc(tmp_path, "run", "far")
+        assert refused.returncode == 1
+        assert "does not run on this node (it runs on ips 10.1.0.0/16; hosts web*)" in refused.stderr
+    finally:
+        tc(tmp_path, "stop")

@@ -13,7 +13,7 @@ import re
 import sys
 import time
 
-from torchcore import __version__
+from torchcore import __version__, textfmt
 from torchcore.errors import ConfigError, TorchcoreError
 
 EXIT_OK = 0
@@ -75,23 +75,13 @@ def lookup_task(taskfile, name):
                              f"{did_you_mean(name, taskfile.index)}") from None
 
 
-def targets_text(task):
-    """Where a task runs: "ips 10.1.0.0/16; hosts web*" (every node: "every node")."""
-    parts = []
-    if task.ips:
-        parts.append("ips " + ", ".join(str(network) for network in task.ips))
-    if task.hosts:
-        parts.append("hosts " + ", ".join(task.hosts))
-    return "; ".join(parts) or "every node"
-
-
 def not_here_text(task, node):
     """One line saying that ``task`` does not run on ``node`` (None: it does run here)."""
     if task.runs_on(node):
         return None
     addresses = ", ".join(str(address) for address in node.addresses) or "no addresses"
     return (f"task {task.name!r} does not run on this node ({node.hostname}: {addresses}); "
-            f"it runs on {targets_text(task)}")
+            f"it runs on {textfmt.targets_text(task)}")
 
 
 SINCE_HELP = ("a duration (90m, 2h, 1d, 1w), today, yesterday, or an ISO date or time "

@@ -197,6 +197,7 @@ def _task_json(row):
     out = {"name": row["name"], "type": row["type"], "schedule": row["schedule"],
            "next_run": iso(row["next_run"]), "state": row["state"],
            "running": [{"run_id": r.get("run_id"), "pid": r.get("pid"),
+                        "executor_pid": r.get("executor_pid"),
                         "started": iso(r.get("started")), "state": r.get("state")}
                        for r in row["running_runs"]],
            "last": None}

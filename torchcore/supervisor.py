@@ -21,7 +21,7 @@ import time
 import psutil
 import setproctitle
 
-from torchcore import config, executor, records
+from torchcore import config, executor, records, textfmt
 from torchcore.clock import SystemClock
 from torchcore.coordinator import LocalCoordinator
 from torchcore.errors import ConfigError, TorchcoreError
@@ -838,10 +838,11 @@ class Supervisor:
     def _task_status(self, name):
         runs = [self.runs[run_id] for run_id in self.by_task.get(name, ())]
         task = self.tasks[name]
-        adopted = [{"run_id": run_id, "pid": pid, "state": "adopted"}
-                   for pid, run_id in self.adopted.get(name, {}).items()]
+        adopted = [{"run_id": run_id, "pid": _command_of(pid), "executor_pid": pid,
+                    "state": "adopted"} for pid, run_id in self.adopted.get(name, {}).items()]
         entry = {"type": task.type, "schedule": task.schedule_text, "timezone": task.timezone,
-                 "running": [{"run_id": r.run_id, "pid": r.pgid, "started": r.started,
+                 "running": [{"run_id": r.run_id, "pid": r.pgid, "executor_pid": r.executor_pid,
+                              "started": r.started,
                               "scheduled": r.scheduled, "state": r.state} for r in runs] + adopted,
                  "skipped": self.skipped_last.get(name)}
         slot = self.daemons.get(name)
@@ -857,7 +858,7 @@ class Supervisor:
         task = self.tasks.get(name)
         if task is None:
             where = f"is not in the task file{config.suggest(str(name), self._all_names())}" \
-                if name not in self._all_names() else "does not run on this node (or is disabled)"
+                if name not in self._all_names() else self._not_here(self.taskfile.task(name))
             raise TorchcoreError(f"task {name!r} {where}")
         if self.stopping:
             raise TorchcoreError("torchcore is stopping")
@@ -866,6 +867,11 @@ class Supervisor:
             reason = self.skipped_last.get(name) or "the coordinator refused it"
             raise TorchcoreError(f"task {name!r} not started: {reason}")
         return {"run_id": run.run_id, "executor_pid": run.executor_pid}
+
+    def _not_here(self, task):
+        if not task.enabled:
+            return "is disabled"
+        return f"does not run on this node (it runs on {textfmt.targets_text(task)})"
 
     def _all_names(self):
         return {task.name for task in self.taskfile.tasks}
@@ -1105,6 +1111,15 @@ def _executor_of(pid, task, run_id):
     except psutil.Error:
         return None
     return parent if _is_executor(parent, task, run_id) else None
+
+
+def _command_of(executor_pid):
+    """The pid of the command an executor runs (its child), for status; None if none is left."""
+    try:
+        children = psutil.Process(executor_pid).children()
+    except psutil.Error:
+        return None
+    return children[0].pid if children else None
 
 
 def _file_signature(path):

@@ -106,6 +106,16 @@ def paint(cell):
     return cell
 
 
+def targets_text(task):
+    """Where a task runs: "ips 10.1.0.0/16; hosts web*" (no targeting: "every node")."""
+    parts = []
+    if task.ips:
+        parts.append("ips " + ", ".join(str(network) for network in task.ips))
+    if task.hosts:
+        parts.append("hosts " + ", ".join(task.hosts))
+    return "; ".join(parts) or "every node"
+
+
 def format_relative(when, now):
     """Epoch seconds ``when`` relative to ``now``: "in 3m12s", "2h ago", "now".
 
