@@ -555,3 +555,21 @@ def test_run_of_a_task_of_other_nodes_names_its_targets(tmp_path):
         assert "does not run on this node (it runs on ips 10.1.0.0/16; hosts web*)" in refused.stderr
     finally:
         tc(tmp_path, "stop")
+
+
+def test_history_and_logs_still_read_what_ran_when_the_file_is_invalid(places, capsys):
+    from torchcore import tasklog
+    from torchcore.records import Records, RunRecord, db_path
+    store = Records(db_path(str(places / "state")))
+    store.add(RunRecord(store.allocate_run_id(), "backup", "n1", None, 1000.0, 1001.0, 0, None))
+    store.close()
+    log = tasklog.TaskLog(str(places / "state" / "logs"), "backup", 1, 1 << 20, 1)
+    log.write("out", b"hello\n")
+    log.close()
+    with open(places / "tasks.yaml", "a") as handle:
+        handle.write("  - {name: broken, maxx: 1}\n")
+    assert main(["history", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["task"] == "backup" and "does not validate" in captured.err
+    assert main(["logs", "backup"]) == 0
+    assert "hello" in capsys.readouterr().out

@@ -10,7 +10,7 @@ import sys
 import time
 
 from torchcore import cli, records, tasklog
-from torchcore.errors import TorchcoreError
+from torchcore.errors import ConfigError, TorchcoreError
 from torchcore.node import Node
 from torchcore.textfmt import format_relative, format_table
 from torchcore.units import format_duration
@@ -54,9 +54,32 @@ def _count(text):
 
 
 def _load_taskfile(args):
-    """The task file named by -c / $TORCHCORE_TASKS / ./tasks.yaml (ConfigError if invalid)."""
+    """The task file named by -c / $TORCHCORE_TASKS / ./tasks.yaml.
+
+    An invalid file still says where the records and logs are (its settings block, read
+    as `stop` reads it): what ran stays readable while the file is being fixed.
+    """
     from torchcore import config  # the task file layer; imported when a command needs it
-    return config.load(cli.task_file_path(args))
+    from torchcore.cmd_daemon import peek_settings
+    path = cli.task_file_path(args)
+    try:
+        return config.load(path)
+    except ConfigError as exc:
+        print(f"note: the task file does not validate ({exc.problems[0]}); records and logs "
+              "are read from the directories its settings name", file=sys.stderr)
+        return _SettingsOnly(path, peek_settings(path))
+
+
+class _SettingsOnly:
+    """An invalid task file: its settings (as far as they read), no tasks known."""
+
+    partial = True
+
+    def __init__(self, path, settings):
+        self.path, self.settings, self.index = path, settings, {}
+
+    def task(self, name):
+        raise KeyError(name)
 
 
 def _check_task_name(name):
@@ -78,7 +101,8 @@ def cmd_history(args):
             runs = store.query(task=args.task, limit=args.limit or None, since=since,
                                failed=args.failed)
     tz = _zone(taskfile.settings.timezone)
-    if not runs and args.task is not None and args.task not in taskfile.index:
+    if not runs and args.task is not None and args.task not in taskfile.index and \
+            not getattr(taskfile, "partial", False):
         raise TorchcoreError(f"no task {args.task!r} in {taskfile.path} and no runs of it recorded"
                              f"{cli.did_you_mean(args.task, taskfile.index)}")
     if args.json:
@@ -192,6 +216,10 @@ def cmd_logs(args):
 
 def _no_log(taskfile, task, log_dir, node):
     """Say why there is no output: an unknown task (an error), one of another node, or none yet."""
+    if getattr(taskfile, "partial", False):
+        print(f"no output recorded for task {task!r} ({tasklog.log_path(log_dir, task)})",
+              file=sys.stderr)
+        return
     if task not in taskfile.index:
         raise TorchcoreError(f"no task {task!r} in {taskfile.path}, and no log of it in {log_dir}"
                              f"{cli.did_you_mean(task, taskfile.index)}")
