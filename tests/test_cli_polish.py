@@ -573,3 +573,19 @@ def test_history_and_logs_still_read_what_ran_when_the_file_is_invalid(places, c
     assert json.loads(captured.out)[0]["task"] == "backup" and "does not validate" in captured.err
     assert main(["logs", "backup"]) == 0
     assert "hello" in capsys.readouterr().out
+
+
+@pytest.mark.process
+@pytest.mark.slow
+def test_status_of_a_daemon_that_does_not_answer_says_so(site):
+    assert tc(site, "start").returncode == 0
+    pid = int((site / "state" / "torchcore.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        status = tc(site, "status", timeout=60)
+        assert status.returncode == 1
+        assert f"torchcore runs (pid {pid}" in status.stdout and "does not answer" in status.stdout
+        assert json.loads(tc(site, "status", "--json", timeout=60).stdout)["daemon"]["pid"] == pid
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert tc(site, "stop").returncode == 0

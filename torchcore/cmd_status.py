@@ -52,7 +52,9 @@ def cmd_status(args):
             print("\n".join("  " + problem for problem in problems))
         print()
         print(_tasks_text(rows, now))
-    return cli.EXIT_OK if live else cli.EXIT_NOT_RUNNING
+    if live:
+        return cli.EXIT_OK
+    return cli.EXIT_ERROR if found.pid is not None else cli.EXIT_NOT_RUNNING
 
 
 def _tasks_to_show(path, live):
@@ -178,7 +180,7 @@ def status_json(found, live, digest, problems, rows):
 
 
 def _daemon_json(found, live, digest):
-    out = {"running": bool(live), "pid": found.pid if live else None,
+    out = {"running": found.pid is not None, "pid": found.pid,
            "pidfile": found.pidfile, "control_socket": found.socket}
     if not live:
         return out
@@ -225,6 +227,9 @@ def iso(epoch):
 
 
 def _daemon_text(live, found, digest, now):
+    if not live and found.pid is not None:
+        return (f"torchcore runs (pid {found.pid}, pidfile {found.pidfile}) but does not answer "
+                f"on {found.socket}; its log says why")
     if not live:
         return (f"torchcore is not running (no daemon answers on {found.socket}; "
                 f"pidfile {found.pidfile})")
