@@ -589,3 +589,8 @@ def test_status_of_a_daemon_that_does_not_answer_says_so(site):
     finally:
         os.kill(pid, signal.SIGCONT)
     assert tc(site, "stop").returncode == 0
+
+
+def test_a_misspelt_command_gets_a_suggestion(capsys):
+    assert main(["stauts"]) == 2
+    assert "did you mean 'status'?" in capsys.readouterr().err

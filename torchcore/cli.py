@@ -116,6 +116,18 @@ def parse_since(text, now=None):
         raise argparse.ArgumentTypeError(f"expected {SINCE_HELP}; got {text!r}") from None
     return (when if when.tzinfo else when.astimezone()).timestamp()
 
+def _command_names(parser):
+    return next(action.choices for action in parser._actions
+                if isinstance(action, argparse._SubParsersAction))
+
+
+def _unknown_command(parser, argv):
+    """The first word when it is not a command (argparse alone suggests nothing)."""
+    if argv and not argv[0].startswith("-") and argv[0] not in _command_names(parser):
+        return argv[0]
+    return None
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="torchcore",
@@ -129,6 +141,13 @@ def build_parser():
 
 def main(argv=None):
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    unknown = _unknown_command(parser, argv)
+    if unknown:
+        parser.print_usage(sys.stderr)
+        print(f"torchcore: no command {unknown!r}{did_you_mean(unknown, _command_names(parser))}; "
+              "`torchcore help` lists them", file=sys.stderr)
+        return EXIT_USAGE
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
