@@ -123,6 +123,7 @@ class Supervisor:
         self.reload_requested = None     # the reason, when a reload waits for the loop
         self.last_reload = None          # (epoch, ok, message)
         self.last_applied = None         # the last accepted reload: at, reason, digest, counts
+        self._changes = {}               # what the last _apply added, changed, removed (counts)
         self.reload_error = None
         self.file_signature = None
         self.retry = []                  # (name, second) whose fork failed: tried again next tick
