@@ -594,3 +594,14 @@ def test_status_of_a_daemon_that_does_not_answer_says_so(site):
 def test_a_misspelt_command_gets_a_suggestion(capsys):
     assert main(["stauts"]) == 2
     assert "did you mean 'status'?" in capsys.readouterr().err
+
+
+@pytest.mark.process
+def test_a_second_start_with_another_pidfile_is_refused_at_once(site):
+    assert tc(site, "start").returncode == 0
+    pid = int((site / "state" / "torchcore.pid").read_text())
+    second = tc(site, "start", "--pidfile", str(site / "pids" / "other.pid"))
+    assert second.returncode == 1
+    assert f"already running (pid {pid}" in second.stderr
+    assert not (site / "pids" / "other.pid").exists()
+    assert tc(site, "stop").returncode == 0

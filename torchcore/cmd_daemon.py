@@ -67,9 +67,9 @@ def cmd_start(args):
     check_pidfile_dir(pidfile_path, args)
     taskfile = dataclasses.replace(     # the daemon tells commands where its pidfile is
         taskfile, settings=dataclasses.replace(taskfile.settings, pidfile=pidfile_path))
-    holder = running_pid(pidfile_path)
-    if holder is not None:      # refuse at once; the daemon would refuse too, only later
-        raise AlreadyRunning(holder, pidfile_path)
+    found = find_daemon(args, taskfile.settings)
+    if found.pid is not None:   # refuse at once (whatever pidfile it holds); it would fail later
+        raise AlreadyRunning(found.pid, found.pidfile)
     if args.foreground:
         setup_logging(None)
         with Pidfile(pidfile_path):
@@ -161,9 +161,12 @@ class Found:
     info: dict | None           # the daemon's answer to ping (None: no answer on the socket)
 
 
-def find_daemon(args):
-    """The one way commands find the daemon: its control socket, then its pidfile."""
-    settings = peek_settings(cli.task_file_path(args))
+def find_daemon(args, settings=None):
+    """The one way commands find the daemon: its control socket, then its pidfile.
+
+    ``settings``: the validated file's, when the command has them (start).
+    """
+    settings = settings or peek_settings(cli.task_file_path(args))
     sock = os.path.join(settings.state_dir, "control.sock")
     info, pid = _ping(sock)
     configured = os.path.abspath(getattr(args, "pidfile", None) or settings.pidfile)
