@@ -198,6 +198,7 @@ def test_every_command_finds_a_daemon_started_with_another_pidfile(site):
     misspelt = tc(site, "run", "latter")
     assert misspelt.returncode == 1 and "did you mean 'later'?" in misspelt.stderr
     assert tc(site, "reload").returncode == 0
+    assert "settings.pidfile changed" not in (site / "state" / "logs" / "torchcore.log").read_text()
     restarted = tc(site, "restart")
     assert restarted.returncode == 0, restarted.stderr
     assert int(pidfile.read_text()) != pid          # restarted with the pidfile it had

@@ -65,15 +65,13 @@ def cmd_start(args):
     pidfile_path = os.path.abspath(args.pidfile or taskfile.settings.pidfile)
     prepare_state_dir(taskfile.settings.state_dir)     # 0700 and ours, before anything goes in
     check_pidfile_dir(pidfile_path, args)
-    taskfile = dataclasses.replace(     # the daemon tells commands where its pidfile is
-        taskfile, settings=dataclasses.replace(taskfile.settings, pidfile=pidfile_path))
     found = find_daemon(args, taskfile.settings)
     if found.pid is not None:   # refuse at once (whatever pidfile it holds); it would fail later
         raise AlreadyRunning(found.pid, found.pidfile)
     if args.foreground:
         setup_logging(None)
         with Pidfile(pidfile_path):
-            return _supervise(taskfile, node)
+            return _supervise(taskfile, node, pidfile_path)
     launcher = Daemonizer(started_message=f"torchcore started (pid {{pid}}) on {taskfile.path}")
     if not launcher.detach():
         return cli.EXIT_OK      # not reached: the launcher exits with the daemon's verdict
@@ -85,7 +83,7 @@ def cmd_start(args):
         launcher.failed(str(exc))
         os._exit(cli.EXIT_ERROR)
     try:
-        code = _supervise(taskfile, node, on_ready=launcher.ready,
+        code = _supervise(taskfile, node, pidfile_path, on_ready=launcher.ready,
                           on_failure=launcher.failed)
     finally:
         pidfile.release()
@@ -100,10 +98,10 @@ def check_pidfile_dir(path, args):
                           "(create it, or pass --create-dirs)")
 
 
-def _supervise(taskfile, node, on_ready=None, on_failure=None):
+def _supervise(taskfile, node, pidfile, on_ready=None, on_failure=None):
     from torchcore.supervisor import Supervisor
 
-    supervisor = Supervisor(taskfile, node, on_ready=on_ready)
+    supervisor = Supervisor(taskfile, node, on_ready=on_ready, pidfile=pidfile)
     try:
         return supervisor.run()
     except Exception as exc:

@@ -88,9 +88,10 @@ class Stats:
 class Supervisor:
     """Runs this node's share of a task file until told to stop."""
 
-    def __init__(self, taskfile, node, clock=None, coordinator=None, on_ready=None):
+    def __init__(self, taskfile, node, clock=None, coordinator=None, on_ready=None, pidfile=None):
         self.taskfile = taskfile
         self.settings = taskfile.settings
+        self.pidfile = pidfile or self.settings.pidfile     # the one it holds: told to commands
         self.node = node
         self.node_name = node.hostname
         self.clock = clock or SystemClock()
@@ -825,7 +826,7 @@ class Supervisor:
         """The daemon's live state; the CLI adds next runs and history from the file and db."""
         when, ok, message = self.last_reload or (None, None, None)
         return {
-            "pid": os.getpid(), "pidfile": self.settings.pidfile,
+            "pid": os.getpid(), "pidfile": self.pidfile,
             "started": self.started_at, "now": self.clock.time(),
             "file": self.settings.path, "digest": self.taskfile.digest,
             "node": {"hostname": self.node.hostname,
@@ -891,7 +892,7 @@ class Supervisor:
 
     def control_ping(self, request):
         """Who serves this socket: the CLI finds the daemon (and its pidfile) by this."""
-        return {"pid": os.getpid(), "pidfile": self.settings.pidfile,
+        return {"pid": os.getpid(), "pidfile": self.pidfile,
                 "state_dir": self.settings.state_dir, "file": self.settings.path,
                 "started": self.started_at, "shutdown_grace": self.settings.shutdown_grace}
 
