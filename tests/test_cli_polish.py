@@ -440,12 +440,13 @@ def test_the_man_page_renders_without_warnings():
     assert done.returncode == 0 and not done.stderr
 
 
-def _bash_complete(script, *words):
-    line = " ".join(words)
+def _bash_complete(script, *words, cwd=None):
+    line = " ".join(f"'{word}'" for word in words)
     program = (script + f"\nCOMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _torchcore; "
                'printf "%s\\n" "${COMPREPLY[@]}"')
+    env = {key: value for key, value in os.environ.items() if key != "TORCHCORE_TASKS"}
     done = subprocess.run(["bash", "--norc", "-c", program], capture_output=True, text=True,
-                          timeout=30)
+                          timeout=30, cwd=cwd, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout.split()
 
@@ -461,6 +462,17 @@ def test_bash_completion_knows_every_command_and_option():
             assert set(action.option_strings) <= set(offered), (name, action.option_strings)
     assert "stop" in _bash_complete(script, "torchcore", "help", "st")
     assert set(_bash_complete(script, "torchcore", "completion", "")) == {"bash", "zsh", "--help"}
+
+
+def test_bash_completion_offers_the_task_names_of_the_file(places):
+    from torchcore import cmd_help
+    script = cmd_help.bash_script(cli.build_parser())
+    (places / "other.yaml").write_text('tasks:\n  - name: "quoted-one"\n    command: x\n'
+                                       '  - {name: flow.two, command: y}\n')
+    assert set(_bash_complete(script, "torchcore", "run", "", cwd=places)) >= {"backup", "far"}
+    assert _bash_complete(script, "torchcore", "logs", "b", cwd=places) == ["backup"]
+    offered = _bash_complete(script, "torchcore", "history", "-c", "other.yaml", "", cwd=places)
+    assert {"quoted-one", "flow.two"} <= set(offered) and "backup" not in offered
 
 
 def test_zsh_completion_names_every_command_and_option():
