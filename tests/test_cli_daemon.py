@@ -1,5 +1,6 @@
 """The operator's commands on a real daemonized torchcore: start, stop, reload, restart, status, run."""
 
+import datetime
 import json
 import os
 import signal
@@ -83,7 +84,7 @@ def test_status_reload_run_and_restart(site):
     assert status["daemon"]["running"] and status["daemon"]["file_changed_since_load"] is False
     rows = {row["name"]: row for row in status["tasks"]}
     assert rows["tick"]["state"] == "ok" and rows["later"]["state"] == "never ran"
-    assert rows["later"]["next_run"] > time.time()
+    assert datetime.datetime.fromisoformat(rows["later"]["next_run"]).timestamp() > time.time()
 
     run = tc(site, "run", "later")
     assert run.returncode == 0 and "started later run" in run.stdout

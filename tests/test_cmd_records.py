@@ -17,10 +17,10 @@ def taskfile(tmp_path, monkeypatch):
     def task(name):
         if name not in tasks:
             raise KeyError(name)
-        return SimpleNamespace(name=name)
+        return SimpleNamespace(name=name, runs_on=lambda node: True)
 
     tf = SimpleNamespace(
-        path=str(tmp_path / "tasks.yaml"), task=task,
+        path=str(tmp_path / "tasks.yaml"), task=task, index=dict.fromkeys(tasks),
         settings=SimpleNamespace(state_dir=str(tmp_path / "state"), log_dir=str(tmp_path / "logs"),
                                  timezone="UTC"))
     monkeypatch.setattr(cmd_records, "_load_taskfile", lambda args: tf)

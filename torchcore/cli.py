@@ -5,11 +5,15 @@ subcommands and sets ``func`` on each: ``func(args) -> int`` (the exit status).
 """
 
 import argparse
+import datetime
+import difflib
 import importlib
 import os
+import re
 import sys
+import time
 
-from torchcore import __version__
+from torchcore import __version__, textfmt
 from torchcore.errors import ConfigError, TorchcoreError
 
 EXIT_OK = 0
@@ -24,6 +28,7 @@ COMMAND_MODULES = [
     "torchcore.cmd_status",     # status, run
     "torchcore.cmd_records",    # history, logs
     "torchcore.cmd_import",     # import
+    "torchcore.cmd_help",       # help, completion, man
 ]
 
 
@@ -53,6 +58,76 @@ def task_file_path(args):
     return args.config or default_task_file()
 
 
+# ---- shared by every command: names looked up, --since, where a task runs ------------------
+
+def did_you_mean(name, known):
+    """`` (did you mean 'backup'?)`` for a misspelt name, or nothing."""
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def lookup_task(taskfile, name):
+    """The task called ``name``, or TorchcoreError naming the file and the closest name."""
+    try:
+        return taskfile.task(name)
+    except KeyError:
+        raise TorchcoreError(f"{taskfile.path}: no task named {name!r}"
+                             f"{did_you_mean(name, taskfile.index)}") from None
+
+
+def not_here_text(task, node):
+    """One line saying that ``task`` does not run on ``node`` (None: it does run here)."""
+    if task.runs_on(node):
+        return None
+    addresses = ", ".join(str(address) for address in node.addresses) or "no addresses"
+    return (f"task {task.name!r} does not run on this node ({node.hostname}: {addresses}); "
+            f"it runs on {textfmt.targets_text(task)}")
+
+
+SINCE_HELP = ("a duration (90m, 2h, 1d, 1w), today, yesterday, or an ISO date or time "
+              "(2026-11-24, 2026-11-24T15:30)")
+_WEEKS = re.compile(r"(\d{1,6})w")
+
+
+def parse_since(text, now=None):
+    """The epoch second a ``--since`` value stands for (one parser for every --since).
+
+    >>> parse_since("2h", now=10000)
+    2800.0
+    >>> parse_since("1w", now=700000)
+    95200.0
+    """
+    from torchcore.units import parse_duration
+
+    now = time.time() if now is None else now
+    word = text.strip().lower()
+    if word in ("today", "yesterday"):
+        day = datetime.date.fromtimestamp(now) - datetime.timedelta(days=word == "yesterday")
+        return datetime.datetime.combine(day, datetime.time()).astimezone().timestamp()
+    weeks = _WEEKS.fullmatch(word)
+    try:
+        seconds = int(weeks.group(1)) * 7 * 86400 if weeks else parse_duration(word)
+        return float(now - seconds)
+    except ValueError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {SINCE_HELP}; got {text!r}") from None
+    return (when if when.tzinfo else when.astimezone()).timestamp()
+
+def _command_names(parser):
+    return next(action.choices for action in parser._actions
+                if isinstance(action, argparse._SubParsersAction))
+
+
+def _unknown_command(parser, argv):
+    """The first word when it is not a command (argparse alone suggests nothing)."""
+    if argv and not argv[0].startswith("-") and argv[0] not in _command_names(parser):
+        return argv[0]
+    return None
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="torchcore",
@@ -66,6 +141,13 @@ def build_parser():
 
 def main(argv=None):
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    unknown = _unknown_command(parser, argv)
+    if unknown:
+        parser.print_usage(sys.stderr)
+        print(f"torchcore: no command {unknown!r}{did_you_mean(unknown, _command_names(parser))}; "
+              "`torchcore help` lists them", file=sys.stderr)
+        return EXIT_USAGE
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

@@ -1,9 +1,11 @@
 """Commands that start and steer the daemon: start, stop, reload, restart, status, run."""
 
+import dataclasses
 import json
 import logging
 import logging.handlers
 import os
+import re
 import signal
 import sys
 import time
@@ -23,6 +25,8 @@ def register(subparsers):
     cli.add_node_options(start)
     start.add_argument("--foreground", action="store_true",
                        help="stay in the foreground and log to stderr (systemd, containers)")
+    start.add_argument("--create-dirs", action="store_true",
+                       help="create the pidfile's directory if it is missing (default: refuse)")
     start.set_defaults(func=cmd_start)
 
     stop = subparsers.add_parser("stop", help="stop the daemon (SIGTERM) and wait for it")
@@ -39,13 +43,14 @@ def register(subparsers):
     _common(restart)
     cli.add_node_options(restart)
     restart.add_argument("--timeout", type=float, default=None, metavar="S")
-    restart.set_defaults(func=cmd_restart, foreground=False)
+    restart.set_defaults(func=cmd_restart, foreground=False, create_dirs=False)
 
 
 def _common(parser):
     cli.add_config_option(parser)
     parser.add_argument("--pidfile", metavar="PATH", default=None,
-                        help="pidfile (default: settings.pidfile of the task file)")
+                        help="pidfile (default: settings.pidfile of the task file); other "
+                             "commands find a running daemon by its control socket")
 
 
 # ---- start -------------------------------------------------------------------------------
@@ -59,14 +64,15 @@ def cmd_start(args):
     taskfile = load_for_node(cli.task_file_path(args), node)
     pidfile_path = os.path.abspath(args.pidfile or taskfile.settings.pidfile)
     prepare_state_dir(taskfile.settings.state_dir)     # 0700 and ours, before anything goes in
-    holder = running_pid(pidfile_path)
-    if holder is not None:      # refuse at once; the daemon would refuse too, only later
-        raise AlreadyRunning(holder, pidfile_path)
-    refuse_if_served(taskfile.settings.state_dir)
+    check_pidfile_dir(pidfile_path, args)
+    found = find_daemon(args, taskfile.settings)
+    if found.pid is not None:   # refuse at once (whatever pidfile it holds); it would fail later
+        raise AlreadyRunning(found.pid, found.pidfile)
+    refuse_if_served(taskfile.settings.state_dir)   # serving, but did not answer the ping
     if args.foreground:
         setup_logging(None)
         with Pidfile(pidfile_path):
-            return _supervise(taskfile, node)
+            return _supervise(taskfile, node, pidfile_path)
     launcher = Daemonizer(started_message=f"torchcore started (pid {{pid}}) on {taskfile.path}")
     if not launcher.detach():
         return cli.EXIT_OK      # not reached: the launcher exits with the daemon's verdict
@@ -79,20 +85,29 @@ def cmd_start(args):
         launcher.failed(str(exc))
         os._exit(cli.EXIT_ERROR)
     try:                        # helpers never keep the start-up pipe as their stderr
-        code = _supervise(taskfile, node, on_ready=launcher.ready,
+        code = _supervise(taskfile, node, pidfile_path, on_ready=launcher.ready,
                           on_failure=launcher.failed, helper_stderr=os.devnull)
     finally:
         pidfile.release()
     os._exit(code)
 
 
-def _supervise(taskfile, node, on_ready=None, on_failure=None, helper_stderr=None):
+def check_pidfile_dir(path, args):
+    """Refuse a pidfile whose directory is missing (as nginx does), unless --create-dirs."""
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent) and not getattr(args, "create_dirs", False):
+        raise DaemonError(f"cannot use pidfile {path}: directory {parent} does not exist "
+                          "(create it, or pass --create-dirs)")
+
+
+def _supervise(taskfile, node, pidfile, on_ready=None, on_failure=None, helper_stderr=None):
     """Run the supervisor.  A start refused (another daemon on the same state_dir, ...)
     is one line for the starting command, and nothing in the log, which may be the
     running daemon's; a failure after start-up goes to the log."""
     from torchcore.supervisor import Supervisor
 
-    supervisor = Supervisor(taskfile, node, on_ready=on_ready, helper_stderr=helper_stderr)
+    supervisor = Supervisor(taskfile, node, on_ready=on_ready, helper_stderr=helper_stderr,
+                            pidfile=pidfile)
     try:
         return supervisor.run()
     except Exception as exc:
@@ -153,34 +168,129 @@ def setup_logging(path):
 
 
 # ---- finding and signalling the daemon ---------------------------------------------------
+#
+# Every command finds a running daemon the same way (find_daemon): the control socket in
+# state_dir is authoritative, and the daemon's answer names its pid and pidfile, so
+# `--pidfile` is needed only to start.  Only when nothing answers there is the pidfile
+# (--pidfile, else the file's settings) asked.  Finding state_dir reads only the head of the
+# task file and only its `settings:` block, without expanding anything: stop and status work
+# whatever the file on disk now holds (huge, invalid, hostile).
 
-def locate(args):
-    """(pidfile path, settings or None): from --pidfile, else the task file's settings.
+SETTINGS_PEEK = 1 << 20         # bytes of the task file read to find its settings
+SETTINGS_BLOCK = 64 << 10       # the most of them taken as the settings block
+PING_TIMEOUT = 5.0
+_SETTINGS_KEY = re.compile(r"^settings[ \t]*:", re.MULTILINE)
 
-    A task file that no longer validates still names its pidfile, so an operator can
-    always stop what runs.
+
+@dataclasses.dataclass
+class Found:
+    """Where the daemon of a task file is, and whether it runs (``pid`` None: not running)."""
+
+    settings: config.Settings   # from the file's settings block as far as it reads (else defaults)
+    socket: str
+    pidfile: str                # the running daemon's own, else the configured one
+    pid: int | None
+    info: dict | None           # the daemon's answer to ping (None: no answer on the socket)
+
+
+def find_daemon(args, settings=None):
+    """The one way commands find the daemon: its control socket, then its pidfile.
+
+    ``settings``: the validated file's, when the command has them (start).
     """
-    path = cli.task_file_path(args)
-    settings = None
+    settings = settings or peek_settings(cli.task_file_path(args))
+    sock = os.path.join(settings.state_dir, "control.sock")
+    info, pid = _ping(sock)
+    configured = os.path.abspath(getattr(args, "pidfile", None) or settings.pidfile)
+    if info is not None:
+        return Found(settings, sock, info.get("pidfile") or configured, pid, info)
+    return Found(settings, sock, configured, running_pid(configured), None)
+
+
+def _ping(path):
+    """(reply, pid of the process serving ``path``) or (None, None)."""
+    from torchcore.control import ControlClient
+
+    if not os.path.exists(path):
+        return None, None
+    client = ControlClient(path, timeout=PING_TIMEOUT)
     try:
-        settings = config.load(path).settings
-    except ConfigError:
-        settings = _lenient_settings(path)
+        reply = client.request("ping")
+    except DaemonError:
+        return None, None
+    return reply, client.peer_pid or reply.get("pid")
+
+
+def peek_settings(path):
+    """The settings a task file names for state_dir, log_dir, pidfile and shutdown_grace.
+
+    Reads at most SETTINGS_PEEK bytes and composes only the top-level ``settings:``
+    block (no alias or merge is expanded); anything unreadable leaves the defaults.
+    """
+    import yaml
+
+    settings = config.default_settings(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(SETTINGS_PEEK)
     except OSError:
-        if not args.pidfile:
-            raise DaemonError(f"{path}: cannot read the task file to find the pidfile; "
-                              "name it with --pidfile") from None
-    pidfile = args.pidfile or (settings.pidfile if settings else None)
-    return os.path.abspath(pidfile), settings
-
-
-def _lenient_settings(path):
-    """Where an invalid task file says its daemon keeps its pidfile and state (best effort,
-    within the loading budget: a file that would take long to read gives the defaults)."""
+        return settings
+    block = _settings_block(head.decode("utf-8-sig", errors="replace"))
     try:
-        return config.load_settings(path)
-    except (OSError, ConfigError):
-        return config.default_settings(path)
+        root = yaml.compose(block, Loader=yaml.SafeLoader) if block else None
+    except (yaml.YAMLError, RecursionError, ValueError):
+        return settings
+    return _settings_from(settings, _scalar_pairs(root))
+
+
+def _settings_block(text):
+    """The text of the top-level ``settings:`` entry, up to the next top-level line."""
+    match = _SETTINGS_KEY.search(text)
+    if match is None:
+        return None
+    lines = [text[match.start():].split("\n", 1)[0]]
+    rest = text[match.start():].split("\n")[1:]
+    for line in rest:
+        if line[:1] not in ("", " ", "\t", "#"):
+            break
+        lines.append(line)
+    return "\n".join(lines)[:SETTINGS_BLOCK]
+
+
+def _scalar_pairs(root):
+    """{key: text} of the plain scalar values of ``settings`` in a composed node tree."""
+    import yaml
+
+    if not isinstance(root, yaml.MappingNode) or not root.value:
+        return {}
+    node = root.value[0][1]
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {key.value: value.value for key, value in node.value
+            if isinstance(key, yaml.ScalarNode) and isinstance(value, yaml.ScalarNode)}
+
+
+def _settings_from(defaults, values):
+    from torchcore.units import parse_duration
+
+    base = os.path.dirname(defaults.path)
+
+    def path_of(name, default):
+        text = values.get(name)
+        if not text or "\0" in text:
+            return default
+        return os.path.normpath(os.path.join(base, os.path.expanduser(text)))
+
+    state_dir = path_of("state_dir", defaults.state_dir)
+    grace = defaults.shutdown_grace
+    try:
+        grace = min(int(parse_duration(values.get("shutdown_grace", ""))), 86400)
+    except (ValueError, OverflowError):
+        pass
+    return dataclasses.replace(
+        defaults, state_dir=state_dir, shutdown_grace=grace,
+        log_dir=path_of("log_dir", os.path.join(state_dir, "logs")),
+        pidfile=path_of("pidfile", os.path.join(state_dir, "torchcore.pid")))
 
 
 def running_pid(pidfile):
@@ -188,17 +298,18 @@ def running_pid(pidfile):
     return pid_alive_and_locked(pidfile)
 
 
-def not_running(pidfile):
-    print(f"torchcore is not running (pidfile {pidfile})", file=sys.stderr)
+def not_running(found):
+    print(f"torchcore is not running (no daemon answers on {found.socket}; "
+          f"pidfile {found.pidfile})", file=sys.stderr)
     return cli.EXIT_NOT_RUNNING
 
 
 def cmd_stop(args):
-    pidfile, settings = locate(args)
-    pid = running_pid(pidfile)
-    if pid is None:
-        return not_running(pidfile)
-    grace = settings.shutdown_grace if settings else 30
+    found = find_daemon(args)
+    if found.pid is None:
+        return not_running(found)
+    pid = found.pid
+    grace = (found.info or {}).get("shutdown_grace", found.settings.shutdown_grace)
     timeout = args.timeout if args.timeout is not None else grace + 15
     os.kill(pid, signal.SIGTERM)
     began = time.monotonic()
@@ -213,17 +324,17 @@ def cmd_stop(args):
 
 
 def cmd_reload(args):
-    pidfile, settings = locate(args)
-    pid = running_pid(pidfile)
-    if pid is None:
-        return not_running(pidfile)
-    reply = _control_request(settings, "reload")
+    found = find_daemon(args)
+    if found.pid is None:
+        return not_running(found)
+    reply = control_request(found, "reload")
     if reply is None:
-        os.kill(pid, signal.SIGUSR2)
-        print(f"sent SIGUSR2 to torchcore (pid {pid}); its log tells whether the file was accepted")
+        os.kill(found.pid, signal.SIGUSR2)
+        print(f"sent SIGUSR2 to torchcore (pid {found.pid}); its log tells whether the file was "
+              "accepted")
         return cli.EXIT_OK
     if reply.get("accepted"):
-        print(f"reloaded: {reply.get('summary', '')}")
+        print(reload_text(reply))
         return cli.EXIT_OK
     print("reload rejected; the running tasks stay as they were:", file=sys.stderr)
     for problem in reply.get("problems", []):
@@ -231,27 +342,39 @@ def cmd_reload(args):
     return cli.EXIT_CONFIG
 
 
+def reload_text(reply):
+    """What `reload` says: the changes it applied, or that the file watch applied them."""
+    already = reply.get("already")
+    if already:
+        at = time.strftime("%H:%M:%S", time.localtime(already["at"]))
+        return f"already applied by the file watch at {at}: {change_counts(already)}"
+    return f"reloaded: {reply.get('summary', '')}"
+
+
+def change_counts(changes):
+    """ "1 changed, 2 added" (only what is not zero), or "no change"."""
+    parts = [f"{changes[key]} {key}" for key in ("added", "changed", "removed") if changes.get(key)]
+    return ", ".join(parts) or "no change"
+
+
 def cmd_restart(args):
-    pidfile, _ = locate(args)
-    if running_pid(pidfile) is not None:
+    found = find_daemon(args)
+    if found.pid is not None:
+        if not args.pidfile and found.info:
+            args.pidfile = found.pidfile      # start again where it ran
         code = cmd_stop(args)
         if code != cli.EXIT_OK:
             return code
     return cmd_start(args)
 
 
-def _control_request(settings, cmd, **fields):
-    """A reply from the control socket, or None when the daemon has none to offer."""
-    try:
-        from torchcore.control import ControlClient
-    except ImportError:
+def control_request(found, cmd, **fields):
+    """A reply from the daemon's control socket, or None when it did not answer a ping."""
+    from torchcore.control import ControlClient
+
+    if found.info is None:
         return None
-    if settings is None:
-        return None
-    path = os.path.join(settings.state_dir, "control.sock")
-    if not os.path.exists(path):
-        return None
-    return ControlClient(path).request(cmd, **fields)
+    return ControlClient(found.socket).request(cmd, **fields)
 
 
 def print_json(value):

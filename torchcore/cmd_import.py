@@ -56,6 +56,8 @@ def run(args):
         part = crontab.convert(read_source(source), source, args.system, args.user)
         result.items += part.items
         result.warnings += part.warnings
+    if not args.system and args.user is None and result.entries:
+        result.warnings += [user_warning(source, result.entries) for source in sources]
     for entry in result.entries:
         entry.ips, entry.hosts = list(ips), list(hosts)
         entry.timezone = entry.timezone or args.timezone
@@ -64,6 +66,15 @@ def run(args):
     report(result)
     write_output(text, args.output)
     return 1 if result.problems else 0
+
+
+def user_warning(source, entries):
+    """A per-user crontab imported without --user: its jobs would run as the daemon's user."""
+    count = sum(entry.source == source for entry in entries)
+    owner = os.path.basename(source) if "/spool/cron" in os.path.abspath(source) else "OWNER"
+    return (f"{'stdin' if source == '-' else source}: a per-user crontab imported without "
+            f"--user: its {count} task(s) would run as the daemon's user (root on a system "
+            f"install), not as the crontab's owner; give --user {owner}")
 
 
 def fresh_text(result, sources, prefix):

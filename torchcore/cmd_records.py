@@ -9,9 +9,10 @@ import sys
 import time
 
 from torchcore import cli, records, tasklog
-from torchcore.errors import TorchcoreError
+from torchcore.errors import ConfigError, TorchcoreError
+from torchcore.node import Node
 from torchcore.textfmt import format_relative, format_table
-from torchcore.units import format_duration, parse_duration
+from torchcore.units import format_duration
 
 _TASK_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -24,8 +25,8 @@ def register(subparsers):
     cli.add_config_option(history)
     history.add_argument("--limit", "-l", type=_count, default=50, metavar="N",
                          help="show at most N runs (0 = all; default 50)")
-    history.add_argument("--since", type=_duration, metavar="DURATION",
-                         help="only runs of the last DURATION (e.g. 90m, 2h, 1d)")
+    history.add_argument("--since", type=cli.parse_since, metavar="WHEN",
+                         help=f"only runs since WHEN: {cli.SINCE_HELP}")
     history.add_argument("--failed", action="store_true",
                          help="only failed runs (any end but exit 0: an exit code, a signal, a timeout, "
                               "an executor that died; planned stops are not failures)")
@@ -37,6 +38,7 @@ def register(subparsers):
         description="Show the last lines a task printed (stdout and stderr, stamped).")
     logs.add_argument("task", metavar="TASK")
     cli.add_config_option(logs)
+    cli.add_node_options(logs)
     logs.add_argument("-n", "--lines", type=_count, default=50, metavar="LINES",
                       help="how many of the last lines (0 = all; default 50)")
     logs.add_argument("-f", "--follow", action="store_true",
@@ -51,17 +53,33 @@ def _count(text):
     return int(text)
 
 
-def _duration(text):
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _load_taskfile(args):
-    """The task file named by -c / $TORCHCORE_TASKS / ./tasks.yaml (ConfigError if invalid)."""
+    """The task file named by -c / $TORCHCORE_TASKS / ./tasks.yaml.
+
+    An invalid file still says where the records and logs are (its settings block, read
+    as `stop` reads it): what ran stays readable while the file is being fixed.
+    """
     from torchcore import config  # the task file layer; imported when a command needs it
-    return config.load(cli.task_file_path(args))
+    from torchcore.cmd_daemon import peek_settings
+    path = cli.task_file_path(args)
+    try:
+        return config.load(path)
+    except ConfigError as exc:
+        print(f"note: the task file does not validate ({exc.problems[0]}); records and logs "
+              "are read from the directories its settings name", file=sys.stderr)
+        return _SettingsOnly(path, peek_settings(path))
+
+
+class _SettingsOnly:
+    """An invalid task file: its settings (as far as they read), no tasks known."""
+
+    partial = True
+
+    def __init__(self, path, settings):
+        self.path, self.settings, self.index = path, settings, {}
+
+    def task(self, name):
+        raise KeyError(name)
 
 
 def _check_task_name(name):
@@ -78,11 +96,15 @@ def cmd_history(args):
     path = records.db_path(taskfile.settings.state_dir)
     runs = []
     if os.path.exists(path):
-        since = time.time() - args.since if args.since is not None else None
+        since = args.since
         with records.Records(path) as store:
             runs = store.query(task=args.task, limit=args.limit or None, since=since,
                                failed=args.failed)
     tz = _zone(taskfile.settings.timezone)
+    if not runs and args.task is not None and args.task not in taskfile.index and \
+            not getattr(taskfile, "partial", False):
+        raise TorchcoreError(f"no task {args.task!r} in {taskfile.path} and no runs of it recorded"
+                             f"{cli.did_you_mean(args.task, taskfile.index)}")
     if args.json:
         print(json.dumps([run_json(run, tz) for run in runs], indent=2))
     elif not runs:
@@ -157,13 +179,13 @@ def cmd_logs(args):
     lines = args.lines or None
     if not args.follow:
         if not tasklog.log_files(log_dir, args.task):
-            _no_log(taskfile, args.task, log_dir)
+            _no_log(taskfile, args.task, log_dir, Node.detect(args.node_ip))
             return cli.EXIT_OK
         for line in tasklog.read_log(log_dir, args.task, lines=lines, run_id=args.run):
             print(line)
         return cli.EXIT_OK
     if not tasklog.log_files(log_dir, args.task):
-        _no_log(taskfile, args.task, log_dir)
+        _no_log(taskfile, args.task, log_dir, Node.detect(args.node_ip))
     try:
         for line in tasklog.follow_log(log_dir, args.task, lines=lines, run_id=args.run):
             print(line, flush=True)
@@ -172,12 +194,18 @@ def cmd_logs(args):
     return cli.EXIT_OK
 
 
-def _no_log(taskfile, task, log_dir):
-    """Say there is no output yet; an unknown task without any log is an error."""
-    try:
-        taskfile.task(task)
-    except KeyError:
-        raise TorchcoreError(
-            f"no task {task!r} in {taskfile.path}, and no log of it in {log_dir}") from None
-    print(f"no output recorded yet for task {task!r} ({tasklog.log_path(log_dir, task)})",
-          file=sys.stderr)
+def _no_log(taskfile, task, log_dir, node):
+    """Say why there is no output: an unknown task (an error), one of another node, or none yet."""
+    if getattr(taskfile, "partial", False):
+        print(f"no output recorded for task {task!r} ({tasklog.log_path(log_dir, task)})",
+              file=sys.stderr)
+        return
+    if task not in taskfile.index:
+        raise TorchcoreError(f"no task {task!r} in {taskfile.path}, and no log of it in {log_dir}"
+                             f"{cli.did_you_mean(task, taskfile.index)}")
+    elsewhere = cli.not_here_text(taskfile.task(task), node)
+    if elsewhere:
+        print(f"{elsewhere}: its output is in the logs of those nodes", file=sys.stderr)
+    else:
+        print(f"no output recorded yet for task {task!r} ({tasklog.log_path(log_dir, task)})",
+              file=sys.stderr)

@@ -1,13 +1,14 @@
 """`torchcore status` and `torchcore run`: what runs, what ran, and a run right now."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from datetime import datetime
 
 from torchcore import cli, config, executor, records
-from torchcore.cmd_daemon import _common, _control_request, locate, not_running, print_json, running_pid
+from torchcore.cmd_daemon import _common, control_request, find_daemon, not_running, print_json
 from torchcore.errors import ConfigError, TorchcoreError
 from torchcore.node import Node
 from torchcore.schedule import Schedule
@@ -35,38 +36,64 @@ def register(subparsers):
 # ---- status ------------------------------------------------------------------------------
 
 def cmd_status(args):
-    pidfile, settings = locate(args)
-    live = None
-    if running_pid(pidfile) is not None:
-        live = _control_request(settings, "status")
+    found = find_daemon(args)
+    live = control_request(found, "status") if found.pid is not None else None
     tasks, digest, problems = _tasks_to_show(cli.task_file_path(args), live)
     node = _node_of(live, args)
-    last = _last_results(settings)
+    last = _last_results(found.settings)
     now = time.time()
     rows = [task_status(task, node, live, last.get(task.name), now) for task in tasks]
     if args.json:
-        print_json({"daemon": _daemon_json(live, pidfile, digest),
-                    "file_errors": problems, "tasks": rows})
+        print_json(status_json(found, live, digest, problems, rows))
     else:
-        print(_daemon_text(live, pidfile, digest, now))
+        print(_daemon_text(live, found, digest, now))
         if problems:
             print("the task file on disk is invalid (the daemon runs its last valid version):")
             print("\n".join("  " + problem for problem in problems))
         print()
         print(_tasks_text(rows, now))
-    return cli.EXIT_OK if live else cli.EXIT_NOT_RUNNING
+    if live:
+        return cli.EXIT_OK
+    return cli.EXIT_ERROR if found.pid is not None else cli.EXIT_NOT_RUNNING
 
 
 def _tasks_to_show(path, live):
     """(tasks, digest, problems): the file's tasks, or the daemon's when the file is invalid."""
     try:
-        taskfile = config.load(path)
+        taskfile = load_within(path, LOAD_BUDGET)
         return taskfile.tasks, taskfile.digest, []
     except ConfigError as exc:
         if not live:
             raise
         tasks = [_LiveTask.of(name, entry) for name, entry in live["tasks"].items()]
         return tasks, None, exc.problems
+
+
+LOAD_BUDGET = 10     # seconds status gives the task file on disk before it shows the daemon's
+
+
+def load_within(path, seconds):
+    """config.load, or ConfigError after ``seconds``: status must answer whatever the file holds.
+
+    A command-line process, not the supervisor: the alarm's handler may raise here.
+    """
+    def expired(signum, frame):
+        raise _Expired()
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return config.load(path)
+    except _Expired:
+        raise ConfigError(f"{path}: not validated within {seconds}s (too large or too deeply "
+                          "aliased); the daemon's running tasks are shown") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class _Expired(BaseException):   # not an Exception: no handler inside the loader catches it
+    """The task file took longer than status allows."""
 
 
 class _LiveTask:
@@ -112,6 +139,7 @@ def task_status(task, node, live, last, now):
         next_run = when.timestamp() if when is not None else None      # None: it never fires
     row = {"name": task.name, "type": task.type, "schedule": task.schedule_text,
            "next_run": next_run, "running": [r["pid"] for r in entry.get("running", [])],
+           "running_runs": entry.get("running", []),
            "last": _last_json(last), "state": _health(task, node, entry, last)}
     if "daemon" in entry:
         row["daemon"] = entry["daemon"]
@@ -145,16 +173,67 @@ def _last_json(last):
             "result": last.describe()}
 
 
-def _daemon_json(live, pidfile, digest):
-    if not live:
-        return {"running": False, "pidfile": pidfile}
-    return {"running": True, "pidfile": pidfile, **live,
-            "file_changed_since_load": live["digest"] != digest}
+def status_json(found, live, digest, problems, rows):
+    """The document of ``status --json`` (its schema is in the README): times ISO 8601 with
+    their offset, each task once, nothing of the daemon's wire format."""
+    return {"daemon": _daemon_json(found, live, digest), "file_errors": problems,
+            "tasks": [_task_json(row) for row in rows]}
 
 
-def _daemon_text(live, pidfile, digest, now):
+def _daemon_json(found, live, digest):
+    out = {"running": found.pid is not None, "pid": found.pid,
+           "pidfile": found.pidfile, "control_socket": found.socket}
     if not live:
-        return f"torchcore is not running (pidfile {pidfile})"
+        return out
+    reload = live.get("last_reload")
+    out.update({
+        "started": iso(live["started"]), "file": live["file"], "version": live["digest"],
+        "file_changed_since_load": digest is not None and live["digest"] != digest,
+        "node": live["node"], "stopping": live["stopping"], "stats": live["stats"],
+        "last_reload": reload and {"at": iso(reload["at"]), "accepted": reload["accepted"],
+                                   "message": reload["message"]},
+        "reload_error": live.get("reload_error")})
+    return out
+
+
+def _task_json(row):
+    out = {"name": row["name"], "type": row["type"], "schedule": row["schedule"],
+           "next_run": iso(row["next_run"]), "state": row["state"],
+           "running": [{"run_id": r.get("run_id"), "pid": r.get("pid"),
+                        "executor_pid": r.get("executor_pid"),
+                        "started": iso(r.get("started")), "state": r.get("state")}
+                       for r in row["running_runs"]],
+           "last": None}
+    last = row["last"]
+    if last is not None:
+        out["last"] = {**last, "ended": iso(last["ended"]),
+                       "duration": None if last["duration"] is None else round(last["duration"], 3)}
+    daemon = row.get("daemon")
+    if daemon is not None:
+        end = daemon.get("last_exit") or None
+        out["daemon"] = {
+            "state": daemon["state"], "restarts": daemon["restarts"],
+            "failures": daemon["failures"], "next_try_in": round(daemon["next_try_in"], 3),
+            "last_exit": end and {"exit_code": end.get("exit_code"), "signal": end.get("signal"),
+                                  "timed_out": bool(end.get("timed_out")),
+                                  "ended": iso(end.get("ended"))}}
+    return out
+
+
+def iso(epoch):
+    """Epoch seconds as ISO 8601 in local time with its offset (as ``history --json``)."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
+
+
+def _daemon_text(live, found, digest, now):
+    if not live and found.pid is not None:
+        return (f"torchcore runs (pid {found.pid}, pidfile {found.pidfile}) but does not answer "
+                f"on {found.socket}; its log says why")
+    if not live:
+        return (f"torchcore is not running (no daemon answers on {found.socket}; "
+                f"pidfile {found.pidfile})")
     lines = [(f"torchcore running: pid {live['pid']}, up {format_duration(now - live['started'])}, "
               f"file {live['file']} (version {live['digest'][:12]})"),
              (f"node: {live['node']['hostname']} "
@@ -209,12 +288,12 @@ def _state_text(row):
 def cmd_run(args):
     if args.local:
         return _run_local(args)
-    pidfile, settings = locate(args)
-    if running_pid(pidfile) is None:
-        not_running(pidfile)
+    found = find_daemon(args)
+    if found.pid is None:
+        not_running(found)
         print("(use `torchcore run --local TASK` to run it here without a daemon)", file=sys.stderr)
         return cli.EXIT_NOT_RUNNING
-    reply = _control_request(settings, "run", task=args.task)
+    reply = control_request(found, "run", task=args.task)
     if reply is None:
         raise TorchcoreError("the daemon's control socket is missing; cannot start a run")
     print(f"started {args.task} run {reply['run_id']}; "
@@ -225,10 +304,7 @@ def cmd_run(args):
 def _run_local(args):
     """The task's command in this terminal: its env, cwd, user and limits, not its schedule."""
     taskfile = config.load(cli.task_file_path(args))
-    try:
-        task = taskfile.task(args.task)
-    except KeyError:
-        raise TorchcoreError(f"no task named {args.task!r} in {taskfile.path}") from None
+    task = cli.lookup_task(taskfile, args.task)
     job = executor.Job.for_task(task, taskfile.settings)
     cred = executor.credentials(job)
     extra = {}

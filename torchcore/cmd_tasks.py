@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 from torchcore import cli, config
 from torchcore.describe import describe_schedule
-from torchcore.errors import ConfigError, TorchcoreError
+from torchcore.errors import ConfigError
 from torchcore.node import Node
 from torchcore.textfmt import format_relative, format_table
 from torchcore.units import OutOfRange, parse_digits, shown
@@ -36,6 +36,7 @@ def register(subparsers):
         "next", help="show the next fire times of one or every task",
         description="Show the next N fire times of TASK (default: every task), in each task's zone.")
     cli.add_config_option(nxt)
+    cli.add_node_options(nxt)
     cli.add_json_option(nxt)
     nxt.add_argument("task", nargs="?", metavar="TASK", help="one task (default: every task)")
     nxt.add_argument("-n", type=positive_int, default=5, metavar="N",
@@ -244,11 +245,10 @@ def cmd_next(args):
     path = cli.task_file_path(args)
     taskfile = config.load(path)
     if args.task is not None:
-        try:
-            tasks = [taskfile.task(args.task)]
-        except KeyError:
-            hint = config.suggest(args.task, list(taskfile.index))
-            raise TorchcoreError(f"{path}: no task named {args.task!r}{hint}") from None
+        tasks = [cli.lookup_task(taskfile, args.task)]
+        elsewhere = cli.not_here_text(tasks[0], Node.detect(args.node_ip))
+        if elsewhere:
+            print(f"{elsewhere}: these are its times there", file=sys.stderr)
     else:
         tasks = taskfile.tasks
     current = now()

@@ -401,12 +401,14 @@ class ControlClient:
     def __init__(self, path, timeout=5.0):
         self.path = path
         self.timeout = timeout
+        self.peer_pid = None     # the pid serving the socket (SO_PEERCRED), after a request
 
     def request(self, cmd, **fields):
         """Send ``{"cmd": cmd, **fields}``; the reply dict, or DaemonError."""
         line = json.dumps({"cmd": cmd, **fields}).encode() + b"\n"
         with self.connect() as sock:
             try:
+                self.peer_pid = peer_credentials(sock)[0]
                 send_tolerating_refusal(sock, line)
                 raw = self.read_line(sock)
             except TimeoutError:

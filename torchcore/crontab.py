@@ -334,7 +334,18 @@ def convert(text, source, system=False, user=None):
         result.items.append(_convert_line(line.removesuffix("\r"), lineno, source, env,
                                           system, user))
     result.items = [item for item in result.items if item is not None]
+    result.warnings += percent_warnings(result.entries, system)
     return result
+
+
+def percent_warnings(entries, system=False):
+    """A warning for each job whose command has an unescaped ``%`` (``date +%F``): cron cut the
+    command there and fed the rest to its standard input, and so does the conversion."""
+    return [f"{entry.source}:{entry.lineno}: unescaped '%' in the command: cron runs only the "
+            "text before it and feeds the rest to standard input (converted the same way); "
+            "for a literal % (as in `date +%F`) write '\\%' in the crontab"
+            for entry in entries
+            if split_percent(parse_job(entry.text, system)[2])[1] is not None]
 
 
 def _convert_line(line, lineno, source, env, system, user):
@@ -542,8 +553,9 @@ def check_zone(zone):
         try:
             zoneinfo.ZoneInfo(zone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
-            raise CrontabError(f"--timezone {zone!r} is not a known IANA time zone "
-                               "(e.g. Europe/Paris, UTC)") from None
+            from torchcore.config import suggest_zone
+            raise CrontabError(f"--timezone {zone!r} is not a known IANA time zone"
+                               f"{suggest_zone(zone) or ' (e.g. Europe/Paris, UTC)'}") from None
 
 
 def check_prefix(prefix):

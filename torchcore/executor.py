@@ -462,7 +462,7 @@ class Executor:
 
     def _cannot_start(self, log, exc):
         message = f"cannot start: {exc}"
-        log.write("err", (message + "\n").encode())
+        log.write(tasklog.SYS, (message + "\n").encode())
         self.result.update(exit_code=127 if isinstance(exc, FileNotFoundError) else 126,
                            error=message)
 
@@ -519,7 +519,7 @@ class Executor:
             self._terminate(now)
         if self.result["timed_out"] and not self._timeout_noted:
             self._timeout_noted = True
-            log.write("err", f"timeout {self.job.timeout}s reached: stopping\n".encode())
+            log.write(tasklog.SYS, f"timeout {self.job.timeout}s reached: stopping\n".encode())
 
     def _watches_group(self):
         return bool(self.job.timeout or self.job.memory or self.term_sent_at is not None)
@@ -618,7 +618,7 @@ class Executor:
         self.result["peak_rss"] = max(self.result["peak_rss"] or 0, rss)
         if rss > self.job.memory and self.term_sent_at is None:
             self.result["error"] = f"memory limit {self.job.memory} bytes exceeded ({rss})"
-            log.write("err", (self.result["error"] + ": stopping\n").encode())
+            log.write(tasklog.SYS, (self.result["error"] + ": stopping\n").encode())
             self._terminate(now)
 
     def _collect(self):
@@ -638,7 +638,7 @@ class Executor:
         r = self.result
         how = describe_outcome(r["exit_code"], r["signal"], r["timed_out"], r["error"],
                                "stop requested" if r["stopped"] else None)
-        log.write("tc", f"run ended: {how} after {(self.ended or time.time()) - started:.3f}s\n"
+        log.write(tasklog.SYS, f"run ended: {how} after {(self.ended or time.time()) - started:.3f}s\n"
                   .encode())
 
     def _report(self, message):

@@ -16,7 +16,9 @@ from where the lost file was.
 Run ids come from hi/lo blocks reserved in the ``meta`` table (one small commit
 per block), so they stay unique across restarts, and also when a supervisor was
 killed with -9 while its executors still run and write their own end rows with
-:func:`write_record_now`.
+:func:`write_record_now`.  ``close()`` gives the unused rest of the last block
+back, so after a clean stop the ids go on densely; only a killed supervisor
+leaves a gap (its ids may still be in use by executors it left running).
 """
 
 import dataclasses
@@ -451,8 +453,30 @@ class Records:
         if os.getpid() != self._pid or self._conn is None:
             return
         self.flush()
+        self._release_ids()
         self._conn.close()
         self._conn = None
+
+    def _release_ids(self):
+        """Give back the unused rest of our blocks, if no one reserved after us: a daemon
+        stopped cleanly and started again goes on with the next id (108 -> 109, not 1001)."""
+        if self._id_limit == 0:
+            return
+        reserved_to = self._id_limit if self._spare_block is None else \
+            self._spare_block + self._id_block
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            value = int(self._conn.execute(
+                "SELECT value FROM meta WHERE key = 'next_run_id'").fetchone()[0])
+            used = self._conn.execute("SELECT max(run_id) FROM runs").fetchone()[0]
+            if value == reserved_to:
+                next_id = max(self._next_id, (used or 0) + 1)
+                self._conn.execute("UPDATE meta SET value = ? WHERE key = 'next_run_id'",
+                                   (str(next_id),))
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(self._conn)
+            log.warning("records: cannot give back unused run ids: %s", exc)
 
     def __enter__(self):
         return self

@@ -22,7 +22,7 @@ import time
 import psutil
 import setproctitle
 
-from torchcore import config, executor, records
+from torchcore import config, executor, records, textfmt
 from torchcore.clock import SystemClock
 from torchcore.coordinator import LocalCoordinator
 from torchcore.errors import ConfigError, TorchcoreError
@@ -94,9 +94,10 @@ class Supervisor:
     """Runs this node's share of a task file until told to stop."""
 
     def __init__(self, taskfile, node, clock=None, coordinator=None, on_ready=None,
-                 helper_stderr=None):
+                 helper_stderr=None, pidfile=None):
         self.taskfile = taskfile
         self.settings = taskfile.settings
+        self.pidfile = pidfile or self.settings.pidfile     # the one it holds: told to commands
         self.node = node
         self.node_name = node.hostname
         self.clock = clock or SystemClock()
@@ -130,6 +131,8 @@ class Supervisor:
         self.killed_all = False
         self.reload_requested = None     # the reason, when a reload waits for the loop
         self.last_reload = None          # (epoch, ok, message)
+        self.last_applied = None         # the last accepted reload: at, reason, digest, counts
+        self._changes = {}               # what the last _apply added, changed, removed (counts)
         self.reload_error = None
         self.file_signature = None
         self.retry = []                  # (name, second) whose fork failed: tried again next tick
@@ -159,6 +162,7 @@ class Supervisor:
             self.planner.start(int(self.clock.time()))
             self._start_reboot_tasks()
             self._maybe_prepare()       # the first seconds too, not from the first tick on
+            self._set_title()           # before `start` returns: ps never shows the command line
             self.ready = True
             if self.on_ready is not None:
                 self.on_ready()
@@ -397,7 +401,7 @@ class Supervisor:
         self.records.add(records.RunRecord(
             run_id=run.run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
             started=run.started, ended=None, exit_code=None, signal=None, manual=run.manual,
-            pid=run.executor_pid))
+            pid=run.pgid or run.executor_pid))    # the command's pid once known (one pid per run)
 
     def _forked(self, run, pid):
         """The executor of ``run`` exists now (STARTING or PREPARED, pid known)."""
@@ -719,20 +723,21 @@ class Supervisor:
         its own end; runs whose executor is gone without a record are closed as lost.
         """
         for record in self.records.unfinished():
-            if record.pid and _is_executor(record.pid, record.task, record.run_id):
-                self._adopt(record)
+            pid = _executor_of(record.pid, record.task, record.run_id)
+            if pid:
+                self._adopt(record, pid)
             else:
                 record.ended = self.clock.time()
                 record.error = "lost: its supervisor and executor stopped before recording an end"
                 self.records.add(record)
 
-    def _adopt(self, record):
+    def _adopt(self, record, executor_pid):
         # A run with no scheduled second that was not started by hand is a daemon instance.
         instance = record.scheduled is None and not record.manual
         task = self.tasks.get(record.task) or _Retired(record.task, "daemon" if instance else "common")
-        run = Run(record.run_id, task, record.scheduled, record.manual, record.pid,
+        run = Run(record.run_id, task, record.scheduled, record.manual, executor_pid,
                   record.started or self.clock.time(), state=RunState.RUNNING,
-                  pgid=_command_group(record.pid), adopted=True)
+                  pgid=_command_group(executor_pid), adopted=True)
         self.runs[run.run_id] = run
         self.by_pid[run.executor_pid] = run.run_id
         self.by_task.setdefault(task.name, set()).add(run.run_id)
@@ -809,7 +814,9 @@ class Supervisor:
                 prepared.pgid = message.get("pid")      # its command's group, before it runs
             return
         if message.get("e") in ("start", "gate"):     # gate: read only after it was fired
-            run.pgid = message.get("pid")
+            known, run.pgid = run.pgid, message.get("pid")
+            if run.pgid != known:
+                self._record_start(run)         # history shows the command's pid, as status
             run.state = RunState.RUNNING   # STARTING -> RUNNING
             if self.stopping:
                 self._signal_run(run, signal.SIGTERM, "shutdown")
@@ -940,7 +947,8 @@ class Supervisor:
         """The daemon's live state; the CLI adds next runs and history from the file and db."""
         when, ok, message = self.last_reload or (None, None, None)
         return {
-            "pid": os.getpid(), "started": self.started_at, "now": self.clock.time(),
+            "pid": os.getpid(), "pidfile": self.pidfile,
+            "started": self.started_at, "now": self.clock.time(),
             "file": self.settings.path, "digest": self.taskfile.digest,
             "node": {"hostname": self.node.hostname,
                      "addresses": [str(a) for a in self.node.addresses]},
@@ -954,7 +962,7 @@ class Supervisor:
         runs = [self.runs[run_id] for run_id in self.by_task.get(name, ())]
         task = self.tasks[name]
         entry = {"type": task.type, "schedule": task.schedule_text, "timezone": task.timezone,
-                 "running": [{"run_id": r.run_id, "pid": r.pgid or r.executor_pid,
+                 "running": [{"run_id": r.run_id, "pid": r.pgid, "executor_pid": r.executor_pid,
                               "started": r.started, "scheduled": r.scheduled,
                               "state": "adopted" if r.adopted else r.state} for r in runs],
                  "skipped": self.skipped_last.get(name)}
@@ -970,8 +978,8 @@ class Supervisor:
         name = request.get("task")
         task = self.tasks.get(name)
         if task is None:
-            where = "is not in the task file" if name not in self._all_names() else \
-                "does not run on this node (or is disabled)"
+            where = f"is not in the task file{config.suggest(str(name), self._all_names())}" \
+                if name not in self._all_names() else self._not_here(self.taskfile.task(name))
             raise TorchcoreError(f"task {name!r} {where}")
         if self.stopping:
             raise TorchcoreError("torchcore is stopping")
@@ -981,15 +989,31 @@ class Supervisor:
             raise TorchcoreError(f"task {name!r} not started: {reason}")
         return {"run_id": run.run_id, "executor_pid": run.executor_pid}
 
+    def _not_here(self, task):
+        if not task.enabled:
+            return "is disabled"
+        return f"does not run on this node (it runs on {textfmt.targets_text(task)})"
+
     def _all_names(self):
         return {task.name for task in self.taskfile.tasks}
 
     def control_reload(self, request):
+        before = self.last_applied
         accepted, problems = self.reload("control request")
         reply = {"accepted": accepted, "problems": problems}
         if accepted:
             reply["summary"] = self.last_reload[2]
+            if before and before["reason"] == "file changed" and \
+                    before["digest"] == self.taskfile.digest and not any(self._changes.values()):
+                reply["already"] = before       # the file watch applied this very file
+                self.last_applied = before
         return reply
+
+    def control_ping(self, request):
+        """Who serves this socket: the CLI finds the daemon (and its pidfile) by this."""
+        return {"pid": os.getpid(), "pidfile": self.pidfile,
+                "state_dir": self.settings.state_dir, "file": self.settings.path,
+                "started": self.started_at, "shutdown_grace": self.settings.shutdown_grace}
 
     # ---- shutdown -------------------------------------------------------------------------
 
@@ -1057,6 +1081,8 @@ class Supervisor:
             return self._reject(reason, [f"{path}: cannot apply: {type(exc).__name__}: {exc}"])
         self.reload_error = None
         self.last_reload = (self.clock.time(), True, summary)
+        self.last_applied = {"at": self.clock.time(), "reason": reason,
+                             "digest": new.digest, **self._changes}
         log.info("reloaded (%s): %s", reason, summary)
         return True, []
 
@@ -1083,6 +1109,7 @@ class Supervisor:
         changed = [name for name, task in new_tasks.items()
                    if name in old_tasks and old_tasks[name] != task]
         added = [name for name in new_tasks if name not in old_tasks]
+        self._changes = {"added": len(added), "changed": len(changed), "removed": len(removed)}
         self._reschedule(old_tasks, removed + changed, [new_tasks[name] for name in changed + added])
         # Nothing below fails: the new state is in place.
         self._cancel_prepared()     # they were forked with the old specs
@@ -1261,6 +1288,19 @@ def _command_group(executor_pid):
     except (psutil.Error, OSError):
         pass
     return None
+
+
+def _executor_of(pid, task, run_id):
+    """The live executor of a run recorded with ``pid``: its command's (its child) or its own."""
+    if not pid:
+        return None
+    if _is_executor(pid, task, run_id):
+        return pid
+    try:
+        parent = psutil.Process(pid).ppid()
+    except psutil.Error:
+        return None
+    return parent if _is_executor(parent, task, run_id) else None
 
 
 def _file_signature(path):

@@ -1,7 +1,8 @@
 """Task logs: each task's output in ``log_dir/<task>.log``, one stamped line per output line.
 
 A line looks like ``2026-11-24T15:30:00.123+00:00 run 17 out| text``: local time
-with its offset, the run id, the stream (``out`` or ``err``) and the text.
+with its offset, the run id, the stream (``out`` or ``err`` for what the task printed, ``sys`` for
+torchcore's own lines: a timeout, a limit, the run's end) and the text.
 
 Several runs of one task append to the same file at once, each from its own
 executor process: every write is O_APPEND and holds whole lines only, so lines
@@ -28,6 +29,7 @@ MAX_LINE = 64 * 1024          # bytes of one line kept; the rest of it is droppe
 MAX_WRITE = 64 * 1024         # bytes of whole lines gathered into one write()
 CUT_MARKER = " [line cut at {} bytes]"
 _READ_BLOCK = 64 * 1024
+SYS = "sys"                   # the stream of torchcore's own lines, never the task's
 
 
 def log_path(log_dir, task):
