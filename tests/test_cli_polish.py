@@ -267,7 +267,8 @@ def test_reload_after_the_file_watch_says_it_was_already_applied(site):
 def test_status_json_has_iso_times_each_task_once_and_no_wire_keys(site):
     (site / "tasks.yaml").write_text(SETTINGS + TASKS + "  - {name: d, type: daemon, command: \"exit 3\"}\n")
     assert tc(site, "start").returncode == 0
-    wait_for(lambda: "exit 0" in tc(site, "status").stdout, 15, "a finished run")
+    wait_for(lambda: json.loads(tc(site, "status", "--json").stdout)["tasks"][0].get("last"), 15,
+             "a finished run")
     wait_for(lambda: '"restarts": 0' not in tc(site, "status", "--json").stdout, 15, "a restart")
     doc = json.loads(tc(site, "status", "--json").stdout)
     text = json.dumps(doc)
