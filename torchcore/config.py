@@ -10,6 +10,12 @@ Nothing here loops over the tasks more than once or does per-task work that
 could be shared (regexes are compiled once, schedules, zones and networks are
 cached per load), so a 100,000-task file loads in about twice the time the C
 parser alone takes.
+
+Everything a file can hold is bounded before or while it is validated: its size,
+its nesting depth and how far aliases and merge keys expand it (``_budget``, which
+measures each node once, so a bomb is refused in time linear in the file), every
+number (by kind, in ``units``), every string (no NUL; names and paths without
+control characters) and what a run hands to exec and to a launcher.
 """
 
 import difflib
