@@ -409,3 +409,13 @@ def test_next_counts_are_bounded_and_ascii(tmp_path, capsys, count):
     with pytest.raises(SystemExit) as info:
         main(["next", "-c", str(path), "-n", count])
     assert info.value.code == 2 and "expected a whole number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key,value", [
+    ("name", HUGE), ("description", HUGE), ("max", "'" + "x" * 200_000 + "'"),
+    ("ips", f"['{'1' * 100_000}']"),
+    ("schedule", "'" + "1" * 100_000 + "'"), ("kill_grace", "'" + "9" * 100_000 + "x'")])
+def test_messages_about_huge_values_stay_short(key, value):
+    problem = one(task(**{key: value}) if key != "name" else
+                  f"tasks:\n  - name: {value}\n    command: y\n    schedule: '@every 1s'\n")
+    assert len(problem) < 500, problem[:600]

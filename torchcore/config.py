@@ -10,6 +10,12 @@ Nothing here loops over the tasks more than once or does per-task work that
 could be shared (regexes are compiled once, schedules, zones and networks are
 cached per load), so a 100,000-task file loads in about twice the time the C
 parser alone takes.
+
+Everything a file can hold is bounded before or while it is validated: its size,
+its nesting depth and how far aliases and merge keys expand it (``_budget``, which
+measures each node once, so a bomb is refused in time linear in the file), every
+number (by kind, in ``units``), every string (no NUL; names and paths without
+control characters) and what a run hands to exec and to a launcher.
 """
 
 import difflib
@@ -348,10 +354,10 @@ def _got(node):
     """``got yes (YAML reads it as a boolean)``: what was found, in the user's own spelling."""
     if isinstance(node, yaml.ScalarNode):
         if node.tag == STR:
-            return f"got {node.value!r}"
+            return f"got {shown(node.value, 60)!r}"
         if node.tag == NULL:
             return "got nothing (empty)"
-        return f"got {node.value} (YAML reads it as {_kind(node)})"
+        return f"got {shown(node.value, 60)} (YAML reads it as {_kind(node)})"
     return f"got {_kind(node)}"
 
 
@@ -370,7 +376,8 @@ def want_str(node, what="a string", limit=MAX_ARG_BYTES):
             raise _Bad(f"{len(value.encode('utf-8', 'surrogatepass')):,} bytes long; "
                        f"at most {limit:,} bytes", node)
         return value
-    hint = f"; quote it: \"{node.value}\"" if isinstance(node, yaml.ScalarNode) and node.tag != NULL else ""
+    quotable = isinstance(node, yaml.ScalarNode) and node.tag != NULL
+    hint = f"; quote it: \"{shown(node.value, 60)}\"" if quotable else ""
     raise _Bad(f"expected {what}, {_got(node)}{hint}", node)
 
 
@@ -713,7 +720,7 @@ def parse_network(text, node=None):
     try:
         meant = ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
-        raise _Bad(f"{text!r} is not an IPv4/IPv6 address or CIDR network "
+        raise _Bad(f"{shown(text, 60)!r} is not an IPv4/IPv6 address or CIDR network "
                    "(expected e.g. 10.0.0.5, 10.0.1.0/24 or 2001:db8::/32)", node) from None
     raise _Bad(f"{text!r} has host bits set; did you mean {meant}?", node)
 
