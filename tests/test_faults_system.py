@@ -130,6 +130,29 @@ def _check_ticks(d, figures, faults, after=None):
     return ran
 
 
+# ---- a reload that cannot be applied -----------------------------------------------------------
+
+def test_a_file_the_c_core_cannot_hold_is_a_rejected_reload_and_the_old_tasks_go_on(daemons, figures):
+    """`@every 9223372036854775808s` (refused at validation, or else by the table while the
+    reload is applied): either way the reload is rejected whole and the old tasks keep running."""
+    d = daemons("tasks:\n" + EVERY + '  - {name: d, type: daemon, command: "sleep 300"}\n').start()
+    wait_for(lambda: started(d.runs("d")) and len(started(d.runs("tick"))) >= 2, 15, "runs")
+    procs = _tree(d.proc.pid)
+    edited_at = time.time()
+    d.write("tasks:\n" + EVERY.replace("echo tick", "echo changed") +
+            '  - {name: huge, schedule: "@every 9223372036854775808s", command: "true"}\n')
+    d.wait_log("rejected")
+    time.sleep(3)
+    assert d.proc.poll() is None
+    assert d.log.count("rejected") == 1 and "Traceback" not in d.log
+    assert [r["ended"] for r in started(d.runs("d"))] == [None]     # the daemon task untouched
+    assert not d.runs("huge")
+    assert d.stop() == 0
+    ran = _check_ticks(d, figures, faults=1)
+    assert max(ran) >= edited_at + 2                                 # tick went on after it
+    assert _left_running(procs) == []
+
+
 # ---- launchers ---------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -379,7 +402,8 @@ def test_a_burst_s_prepared_runs_start_on_time(daemons, figures):
     assert len(ran) == count and len(set(keys)) == count        # each once
     delays = sorted(r["started"] - burst_at for r in ran)
     # The prepared ones start at once, as fast as 2 busy cores exec them (measured: the first at
-    # 0.12 s, 1,000 within 1 s; with go after the rest were forked: none within 1.2 s).
-    assert delays[99] < 0.6 and delays[1799] < 5.0, [round(x, 2) for x in delays[::200]]
+    # 0.12 s, 1,000 within 1 s; with go after the rest were forked: none within 1.2 s).  How many
+    # are prepared in time depends on the machine's load, so only the first 500 are held to it.
+    assert delays[99] < 0.6 and delays[499] < 2.0, [round(x, 2) for x in delays[::200]]
     assert _left_running(procs) == []
     figures.add(faults=1, runs=count, doubled=len(keys) - len(set(keys)))

@@ -335,3 +335,29 @@ def test_the_daemon_log_handler_never_raises_and_reports_a_failure_once(tmp_path
         assert "3 lines lost" in text and "three" in text
     finally:
         handler.close()
+
+
+def test_a_records_database_removed_while_open_is_made_again_with_ids_going_on(tmp_path, caplog):
+    import os
+
+    path = str(tmp_path / "torchcore.db")
+    with records.Records(path, id_block=10) as db:
+        first = [db.allocate_run_id() for _ in range(3)]
+        for run_id in first:
+            db.add(records.RunRecord(run_id, "t", "n", T0, T0, T0 + 1, 0, None))
+        assert db.flush()
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.unlink(path + suffix)
+        later = db.allocate_run_id()
+        db.add(records.RunRecord(later, "t", "n", T0 + 5, T0 + 5, T0 + 6, 0, None))
+        with caplog.at_level(logging.WARNING):
+            assert db.flush()
+            db.add(records.RunRecord(later + 1, "t", "n", T0 + 6, T0 + 6, T0 + 7, 0, None))
+            assert db.flush()
+        assert db.recreated == 1 and os.path.exists(path)
+        assert [r.run_id for r in db.query()] == [later + 1, later]
+        assert len([r for r in caplog.records if "removed or replaced" in r.getMessage()]) == 1
+        assert db.allocate_run_id() > later     # the new file's counter starts after them all
+    with records.Records(path) as again:
+        assert again.allocate_run_id() > later + 1

@@ -742,8 +742,8 @@ class Supervisor:
         self.by_pid[run.executor_pid] = run.run_id
         self.by_task.setdefault(task.name, set()).add(run.run_id)
         self.followed.add(run.run_id)
-        log.warning("run %d of %s (pid %d) was started by a previous supervisor and still runs: it "
-                    "counts against max (adopted, stopped like any other run)",
+        log.warning("run %d of %s (pid %d) was started by a previous supervisor and still runs: "
+                    "it counts against max (adopted, stopped like any other run)",
                     run.run_id, task.name, run.executor_pid)
         current = self.tasks.get(record.task)
         if instance and (current is None or current.type != "daemon"):  # its daemon task is gone
