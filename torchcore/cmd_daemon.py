@@ -224,11 +224,17 @@ def _ping(path):
 def peek_settings(path):
     """The settings a task file names for state_dir, log_dir, pidfile and shutdown_grace.
 
-    Reads at most SETTINGS_PEEK bytes and composes only the top-level ``settings:``
-    block (no alias or merge is expanded); anything unreadable leaves the defaults.
+    First the loader's own settings-only read (within the loading budget: invalid tasks or
+    settings do not stop it).  If the file is not YAML at all, read at most SETTINGS_PEEK
+    bytes and compose only the top-level ``settings:`` block (no alias or merge is expanded);
+    anything unreadable leaves the defaults.
     """
     import yaml
 
+    try:
+        return config.load_settings(path)
+    except (ConfigError, OSError):
+        pass
     settings = config.default_settings(path)
     try:
         with open(path, "rb") as handle:
