@@ -333,6 +333,12 @@ def test_the_daemon_log_handler_never_raises_and_reports_a_failure_once(tmp_path
         logger.warning("three")
         text = path.read_text()
         assert "3 lines lost" in text and "three" in text
+        from torchcore import daemonlog
+        logging.getLogger().addHandler(handler)
+        try:
+            assert daemonlog.failures() == 3        # what stats and status show
+        finally:
+            logging.getLogger().removeHandler(handler)
     finally:
         handler.close()
 

@@ -72,3 +72,9 @@ class DaemonLogHandler(logging.handlers.WatchedFileHandler):
                                  "the daemon log could not be written for a while: %d lines lost "
                                  "(%s)", (lost, why), None)
         super(logging.handlers.WatchedFileHandler, self).emit(line)
+
+
+def failures():
+    """Lines the daemon's log could not take, over the process's life (for stats and status)."""
+    return sum(handler.failures for handler in logging.getLogger().handlers
+               if isinstance(handler, DaemonLogHandler))

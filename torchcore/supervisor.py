@@ -22,7 +22,7 @@ import time
 import psutil
 import setproctitle
 
-from torchcore import config, executor, records, textfmt
+from torchcore import config, daemonlog, executor, records, textfmt
 from torchcore.clock import SystemClock
 from torchcore.coordinator import LocalCoordinator
 from torchcore.errors import ConfigError, TorchcoreError
@@ -954,7 +954,7 @@ class Supervisor:
                      "addresses": [str(a) for a in self.node.addresses]},
             "last_reload": {"at": when, "accepted": ok, "message": message} if when else None,
             "reload_error": self.reload_error, "stopping": self.stopping,
-            "stats": dataclasses.asdict(self.stats),
+            "stats": dataclasses.asdict(self.stats), "log_failures": daemonlog.failures(),
             "tasks": {name: self._task_status(name) for name in self.tasks},
         }
 
@@ -1251,6 +1251,7 @@ class Supervisor:
         return (f"stats: tasks={len(self.tasks)} running={len(self.runs)} started={s.started} "
                 f"failed={s.failed} skipped={s.skipped} missed={s.missed} "
                 f"fork_failures={s.fork_failures} errors={s.errors} "
+                f"log_failures={daemonlog.failures()} "
                 f"load={load[0]:.2f},{load[1]:.2f},{load[2]:.2f} "
                 f"rss={rss // 1024}K mem_used={psutil.virtual_memory().percent}%")
 
