@@ -1181,9 +1181,9 @@ class Supervisor:
         if signature is None or signature == self.file_signature:
             return
         self.file_signature = signature
-        try:
+        try:        # at most the loader's limit: a bigger file is a change (and a rejected reload)
             with open(self.settings.path, "rb") as handle:
-                digest = hashlib.sha256(handle.read()).hexdigest()
+                digest = hashlib.sha256(handle.read(config.MAX_FILE_BYTES + 1)).hexdigest()
         except OSError:
             return
         if digest != self.taskfile.digest:
@@ -1310,8 +1310,6 @@ def _file_signature(path):
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 
 
 def _describe_status(code):
