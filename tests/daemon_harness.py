@@ -66,10 +66,17 @@ class Daemon:
         db = os.path.join(self.dir, "state", "torchcore.db")
         if not os.path.exists(db):
             return []
-        conn = sqlite3.connect(db, timeout=10)
+        try:        # read-only: a reader never creates the file the daemon is about to make
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        except sqlite3.OperationalError:
+            return []
         conn.row_factory = sqlite3.Row
         try:
             rows = conn.execute("SELECT * FROM runs ORDER BY run_id").fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):     # made a moment ago, its schema not in yet
+                return []
+            raise
         finally:
             conn.close()
         return [dict(r) for r in rows if task is None or r["task"] == task]
