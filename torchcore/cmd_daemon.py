@@ -12,7 +12,7 @@ import time
 from torchcore import cli, config
 from torchcore.errors import ConfigError, DaemonError
 from torchcore.node import Node
-from torchcore.pidfile import pid_alive_and_locked, pid_exists
+from torchcore.pidfile import find_daemon, pid_alive_and_locked
 
 log = logging.getLogger("torchcore")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -60,6 +60,7 @@ def cmd_start(args):
     taskfile = load_for_node(cli.task_file_path(args), node)
     pidfile_path = os.path.abspath(args.pidfile or taskfile.settings.pidfile)
     prepare_state_dir(taskfile.settings.state_dir)     # 0700 and ours, before anything goes in
+    prepare_log_dir(taskfile.settings.log_dir)         # 0750 and ours, its whole path checked
     holder = running_pid(pidfile_path)
     if holder is not None:      # refuse at once; the daemon would refuse too, only later
         raise AlreadyRunning(holder, pidfile_path)
@@ -112,12 +113,21 @@ def setup_logging(path):
     if path is None:
         handler = logging.StreamHandler(sys.stderr)
     else:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        handler = logging.handlers.WatchedFileHandler(path)
+        from torchcore.safepaths import log_file_handler
+
+        prepare_log_dir(os.path.dirname(path))
+        handler = log_file_handler(path)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+
+
+def prepare_log_dir(log_dir):
+    """Create log_dir 0750 if missing; refuse one another user owns, made or can write to."""
+    from torchcore import safepaths
+
+    safepaths.secure_dir(log_dir, safepaths.LOG_DIR_MODE, what="log_dir")
 
 
 # ---- finding and signalling the daemon ---------------------------------------------------
@@ -171,18 +181,17 @@ def not_running(pidfile):
 
 def cmd_stop(args):
     pidfile, settings = locate(args)
-    pid = running_pid(pidfile)
-    if pid is None:
+    daemon = find_daemon(pidfile)       # only a verified supervisor holding the lock
+    if daemon is None:
         return not_running(pidfile)
     grace = settings.shutdown_grace if settings else 30
     timeout = args.timeout if args.timeout is not None else grace + 15
-    os.kill(pid, signal.SIGTERM)
-    began = time.monotonic()
-    while time.monotonic() - began < timeout:
-        if not pid_exists(pid):
+    with daemon:
+        pid = daemon.pid
+        began = time.monotonic()
+        if not daemon.signal(signal.SIGTERM) or daemon.wait(timeout):
             print(f"torchcore stopped (pid {pid}, {time.monotonic() - began:.1f}s)")
             return cli.EXIT_OK
-        time.sleep(0.05)
     print(f"torchcore: still running after {timeout:.0f}s (pid {pid}); "
           f"`kill -TERM {pid}` again skips the grace period", file=sys.stderr)
     return cli.EXIT_ERROR
@@ -195,7 +204,12 @@ def cmd_reload(args):
         return not_running(pidfile)
     reply = _control_request(settings, "reload")
     if reply is None:
-        os.kill(pid, signal.SIGUSR2)
+        daemon = find_daemon(pidfile)
+        if daemon is None:
+            return not_running(pidfile)
+        with daemon:
+            pid = daemon.pid
+            daemon.signal(signal.SIGUSR2)
         print(f"sent SIGUSR2 to torchcore (pid {pid}); its log tells whether the file was accepted")
         return cli.EXIT_OK
     if reply.get("accepted"):

@@ -32,6 +32,7 @@ import struct
 import time
 
 from torchcore.errors import DaemonError, TorchcoreError
+from torchcore.safepaths import STATE_DIR_MODE, secure_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +53,12 @@ def socket_path(state_dir):
 
 
 def prepare_state_dir(state_dir):
-    """Create state_dir 0700 if missing; refuse one we do not own or others can enter."""
-    try:
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        info = os.stat(state_dir)
-    except OSError as exc:
-        raise DaemonError(f"cannot create state directory {state_dir}: {exc.strerror}") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise DaemonError(f"state directory {state_dir} is not a directory")
-    if info.st_uid != os.geteuid():
-        raise DaemonError(f"state directory {state_dir} is owned by uid {info.st_uid}, not by "
-                          f"the daemon's uid {os.geteuid()}; chown it or choose another state_dir")
-    if info.st_mode & 0o077:
-        raise DaemonError(f"state directory {state_dir} is accessible by group or others "
-                          f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 700 {state_dir}")
+    """Create state_dir 0700 if missing; refuse one we do not own or others can enter.
+
+    The whole path is checked (safepaths.secure_dir): a state_dir another user
+    pre-created, or reached through a directory or symlink they control, is refused.
+    """
+    secure_dir(state_dir, STATE_DIR_MODE, what="state directory", private=True)
 
 
 def error_reply(message):

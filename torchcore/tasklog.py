@@ -10,6 +10,10 @@ never interleave.  When the file reaches ``max_bytes`` it is rotated to
 other writers notice the new inode and reopen.  A write error (disk full) is
 counted and reported once on stderr, never raised: a task must not die because
 its log cannot be written.
+
+Every file here is opened through ``safepaths.open_file`` (O_NOFOLLOW, our own
+plain file, mode 0640): a symlink or a file planted under a task's log name is
+refused, never followed; rotation only renames, which never follows a link.
 """
 
 import datetime
@@ -17,6 +21,8 @@ import fcntl
 import os
 import sys
 import time
+
+from torchcore import safepaths
 
 MAX_LINE = 64 * 1024          # bytes of one line kept; the rest of it is dropped
 MAX_WRITE = 64 * 1024         # bytes of whole lines gathered into one write()
@@ -149,13 +155,12 @@ class TaskLog:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        os.makedirs(self._log_dir, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._fd = open_log_file(self._log_dir, self.path, os.O_WRONLY | os.O_APPEND)
         self._ino = os.fstat(self._fd).st_ino
 
     def _rotate(self):
         """Shift <task>.log.N-1 .. .log to .N .. .1 once, however many writers see the file full."""
-        lock = os.open(self.path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        lock = open_log_file(self._log_dir, self.path + ".lock", os.O_WRONLY)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -177,6 +182,17 @@ class TaskLog:
             if os.path.exists(older):
                 os.replace(older, f"{self.path}.{n + 1}")
         os.replace(self.path, self.path + ".1")
+
+
+def open_log_file(log_dir, path, flags):
+    """Open (creating, 0640) a file of ``log_dir`` without following a link; a log_dir
+    gone meanwhile is made again (0750, its path checked)."""
+    flags |= os.O_CREAT
+    try:
+        return safepaths.open_file(path, flags, safepaths.LOG_MODE, what="task log")
+    except FileNotFoundError:
+        safepaths.secure_dir(log_dir, safepaths.LOG_DIR_MODE, what="log_dir")
+        return safepaths.open_file(path, flags, safepaths.LOG_MODE, what="task log")
 
 
 # -- reading ----------------------------------------------------------------------------------
