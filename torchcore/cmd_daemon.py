@@ -199,17 +199,15 @@ def cmd_stop(args):
 
 def cmd_reload(args):
     pidfile, settings = locate(args)
-    pid = running_pid(pidfile)
-    if pid is None:
+    daemon = find_daemon(pidfile)       # only a verified supervisor holding the lock
+    if daemon is None:
         return not_running(pidfile)
-    reply = _control_request(settings, "reload")
-    if reply is None:
-        daemon = find_daemon(pidfile)
-        if daemon is None:
-            return not_running(pidfile)
-        with daemon:
-            pid = daemon.pid
+    with daemon:
+        pid = daemon.pid
+        reply = _control_request(settings, "reload")
+        if reply is None:
             daemon.signal(signal.SIGUSR2)
+    if reply is None:
         print(f"sent SIGUSR2 to torchcore (pid {pid}); its log tells whether the file was accepted")
         return cli.EXIT_OK
     if reply.get("accepted"):
@@ -223,7 +221,9 @@ def cmd_reload(args):
 
 def cmd_restart(args):
     pidfile, _ = locate(args)
-    if running_pid(pidfile) is not None:
+    daemon = find_daemon(pidfile)       # refuses a pidfile that is not a daemon's of ours
+    if daemon is not None:
+        daemon.close()
         code = cmd_stop(args)
         if code != cli.EXIT_OK:
             return code
