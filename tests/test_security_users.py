@@ -187,7 +187,8 @@ def prepare_layout(user, shared, layout, names, victim, root_dir):
 @pytest.mark.parametrize("foreground", [False, True], ids=["daemon", "foreground"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_log_dir_another_user_made_is_refused(attacker, shared, site, victim, tmp_path,
-                                                layout, foreground):
+                                                layout, foreground, figures):
+    figures.add(faults=1)          # one attack
     root_dir = tmp_path / "roots-logs"
     root_dir.mkdir(mode=0o750)
     log_dir = prepare_layout(attacker, shared, layout, LOG_NAMES, victim, str(root_dir))
@@ -201,7 +202,8 @@ def test_a_log_dir_another_user_made_is_refused(attacker, shared, site, victim, 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_state_dir_another_user_made_is_refused(attacker, shared, site, victim, tmp_path,
-                                                  layout):
+                                                  layout, figures):
+    figures.add(faults=1)          # one attack
     root_dir = tmp_path / "roots-state"
     root_dir.mkdir(mode=0o700)
     state_dir = prepare_layout(attacker, shared, layout, STATE_NAMES, victim, str(root_dir))
@@ -212,8 +214,9 @@ def test_a_state_dir_another_user_made_is_refused(attacker, shared, site, victim
     assert os.listdir(root_dir) == []
 
 
-def test_a_records_database_another_user_made_is_refused(attacker, shared, site, victim):
+def test_a_records_database_another_user_made_is_refused(attacker, shared, site, victim, figures):
     """Their own state_dir (0700) with their own database in it: not opened by root."""
+    figures.add(faults=1)          # one attack
     state_dir = os.path.join(shared, "state")
     user_dir(attacker, state_dir, 0o700)
     database = os.path.join(state_dir, "torchcore.db")
@@ -277,7 +280,8 @@ PIDFILE_CASES = {
 
 @pytest.mark.parametrize("command", ["stop", "reload", "restart"])
 @pytest.mark.parametrize("case", list(PIDFILE_CASES))
-def test_a_planted_pidfile_never_gets_a_process_killed(attacker, shared, site, case, command):
+def test_a_planted_pidfile_never_gets_a_process_killed(attacker, shared, site, case, command, figures):
+    figures.add(faults=1)          # one attack
     where, maker, locker, named, reason = PIDFILE_CASES[case]
     directory = shared
     if where == "their-dir":
@@ -330,7 +334,8 @@ def test_a_daemon_with_its_files_in_the_shared_directory_works(attacker, shared,
 # ---- reading root's task output --------------------------------------------------------------
 
 @pytest.mark.parametrize("existing", [False, True], ids=["fresh", "older-looser-modes"])
-def test_task_output_is_unreadable_to_another_user(attacker, shared, site, existing):
+def test_task_output_is_unreadable_to_another_user(attacker, shared, site, existing, figures):
+    figures.add(faults=1)          # one attack
     log_dir = os.path.join(shared, "logs")
     if existing:                    # what an older torchcore left: 0755 and 0644
         os.mkdir(log_dir, 0o755)
@@ -358,13 +363,16 @@ def test_task_output_is_unreadable_to_another_user(attacker, shared, site, exist
 # ---- reload ----------------------------------------------------------------------------------
 
 def test_a_reload_to_a_log_dir_another_user_made_is_refused_and_the_old_kept(
-        attacker, shared, site, victim):
+        attacker, shared, site, victim, figures):
+    figures.add(faults=1)          # one attack
     theirs = os.path.join(shared, "theirs")
     user_dir(attacker, theirs, 0o777)
     plant_links(attacker, theirs, LOG_NAMES, victim.target)
     own_logs = os.path.join(shared, "logs")
     one = site(state_dir="state", log_dir=own_logs)
     assert one.tc("start").returncode == 0
+    own_log = os.path.join(own_logs, f"{TASK}.log")
+    wait_for(lambda: "run " in read(own_log), 15, "the task's first output")
     one.write(log_dir=theirs)
     out = one.tc("reload")
     assert out.returncode == 0, out.stderr
@@ -372,9 +380,8 @@ def test_a_reload_to_a_log_dir_another_user_made_is_refused_and_the_old_kept(
     wait_for(lambda: "refused" in read(daemon_log), 15, "the refusal in the daemon log")
     text = open(daemon_log).read()
     assert theirs in text and attacker.pw_name in text and f"{own_logs} is kept" in text
-    size = os.path.getsize(os.path.join(own_logs, f"{TASK}.log"))
-    wait_for(lambda: os.path.getsize(os.path.join(own_logs, f"{TASK}.log")) > size, 15,
-             "more output in the old log_dir")
+    size = len(read(own_log))
+    wait_for(lambda: len(read(own_log)) > size, 15, "more output in the old log_dir")
     assert victim.unchanged()
     assert one.tc("stop").returncode == 0
     assert victim.unchanged()
