@@ -394,6 +394,7 @@ class ControlClient:
     def __init__(self, path, timeout=5.0):
         self.path = path
         self.timeout = timeout
+        self.server_pid = None      # set by connect (SO_PEERCRED)
 
     def request(self, cmd, **fields):
         """Send ``{"cmd": cmd, **fields}``; the reply dict, or DaemonError."""
@@ -418,7 +419,7 @@ class ControlClient:
         while True:
             try:
                 sock.connect(self.path)
-                return sock
+                return self.checked_server(sock)
             except BlockingIOError:
                 if time.monotonic() < deadline:
                     time.sleep(0.01)
@@ -429,6 +430,23 @@ class ControlClient:
             except OSError as exc:
                 sock.close()
                 raise DaemonError(self.connect_error(exc)) from None
+
+    def checked_server(self, sock):
+        """The socket, if the process serving it runs as root or as us (SO_PEERCRED).
+
+        A socket another user serves (their state_dir, or a path they planted) could
+        answer anything; its pid is kept in ``server_pid``, the kernel's word on who serves.
+        """
+        pid, uid, _ = peer_credentials(sock)
+        if uid not in (0, os.geteuid()):
+            sock.close()
+            from torchcore.safepaths import owner_name
+
+            raise DaemonError(f"the control socket {self.path} is served by pid {pid} running "
+                              f"as {owner_name(uid)}, not by root or "
+                              f"{owner_name(os.geteuid())}; refusing to talk to it")
+        self.server_pid = pid
+        return sock
 
     def connect_error(self, exc):
         if exc.errno == errno.ENOENT:
