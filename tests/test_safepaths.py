@@ -8,7 +8,7 @@ import os
 import stat
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from torchcore import safepaths
@@ -187,8 +187,18 @@ def build_chain(base, levels):
     return path, dirs
 
 
-@settings(derandomize=True, max_examples=200, deadline=None)
+def their_link_in_a_sticky_dir(test):
+    """Always try: their symlink, in a sticky shared directory, to a directory of ours."""
+    if not ROOT:
+        return test
+    shared = {"mode": 0o1777, "other_owner": False, "symlink": False, "link_other": False}
+    link = {"mode": 0o700, "other_owner": False, "symlink": True, "link_other": True}
+    return example(levels=[shared, link], private=True)(test)
+
+
+@settings(derandomize=True, max_examples=300, deadline=None)
 @given(levels=st.lists(LEVEL, min_size=1, max_size=4), private=st.booleans())
+@their_link_in_a_sticky_dir
 def test_generated_chains_follow_the_rule(tmp_path_factory, levels, private):
     base = tmp_path_factory.mktemp("chain")
     path, dirs = build_chain(base, levels)
