@@ -455,3 +455,33 @@ def test_out_of_descriptors_pauses_accepting_instead_of_spinning(loop, monkeypat
             pass
     assert json.loads(reply)["tasks"] == 3
     client.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to serve a socket as another user")
+def test_client_refuses_a_socket_served_by_another_user(tmp_path):
+    """A control socket someone else serves (a planted state_dir) is not talked to."""
+    path = str(tmp_path / "control.sock")
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.bind(path)
+            os.setgid(65534)
+            os.setuid(65534)                # SO_PEERCRED reports who called listen()
+            server.listen(1)
+            os.write(ready_w, b"x")
+            conn, _ = server.accept()
+            conn.sendall(b'{"ok": true, "tasks": 0}\n')
+            conn.recv(1)
+        finally:
+            os._exit(0)
+    try:
+        os.close(ready_w)
+        os.read(ready_r, 1)
+        with pytest.raises(DaemonError, match=rf"served by pid {child} running as uid 65534"):
+            ControlClient(path).request("status")
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+        os.close(ready_r)

@@ -252,3 +252,133 @@ def test_refusal_names_the_new_holder_not_the_dead_predecessor(tmp_path, monkeyp
         Pidfile(path).acquire()
     assert info.value.pid == proc.pid
     finish(proc)
+
+
+# ---- find_daemon: who may be signalled ---------------------------------------------------------
+
+# A stand-in supervisor: titled as one, holding the pidfile until stdin closes or SIGTERM.
+TITLED = textwrap.dedent("""
+    import sys, setproctitle
+    from torchcore.pidfile import Pidfile
+    if sys.argv[2] == "titled":
+        setproctitle.setproctitle("torchcore: supervisor tasks.yaml (1 tasks, 0 running)")
+    pf = Pidfile(sys.argv[1]).acquire()
+    print("won", flush=True)
+    sys.stdin.read()
+""")
+
+
+def start_holder(path, titled):
+    proc = subprocess.Popen([sys.executable, "-c", TITLED, str(path), titled],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "won"
+    return proc
+
+
+def stop_holder(proc):
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+def test_find_daemon_signals_a_titled_holder_through_its_pidfd(tmp_path):
+    path = tmp_path / "tc.pid"
+    proc = start_holder(path, "titled")
+    try:
+        daemon = pidfile_mod.find_daemon(path)
+        assert daemon is not None and daemon.pid == proc.pid
+        with daemon:
+            assert not daemon.wait(0.1)
+            assert daemon.signal(15)
+            assert daemon.wait(10)
+        assert proc.wait(10) == -15
+    finally:
+        stop_holder(proc)
+
+
+def test_find_daemon_on_a_missing_or_stale_pidfile_is_none(tmp_path):
+    assert pidfile_mod.find_daemon(tmp_path / "none" / "tc.pid") is None
+    (tmp_path / "stale.pid").write_text(f"{os.getpid()}\n")
+    assert pidfile_mod.find_daemon(tmp_path / "stale.pid") is None
+
+
+def test_a_lock_holder_that_is_not_torchcore_is_refused(tmp_path):
+    path = tmp_path / "tc.pid"
+    proc = start_holder(path, "untitled")       # `python -c ...`: not a torchcore supervisor
+    try:
+        with pytest.raises(DaemonError, match="is not a torchcore supervisor"):
+            pidfile_mod.find_daemon(path)
+        assert proc.poll() is None
+    finally:
+        stop_holder(proc)
+
+
+def test_a_pid_that_does_not_hold_the_lock_is_refused(tmp_path):
+    path = tmp_path / "tc.pid"
+    proc = start_holder(path, "titled")
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        path.write_text(f"{victim.pid}\n")      # the file now names another process
+        with pytest.raises(DaemonError, match=rf"names pid {victim.pid}, which does not hold "
+                                              rf"its lock \(held by {proc.pid}\)"):
+            pidfile_mod.find_daemon(path)
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+        stop_holder(proc)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a holder as another uid")
+def test_a_holder_running_as_another_user_is_refused(tmp_path):
+    path = tmp_path / "tc.pid"
+    path.write_text("")
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:                              # open as root, then become nobody and lock
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            os.setgid(65534)
+            os.setuid(65534)
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(write_end, b"x")
+            os.read(read_end, 1)
+        finally:
+            os._exit(0)
+    try:
+        os.close(write_end)
+        os.read(read_end, 1)
+        path.write_text(f"{child}\n")
+        with pytest.raises(DaemonError, match="runs as uid 65534"):
+            pidfile_mod.find_daemon(path)
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+        os.close(read_end)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the pidfile to another user")
+def test_a_pidfile_of_another_user_is_refused_by_start_and_stop(tmp_path):
+    path = tmp_path / "tc.pid"
+    path.write_text(f"{os.getpid()}\n")
+    os.chown(path, 65534, 65534)
+    with pytest.raises(DaemonError, match="is owned by uid 65534"):
+        pidfile_mod.find_daemon(path)
+    with pytest.raises(DaemonError, match="is owned by uid 65534"):
+        Pidfile(path).acquire()
+    assert path.read_text() == f"{os.getpid()}\n"
+
+
+@pytest.mark.parametrize("words, expected", [
+    (["torchcore: supervisor tasks.yaml (3 tasks, 0 running)"], True),
+    (["/usr/bin/python3", "-m", "torchcore", "start", "--foreground"], True),
+    (["/srv/venv/bin/torchcore", "restart", "-c", "t.yaml"], True),
+    (["/srv/venv/bin/torchcore", "status"], False),
+    (["flock", "/run/torchcore.pid", "sleep", "60"], False),
+    (["sh", "-c", "torchcore start"], False),
+    (["torchcore: launcher"], False),
+    ([], False),
+])
+def test_what_counts_as_a_supervisor(words, expected):
+    assert pidfile_mod.is_supervisor_command(words) is expected

@@ -11,9 +11,10 @@ import sys
 import time
 
 from torchcore import cli, config
+from torchcore import pidfile as pidfiles
 from torchcore.errors import ConfigError, DaemonError, TorchcoreError
 from torchcore.node import Node
-from torchcore.pidfile import pid_alive_and_locked, pid_exists
+from torchcore.pidfile import pid_alive_and_locked
 
 log = logging.getLogger("torchcore")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -64,6 +65,7 @@ def cmd_start(args):
     taskfile = load_for_node(cli.task_file_path(args), node)
     pidfile_path = os.path.abspath(args.pidfile or taskfile.settings.pidfile)
     prepare_state_dir(taskfile.settings.state_dir)     # 0700 and ours, before anything goes in
+    prepare_log_dir(taskfile.settings.log_dir)         # 0750 and ours, its whole path checked
     check_pidfile_dir(pidfile_path, args)
     found = find_daemon(args, taskfile.settings)
     if found.pid is not None:   # refuse at once (whatever pidfile it holds); it would fail later
@@ -155,16 +157,25 @@ def load_for_node(path, node):
 
 def setup_logging(path):
     """stderr in the foreground; otherwise a file that logrotate may move (WatchedFileHandler)."""
-    from torchcore.daemonlog import DaemonLogHandler
 
     if path is None:
         handler = logging.StreamHandler(sys.stderr)
     else:
-        handler = DaemonLogHandler(path)
+        from torchcore.safepaths import log_file_handler
+
+        prepare_log_dir(os.path.dirname(path))
+        handler = log_file_handler(path)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+
+
+def prepare_log_dir(log_dir):
+    """Create log_dir 0750 if missing; refuse one another user owns, made or can write to."""
+    from torchcore import safepaths
+
+    safepaths.secure_dir(log_dir, safepaths.LOG_DIR_MODE, what="log_dir")
 
 
 # ---- finding and signalling the daemon ---------------------------------------------------
@@ -304,6 +315,19 @@ def running_pid(pidfile):
     return pid_alive_and_locked(pidfile)
 
 
+def verified_daemon(found):
+    """The daemon ``found`` as a DaemonProcess to signal, verified first: it holds the lock of
+    its pidfile, runs as our user and is a torchcore supervisor (pidfile.find_daemon, through
+    a pidfd).  None when no process holds that lock; DaemonError when what holds it is not
+    the daemon that answered on the control socket, or not ours."""
+    daemon = pidfiles.find_daemon(found.pidfile)
+    if daemon is not None and found.info is not None and daemon.pid != found.pid:
+        daemon.close()
+        raise DaemonError(f"pid {found.pid} answers on {found.socket} but pid {daemon.pid} holds "
+                          f"{found.pidfile}; refusing to signal either")
+    return daemon
+
+
 def not_running(found):
     print(f"torchcore is not running (no daemon answers on {found.socket}; "
           f"pidfile {found.pidfile})", file=sys.stderr)
@@ -314,16 +338,17 @@ def cmd_stop(args):
     found = find_daemon(args)
     if found.pid is None:
         return not_running(found)
-    pid = found.pid
+    daemon = verified_daemon(found)     # only a supervisor of ours holding the pidfile's lock
+    if daemon is None:
+        return not_running(found)
     grace = (found.info or {}).get("shutdown_grace", found.settings.shutdown_grace)
     timeout = args.timeout if args.timeout is not None else grace + 15
-    os.kill(pid, signal.SIGTERM)
-    began = time.monotonic()
-    while time.monotonic() - began < timeout:
-        if not pid_exists(pid):
+    with daemon:
+        pid = daemon.pid
+        began = time.monotonic()
+        if not daemon.signal(signal.SIGTERM) or daemon.wait(timeout):
             print(f"torchcore stopped (pid {pid}, {time.monotonic() - began:.1f}s)")
             return cli.EXIT_OK
-        time.sleep(0.05)
     print(f"torchcore: still running after {timeout:.0f}s (pid {pid}); "
           f"`kill -TERM {pid}` again skips the grace period", file=sys.stderr)
     return cli.EXIT_ERROR
@@ -335,9 +360,13 @@ def cmd_reload(args):
         return not_running(found)
     reply = control_request(found, "reload")
     if reply is None:
-        os.kill(found.pid, signal.SIGUSR2)
-        print(f"sent SIGUSR2 to torchcore (pid {found.pid}); its log tells whether the file was "
-              "accepted")
+        daemon = verified_daemon(found)     # a signal only to a supervisor of ours
+        if daemon is None:
+            return not_running(found)
+        with daemon:
+            pid = daemon.pid
+            daemon.signal(signal.SIGUSR2)
+        print(f"sent SIGUSR2 to torchcore (pid {pid}); its log tells whether the file was accepted")
         return cli.EXIT_OK
     if reply.get("accepted"):
         print(reload_text(reply))

@@ -32,6 +32,7 @@ import struct
 import time
 
 from torchcore.errors import DaemonError, TorchcoreError
+from torchcore.safepaths import STATE_DIR_MODE, secure_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +53,12 @@ def socket_path(state_dir):
 
 
 def prepare_state_dir(state_dir):
-    """Create state_dir 0700 if missing; refuse one we do not own or others can enter."""
-    try:
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        info = os.stat(state_dir)
-    except OSError as exc:
-        raise DaemonError(f"cannot create state directory {state_dir}: {exc.strerror}") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise DaemonError(f"state directory {state_dir} is not a directory")
-    if info.st_uid != os.geteuid():
-        raise DaemonError(f"state directory {state_dir} is owned by uid {info.st_uid}, not by "
-                          f"the daemon's uid {os.geteuid()}; chown it or choose another state_dir")
-    if info.st_mode & 0o077:
-        raise DaemonError(f"state directory {state_dir} is accessible by group or others "
-                          f"(mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 700 {state_dir}")
+    """Create state_dir 0700 if missing; refuse one we do not own or others can enter.
+
+    The whole path is checked (safepaths.secure_dir): a state_dir another user
+    pre-created, or reached through a directory or symlink they control, is refused.
+    """
+    secure_dir(state_dir, STATE_DIR_MODE, what="state directory", private=True)
 
 
 def error_reply(message):
@@ -401,14 +394,13 @@ class ControlClient:
     def __init__(self, path, timeout=5.0):
         self.path = path
         self.timeout = timeout
-        self.peer_pid = None     # the pid serving the socket (SO_PEERCRED), after a request
+        self.peer_pid = None        # the pid serving the socket (SO_PEERCRED), set by connect
 
     def request(self, cmd, **fields):
         """Send ``{"cmd": cmd, **fields}``; the reply dict, or DaemonError."""
         line = json.dumps({"cmd": cmd, **fields}).encode() + b"\n"
         with self.connect() as sock:
             try:
-                self.peer_pid = peer_credentials(sock)[0]
                 send_tolerating_refusal(sock, line)
                 raw = self.read_line(sock)
             except TimeoutError:
@@ -427,7 +419,7 @@ class ControlClient:
         while True:
             try:
                 sock.connect(self.path)
-                return sock
+                return self.checked_server(sock)
             except BlockingIOError:
                 if time.monotonic() < deadline:
                     time.sleep(0.01)
@@ -438,6 +430,23 @@ class ControlClient:
             except OSError as exc:
                 sock.close()
                 raise DaemonError(self.connect_error(exc)) from None
+
+    def checked_server(self, sock):
+        """The socket, if the process serving it runs as root or as us (SO_PEERCRED).
+
+        A socket another user serves (their state_dir, or a path they planted) could
+        answer anything; its pid is kept in ``peer_pid``, the kernel's word on who serves.
+        """
+        pid, uid, _ = peer_credentials(sock)
+        if uid not in (0, os.geteuid()):
+            sock.close()
+            from torchcore.safepaths import owner_name
+
+            raise DaemonError(f"the control socket {self.path} is served by pid {pid} running "
+                              f"as {owner_name(uid)}, not by root or "
+                              f"{owner_name(os.geteuid())}; refusing to talk to it")
+        self.peer_pid = pid
+        return sock
 
     def connect_error(self, exc):
         if exc.errno == errno.ENOENT:

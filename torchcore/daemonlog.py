@@ -42,6 +42,14 @@ class DaemonLogHandler(logging.handlers.WatchedFileHandler):
             self._report_recovery()
         super(logging.handlers.WatchedFileHandler, self).emit(record)
 
+    def _open(self):
+        """Open (and create) the file without following a link planted at its name."""
+        from torchcore.safepaths import LOG_MODE, open_file
+
+        fd = open_file(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, LOG_MODE,
+                       what="the daemon's log")
+        return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+
     def _recreate(self):
         """Open the file again, making its directory first if it was removed or renamed."""
         os.makedirs(os.path.dirname(self.baseFilename), mode=DIR_MODE, exist_ok=True)

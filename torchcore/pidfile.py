@@ -11,14 +11,30 @@ the file at the path (another daemon may have unlinked it in between).
     pidfile.acquire()          # AlreadyRunning if a live daemon holds it
     ...
     pidfile.release()          # unlinks only our own file, then unlocks
+
+The pidfile may live in a directory other users share (``/tmp``, a directory
+they made): its directory must be root's or ours (writable by others only if
+sticky), and the file itself ours, plain and singly linked, or it is refused.
+And a pid read from a file is never signalled on its word: ``find_daemon``
+returns the process only if it holds the pidfile's lock (``/proc/locks``), runs
+as the pidfile's owner (who must be the caller) and is a torchcore supervisor
+(its title or command line); the signal goes through a pidfd opened before
+those checks, so a pid reused meanwhile is never hit.
+
+    daemon = find_daemon("/run/torchcore.pid")   # None if no daemon holds it
+    daemon.signal(signal.SIGTERM); daemon.wait(30); daemon.close()
 """
 
 import errno
 import fcntl
 import logging
 import os
+import select
+import signal
+import stat
 import time
 
+from torchcore import safepaths
 from torchcore.errors import DaemonError
 
 log = logging.getLogger(__name__)
@@ -58,6 +74,7 @@ class Pidfile:
         for _ in range(MAX_REOPENS):
             fd = open_pidfile(self.path)
             try:
+                safepaths.check_open_file(fd, self.path, MODE, what="pidfile")
                 held = lock_with_patience(fd, fcntl.LOCK_EX)
                 if is_file_at_path(fd, self.path):
                     if not held:
@@ -100,10 +117,13 @@ class Pidfile:
 
 
 def make_parent_dir(path):
-    """Create the pidfile's directory, turning failure into a DaemonError."""
+    """Create the pidfile's directory (0755) and check its whole path (see safepaths)."""
     parent = os.path.dirname(path)
     try:
-        os.makedirs(parent, mode=0o755, exist_ok=True)
+        safepaths.secure_dir(parent, safepaths.PARENT_DIR_MODE, what="pidfile directory",
+                             shared=True)
+    except DaemonError:
+        raise
     except OSError as exc:
         raise DaemonError(f"cannot create the pidfile directory {parent}: {exc.strerror}") from None
 
@@ -111,12 +131,16 @@ def make_parent_dir(path):
 def open_pidfile(path):
     """Open (creating, never truncating, never following a symlink) the pidfile."""
     try:
-        return os.open(path, OPEN_FLAGS, MODE)
+        fd = os.open(path, OPEN_FLAGS | os.O_NONBLOCK, MODE)   # a planted FIFO must not hang us
     except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            raise DaemonError(f"pidfile {path} is not a regular file; remove it") from None
         if exc.errno == errno.ELOOP:
             raise DaemonError(f"pidfile {path} is a symbolic link; refusing to follow it "
                               "(remove it or choose another pidfile path)") from None
         raise DaemonError(f"cannot open pidfile {path}: {exc.strerror}") from None
+    os.set_blocking(fd, True)
+    return fd
 
 
 def lock_with_patience(fd, operation, patience=LOCK_PATIENCE):
@@ -220,3 +244,201 @@ def pid_exists(pid):
     except PermissionError:
         return True
     return True
+
+
+# ---- signalling the daemon named by a pidfile ----------------------------------------------
+
+SUPERVISOR_TITLE = "torchcore: supervisor"
+
+
+def find_daemon(path):
+    """The torchcore supervisor holding the pidfile at ``path`` as a DaemonProcess, or None.
+
+    None when no process holds the file's lock (no file, stale file). Raises
+    DaemonError, naming the pidfile and pid, when the file or its directory
+    belongs to another user, or the pid it names does not hold its lock, runs
+    as another user, or is not a torchcore supervisor: nothing is signalled then.
+    """
+    path = os.path.abspath(path)
+    if not os.path.isdir(os.path.dirname(path)):
+        return None
+    safepaths.check_dir(os.path.dirname(path), what="pidfile directory", shared=True)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DaemonError(f"pidfile {path} is a symbolic link; refusing to use it") from None
+        raise DaemonError(f"cannot open pidfile {path}: {exc.strerror}") from None
+    try:
+        info = check_pidfile_owner(fd, path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None                 # nobody holds it: stale (our lock goes with the close)
+        except BlockingIOError:
+            pass
+        pid = read_pid_fd(fd, wait=True)
+    finally:
+        os.close(fd)
+    if pid is None:
+        raise DaemonError(f"pidfile {path} is locked but names no pid; refusing to signal")
+    return DaemonProcess.verified(pid, info, path)
+
+
+def check_pidfile_owner(fd, path):
+    """The pidfile's stat; DaemonError if it is not a plain file of the caller's."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        raise DaemonError(f"pidfile {path} is not a plain file with one link; refusing to use it")
+    if info.st_uid != os.geteuid():
+        raise DaemonError(f"pidfile {path} is {safepaths.describe(info)}, not by "
+                          f"{safepaths.owner_name(os.geteuid())} who runs this command; "
+                          "refusing to signal the pid it names")
+    return info
+
+
+class DaemonProcess:
+    """A verified supervisor: signal it and wait for it through a pidfd where there is one."""
+
+    def __init__(self, pid, pidfd):
+        self.pid, self.pidfd = pid, pidfd
+
+    @classmethod
+    def verified(cls, pid, info, path):
+        """Open a pidfd on ``pid`` and check the process behind it (see find_daemon)."""
+        pidfd = _pidfd_open(pid)
+        if pidfd is False:
+            return None                 # gone already
+        try:
+            problem = supervisor_problem(pid, info)
+        except BaseException:
+            _close(pidfd)
+            raise
+        if problem == "gone":
+            _close(pidfd)
+            return None
+        if problem:
+            _close(pidfd)
+            raise DaemonError(f"pidfile {path} names pid {pid}, {problem}; "
+                              "refusing to signal it")
+        return cls(pid, pidfd)
+
+    def signal(self, signum):
+        """Send ``signum``; False if the process is already gone."""
+        try:
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, signum)
+            else:
+                os.kill(self.pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def wait(self, timeout):
+        """True once the process has exited, False after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if self.pidfd is not None:
+                if select.select([self.pidfd], [], [], max(remaining, 0))[0]:
+                    return True
+            elif not pid_exists(self.pid):
+                return True
+            if remaining <= 0:
+                return False
+            if self.pidfd is None:
+                time.sleep(min(0.05, remaining))
+
+    def close(self):
+        _close(self.pidfd)
+        self.pidfd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def _pidfd_open(pid):
+    """A pidfd for ``pid``; None where the kernel has none; False if the process is gone."""
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except (AttributeError, OSError):
+        return None
+
+
+def _close(fd):
+    if fd is not None:
+        os.close(fd)
+
+
+def supervisor_problem(pid, info):
+    """Why ``pid`` is not the torchcore supervisor holding the pidfile ``info``; "" if it is.
+
+    "gone" if the process no longer exists.
+    """
+    holders = lock_holders(info.st_dev, info.st_ino)
+    if pid not in holders:
+        held_by = ", ".join(str(p) for p in sorted(holders)) or "no process it can see"
+        return f"which does not hold its lock (held by {held_by})"
+    try:
+        uids = _status_uids(pid)
+        words = _cmdline(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"
+    if any(uid != info.st_uid for uid in uids):
+        return (f"which runs as uid {'/'.join(map(str, uids))}, not as the pidfile's owner "
+                f"{info.st_uid}")
+    if not is_supervisor_command(words):
+        shown = " ".join(words)[:200] or "(none)"
+        return f"which is not a torchcore supervisor (command line: {shown})"
+    return ""
+
+
+def lock_holders(dev, ino):
+    """Pids holding a lock on the file (dev, ino), from /proc/locks (waiters excluded)."""
+    holders = set()
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return holders
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or fields[1] == "->":
+            continue
+        try:
+            major, minor, inode = fields[5].split(":")
+            if (int(major, 16), int(minor, 16), int(inode)) == (os.major(dev), os.minor(dev), ino):
+                holders.add(int(fields[4]))
+        except ValueError:
+            continue
+    return holders
+
+
+def _status_uids(pid):
+    """Real and effective uid of ``pid``."""
+    with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if line.startswith("Uid:"):
+                return [int(value) for value in line.split()[1:3]]
+    return []
+
+
+def _cmdline(pid):
+    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+        raw = handle.read()
+    return [word.decode(errors="replace") for word in raw.split(b"\0") if word]
+
+
+def is_supervisor_command(words):
+    """A supervisor's title, or a ``torchcore start``/``restart`` not yet titled."""
+    title = " ".join(words)
+    if title.startswith(SUPERVISOR_TITLE):
+        return True
+    named = any(os.path.basename(word) == "torchcore" for word in words)
+    return named and any(word in ("start", "restart") for word in words)

@@ -28,6 +28,7 @@ import sqlite3
 import time
 from collections import OrderedDict
 
+from torchcore import safepaths
 from torchcore.errors import TorchcoreError
 from torchcore.outcome import describe_outcome, run_failed
 
@@ -164,8 +165,11 @@ def _connect(path, busy_timeout):
     """Open the database (creating its directory), in WAL mode with the schema in place."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        _create_private(path)
         conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    except safepaths.UnsafePath as exc:
+        raise RecordsError(f"cannot open the records database: {exc}") from None
     except (OSError, sqlite3.Error) as exc:
         raise RecordsError(f"cannot open the records database {path}: {exc}") from exc
     try:
@@ -180,6 +184,20 @@ def _connect(path, busy_timeout):
         conn.close()
         raise
     return conn
+
+
+def _create_private(path):
+    """Create the database 0600 without following a link, before SQLite opens it by name.
+
+    SQLite gives its -wal and -shm the database's mode; a database, -wal or -shm
+    that is a link, another user's file or hard-linked is refused, a looser mode
+    tightened (see safepaths).
+    """
+    os.close(safepaths.open_file(path, os.O_RDWR | os.O_CREAT, safepaths.PRIVATE_MODE,
+                                 what="records database"))
+    for suffix in ("-wal", "-shm", "-journal"):
+        safepaths.check_existing_file(path + suffix, safepaths.PRIVATE_MODE,
+                                      what="records database file")
 
 
 def _schema_version(conn):

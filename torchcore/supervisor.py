@@ -22,7 +22,7 @@ import time
 import psutil
 import setproctitle
 
-from torchcore import config, daemonlog, executor, records, textfmt
+from torchcore import config, daemonlog, executor, records, safepaths, textfmt
 from torchcore.clock import SystemClock
 from torchcore.coordinator import LocalCoordinator
 from torchcore.errors import ConfigError, TorchcoreError
@@ -179,10 +179,11 @@ class Supervisor:
         return 0
 
     def _open(self):
-        os.makedirs(self.settings.state_dir, mode=0o700, exist_ok=True)
+        safepaths.secure_dir(self.settings.state_dir, safepaths.STATE_DIR_MODE,
+                             what="state directory", private=True)
         self.selector = selectors.DefaultSelector()
         self._open_control()        # first: refused if another daemon serves this state_dir
-        os.makedirs(self.settings.log_dir, exist_ok=True)
+        safepaths.secure_dir(self.settings.log_dir, safepaths.LOG_DIR_MODE, what="log_dir")
         self.records = records.Records(self.db_path)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.report_r, self.report_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -1170,6 +1171,11 @@ class Supervisor:
     def _warn_fixed_settings(self, new):
         for field in ("state_dir", "log_dir", "pidfile"):
             if getattr(new, field) != getattr(self.settings, field):
+                problem = safepaths.problem_with(field, getattr(new, field))
+                if problem:
+                    log.warning("settings.%s changed to %s: refused, %s is kept: %s", field,
+                                getattr(new, field), getattr(self.settings, field), problem)
+                    continue
                 log.warning("settings.%s changed to %s: it takes effect at the next restart",
                             field, getattr(new, field))
 

@@ -17,6 +17,10 @@ full pipe in its place loses lines rather than stopping the writer), a writer th
 finds another one rotating does not wait for the lock (it appends to the current
 file, which that writer rotates), and a rotation costs a rename for each backup
 that exists, however large ``backups`` is.
+
+Every file here is opened through ``safepaths.open_file`` (O_NOFOLLOW, our own
+plain file, mode 0640): a symlink or a file planted under a task's log name is
+refused, never followed; rotation only renames, which never follows a link.
 """
 
 import datetime
@@ -24,6 +28,8 @@ import fcntl
 import os
 import sys
 import time
+
+from torchcore import safepaths
 
 MAX_LINE = 64 * 1024          # bytes of one line kept; the rest of it is dropped
 MAX_WRITE = 64 * 1024         # bytes of whole lines gathered into one write()
@@ -171,14 +177,13 @@ class TaskLog:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        os.makedirs(self._log_dir, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._fd = open_log_file(self._log_dir, self.path, os.O_WRONLY | os.O_APPEND)
         self._ino = os.fstat(self._fd).st_ino
         os.set_blocking(self._fd, False)     # a FIFO in its place must not stop the run
 
     def _rotate(self):
         """Shift <task>.log.N-1 .. .log to .N .. .1 once, however many writers see the file full."""
-        lock = os.open(self.path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        lock = open_log_file(self._log_dir, self.path + ".lock", os.O_WRONLY)
         try:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -216,6 +221,17 @@ class TaskLog:
             if suffix.isdigit() and suffix[0] != "0":
                 numbers.append(int(suffix))
         return numbers
+
+
+def open_log_file(log_dir, path, flags):
+    """Open (creating, 0640) a file of ``log_dir`` without following a link; a log_dir
+    gone meanwhile is made again (0750, its path checked)."""
+    flags |= os.O_CREAT
+    try:
+        return safepaths.open_file(path, flags, safepaths.LOG_MODE, what="task log")
+    except FileNotFoundError:
+        safepaths.secure_dir(log_dir, safepaths.LOG_DIR_MODE, what="log_dir")
+        return safepaths.open_file(path, flags, safepaths.LOG_MODE, what="task log")
 
 
 # -- reading ----------------------------------------------------------------------------------
