@@ -215,7 +215,11 @@ def find_daemon(args, settings=None):
     configured = os.path.abspath(getattr(args, "pidfile", None) or settings.pidfile)
     if info is not None:
         return Found(settings, sock, info.get("pidfile") or configured, pid, info)
-    return Found(settings, sock, configured, running_pid(configured), None)
+    daemon = pidfiles.find_daemon(configured)   # refuses a pidfile not ours or not a daemon's
+    if daemon is None:
+        return Found(settings, sock, configured, None, None)
+    with daemon:
+        return Found(settings, sock, configured, daemon.pid, None)
 
 
 def _ping(path):
@@ -308,11 +312,6 @@ def _settings_from(defaults, values):
         defaults, state_dir=state_dir, shutdown_grace=grace,
         log_dir=path_of("log_dir", os.path.join(state_dir, "logs")),
         pidfile=path_of("pidfile", os.path.join(state_dir, "torchcore.pid")))
-
-
-def running_pid(pidfile):
-    """The pid of the live daemon holding ``pidfile``, or None."""
-    return pid_alive_and_locked(pidfile)
 
 
 def verified_daemon(found):
