@@ -69,7 +69,7 @@ def cmd_start(args):
     check_pidfile_dir(pidfile_path, args)
     found = find_daemon(args, taskfile.settings)
     if found.pid is not None:   # refuse at once (whatever pidfile it holds); it would fail later
-        raise AlreadyRunning(found.pid, found.pidfile)
+        raise AlreadyRunning(found.pid, found.pidfile, found.socket if found.info else None)
     refuse_if_served(taskfile.settings.state_dir)   # serving, but did not answer the ping
     if args.foreground:
         setup_logging(None)

@@ -51,11 +51,12 @@ MAX_REOPENS = 50
 class AlreadyRunning(DaemonError):
     """A live daemon holds the pidfile's lock."""
 
-    def __init__(self, pid, path):
+    def __init__(self, pid, path, socket=None):
         self.pid = pid
         self.path = path
         shown = pid if pid is not None else "unknown"
-        super().__init__(f"torchcore is already running (pid {shown}, pidfile {path})")
+        served = f"; it serves the control socket {socket}" if socket else ""
+        super().__init__(f"torchcore is already running (pid {shown}, pidfile {path}{served})")
 
 
 class Pidfile:
