@@ -1,5 +1,6 @@
 import functools
 import json
+import os
 import time
 from types import SimpleNamespace
 
@@ -165,3 +166,43 @@ def test_real_task_file_end_to_end(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert out.endswith(" run 1 out| hi\n")
     store.close()
+
+
+def test_history_and_logs_of_an_unreadable_state_say_so_never_no_runs(taskfile, monkeypatch, capsys):
+    seed(taskfile, time.time())
+    os.makedirs(taskfile.settings.log_dir, exist_ok=True)
+    real_stat, real_listdir = cmd_records.os.stat, tasklog.os.listdir
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(cmd_records.os, "stat", denied)
+    for argv in (["history"], ["history", "--json"], ["history", "--failed"]):
+        assert main(argv) != 0
+        err = capsys.readouterr()
+        assert "Permission denied" in err.err and "no runs" not in err.out and err.out == ""
+    monkeypatch.setattr(cmd_records.os, "stat", real_stat)
+    monkeypatch.setattr(tasklog.os, "listdir", denied)
+    assert main(["logs", "backup"]) != 0
+    err = capsys.readouterr().err
+    assert "Permission denied" in err and "Traceback" not in err
+    monkeypatch.setattr(tasklog.os, "listdir", real_listdir)
+
+
+def test_logs_escape_control_characters_so_output_cannot_forge_lines(taskfile, capsys):
+    log = tasklog.TaskLog(taskfile.settings.log_dir, "backup", 7, 1 << 20, 1)
+    log.write("out", b"hello\r2026-12-01T00:00:00.000+00:00 run 1 sys| run ended: ok\n"
+                     b"\x1b]0;title\x07 bell \x00 tab\tkept\n")
+    log.close()
+    assert main(["logs", "backup"]) == 0
+    out = capsys.readouterr().out
+    assert "\r" not in out and "\x1b" not in out and "\x07" not in out and "\x00" not in out
+    assert "hello\\x0d2026" in out and "\\x1b]0;title\\x07" in out and "tab\tkept" in out
+
+
+def test_logs_of_a_run_with_no_lines_says_so(taskfile, capsys):
+    log = tasklog.TaskLog(taskfile.settings.log_dir, "backup", 7, 1 << 20, 1)
+    log.write("out", b"one line\n")
+    log.close()
+    assert main(["logs", "backup", "--run", "99999"]) == 1
+    assert "no output of run 99999" in capsys.readouterr().err

@@ -14,7 +14,6 @@ from torchcore import cli, config
 from torchcore import pidfile as pidfiles
 from torchcore.errors import ConfigError, DaemonError, TorchcoreError
 from torchcore.node import Node
-from torchcore.pidfile import pid_alive_and_locked
 
 log = logging.getLogger("torchcore")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"

@@ -95,7 +95,7 @@ def cmd_history(args):
         _check_task_name(args.task)
     path = records.db_path(taskfile.settings.state_dir)
     runs = []
-    if os.path.exists(path):
+    if _exists(path, "the records database"):
         since = args.since
         with records.Records(path) as store:
             runs = store.query(task=args.task, limit=args.limit or None, since=since,
@@ -113,6 +113,27 @@ def cmd_history(args):
         print(format_table(["RUN", "TASK", "WHEN", "DURATION", "RESULT", "NODE"],
                            [_run_row(run, time.time()) for run in runs]))
     return cli.EXIT_OK
+
+
+def _exists(path, what):
+    """Whether ``path`` exists; TorchcoreError when that cannot be known or it cannot be read (a
+    daemon of another user): "no runs" would be a wrong answer, not a cautious one."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise TorchcoreError(_unreadable(what, path, exc)) from None
+    if not os.access(path, os.R_OK):
+        raise TorchcoreError(_unreadable(what, path, PermissionError("Permission denied")))
+    return True
+
+
+def _unreadable(what, path, exc):
+    reason = getattr(exc, "strerror", None) or str(exc)
+    hint = ("; it belongs to the daemon's user: run this as that user or as root"
+            if isinstance(exc, PermissionError) else "")
+    return f"cannot read {what} {path}: {reason}{hint}"
 
 
 def _nothing_message(args, path):
@@ -177,21 +198,43 @@ def cmd_logs(args):
     _check_task_name(args.task)
     log_dir = taskfile.settings.log_dir
     lines = args.lines or None
-    if not args.follow:
+    try:
+        if not args.follow:
+            return _print_log(taskfile, args, log_dir, lines)
         if not tasklog.log_files(log_dir, args.task):
             _no_log(taskfile, args.task, log_dir, Node.detect(args.node_ip))
-            return cli.EXIT_OK
-        for line in tasklog.read_log(log_dir, args.task, lines=lines, run_id=args.run):
-            print(line)
-        return cli.EXIT_OK
-    if not tasklog.log_files(log_dir, args.task):
-        _no_log(taskfile, args.task, log_dir, Node.detect(args.node_ip))
-    try:
         for line in tasklog.follow_log(log_dir, args.task, lines=lines, run_id=args.run):
-            print(line, flush=True)
+            print(shown(line), flush=True)
     except KeyboardInterrupt:
         pass
+    except OSError as exc:
+        raise TorchcoreError(_unreadable("the task log of", f"{args.task!r} in {log_dir}", exc)) \
+            from None
     return cli.EXIT_OK
+
+
+def _print_log(taskfile, args, log_dir, lines):
+    if not tasklog.log_files(log_dir, args.task):
+        _no_log(taskfile, args.task, log_dir, Node.detect(args.node_ip))
+        return cli.EXIT_OK
+    printed = 0
+    for line in tasklog.read_log(log_dir, args.task, lines=lines, run_id=args.run):
+        print(shown(line))
+        printed += 1
+    if not printed and args.run is not None:
+        print(f"no output of run {args.run} of {args.task!r} in its log (it printed nothing, or "
+              "its lines were rotated away)", file=sys.stderr)
+        return cli.EXIT_ERROR
+    return cli.EXIT_OK
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7f] if c != 0x09}
+
+
+def shown(line):
+    """A log line as printed: control characters (a carriage return, escape sequences, a bell)
+    escaped as ``\\xNN``, so a task's output can neither forge a line nor drive the terminal."""
+    return line.translate(_CONTROL)
 
 
 def _no_log(taskfile, task, log_dir, node):
