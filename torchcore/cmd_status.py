@@ -241,6 +241,8 @@ def _daemon_text(live, found, digest, now):
     reload = live.get("last_reload")
     if reload:
         verdict = "accepted" if reload["accepted"] else "REJECTED"
+        if not reload["accepted"] and not live.get("reload_error"):
+            verdict += " (the file on disk is the running version again)"
         lines.append(f"last reload: {format_relative(reload['at'], now)}, {verdict}")
     if live.get("reload_error"):
         lines.append("reload error (the previous tasks keep running):")

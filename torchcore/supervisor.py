@@ -1194,6 +1194,10 @@ class Supervisor:
             return
         if digest != self.taskfile.digest:
             self.reload("file changed")
+        elif self.reload_error is not None:     # put back as it runs: the rejection is history
+            self.reload_error = None
+            log.info("the task file on disk is the running version again; the rejected "
+                     "reload no longer applies")
 
     # ---- records, title, stats ------------------------------------------------------------
 
