@@ -294,8 +294,9 @@ def check_pidfile_owner(fd, path):
         raise DaemonError(f"pidfile {path} is not a plain file with one link; refusing to use it")
     if info.st_uid != os.geteuid():
         raise DaemonError(f"pidfile {path} is {safepaths.describe(info)}, not by "
-                          f"{safepaths.owner_name(os.geteuid())} who runs this command; "
-                          "refusing to signal the pid it names")
+                          f"{safepaths.owner_name(os.geteuid())} who runs this command: "
+                          "torchcore trusts no pid it names (run this command as its owner, "
+                          "or as root for a daemon of root's)")
     return info
 
 
