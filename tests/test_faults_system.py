@@ -239,6 +239,7 @@ def test_the_log_dir_renamed_or_removed_under_a_running_daemon(daemons, figures,
             shutil.rmtree(logs)
         os.kill(d.pid, signal.SIGHUP)               # a reload: a log line
         wait_for(lambda: "reloaded (SIGHUP)" in d.log, 10, "the daemon log written again")
+        assert "was removed or renamed while in use; made it again" in d.log   # and says so
         assert d.alive()
     assert d.stop() == 0
     assert "torchcore stopped" in d.log and "Traceback" not in d.log

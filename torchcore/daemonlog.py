@@ -52,9 +52,16 @@ class DaemonLogHandler(logging.handlers.WatchedFileHandler):
 
     def _recreate(self):
         """Open the file again, making its directory first if it was removed or renamed."""
-        os.makedirs(os.path.dirname(self.baseFilename), mode=DIR_MODE, exist_ok=True)
+        directory = os.path.dirname(self.baseFilename)
+        made = not os.path.isdir(directory)
+        os.makedirs(directory, mode=DIR_MODE, exist_ok=True)
         self.stream = self._open()
         self._statstream()
+        if made:                    # say so: the old directory (and its logs) went somewhere
+            note = logging.LogRecord("torchcore", logging.WARNING, __file__, 0,
+                                     "the log directory %s was removed or renamed while in use; "
+                                     "made it again", (directory,), None)
+            super(logging.handlers.WatchedFileHandler, self).emit(note)
 
     def handleError(self, record):
         """A write failed (disk full, I/O error): counted, never raised, never a traceback."""
