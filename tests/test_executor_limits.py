@@ -220,3 +220,14 @@ def test_tasks_without_user_keep_the_daemon_s_environment(tmp_path, monkeypatch)
     run = ExecutorRun(tmp_path, ["/usr/bin/env"])
     assert run.wait(30)["exit_code"] == 0
     assert "out| TC_TEST_KEPT=yes\n" in run.log()
+
+
+@pytest.mark.parametrize("go", [False, True])
+def test_a_last_line_without_a_newline_comes_before_run_ended(tmp_path, go):
+    run = ExecutorRun(tmp_path, [SH, "-c", "printf 'line1\\npartial'; printf 'err-partial' >&2"],
+                      go=go)
+    assert run.wait(30)["exit_code"] == 0
+    text = (tmp_path / "logs" / "t.log").read_text()
+    streams = [line.split(" ", 3)[3] for line in text.splitlines()]
+    assert streams[-1].startswith("sys| run ended"), streams
+    assert {"out| line1", "out| partial", "err| err-partial"} <= set(streams[:-1]), streams

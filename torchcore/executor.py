@@ -316,6 +316,7 @@ class Executor:
         finally:
             if started is not None:
                 _step_aside()
+                log.finish_lines()      # the command's last line before torchcore's "run ended"
                 self._note_end(log, started)
             log.close()
         if started is None:

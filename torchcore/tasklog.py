@@ -98,11 +98,15 @@ class TaskLog:
             self._partial[stream] = tail
         self._emit(lines)
 
-    def close(self):
-        """Write unfinished lines (as lines) and close the file."""
+    def finish_lines(self):
+        """Write unfinished lines (a last line without a newline) as lines, now."""
         lines = [self._line(self._prefix(stream), tail) for stream, tail in self._partial.items()]
         self._partial.clear()
         self._emit(lines)
+
+    def close(self):
+        """Write unfinished lines (as lines) and close the file."""
+        self.finish_lines()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
