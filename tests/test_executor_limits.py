@@ -208,6 +208,7 @@ def test_user_tasks_get_cron_s_minimal_environment_unless_inherit_env(tmp_path, 
     env = dict(line.split("| ", 1)[1].split("=", 1) for line in run.log().splitlines()
                if " out| " in line)
     assert env["USER"] == env["LOGNAME"] == "nobody" and env["EXTRA"] == "1"
+    assert env["SHELL"] == "/bin/sh"                     # as cron, not nobody's nologin
     if inherit:
         assert env["TC_TEST_SECRET"] == "hunter2"
     else:

@@ -225,7 +225,7 @@ def task_environment(job, user_entry=None):
         env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHCORE_")}
     if user_entry is not None:
         env.update(HOME=user_entry.pw_dir, USER=user_entry.pw_name, LOGNAME=user_entry.pw_name,
-                   SHELL=user_entry.pw_shell or "/bin/sh")
+                   SHELL="/bin/sh")    # as cron: a login shell of nologin is no shell to run with
     env.update(dict(job.env))
     return env
 
