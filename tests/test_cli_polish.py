@@ -627,3 +627,13 @@ def test_a_second_start_with_another_pidfile_is_refused_at_once(site):
     assert f"already running (pid {pid}" in second.stderr
     assert not (site / "pids" / "other.pid").exists()
     assert tc(site, "stop").returncode == 0
+
+
+def test_status_of_an_invalid_file_without_a_daemon_says_first_that_it_does_not_run(tmp_path, capsys):
+    from torchcore.cli import main as cli_main
+    path = tmp_path / "tasks.yaml"
+    path.write_text('tasks:\n  - {name: a, schedule: "61 * * * * *", command: x}\n')
+    assert cli_main(["status", "-c", str(path)]) == 78
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].endswith("torchcore is not running; the task file does not validate:"), err
+    assert "out of range" in err[1]

@@ -38,7 +38,12 @@ def register(subparsers):
 def cmd_status(args):
     found = find_daemon(args)
     live = control_request(found, "status") if found.pid is not None else None
-    tasks, digest, problems = _tasks_to_show(cli.task_file_path(args), live)
+    try:
+        tasks, digest, problems = _tasks_to_show(cli.task_file_path(args), live)
+    except ConfigError as exc:      # say first what status is asked for: whether torchcore runs
+        state = (f"torchcore runs (pid {found.pid}) but does not answer on {found.socket}"
+                 if found.pid is not None else "torchcore is not running")
+        raise ConfigError([f"{state}; the task file does not validate:", *exc.problems]) from None
     node = _node_of(live, args)
     last = _last_results(found.settings)
     now = time.time()
