@@ -607,7 +607,8 @@ def test_status_of_a_daemon_that_does_not_answer_says_so(site):
         status = tc(site, "status", timeout=60)
         assert status.returncode == 1
         assert f"torchcore runs (pid {pid}" in status.stdout and "does not answer" in status.stdout
-        assert json.loads(tc(site, "status", "--json", timeout=60).stdout)["daemon"]["pid"] == pid
+        daemon = json.loads(tc(site, "status", "--json", timeout=60).stdout)["daemon"]
+        assert daemon["pid"] == pid and daemon["running"] and not daemon["answering"]
     finally:
         os.kill(pid, signal.SIGCONT)
     assert tc(site, "stop").returncode == 0

@@ -186,7 +186,7 @@ def status_json(found, live, digest, problems, rows):
 
 
 def _daemon_json(found, live, digest):
-    out = {"running": found.pid is not None, "pid": found.pid,
+    out = {"running": found.pid is not None, "answering": bool(live), "pid": found.pid,
            "pidfile": found.pidfile, "control_socket": found.socket}
     if not live:
         return out
