@@ -92,13 +92,16 @@ def wait_for(predicate, timeout, message="condition", detail=lambda: ""):
     raise AssertionError("timed out waiting for " + message.format(detail()))
 
 
-def processes_with(marker):
-    """Live (non-zombie) processes whose command line contains ``marker``."""
+def processes_with(marker, env=None):
+    """Live (non-zombie) processes whose command line contains ``marker`` (and, with ``env``
+    a (name, value) pair, whose environment holds it: only this test's, even if another suite
+    runs the same commands on the machine)."""
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         try:
             if proc.info["status"] != psutil.STATUS_ZOMBIE and \
-                    marker in " ".join(proc.info["cmdline"] or ()):
+                    marker in " ".join(proc.info["cmdline"] or ()) and \
+                    (env is None or proc.environ().get(env[0]) == env[1]):
                 found.append(proc)
         except psutil.Error:
             pass

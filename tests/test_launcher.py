@@ -86,10 +86,10 @@ def test_a_killed_launcher_is_replaced_and_its_run_still_recorded(tmp_path):
   - {name: nap, schedule: "* * * * * *", command: "sleep 2.31; echo slept", max: 3}
 """).start()
     try:
-        wait_for(lambda: processes_with("sleep 2.31"), 10, "a run")
         supervisor = psutil.Process(d.proc.pid)
-        victim = next(c for c in supervisor.children() if "launcher" in " ".join(c.cmdline())
-                      and c.children())
+        victim = wait_for(lambda: next((c for c in supervisor.children()
+                                        if "launcher" in " ".join(c.cmdline()) and c.children()),
+                                       None), 10, "a launcher with a run")
         victim.send_signal(signal.SIGKILL)
         d.wait_log("died; starting another")
         count = max(1, min(4, os.cpu_count()))
@@ -109,9 +109,19 @@ def test_a_killed_launcher_is_replaced_and_its_run_still_recorded(tmp_path):
 # ---- prepared runs: go pipes held by the launcher, commands waiting at the gate ----------
 
 def _prepared(tmp_path, run_id, argv, **fields):
+    fields.setdefault("env", (_mine(tmp_path),))
     return Job(run_id=run_id, name=f"p{run_id}", argv=argv, log_dir=str(tmp_path),
                db_path=str(tmp_path / "db"), scheduled=int(time.time()) + 2, prepared=True,
                **fields)
+
+
+def _mine(tmp_path):
+    """The environment entry that marks this test's commands (and their gates)."""
+    return ("TC_TEST_DIR", str(tmp_path))
+
+
+def _gates(tmp_path):
+    return processes_with("torchcore-gate", env=_mine(tmp_path))
 
 
 def _reports(fd):
@@ -143,7 +153,7 @@ def test_prepared_runs_start_on_go_and_leave_no_trace_on_cancel(tmp_path, launch
     for job in (go_job, cancel_job, popen_job):
         launcher.submit(job)
     answers_until(launcher, lambda s: len([a for a in s if "forked" in a]) == 3)
-    wait_for(lambda: len(processes_with("torchcore-gate")) >= 2, 10, "two gates")
+    wait_for(lambda: len(_gates(tmp_path)) >= 2, 10, "two gates")
     time.sleep(0.3)
     assert not marker.exists(), "a prepared command ran before its go"
     before = time.time()
@@ -163,14 +173,14 @@ def test_prepared_runs_start_on_go_and_leave_no_trace_on_cancel(tmp_path, launch
     log = (tmp_path / "p11.log").read_text()
     assert "run 11 out| out" in log
     assert str(tmp_path) in (tmp_path / "p13.log").read_text()
-    assert not processes_with("torchcore-gate")
+    assert not _gates(tmp_path)
 
 
 def test_a_command_that_cannot_start_at_the_gate_is_reported(tmp_path, launched):
     launcher, report_r = launched
     launcher.submit(_prepared(tmp_path, 21, ("no-such-command-tc",)))
     answers_until(launcher, lambda s: any("forked" in a for a in s))
-    wait_for(lambda: processes_with("torchcore-gate"), 10, "the gate")
+    wait_for(lambda: _gates(tmp_path), 10, "the gate")
     launcher.go([21])
     _exits(launcher, [21])
     ends = [r for r in _reports(report_r) if r["e"] == "end"]
@@ -186,14 +196,14 @@ def test_prepared_runs_never_start_without_their_launcher_or_executor(tmp_path):
         launcher.submit(_prepared(tmp_path, 31, ("sh", "-c", f"echo 31 >> {marker}")))
         launcher.submit(_prepared(tmp_path, 32, ("sh", "-c", f"echo 32 >> {marker}")))
         seen = answers_until(launcher, lambda s: len([a for a in s if "forked" in a]) == 2)
-        wait_for(lambda: len(processes_with("torchcore-gate")) == 2, 10, "two gates")
+        wait_for(lambda: len(_gates(tmp_path)) == 2, 10, "two gates")
         executor_32 = next(a["pid"] for a in seen if a.get("forked") == 32)
         os.kill(executor_32, signal.SIGKILL)        # its gate sees the status pipe lose its reader
-        wait_for(lambda: len(processes_with("torchcore-gate")) == 1, 10, "run 32's gate to give up")
+        wait_for(lambda: len(_gates(tmp_path)) == 1, 10, "run 32's gate to give up")
         launcher.go([32])
         launcher.proc.kill()                        # its go pipes close: run 31 is cancelled
         launcher.proc.wait(5)
-        wait_for(lambda: not processes_with("torchcore-gate"), 10, "every gate to give up")
+        wait_for(lambda: not _gates(tmp_path), 10, "every gate to give up")
         time.sleep(0.2)
         assert not marker.exists()
         assert not [r for r in _reports(report_r) if r["e"] != "gate"]
@@ -280,7 +290,7 @@ def test_a_run_in_a_burst_reports_after_its_hold_with_its_command_s_own_end(tmp_
     launcher.submit(_prepared(tmp_path, 71, ("sh", "-c", "echo held"), hold_until=hold_until))
     launcher.submit(_prepared(tmp_path, 72, ("sh", "-c", "echo never"), hold_until=hold_until))
     answers_until(launcher, lambda s: len([a for a in s if "forked" in a]) == 2)
-    wait_for(lambda: len(processes_with("torchcore-gate")) == 2, 10, "two gates")
+    wait_for(lambda: len(_gates(tmp_path)) == 2, 10, "two gates")
     went = time.time()
     launcher.go([71])
     launcher.cancel([72])
@@ -306,7 +316,7 @@ def test_a_stop_or_a_timeout_ends_a_hold_early(tmp_path, launched):
     launcher.submit(_prepared(tmp_path, 82, ("sleep", "20"), hold_until=hold_until,
                               timeout=1, kill_grace=1))
     seen = answers_until(launcher, lambda s: len([a for a in s if "forked" in a]) == 2)
-    wait_for(lambda: len(processes_with("torchcore-gate")) == 2, 10, "two gates")
+    wait_for(lambda: len(_gates(tmp_path)) == 2, 10, "two gates")
     launcher.go([81, 82])
     time.sleep(0.5)
     os.kill(next(a["pid"] for a in seen if a.get("forked") == 81), signal.SIGTERM)
