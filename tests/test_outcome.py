@@ -2,6 +2,7 @@
 
 import signal
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -40,6 +41,7 @@ def test_the_rule_by_example():
     assert outcome.describe_outcome(0, None, True) == "timed out (exit 0)"
 
 
+@pytest.mark.slow
 @settings(derandomize=True, max_examples=300, deadline=None)
 @given(st.lists(st.tuples(_KIND, _ENDED), min_size=1, max_size=12))
 def test_sql_records_history_and_status_agree_with_the_rule(tmp_path_factory, runs):
