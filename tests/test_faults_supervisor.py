@@ -1,6 +1,6 @@
 """Faults on the supervisor's fake clock: daylight saving, fork failures, a locked database.
 
-The Harness (tests/test_supervisor.py) runs the real supervisor's tick, limits and records with
+The Harness (tests/supervisor_harness.py) runs the real supervisor's tick, limits and records with
 make-believe children, so hours of wall time take a fraction of a second.
 """
 
@@ -10,10 +10,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
-import test_supervisor
-from test_supervisor import T0
-
-make = test_supervisor.make     # the Harness fixture, shared with test_supervisor.py
+from supervisor_harness import T0
 
 BERLIN = ZoneInfo("Europe/Berlin")
 DST = """tasks:

@@ -1,4 +1,4 @@
-"""The supervisor outlives what slips past validation, on the fake clock (tests/test_supervisor.py).
+"""The supervisor outlives what slips past validation, on the fake clock (tests/supervisor_harness.py).
 
 A reload whose apply step fails is rejected whole; one task whose start raises does not stop the
 others; prepared runs get their go before the rest of their second is forked; adopted runs are
@@ -9,17 +9,14 @@ import logging
 import signal
 
 import pytest
-import test_supervisor
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_supervisor import T0, FakeLauncher, rewrite
+from supervisor_harness import T0, FakeLauncher, Harness, rewrite
 
 from torchcore import executor, records
 from torchcore import supervisor as supervisor_module
 from torchcore.launcher import JobTooLarge
 from torchcore.schedule import ScheduleTable
-
-make = test_supervisor.make
 
 OLD = """tasks:
   - {name: keep, schedule: "* * * * * *", command: "sleep 100", max: 5}
@@ -91,7 +88,7 @@ def test_a_failed_apply_leaves_the_schedule_table_as_it_was(tmp_path_factory, ol
     path.write_text("settings:\n  timezone: UTC\n  state_dir: state\n" + body(old, 0).replace(
         "tasks:\n  []", "tasks: []"))
     from torchcore import config
-    sup = test_supervisor.Harness(config.load(str(path)))
+    sup = Harness(config.load(str(path)))
     sup._open()
     try:
         sup._apply(sup.taskfile, first=True)
