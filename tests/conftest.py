@@ -50,7 +50,7 @@ def make(tmp_path):
 
     yield factory
     for sup in made:
-        sup._close()
+        sup.close()
 
 
 @pytest.fixture

@@ -20,15 +20,14 @@ import threading
 import time
 
 import psutil
-import setproctitle
 
 from torchcore import config, daemonlog, executor, records, textfmt
-from torchcore.clock import SystemClock
 from torchcore.coordinator import LocalCoordinator
 from torchcore.errors import ConfigError, TorchcoreError
-from torchcore.launcher import JobTooLarge, Launcher
+from torchcore.launcher import JobTooLarge
 from torchcore.planner import Planner
 from torchcore.states import DaemonState, RunState
+from torchcore.system import System
 
 log = logging.getLogger("torchcore")
 
@@ -94,13 +93,14 @@ class Supervisor:
     """Runs this node's share of a task file until told to stop."""
 
     def __init__(self, taskfile, node, clock=None, coordinator=None, on_ready=None,
-                 helper_stderr=None, pidfile=None):
+                 helper_stderr=None, pidfile=None, system=None):
         self.taskfile = taskfile
         self.settings = taskfile.settings
         self.pidfile = pidfile or self.settings.pidfile     # the one it holds: told to commands
         self.node = node
         self.node_name = node.hostname
-        self.clock = clock or SystemClock()
+        self.system = system or System(clock)     # fork, kill, waitpid, launchers, clocks
+        self.clock = self.system.clock
         self.coordinator = coordinator or LocalCoordinator()
         self.on_ready = on_ready
         self.helper_stderr = helper_stderr  # a path for the launchers' stderr (None: ours)
@@ -122,8 +122,7 @@ class Supervisor:
                                    # keys: the look-ahead also asks whether a name is among them)
         self._start_cost = START_COST   # measured on the bursts seen (see _hold_until)
         self._bursts = {}          # second -> [runs due, hold until, latest start seen]
-        self._cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-            (os.cpu_count() or 1)
+        self._cores = self.system.cores
         self.stats = Stats()
         self.started_at = self.clock.time()
         self.stopping = False
@@ -155,20 +154,8 @@ class Supervisor:
         """Run until a shutdown finishes; returns the exit status (0)."""
         self._open()
         try:
-            self.launcher_target = max(1, min(4, os.cpu_count() or 1))
-            self._start_launchers()
-            self._apply(self.taskfile, first=True)
-            self._adopt_previous_executors()
-            self.planner.start(int(self.clock.time()))
-            self._start_reboot_tasks()
-            self._maybe_prepare()       # the first seconds too, not from the first tick on
-            self._set_title()           # before `start` returns: ps never shows the command line
-            self.ready = True
-            if self.on_ready is not None:
-                self.on_ready()
-            log.info("torchcore started: %s, %d tasks on this node (%s), pid %d",
-                     self.settings.path, len(self.tasks), self.node_name, os.getpid())
-            while not self._finished():
+            self._start()
+            while not self.finished():
                 try:
                     self.loop_once()
                 except Exception as exc:    # whatever one pass met, the next pass runs
@@ -177,6 +164,33 @@ class Supervisor:
             self._close()
         log.info("torchcore stopped")
         return 0
+
+    def start(self):
+        """Open and start all that ``run`` does before its loop (tests then drive the passes)."""
+        self._open()
+        try:
+            self._start()
+        except BaseException:
+            self._close()
+            raise
+
+    def close(self):
+        self._close()
+
+    def _start(self):
+        self.launcher_target = self.system.launcher_count
+        self._start_launchers()
+        self._apply(self.taskfile, first=True)
+        self.adopt_previous_executors()
+        self.planner.start(int(self.clock.time()))
+        self._start_reboot_tasks()
+        self.prepare_ahead()        # the first seconds too, not from the first tick on
+        self._set_title()           # before `start` returns: ps never shows the command line
+        self.ready = True
+        if self.on_ready is not None:
+            self.on_ready()
+        log.info("torchcore started: %s, %d tasks on this node (%s), pid %d",
+                 self.settings.path, len(self.tasks), self.node_name, os.getpid())
 
     def _open(self):
         os.makedirs(self.settings.state_dir, mode=0o700, exist_ok=True)
@@ -188,7 +202,7 @@ class Supervisor:
         self.report_r, self.report_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         os.set_blocking(self.report_w, True)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._read_signals)  # (key, mask)
-        self.selector.register(self.report_r, selectors.EVENT_READ, self._read_reports)
+        self.selector.register(self.report_r, selectors.EVENT_READ, self.read_reports)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for signum in SIGNALS:
             signal.signal(signum, _record_signal)
@@ -225,7 +239,7 @@ class Supervisor:
     def control_path(self):
         return os.path.join(self.settings.state_dir, "control.sock")
 
-    def _finished(self):
+    def finished(self):
         return self.stopping and not self.runs
 
     # ---- the loop -------------------------------------------------------------------------
@@ -239,16 +253,16 @@ class Supervisor:
             reason, self.reload_requested = self.reload_requested, None
             self.reload(reason)
         if self.stopping:
-            self._drive_shutdown()
+            self.drive_shutdown()
         else:
             self._watch_file()
             self._await_boundary()
             now = int(self.clock.time())
             if now != self.planner.watermark:
                 self.tick(now)
-            self._tend_daemons()
-            self._maybe_prepare()
-        self._housekeeping()
+            self.tend_daemons()
+            self.prepare_ahead()
+        self.housekeeping()
 
     def _contain(self, what, exc):
         """One unit of work failed (a task's start, a launcher's answer, a pass): count it, log
@@ -420,7 +434,7 @@ class Supervisor:
 
     # ---- prepared runs: forked before their second, started by a go byte at the boundary ----
 
-    def _maybe_prepare(self):
+    def prepare_ahead(self):
         """Ahead of each second, fork the executors of its runs, waiting for go.
 
         At the boundary only the command's own exec is left to do: the tick tells each
@@ -575,10 +589,7 @@ class Supervisor:
         self._handed_to = None
         if self.launchers:
             return self._hand_over(job)
-        pid = os.fork()
-        if pid == 0:
-            executor.execute(job, self.report_w)
-        return pid
+        return self.system.fork_executor(job, self.report_w)
 
     def _hand_over(self, job):
         """Queue ``job`` on the least busy launcher.  One found dead is replaced and the job
@@ -605,7 +616,7 @@ class Supervisor:
         meanwhile the others take the jobs (with none, the supervisor forks them itself)."""
         for _ in range(self.launcher_target - len(self.launchers)):
             try:
-                launcher = Launcher(self.report_w, stderr=self.helper_stderr)
+                launcher = self.system.start_launcher(self.report_w, self.helper_stderr)
             except OSError as exc:
                 self._launchers_retry_at = self.clock.monotonic() + 5.0
                 self._contain("starting a launcher", exc)
@@ -694,7 +705,7 @@ class Supervisor:
             run = self.runs.get(run_id)
             if run is None:
                 self.followed.discard(run_id)
-            elif not _is_executor(run.executor_pid, run.task.name, run.run_id):
+            elif not self.system.is_executor(run.executor_pid, run.task.name, run.run_id):
                 self._executor_exited(run_id, 0)
 
     def _stop_launchers(self):
@@ -707,14 +718,7 @@ class Supervisor:
                 launcher.proc.kill()
         self.launchers = []
 
-    def kill(self, pid, signum):
-        """os.kill that ignores a process already gone (a negative pid is a process group)."""
-        try:
-            os.kill(pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def _adopt_previous_executors(self):
+    def adopt_previous_executors(self):
         """Take over the runs a killed supervisor left behind, so none runs twice at once.
 
         An adopted run is a run like any other, followed by its executor's pid: it counts
@@ -723,7 +727,7 @@ class Supervisor:
         its own end; runs whose executor is gone without a record are closed as lost.
         """
         for record in self.records.unfinished():
-            pid = _executor_of(record.pid, record.task, record.run_id)
+            pid = self.system.executor_of(record.pid, record.task, record.run_id)
             if pid:
                 self._adopt(record, pid)
             else:
@@ -737,7 +741,7 @@ class Supervisor:
         task = self.tasks.get(record.task) or _Retired(record.task, "daemon" if instance else "common")
         run = Run(record.run_id, task, record.scheduled, record.manual, executor_pid,
                   record.started or self.clock.time(), state=RunState.RUNNING,
-                  pgid=_command_group(executor_pid), adopted=True)
+                  pgid=self.system.command_group(executor_pid), adopted=True)
         self.runs[run.run_id] = run
         self.by_pid[run.executor_pid] = run.run_id
         self.by_task.setdefault(task.name, set()).add(run.run_id)
@@ -772,7 +776,7 @@ class Supervisor:
             if task.schedule is not None and task.schedule.is_reboot:
                 self.launch(task, int(self.clock.time()))
 
-    def _tend_daemons(self):
+    def tend_daemons(self):
         """Keep every daemon task at `max` instances, respecting its backoff."""
         if not self.daemons:
             return
@@ -788,7 +792,7 @@ class Supervisor:
 
     # ---- reports and reaping --------------------------------------------------------------
 
-    def _read_reports(self, key=None, mask=None):
+    def read_reports(self, key=None, mask=None):
         while True:
             try:
                 chunk = os.read(self.report_r, 65536)
@@ -829,10 +833,7 @@ class Supervisor:
     def reap(self):
         """Collect every exited child (signals coalesce: never rely on one SIGCHLD each)."""
         while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
+            pid, status = self.system.waitpid()
             if pid == 0:
                 return
             launcher = next((item for item in self.launchers if item.pid == pid), None)
@@ -844,7 +845,7 @@ class Supervisor:
             # else: an orphan adopted while we run as PID 1, or a launcher already replaced
 
     def _executor_exited(self, run_id, status):
-        self._read_reports()    # its last report may still sit in the pipe
+        self.read_reports()    # its last report may still sit in the pipe
         run = self._forget_run(run_id)
         if run is not None and run.adopted:
             self._close_adopted(run)
@@ -870,7 +871,7 @@ class Supervisor:
                       "error": f"executor ended without a report ({_describe_status(code)})"}
             log.error("run %d of %s: %s", run.run_id, run.task.name, result["error"])
             if run.pgid:
-                self.kill(-run.pgid, signal.SIGKILL)   # no command may outlive its executor
+                self.system.kill(-run.pgid, signal.SIGKILL)   # no command may outlive its executor
         # a planned stop, if it is what ended the run (the executor says; without a report, yes)
         stopped = run.stop_reason if result.get("stopped", True) else None
         record = records.RunRecord(
@@ -1034,7 +1035,7 @@ class Supervisor:
         for run in list(self.runs.values()):
             self._signal_run(run, signal.SIGKILL, "shutdown")
 
-    def _drive_shutdown(self):
+    def drive_shutdown(self):
         if self.runs and self.clock.monotonic() >= self.shutdown_deadline and not self.killed_all:
             self.kill_all(f"shutdown_grace {self.settings.shutdown_grace}s is over")
 
@@ -1043,14 +1044,14 @@ class Supervisor:
 
         ``reason`` makes it a planned stop (shutdown, reload): recorded as stopped, not failed."""
         run.stop_reason = run.stop_reason or reason
-        if run.adopted and not _is_executor(run.executor_pid, run.task.name, run.run_id):
+        if run.adopted and not self.system.is_executor(run.executor_pid, run.task.name, run.run_id):
             return      # ended already (its pid may be another process's now)
         if signum == signal.SIGKILL and run.pgid:
-            self.kill(-run.pgid, signal.SIGKILL)
+            self.system.kill(-run.pgid, signal.SIGKILL)
         if run.executor_pid is None:
             run.pending_signal = signum     # sent as soon as the launcher has forked it
             return
-        self.kill(run.executor_pid, signum)
+        self.system.kill(run.executor_pid, signum)
         if run.state == RunState.RUNNING:
             run.state = RunState.STOPPING      # RUNNING -> STOPPING
 
@@ -1215,7 +1216,7 @@ class Supervisor:
             scheduled=second, started=None, ended=None, exit_code=None, signal=None,
             missed=True, skipped=f"missed {count} run(s)"))
 
-    def _housekeeping(self):
+    def housekeeping(self):
         if self.followed:
             self._follow_runs_by_pid()
         if len(self.launchers) < self.launcher_target and not self.stopping and \
@@ -1241,7 +1242,7 @@ class Supervisor:
         if self.stopping:
             title += " stopping"
         if title != self._title:
-            setproctitle.setproctitle(title)
+            self.system.set_title(title)
             self._title = title
 
     def stats_line(self):
@@ -1260,48 +1261,12 @@ def _record_signal(signum, frame):
     """Handlers only record: the wakeup fd carries the signal number to the loop."""
 
 
-def _is_executor(pid, task, run_id):
-    """Is ``pid`` a live executor of that run (its title says so)?"""
-    try:
-        proc = psutil.Process(pid)
-        title = " ".join(part for part in proc.cmdline() if part)   # setproctitle pads
-        return proc.status() != psutil.STATUS_ZOMBIE and \
-            title == f"torchcore: {task} [run {run_id}]"
-    except psutil.Error:
-        return False
-
-
 @dataclasses.dataclass(frozen=True)
 class _Retired:
     """The task of an adopted run that the task file no longer has (name and kind only)."""
 
     name: str
     type: str
-
-
-def _command_group(executor_pid):
-    """The process group of an executor's command (its child in a group of its own), or None."""
-    try:
-        for child in psutil.Process(executor_pid).children():
-            group = os.getpgid(child.pid)
-            if group == child.pid and group != os.getpgrp():
-                return group
-    except (psutil.Error, OSError):
-        pass
-    return None
-
-
-def _executor_of(pid, task, run_id):
-    """The live executor of a run recorded with ``pid``: its command's (its child) or its own."""
-    if not pid:
-        return None
-    if _is_executor(pid, task, run_id):
-        return pid
-    try:
-        parent = psutil.Process(pid).ppid()
-    except psutil.Error:
-        return None
-    return parent if _is_executor(parent, task, run_id) else None
 
 
 def _file_signature(path):
