@@ -117,7 +117,7 @@ class Harness(Supervisor):
 
     def end(self, name, lived=5.0, exit_code=0):
         """Pretend the oldest run of ``name`` ended after ``lived`` seconds."""
-        run = self.runs[min(self.by_task[name])]
+        run = self.table.oldest(name)
         self.report({"e": "end", "run": run.run_id, "exit_code": exit_code, "signal": None,
                      "timed_out": False, "peak_rss": None, "started": run.started,
                      "ended": run.started + lived})

@@ -25,7 +25,7 @@ def walk(sup, start, end):
     sup.planner.start(start - 1)
     for _ in range(start, end):
         sup.second()
-        for name in [name for name, pids in sup.by_task.items() if pids]:
+        for name in list(dict.fromkeys(run.task.name for run in sup.table)):
             sup.end(name, lived=0.1)
 
 

@@ -72,7 +72,7 @@ def test_reload_keeps_unchanged_tasks_and_lets_removed_runs_finish(make):
     assert accepted and problems == []
     assert sup.system.killed == []                       # nothing running was disturbed
     assert "gone" not in sup.planner and "new" in sup.planner
-    assert len(sup.by_task["gone"]) == 1          # its run goes on until it ends
+    assert sup.table.count("gone") == 1          # its run goes on until it ends
     assert "1 added, 0 changed, 1 removed" in sup.last_reload[2]
 
 
@@ -93,7 +93,7 @@ def test_changed_daemon_is_stopped_gracefully_and_started_again(make):
 """)
     sup.tend_daemons()
     assert sup.system.forked == [("d", None, False)]
-    old_pid = sup.runs[min(sup.by_task["d"])].executor_pid
+    old_pid = sup.table.oldest("d").executor_pid
     rewrite(sup, """tasks:
   - {name: d, type: daemon, command: "sleep 200"}
 """)
@@ -155,7 +155,7 @@ tasks:
   - {name: a, schedule: "* * * * * *", command: "sleep 100"}
 """)
     sup.second()
-    run = next(iter(sup.runs.values()))
+    run = next(iter(sup.table))
     run.pgid = 4242
     sup.begin_shutdown("test")
     assert sup.system.killed == [(run.executor_pid, signal.SIGTERM)]
@@ -261,8 +261,9 @@ def test_runs_of_a_burst_hold_their_wrap_up_for_as_long_as_its_starts_take(make)
     assert pending_at_go == [0]                     # go first, the start records after
     sup.housekeeping()
     assert sup.records.pending == 1002              # no database writes during its starts...
-    for run in list(sup.runs.values()):             # its starts spread over 0.9 s
-        started = T0 + 0.9 * run.run_id / max(sup.runs)
+    last = max(run.run_id for run in sup.table)
+    for run in sup.table:                           # its starts spread over 0.9 s
+        started = T0 + 0.9 * run.run_id / last
         sup.report({"e": "end", "run": run.run_id, "started": started,
                     "ended": started + 0.01, "exit_code": 0})
     sup.clock.advance(1.6)

@@ -200,7 +200,7 @@ def _adopt(sup, name, scheduled=None):
                                       pid=4242))
     sup.records.flush()
     sup.adopt_previous_executors()
-    return sup.runs[run_id]
+    return sup.table.get(run_id)
 
 
 def test_an_adopted_daemon_run_counts_as_its_instance_and_is_stopped_at_shutdown(make, monkeypatch,

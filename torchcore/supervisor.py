@@ -26,6 +26,7 @@ from torchcore.coordinator import LocalCoordinator
 from torchcore.errors import ConfigError, TorchcoreError
 from torchcore.launcher import JobTooLarge
 from torchcore.planner import Planner
+from torchcore.runs import Run, RunTable
 from torchcore.states import DaemonState, RunState
 from torchcore.system import System
 
@@ -46,26 +47,6 @@ FAILED_START_UNDER = 1.0    # a daemon instance that lived less than this is a f
 BACKOFF_MAX = 60.0
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
            signal.SIGUSR2: "usr2", signal.SIGCHLD: "chld"}
-
-
-@dataclasses.dataclass
-class Run:
-    """One running executor, as the supervisor sees it."""
-
-    run_id: int
-    task: object                # the Task spec it was started with
-    scheduled: int | None
-    manual: bool
-    executor_pid: int | None    # known once a launcher has forked it
-    started: float
-    state: str = RunState.STARTING
-    pgid: int | None = None     # the command's process group, once the executor reports it
-    result: dict | None = None
-    launcher: object = None     # the Launcher that forks it
-    pending_signal: int | None = None   # a stop asked for before the executor existed
-    orphaned: bool = False      # its launcher died: followed by pid until it ends
-    adopted: bool = False       # started by a previous supervisor (killed): followed by pid too
-    stop_reason: str | None = None  # why the supervisor stopped it: recorded as stopped, not failed
 
 
 @dataclasses.dataclass
@@ -108,14 +89,10 @@ class Supervisor:
         self.planner = Planner(self.settings.misfire_grace)
         self.tasks = {}             # name -> Task running on this node
         self.daemons = {}           # name -> DaemonSlot
-        self.runs = {}              # run id -> Run
-        self.by_pid = {}            # executor pid -> run id
-        self.by_task = {}           # name -> set of run ids
+        self.table = RunTable()     # the runs, started and prepared (see runs.py)
         self.launchers = []         # the processes that fork executors (see launcher.py)
         self.launcher_target = 0    # how many run (one per core, four at most; set by run())
         self._handed_to = None      # the launcher the last fork() went to
-        self.prepared = {}          # (name, second) -> Run forked ahead, waiting for go
-        self.prepared_ids = {}      # run id -> Run, for prepared runs not (yet) fired
         self._prepared_for = 0      # the last second prepared
         self._prepare_at = 0.0      # wall time to prepare the next second
         self._due_names = {}       # second -> names due then (planner.peek, in its order, as dict
@@ -137,7 +114,6 @@ class Supervisor:
         self.retry = []                  # (name, second) whose fork failed: tried again next tick
         self.last_result = {}            # name -> last finished result dict (for status)
         self.skipped_last = {}           # name -> reason, while its last due run was skipped
-        self.followed = set()            # ids of runs followed by pid (orphaned or adopted)
         self._errors_seen = set()        # (where, exception type) already logged once
         self._launchers_retry_at = 0.0   # monotonic time to try again to start missing launchers
         self._report_buffer = b""
@@ -240,7 +216,7 @@ class Supervisor:
         return os.path.join(self.settings.state_dir, "control.sock")
 
     def finished(self):
-        return self.stopping and not self.runs
+        return self.stopping and not self.table
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -280,7 +256,7 @@ class Supervisor:
     def _sleep_time(self):
         wall = self.clock.time()
         wait = (int(wall) + 1 - wall) + 0.0005
-        if self.prepared:
+        if self.table.prepared:
             wait = max(0.0, wait - 0.0005 - EARLY_WAKE)   # epoll rounds up to whole ms
         if self.launchers and not self.stopping and wall < self._prepare_at:
             wait = min(wait, self._prepare_at - wall)
@@ -290,7 +266,7 @@ class Supervisor:
 
     def _await_boundary(self):
         """Spin the last moments to the second boundary when prepared runs wait for it."""
-        if not self.prepared:
+        if not self.table.prepared:
             return
         boundary = self.planner.watermark + 1
         if boundary - self.clock.time() > 2 * EARLY_WAKE:
@@ -310,7 +286,7 @@ class Supervisor:
         fired = []
         rest = []       # due, not prepared: forked after the prepared ones got their go
         for name, second in self._due_retries(now, plan.due) + plan.due:
-            run = self.prepared.pop((name, second), None)
+            run = self.table.take_prepared(name, second)
             if run is None:
                 rest.append((name, second))
             elif self._contained(f"starting {name}", self._fire, run):
@@ -323,8 +299,8 @@ class Supervisor:
             self._contained(f"starting {name}", self.launch, self.tasks[name], second)
         for run in fired:           # the starts first, the bookkeeping after
             self._record_start(run)
-        for key in [key for key in self.prepared if key[1] <= now]:
-            self._cancel(self.prepared.pop(key))        # prepared, but not due after all
+        for key in [key for key in self.table.prepared if key[1] <= now]:
+            self._cancel(self.table.take_prepared(*key))    # prepared, but not due after all
 
     def _contained(self, what, action, *args):
         """``action(*args)``, its failure contained (see _contain); returns its result or None."""
@@ -359,7 +335,7 @@ class Supervisor:
 
     def launch(self, task, second, manual=False):
         """Start one run of ``task`` unless a limit forbids it; returns the Run or None."""
-        reason = self._limit_reason(task)
+        reason = self.table.limit_reason(task, self.settings.max_running)
         if reason:
             self._record_skip(task, second, reason, manual)
             return None
@@ -384,8 +360,7 @@ class Supervisor:
             self._retry_later(task, second, manual)
             return None
         run = Run(run_id, task, second, manual, None, self.clock.time(), launcher=self._handed_to)
-        self.runs[run_id] = run
-        self.by_task.setdefault(task.name, set()).add(run_id)
+        self.table.add(run)
         self.skipped_last.pop(task.name, None)
         self.stats.started += 1
         self._record_start(run)
@@ -419,10 +394,8 @@ class Supervisor:
 
     def _forked(self, run, pid):
         """The executor of ``run`` exists now (STARTING or PREPARED, pid known)."""
-        run.executor_pid = pid
-        if run.state == RunState.PREPARED:
+        if not self.table.forked(run, pid):
             return
-        self.by_pid[pid] = run.run_id
         if run.launcher is not None:
             self._record_start(run)         # again, now with the pid a new supervisor looks for
         if run.pending_signal is not None:
@@ -461,9 +434,9 @@ class Supervisor:
             self._learn_start_cost()
             for name in self._due_at(second):
                 task = self.tasks.get(name)
-                if len(self.prepared) >= MAX_PREPARED or task is None:
+                if len(self.table.prepared) >= MAX_PREPARED or task is None:
                     break
-                if (name, second) not in self.prepared:
+                if (name, second) not in self.table.prepared:
                     self._prepare(task, second)
         for second in [s for s in self._due_names if s <= self._prepared_for]:
             del self._due_names[second]
@@ -533,48 +506,33 @@ class Supervisor:
             return          # the tick launches it the ordinary way (or refuses it)
         run = Run(run_id, task, second, False, None, 0.0, launcher=self._handed_to,
                   state=RunState.PREPARED)
-        self.prepared[(task.name, second)] = run
-        self.prepared_ids[run_id] = run
+        self.table.add_prepared(run)
 
     def _fire(self, run):
         """A prepared run is due: True if it starts now (PREPARED -> STARTING; its launcher is
         then told go, and its start recorded), False if a limit says no (it is cancelled)."""
-        del self.prepared_ids[run.run_id]
+        self.table.leave_prepared(run.run_id)
         task = run.task
-        reason = self._limit_reason(task)
+        reason = self.table.limit_reason(task, self.settings.max_running)
         if reason or not self.coordinator.claim(task, run.scheduled):
             self._cancel(run)
             if reason:
                 self._record_skip(task, run.scheduled, reason, False)
             return False
         # Waiting at the gate (its group known), the command is starting right now.
-        run.state = RunState.RUNNING if run.pgid else RunState.STARTING
-        run.started = self.clock.time()
-        self.runs[run.run_id] = run
-        self.by_task.setdefault(task.name, set()).add(run.run_id)
-        if run.executor_pid is not None:
-            self.by_pid[run.executor_pid] = run.run_id
+        self.table.fire(run, self.clock.time())     # PREPARED -> RUNNING or STARTING
         self.skipped_last.pop(task.name, None)
         self.stats.started += 1
         return True
 
     def _cancel(self, run):
-        self.prepared_ids[run.run_id] = run         # until its executor's exit is seen
+        self.table.cancelled(run)                   # known until its executor's exit is seen
         run.launcher.cancel([run.run_id])
         self._watch_pending(run.launcher)
 
     def _cancel_prepared(self):
-        while self.prepared:
-            self._cancel(self.prepared.popitem()[1])
-
-    def _limit_reason(self, task):
-        running = len(self.by_task.get(task.name, ()))
-        if running >= task.max:
-            return f"max {task.max} reached"
-        cap = self.settings.max_running
-        if cap is not None and len(self.runs) >= cap:
-            return f"max_running {cap} reached"
-        return None
+        while self.table.prepared:
+            self._cancel(self.table.prepared.popitem()[1])
 
     def fork(self, job):
         """Have ``job``'s executor forked; returns its pid, or None when a launcher forks it.
@@ -645,23 +603,22 @@ class Supervisor:
 
     def _launcher_answer(self, launcher, answer):
         run_id = answer.get("forked", answer.get("exited", answer.get("fork_failed")))
-        prepared = self.prepared_ids.get(run_id)
+        prepared = self.table.prepared_ids.get(run_id)
         if "forked" in answer:
-            run = self.runs.get(run_id) or prepared
+            run = self.table.get(run_id) or prepared
             if run is not None:
                 self._forked(run, answer["pid"])
             return
         launcher.runs -= 1
         if prepared is not None:        # a prepared run that never fired: nothing to record
-            self.prepared_ids.pop(run_id)
-            self.prepared.pop((prepared.task.name, prepared.scheduled), None)
+            self.table.prepared_gone(run_id)
         elif "exited" in answer:
             self._executor_exited(run_id, answer["status"])
         else:
             self._fork_failed(run_id, answer["error"])
 
     def _fork_failed(self, run_id, error):
-        run = self._forget_run(run_id)
+        run = self.table.forget(run_id)
         if run is None:
             return
         self.stats.fork_failures += 1
@@ -686,25 +643,23 @@ class Supervisor:
         launcher.close()
         launcher.kill()         # a stopped or hung one too: its socket is closed now
         log.error("a launcher (pid %d) died; starting another", launcher.pid)
-        for run in [r for r in self.prepared_ids.values() if r.launcher is launcher]:
-            self.prepared_ids.pop(run.run_id)
-            self.prepared.pop((run.task.name, run.scheduled), None)
-        for run in [r for r in self.runs.values() if r.launcher is launcher]:
+        for run in self.table.prepared_by(launcher):
+            self.table.prepared_gone(run.run_id)
+        for run in self.table.started_by(launcher):
             if run.executor_pid is None:
                 self._fork_failed(run.run_id, "its launcher died")
             else:
-                run.orphaned = True
-                self.followed.add(run.run_id)
+                self.table.follow(run)
         if not self.stopping:
             self._start_launchers()
 
     def _follow_runs_by_pid(self):
         """Runs whose executor is not our child (its launcher died, or it was adopted) end
         when their executor is gone."""
-        for run_id in list(self.followed):
-            run = self.runs.get(run_id)
+        for run_id in list(self.table.followed):
+            run = self.table.get(run_id)
             if run is None:
-                self.followed.discard(run_id)
+                self.table.followed.discard(run_id)
             elif not self.system.is_executor(run.executor_pid, run.task.name, run.run_id):
                 self._executor_exited(run_id, 0)
 
@@ -742,10 +697,7 @@ class Supervisor:
         run = Run(record.run_id, task, record.scheduled, record.manual, executor_pid,
                   record.started or self.clock.time(), state=RunState.RUNNING,
                   pgid=self.system.command_group(executor_pid), adopted=True)
-        self.runs[run.run_id] = run
-        self.by_pid[run.executor_pid] = run.run_id
-        self.by_task.setdefault(task.name, set()).add(run.run_id)
-        self.followed.add(run.run_id)
+        self.table.adopt(run)
         log.warning("run %d of %s (pid %d) was started by a previous supervisor and still runs: "
                     "it counts against max (adopted, stopped like any other run)",
                     run.run_id, task.name, run.executor_pid)
@@ -785,7 +737,7 @@ class Supervisor:
             task = self.tasks.get(name)
             if task is None or mono < slot.next_try:
                 continue
-            missing = task.max - len(self.by_task.get(name, ()))
+            missing = task.max - self.table.count(name)
             for _ in range(missing):
                 if self.launch(task, None) is None:
                     break
@@ -808,12 +760,12 @@ class Supervisor:
     def _handle_report(self, line):
         try:
             message = json.loads(line)
-            run = self.runs.get(message["run"])
+            run = self.table.get(message["run"])
         except (ValueError, KeyError, TypeError):
             log.warning("ignored a malformed executor report: %r", line[:200])
             return
         if run is None:
-            prepared = self.prepared_ids.get(message.get("run"))
+            prepared = self.table.prepared_ids.get(message.get("run"))
             if prepared is not None and message.get("e") == "gate":
                 prepared.pgid = message.get("pid")      # its command's group, before it runs
             return
@@ -821,7 +773,7 @@ class Supervisor:
             known, run.pgid = run.pgid, message.get("pid")
             if run.pgid != known:
                 self._record_start(run)         # history shows the command's pid, as status
-            run.state = RunState.RUNNING   # STARTING -> RUNNING
+            self.table.running(run)     # STARTING -> RUNNING
             if self.stopping:
                 self._signal_run(run, signal.SIGTERM, "shutdown")
         elif message.get("e") == "end":
@@ -840,29 +792,21 @@ class Supervisor:
             if launcher is not None:
                 launcher.proc.returncode = os.waitstatus_to_exitcode(status)
                 self._launcher_died(launcher)
-            elif pid in self.by_pid:
-                self._executor_exited(self.by_pid[pid], status)
+            elif (run_id := self.table.run_of_pid(pid)) is not None:
+                self._executor_exited(run_id, status)
             # else: an orphan adopted while we run as PID 1, or a launcher already replaced
 
     def _executor_exited(self, run_id, status):
         self.read_reports()    # its last report may still sit in the pipe
-        run = self._forget_run(run_id)
+        run = self.table.forget(run_id)
         if run is not None and run.adopted:
             self._close_adopted(run)
         elif run is not None:
             self._finish(run, status)
 
-    def _forget_run(self, run_id):
-        run = self.runs.pop(run_id, None)
-        self.followed.discard(run_id)
-        if run is not None:
-            self.by_pid.pop(run.executor_pid, None)
-            self.by_task.get(run.task.name, set()).discard(run_id)
-        return run
-
     def _finish(self, run, status):
         """Record a run whose executor has exited (RUNNING -> EXITED)."""
-        run.state = RunState.EXITED
+        self.table.exited(run)      # RUNNING -> EXITED
         result = run.result
         if result is None:
             code = os.waitstatus_to_exitcode(status)
@@ -960,7 +904,7 @@ class Supervisor:
         }
 
     def _task_status(self, name):
-        runs = [self.runs[run_id] for run_id in self.by_task.get(name, ())]
+        runs = self.table.of_task(name)
         task = self.tasks[name]
         entry = {"type": task.type, "schedule": task.schedule_text, "timezone": task.timezone,
                  "running": [{"run_id": r.run_id, "pid": r.pgid, "executor_pid": r.executor_pid,
@@ -1023,20 +967,20 @@ class Supervisor:
         self.stopping = True
         self._cancel_prepared()
         self.shutdown_deadline = self.clock.monotonic() + self.settings.shutdown_grace
-        log.info("stopping (%s): %d runs to stop, grace %ds", reason, len(self.runs),
+        log.info("stopping (%s): %d runs to stop, grace %ds", reason, len(self.table),
                  self.settings.shutdown_grace)
-        for run in list(self.runs.values()):
+        for run in self.table:
             self._signal_run(run, signal.SIGTERM, "shutdown")
 
     def kill_all(self, reason):
         if not self.killed_all:
-            log.warning("killing %d runs now (%s)", len(self.runs), reason)
+            log.warning("killing %d runs now (%s)", len(self.table), reason)
         self.killed_all = True
-        for run in list(self.runs.values()):
+        for run in self.table:
             self._signal_run(run, signal.SIGKILL, "shutdown")
 
     def drive_shutdown(self):
-        if self.runs and self.clock.monotonic() >= self.shutdown_deadline and not self.killed_all:
+        if self.table and self.clock.monotonic() >= self.shutdown_deadline and not self.killed_all:
             self.kill_all(f"shutdown_grace {self.settings.shutdown_grace}s is over")
 
     def _signal_run(self, run, signum, reason=None):
@@ -1052,8 +996,7 @@ class Supervisor:
             run.pending_signal = signum     # sent as soon as the launcher has forked it
             return
         self.system.kill(run.executor_pid, signum)
-        if run.state == RunState.RUNNING:
-            run.state = RunState.STOPPING      # RUNNING -> STOPPING
+        self.table.stopping(run)        # RUNNING -> STOPPING
 
     # ---- reload ---------------------------------------------------------------------------
 
@@ -1160,8 +1103,8 @@ class Supervisor:
         gracefully."""
         if task.type == "daemon":
             self.daemons.pop(task.name, None)
-            for run_id in self.by_task.get(task.name, ()):
-                self._signal_run(self.runs[run_id], signal.SIGTERM, f"task {how} by reload")
+            for run in self.table.of_task(task.name):
+                self._signal_run(run, signal.SIGTERM, f"task {how} by reload")
 
     def _admit(self, task):
         """A new or changed task (already on the schedule): a daemon gets its slot."""
@@ -1217,7 +1160,7 @@ class Supervisor:
             missed=True, skipped=f"missed {count} run(s)"))
 
     def housekeeping(self):
-        if self.followed:
+        if self.table.followed:
             self._follow_runs_by_pid()
         if len(self.launchers) < self.launcher_target and not self.stopping and \
                 self.clock.monotonic() >= self._launchers_retry_at:
@@ -1238,7 +1181,7 @@ class Supervisor:
 
     def _set_title(self):
         name = os.path.basename(self.settings.path)
-        title = f"torchcore: supervisor {name} ({len(self.tasks)} tasks, {len(self.runs)} running)"
+        title = f"torchcore: supervisor {name} ({len(self.tasks)} tasks, {len(self.table)} running)"
         if self.stopping:
             title += " stopping"
         if title != self._title:
@@ -1249,7 +1192,7 @@ class Supervisor:
         load = os.getloadavg()
         rss = psutil.Process().memory_info().rss
         s = self.stats
-        return (f"stats: tasks={len(self.tasks)} running={len(self.runs)} started={s.started} "
+        return (f"stats: tasks={len(self.tasks)} running={len(self.table)} started={s.started} "
                 f"failed={s.failed} skipped={s.skipped} missed={s.missed} "
                 f"fork_failures={s.fork_failures} errors={s.errors} "
                 f"log_failures={daemonlog.failures()} "
