@@ -23,11 +23,12 @@ import psutil
 
 from torchcore import config, daemonlog, executor, records, textfmt
 from torchcore.coordinator import LocalCoordinator
+from torchcore.daemons import Daemons
 from torchcore.errors import ConfigError, TorchcoreError
 from torchcore.launcher import JobTooLarge
 from torchcore.planner import Planner
 from torchcore.runs import Run, RunTable
-from torchcore.states import DaemonState, RunState
+from torchcore.states import RunState
 from torchcore.system import System
 
 log = logging.getLogger("torchcore")
@@ -43,21 +44,8 @@ START_COST = 0.002          # CPU seconds a command's start takes, until measure
 HOLD_MARGIN = 1.5           # a burst's executors hold their wrap-up this much longer than its starts
 HOLD_MAX = 3.0              # ...and never longer than this after their second,
 HOLD_SHARE = 0.3            # ...nor than this share of the time to the task's next run
-FAILED_START_UNDER = 1.0    # a daemon instance that lived less than this is a failed start
-BACKOFF_MAX = 60.0
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
            signal.SIGUSR2: "usr2", signal.SIGCHLD: "chld"}
-
-
-@dataclasses.dataclass
-class DaemonSlot:
-    """Bookkeeping for a `daemon` task: restarts and the crash-loop backoff."""
-
-    state: str = DaemonState.RUNNING
-    failures: int = 0           # consecutive failed starts
-    next_try: float = 0.0       # monotonic time before which no instance starts
-    restarts: int = 0
-    last_exit: dict | None = None
 
 
 @dataclasses.dataclass
@@ -88,7 +76,7 @@ class Supervisor:
         self.ready = False
         self.planner = Planner(self.settings.misfire_grace)
         self.tasks = {}             # name -> Task running on this node
-        self.daemons = {}           # name -> DaemonSlot
+        self.daemons = Daemons()    # the daemon tasks' slots: restarts, backoff (see daemons.py)
         self.table = RunTable()     # the runs, started and prepared (see runs.py)
         self.launchers = []         # the processes that fork executors (see launcher.py)
         self.launcher_target = 0    # how many run (one per core, four at most; set by run())
@@ -836,22 +824,7 @@ class Supervisor:
         slot = self.daemons.get(run.task.name)
         if slot is None or self.stopping:
             return
-        slot.last_exit = result
-        slot.restarts += 1
-        lived = result["ended"] - result.get("started", run.started)
-        if lived >= FAILED_START_UNDER:
-            slot.failures = 0
-            slot.next_try = 0.0
-            if slot.state == DaemonState.BACKOFF:
-                slot.state = DaemonState.RUNNING     # BACKOFF -> RUNNING
-            return
-        slot.failures += 1
-        delay = min(BACKOFF_MAX, 2.0 ** (slot.failures - 1))
-        slot.next_try = self.clock.monotonic() + delay
-        if slot.state == DaemonState.RUNNING:
-            slot.state = DaemonState.BACKOFF         # RUNNING -> BACKOFF
-        log.warning("daemon %s failed to start (%d in a row, lived %.2fs): next try in %ds",
-                    run.task.name, slot.failures, lived, delay)
+        slot.exited(run.task.name, result, run.started, self.clock.monotonic())
 
     # ---- signals --------------------------------------------------------------------------
 
@@ -913,9 +886,7 @@ class Supervisor:
                  "skipped": self.skipped_last.get(name)}
         slot = self.daemons.get(name)
         if slot is not None:
-            entry["daemon"] = {"state": slot.state, "restarts": slot.restarts,
-                               "failures": slot.failures, "last_exit": slot.last_exit,
-                               "next_try_in": max(0.0, slot.next_try - self.clock.monotonic())}
+            entry["daemon"] = slot.status(self.clock.monotonic())
         return entry
 
     def control_run(self, request):
@@ -1102,14 +1073,14 @@ class Supervisor:
         """A removed or changed task (already off the schedule): stop a daemon's instances
         gracefully."""
         if task.type == "daemon":
-            self.daemons.pop(task.name, None)
+            self.daemons.retire(task.name)
             for run in self.table.of_task(task.name):
                 self._signal_run(run, signal.SIGTERM, f"task {how} by reload")
 
     def _admit(self, task):
         """A new or changed task (already on the schedule): a daemon gets its slot."""
         if task.type == "daemon":
-            self.daemons[task.name] = DaemonSlot()
+            self.daemons.admit(task.name)
 
     def _warn_fixed_settings(self, new):
         for field in ("state_dir", "log_dir", "pidfile"):
