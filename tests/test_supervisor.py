@@ -191,8 +191,18 @@ def test_fork_refuses_when_another_thread_runs(make):
         thread.join()
 
 
+def test_a_pass_of_the_loop_with_prepared_runs_waiting_meets_no_error(make):
+    """A whole pass (its sleep, the boundary, reaping, the daemons, preparing, housekeeping)
+    on the fake system, while a prepared run waits for its second."""
+    sup = make(EVERY, launchers=1)
+    assert sup.table.prepared                     # T0, prepared when it started (T0 - 0.5)
+    sup.clock.advance(0.49)                         # T0 - 0.01: the pass sleeps a few ms
+    sup.loop_once()
+    assert sup.stats.errors == 0 and sup.table.prepared
+
+
 def test_runs_are_prepared_ahead_and_big_bursts_earlier(make):
-    from torchcore import supervisor as supervisor_module
+    from torchcore import prepare
 
     burst = "".join(f"  - {{name: b{i}, schedule: '30 * * * * *', command: 'true'}}\n"
                     for i in range(1000))
@@ -202,10 +212,10 @@ def test_runs_are_prepared_ahead_and_big_bursts_earlier(make):
     def prepared():
         return [(job.name, job.scheduled, round(at - job.scheduled, 3))
                 for job, at in sup.system.submitted]
-    lead = 1000 * supervisor_module.PREPARE_COST / 2            # 3 s with two launchers
+    lead = 1000 * prepare.PREPARE_COST / 2            # 3 s with two launchers
     sup.prepare_ahead()                                          # T0 - 0.8
     assert prepared() == []                                      # T0 is more than 0.5 s away
-    assert sup._prepare_at == pytest.approx(T0 - 0.5)
+    assert sup.ahead.next_at == pytest.approx(T0 - 0.5)
     sup.clock.advance(0.3)
     sup.prepare_ahead()
     assert prepared() == [("every", T0, -0.5)]
@@ -238,7 +248,7 @@ def test_the_first_second_is_prepared_before_the_loop_first_sleeps(tmp_path):
 
 
 def test_runs_of_a_burst_hold_their_wrap_up_for_as_long_as_its_starts_take(make):
-    from torchcore import supervisor as supervisor_module
+    from torchcore import prepare
 
     burst = "".join(f"  - {{name: b{i}, schedule: '*/10 * * * * *', command: 'true'}}\n"
                     for i in range(1000))
@@ -251,7 +261,7 @@ def test_runs_of_a_burst_hold_their_wrap_up_for_as_long_as_its_starts_take(make)
         return {(job.name, job.scheduled): job.hold_until for job, _ in sup.system.submitted}
     sup.clock.advance(0.4)                          # T0 - 0.1: T0 and its burst are prepared
     sup.prepare_ahead()
-    cost, margin = supervisor_module.START_COST, supervisor_module.HOLD_MARGIN
+    cost, margin = prepare.START_COST, prepare.HOLD_MARGIN
     assert holds()[("b7", T0)] == pytest.approx(T0 + 1002 * cost / 2 * margin)    # 1.503 s
     assert holds()[("every", T0)] == T0 + 0.3        # due again in a second: 0.3 of it at most
     sup.clock.advance(0.15)

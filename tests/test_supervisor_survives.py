@@ -13,8 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from supervisor_harness import T0, Harness, rewrite, taskfile
 
-from torchcore import executor, records
-from torchcore import supervisor as supervisor_module
+from torchcore import executor, prepare, records
 from torchcore.launcher import JobTooLarge
 from torchcore.schedule import ScheduleTable
 
@@ -153,7 +152,7 @@ def test_an_exception_in_a_pass_of_the_loop_is_contained(tmp_path, monkeypatch):
 
 
 def test_prepared_runs_get_their_go_before_the_rest_of_their_second_is_forked(make, monkeypatch):
-    monkeypatch.setattr(supervisor_module, "MAX_PREPARED", 3)
+    monkeypatch.setattr(prepare, "MAX_PREPARED", 3)
     sup = make("tasks:\n" + "".join(
         f"  - {{name: t{i}, schedule: '* * * * * *', command: 'true'}}\n" for i in range(10)),
                launchers=1)

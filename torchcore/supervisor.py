@@ -21,7 +21,7 @@ import time
 
 import psutil
 
-from torchcore import config, daemonlog, executor, records, textfmt
+from torchcore import config, daemonlog, executor, prepare, records, textfmt
 from torchcore.coordinator import LocalCoordinator
 from torchcore.daemons import Daemons
 from torchcore.errors import ConfigError, TorchcoreError
@@ -35,15 +35,7 @@ log = logging.getLogger("torchcore")
 
 STATS_EVERY = 60            # seconds between stats lines
 PRUNE_EVERY = 6 * 3600      # seconds between prunes of records older than history_days
-PREPARE_LEAD = 0.5          # seconds ahead of its second a run is prepared (forked, waiting for go)...
-PREPARE_COST = 0.006        # ...or more for a big burst: about this much CPU per run, per launcher
-LOOKAHEAD = 5               # seconds ahead the supervisor looks for bursts to prepare
-MAX_PREPARED = 2000         # at most this many executors wait for their second at once
 EARLY_WAKE = 0.002          # with prepared runs waiting, wake this early and spin to the boundary
-START_COST = 0.002          # CPU seconds a command's start takes, until measured (sh + date: 1.9 ms)
-HOLD_MARGIN = 1.5           # a burst's executors hold their wrap-up this much longer than its starts
-HOLD_MAX = 3.0              # ...and never longer than this after their second,
-HOLD_SHARE = 0.3            # ...nor than this share of the time to the task's next run
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
            signal.SIGUSR2: "usr2", signal.SIGCHLD: "chld"}
 
@@ -81,13 +73,7 @@ class Supervisor:
         self.launchers = []         # the processes that fork executors (see launcher.py)
         self.launcher_target = 0    # how many run (one per core, four at most; set by run())
         self._handed_to = None      # the launcher the last fork() went to
-        self._prepared_for = 0      # the last second prepared
-        self._prepare_at = 0.0      # wall time to prepare the next second
-        self._due_names = {}       # second -> names due then (planner.peek, in its order, as dict
-                                   # keys: the look-ahead also asks whether a name is among them)
-        self._start_cost = START_COST   # measured on the bursts seen (see _hold_until)
-        self._bursts = {}          # second -> [runs due, hold until, latest start seen]
-        self._cores = self.system.cores
+        self.ahead = prepare.Lookahead(self.planner, self.clock, self.system.cores)  # prepare.py
         self.stats = Stats()
         self.started_at = self.clock.time()
         self.stopping = False
@@ -246,8 +232,8 @@ class Supervisor:
         wait = (int(wall) + 1 - wall) + 0.0005
         if self.table.prepared:
             wait = max(0.0, wait - 0.0005 - EARLY_WAKE)   # epoll rounds up to whole ms
-        if self.launchers and not self.stopping and wall < self._prepare_at:
-            wait = min(wait, self._prepare_at - wall)
+        if self.launchers and not self.stopping and wall < self.ahead.next_at:
+            wait = min(wait, self.ahead.next_at - wall)
         if self.shutdown_deadline is not None:
             wait = min(wait, max(0.0, self.shutdown_deadline - self.clock.monotonic()))
         return min(wait, 1.0)
@@ -401,94 +387,25 @@ class Supervisor:
         At the boundary only the command's own exec is left to do: the tick tells each
         launcher which of its prepared runs go, and the launcher writes a byte to each
         one's go pipe, so a burst starts in parallel on every core.  What the tick does not
-        find due is cancelled (its go pipe closed) and leaves no trace.  A second is
-        prepared PREPARE_LEAD ahead, or earlier when its burst is too big to fork in that
-        time (seconds are prepared in order, so a big burst also brings the ones before it).
+        find due is cancelled (its go pipe closed) and leaves no trace.  Which seconds,
+        when, and how long a burst's executors hold back: see prepare.py.
         """
         if not self.launchers:
             return
-        wall = self.clock.time()
-        first = max(self._prepared_for + 1, int(wall) + 1)
-        upto = None
-        self._prepare_at = float("inf")
-        for second in range(first, int(wall) + LOOKAHEAD + 1):
-            start_at = second - self._lead(second)
-            if start_at <= wall:
-                upto = second
-            else:
-                self._prepare_at = min(self._prepare_at, start_at)
-        for second in range(first, (upto or 0) + 1):
-            self._prepared_for = second
-            self._learn_start_cost()
-            for name in self._due_at(second):
+        for second in self.ahead.seconds(len(self.launchers)):
+            for name in self.ahead.due_at(second):
                 task = self.tasks.get(name)
-                if len(self.table.prepared) >= MAX_PREPARED or task is None:
+                if len(self.table.prepared) >= prepare.MAX_PREPARED or task is None:
                     break
                 if (name, second) not in self.table.prepared:
                     self._prepare(task, second)
-        for second in [s for s in self._due_names if s <= self._prepared_for]:
-            del self._due_names[second]
-
-    def _due_at(self, second):
-        if second not in self._due_names:
-            self._due_names[second] = dict.fromkeys(self.planner.peek(second))
-        return self._due_names[second]
-
-    def _hold_until(self, name, second):
-        """When the executor of a run in a burst may wrap up (log, report, exit), or None.
-
-        More runs due in one second than there are cores start over a while; executors
-        waking meanwhile to wrap up after their command ended take CPU from the starts
-        still to come (see Executor._sit_out_burst).  Their wrap-up waits until the starts
-        should be over: runs x the CPU one start takes / cores, with a margin, at most
-        HOLD_MAX and at most HOLD_SHARE of the time to the task's next run (its executor
-        must be gone by then, or `max` skips the run).  The CPU per start is
-        measured: the latest start seen in the last burst whose hold is over, spread over
-        its runs and the cores (START_COST until then; see _learn_start_cost, called once
-        for each second prepared).
-        """
-        due = len(self._due_at(second))
-        if due <= self._cores:
-            return None
-        hold = min(HOLD_MAX, due * self._start_cost / self._cores * HOLD_MARGIN)
-        for gap in range(1, LOOKAHEAD + 1):
-            if name in self._due_at(second + gap):
-                hold = min(hold, gap * HOLD_SHARE)
-                break
-        burst = self._bursts.setdefault(second, [due, second, 0.0])
-        burst[1] = max(burst[1], second + hold)
-        return second + hold
-
-    def _in_burst(self):
-        """True while a burst's starts are under way (up to its hold): the database waits.
-
-        Writing a burst's start records right after its tick took 150-230 ms of a 200-run
-        burst (the supervisor's share of the CPU is small then) and took CPU from the
-        starts; after the hold, one transaction writes them with most of the ends (a run's
-        end replaces its start in the buffer, so most runs are written once)."""
-        now = self.clock.time()
-        return any(second <= now < held_until for second, (_, held_until, _) in self._bursts.items())
-
-    def _learn_start_cost(self):
-        """Fold the bursts whose hold is over (and whose reports are in) into the CPU per start."""
-        now = self.clock.time()
-        for second, (due, held_until, latest) in sorted(self._bursts.items()):
-            if held_until + 1 > now:
-                break
-            del self._bursts[second]
-            if latest > 0:     # up at once, down by a quarter a burst at most
-                measured = (latest - second) * self._cores / due
-                self._start_cost = min(max(measured, 0.75 * self._start_cost, 0.0002), 0.02)
-
-    def _lead(self, second):
-        return max(PREPARE_LEAD, len(self._due_at(second)) * PREPARE_COST / len(self.launchers))
 
     def _prepare(self, task, second):
         try:
             run_id = self.records.allocate_run_id()
             job = executor.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
                                         db_path=self.db_path, node=self.node_name, prepared=True,
-                                        hold_until=self._hold_until(task.name, second))
+                                        hold_until=self.ahead.hold_until(task.name, second))
             self.fork(job)
         except (OSError, TorchcoreError):
             return          # the tick launches it the ordinary way (or refuses it)
@@ -766,9 +683,7 @@ class Supervisor:
                 self._signal_run(run, signal.SIGTERM, "shutdown")
         elif message.get("e") == "end":
             run.result = message
-            burst = self._bursts.get(run.scheduled)
-            if burst is not None and isinstance(message.get("started"), (int, float)):
-                burst[2] = max(burst[2], message["started"])
+            self.ahead.started(run.scheduled, message.get("started"))
 
     def reap(self):
         """Collect every exited child (signals coalesce: never rely on one SIGCHLD each)."""
@@ -1028,7 +943,7 @@ class Supervisor:
         self._reschedule(old_tasks, removed + changed, [new_tasks[name] for name in changed + added])
         # Nothing below fails: the new state is in place.
         self._cancel_prepared()     # they were forked with the old specs
-        self._due_names.clear()
+        self.ahead.forget_due()
         for name in removed + changed:
             self._retire(old_tasks[name], "removed" if name in removed else "changed")
         for name in changed + added:
@@ -1136,7 +1051,7 @@ class Supervisor:
         if len(self.launchers) < self.launcher_target and not self.stopping and \
                 self.clock.monotonic() >= self._launchers_retry_at:
             self._start_launchers()
-        if not self._in_burst():
+        if not self.ahead.in_burst():
             self.records.flush()
         self._set_title()
         if self.control is not None:
