@@ -8,7 +8,6 @@ loop reads, and ``handle_<signal>`` changes what the loop does next.
 """
 
 import dataclasses
-import errno
 import gc
 import hashlib
 import json
@@ -25,7 +24,7 @@ from torchcore import config, daemonlog, executor, prepare, records, textfmt
 from torchcore.coordinator import LocalCoordinator
 from torchcore.daemons import Daemons
 from torchcore.errors import ConfigError, TorchcoreError
-from torchcore.launcher import JobTooLarge
+from torchcore.launcher import JobTooLarge, LauncherPool
 from torchcore.planner import Planner
 from torchcore.runs import Run, RunTable
 from torchcore.states import RunState
@@ -70,9 +69,9 @@ class Supervisor:
         self.tasks = {}             # name -> Task running on this node
         self.daemons = Daemons()    # the daemon tasks' slots: restarts, backoff (see daemons.py)
         self.table = RunTable()     # the runs, started and prepared (see runs.py)
-        self.launchers = []         # the processes that fork executors (see launcher.py)
-        self.launcher_target = 0    # how many run (one per core, four at most; set by run())
-        self._handed_to = None      # the launcher the last fork() went to
+        self.launchers = LauncherPool(  # the processes that fork executors (see launcher.py)
+            self.system, helper_stderr, self.clock, self._contain, self._launcher_answers,
+            self._launcher_died)
         self.ahead = prepare.Lookahead(self.planner, self.clock, self.system.cores)  # prepare.py
         self.stats = Stats()
         self.started_at = self.clock.time()
@@ -89,7 +88,6 @@ class Supervisor:
         self.last_result = {}            # name -> last finished result dict (for status)
         self.skipped_last = {}           # name -> reason, while its last due run was skipped
         self._errors_seen = set()        # (where, exception type) already logged once
-        self._launchers_retry_at = 0.0   # monotonic time to try again to start missing launchers
         self._report_buffer = b""
         self._next_stats = self.clock.monotonic() + STATS_EVERY
         self._next_prune = 0.0
@@ -128,8 +126,7 @@ class Supervisor:
         self._close()
 
     def _start(self):
-        self.launcher_target = self.system.launcher_count
-        self._start_launchers()
+        self.launchers.start(self.selector, self.report_w, self.system.launcher_count)
         self._apply(self.taskfile, first=True)
         self.adopt_previous_executors()
         self.planner.start(int(self.clock.time()))
@@ -173,7 +170,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         if self.control is not None:
             self.control.close()
-        self._stop_launchers()
+        self.launchers.stop()
         if self.records is not None:
             self.records.close()
         self.selector.close()
@@ -267,8 +264,7 @@ class Supervisor:
                 go.setdefault(run.launcher, []).append(run.run_id)
                 fired.append(run)
         for launcher, run_ids in go.items():
-            launcher.go(run_ids)
-            self._watch_pending(launcher)
+            self.launchers.go(launcher, run_ids)
         for name, second in rest:
             self._contained(f"starting {name}", self.launch, self.tasks[name], second)
         for run in fired:           # the starts first, the bookkeeping after
@@ -333,7 +329,7 @@ class Supervisor:
             log.error("cannot fork for %s (run %d): %s; retrying next second", task.name, run_id, exc)
             self._retry_later(task, second, manual)
             return None
-        run = Run(run_id, task, second, manual, None, self.clock.time(), launcher=self._handed_to)
+        run = Run(run_id, task, second, manual, None, self.clock.time(), launcher=self.launchers.handed_to)
         self.table.add(run)
         self.skipped_last.pop(task.name, None)
         self.stats.started += 1
@@ -409,7 +405,7 @@ class Supervisor:
             self.fork(job)
         except (OSError, TorchcoreError):
             return          # the tick launches it the ordinary way (or refuses it)
-        run = Run(run_id, task, second, False, None, 0.0, launcher=self._handed_to,
+        run = Run(run_id, task, second, False, None, 0.0, launcher=self.launchers.handed_to,
                   state=RunState.PREPARED)
         self.table.add_prepared(run)
 
@@ -432,8 +428,7 @@ class Supervisor:
 
     def _cancel(self, run):
         self.table.cancelled(run)                   # known until its executor's exit is seen
-        run.launcher.cancel([run.run_id])
-        self._watch_pending(run.launcher)
+        self.launchers.cancel(run.launcher, [run.run_id])
 
     def _cancel_prepared(self):
         while self.table.prepared:
@@ -449,60 +444,12 @@ class Supervisor:
             # fork() copies only this thread; a lock held by another stays locked in the child.
             raise RuntimeError("the supervisor must stay single-threaded: refusing to fork with "
                                f"{threading.active_count()} threads")
-        self._handed_to = None
+        self.launchers.handed_to = None
         if self.launchers:
-            return self._hand_over(job)
+            return self.launchers.submit(job)
         return self.system.fork_executor(job, self.report_w)
 
-    def _hand_over(self, job):
-        """Queue ``job`` on the least busy launcher.  One found dead is replaced and the job
-        goes to the next; JobTooLarge for a job no launcher can take; OSError when none is left."""
-        for _ in range(len(self.launchers) + 1):
-            if not self.launchers:
-                break
-            chosen = min(self.launchers, key=lambda launcher: launcher.runs)
-            chosen.submit(job)
-            if chosen.dead:
-                self._launcher_died(chosen)
-                continue
-            self._watch_pending(chosen)
-            self._handed_to = chosen
-            return None
-        raise OSError(errno.EAGAIN, "no launcher takes jobs now")
-
-    # ---- launchers ------------------------------------------------------------------------
-
-    def _start_launchers(self):
-        """One small forking process per core (two at most on this machine's kind, four at most).
-
-        A launcher that cannot start (no memory, no pids) is tried again a few seconds later;
-        meanwhile the others take the jobs (with none, the supervisor forks them itself)."""
-        for _ in range(self.launcher_target - len(self.launchers)):
-            try:
-                launcher = self.system.start_launcher(self.report_w, self.helper_stderr)
-            except OSError as exc:
-                self._launchers_retry_at = self.clock.monotonic() + 5.0
-                self._contain("starting a launcher", exc)
-                return
-            self.launchers.append(launcher)
-            self.selector.register(launcher.sock, selectors.EVENT_READ, self._launcher_event)
-
-    def _watch_pending(self, launcher):
-        """Have the loop finish writing to a launcher whose socket did not take everything."""
-        if launcher.pending and launcher in self.launchers:
-            self.selector.modify(launcher.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                                 self._launcher_event)
-
-    def _launcher_event(self, key, mask):
-        launcher = next((item for item in self.launchers if item.sock is key.fileobj), None)
-        if launcher is None:
-            return
-        if mask & selectors.EVENT_WRITE and launcher.flush() and not launcher.dead:
-            self.selector.modify(launcher.sock, selectors.EVENT_READ, self._launcher_event)
-        answers = launcher.answers() if mask & selectors.EVENT_READ else []
-        if answers is None or launcher.dead:
-            self._launcher_died(launcher)
-            return
+    def _launcher_answers(self, launcher, answers):
         for answer in answers:
             self._contained("an answer of a launcher", self._launcher_answer, launcher, answer)
 
@@ -541,12 +488,8 @@ class Supervisor:
 
         Its runs not forked yet are recorded as failed forks and tried again; prepared ones
         are started the ordinary way by their tick; forked ones report as before."""
-        if launcher not in self.launchers:
+        if not self.launchers.remove(launcher):
             return
-        self.launchers.remove(launcher)
-        self.selector.unregister(launcher.sock)
-        launcher.close()
-        launcher.kill()         # a stopped or hung one too: its socket is closed now
         log.error("a launcher (pid %d) died; starting another", launcher.pid)
         for run in self.table.prepared_by(launcher):
             self.table.prepared_gone(run.run_id)
@@ -556,7 +499,7 @@ class Supervisor:
             else:
                 self.table.follow(run)
         if not self.stopping:
-            self._start_launchers()
+            self.launchers.start_missing()
 
     def _follow_runs_by_pid(self):
         """Runs whose executor is not our child (its launcher died, or it was adopted) end
@@ -567,16 +510,6 @@ class Supervisor:
                 self.table.followed.discard(run_id)
             elif not self.system.is_executor(run.executor_pid, run.task.name, run.run_id):
                 self._executor_exited(run_id, 0)
-
-    def _stop_launchers(self):
-        for launcher in self.launchers:
-            launcher.close()
-        for launcher in self.launchers:
-            try:
-                launcher.proc.wait(2)
-            except Exception:
-                launcher.proc.kill()
-        self.launchers = []
 
     def adopt_previous_executors(self):
         """Take over the runs a killed supervisor left behind, so none runs twice at once.
@@ -691,7 +624,7 @@ class Supervisor:
             pid, status = self.system.waitpid()
             if pid == 0:
                 return
-            launcher = next((item for item in self.launchers if item.pid == pid), None)
+            launcher = self.launchers.find(pid)
             if launcher is not None:
                 launcher.proc.returncode = os.waitstatus_to_exitcode(status)
                 self._launcher_died(launcher)
@@ -1048,9 +981,8 @@ class Supervisor:
     def housekeeping(self):
         if self.table.followed:
             self._follow_runs_by_pid()
-        if len(self.launchers) < self.launcher_target and not self.stopping and \
-                self.clock.monotonic() >= self._launchers_retry_at:
-            self._start_launchers()
+        if not self.stopping and self.launchers.missing():
+            self.launchers.start_missing()
         if not self.ahead.in_burst():
             self.records.flush()
         self._set_title()
