@@ -171,11 +171,11 @@ def test_manual_run_counts_against_max(make):
     sup = make("""tasks:
   - {name: m, schedule: "0 0 0 1 1 *", command: "true"}
 """)
-    assert sup.control_run({"task": "m"})["run_id"]
+    assert sup.replies.control_run({"task": "m"})["run_id"]
     with pytest.raises(Exception, match="max 1 reached"):
-        sup.control_run({"task": "m"})
+        sup.replies.control_run({"task": "m"})
     with pytest.raises(Exception, match="not in the task file"):
-        sup.control_run({"task": "nope"})
+        sup.replies.control_run({"task": "nope"})
 
 
 def test_fork_refuses_when_another_thread_runs(make):

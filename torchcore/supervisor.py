@@ -20,12 +20,13 @@ import time
 
 import psutil
 
-from torchcore import config, daemonlog, executor, prepare, records, textfmt
+from torchcore import config, daemonlog, executor, prepare, records
 from torchcore.coordinator import LocalCoordinator
 from torchcore.daemons import Daemons
 from torchcore.errors import ConfigError, TorchcoreError
 from torchcore.launcher import JobTooLarge, LauncherPool
 from torchcore.planner import Planner
+from torchcore.replies import Replies
 from torchcore.runs import Run, RunTable
 from torchcore.states import RunState
 from torchcore.system import System
@@ -81,7 +82,7 @@ class Supervisor:
         self.reload_requested = None     # the reason, when a reload waits for the loop
         self.last_reload = None          # (epoch, ok, message)
         self.last_applied = None         # the last accepted reload: at, reason, digest, counts
-        self._changes = {}               # what the last _apply added, changed, removed (counts)
+        self.changes = {}                # what the last _apply added, changed, removed (counts)
         self.reload_error = None
         self.file_signature = None
         self.retry = []                  # (name, second) whose fork failed: tried again next tick
@@ -95,6 +96,7 @@ class Supervisor:
         self.records = None
         self.selector = None
         self.control = None
+        self.replies = Replies(self)     # what the control socket answers (see replies.py)
 
     # ---- start and stop -------------------------------------------------------------------
 
@@ -161,7 +163,7 @@ class Supervisor:
             from torchcore import control
         except ImportError:
             return
-        self.control = control.ControlServer(self.control_path, self)
+        self.control = control.ControlServer(self.control_path, self.replies)
         self.control.register(self.selector)
 
     def _close(self):
@@ -707,78 +709,6 @@ class Supervisor:
     def handle_chld(self):
         pass    # reaping happens on every pass
 
-    # ---- the control socket (see control.py): each returns the reply's payload ------------
-
-    def control_status(self, request):
-        """The daemon's live state; the CLI adds next runs and history from the file and db."""
-        when, ok, message = self.last_reload or (None, None, None)
-        return {
-            "pid": os.getpid(), "pidfile": self.pidfile,
-            "started": self.started_at, "now": self.clock.time(),
-            "file": self.settings.path, "digest": self.taskfile.digest,
-            "node": {"hostname": self.node.hostname,
-                     "addresses": [str(a) for a in self.node.addresses]},
-            "last_reload": {"at": when, "accepted": ok, "message": message} if when else None,
-            "reload_error": self.reload_error, "stopping": self.stopping,
-            "stats": dataclasses.asdict(self.stats), "log_failures": daemonlog.failures(),
-            "tasks": {name: self._task_status(name) for name in self.tasks},
-        }
-
-    def _task_status(self, name):
-        runs = self.table.of_task(name)
-        task = self.tasks[name]
-        entry = {"type": task.type, "schedule": task.schedule_text, "timezone": task.timezone,
-                 "running": [{"run_id": r.run_id, "pid": r.pgid, "executor_pid": r.executor_pid,
-                              "started": r.started, "scheduled": r.scheduled,
-                              "state": "adopted" if r.adopted else r.state} for r in runs],
-                 "skipped": self.skipped_last.get(name)}
-        slot = self.daemons.get(name)
-        if slot is not None:
-            entry["daemon"] = slot.status(self.clock.monotonic())
-        return entry
-
-    def control_run(self, request):
-        """Start a run now (counts against the limits, recorded as manual)."""
-        name = request.get("task")
-        task = self.tasks.get(name)
-        if task is None:
-            where = f"is not in the task file{config.suggest(str(name), self._all_names())}" \
-                if name not in self._all_names() else self._not_here(self.taskfile.task(name))
-            raise TorchcoreError(f"task {name!r} {where}")
-        if self.stopping:
-            raise TorchcoreError("torchcore is stopping")
-        run = self.launch(task, None, manual=True)
-        if run is None:
-            reason = self.skipped_last.get(name) or "the coordinator refused it"
-            raise TorchcoreError(f"task {name!r} not started: {reason}")
-        return {"run_id": run.run_id, "executor_pid": run.executor_pid}
-
-    def _not_here(self, task):
-        if not task.enabled:
-            return "is disabled"
-        return f"does not run on this node (it runs on {textfmt.targets_text(task)})"
-
-    def _all_names(self):
-        return {task.name for task in self.taskfile.tasks}
-
-    def control_reload(self, request):
-        before = self.last_applied
-        accepted, problems = self.reload("control request")
-        reply = {"accepted": accepted, "problems": problems}
-        if accepted:
-            reply["summary"] = self.last_reload[2]
-            if before and before["reason"] == "file changed" and \
-                    before["digest"] == self.taskfile.digest and not any(self._changes.values()):
-                reply["already"] = before       # the file watch applied this very file
-                self.last_applied = before
-        return reply
-
-    def control_ping(self, request):
-        """Who serves this socket: the CLI finds the daemon (and its pidfile) by this."""
-        return {"pid": os.getpid(), "pidfile": self.pidfile,
-                "state_dir": self.settings.state_dir, "file": self.settings.path,
-                "started": self.started_at, "shutdown_grace": self.settings.shutdown_grace}
-
     # ---- shutdown -------------------------------------------------------------------------
 
     def begin_shutdown(self, reason):
@@ -845,7 +775,7 @@ class Supervisor:
         self.reload_error = None
         self.last_reload = (self.clock.time(), True, summary)
         self.last_applied = {"at": self.clock.time(), "reason": reason,
-                             "digest": new.digest, **self._changes}
+                             "digest": new.digest, **self.changes}
         log.info("reloaded (%s): %s", reason, summary)
         return True, []
 
@@ -872,7 +802,7 @@ class Supervisor:
         changed = [name for name, task in new_tasks.items()
                    if name in old_tasks and old_tasks[name] != task]
         added = [name for name in new_tasks if name not in old_tasks]
-        self._changes = {"added": len(added), "changed": len(changed), "removed": len(removed)}
+        self.changes = {"added": len(added), "changed": len(changed), "removed": len(removed)}
         self._reschedule(old_tasks, removed + changed, [new_tasks[name] for name in changed + added])
         # Nothing below fails: the new state is in place.
         self._cancel_prepared()     # they were forked with the old specs
