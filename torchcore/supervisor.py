@@ -16,7 +16,6 @@ import os
 import selectors
 import signal
 import threading
-import time
 
 import psutil
 
@@ -25,6 +24,7 @@ from torchcore.coordinator import LocalCoordinator
 from torchcore.daemons import Daemons
 from torchcore.errors import ConfigError, TorchcoreError
 from torchcore.launcher import JobTooLarge, LauncherPool
+from torchcore.ledger import Ledger
 from torchcore.planner import Planner
 from torchcore.replies import Replies
 from torchcore.runs import Run, RunTable
@@ -38,16 +38,6 @@ PRUNE_EVERY = 6 * 3600      # seconds between prunes of records older than histo
 EARLY_WAKE = 0.002          # with prepared runs waiting, wake this early and spin to the boundary
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
            signal.SIGUSR2: "usr2", signal.SIGCHLD: "chld"}
-
-
-@dataclasses.dataclass
-class Stats:
-    started: int = 0
-    failed: int = 0
-    skipped: int = 0
-    missed: int = 0
-    fork_failures: int = 0
-    errors: int = 0             # failures of the supervisor's own work, contained (see _contain)
 
 
 class Supervisor:
@@ -74,7 +64,8 @@ class Supervisor:
             self.system, helper_stderr, self.clock, self._contain, self._launcher_answers,
             self._launcher_died)
         self.ahead = prepare.Lookahead(self.planner, self.clock, self.system.cores)  # prepare.py
-        self.stats = Stats()
+        self.ledger = Ledger(self.node_name, self.clock)  # records and counts (see ledger.py)
+        self.stats = self.ledger.stats
         self.started_at = self.clock.time()
         self.stopping = False
         self.shutdown_deadline = None
@@ -86,8 +77,8 @@ class Supervisor:
         self.reload_error = None
         self.file_signature = None
         self.retry = []                  # (name, second) whose fork failed: tried again next tick
-        self.last_result = {}            # name -> last finished result dict (for status)
-        self.skipped_last = {}           # name -> reason, while its last due run was skipped
+        self.last_result = self.ledger.last_result     # name -> last finished result (status)
+        self.skipped_last = self.ledger.skipped_last   # name -> reason, while skipped
         self._errors_seen = set()        # (where, exception type) already logged once
         self._report_buffer = b""
         self._next_stats = self.clock.monotonic() + STATS_EVERY
@@ -128,6 +119,7 @@ class Supervisor:
         self._close()
 
     def _start(self):
+        self.ledger.records = self.records
         self.launchers.start(self.selector, self.report_w, self.system.launcher_count)
         self._apply(self.taskfile, first=True)
         self.adopt_previous_executors()
@@ -254,7 +246,7 @@ class Supervisor:
         for message in plan.events:
             log.warning("%s", message)
         for name, second, count in plan.missed:
-            self._record_missed(name, second, count)
+            self.ledger.missed(name, second, count, self.settings.misfire_grace)
         go = {}         # launcher -> run ids of prepared runs to start now
         fired = []
         rest = []       # due, not prepared: forked after the prepared ones got their go
@@ -270,7 +262,7 @@ class Supervisor:
         for name, second in rest:
             self._contained(f"starting {name}", self.launch, self.tasks[name], second)
         for run in fired:           # the starts first, the bookkeeping after
-            self._record_start(run)
+            self.ledger.started(run)
         for key in [key for key in self.table.prepared if key[1] <= now]:
             self._cancel(self.table.take_prepared(*key))    # prepared, but not due after all
 
@@ -300,7 +292,7 @@ class Supervisor:
                 launch.append((name, latest))
                 found = found[:-1]
             if found:
-                self._record_missed(name, found[-1], len(found))
+                self.ledger.missed(name, found[-1], len(found), self.settings.misfire_grace)
         return launch
 
     # ---- launching ------------------------------------------------------------------------
@@ -309,7 +301,7 @@ class Supervisor:
         """Start one run of ``task`` unless a limit forbids it; returns the Run or None."""
         reason = self.table.limit_reason(task, self.settings.max_running)
         if reason:
-            self._record_skip(task, second, reason, manual)
+            self.ledger.skipped(task, second, reason, manual)
             return None
         if not self.coordinator.claim(task, second):
             return None
@@ -335,7 +327,7 @@ class Supervisor:
         self.table.add(run)
         self.skipped_last.pop(task.name, None)
         self.stats.started += 1
-        self._record_start(run)
+        self.ledger.started(run)
         if pid is not None:
             self._forked(run, pid)
         return run
@@ -343,33 +335,16 @@ class Supervisor:
     def _refuse(self, task, second, manual, run_id, reason):
         """A run that cannot be handed to a launcher: recorded at once as failed (exit 126, as
         a command that cannot start), with the reason in the log; not retried."""
-        now = self.clock.time()
-        self.stats.failed += 1
-        if ("refused", task.name) not in self._errors_seen:
-            self._errors_seen.add(("refused", task.name))
-            log.error("%s: run %d refused: %s (further refusals of it are recorded, not logged)",
-                      task.name, run_id, reason)
-        result = {"exit_code": 126, "signal": None, "timed_out": False, "peak_rss": None,
-                  "started": now, "ended": now, "error": f"refused: {reason}"}
-        self.last_result[task.name] = result
-        self.records.add(records.RunRecord(
-            run_id=run_id, task=task.name, node=self.node_name, scheduled=second, started=now,
-            ended=now, exit_code=126, signal=None, manual=manual))
+        result = self.ledger.refused(task, second, manual, run_id, reason)
         if task.type == "daemon":       # a failed start: the daemon backs off
-            self._daemon_exited(Run(run_id, task, second, manual, None, now), result)
-
-    def _record_start(self, run):
-        self.records.add(records.RunRecord(
-            run_id=run.run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
-            started=run.started, ended=None, exit_code=None, signal=None, manual=run.manual,
-            pid=run.pgid or run.executor_pid))    # the command's pid once known (one pid per run)
+            self._daemon_exited(Run(run_id, task, second, manual, None, result["ended"]), result)
 
     def _forked(self, run, pid):
         """The executor of ``run`` exists now (STARTING or PREPARED, pid known)."""
         if not self.table.forked(run, pid):
             return
         if run.launcher is not None:
-            self._record_start(run)         # again, now with the pid a new supervisor looks for
+            self.ledger.started(run)         # again, now with the pid a new supervisor looks for
         if run.pending_signal is not None:
             self._signal_run(run, run.pending_signal)
 
@@ -420,7 +395,7 @@ class Supervisor:
         if reason or not self.coordinator.claim(task, run.scheduled):
             self._cancel(run)
             if reason:
-                self._record_skip(task, run.scheduled, reason, False)
+                self.ledger.skipped(task, run.scheduled, reason, False)
             return False
         # Waiting at the gate (its group known), the command is starting right now.
         self.table.fire(run, self.clock.time())     # PREPARED -> RUNNING or STARTING
@@ -475,14 +450,7 @@ class Supervisor:
         run = self.table.forget(run_id)
         if run is None:
             return
-        self.stats.fork_failures += 1
-        self.stats.started -= 1
-        log.error("cannot fork for %s (run %d): %s; retrying next second", run.task.name, run_id,
-                  error)
-        self.records.add(records.RunRecord(
-            run_id=run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
-            started=None, ended=None, exit_code=None, signal=None, manual=run.manual,
-            skipped=f"fork failed: {error}"))
+        self.ledger.fork_failed(run, error)
         self._retry_later(run.task, run.scheduled, run.manual)
 
     def _launcher_died(self, launcher):
@@ -612,7 +580,7 @@ class Supervisor:
         if message.get("e") in ("start", "gate"):     # gate: read only after it was fired
             known, run.pgid = run.pgid, message.get("pid")
             if run.pgid != known:
-                self._record_start(run)         # history shows the command's pid, as status
+                self.ledger.started(run)         # history shows the command's pid, as status
             self.table.running(run)     # STARTING -> RUNNING
             if self.stopping:
                 self._signal_run(run, signal.SIGTERM, "shutdown")
@@ -654,19 +622,7 @@ class Supervisor:
             log.error("run %d of %s: %s", run.run_id, run.task.name, result["error"])
             if run.pgid:
                 self.system.kill(-run.pgid, signal.SIGKILL)   # no command may outlive its executor
-        # a planned stop, if it is what ended the run (the executor says; without a report, yes)
-        stopped = run.stop_reason if result.get("stopped", True) else None
-        record = records.RunRecord(
-            run_id=run.run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
-            started=result.get("started", run.started), ended=result["ended"],
-            exit_code=result["exit_code"], signal=result["signal"], timed_out=result["timed_out"],
-            manual=run.manual, pid=run.pgid, peak_rss=result.get("peak_rss"),
-            error=result.get("error"), stopped=stopped)
-        self.stats.failed += record.failed
-        self.last_result[run.task.name] = result
-        self.records.add(record)
-        log.info("%s run %d ended: %s after %.3fs%s", run.task.name, run.run_id, record.describe(),
-                 record.duration or 0.0, result.get("log_problem") or "")
+        self.ledger.ended(run, result)
         if run.task.type == "daemon":
             self._daemon_exited(run, result)
 
@@ -882,31 +838,7 @@ class Supervisor:
         if digest != self.taskfile.digest:
             self.reload("file changed")
 
-    # ---- records, title, stats ------------------------------------------------------------
-
-    def _record_skip(self, task, second, reason, manual):
-        if task.type == "daemon":   # a daemon waiting for a limit is not a skipped run: its
-            if self.skipped_last.get(task.name) != reason:      # wait counts once, not each pass
-                self.stats.skipped += 1
-            self.skipped_last[task.name] = reason
-            return
-        self.stats.skipped += 1
-        self.skipped_last[task.name] = reason
-        log.warning("%s: run for %s skipped: %s", task.name, _fmt_second(second), reason)
-        self.records.add(records.RunRecord(
-            run_id=self.records.allocate_run_id(), task=task.name, node=self.node_name,
-            scheduled=second, started=None, ended=None, exit_code=None, signal=None,
-            skipped=reason, manual=manual))
-
-    def _record_missed(self, name, second, count):
-        self.stats.missed += count
-        log.warning("%s: %d run(s) missed, the latest for %s (beyond misfire_grace %ds or "
-                    "replaced by a later one)", name, count, _fmt_second(second),
-                    self.settings.misfire_grace)
-        self.records.add(records.RunRecord(
-            run_id=self.records.allocate_run_id(), task=name, node=self.node_name,
-            scheduled=second, started=None, ended=None, exit_code=None, signal=None,
-            missed=True, skipped=f"missed {count} run(s)"))
+    # ---- housekeeping, title, stats --------------------------------------------------------
 
     def housekeeping(self):
         if self.table.followed:
@@ -970,9 +902,3 @@ def _file_signature(path):
 
 def _describe_status(code):
     return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-
-
-def _fmt_second(second):
-    if second is None:
-        return "now"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
