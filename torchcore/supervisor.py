@@ -19,7 +19,7 @@ import threading
 
 import psutil
 
-from torchcore import config, daemonlog, executor, prepare, records
+from torchcore import adopt, config, daemonlog, executor, prepare, records
 from torchcore.coordinator import LocalCoordinator
 from torchcore.daemons import Daemons
 from torchcore.errors import ConfigError, TorchcoreError
@@ -489,44 +489,19 @@ class Supervisor:
         its daemon task, and its executor still enforces its timeout.  Its executor records
         its own end; runs whose executor is gone without a record are closed as lost.
         """
-        for record in self.records.unfinished():
-            pid = self.system.executor_of(record.pid, record.task, record.run_id)
-            if pid:
-                self._adopt(record, pid)
-            else:
-                record.ended = self.clock.time()
-                record.error = "lost: its supervisor and executor stopped before recording an end"
-                self.records.add(record)
-
-    def _adopt(self, record, executor_pid):
-        # A run with no scheduled second that was not started by hand is a daemon instance.
-        instance = record.scheduled is None and not record.manual
-        task = self.tasks.get(record.task) or _Retired(record.task, "daemon" if instance else "common")
-        run = Run(record.run_id, task, record.scheduled, record.manual, executor_pid,
-                  record.started or self.clock.time(), state=RunState.RUNNING,
-                  pgid=self.system.command_group(executor_pid), adopted=True)
-        self.table.adopt(run)
-        log.warning("run %d of %s (pid %d) was started by a previous supervisor and still runs: "
-                    "it counts against max (adopted, stopped like any other run)",
-                    run.run_id, task.name, run.executor_pid)
-        current = self.tasks.get(record.task)
-        if instance and (current is None or current.type != "daemon"):  # its daemon task is gone
-            self._signal_run(run, signal.SIGTERM)
+        for run in adopt.survivors(self.records, self.system, self.tasks, self.clock):
+            self.table.adopt(run)
+            log.warning("run %d of %s (pid %d) was started by a previous supervisor and still "
+                        "runs: it counts against max (adopted, stopped like any other run)",
+                        run.run_id, run.task.name, run.executor_pid)
+            current = self.tasks.get(run.task.name)
+            if adopt.is_daemon_instance(run) and (current is None or current.type != "daemon"):
+                self._signal_run(run, signal.SIGTERM)       # its daemon task is gone
 
     def _close_adopted(self, run):
         """An adopted run ended: its executor wrote its record, or it is closed as lost here."""
         now = self.clock.time()
-        self.records.flush()
-        try:
-            record = next((r for r in self.records.unfinished() if r.run_id == run.run_id), None)
-        except records.RecordsError:
-            record = None
-        if record is not None:
-            record.ended = now
-            record.error = "lost: its executor ended without recording an end"
-            self.records.add(record)
-        log.info("%s run %d (adopted) ended%s", run.task.name, run.run_id,
-                 ": lost" if record is not None else "")
+        adopt.close(self.records, run, now)
         if run.task.type == "daemon":
             self._daemon_exited(run, {"exit_code": None, "signal": None, "timed_out": False,
                                       "started": run.started, "ended": now})
@@ -882,14 +857,6 @@ class Supervisor:
 
 def _record_signal(signum, frame):
     """Handlers only record: the wakeup fd carries the signal number to the loop."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Retired:
-    """The task of an adopted run that the task file no longer has (name and kind only)."""
-
-    name: str
-    type: str
 
 
 def _file_signature(path):
