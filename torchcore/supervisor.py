@@ -734,7 +734,8 @@ class Supervisor:
                    if name in old_tasks and old_tasks[name] != task]
         added = [name for name in new_tasks if name not in old_tasks]
         self.changes = {"added": len(added), "changed": len(changed), "removed": len(removed)}
-        self._reschedule(old_tasks, removed + changed, [new_tasks[name] for name in changed + added])
+        self.planner.reschedule(old_tasks, removed + changed,
+                                [new_tasks[name] for name in changed + added])
         # Nothing below fails: the new state is in place.
         self._cancel_prepared()     # they were forked with the old specs
         self.ahead.forget_due()
@@ -752,31 +753,6 @@ class Supervisor:
         gc.freeze()     # what is loaded now stays shared with the children
         return (f"{len(new_tasks)} tasks on this node: {len(added)} added, {len(changed)} changed, "
                 f"{len(removed)} removed")
-
-    def _reschedule(self, old_tasks, out, into):
-        """Take the names ``out`` off the schedule table and put the tasks ``into`` on it.
-
-        If any step fails (a number the C core cannot hold, no memory), the table gets
-        back every schedule it had and the error is raised: a reload is all or nothing.
-        """
-        touched = []
-        try:
-            for name in out:
-                if name in self.planner:
-                    touched.append(name)
-                    self.planner.remove(name)
-            for task in into:
-                if task.type != "daemon" and not task.schedule.is_reboot:
-                    touched.append(task.name)
-                    self.planner.set(task.name, task.schedule)
-        except BaseException:
-            for name in touched:
-                if name in self.planner:
-                    self.planner.remove(name)
-                old = old_tasks.get(name)
-                if old is not None and old.type != "daemon" and not old.schedule.is_reboot:
-                    self.planner.set(name, old.schedule)
-            raise
 
     def _retire(self, task, how="removed"):
         """A removed or changed task (already off the schedule): stop a daemon's instances
