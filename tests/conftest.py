@@ -4,6 +4,8 @@ Kinds: a test module that starts real processes or daemons says ``pytestmark = p
 test that takes more than a few seconds is also ``slow``.  Every other test is marked ``unit`` here, so
 ``pytest -m unit`` runs the fast, in-process tests alone, in seconds.
 
+``make`` builds a supervisor on a fake clock with make-believe children (tests/supervisor_harness.py).
+
 A reliability test takes the ``figures`` fixture and adds what it checked:
 ``figures.add(faults=3, runs=120, lost=0, doubled=0)``.  A test that finds a lost or doubled run
 fails on its own; the table shows how much was tried, so "0 lost" means something.
@@ -12,6 +14,7 @@ fails on its own; the table shows how much was tried, so "0 lost" means somethin
 import dataclasses
 
 import pytest
+from supervisor_harness import build
 
 _ROWS = {}      # test name -> Figures
 
@@ -34,6 +37,20 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("process") is None and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture
+def make(tmp_path):
+    """``make(body)``: a supervisor Harness on that task file body, closed after the test."""
+    made = []
+
+    def factory(body, **kw):
+        made.append(build(tmp_path, body, **kw))
+        return made[-1]
+
+    yield factory
+    for sup in made:
+        sup.close()
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Faults on the supervisor's fake clock: daylight saving, fork failures, a locked database.
 
-The Harness (tests/test_supervisor.py) runs the real supervisor's tick, limits and records with
+The Harness (tests/supervisor_harness.py) runs the real supervisor's tick, limits and records with
 make-believe children, so hours of wall time take a fraction of a second.
 """
 
@@ -10,10 +10,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
-import test_supervisor
-from test_supervisor import T0
-
-make = test_supervisor.make     # the Harness fixture, shared with test_supervisor.py
+from supervisor_harness import T0
 
 BERLIN = ZoneInfo("Europe/Berlin")
 DST = """tasks:
@@ -28,7 +25,7 @@ def walk(sup, start, end):
     sup.planner.start(start - 1)
     for _ in range(start, end):
         sup.second()
-        for name in [name for name, pids in sup.by_task.items() if pids]:
+        for name in list(dict.fromkeys(run.task.name for run in sup.table)):
             sup.end(name, lived=0.1)
 
 
@@ -41,8 +38,8 @@ def test_dst_fixed_time_runs_once_and_frequent_tasks_follow_elapsed_time(make, d
     start = int(datetime.fromisoformat(f"{day}T00:00:00").replace(tzinfo=BERLIN).timestamp())
     end = start + hours * 3600           # local 00:00 to 04:00 of the change day
     walk(sup, start, end)
-    nightly = [second for name, second, _ in sup.forked if name == "nightly"]
-    quarter = [second for name, second, _ in sup.forked if name == "quarter"]
+    nightly = [second for name, second, _ in sup.system.forked if name == "nightly"]
+    quarter = [second for name, second, _ in sup.system.forked if name == "quarter"]
     assert len(nightly) == 1
     wall = datetime.fromtimestamp(nightly[0], BERLIN)
     assert (wall.hour, wall.minute) == ((3, 0) if day.endswith("03-29") else (2, 30))
@@ -56,15 +53,15 @@ def test_fork_failures_for_seconds_are_counted_retried_and_scheduling_goes_on(ma
   - {name: every, schedule: "* * * * * *", command: "true"}
   - {name: fixed, schedule: "5 * * * * *", command: "true"}
 """)
-    sup.fork_error = OSError(code, "fork failed")
+    sup.system.fork_error = OSError(code, "fork failed")
     sup.second(10)                               # T0 .. T0+9: nothing can start
-    assert sup.stats.fork_failures >= 10 and not sup.forked
-    sup.fork_error = None
+    assert sup.stats.fork_failures >= 10 and not sup.system.forked
+    sup.system.fork_error = None
     sup.second()
-    started = {(name, second) for name, second, _ in sup.forked}
+    started = {(name, second) for name, second, _ in sup.system.forked}
     assert ("fixed", T0 + 5) in started          # retried while within misfire_grace
     assert ("every", T0 + 10) in started
-    assert len(sup.forked) == len(started)       # nothing twice, no burst of old seconds
+    assert len(sup.system.forked) == len(started)       # nothing twice, no burst of old seconds
     sup.records.flush()
     rows = sup.records.query(task="every", limit=100)
     assert not [r for r in rows if r.skipped and "max" in r.skipped]

@@ -1,4 +1,4 @@
-"""The supervisor outlives what slips past validation, on the fake clock (tests/test_supervisor.py).
+"""The supervisor outlives what slips past validation, on the fake clock (tests/supervisor_harness.py).
 
 A reload whose apply step fails is rejected whole; one task whose start raises does not stop the
 others; prepared runs get their go before the rest of their second is forked; adopted runs are
@@ -9,17 +9,13 @@ import logging
 import signal
 
 import pytest
-import test_supervisor
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_supervisor import T0, FakeLauncher, rewrite
+from supervisor_harness import T0, Harness, rewrite, taskfile
 
-from torchcore import executor, records
-from torchcore import supervisor as supervisor_module
+from torchcore import executor, prepare, records
 from torchcore.launcher import JobTooLarge
 from torchcore.schedule import ScheduleTable
-
-make = test_supervisor.make
 
 OLD = """tasks:
   - {name: keep, schedule: "* * * * * *", command: "sleep 100", max: 5}
@@ -53,19 +49,19 @@ def _snapshot(sup):
 def test_a_reload_whose_apply_fails_is_rejected_whole_and_disturbs_nothing(make, monkeypatch,
                                                                           caplog, figures):
     sup = make(OLD)
-    sup._tend_daemons()
+    sup.tend_daemons()
     sup.second()
-    before, killed = _snapshot(sup), list(sup.killed)
+    before, killed = _snapshot(sup), list(sup.system.killed)
     rewrite(sup, NEW)
     _fail_on(monkeypatch, "added")          # after 'gone' and 'change' were already taken off
     with caplog.at_level(logging.ERROR, logger="torchcore"):
         accepted, problems = sup.reload("test")
     assert not accepted and "cannot apply: OverflowError" in problems[0]
-    assert _snapshot(sup) == before and sup.killed == killed     # the daemon was not stopped
+    assert _snapshot(sup) == before and sup.system.killed == killed     # the daemon was not stopped
     assert sup.reload_error and sup.last_reload[1] is False
     assert len([r for r in caplog.records if "rejected" in r.getMessage()]) == 1
     sup.second()
-    assert {f[0] for f in sup.forked if f[1] == T0 + 1} == {"keep", "gone"}   # old schedules
+    assert {f[0] for f in sup.system.forked if f[1] == T0 + 1} == {"keep", "gone"}   # old schedules
     monkeypatch.undo()
     assert sup.reload("test") == (True, [])                      # the same file, applied now
     assert set(sup.tasks) == {"keep", "change", "d", "added"}
@@ -91,10 +87,9 @@ def test_a_failed_apply_leaves_the_schedule_table_as_it_was(tmp_path_factory, ol
     path.write_text("settings:\n  timezone: UTC\n  state_dir: state\n" + body(old, 0).replace(
         "tasks:\n  []", "tasks: []"))
     from torchcore import config
-    sup = test_supervisor.Harness(config.load(str(path)))
-    sup._open()
+    sup = Harness(config.load(str(path)))
+    sup.start()
     try:
-        sup._apply(sup.taskfile, first=True)
         before = {s: sorted(sup.planner.peek(s)) for s in range(T0, T0 + 13)}
         path.write_text("settings:\n  timezone: UTC\n  state_dir: state\n" + body(new, 3).replace(
             "tasks:\n  []", "tasks: []"))
@@ -114,7 +109,7 @@ def test_a_failed_apply_leaves_the_schedule_table_as_it_was(tmp_path_factory, ol
         if not accepted:
             assert after == before
     finally:
-        sup._close()
+        sup.close()
 
 
 def _sched(step):
@@ -136,15 +131,15 @@ def test_one_task_whose_start_raises_does_not_stop_the_others(make, monkeypatch,
     monkeypatch.setattr(executor.Job, "for_task", for_task)
     with caplog.at_level(logging.ERROR, logger="torchcore"):
         sup.second(5)
-    assert sorted((f[0], f[1]) for f in sup.forked) == sorted(
+    assert sorted((f[0], f[1]) for f in sup.system.forked) == sorted(
         (name, s) for name in "az" for s in range(T0, T0 + 5))
     assert sup.stats.errors == 5
     assert len([r for r in caplog.records if "starting bad failed" in r.getMessage()]) == 1
     figures.add(faults=5, runs=10)
 
 
-def test_an_exception_in_a_pass_of_the_loop_is_contained(make, monkeypatch):
-    sup = make(OLD)
+def test_an_exception_in_a_pass_of_the_loop_is_contained(tmp_path, monkeypatch):
+    sup = Harness(taskfile(tmp_path, OLD))
     calls = []
 
     def broken():
@@ -153,33 +148,30 @@ def test_an_exception_in_a_pass_of_the_loop_is_contained(make, monkeypatch):
             raise RuntimeError("once")
         sup.stopping = True
     monkeypatch.setattr(sup, "loop_once", broken)
-    monkeypatch.setattr(sup, "_start_launchers", lambda: None)
-    monkeypatch.setattr(sup, "_open", lambda: None)
-    monkeypatch.setattr(sup, "_close", lambda: None)
     assert sup.run() == 0 and len(calls) == 2 and sup.stats.errors == 1
 
 
 def test_prepared_runs_get_their_go_before_the_rest_of_their_second_is_forked(make, monkeypatch):
-    monkeypatch.setattr(supervisor_module, "MAX_PREPARED", 3)
+    monkeypatch.setattr(prepare, "MAX_PREPARED", 3)
     sup = make("tasks:\n" + "".join(
-        f"  - {{name: t{i}, schedule: '* * * * * *', command: 'true'}}\n" for i in range(10)))
-    timeline = []
-    launcher = FakeLauncher()
-    launcher.go = lambda run_ids: timeline.append(("go", len(run_ids)))
-    sup.launchers = [launcher]
-
-    def fork(job):
-        timeline.append(("prepare" if job.prepared else "fork", job.name))
-        sup._handed_to = launcher
-    sup.fork = fork
-    sup._maybe_prepare()                    # T0 - 0.5: three runs of T0 are prepared
+        f"  - {{name: t{i}, schedule: '* * * * * *', command: 'true'}}\n" for i in range(10)),
+               launchers=1)
+    timeline = [("prepare" if job.prepared else "fork", job.name)   # at T0 - 0.5, when it started
+                for job, _ in sup.system.submitted]
     assert [e for e in timeline if e[0] == "prepare"] == [("prepare", f"t{i}") for i in range(3)]
     del timeline[:]
+    launcher = sup.system.launched[0]
+    launcher.go = lambda run_ids: timeline.append(("go", len(run_ids)))
+    submit = launcher.submit
+
+    def submit_and_note(job):
+        timeline.append(("prepare" if job.prepared else "fork", job.name))
+        submit(job)
+    launcher.submit = submit_and_note
     sup.clock.advance(0.5)
     sup.tick(T0)
     assert timeline[0] == ("go", 3)
     assert sorted(name for kind, name in timeline[1:]) == [f"t{i}" for i in range(3, 10)]
-    sup.launchers = []
 
 
 def test_a_daemon_waiting_for_a_limit_counts_one_skip_not_one_each_pass(make):
@@ -190,26 +182,24 @@ tasks:
 """)
     sup.second()                            # hog takes the only slot
     for _ in range(50):                     # many passes over many seconds
-        sup._tend_daemons()
+        sup.tend_daemons()
         sup.clock.advance(0.2)
     assert sup.stats.skipped == 1 and sup.skipped_last["d"] == "max_running 1 reached"
     sup.end("hog")
-    sup._tend_daemons()
-    assert "d" in {f[0] for f in sup.forked} and "d" not in sup.skipped_last
+    sup.tend_daemons()
+    assert "d" in {f[0] for f in sup.system.forked} and "d" not in sup.skipped_last
 
 
-def _adopt(sup, monkeypatch, name, scheduled=None, alive=None):
+def _adopt(sup, name, scheduled=None):
     """A run of ``name`` a killed supervisor left running, found by the new one."""
-    alive = alive if alive is not None else {"yes": True}
-    monkeypatch.setattr(supervisor_module, "_is_executor", lambda pid, task, run_id: alive["yes"])
-    monkeypatch.setattr(supervisor_module, "_command_group", lambda pid: 7777)
+    sup.system.group = 7777
     run_id = sup.records.allocate_run_id()
     sup.records.add(records.RunRecord(run_id=run_id, task=name, node="n", scheduled=scheduled,
                                       started=T0 - 30, ended=None, exit_code=None, signal=None,
                                       pid=4242))
     sup.records.flush()
-    sup._adopt_previous_executors()
-    return sup.runs[run_id], alive
+    sup.adopt_previous_executors()
+    return sup.table.get(run_id)
 
 
 def test_an_adopted_daemon_run_counts_as_its_instance_and_is_stopped_at_shutdown(make, monkeypatch,
@@ -217,19 +207,19 @@ def test_an_adopted_daemon_run_counts_as_its_instance_and_is_stopped_at_shutdown
     sup = make("""tasks:
   - {name: d, type: daemon, command: "sleep 100"}
 """)
-    run, alive = _adopt(sup, monkeypatch, "d")
+    run = _adopt(sup, "d")
     for _ in range(20):
-        sup._tend_daemons()
+        sup.tend_daemons()
         sup.clock.advance(1)
-    assert sup.forked == [] and sup.stats.skipped == 0          # it is the instance: no second
+    assert sup.system.forked == [] and sup.stats.skipped == 0          # it is the instance: no second
     sup.begin_shutdown("test")
-    assert (4242, signal.SIGTERM) in sup.killed
-    assert not sup._finished()                                  # stop waits for it
+    assert (4242, signal.SIGTERM) in sup.system.killed
+    assert not sup.finished()                                  # stop waits for it
     sup.kill_all("test")
-    assert (-7777, signal.SIGKILL) in sup.killed                 # its command's group too
-    alive["yes"] = False
-    sup._housekeeping()
-    assert sup._finished()
+    assert (-7777, signal.SIGKILL) in sup.system.killed                 # its command's group too
+    sup.system.alive = False              # its executor is gone
+    sup.housekeeping()
+    assert sup.finished()
     rows = [r for r in sup.records.query(task="d") if r.run_id == run.run_id]
     assert len(rows) == 1 and rows[0].ended is not None and rows[0].error.startswith("lost")
     figures.add(faults=1, runs=1)
@@ -240,46 +230,46 @@ def test_an_adopted_daemon_run_is_stopped_by_a_reload_that_removes_its_task(make
   - {name: d, type: daemon, command: "sleep 100"}
   - {name: other, schedule: "@daily", command: "true"}
 """)
-    run, _ = _adopt(sup, monkeypatch, "d")
+    _adopt(sup, "d")
     rewrite(sup, 'tasks:\n  - {name: other, schedule: "@daily", command: "true"}\n')
     assert sup.reload("test")[0]
-    assert (4242, signal.SIGTERM) in sup.killed
+    assert (4242, signal.SIGTERM) in sup.system.killed
 
 
 def test_an_adopted_instance_of_a_daemon_task_gone_from_the_file_is_stopped(make, monkeypatch):
     sup = make('tasks:\n  - {name: other, schedule: "@daily", command: "true"}\n')
-    _adopt(sup, monkeypatch, "vanished")
-    assert (4242, signal.SIGTERM) in sup.killed
+    _adopt(sup, "vanished")
+    assert (4242, signal.SIGTERM) in sup.system.killed
 
 
 def test_an_adopted_common_run_counts_against_max_and_finishes_undisturbed(make, monkeypatch):
     sup = make("""tasks:
   - {name: every, schedule: "* * * * * *", command: "true"}
 """)
-    _, alive = _adopt(sup, monkeypatch, "every", scheduled=T0 - 30)
+    _adopt(sup, "every", scheduled=T0 - 30)
     sup.second(3)
-    assert sup.forked == [] and sup.stats.skipped == 3          # max 1: skipped while it runs
-    assert sup.killed == []
-    alive["yes"] = False
-    sup._housekeeping()
+    assert sup.system.forked == [] and sup.stats.skipped == 3          # max 1: skipped while it runs
+    assert sup.system.killed == []
+    sup.system.alive = False              # its executor is gone
+    sup.housekeeping()
     sup.second()
-    assert [f[:2] for f in sup.forked] == [("every", T0 + 3)]
+    assert [f[:2] for f in sup.system.forked] == [("every", T0 + 3)]
 
 
 def test_a_job_too_large_for_a_launcher_is_recorded_failed_once_and_not_retried(make, figures):
     sup = make("""tasks:
   - {name: big, schedule: "* * * * * *", command: "true", max: 5}
 """)
-    sup.fork_error = JobTooLarge("its job message is 1500000 bytes")
+    sup.system.fork_error = JobTooLarge("its job message is 1500000 bytes")
     sup.second(3)
-    sup.fork_error = None
+    sup.system.fork_error = None
     sup.second()
     sup.records.flush()
     rows = sup.records.query(task="big")
     refused = [r for r in rows if r.exit_code == 126 and r.ended is not None]
     assert sorted(r.scheduled for r in refused) == [T0, T0 + 1, T0 + 2]
     assert sup.stats.failed == 3 and sup.stats.fork_failures == 0 and sup.retry == []
-    assert [f[:2] for f in sup.forked] == [("big", T0 + 3)]
+    assert [f[:2] for f in sup.system.forked] == [("big", T0 + 3)]
     figures.add(faults=3, runs=4)
 
 

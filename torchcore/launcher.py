@@ -13,6 +13,8 @@ supervisor closes its socket; it ignores the signals sent to a whole process
 group (TERM from `timeout` or systemd, INT and HUP from a terminal): the
 supervisor decides when it ends, and stops it by hanging up.
 
+The supervisor holds its launchers in a LauncherPool: started (and started again when one
+is missing), each job handed to the least busy, go and cancel sent to the one holding the run.
 The supervisor's handle never raises on a dead launcher: ``dead`` turns true and
 the supervisor replaces it.  A job line over LINE_LIMIT (a launcher would quit on
 it) is refused with JobTooLarge before anything is sent.
@@ -165,6 +167,124 @@ class Launcher:
             os.kill(self.pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+class LauncherPool:
+    """The supervisor's launchers: started (and again when missing), each job handed to the
+    least busy, go and cancel routed to the one holding the run, its answers read.
+
+    The supervisor decides what a launcher's answers and death mean for its runs: the pool
+    calls ``on_answers(launcher, answers)`` and ``on_death(launcher)`` from the loop."""
+
+    def __init__(self, system, stderr, clock, contain, on_answers, on_death):
+        self.system = system
+        self.stderr = stderr        # a path for the launchers' stderr (None: the supervisor's)
+        self.clock = clock
+        self.contain = contain      # contain(what, exc): a failure counted, logged once
+        self.on_answers = on_answers
+        self.on_death = on_death
+        self.target = 0             # how many run (one per core, four at most; set by start)
+        self.handed_to = None       # the launcher the last submit went to
+        self.retry_at = 0.0         # monotonic time to try again to start missing launchers
+        self.selector = None
+        self.report_w = None
+        self._launchers = []
+
+    def __len__(self):
+        return len(self._launchers)
+
+    def __iter__(self):
+        return iter(self._launchers)
+
+    def find(self, pid):
+        return next((item for item in self._launchers if item.pid == pid), None)
+
+    def start(self, selector, report_w, target):
+        self.selector, self.report_w, self.target = selector, report_w, target
+        self.start_missing()
+
+    def start_missing(self):
+        """One small forking process per core (two at most on this machine's kind, four at most).
+
+        A launcher that cannot start (no memory, no pids) is tried again a few seconds later;
+        meanwhile the others take the jobs (with none, the supervisor forks them itself)."""
+        for _ in range(self.target - len(self._launchers)):
+            try:
+                launcher = self.system.start_launcher(self.report_w, self.stderr)
+            except OSError as exc:
+                self.retry_at = self.clock.monotonic() + 5.0
+                self.contain("starting a launcher", exc)
+                return
+            self._launchers.append(launcher)
+            self.selector.register(launcher.sock, selectors.EVENT_READ, self._event)
+
+    def missing(self):
+        """Fewer run than should, and the time to try again has come."""
+        return len(self._launchers) < self.target and self.clock.monotonic() >= self.retry_at
+
+    def submit(self, job):
+        """Queue ``job`` on the least busy launcher.  One found dead is replaced and the job
+        goes to the next; JobTooLarge for a job no launcher can take; OSError when none is left."""
+        self.handed_to = None
+        for _ in range(len(self._launchers) + 1):
+            if not self._launchers:
+                break
+            chosen = min(self._launchers, key=lambda launcher: launcher.runs)
+            chosen.submit(job)
+            if chosen.dead:
+                self.on_death(chosen)
+                continue
+            self._watch_pending(chosen)
+            self.handed_to = chosen
+            return
+        raise OSError(errno.EAGAIN, "no launcher takes jobs now")
+
+    def go(self, launcher, run_ids):
+        launcher.go(run_ids)
+        self._watch_pending(launcher)
+
+    def cancel(self, launcher, run_ids):
+        launcher.cancel(run_ids)
+        self._watch_pending(launcher)
+
+    def _watch_pending(self, launcher):
+        """Have the loop finish writing to a launcher whose socket did not take everything."""
+        if launcher.pending and launcher in self._launchers:
+            self.selector.modify(launcher.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                 self._event)
+
+    def _event(self, key, mask):
+        launcher = next((item for item in self._launchers if item.sock is key.fileobj), None)
+        if launcher is None:
+            return
+        if mask & selectors.EVENT_WRITE and launcher.flush() and not launcher.dead:
+            self.selector.modify(launcher.sock, selectors.EVENT_READ, self._event)
+        answers = launcher.answers() if mask & selectors.EVENT_READ else []
+        if answers is None or launcher.dead:
+            self.on_death(launcher)
+            return
+        self.on_answers(launcher, answers)
+
+    def remove(self, launcher):
+        """Take a dead launcher out (killed: a stopped or hung one too); False if it is out
+        already."""
+        if launcher not in self._launchers:
+            return False
+        self._launchers.remove(launcher)
+        self.selector.unregister(launcher.sock)
+        launcher.close()
+        launcher.kill()         # a stopped or hung one too: its socket is closed now
+        return True
+
+    def stop(self):
+        for launcher in self._launchers:
+            launcher.close()
+        for launcher in self._launchers:
+            try:
+                launcher.proc.wait(2)
+            except Exception:
+                launcher.proc.kill()
+        self._launchers = []
 
 
 def _open_stderr(path):

@@ -120,6 +120,32 @@ class Planner:
         self._fixed.discard(name)
         self._zones[key].table.remove(name)     # an empty zone stays: its wall memory must too
 
+    def reschedule(self, old_tasks, out, into):
+        """Take the names ``out`` off the table and put the tasks ``into`` on it (not daemons
+        nor @reboot tasks: they have no seconds); ``old_tasks``: name -> Task before.
+
+        If any step fails (a number the C core cannot hold, no memory), the table gets
+        back every schedule it had and the error is raised: a reload is all or nothing.
+        """
+        touched = []
+        try:
+            for name in out:
+                if name in self:
+                    touched.append(name)
+                    self.remove(name)
+            for task in into:
+                if task.type != "daemon" and not task.schedule.is_reboot:
+                    touched.append(task.name)
+                    self.set(task.name, task.schedule)
+        except BaseException:
+            for name in touched:
+                if name in self:
+                    self.remove(name)
+                old = old_tasks.get(name)
+                if old is not None and old.type != "daemon" and not old.schedule.is_reboot:
+                    self.set(name, old.schedule)
+            raise
+
     def peek(self, second):
         """Names a plain match of ``second`` gives, without changing anything.
 

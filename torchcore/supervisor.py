@@ -8,7 +8,6 @@ loop reads, and ``handle_<signal>`` changes what the loop does next.
 """
 
 import dataclasses
-import errno
 import gc
 import hashlib
 import json
@@ -17,114 +16,56 @@ import os
 import selectors
 import signal
 import threading
-import time
 
 import psutil
-import setproctitle
 
-from torchcore import config, daemonlog, executor, records, safepaths, textfmt
-from torchcore.clock import SystemClock
+from torchcore import adopt, config, daemonlog, executor, prepare, records, safepaths
 from torchcore.coordinator import LocalCoordinator
+from torchcore.daemons import Daemons
 from torchcore.errors import ConfigError, TorchcoreError
-from torchcore.launcher import JobTooLarge, Launcher
+from torchcore.launcher import JobTooLarge, LauncherPool
+from torchcore.ledger import Ledger
 from torchcore.planner import Planner
-from torchcore.states import DaemonState, RunState
+from torchcore.replies import Replies
+from torchcore.runs import Run, RunTable
+from torchcore.states import RunState
+from torchcore.system import System
 
 log = logging.getLogger("torchcore")
 
 STATS_EVERY = 60            # seconds between stats lines
 PRUNE_EVERY = 6 * 3600      # seconds between prunes of records older than history_days
-PREPARE_LEAD = 0.5          # seconds ahead of its second a run is prepared (forked, waiting for go)...
-PREPARE_COST = 0.006        # ...or more for a big burst: about this much CPU per run, per launcher
-LOOKAHEAD = 5               # seconds ahead the supervisor looks for bursts to prepare
-MAX_PREPARED = 2000         # at most this many executors wait for their second at once
 EARLY_WAKE = 0.002          # with prepared runs waiting, wake this early and spin to the boundary
-START_COST = 0.002          # CPU seconds a command's start takes, until measured (sh + date: 1.9 ms)
-HOLD_MARGIN = 1.5           # a burst's executors hold their wrap-up this much longer than its starts
-HOLD_MAX = 3.0              # ...and never longer than this after their second,
-HOLD_SHARE = 0.3            # ...nor than this share of the time to the task's next run
-FAILED_START_UNDER = 1.0    # a daemon instance that lived less than this is a failed start
-BACKOFF_MAX = 60.0
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
            signal.SIGUSR2: "usr2", signal.SIGCHLD: "chld"}
-
-
-@dataclasses.dataclass
-class Run:
-    """One running executor, as the supervisor sees it."""
-
-    run_id: int
-    task: object                # the Task spec it was started with
-    scheduled: int | None
-    manual: bool
-    executor_pid: int | None    # known once a launcher has forked it
-    started: float
-    state: str = RunState.STARTING
-    pgid: int | None = None     # the command's process group, once the executor reports it
-    result: dict | None = None
-    launcher: object = None     # the Launcher that forks it
-    pending_signal: int | None = None   # a stop asked for before the executor existed
-    orphaned: bool = False      # its launcher died: followed by pid until it ends
-    adopted: bool = False       # started by a previous supervisor (killed): followed by pid too
-    stop_reason: str | None = None  # why the supervisor stopped it: recorded as stopped, not failed
-
-
-@dataclasses.dataclass
-class DaemonSlot:
-    """Bookkeeping for a `daemon` task: restarts and the crash-loop backoff."""
-
-    state: str = DaemonState.RUNNING
-    failures: int = 0           # consecutive failed starts
-    next_try: float = 0.0       # monotonic time before which no instance starts
-    restarts: int = 0
-    last_exit: dict | None = None
-
-
-@dataclasses.dataclass
-class Stats:
-    started: int = 0
-    failed: int = 0
-    skipped: int = 0
-    missed: int = 0
-    fork_failures: int = 0
-    errors: int = 0             # failures of the supervisor's own work, contained (see _contain)
 
 
 class Supervisor:
     """Runs this node's share of a task file until told to stop."""
 
     def __init__(self, taskfile, node, clock=None, coordinator=None, on_ready=None,
-                 helper_stderr=None, pidfile=None):
+                 helper_stderr=None, pidfile=None, system=None):
         self.taskfile = taskfile
         self.settings = taskfile.settings
         self.pidfile = pidfile or self.settings.pidfile     # the one it holds: told to commands
         self.node = node
         self.node_name = node.hostname
-        self.clock = clock or SystemClock()
+        self.system = system or System(clock)     # fork, kill, waitpid, launchers, clocks
+        self.clock = self.system.clock
         self.coordinator = coordinator or LocalCoordinator()
         self.on_ready = on_ready
         self.helper_stderr = helper_stderr  # a path for the launchers' stderr (None: ours)
         self.ready = False
         self.planner = Planner(self.settings.misfire_grace)
         self.tasks = {}             # name -> Task running on this node
-        self.daemons = {}           # name -> DaemonSlot
-        self.runs = {}              # run id -> Run
-        self.by_pid = {}            # executor pid -> run id
-        self.by_task = {}           # name -> set of run ids
-        self.launchers = []         # the processes that fork executors (see launcher.py)
-        self.launcher_target = 0    # how many run (one per core, four at most; set by run())
-        self._handed_to = None      # the launcher the last fork() went to
-        self.prepared = {}          # (name, second) -> Run forked ahead, waiting for go
-        self.prepared_ids = {}      # run id -> Run, for prepared runs not (yet) fired
-        self._prepared_for = 0      # the last second prepared
-        self._prepare_at = 0.0      # wall time to prepare the next second
-        self._due_names = {}       # second -> names due then (planner.peek, in its order, as dict
-                                   # keys: the look-ahead also asks whether a name is among them)
-        self._start_cost = START_COST   # measured on the bursts seen (see _hold_until)
-        self._bursts = {}          # second -> [runs due, hold until, latest start seen]
-        self._cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-            (os.cpu_count() or 1)
-        self.stats = Stats()
+        self.daemons = Daemons()    # the daemon tasks' slots: restarts, backoff (see daemons.py)
+        self.table = RunTable()     # the runs, started and prepared (see runs.py)
+        self.launchers = LauncherPool(  # the processes that fork executors (see launcher.py)
+            self.system, helper_stderr, self.clock, self._contain, self._launcher_answers,
+            self._launcher_died)
+        self.ahead = prepare.Lookahead(self.planner, self.clock, self.system.cores)  # prepare.py
+        self.ledger = Ledger(self.node_name, self.clock)  # records and counts (see ledger.py)
+        self.stats = self.ledger.stats
         self.started_at = self.clock.time()
         self.stopping = False
         self.shutdown_deadline = None
@@ -132,15 +73,13 @@ class Supervisor:
         self.reload_requested = None     # the reason, when a reload waits for the loop
         self.last_reload = None          # (epoch, ok, message)
         self.last_applied = None         # the last accepted reload: at, reason, digest, counts
-        self._changes = {}               # what the last _apply added, changed, removed (counts)
+        self.changes = {}                # what the last _apply added, changed, removed (counts)
         self.reload_error = None
         self.file_signature = None
         self.retry = []                  # (name, second) whose fork failed: tried again next tick
-        self.last_result = {}            # name -> last finished result dict (for status)
-        self.skipped_last = {}           # name -> reason, while its last due run was skipped
-        self.followed = set()            # ids of runs followed by pid (orphaned or adopted)
+        self.last_result = self.ledger.last_result     # name -> last finished result (status)
+        self.skipped_last = self.ledger.skipped_last   # name -> reason, while skipped
         self._errors_seen = set()        # (where, exception type) already logged once
-        self._launchers_retry_at = 0.0   # monotonic time to try again to start missing launchers
         self._report_buffer = b""
         self._next_stats = self.clock.monotonic() + STATS_EVERY
         self._next_prune = 0.0
@@ -148,6 +87,7 @@ class Supervisor:
         self.records = None
         self.selector = None
         self.control = None
+        self.replies = Replies(self)     # what the control socket answers (see replies.py)
 
     # ---- start and stop -------------------------------------------------------------------
 
@@ -155,20 +95,8 @@ class Supervisor:
         """Run until a shutdown finishes; returns the exit status (0)."""
         self._open()
         try:
-            self.launcher_target = max(1, min(4, os.cpu_count() or 1))
-            self._start_launchers()
-            self._apply(self.taskfile, first=True)
-            self._adopt_previous_executors()
-            self.planner.start(int(self.clock.time()))
-            self._start_reboot_tasks()
-            self._maybe_prepare()       # the first seconds too, not from the first tick on
-            self._set_title()           # before `start` returns: ps never shows the command line
-            self.ready = True
-            if self.on_ready is not None:
-                self.on_ready()
-            log.info("torchcore started: %s, %d tasks on this node (%s), pid %d",
-                     self.settings.path, len(self.tasks), self.node_name, os.getpid())
-            while not self._finished():
+            self._start()
+            while not self.finished():
                 try:
                     self.loop_once()
                 except Exception as exc:    # whatever one pass met, the next pass runs
@@ -177,6 +105,33 @@ class Supervisor:
             self._close()
         log.info("torchcore stopped")
         return 0
+
+    def start(self):
+        """Open and start all that ``run`` does before its loop (tests then drive the passes)."""
+        self._open()
+        try:
+            self._start()
+        except BaseException:
+            self._close()
+            raise
+
+    def close(self):
+        self._close()
+
+    def _start(self):
+        self.ledger.records = self.records
+        self.launchers.start(self.selector, self.report_w, self.system.launcher_count)
+        self._apply(self.taskfile, first=True)
+        self.adopt_previous_executors()
+        self.planner.start(int(self.clock.time()))
+        self._start_reboot_tasks()
+        self.prepare_ahead()        # the first seconds too, not from the first tick on
+        self._set_title()           # before `start` returns: ps never shows the command line
+        self.ready = True
+        if self.on_ready is not None:
+            self.on_ready()
+        log.info("torchcore started: %s, %d tasks on this node (%s), pid %d",
+                 self.settings.path, len(self.tasks), self.node_name, os.getpid())
 
     def _open(self):
         safepaths.secure_dir(self.settings.state_dir, safepaths.STATE_DIR_MODE,
@@ -189,7 +144,7 @@ class Supervisor:
         self.report_r, self.report_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         os.set_blocking(self.report_w, True)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._read_signals)  # (key, mask)
-        self.selector.register(self.report_r, selectors.EVENT_READ, self._read_reports)
+        self.selector.register(self.report_r, selectors.EVENT_READ, self.read_reports)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for signum in SIGNALS:
             signal.signal(signum, _record_signal)
@@ -201,7 +156,7 @@ class Supervisor:
             from torchcore import control
         except ImportError:
             return
-        self.control = control.ControlServer(self.control_path, self)
+        self.control = control.ControlServer(self.control_path, self.replies)
         self.control.register(self.selector)
 
     def _close(self):
@@ -210,7 +165,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         if self.control is not None:
             self.control.close()
-        self._stop_launchers()
+        self.launchers.stop()
         if self.records is not None:
             self.records.close()
         self.selector.close()
@@ -226,8 +181,8 @@ class Supervisor:
     def control_path(self):
         return os.path.join(self.settings.state_dir, "control.sock")
 
-    def _finished(self):
-        return self.stopping and not self.runs
+    def finished(self):
+        return self.stopping and not self.table
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -240,16 +195,16 @@ class Supervisor:
             reason, self.reload_requested = self.reload_requested, None
             self.reload(reason)
         if self.stopping:
-            self._drive_shutdown()
+            self.drive_shutdown()
         else:
             self._watch_file()
             self._await_boundary()
             now = int(self.clock.time())
             if now != self.planner.watermark:
                 self.tick(now)
-            self._tend_daemons()
-            self._maybe_prepare()
-        self._housekeeping()
+            self.tend_daemons()
+            self.prepare_ahead()
+        self.housekeeping()
 
     def _contain(self, what, exc):
         """One unit of work failed (a task's start, a launcher's answer, a pass): count it, log
@@ -267,17 +222,17 @@ class Supervisor:
     def _sleep_time(self):
         wall = self.clock.time()
         wait = (int(wall) + 1 - wall) + 0.0005
-        if self.prepared:
+        if self.table.prepared:
             wait = max(0.0, wait - 0.0005 - EARLY_WAKE)   # epoll rounds up to whole ms
-        if self.launchers and not self.stopping and wall < self._prepare_at:
-            wait = min(wait, self._prepare_at - wall)
+        if self.launchers and not self.stopping and wall < self.ahead.next_at:
+            wait = min(wait, self.ahead.next_at - wall)
         if self.shutdown_deadline is not None:
             wait = min(wait, max(0.0, self.shutdown_deadline - self.clock.monotonic()))
         return min(wait, 1.0)
 
     def _await_boundary(self):
         """Spin the last moments to the second boundary when prepared runs wait for it."""
-        if not self.prepared:
+        if not self.table.prepared:
             return
         boundary = self.planner.watermark + 1
         if boundary - self.clock.time() > 2 * EARLY_WAKE:
@@ -292,26 +247,25 @@ class Supervisor:
         for message in plan.events:
             log.warning("%s", message)
         for name, second, count in plan.missed:
-            self._record_missed(name, second, count)
+            self.ledger.missed(name, second, count, self.settings.misfire_grace)
         go = {}         # launcher -> run ids of prepared runs to start now
         fired = []
         rest = []       # due, not prepared: forked after the prepared ones got their go
         for name, second in self._due_retries(now, plan.due) + plan.due:
-            run = self.prepared.pop((name, second), None)
+            run = self.table.take_prepared(name, second)
             if run is None:
                 rest.append((name, second))
             elif self._contained(f"starting {name}", self._fire, run):
                 go.setdefault(run.launcher, []).append(run.run_id)
                 fired.append(run)
         for launcher, run_ids in go.items():
-            launcher.go(run_ids)
-            self._watch_pending(launcher)
+            self.launchers.go(launcher, run_ids)
         for name, second in rest:
             self._contained(f"starting {name}", self.launch, self.tasks[name], second)
         for run in fired:           # the starts first, the bookkeeping after
-            self._record_start(run)
-        for key in [key for key in self.prepared if key[1] <= now]:
-            self._cancel(self.prepared.pop(key))        # prepared, but not due after all
+            self.ledger.started(run)
+        for key in [key for key in self.table.prepared if key[1] <= now]:
+            self._cancel(self.table.take_prepared(*key))    # prepared, but not due after all
 
     def _contained(self, what, action, *args):
         """``action(*args)``, its failure contained (see _contain); returns its result or None."""
@@ -339,16 +293,16 @@ class Supervisor:
                 launch.append((name, latest))
                 found = found[:-1]
             if found:
-                self._record_missed(name, found[-1], len(found))
+                self.ledger.missed(name, found[-1], len(found), self.settings.misfire_grace)
         return launch
 
     # ---- launching ------------------------------------------------------------------------
 
     def launch(self, task, second, manual=False):
         """Start one run of ``task`` unless a limit forbids it; returns the Run or None."""
-        reason = self._limit_reason(task)
+        reason = self.table.limit_reason(task, self.settings.max_running)
         if reason:
-            self._record_skip(task, second, reason, manual)
+            self.ledger.skipped(task, second, reason, manual)
             return None
         if not self.coordinator.claim(task, second):
             return None
@@ -370,12 +324,11 @@ class Supervisor:
             log.error("cannot fork for %s (run %d): %s; retrying next second", task.name, run_id, exc)
             self._retry_later(task, second, manual)
             return None
-        run = Run(run_id, task, second, manual, None, self.clock.time(), launcher=self._handed_to)
-        self.runs[run_id] = run
-        self.by_task.setdefault(task.name, set()).add(run_id)
+        run = Run(run_id, task, second, manual, None, self.clock.time(), launcher=self.launchers.handed_to)
+        self.table.add(run)
         self.skipped_last.pop(task.name, None)
         self.stats.started += 1
-        self._record_start(run)
+        self.ledger.started(run)
         if pid is not None:
             self._forked(run, pid)
         return run
@@ -383,35 +336,16 @@ class Supervisor:
     def _refuse(self, task, second, manual, run_id, reason):
         """A run that cannot be handed to a launcher: recorded at once as failed (exit 126, as
         a command that cannot start), with the reason in the log; not retried."""
-        now = self.clock.time()
-        self.stats.failed += 1
-        if ("refused", task.name) not in self._errors_seen:
-            self._errors_seen.add(("refused", task.name))
-            log.error("%s: run %d refused: %s (further refusals of it are recorded, not logged)",
-                      task.name, run_id, reason)
-        result = {"exit_code": 126, "signal": None, "timed_out": False, "peak_rss": None,
-                  "started": now, "ended": now, "error": f"refused: {reason}"}
-        self.last_result[task.name] = result
-        self.records.add(records.RunRecord(
-            run_id=run_id, task=task.name, node=self.node_name, scheduled=second, started=now,
-            ended=now, exit_code=126, signal=None, manual=manual))
+        result = self.ledger.refused(task, second, manual, run_id, reason)
         if task.type == "daemon":       # a failed start: the daemon backs off
-            self._daemon_exited(Run(run_id, task, second, manual, None, now), result)
-
-    def _record_start(self, run):
-        self.records.add(records.RunRecord(
-            run_id=run.run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
-            started=run.started, ended=None, exit_code=None, signal=None, manual=run.manual,
-            pid=run.pgid or run.executor_pid))    # the command's pid once known (one pid per run)
+            self._daemon_exited(Run(run_id, task, second, manual, None, result["ended"]), result)
 
     def _forked(self, run, pid):
         """The executor of ``run`` exists now (STARTING or PREPARED, pid known)."""
-        run.executor_pid = pid
-        if run.state == RunState.PREPARED:
+        if not self.table.forked(run, pid):
             return
-        self.by_pid[pid] = run.run_id
         if run.launcher is not None:
-            self._record_start(run)         # again, now with the pid a new supervisor looks for
+            self.ledger.started(run)         # again, now with the pid a new supervisor looks for
         if run.pending_signal is not None:
             self._signal_run(run, run.pending_signal)
 
@@ -421,147 +355,62 @@ class Supervisor:
 
     # ---- prepared runs: forked before their second, started by a go byte at the boundary ----
 
-    def _maybe_prepare(self):
+    def prepare_ahead(self):
         """Ahead of each second, fork the executors of its runs, waiting for go.
 
         At the boundary only the command's own exec is left to do: the tick tells each
         launcher which of its prepared runs go, and the launcher writes a byte to each
         one's go pipe, so a burst starts in parallel on every core.  What the tick does not
-        find due is cancelled (its go pipe closed) and leaves no trace.  A second is
-        prepared PREPARE_LEAD ahead, or earlier when its burst is too big to fork in that
-        time (seconds are prepared in order, so a big burst also brings the ones before it).
+        find due is cancelled (its go pipe closed) and leaves no trace.  Which seconds,
+        when, and how long a burst's executors hold back: see prepare.py.
         """
         if not self.launchers:
             return
-        wall = self.clock.time()
-        first = max(self._prepared_for + 1, int(wall) + 1)
-        upto = None
-        self._prepare_at = float("inf")
-        for second in range(first, int(wall) + LOOKAHEAD + 1):
-            start_at = second - self._lead(second)
-            if start_at <= wall:
-                upto = second
-            else:
-                self._prepare_at = min(self._prepare_at, start_at)
-        for second in range(first, (upto or 0) + 1):
-            self._prepared_for = second
-            self._learn_start_cost()
-            for name in self._due_at(second):
+        for second in self.ahead.seconds(len(self.launchers)):
+            for name in self.ahead.due_at(second):
                 task = self.tasks.get(name)
-                if len(self.prepared) >= MAX_PREPARED or task is None:
+                if len(self.table.prepared) >= prepare.MAX_PREPARED or task is None:
                     break
-                if (name, second) not in self.prepared:
+                if (name, second) not in self.table.prepared:
                     self._prepare(task, second)
-        for second in [s for s in self._due_names if s <= self._prepared_for]:
-            del self._due_names[second]
-
-    def _due_at(self, second):
-        if second not in self._due_names:
-            self._due_names[second] = dict.fromkeys(self.planner.peek(second))
-        return self._due_names[second]
-
-    def _hold_until(self, name, second):
-        """When the executor of a run in a burst may wrap up (log, report, exit), or None.
-
-        More runs due in one second than there are cores start over a while; executors
-        waking meanwhile to wrap up after their command ended take CPU from the starts
-        still to come (see Executor._sit_out_burst).  Their wrap-up waits until the starts
-        should be over: runs x the CPU one start takes / cores, with a margin, at most
-        HOLD_MAX and at most HOLD_SHARE of the time to the task's next run (its executor
-        must be gone by then, or `max` skips the run).  The CPU per start is
-        measured: the latest start seen in the last burst whose hold is over, spread over
-        its runs and the cores (START_COST until then; see _learn_start_cost, called once
-        for each second prepared).
-        """
-        due = len(self._due_at(second))
-        if due <= self._cores:
-            return None
-        hold = min(HOLD_MAX, due * self._start_cost / self._cores * HOLD_MARGIN)
-        for gap in range(1, LOOKAHEAD + 1):
-            if name in self._due_at(second + gap):
-                hold = min(hold, gap * HOLD_SHARE)
-                break
-        burst = self._bursts.setdefault(second, [due, second, 0.0])
-        burst[1] = max(burst[1], second + hold)
-        return second + hold
-
-    def _in_burst(self):
-        """True while a burst's starts are under way (up to its hold): the database waits.
-
-        Writing a burst's start records right after its tick took 150-230 ms of a 200-run
-        burst (the supervisor's share of the CPU is small then) and took CPU from the
-        starts; after the hold, one transaction writes them with most of the ends (a run's
-        end replaces its start in the buffer, so most runs are written once)."""
-        now = self.clock.time()
-        return any(second <= now < held_until for second, (_, held_until, _) in self._bursts.items())
-
-    def _learn_start_cost(self):
-        """Fold the bursts whose hold is over (and whose reports are in) into the CPU per start."""
-        now = self.clock.time()
-        for second, (due, held_until, latest) in sorted(self._bursts.items()):
-            if held_until + 1 > now:
-                break
-            del self._bursts[second]
-            if latest > 0:     # up at once, down by a quarter a burst at most
-                measured = (latest - second) * self._cores / due
-                self._start_cost = min(max(measured, 0.75 * self._start_cost, 0.0002), 0.02)
-
-    def _lead(self, second):
-        return max(PREPARE_LEAD, len(self._due_at(second)) * PREPARE_COST / len(self.launchers))
 
     def _prepare(self, task, second):
         try:
             run_id = self.records.allocate_run_id()
             job = executor.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
                                         db_path=self.db_path, node=self.node_name, prepared=True,
-                                        hold_until=self._hold_until(task.name, second))
+                                        hold_until=self.ahead.hold_until(task.name, second))
             self.fork(job)
         except (OSError, TorchcoreError):
             return          # the tick launches it the ordinary way (or refuses it)
-        run = Run(run_id, task, second, False, None, 0.0, launcher=self._handed_to,
+        run = Run(run_id, task, second, False, None, 0.0, launcher=self.launchers.handed_to,
                   state=RunState.PREPARED)
-        self.prepared[(task.name, second)] = run
-        self.prepared_ids[run_id] = run
+        self.table.add_prepared(run)
 
     def _fire(self, run):
         """A prepared run is due: True if it starts now (PREPARED -> STARTING; its launcher is
         then told go, and its start recorded), False if a limit says no (it is cancelled)."""
-        del self.prepared_ids[run.run_id]
+        self.table.leave_prepared(run.run_id)
         task = run.task
-        reason = self._limit_reason(task)
+        reason = self.table.limit_reason(task, self.settings.max_running)
         if reason or not self.coordinator.claim(task, run.scheduled):
             self._cancel(run)
             if reason:
-                self._record_skip(task, run.scheduled, reason, False)
+                self.ledger.skipped(task, run.scheduled, reason, False)
             return False
         # Waiting at the gate (its group known), the command is starting right now.
-        run.state = RunState.RUNNING if run.pgid else RunState.STARTING
-        run.started = self.clock.time()
-        self.runs[run.run_id] = run
-        self.by_task.setdefault(task.name, set()).add(run.run_id)
-        if run.executor_pid is not None:
-            self.by_pid[run.executor_pid] = run.run_id
+        self.table.fire(run, self.clock.time())     # PREPARED -> RUNNING or STARTING
         self.skipped_last.pop(task.name, None)
         self.stats.started += 1
         return True
 
     def _cancel(self, run):
-        self.prepared_ids[run.run_id] = run         # until its executor's exit is seen
-        run.launcher.cancel([run.run_id])
-        self._watch_pending(run.launcher)
+        self.table.cancelled(run)                   # known until its executor's exit is seen
+        self.launchers.cancel(run.launcher, [run.run_id])
 
     def _cancel_prepared(self):
-        while self.prepared:
-            self._cancel(self.prepared.popitem()[1])
-
-    def _limit_reason(self, task):
-        running = len(self.by_task.get(task.name, ()))
-        if running >= task.max:
-            return f"max {task.max} reached"
-        cap = self.settings.max_running
-        if cap is not None and len(self.runs) >= cap:
-            return f"max_running {cap} reached"
-        return None
+        while self.table.prepared:
+            self._cancel(self.table.prepared.popitem()[1])
 
     def fork(self, job):
         """Have ``job``'s executor forked; returns its pid, or None when a launcher forks it.
@@ -573,95 +422,36 @@ class Supervisor:
             # fork() copies only this thread; a lock held by another stays locked in the child.
             raise RuntimeError("the supervisor must stay single-threaded: refusing to fork with "
                                f"{threading.active_count()} threads")
-        self._handed_to = None
+        self.launchers.handed_to = None
         if self.launchers:
-            return self._hand_over(job)
-        pid = os.fork()
-        if pid == 0:
-            executor.execute(job, self.report_w)
-        return pid
+            return self.launchers.submit(job)
+        return self.system.fork_executor(job, self.report_w)
 
-    def _hand_over(self, job):
-        """Queue ``job`` on the least busy launcher.  One found dead is replaced and the job
-        goes to the next; JobTooLarge for a job no launcher can take; OSError when none is left."""
-        for _ in range(len(self.launchers) + 1):
-            if not self.launchers:
-                break
-            chosen = min(self.launchers, key=lambda launcher: launcher.runs)
-            chosen.submit(job)
-            if chosen.dead:
-                self._launcher_died(chosen)
-                continue
-            self._watch_pending(chosen)
-            self._handed_to = chosen
-            return None
-        raise OSError(errno.EAGAIN, "no launcher takes jobs now")
-
-    # ---- launchers ------------------------------------------------------------------------
-
-    def _start_launchers(self):
-        """One small forking process per core (two at most on this machine's kind, four at most).
-
-        A launcher that cannot start (no memory, no pids) is tried again a few seconds later;
-        meanwhile the others take the jobs (with none, the supervisor forks them itself)."""
-        for _ in range(self.launcher_target - len(self.launchers)):
-            try:
-                launcher = Launcher(self.report_w, stderr=self.helper_stderr)
-            except OSError as exc:
-                self._launchers_retry_at = self.clock.monotonic() + 5.0
-                self._contain("starting a launcher", exc)
-                return
-            self.launchers.append(launcher)
-            self.selector.register(launcher.sock, selectors.EVENT_READ, self._launcher_event)
-
-    def _watch_pending(self, launcher):
-        """Have the loop finish writing to a launcher whose socket did not take everything."""
-        if launcher.pending and launcher in self.launchers:
-            self.selector.modify(launcher.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                                 self._launcher_event)
-
-    def _launcher_event(self, key, mask):
-        launcher = next((item for item in self.launchers if item.sock is key.fileobj), None)
-        if launcher is None:
-            return
-        if mask & selectors.EVENT_WRITE and launcher.flush() and not launcher.dead:
-            self.selector.modify(launcher.sock, selectors.EVENT_READ, self._launcher_event)
-        answers = launcher.answers() if mask & selectors.EVENT_READ else []
-        if answers is None or launcher.dead:
-            self._launcher_died(launcher)
-            return
+    def _launcher_answers(self, launcher, answers):
         for answer in answers:
             self._contained("an answer of a launcher", self._launcher_answer, launcher, answer)
 
     def _launcher_answer(self, launcher, answer):
         run_id = answer.get("forked", answer.get("exited", answer.get("fork_failed")))
-        prepared = self.prepared_ids.get(run_id)
+        prepared = self.table.prepared_ids.get(run_id)
         if "forked" in answer:
-            run = self.runs.get(run_id) or prepared
+            run = self.table.get(run_id) or prepared
             if run is not None:
                 self._forked(run, answer["pid"])
             return
         launcher.runs -= 1
         if prepared is not None:        # a prepared run that never fired: nothing to record
-            self.prepared_ids.pop(run_id)
-            self.prepared.pop((prepared.task.name, prepared.scheduled), None)
+            self.table.prepared_gone(run_id)
         elif "exited" in answer:
             self._executor_exited(run_id, answer["status"])
         else:
             self._fork_failed(run_id, answer["error"])
 
     def _fork_failed(self, run_id, error):
-        run = self._forget_run(run_id)
+        run = self.table.forget(run_id)
         if run is None:
             return
-        self.stats.fork_failures += 1
-        self.stats.started -= 1
-        log.error("cannot fork for %s (run %d): %s; retrying next second", run.task.name, run_id,
-                  error)
-        self.records.add(records.RunRecord(
-            run_id=run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
-            started=None, ended=None, exit_code=None, signal=None, manual=run.manual,
-            skipped=f"fork failed: {error}"))
+        self.ledger.fork_failed(run, error)
         self._retry_later(run.task, run.scheduled, run.manual)
 
     def _launcher_died(self, launcher):
@@ -669,53 +459,30 @@ class Supervisor:
 
         Its runs not forked yet are recorded as failed forks and tried again; prepared ones
         are started the ordinary way by their tick; forked ones report as before."""
-        if launcher not in self.launchers:
+        if not self.launchers.remove(launcher):
             return
-        self.launchers.remove(launcher)
-        self.selector.unregister(launcher.sock)
-        launcher.close()
-        launcher.kill()         # a stopped or hung one too: its socket is closed now
         log.error("a launcher (pid %d) died; starting another", launcher.pid)
-        for run in [r for r in self.prepared_ids.values() if r.launcher is launcher]:
-            self.prepared_ids.pop(run.run_id)
-            self.prepared.pop((run.task.name, run.scheduled), None)
-        for run in [r for r in self.runs.values() if r.launcher is launcher]:
+        for run in self.table.prepared_by(launcher):
+            self.table.prepared_gone(run.run_id)
+        for run in self.table.started_by(launcher):
             if run.executor_pid is None:
                 self._fork_failed(run.run_id, "its launcher died")
             else:
-                run.orphaned = True
-                self.followed.add(run.run_id)
+                self.table.follow(run)
         if not self.stopping:
-            self._start_launchers()
+            self.launchers.start_missing()
 
     def _follow_runs_by_pid(self):
         """Runs whose executor is not our child (its launcher died, or it was adopted) end
         when their executor is gone."""
-        for run_id in list(self.followed):
-            run = self.runs.get(run_id)
+        for run_id in list(self.table.followed):
+            run = self.table.get(run_id)
             if run is None:
-                self.followed.discard(run_id)
-            elif not _is_executor(run.executor_pid, run.task.name, run.run_id):
+                self.table.followed.discard(run_id)
+            elif not self.system.is_executor(run.executor_pid, run.task.name, run.run_id):
                 self._executor_exited(run_id, 0)
 
-    def _stop_launchers(self):
-        for launcher in self.launchers:
-            launcher.close()
-        for launcher in self.launchers:
-            try:
-                launcher.proc.wait(2)
-            except Exception:
-                launcher.proc.kill()
-        self.launchers = []
-
-    def kill(self, pid, signum):
-        """os.kill that ignores a process already gone (a negative pid is a process group)."""
-        try:
-            os.kill(pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def _adopt_previous_executors(self):
+    def adopt_previous_executors(self):
         """Take over the runs a killed supervisor left behind, so none runs twice at once.
 
         An adopted run is a run like any other, followed by its executor's pid: it counts
@@ -723,47 +490,19 @@ class Supervisor:
         its daemon task, and its executor still enforces its timeout.  Its executor records
         its own end; runs whose executor is gone without a record are closed as lost.
         """
-        for record in self.records.unfinished():
-            pid = _executor_of(record.pid, record.task, record.run_id)
-            if pid:
-                self._adopt(record, pid)
-            else:
-                record.ended = self.clock.time()
-                record.error = "lost: its supervisor and executor stopped before recording an end"
-                self.records.add(record)
-
-    def _adopt(self, record, executor_pid):
-        # A run with no scheduled second that was not started by hand is a daemon instance.
-        instance = record.scheduled is None and not record.manual
-        task = self.tasks.get(record.task) or _Retired(record.task, "daemon" if instance else "common")
-        run = Run(record.run_id, task, record.scheduled, record.manual, executor_pid,
-                  record.started or self.clock.time(), state=RunState.RUNNING,
-                  pgid=_command_group(executor_pid), adopted=True)
-        self.runs[run.run_id] = run
-        self.by_pid[run.executor_pid] = run.run_id
-        self.by_task.setdefault(task.name, set()).add(run.run_id)
-        self.followed.add(run.run_id)
-        log.warning("run %d of %s (pid %d) was started by a previous supervisor and still runs: "
-                    "it counts against max (adopted, stopped like any other run)",
-                    run.run_id, task.name, run.executor_pid)
-        current = self.tasks.get(record.task)
-        if instance and (current is None or current.type != "daemon"):  # its daemon task is gone
-            self._signal_run(run, signal.SIGTERM)
+        for run in adopt.survivors(self.records, self.system, self.tasks, self.clock):
+            self.table.adopt(run)
+            log.warning("run %d of %s (pid %d) was started by a previous supervisor and still "
+                        "runs: it counts against max (adopted, stopped like any other run)",
+                        run.run_id, run.task.name, run.executor_pid)
+            current = self.tasks.get(run.task.name)
+            if adopt.is_daemon_instance(run) and (current is None or current.type != "daemon"):
+                self._signal_run(run, signal.SIGTERM)       # its daemon task is gone
 
     def _close_adopted(self, run):
         """An adopted run ended: its executor wrote its record, or it is closed as lost here."""
         now = self.clock.time()
-        self.records.flush()
-        try:
-            record = next((r for r in self.records.unfinished() if r.run_id == run.run_id), None)
-        except records.RecordsError:
-            record = None
-        if record is not None:
-            record.ended = now
-            record.error = "lost: its executor ended without recording an end"
-            self.records.add(record)
-        log.info("%s run %d (adopted) ended%s", run.task.name, run.run_id,
-                 ": lost" if record is not None else "")
+        adopt.close(self.records, run, now)
         if run.task.type == "daemon":
             self._daemon_exited(run, {"exit_code": None, "signal": None, "timed_out": False,
                                       "started": run.started, "ended": now})
@@ -773,7 +512,7 @@ class Supervisor:
             if task.schedule is not None and task.schedule.is_reboot:
                 self.launch(task, int(self.clock.time()))
 
-    def _tend_daemons(self):
+    def tend_daemons(self):
         """Keep every daemon task at `max` instances, respecting its backoff."""
         if not self.daemons:
             return
@@ -782,14 +521,14 @@ class Supervisor:
             task = self.tasks.get(name)
             if task is None or mono < slot.next_try:
                 continue
-            missing = task.max - len(self.by_task.get(name, ()))
+            missing = task.max - self.table.count(name)
             for _ in range(missing):
                 if self.launch(task, None) is None:
                     break
 
     # ---- reports and reaping --------------------------------------------------------------
 
-    def _read_reports(self, key=None, mask=None):
+    def read_reports(self, key=None, mask=None):
         while True:
             try:
                 chunk = os.read(self.report_r, 65536)
@@ -805,64 +544,51 @@ class Supervisor:
     def _handle_report(self, line):
         try:
             message = json.loads(line)
-            run = self.runs.get(message["run"])
+            run = self.table.get(message["run"])
         except (ValueError, KeyError, TypeError):
             log.warning("ignored a malformed executor report: %r", line[:200])
             return
         if run is None:
-            prepared = self.prepared_ids.get(message.get("run"))
+            prepared = self.table.prepared_ids.get(message.get("run"))
             if prepared is not None and message.get("e") == "gate":
                 prepared.pgid = message.get("pid")      # its command's group, before it runs
             return
         if message.get("e") in ("start", "gate"):     # gate: read only after it was fired
             known, run.pgid = run.pgid, message.get("pid")
             if run.pgid != known:
-                self._record_start(run)         # history shows the command's pid, as status
-            run.state = RunState.RUNNING   # STARTING -> RUNNING
+                self.ledger.started(run)         # history shows the command's pid, as status
+            self.table.running(run)     # STARTING -> RUNNING
             if self.stopping:
                 self._signal_run(run, signal.SIGTERM, "shutdown")
         elif message.get("e") == "end":
             run.result = message
-            burst = self._bursts.get(run.scheduled)
-            if burst is not None and isinstance(message.get("started"), (int, float)):
-                burst[2] = max(burst[2], message["started"])
+            self.ahead.started(run.scheduled, message.get("started"))
 
     def reap(self):
         """Collect every exited child (signals coalesce: never rely on one SIGCHLD each)."""
         while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
+            pid, status = self.system.waitpid()
             if pid == 0:
                 return
-            launcher = next((item for item in self.launchers if item.pid == pid), None)
+            launcher = self.launchers.find(pid)
             if launcher is not None:
                 launcher.proc.returncode = os.waitstatus_to_exitcode(status)
                 self._launcher_died(launcher)
-            elif pid in self.by_pid:
-                self._executor_exited(self.by_pid[pid], status)
+            elif (run_id := self.table.run_of_pid(pid)) is not None:
+                self._executor_exited(run_id, status)
             # else: an orphan adopted while we run as PID 1, or a launcher already replaced
 
     def _executor_exited(self, run_id, status):
-        self._read_reports()    # its last report may still sit in the pipe
-        run = self._forget_run(run_id)
+        self.read_reports()    # its last report may still sit in the pipe
+        run = self.table.forget(run_id)
         if run is not None and run.adopted:
             self._close_adopted(run)
         elif run is not None:
             self._finish(run, status)
 
-    def _forget_run(self, run_id):
-        run = self.runs.pop(run_id, None)
-        self.followed.discard(run_id)
-        if run is not None:
-            self.by_pid.pop(run.executor_pid, None)
-            self.by_task.get(run.task.name, set()).discard(run_id)
-        return run
-
     def _finish(self, run, status):
         """Record a run whose executor has exited (RUNNING -> EXITED)."""
-        run.state = RunState.EXITED
+        self.table.exited(run)      # RUNNING -> EXITED
         result = run.result
         if result is None:
             code = os.waitstatus_to_exitcode(status)
@@ -871,20 +597,8 @@ class Supervisor:
                       "error": f"executor ended without a report ({_describe_status(code)})"}
             log.error("run %d of %s: %s", run.run_id, run.task.name, result["error"])
             if run.pgid:
-                self.kill(-run.pgid, signal.SIGKILL)   # no command may outlive its executor
-        # a planned stop, if it is what ended the run (the executor says; without a report, yes)
-        stopped = run.stop_reason if result.get("stopped", True) else None
-        record = records.RunRecord(
-            run_id=run.run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
-            started=result.get("started", run.started), ended=result["ended"],
-            exit_code=result["exit_code"], signal=result["signal"], timed_out=result["timed_out"],
-            manual=run.manual, pid=run.pgid, peak_rss=result.get("peak_rss"),
-            error=result.get("error"), stopped=stopped)
-        self.stats.failed += record.failed
-        self.last_result[run.task.name] = result
-        self.records.add(record)
-        log.info("%s run %d ended: %s after %.3fs%s", run.task.name, run.run_id, record.describe(),
-                 record.duration or 0.0, result.get("log_problem") or "")
+                self.system.kill(-run.pgid, signal.SIGKILL)   # no command may outlive its executor
+        self.ledger.ended(run, result)
         if run.task.type == "daemon":
             self._daemon_exited(run, result)
 
@@ -892,22 +606,7 @@ class Supervisor:
         slot = self.daemons.get(run.task.name)
         if slot is None or self.stopping:
             return
-        slot.last_exit = result
-        slot.restarts += 1
-        lived = result["ended"] - result.get("started", run.started)
-        if lived >= FAILED_START_UNDER:
-            slot.failures = 0
-            slot.next_try = 0.0
-            if slot.state == DaemonState.BACKOFF:
-                slot.state = DaemonState.RUNNING     # BACKOFF -> RUNNING
-            return
-        slot.failures += 1
-        delay = min(BACKOFF_MAX, 2.0 ** (slot.failures - 1))
-        slot.next_try = self.clock.monotonic() + delay
-        if slot.state == DaemonState.RUNNING:
-            slot.state = DaemonState.BACKOFF         # RUNNING -> BACKOFF
-        log.warning("daemon %s failed to start (%d in a row, lived %.2fs): next try in %ds",
-                    run.task.name, slot.failures, lived, delay)
+        slot.exited(run.task.name, result, run.started, self.clock.monotonic())
 
     # ---- signals --------------------------------------------------------------------------
 
@@ -942,80 +641,6 @@ class Supervisor:
     def handle_chld(self):
         pass    # reaping happens on every pass
 
-    # ---- the control socket (see control.py): each returns the reply's payload ------------
-
-    def control_status(self, request):
-        """The daemon's live state; the CLI adds next runs and history from the file and db."""
-        when, ok, message = self.last_reload or (None, None, None)
-        return {
-            "pid": os.getpid(), "pidfile": self.pidfile,
-            "started": self.started_at, "now": self.clock.time(),
-            "file": self.settings.path, "digest": self.taskfile.digest,
-            "node": {"hostname": self.node.hostname,
-                     "addresses": [str(a) for a in self.node.addresses]},
-            "last_reload": {"at": when, "accepted": ok, "message": message} if when else None,
-            "reload_error": self.reload_error, "stopping": self.stopping,
-            "stats": dataclasses.asdict(self.stats), "log_failures": daemonlog.failures(),
-            "tasks": {name: self._task_status(name) for name in self.tasks},
-        }
-
-    def _task_status(self, name):
-        runs = [self.runs[run_id] for run_id in self.by_task.get(name, ())]
-        task = self.tasks[name]
-        entry = {"type": task.type, "schedule": task.schedule_text, "timezone": task.timezone,
-                 "running": [{"run_id": r.run_id, "pid": r.pgid, "executor_pid": r.executor_pid,
-                              "started": r.started, "scheduled": r.scheduled,
-                              "state": "adopted" if r.adopted else r.state} for r in runs],
-                 "skipped": self.skipped_last.get(name)}
-        slot = self.daemons.get(name)
-        if slot is not None:
-            entry["daemon"] = {"state": slot.state, "restarts": slot.restarts,
-                               "failures": slot.failures, "last_exit": slot.last_exit,
-                               "next_try_in": max(0.0, slot.next_try - self.clock.monotonic())}
-        return entry
-
-    def control_run(self, request):
-        """Start a run now (counts against the limits, recorded as manual)."""
-        name = request.get("task")
-        task = self.tasks.get(name)
-        if task is None:
-            where = f"is not in the task file{config.suggest(str(name), self._all_names())}" \
-                if name not in self._all_names() else self._not_here(self.taskfile.task(name))
-            raise TorchcoreError(f"task {name!r} {where}")
-        if self.stopping:
-            raise TorchcoreError("torchcore is stopping")
-        run = self.launch(task, None, manual=True)
-        if run is None:
-            reason = self.skipped_last.get(name) or "the coordinator refused it"
-            raise TorchcoreError(f"task {name!r} not started: {reason}")
-        return {"run_id": run.run_id, "executor_pid": run.executor_pid}
-
-    def _not_here(self, task):
-        if not task.enabled:
-            return "is disabled"
-        return f"does not run on this node (it runs on {textfmt.targets_text(task)})"
-
-    def _all_names(self):
-        return {task.name for task in self.taskfile.tasks}
-
-    def control_reload(self, request):
-        before = self.last_applied
-        accepted, problems = self.reload("control request")
-        reply = {"accepted": accepted, "problems": problems}
-        if accepted:
-            reply["summary"] = self.last_reload[2]
-            if before and before["reason"] == "file changed" and \
-                    before["digest"] == self.taskfile.digest and not any(self._changes.values()):
-                reply["already"] = before       # the file watch applied this very file
-                self.last_applied = before
-        return reply
-
-    def control_ping(self, request):
-        """Who serves this socket: the CLI finds the daemon (and its pidfile) by this."""
-        return {"pid": os.getpid(), "pidfile": self.pidfile,
-                "state_dir": self.settings.state_dir, "file": self.settings.path,
-                "started": self.started_at, "shutdown_grace": self.settings.shutdown_grace}
-
     # ---- shutdown -------------------------------------------------------------------------
 
     def begin_shutdown(self, reason):
@@ -1023,20 +648,20 @@ class Supervisor:
         self.stopping = True
         self._cancel_prepared()
         self.shutdown_deadline = self.clock.monotonic() + self.settings.shutdown_grace
-        log.info("stopping (%s): %d runs to stop, grace %ds", reason, len(self.runs),
+        log.info("stopping (%s): %d runs to stop, grace %ds", reason, len(self.table),
                  self.settings.shutdown_grace)
-        for run in list(self.runs.values()):
+        for run in self.table:
             self._signal_run(run, signal.SIGTERM, "shutdown")
 
     def kill_all(self, reason):
         if not self.killed_all:
-            log.warning("killing %d runs now (%s)", len(self.runs), reason)
+            log.warning("killing %d runs now (%s)", len(self.table), reason)
         self.killed_all = True
-        for run in list(self.runs.values()):
+        for run in self.table:
             self._signal_run(run, signal.SIGKILL, "shutdown")
 
-    def _drive_shutdown(self):
-        if self.runs and self.clock.monotonic() >= self.shutdown_deadline and not self.killed_all:
+    def drive_shutdown(self):
+        if self.table and self.clock.monotonic() >= self.shutdown_deadline and not self.killed_all:
             self.kill_all(f"shutdown_grace {self.settings.shutdown_grace}s is over")
 
     def _signal_run(self, run, signum, reason=None):
@@ -1044,16 +669,15 @@ class Supervisor:
 
         ``reason`` makes it a planned stop (shutdown, reload): recorded as stopped, not failed."""
         run.stop_reason = run.stop_reason or reason
-        if run.adopted and not _is_executor(run.executor_pid, run.task.name, run.run_id):
+        if run.adopted and not self.system.is_executor(run.executor_pid, run.task.name, run.run_id):
             return      # ended already (its pid may be another process's now)
         if signum == signal.SIGKILL and run.pgid:
-            self.kill(-run.pgid, signal.SIGKILL)
+            self.system.kill(-run.pgid, signal.SIGKILL)
         if run.executor_pid is None:
             run.pending_signal = signum     # sent as soon as the launcher has forked it
             return
-        self.kill(run.executor_pid, signum)
-        if run.state == RunState.RUNNING:
-            run.state = RunState.STOPPING      # RUNNING -> STOPPING
+        self.system.kill(run.executor_pid, signum)
+        self.table.stopping(run)        # RUNNING -> STOPPING
 
     # ---- reload ---------------------------------------------------------------------------
 
@@ -1083,7 +707,7 @@ class Supervisor:
         self.reload_error = None
         self.last_reload = (self.clock.time(), True, summary)
         self.last_applied = {"at": self.clock.time(), "reason": reason,
-                             "digest": new.digest, **self._changes}
+                             "digest": new.digest, **self.changes}
         log.info("reloaded (%s): %s", reason, summary)
         return True, []
 
@@ -1110,11 +734,12 @@ class Supervisor:
         changed = [name for name, task in new_tasks.items()
                    if name in old_tasks and old_tasks[name] != task]
         added = [name for name in new_tasks if name not in old_tasks]
-        self._changes = {"added": len(added), "changed": len(changed), "removed": len(removed)}
-        self._reschedule(old_tasks, removed + changed, [new_tasks[name] for name in changed + added])
+        self.changes = {"added": len(added), "changed": len(changed), "removed": len(removed)}
+        self.planner.reschedule(old_tasks, removed + changed,
+                                [new_tasks[name] for name in changed + added])
         # Nothing below fails: the new state is in place.
         self._cancel_prepared()     # they were forked with the old specs
-        self._due_names.clear()
+        self.ahead.forget_due()
         for name in removed + changed:
             self._retire(old_tasks[name], "removed" if name in removed else "changed")
         for name in changed + added:
@@ -1130,43 +755,18 @@ class Supervisor:
         return (f"{len(new_tasks)} tasks on this node: {len(added)} added, {len(changed)} changed, "
                 f"{len(removed)} removed")
 
-    def _reschedule(self, old_tasks, out, into):
-        """Take the names ``out`` off the schedule table and put the tasks ``into`` on it.
-
-        If any step fails (a number the C core cannot hold, no memory), the table gets
-        back every schedule it had and the error is raised: a reload is all or nothing.
-        """
-        touched = []
-        try:
-            for name in out:
-                if name in self.planner:
-                    touched.append(name)
-                    self.planner.remove(name)
-            for task in into:
-                if task.type != "daemon" and not task.schedule.is_reboot:
-                    touched.append(task.name)
-                    self.planner.set(task.name, task.schedule)
-        except BaseException:
-            for name in touched:
-                if name in self.planner:
-                    self.planner.remove(name)
-                old = old_tasks.get(name)
-                if old is not None and old.type != "daemon" and not old.schedule.is_reboot:
-                    self.planner.set(name, old.schedule)
-            raise
-
     def _retire(self, task, how="removed"):
         """A removed or changed task (already off the schedule): stop a daemon's instances
         gracefully."""
         if task.type == "daemon":
-            self.daemons.pop(task.name, None)
-            for run_id in self.by_task.get(task.name, ()):
-                self._signal_run(self.runs[run_id], signal.SIGTERM, f"task {how} by reload")
+            self.daemons.retire(task.name)
+            for run in self.table.of_task(task.name):
+                self._signal_run(run, signal.SIGTERM, f"task {how} by reload")
 
     def _admit(self, task):
         """A new or changed task (already on the schedule): a daemon gets its slot."""
         if task.type == "daemon":
-            self.daemons[task.name] = DaemonSlot()
+            self.daemons.admit(task.name)
 
     def _warn_fixed_settings(self, new):
         for field in ("state_dir", "log_dir", "pidfile"):
@@ -1199,39 +799,14 @@ class Supervisor:
             log.info("the task file on disk is the running version again; the rejected "
                      "reload no longer applies")
 
-    # ---- records, title, stats ------------------------------------------------------------
+    # ---- housekeeping, title, stats --------------------------------------------------------
 
-    def _record_skip(self, task, second, reason, manual):
-        if task.type == "daemon":   # a daemon waiting for a limit is not a skipped run: its
-            if self.skipped_last.get(task.name) != reason:      # wait counts once, not each pass
-                self.stats.skipped += 1
-            self.skipped_last[task.name] = reason
-            return
-        self.stats.skipped += 1
-        self.skipped_last[task.name] = reason
-        log.warning("%s: run for %s skipped: %s", task.name, _fmt_second(second), reason)
-        self.records.add(records.RunRecord(
-            run_id=self.records.allocate_run_id(), task=task.name, node=self.node_name,
-            scheduled=second, started=None, ended=None, exit_code=None, signal=None,
-            skipped=reason, manual=manual))
-
-    def _record_missed(self, name, second, count):
-        self.stats.missed += count
-        log.warning("%s: %d run(s) missed, the latest for %s (beyond misfire_grace %ds or "
-                    "replaced by a later one)", name, count, _fmt_second(second),
-                    self.settings.misfire_grace)
-        self.records.add(records.RunRecord(
-            run_id=self.records.allocate_run_id(), task=name, node=self.node_name,
-            scheduled=second, started=None, ended=None, exit_code=None, signal=None,
-            missed=True, skipped=f"missed {count} run(s)"))
-
-    def _housekeeping(self):
-        if self.followed:
+    def housekeeping(self):
+        if self.table.followed:
             self._follow_runs_by_pid()
-        if len(self.launchers) < self.launcher_target and not self.stopping and \
-                self.clock.monotonic() >= self._launchers_retry_at:
-            self._start_launchers()
-        if not self._in_burst():
+        if not self.stopping and self.launchers.missing():
+            self.launchers.start_missing()
+        if not self.ahead.in_burst():
             self.records.flush()
         self._set_title()
         if self.control is not None:
@@ -1247,18 +822,18 @@ class Supervisor:
 
     def _set_title(self):
         name = os.path.basename(self.settings.path)
-        title = f"torchcore: supervisor {name} ({len(self.tasks)} tasks, {len(self.runs)} running)"
+        title = f"torchcore: supervisor {name} ({len(self.tasks)} tasks, {len(self.table)} running)"
         if self.stopping:
             title += " stopping"
         if title != self._title:
-            setproctitle.setproctitle(title)
+            self.system.set_title(title)
             self._title = title
 
     def stats_line(self):
         load = os.getloadavg()
         rss = psutil.Process().memory_info().rss
         s = self.stats
-        return (f"stats: tasks={len(self.tasks)} running={len(self.runs)} started={s.started} "
+        return (f"stats: tasks={len(self.tasks)} running={len(self.table)} started={s.started} "
                 f"failed={s.failed} skipped={s.skipped} missed={s.missed} "
                 f"fork_failures={s.fork_failures} errors={s.errors} "
                 f"log_failures={daemonlog.failures()} "
@@ -1268,50 +843,6 @@ class Supervisor:
 
 def _record_signal(signum, frame):
     """Handlers only record: the wakeup fd carries the signal number to the loop."""
-
-
-def _is_executor(pid, task, run_id):
-    """Is ``pid`` a live executor of that run (its title says so)?"""
-    try:
-        proc = psutil.Process(pid)
-        title = " ".join(part for part in proc.cmdline() if part)   # setproctitle pads
-        return proc.status() != psutil.STATUS_ZOMBIE and \
-            title == f"torchcore: {task} [run {run_id}]"
-    except psutil.Error:
-        return False
-
-
-@dataclasses.dataclass(frozen=True)
-class _Retired:
-    """The task of an adopted run that the task file no longer has (name and kind only)."""
-
-    name: str
-    type: str
-
-
-def _command_group(executor_pid):
-    """The process group of an executor's command (its child in a group of its own), or None."""
-    try:
-        for child in psutil.Process(executor_pid).children():
-            group = os.getpgid(child.pid)
-            if group == child.pid and group != os.getpgrp():
-                return group
-    except (psutil.Error, OSError):
-        pass
-    return None
-
-
-def _executor_of(pid, task, run_id):
-    """The live executor of a run recorded with ``pid``: its command's (its child) or its own."""
-    if not pid:
-        return None
-    if _is_executor(pid, task, run_id):
-        return pid
-    try:
-        parent = psutil.Process(pid).ppid()
-    except psutil.Error:
-        return None
-    return parent if _is_executor(parent, task, run_id) else None
 
 
 def _file_signature(path):
@@ -1324,9 +855,3 @@ def _file_signature(path):
 
 def _describe_status(code):
     return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-
-
-def _fmt_second(second):
-    if second is None:
-        return "now"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))

@@ -1,0 +1,118 @@
+"""What the supervisor writes down: run records, the stats line's counts, each task's last
+result and last skip.
+
+The supervisor decides (start, skip, refuse, retry, stop); the ledger turns each outcome into
+its RunRecord, its counts and its log line, so a decision and its bookkeeping are not written
+out together in many places.  Records are buffered by records.Records (see its flush).
+"""
+
+import dataclasses
+import logging
+import time
+
+from torchcore import records
+
+log = logging.getLogger("torchcore")
+
+
+@dataclasses.dataclass
+class Stats:
+    started: int = 0
+    failed: int = 0
+    skipped: int = 0
+    missed: int = 0
+    fork_failures: int = 0
+    errors: int = 0             # failures of the supervisor's own work, contained (see _contain)
+
+
+class Ledger:
+    """The records and counts of one supervisor's runs (``records`` set once it is open)."""
+
+    def __init__(self, node_name, clock):
+        self.node_name = node_name
+        self.clock = clock
+        self.records = None
+        self.stats = Stats()
+        self.last_result = {}       # name -> last finished result dict (for status)
+        self.skipped_last = {}      # name -> reason, while its last due run was skipped
+        self._refusals_logged = set()   # names whose refusal was logged once
+
+    def started(self, run):
+        self.records.add(records.RunRecord(
+            run_id=run.run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
+            started=run.started, ended=None, exit_code=None, signal=None, manual=run.manual,
+            pid=run.pgid or run.executor_pid))    # the command's pid once known (one pid per run)
+
+    def refused(self, task, second, manual, run_id, reason):
+        """A run that cannot be handed to a launcher: recorded at once as failed (exit 126, as
+        a command that cannot start), with the reason in the log; returns its result."""
+        now = self.clock.time()
+        self.stats.failed += 1
+        if task.name not in self._refusals_logged:
+            self._refusals_logged.add(task.name)
+            log.error("%s: run %d refused: %s (further refusals of it are recorded, not logged)",
+                      task.name, run_id, reason)
+        result = {"exit_code": 126, "signal": None, "timed_out": False, "peak_rss": None,
+                  "started": now, "ended": now, "error": f"refused: {reason}"}
+        self.last_result[task.name] = result
+        self.records.add(records.RunRecord(
+            run_id=run_id, task=task.name, node=self.node_name, scheduled=second, started=now,
+            ended=now, exit_code=126, signal=None, manual=manual))
+        return result
+
+    def fork_failed(self, run, error):
+        """A launcher could not fork the run's executor: not a start after all."""
+        self.stats.fork_failures += 1
+        self.stats.started -= 1
+        log.error("cannot fork for %s (run %d): %s; retrying next second", run.task.name,
+                  run.run_id, error)
+        self.records.add(records.RunRecord(
+            run_id=run.run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
+            started=None, ended=None, exit_code=None, signal=None, manual=run.manual,
+            skipped=f"fork failed: {error}"))
+
+    def ended(self, run, result):
+        """A run whose executor has exited, with its result (the executor's report or one made
+        up for an executor that ended without one)."""
+        # a planned stop, if it is what ended the run (the executor says; without a report, yes)
+        stopped = run.stop_reason if result.get("stopped", True) else None
+        record = records.RunRecord(
+            run_id=run.run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
+            started=result.get("started", run.started), ended=result["ended"],
+            exit_code=result["exit_code"], signal=result["signal"], timed_out=result["timed_out"],
+            manual=run.manual, pid=run.pgid, peak_rss=result.get("peak_rss"),
+            error=result.get("error"), stopped=stopped)
+        self.stats.failed += record.failed
+        self.last_result[run.task.name] = result
+        self.records.add(record)
+        log.info("%s run %d ended: %s after %.3fs%s", run.task.name, run.run_id, record.describe(),
+                 record.duration or 0.0, result.get("log_problem") or "")
+
+    def skipped(self, task, second, reason, manual):
+        if task.type == "daemon":   # a daemon waiting for a limit is not a skipped run: its
+            if self.skipped_last.get(task.name) != reason:      # wait counts once, not each pass
+                self.stats.skipped += 1
+            self.skipped_last[task.name] = reason
+            return
+        self.stats.skipped += 1
+        self.skipped_last[task.name] = reason
+        log.warning("%s: run for %s skipped: %s", task.name, _fmt_second(second), reason)
+        self.records.add(records.RunRecord(
+            run_id=self.records.allocate_run_id(), task=task.name, node=self.node_name,
+            scheduled=second, started=None, ended=None, exit_code=None, signal=None,
+            skipped=reason, manual=manual))
+
+    def missed(self, name, second, count, misfire_grace):
+        self.stats.missed += count
+        log.warning("%s: %d run(s) missed, the latest for %s (beyond misfire_grace %ds or "
+                    "replaced by a later one)", name, count, _fmt_second(second), misfire_grace)
+        self.records.add(records.RunRecord(
+            run_id=self.records.allocate_run_id(), task=name, node=self.node_name,
+            scheduled=second, started=None, ended=None, exit_code=None, signal=None,
+            missed=True, skipped=f"missed {count} run(s)"))
+
+
+def _fmt_second(second):
+    if second is None:
+        return "now"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))

@@ -1,0 +1,129 @@
+"""Preparing ahead: which seconds to fork early, and how long a burst's executors hold back.
+
+Ahead of each second the supervisor forks the executors of its runs, waiting for go (see
+Supervisor.prepare_ahead): a second is prepared PREPARE_LEAD ahead, or earlier when its burst
+is too big to fork in that time (seconds are prepared in order, so a big burst also brings the
+ones before it).  More runs due in one second than there are cores start over a while; their
+executors hold their wrap-up until the starts should be over (Executor._sit_out_burst), and
+the supervisor holds its database writes as long.  This module decides those times; it forks
+nothing and knows no run, only the planner's names due and the starts reported.
+"""
+
+import dataclasses
+
+PREPARE_LEAD = 0.5          # seconds ahead of its second a run is prepared (forked, waiting for go)...
+PREPARE_COST = 0.006        # ...or more for a big burst: about this much CPU per run, per launcher
+LOOKAHEAD = 5               # seconds ahead the supervisor looks for bursts to prepare
+MAX_PREPARED = 2000         # at most this many executors wait for their second at once
+START_COST = 0.002          # CPU seconds a command's start takes, until measured (sh + date: 1.9 ms)
+HOLD_MARGIN = 1.5           # a burst's executors hold their wrap-up this much longer than its starts
+HOLD_MAX = 3.0              # ...and never longer than this after their second,
+HOLD_SHARE = 0.3            # ...nor than this share of the time to the task's next run
+
+
+@dataclasses.dataclass
+class Burst:
+    """A second with more runs due than cores, while its hold lasts."""
+
+    due: int                    # runs due in it
+    held_until: float           # wall time its executors may wrap up (the latest hold given)
+    latest: float = 0.0         # the latest start its runs reported
+
+
+class Lookahead:
+    """The seconds prepared so far, the names due in the next ones, and the bursts held."""
+
+    def __init__(self, planner, clock, cores):
+        self.planner = planner
+        self.clock = clock
+        self.cores = cores
+        self.prepared_for = 0       # the last second prepared
+        self.next_at = 0.0          # wall time to prepare the next second
+        self._due_names = {}        # second -> names due then (planner.peek, in its order, as dict
+                                    # keys: the look-ahead also asks whether a name is among them)
+        self._start_cost = START_COST   # measured on the bursts seen (see hold_until)
+        self._bursts = {}           # second -> Burst
+
+    def seconds(self, launchers):
+        """The seconds to prepare now, in order (each one counted prepared as it is yielded);
+        sets ``next_at``.  ``launchers``: how many fork the runs."""
+        wall = self.clock.time()
+        first = max(self.prepared_for + 1, int(wall) + 1)
+        upto = None
+        self.next_at = float("inf")
+        for second in range(first, int(wall) + LOOKAHEAD + 1):
+            start_at = second - self._lead(second, launchers)
+            if start_at <= wall:
+                upto = second
+            else:
+                self.next_at = min(self.next_at, start_at)
+        for second in range(first, (upto or 0) + 1):
+            self.prepared_for = second
+            self._learn_start_cost()
+            yield second
+        for second in [s for s in self._due_names if s <= self.prepared_for]:
+            del self._due_names[second]
+
+    def due_at(self, second):
+        if second not in self._due_names:
+            self._due_names[second] = dict.fromkeys(self.planner.peek(second))
+        return self._due_names[second]
+
+    def forget_due(self):
+        """The schedule changed: the names due are asked again."""
+        self._due_names.clear()
+
+    def hold_until(self, name, second):
+        """When the executor of a run in a burst may wrap up (log, report, exit), or None.
+
+        More runs due in one second than there are cores start over a while; executors
+        waking meanwhile to wrap up after their command ended take CPU from the starts
+        still to come (see Executor._sit_out_burst).  Their wrap-up waits until the starts
+        should be over: runs x the CPU one start takes / cores, with a margin, at most
+        HOLD_MAX and at most HOLD_SHARE of the time to the task's next run (its executor
+        must be gone by then, or `max` skips the run).  The CPU per start is
+        measured: the latest start seen in the last burst whose hold is over, spread over
+        its runs and the cores (START_COST until then; see _learn_start_cost, called once
+        for each second prepared).
+        """
+        due = len(self.due_at(second))
+        if due <= self.cores:
+            return None
+        hold = min(HOLD_MAX, due * self._start_cost / self.cores * HOLD_MARGIN)
+        for gap in range(1, LOOKAHEAD + 1):
+            if name in self.due_at(second + gap):
+                hold = min(hold, gap * HOLD_SHARE)
+                break
+        burst = self._bursts.setdefault(second, Burst(due, second))
+        burst.held_until = max(burst.held_until, second + hold)
+        return second + hold
+
+    def started(self, second, at):
+        """A run of ``second`` reported that its command started at ``at``."""
+        burst = self._bursts.get(second)
+        if burst is not None and isinstance(at, (int, float)):
+            burst.latest = max(burst.latest, at)
+
+    def in_burst(self):
+        """True while a burst's starts are under way (up to its hold): the database waits.
+
+        Writing a burst's start records right after its tick took 150-230 ms of a 200-run
+        burst (the supervisor's share of the CPU is small then) and took CPU from the
+        starts; after the hold, one transaction writes them with most of the ends (a run's
+        end replaces its start in the buffer, so most runs are written once)."""
+        now = self.clock.time()
+        return any(second <= now < burst.held_until for second, burst in self._bursts.items())
+
+    def _learn_start_cost(self):
+        """Fold the bursts whose hold is over (and whose reports are in) into the CPU per start."""
+        now = self.clock.time()
+        for second, burst in sorted(self._bursts.items()):
+            if burst.held_until + 1 > now:
+                break
+            del self._bursts[second]
+            if burst.latest > 0:     # up at once, down by a quarter a burst at most
+                measured = (burst.latest - second) * self.cores / burst.due
+                self._start_cost = min(max(measured, 0.75 * self._start_cost, 0.0002), 0.02)
+
+    def _lead(self, second, launchers):
+        return max(PREPARE_LEAD, len(self.due_at(second)) * PREPARE_COST / launchers)

@@ -1,0 +1,95 @@
+"""What the daemon answers on its control socket: control.py calls ``control_<cmd>(request)``.
+
+Each reply is read from the supervisor's state (the run table, the daemon slots, the last
+reload) or asks it to act (a manual run, a reload); the replies return the payload, or raise
+TorchcoreError for a refusal the client shows.
+"""
+
+import dataclasses
+import os
+
+from torchcore import config, daemonlog, textfmt
+from torchcore.errors import TorchcoreError
+
+
+class Replies:
+    """The control handler of one supervisor."""
+
+    def __init__(self, supervisor):
+        self.sup = supervisor
+
+    def control_status(self, request):
+        """The daemon's live state; the CLI adds next runs and history from the file and db."""
+        sup = self.sup
+        when, ok, message = sup.last_reload or (None, None, None)
+        return {
+            "pid": os.getpid(), "pidfile": sup.pidfile,
+            "started": sup.started_at, "now": sup.clock.time(),
+            "file": sup.settings.path, "digest": sup.taskfile.digest,
+            "node": {"hostname": sup.node.hostname,
+                     "addresses": [str(a) for a in sup.node.addresses]},
+            "last_reload": {"at": when, "accepted": ok, "message": message} if when else None,
+            "reload_error": sup.reload_error, "stopping": sup.stopping,
+            "stats": dataclasses.asdict(sup.stats), "log_failures": daemonlog.failures(),
+            "tasks": {name: self._task_status(name) for name in sup.tasks},
+        }
+
+    def _task_status(self, name):
+        sup = self.sup
+        runs = sup.table.of_task(name)
+        task = sup.tasks[name]
+        entry = {"type": task.type, "schedule": task.schedule_text, "timezone": task.timezone,
+                 "running": [{"run_id": r.run_id, "pid": r.pgid, "executor_pid": r.executor_pid,
+                              "started": r.started, "scheduled": r.scheduled,
+                              "state": "adopted" if r.adopted else r.state} for r in runs],
+                 "skipped": sup.skipped_last.get(name)}
+        slot = sup.daemons.get(name)
+        if slot is not None:
+            entry["daemon"] = slot.status(sup.clock.monotonic())
+        return entry
+
+    def control_run(self, request):
+        """Start a run now (counts against the limits, recorded as manual)."""
+        sup = self.sup
+        name = request.get("task")
+        task = sup.tasks.get(name)
+        if task is None:
+            where = f"is not in the task file{config.suggest(str(name), self._all_names())}" \
+                if name not in self._all_names() else self._not_here(sup.taskfile.task(name))
+            raise TorchcoreError(f"task {name!r} {where}")
+        if sup.stopping:
+            raise TorchcoreError("torchcore is stopping")
+        run = sup.launch(task, None, manual=True)
+        if run is None:
+            reason = sup.skipped_last.get(name) or "the coordinator refused it"
+            raise TorchcoreError(f"task {name!r} not started: {reason}")
+        return {"run_id": run.run_id, "executor_pid": run.executor_pid}
+
+    def _not_here(self, task):
+        if not task.enabled:
+            return "is disabled"
+        return f"does not run on this node (it runs on {textfmt.targets_text(task)})"
+
+    def _all_names(self):
+        sup = self.sup
+        return {task.name for task in sup.taskfile.tasks}
+
+    def control_reload(self, request):
+        sup = self.sup
+        before = sup.last_applied
+        accepted, problems = sup.reload("control request")
+        reply = {"accepted": accepted, "problems": problems}
+        if accepted:
+            reply["summary"] = sup.last_reload[2]
+            if before and before["reason"] == "file changed" and \
+                    before["digest"] == sup.taskfile.digest and not any(sup.changes.values()):
+                reply["already"] = before       # the file watch applied this very file
+                sup.last_applied = before
+        return reply
+
+    def control_ping(self, request):
+        """Who serves this socket: the CLI finds the daemon (and its pidfile) by this."""
+        sup = self.sup
+        return {"pid": os.getpid(), "pidfile": sup.pidfile,
+                "state_dir": sup.settings.state_dir, "file": sup.settings.path,
+                "started": sup.started_at, "shutdown_grace": sup.settings.shutdown_grace}

@@ -1,0 +1,86 @@
+"""What the supervisor asks of the operating system, behind one object tests can replace.
+
+Forking an executor, signalling and reaping processes, starting launchers, telling a live
+executor by its title, the clocks and the core count: the supervisor makes these calls only
+through a ``System``, so the tests give it one whose children are make-believe
+(tests/supervisor_harness.py) and drive the real decisions on a fake clock.
+"""
+
+import os
+
+import psutil
+import setproctitle
+
+from torchcore import executor
+from torchcore.clock import SystemClock
+from torchcore.launcher import Launcher
+
+
+class System:
+    """The real calls."""
+
+    def __init__(self, clock=None):
+        self.clock = clock or SystemClock()
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+        self.launcher_count = max(1, min(4, os.cpu_count() or 1))  # one per core, four at most
+
+    def fork_executor(self, job, report_w):
+        """Fork ``job``'s executor here (no launcher takes it); returns its pid."""
+        pid = os.fork()
+        if pid == 0:
+            executor.execute(job, report_w)
+        return pid
+
+    def kill(self, pid, signum):
+        """os.kill that ignores a process already gone (a negative pid is a process group)."""
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def waitpid(self):
+        """One exited child as (pid, status); (0, 0) when none has exited (or there is none)."""
+        try:
+            return os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return 0, 0
+
+    def start_launcher(self, report_w, stderr):
+        return Launcher(report_w, stderr=stderr)
+
+    def set_title(self, title):
+        setproctitle.setproctitle(title)
+
+    def is_executor(self, pid, task, run_id):
+        """Is ``pid`` a live executor of that run (its title says so)?"""
+        try:
+            proc = psutil.Process(pid)
+            title = " ".join(part for part in proc.cmdline() if part)   # setproctitle pads
+            return proc.status() != psutil.STATUS_ZOMBIE and \
+                title == f"torchcore: {task} [run {run_id}]"
+        except psutil.Error:
+            return False
+
+    def executor_of(self, pid, task, run_id):
+        """The live executor of a run recorded with ``pid``: its command's (its child) or its own."""
+        if not pid:
+            return None
+        if self.is_executor(pid, task, run_id):
+            return pid
+        try:
+            parent = psutil.Process(pid).ppid()
+        except psutil.Error:
+            return None
+        return parent if self.is_executor(parent, task, run_id) else None
+
+    def command_group(self, executor_pid):
+        """The process group of an executor's command (its child in a group of its own), or None."""
+        try:
+            for child in psutil.Process(executor_pid).children():
+                group = os.getpgid(child.pid)
+                if group == child.pid and group != os.getpgrp():
+                    return group
+        except (psutil.Error, OSError):
+            pass
+        return None
