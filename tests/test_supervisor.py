@@ -292,3 +292,15 @@ def test_runs_that_are_no_burst_do_not_hold(make):
     sup.prepare_ahead()
     holds = {job.name: job.hold_until for job, _ in sup.system.submitted}
     assert holds == {"solo": None, "duo": None}      # no more runs than cores: no hold
+
+
+def test_a_file_put_back_as_it_runs_clears_the_rejected_reload(make):
+    sup = make(EVERY)
+    rewrite(sup, "tasks:\n  - name: every\n    schedule: '61 * * * * *'\n    command: x\n")
+    sup.watch_file()
+    assert sup.reload_error and "out of range" in sup.reload_error
+    rewrite(sup, EVERY)                         # the running version again, byte for byte
+    sup.watch_file()
+    assert sup.reload_error is None and sup.last_reload[1] is False   # history stays history
+    sup.second()
+    assert sup.system.forked == [("every", T0, False)]

@@ -197,7 +197,7 @@ class Supervisor:
         if self.stopping:
             self.drive_shutdown()
         else:
-            self._watch_file()
+            self.watch_file()
             self._await_boundary()
             now = int(self.clock.time())
             if now != self.planner.watermark:
@@ -779,7 +779,7 @@ class Supervisor:
                 log.warning("settings.%s changed to %s: it takes effect at the next restart",
                             field, getattr(new, field))
 
-    def _watch_file(self):
+    def watch_file(self):
         """Reload when the file on disk changes (edits, atomic renames, symlink swaps)."""
         if not self.settings.watch:
             return
