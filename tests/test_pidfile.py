@@ -333,22 +333,26 @@ def test_a_pid_that_does_not_hold_the_lock_is_refused(tmp_path):
 def test_a_holder_running_as_another_user_is_refused(tmp_path):
     path = tmp_path / "tc.pid"
     path.write_text("")
-    read_end, write_end = os.pipe()
+    read_end, write_end = os.pipe()             # the child says it holds the lock
+    hold_r, hold_w = os.pipe()                  # and holds it until this end closes
     child = os.fork()
     if child == 0:                              # open as root, then become nobody and lock
         try:
+            os.close(read_end)
+            os.close(hold_w)
             fd = os.open(path, os.O_RDONLY)
             os.setgid(65534)
             os.setuid(65534)
             import fcntl
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.write(write_end, b"x")
-            os.read(read_end, 1)
+            os.read(hold_r, 1)
         finally:
             os._exit(0)
     try:
         os.close(write_end)
-        os.read(read_end, 1)
+        os.close(hold_r)
+        assert os.read(read_end, 1) == b"x"
         path.write_text(f"{child}\n")
         with pytest.raises(DaemonError, match="runs as uid 65534"):
             pidfile_mod.find_daemon(path)
@@ -356,6 +360,7 @@ def test_a_holder_running_as_another_user_is_refused(tmp_path):
         os.kill(child, 9)
         os.waitpid(child, 0)
         os.close(read_end)
+        os.close(hold_w)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the pidfile to another user")
