@@ -225,15 +225,20 @@ def pid_alive_and_locked(path):
     except OSError:
         return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return None  # nobody holds it: stale (our lock goes with the close)
-        except BlockingIOError:
-            pass
-        pid = read_pid_fd(fd, wait=True)
-        return pid if pid is not None and pid_exists(pid) else None
+        held, pid = _holder(fd)
+        return pid if held and pid is not None and pid_exists(pid) else None
     finally:
         os.close(fd)
+
+
+def _holder(fd):
+    """(held, pid) of an open pidfile: whether a process holds its lock, and the pid it names
+    (None when it names none).  Not held: stale, and our probe's lock goes with the close."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False, None
+    except BlockingIOError:
+        return True, read_pid_fd(fd, wait=True)
 
 
 def pid_exists(pid):
@@ -274,14 +279,11 @@ def find_daemon(path):
         raise DaemonError(f"cannot open pidfile {path}: {exc.strerror}") from None
     try:
         info = check_pidfile_owner(fd, path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return None                 # nobody holds it: stale (our lock goes with the close)
-        except BlockingIOError:
-            pass
-        pid = read_pid_fd(fd, wait=True)
+        held, pid = _holder(fd)
     finally:
         os.close(fd)
+    if not held:
+        return None                     # nobody holds it: stale
     if pid is None:
         raise DaemonError(f"pidfile {path} is locked but names no pid; refusing to signal")
     return DaemonProcess.verified(pid, info, path)
