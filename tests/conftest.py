@@ -54,6 +54,25 @@ def make(tmp_path):
 
 
 @pytest.fixture
+def daemons(tmp_path):
+    """``daemons(body, settings="", cls=Daemon)``: real daemons in directories of their own under
+    tmp_path, each killed after the test (``cls`` e.g. a daemonized variant)."""
+    from daemon_harness import Daemon
+
+    made = []
+
+    def factory(body, settings="", cls=None):
+        directory = tmp_path / f"d{len(made)}"
+        directory.mkdir()
+        made.append((cls or Daemon)(directory, body, settings))
+        return made[-1]
+
+    yield factory
+    for daemon in made:
+        daemon.kill()
+
+
+@pytest.fixture
 def figures(request):
     row = _ROWS.setdefault(request.node.originalname or request.node.name, Figures())
     return row

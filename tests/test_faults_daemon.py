@@ -14,27 +14,12 @@ import time
 
 import psutil
 import pytest
-from daemon_harness import Daemon, processes_with, wait_for
+from daemon_harness import processes_with, wait_for
 
 pytestmark = pytest.mark.process
 
 FAKETIME_LIBS = glob.glob("/usr/lib/*/faketime/libfaketime.so.1") + \
     glob.glob("/usr/lib/faketime/libfaketime.so.1")
-
-
-@pytest.fixture
-def daemons(tmp_path):
-    made = []
-
-    def factory(body, settings=""):
-        directory = tmp_path / f"d{len(made)}"
-        directory.mkdir()
-        made.append(Daemon(directory, body, settings))
-        return made[-1]
-
-    yield factory
-    for daemon in made:
-        daemon.kill()
 
 
 def started(rows):

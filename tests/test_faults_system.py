@@ -24,21 +24,6 @@ ENV = dict(os.environ, TORCHCORE_NODE_IP="10.9.9.9")
 EVERY = '  - {name: tick, schedule: "* * * * * *", command: "echo tick", max: 5}\n'
 
 
-@pytest.fixture
-def daemons(tmp_path):
-    made = []
-
-    def factory(body, settings="", cls=Daemon):
-        directory = tmp_path / f"d{len(made)}"
-        directory.mkdir()
-        made.append(cls(directory, body, settings))
-        return made[-1]
-
-    yield factory
-    for daemon in made:
-        daemon.kill()
-
-
 class Detached(Daemon):
     """``torchcore start`` without --foreground: daemonized, logging to log_dir/torchcore.log."""
 
