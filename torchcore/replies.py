@@ -32,6 +32,7 @@ class Replies:
             "reload_error": sup.reload_error, "stopping": sup.stopping,
             "stats": dataclasses.asdict(sup.stats), "log_failures": daemonlog.failures(),
             "tasks": {name: self._task_status(name) for name in sup.tasks},
+            "services": sup.services.describe(),
         }
 
     def _task_status(self, name):

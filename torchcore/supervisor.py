@@ -28,6 +28,7 @@ from torchcore.ledger import Ledger
 from torchcore.planner import Planner
 from torchcore.replies import Replies
 from torchcore.runs import Run, RunTable
+from torchcore.services import Services
 from torchcore.states import RunState
 from torchcore.system import System
 
@@ -44,7 +45,7 @@ class Supervisor:
     """Runs this node's share of a task file until told to stop."""
 
     def __init__(self, taskfile, node, clock=None, coordinator=None, on_ready=None,
-                 helper_stderr=None, pidfile=None, system=None):
+                 helper_stderr=None, pidfile=None, system=None, service_options=None):
         self.taskfile = taskfile
         self.settings = taskfile.settings
         self.pidfile = pidfile or self.settings.pidfile     # the one it holds: told to commands
@@ -65,6 +66,9 @@ class Supervisor:
             self._launcher_died)
         self.ahead = prepare.Lookahead(self.planner, self.clock, self.system.cores)  # prepare.py
         self.ledger = Ledger(self.node_name, self.clock)  # records and counts (see ledger.py)
+        self.services = Services(       # the children that talk to the network (services.py)
+            self.clock, self.settings.state_dir, helper_stderr, self._contain,
+            options=service_options)
         self.stats = self.ledger.stats
         self.started_at = self.clock.time()
         self.stopping = False
@@ -122,6 +126,7 @@ class Supervisor:
         self.ledger.records = self.records
         self.launchers.start(self.selector, self.report_w, self.system.launcher_count)
         self._apply(self.taskfile, first=True)
+        self.services.apply(self.taskfile, self.node_name)
         self.adopt_previous_executors()
         self.planner.start(int(self.clock.time()))
         self._start_reboot_tasks()
@@ -165,6 +170,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         if self.control is not None:
             self.control.close()
+        self.services.stop()
         self.launchers.stop()
         if self.records is not None:
             self.records.close()
@@ -228,6 +234,9 @@ class Supervisor:
             wait = min(wait, self.ahead.next_at - wall)
         if self.shutdown_deadline is not None:
             wait = min(wait, max(0.0, self.shutdown_deadline - self.clock.monotonic()))
+        restart = self.services.next_wake()
+        if restart is not None:
+            wait = min(wait, max(0.0, restart - self.clock.monotonic()))
         return min(wait, 1.0)
 
     def _await_boundary(self):
@@ -570,6 +579,8 @@ class Supervisor:
             pid, status = self.system.waitpid()
             if pid == 0:
                 return
+            if self.services.exited(pid, status):
+                continue
             launcher = self.launchers.find(pid)
             if launcher is not None:
                 launcher.proc.returncode = os.waitstatus_to_exitcode(status)
@@ -705,6 +716,7 @@ class Supervisor:
         except Exception as exc:
             return self._reject(reason, [f"{path}: cannot apply: {type(exc).__name__}: {exc}"])
         self.reload_error = None
+        self.services.apply(new, self.node_name, reloaded=True)
         self.last_reload = (self.clock.time(), True, summary)
         self.last_applied = {"at": self.clock.time(), "reason": reason,
                              "digest": new.digest, **self.changes}
@@ -806,6 +818,8 @@ class Supervisor:
             self._follow_runs_by_pid()
         if not self.stopping and self.launchers.missing():
             self.launchers.start_missing()
+        if not self.stopping:
+            self.services.tend()
         if not self.ahead.in_burst():
             self.records.flush()
         self._set_title()
