@@ -18,7 +18,7 @@ from daemon_harness import SETTINGS, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchcore import cli, cmd_daemon
+from torchcore import cli, cmd_daemon, config
 from torchcore.cli import main
 
 TASKS = """tasks:
@@ -47,7 +47,7 @@ def test_peek_settings_reads_only_the_settings_block(tmp_path):
     path = tmp_path / "tasks.yaml"
     path.write_text("settings:\n  state_dir: st  # here\n  pidfile: /run/x/tc.pid\n"
                     "  shutdown_grace: 2m\n" + MERGE_BOMB + "tasks: [\n")
-    found = cmd_daemon.peek_settings(str(path))
+    found = config.peek_settings(str(path))
     assert found.state_dir == str(tmp_path / "st")
     assert found.pidfile == "/run/x/tc.pid" and found.shutdown_grace == 120
     assert found.log_dir == str(tmp_path / "st" / "logs")
@@ -65,7 +65,7 @@ def test_peek_settings_never_fails_whatever_the_file_holds(tmp_path_factory, jun
     path = tmp_path_factory.mktemp("peek") / "tasks.yaml"
     path.write_bytes(head + junk)
     began = time.monotonic()
-    found = cmd_daemon.peek_settings(str(path))
+    found = config.peek_settings(str(path))
     assert time.monotonic() - began < 1.5
     assert os.path.isabs(found.state_dir) and os.path.isabs(found.pidfile)
     if head:
@@ -78,7 +78,7 @@ def test_peek_settings_of_a_huge_file_reads_only_its_head(tmp_path):
         handle.write(b"settings:\n  state_dir: big\ntasks:\n")
         handle.truncate(200 << 20)         # sparse: 200 MB of NULs after the settings
     began = time.monotonic()
-    assert cmd_daemon.peek_settings(str(path)).state_dir == str(tmp_path / "big")
+    assert config.peek_settings(str(path)).state_dir == str(tmp_path / "big")
     assert time.monotonic() - began < 1.0
 
 

@@ -5,14 +5,13 @@ import json
 import logging
 import logging.handlers
 import os
-import re
 import signal
 import sys
 import time
 
 from torchcore import cli, config
 from torchcore import pidfile as pidfiles
-from torchcore.errors import ConfigError, DaemonError, TorchcoreError
+from torchcore.errors import DaemonError, TorchcoreError
 from torchcore.node import Node
 
 log = logging.getLogger("torchcore")
@@ -61,7 +60,7 @@ def cmd_start(args):
     from torchcore.pidfile import AlreadyRunning, Pidfile
 
     node = Node.detect(args.node_ip)
-    taskfile = load_for_node(cli.task_file_path(args), node)
+    taskfile = config.load_for_node(cli.task_file_path(args), node)
     pidfile_path = os.path.abspath(args.pidfile or taskfile.settings.pidfile)
     prepare_state_dir(taskfile.settings.state_dir)     # 0700 and ours, before anything goes in
     prepare_log_dir(taskfile.settings.log_dir)         # 0750 and ours, its whole path checked
@@ -145,15 +144,6 @@ def refuse_if_served(state_dir):
                       "is a second daemon using the same state_dir?")
 
 
-def load_for_node(path, node):
-    """The task file, valid for this node (unknown users and the like are config errors)."""
-    taskfile = config.load(path)
-    problems = config.node_problems(taskfile, node)
-    if problems:
-        raise ConfigError(problems)
-    return taskfile
-
-
 def setup_logging(path):
     """stderr in the foreground; otherwise a file that logrotate may move (WatchedFileHandler)."""
 
@@ -182,14 +172,11 @@ def prepare_log_dir(log_dir):
 # Every command finds a running daemon the same way (find_daemon): the control socket in
 # state_dir is authoritative, and the daemon's answer names its pid and pidfile, so
 # `--pidfile` is needed only to start.  Only when nothing answers there is the pidfile
-# (--pidfile, else the file's settings) asked.  Finding state_dir reads only the head of the
-# task file and only its `settings:` block, without expanding anything: stop and status work
-# whatever the file on disk now holds (huge, invalid, hostile).
+# (--pidfile, else the file's settings) asked.  Finding state_dir reads the task file's
+# settings within the loading budget (config.peek_settings): stop and status work whatever
+# the file on disk now holds (huge, invalid, hostile).
 
-SETTINGS_PEEK = 1 << 20         # bytes of the task file read to find its settings
-SETTINGS_BLOCK = 64 << 10       # the most of them taken as the settings block
 PING_TIMEOUT = 5.0
-_SETTINGS_KEY = re.compile(r"^settings[ \t]*:", re.MULTILINE)
 
 
 @dataclasses.dataclass
@@ -208,7 +195,7 @@ def find_daemon(args, settings=None):
 
     ``settings``: the validated file's, when the command has them (start).
     """
-    settings = settings or peek_settings(cli.task_file_path(args))
+    settings = settings or config.peek_settings(cli.task_file_path(args))
     sock = os.path.join(settings.state_dir, "control.sock")
     info, pid = _ping(sock)
     configured = os.path.abspath(getattr(args, "pidfile", None) or settings.pidfile)
@@ -233,84 +220,6 @@ def _ping(path):
     except DaemonError:
         return None, None
     return reply, client.peer_pid or reply.get("pid")
-
-
-def peek_settings(path):
-    """The settings a task file names for state_dir, log_dir, pidfile and shutdown_grace.
-
-    First the loader's own settings-only read (within the loading budget: invalid tasks or
-    settings do not stop it).  If the file is not YAML at all, read at most SETTINGS_PEEK
-    bytes and compose only the top-level ``settings:`` block (no alias or merge is expanded);
-    anything unreadable leaves the defaults.
-    """
-    import yaml
-
-    try:
-        return config.load_settings(path)
-    except (ConfigError, OSError):
-        pass
-    settings = config.default_settings(path)
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(SETTINGS_PEEK)
-    except OSError:
-        return settings
-    block = _settings_block(head.decode("utf-8-sig", errors="replace"))
-    try:
-        root = yaml.compose(block, Loader=yaml.SafeLoader) if block else None
-    except (yaml.YAMLError, RecursionError, ValueError):
-        return settings
-    return _settings_from(settings, _scalar_pairs(root))
-
-
-def _settings_block(text):
-    """The text of the top-level ``settings:`` entry, up to the next top-level line."""
-    match = _SETTINGS_KEY.search(text)
-    if match is None:
-        return None
-    lines = [text[match.start():].split("\n", 1)[0]]
-    rest = text[match.start():].split("\n")[1:]
-    for line in rest:
-        if line[:1] not in ("", " ", "\t", "#"):
-            break
-        lines.append(line)
-    return "\n".join(lines)[:SETTINGS_BLOCK]
-
-
-def _scalar_pairs(root):
-    """{key: text} of the plain scalar values of ``settings`` in a composed node tree."""
-    import yaml
-
-    if not isinstance(root, yaml.MappingNode) or not root.value:
-        return {}
-    node = root.value[0][1]
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {key.value: value.value for key, value in node.value
-            if isinstance(key, yaml.ScalarNode) and isinstance(value, yaml.ScalarNode)}
-
-
-def _settings_from(defaults, values):
-    from torchcore.units import parse_duration
-
-    base = os.path.dirname(defaults.path)
-
-    def path_of(name, default):
-        text = values.get(name)
-        if not text or "\0" in text:
-            return default
-        return os.path.normpath(os.path.join(base, os.path.expanduser(text)))
-
-    state_dir = path_of("state_dir", defaults.state_dir)
-    grace = defaults.shutdown_grace
-    try:
-        grace = min(int(parse_duration(values.get("shutdown_grace", ""))), 86400)
-    except (ValueError, OverflowError):
-        pass
-    return dataclasses.replace(
-        defaults, state_dir=state_dir, shutdown_grace=grace,
-        log_dir=path_of("log_dir", os.path.join(state_dir, "logs")),
-        pidfile=path_of("pidfile", os.path.join(state_dir, "torchcore.pid")))
 
 
 def verified_daemon(found):

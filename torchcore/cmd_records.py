@@ -60,14 +60,13 @@ def _load_taskfile(args):
     as `stop` reads it): what ran stays readable while the file is being fixed.
     """
     from torchcore import config  # the task file layer; imported when a command needs it
-    from torchcore.cmd_daemon import peek_settings
     path = cli.task_file_path(args)
     try:
         return config.load(path)
     except ConfigError as exc:
         print(f"note: the task file does not validate ({exc.problems[0]}); records and logs "
               "are read from the directories its settings name", file=sys.stderr)
-        return _SettingsOnly(path, peek_settings(path))
+        return _SettingsOnly(path, config.peek_settings(path))
 
 
 class _SettingsOnly:

@@ -69,12 +69,9 @@ def cmd_check(args):
     node = Node.detect(args.node_ip)
     path = cli.task_file_path(args)
     try:
-        taskfile = config.load(path)
+        taskfile = config.load_for_node(path, node)
     except ConfigError as exc:
         return report_invalid(path, exc.problems, args.json)
-    problems = config.node_problems(taskfile, node)
-    if problems:
-        return report_invalid(path, problems, args.json)
     if args.by_node:
         targets = by_node(taskfile, node)
         print(json.dumps(by_node_json(taskfile, targets), indent=2) if args.json
