@@ -13,7 +13,7 @@ from croniter import croniter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchcore import cmd_tasks, config, crontab
+from torchcore import cmd_tasks, config, crontab, taskwriter
 from torchcore.cli import main
 
 # A user crontab as people write them: comments, blank lines, every environment form.
@@ -230,8 +230,8 @@ def test_long_prefix_and_command_still_fit_the_name_limit():
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",))))
 def test_every_scalar_reads_back_exactly(text):
-    assert yaml.safe_load(crontab.yaml_str(text)) == text
-    assert "\n" not in crontab.yaml_str(text)
+    assert yaml.safe_load(taskwriter.yaml_str(text)) == text
+    assert "\n" not in taskwriter.yaml_str(text)
 
 
 @pytest.mark.parametrize("command", [

@@ -5,7 +5,7 @@ import re
 import sys
 import tempfile
 
-from torchcore import crontab
+from torchcore import crontab, taskwriter
 from torchcore.errors import TorchcoreError
 
 SYSTEM_CRONTAB = "/etc/crontab"
@@ -45,7 +45,7 @@ def register(subparsers):
 def run(args):
     """Read, convert, report, write; exit 1 if any line was left unconverted."""
     crontab.check_prefix(args.prefix)
-    crontab.check_zone(args.timezone)
+    crontab.timezone_option(args.timezone)
     ips, hosts = crontab.targeting(args.ip, args.host)
     if args.merge and not (ips or hosts):
         raise TorchcoreError("--merge needs --ip or --host: without them the imported tasks "
@@ -79,8 +79,8 @@ def user_warning(source, entries):
 
 def fresh_text(result, sources, prefix):
     crontab.assign_names(result.entries, prefix)
-    crontab.validate(result)
-    return crontab.render(result, [s if s != "-" else "stdin" for s in sources])
+    taskwriter.validate(result)
+    return taskwriter.render(result, [s if s != "-" else "stdin" for s in sources])
 
 
 def merged_text(path, result, prefix, zone_given):
@@ -89,7 +89,7 @@ def merged_text(path, result, prefix, zone_given):
             existing = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise TorchcoreError(f"cannot read {path}: {exc}") from None
-    merged = crontab.merge(existing, path, result, prefix)
+    merged = taskwriter.merge(existing, path, result, prefix)
     if merged.zone and not zone_given:
         print(f"warning: {path} sets settings.timezone {merged.zone}: imported lines without "
               "CRON_TZ now follow it, not the machine's local time (see --timezone)",
