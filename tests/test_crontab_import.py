@@ -13,8 +13,9 @@ from croniter import croniter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchcore import cmd_tasks, config, crontab, taskwriter
-from torchcore.cli import main
+from torchcore import config, crontab, taskwriter
+from torchcore.commands import tasks as cmd_tasks
+from torchcore.commands import main
 
 # A user crontab as people write them: comments, blank lines, every environment form.
 WEB1 = r"""# m h  dom mon dow   command
@@ -499,7 +500,7 @@ def test_cron_day_rule_is_kept_for_star_led_fields(tmp_path, capsys):
 
 
 def test_system_mode_reads_the_files_cron_reads(tmp_path, capsys, monkeypatch):
-    from torchcore import cmd_import
+    from torchcore.commands import importer as cmd_import
     crond = tmp_path / "cron.d"
     crond.mkdir()
     for name in ("php", "sysstat", "backup.dpkg-old", "notes~", ".hidden"):

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torchcore import config, crontab, taskwriter
-from torchcore.cli import main
+from torchcore.commands import main
 from torchcore.errors import ConfigError
 from torchcore.schedule import Schedule, ScheduleError
 from torchcore.units import MAX_COUNT, MAX_DURATION, MAX_SIZE, parse_duration, parse_size
