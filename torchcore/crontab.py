@@ -14,7 +14,6 @@ Fields, month and day names and macros are schedule.py's: one table for both.
 
 import dataclasses
 import hashlib
-import ipaddress
 import os
 import re
 import shlex
@@ -536,35 +535,6 @@ def assign_names(entries, prefix="", taken=()):
 
 def _short_hash(*parts):
     return hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()[:6]
-
-
-def timezone_option(zone):
-    """Raise CrontabError unless ``zone`` (``--timezone``) is None or a known IANA time zone."""
-    if zone is not None and check_zone(zone) is None:
-        from torchcore.validate import suggest_zone     # the task-file layer, only for this message
-        raise CrontabError(f"--timezone {zone!r} is not a known IANA time zone"
-                           f"{suggest_zone(zone) or ' (e.g. Europe/Paris, UTC)'}")
-
-
-def check_prefix(prefix):
-    """Raise CrontabError unless ``prefix`` can start a task name."""
-    if prefix and (not re.fullmatch(r"[A-Za-z0-9._-]+", prefix) or len(prefix) > 40):
-        raise CrontabError(f"--prefix {prefix!r}: use at most 40 of A-Z a-z 0-9 . _ -")
-
-
-def targeting(ips=(), hosts=()):
-    """Normalized ``(ips, hosts)`` for ``--ip``/``--host``; CrontabError on a bad address."""
-    out = []
-    for text in ips:
-        try:
-            out.append(str(ipaddress.ip_address(text)) if "/" not in text
-                       else str(ipaddress.ip_network(text, strict=False)))
-        except ValueError:
-            raise CrontabError(f"--ip {text!r} is not an IP address or CIDR network") from None
-    for host in hosts:
-        if not host or any(c.isspace() for c in host):
-            raise CrontabError(f"--host {host!r} is not a hostname pattern")
-    return out, list(hosts)
 
 
 def _tz_zone(tz, notes):
