@@ -53,7 +53,6 @@ def yaml_list(values):
     return "[" + ", ".join(yaml_str(v) for v in values) + "]"
 
 
-
 def yaml_value(value):
     """A str, or a list of them, as YAML on one line."""
     return yaml_list(value) if isinstance(value, list) else yaml_str(value)

@@ -296,10 +296,8 @@ def parse_network(text, node=None):
         meant = ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
         raise Bad(f"{shown(text, 60)!r} is not an IPv4/IPv6 address or CIDR network "
-                   "(expected e.g. 10.0.0.5, 10.0.1.0/24 or 2001:db8::/32)", node) from None
+                  "(expected e.g. 10.0.0.5, 10.0.1.0/24 or 2001:db8::/32)", node) from None
     raise Bad(f"{text!r} has host bits set; did you mean {meant}?", node)
-
-
 
 
 def suggest_zone(name):
@@ -307,8 +305,6 @@ def suggest_zone(name):
         return suggest(name, sorted(zoneinfo.available_timezones()))
     except OSError:
         return ""
-
-
 
 
 # -- field parsers: (loader, value node) -> value, or raise Bad ----------------------------------
@@ -352,7 +348,7 @@ def _env(loader, node):
         key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
         if not isinstance(key, str) or not ENV_NAME_RE.fullmatch(key):
             raise Bad(f"{shown(key, 40)!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
-                       key_node)
+                      key_node)
         if key in pairs:
             raise Bad(f"{key}: duplicate variable", key_node)
         if value_node.tag == NULL:
@@ -364,7 +360,7 @@ def _env(loader, node):
             raise Bad(f"{key}: {bad}", value_node) from None
         if len(key) + 1 + len(pairs[key].encode("utf-8", "surrogatepass")) > MAX_ARG_BYTES:
             raise Bad(f"{key}: {key}=value is longer than {MAX_ARG_BYTES:,} bytes, "
-                       "the most one variable can hold", value_node)
+                      "the most one variable can hold", value_node)
     return tuple(sorted(pairs.items()))
 
 
@@ -376,7 +372,7 @@ def _limits(loader, node):
         key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
         if key not in LIMITS_FIELDS:
             raise Bad(f"{key}: unknown limit{suggest(str(key), LIMITS_FIELDS)}"
-                       " (known: memory, cpu, nofile)", key_node)
+                      " (known: memory, cpu, nofile)", key_node)
         if key in values:
             raise Bad(f"{key}: duplicate key", key_node)
         if value_node.tag != NULL:

@@ -46,7 +46,6 @@ _KINDS = {STR: "a string", INT: "an integer", BOOL: "a boolean", NULL: "empty (n
           _TAG + "float": "a number", _TAG + "timestamp": "a date"}
 
 
-
 def read_bytes(path):
     """The file's first MAX_FILE_BYTES + 1 bytes (one more than a task file may hold)."""
     with open(path, "rb") as handle:
@@ -183,7 +182,6 @@ def _compose(text, path):
         raise ConfigError(f"{path}: the YAML is nested too deeply") from None
 
 
-
 class Bad(Exception):
     """A problem with one field; ``node`` (if given) is where it is, for the line number."""
 
@@ -221,10 +219,10 @@ def want_str(node, what="a string", limit=MAX_ARG_BYTES):
         value = node.value
         if "\x00" in value:
             raise Bad(f"a NUL byte (\\0) at character {value.index(chr(0)) + 1}; "
-                       "no command, name or path can hold one", node)
+                      "no command, name or path can hold one", node)
         if len(value) > limit // 4 and len(value.encode("utf-8", "surrogatepass")) > limit:
             raise Bad(f"{len(value.encode('utf-8', 'surrogatepass')):,} bytes long; "
-                       f"at most {limit:,} bytes", node)
+                      f"at most {limit:,} bytes", node)
         return value
     quotable = isinstance(node, yaml.ScalarNode) and node.tag != NULL
     hint = f"; quote it: \"{shown(node.value, 60)}\"" if quotable else ""
@@ -248,7 +246,7 @@ def want_word(node, what):
     bad = _CONTROL.search(value)
     if bad:
         raise Bad(f"expected {what}, got a control character ({bad.group()!r}) in {shown(value, 60)!r}",
-                   node)
+                  node)
     if not value.strip():
         raise Bad(f"expected {what}, got an empty string", node)
     return value
