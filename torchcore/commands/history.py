@@ -8,7 +8,7 @@ import re
 import sys
 import time
 
-from torchcore import records, tasklog
+from torchcore import config, records, tasklog
 from torchcore.commands import common
 from torchcore.errors import ConfigError, TorchcoreError
 from torchcore.node import Node
@@ -57,10 +57,9 @@ def _count(text):
 def _load_taskfile(args):
     """The task file named by -c / $TORCHCORE_TASKS / ./tasks.yaml.
 
-    An invalid file still says where the records and logs are (its settings block, read
-    as `stop` reads it): what ran stays readable while the file is being fixed.
+    An invalid file still says where the records and logs are (its settings, read as `stop`
+    reads them: config.peek_settings): what ran stays readable while the file is being fixed.
     """
-    from torchcore import config  # the task file layer; imported when a command needs it
     path = common.task_file_path(args)
     try:
         return config.load(path)
