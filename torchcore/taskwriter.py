@@ -16,6 +16,7 @@ from torchcore import config
 from torchcore.crontab import Comment, CrontabError, Entry, Problem, assign_names
 from torchcore.errors import TorchcoreError
 from torchcore.taskspec import DEFAULT_SHELL
+from torchcore.yamlread import document
 
 # --- YAML text --------------------------------------------------------------------------------
 
@@ -179,7 +180,7 @@ def merge(existing_text, path, result, prefix=""):
     shell, zone = taskfile.settings.shell, taskfile.settings.timezone
     assign_names(result.entries, prefix, taken={t.name for t in taskfile.tasks})
     validate(result, shell, zone)
-    root = yaml.compose(existing_text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    root = document(existing_text.encode("utf-8"), path, existing_text)
     nodes = _task_nodes(root)
     by_identity, shared = {}, _shared_nodes(nodes)
     for task, node in zip(taskfile.tasks, nodes):
