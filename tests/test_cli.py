@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from torchcore import __version__
-from torchcore.cli import main
+from torchcore.commands import main
 
 pytestmark = pytest.mark.process
 

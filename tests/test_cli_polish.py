@@ -18,8 +18,10 @@ from daemon_harness import SETTINGS, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchcore import cli, cmd_daemon
-from torchcore.cli import main
+from torchcore import commands, config
+from torchcore.commands import common
+from torchcore.commands import daemon as cmd_daemon
+from torchcore.commands import main
 
 TASKS = """tasks:
   - {name: tick, schedule: "* * * * * *", command: "echo tick"}
@@ -47,7 +49,7 @@ def test_peek_settings_reads_only_the_settings_block(tmp_path):
     path = tmp_path / "tasks.yaml"
     path.write_text("settings:\n  state_dir: st  # here\n  pidfile: /run/x/tc.pid\n"
                     "  shutdown_grace: 2m\n" + MERGE_BOMB + "tasks: [\n")
-    found = cmd_daemon.peek_settings(str(path))
+    found = config.peek_settings(str(path))
     assert found.state_dir == str(tmp_path / "st")
     assert found.pidfile == "/run/x/tc.pid" and found.shutdown_grace == 120
     assert found.log_dir == str(tmp_path / "st" / "logs")
@@ -65,7 +67,7 @@ def test_peek_settings_never_fails_whatever_the_file_holds(tmp_path_factory, jun
     path = tmp_path_factory.mktemp("peek") / "tasks.yaml"
     path.write_bytes(head + junk)
     began = time.monotonic()
-    found = cmd_daemon.peek_settings(str(path))
+    found = config.peek_settings(str(path))
     assert time.monotonic() - began < 1.5
     assert os.path.isabs(found.state_dir) and os.path.isabs(found.pidfile)
     if head:
@@ -78,7 +80,7 @@ def test_peek_settings_of_a_huge_file_reads_only_its_head(tmp_path):
         handle.write(b"settings:\n  state_dir: big\ntasks:\n")
         handle.truncate(200 << 20)         # sparse: 200 MB of NULs after the settings
     began = time.monotonic()
-    assert cmd_daemon.peek_settings(str(path)).state_dir == str(tmp_path / "big")
+    assert config.peek_settings(str(path)).state_dir == str(tmp_path / "big")
     assert time.monotonic() - began < 1.0
 
 
@@ -149,7 +151,7 @@ NOW = datetime.datetime(2026, 11, 24, 15, 30, 5).astimezone().timestamp()
                                                     tzinfo=datetime.timezone.utc).timestamp()),
 ])
 def test_since_takes_durations_weeks_words_and_iso_times(text, expected):
-    assert cli.parse_since(text, now=NOW) == pytest.approx(expected)
+    assert common.parse_since(text, now=NOW) == pytest.approx(expected)
 
 
 @settings(derandomize=True, max_examples=200)
@@ -157,7 +159,7 @@ def test_since_takes_durations_weeks_words_and_iso_times(text, expected):
 def test_since_refuses_anything_else_with_a_usage_error(text):
     import argparse
     try:
-        value = cli.parse_since(text, now=NOW)
+        value = common.parse_since(text, now=NOW)
     except argparse.ArgumentTypeError as exc:
         assert "yesterday" in str(exc)
     else:
@@ -408,8 +410,8 @@ def test_the_percent_warning_is_given_exactly_when_cron_would_cut(command):
 # ---- help, completion, man page: made from the parser ---------------------------------------
 
 def _parser_commands():
-    from torchcore import cmd_help
-    parser = cli.build_parser()
+    from torchcore.commands import manual as cmd_help
+    parser = commands.build_parser()
     return parser, cmd_help.commands(parser)
 
 
@@ -427,7 +429,7 @@ def test_help_command_shows_the_commands_and_one_commands_help(capsys):
 def test_the_man_page_matches_the_parser():
     import re
 
-    from torchcore import cmd_help
+    from torchcore.commands import manual as cmd_help
     parser, subs = _parser_commands()
     page = cmd_help.man_page(parser)
     sections = re.split(r'^\.SS "(.*)"$', page.split(".SH EXIT STATUS")[0], flags=re.M)[1:]
@@ -442,8 +444,8 @@ def test_the_man_page_matches_the_parser():
 
 @pytest.mark.skipif(not os.path.exists("/usr/bin/groff"), reason="no groff")
 def test_the_man_page_renders_without_warnings():
-    from torchcore import cmd_help
-    page = cmd_help.man_page(cli.build_parser())
+    from torchcore.commands import manual as cmd_help
+    page = cmd_help.man_page(commands.build_parser())
     done = subprocess.run(["groff", "-man", "-ww", "-z"], input=page, capture_output=True,
                           text=True, timeout=30)
     assert done.returncode == 0 and not done.stderr
@@ -461,7 +463,7 @@ def _bash_complete(script, *words, cwd=None):
 
 
 def test_bash_completion_knows_every_command_and_option():
-    from torchcore import cmd_help
+    from torchcore.commands import manual as cmd_help
     parser, subs = _parser_commands()
     script = cmd_help.bash_script(parser)
     assert set(_bash_complete(script, "torchcore", "sta")) == {"start", "status"}
@@ -474,8 +476,8 @@ def test_bash_completion_knows_every_command_and_option():
 
 
 def test_bash_completion_offers_the_task_names_of_the_file(places):
-    from torchcore import cmd_help
-    script = cmd_help.bash_script(cli.build_parser())
+    from torchcore.commands import manual as cmd_help
+    script = cmd_help.bash_script(commands.build_parser())
     (places / "other.yaml").write_text('tasks:\n  - name: "quoted-one"\n    command: x\n'
                                        '  - {name: flow.two, command: y}\n')
     assert set(_bash_complete(script, "torchcore", "run", "", cwd=places)) >= {"backup", "far"}
@@ -485,7 +487,7 @@ def test_bash_completion_offers_the_task_names_of_the_file(places):
 
 
 def test_zsh_completion_names_every_command_and_option():
-    from torchcore import cmd_help
+    from torchcore.commands import manual as cmd_help
     parser, subs = _parser_commands()
     script = cmd_help.zsh_script(parser)
     assert script.startswith("#compdef torchcore\n")
@@ -631,7 +633,7 @@ def test_a_second_start_with_another_pidfile_is_refused_at_once(site):
 
 
 def test_status_of_an_invalid_file_without_a_daemon_says_first_that_it_does_not_run(tmp_path, capsys):
-    from torchcore.cli import main as cli_main
+    from torchcore.commands import main as cli_main
     path = tmp_path / "tasks.yaml"
     path.write_text('tasks:\n  - {name: a, schedule: "61 * * * * *", command: x}\n')
     assert cli_main(["status", "-c", str(path)]) == 78

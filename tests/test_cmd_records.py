@@ -6,8 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from torchcore import cmd_records, tasklog
-from torchcore.cli import main
+from torchcore import tasklog
+from torchcore.commands import history as cmd_records
+from torchcore.commands import main
 from torchcore.records import Records, RunRecord, db_path
 
 

@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from torchcore import cmd_tasks
-from torchcore.cli import main
+from torchcore.commands import tasks as cmd_tasks
+from torchcore.commands import main
 from torchcore.describe import describe_schedule, plain_duration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,8 +13,9 @@ from croniter import croniter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchcore import cmd_tasks, config, crontab
-from torchcore.cli import main
+from torchcore import config, crontab, taskwriter
+from torchcore.commands import tasks as cmd_tasks
+from torchcore.commands import main
 
 # A user crontab as people write them: comments, blank lines, every environment form.
 WEB1 = r"""# m h  dom mon dow   command
@@ -230,8 +231,8 @@ def test_long_prefix_and_command_still_fit_the_name_limit():
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",))))
 def test_every_scalar_reads_back_exactly(text):
-    assert yaml.safe_load(crontab.yaml_str(text)) == text
-    assert "\n" not in crontab.yaml_str(text)
+    assert yaml.safe_load(taskwriter.yaml_str(text)) == text
+    assert "\n" not in taskwriter.yaml_str(text)
 
 
 @pytest.mark.parametrize("command", [
@@ -499,7 +500,7 @@ def test_cron_day_rule_is_kept_for_star_led_fields(tmp_path, capsys):
 
 
 def test_system_mode_reads_the_files_cron_reads(tmp_path, capsys, monkeypatch):
-    from torchcore import cmd_import
+    from torchcore.commands import importer as cmd_import
     crond = tmp_path / "cron.d"
     crond.mkdir()
     for name in ("php", "sysstat", "backup.dpkg-old", "notes~", ".hidden"):

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchcore import config, crontab
-from torchcore.cli import main
+from torchcore import config, crontab, taskwriter
+from torchcore.commands import main
 from torchcore.errors import ConfigError
 from torchcore.schedule import Schedule, ScheduleError
 from torchcore.units import MAX_COUNT, MAX_DURATION, MAX_SIZE, parse_duration, parse_size
@@ -283,7 +283,7 @@ def test_import_never_names_a_task_torchcore():
     result = crontab.convert("* * * * * /usr/bin/torchcore\n", "crontab")
     crontab.assign_names(result.entries)
     assert result.entries[0].name != "torchcore"
-    crontab.validate(result)
+    taskwriter.validate(result)
     assert not result.problems
 
 
@@ -295,9 +295,9 @@ def test_import_never_names_a_task_torchcore():
     (f"{HUGE} * * * * x", "out of range"),
 ])
 def test_import_reports_lines_it_cannot_hold(line, why):
-    result = crontab.validate(crontab.convert(line + "\n", "crontab"))
+    result = taskwriter.validate(crontab.convert(line + "\n", "crontab"))
     assert not result.entries and why in result.problems[0].reason, result.problems
-    rendered = crontab.render(result, ["crontab"])
+    rendered = taskwriter.render(result, ["crontab"])
     assert "\x00" not in rendered
     config.loads(rendered)                       # what import writes always loads
 

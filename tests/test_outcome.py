@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchcore import cmd_status, outcome
+from torchcore import outcome
+from torchcore.commands import status as cmd_status
 from torchcore.records import Records, RunRecord
 from torchcore.states import TaskHealth
 

@@ -8,7 +8,7 @@ import psutil
 import pytest
 from daemon_harness import Daemon, wait_for
 
-from torchcore.cli import main
+from torchcore.commands import main
 
 pytestmark = [pytest.mark.process, pytest.mark.slow]
 

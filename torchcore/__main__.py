@@ -1,3 +1,3 @@
-from torchcore.cli import main
+from torchcore.commands import main
 
 raise SystemExit(main())

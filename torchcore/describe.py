@@ -2,7 +2,7 @@
 
 Cron fields are read by cron-descriptor (given all seven of its fields, so a
 6-field torchcore schedule is never mistaken for 5 fields plus a year);
-``@every``, ``@reboot`` and the macros get readings of our own.
+``@every`` gets a reading of our own, ``@reboot`` and the macros theirs from schedule.MACROS.
 
 >>> describe_schedule("0 30 2 * * MON-FRI")
 'At 02:30, Monday through Friday'
@@ -12,18 +12,9 @@ Cron fields are read by cron-descriptor (given all seven of its fields, so a
 
 import functools
 
+from torchcore.schedule import MACROS
 from torchcore.units import parse_duration
 
-_MACROS = {
-    "@reboot": "Once, when torchcore starts",
-    "@hourly": "Every hour, at minute 0",
-    "@daily": "Every day at 00:00",
-    "@midnight": "Every day at 00:00",
-    "@weekly": "Every Sunday at 00:00",
-    "@monthly": "At 00:00 on day 1 of every month",
-    "@yearly": "At 00:00 on January 1",
-    "@annually": "At 00:00 on January 1",
-}
 _UNITS = (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))
 
 
@@ -48,7 +39,7 @@ def _describe_macro(words):
             return "Every " + plain_duration(parse_duration(words[1]))
         except ValueError:
             return ""
-    return _MACROS.get(words[0], "") if len(words) == 1 else ""
+    return MACROS[words[0]].reading if len(words) == 1 and words[0] in MACROS else ""
 
 
 def _describe_cron(expression):

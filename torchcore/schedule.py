@@ -35,34 +35,46 @@ class ScheduleError(TorchcoreError, ValueError):
     """A schedule text (or zone) is invalid; the message starts with the field it is about."""
 
 
-class _Field(NamedTuple):
+class Field(NamedTuple):
+    """One cron field: its name in messages, its range and its names (upper case -> value)."""
+
     name: str
     lo: int
     hi: int
     names: dict
 
 
-_MONTH_NAMES = "JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split()
-_DAY_NAMES = "SUN MON TUE WED THU FRI SAT".split()
+class Macro(NamedTuple):
+    """An ``@name`` schedule: the six fields it stands for (None: ``@reboot``) and its reading."""
+
+    fields: str | None
+    reading: str
+
+
+# The one table of cron's fields, names and macros in torchcore: the crontab import and the
+# readings of describe.py take theirs from here.
+MONTH_NAMES = "JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split()
+DAY_NAMES = "SUN MON TUE WED THU FRI SAT".split()
 SECOND, MINUTE, HOUR, DOM, MONTH, DOW = range(6)
-_FIELDS = (
-    _Field("second", 0, 59, {}),
-    _Field("minute", 0, 59, {}),
-    _Field("hour", 0, 23, {}),
-    _Field("day-of-month", 1, 31, {}),
-    _Field("month", 1, 12, {name: i + 1 for i, name in enumerate(_MONTH_NAMES)}),
-    _Field("day-of-week", 0, 7, {name: i for i, name in enumerate(_DAY_NAMES)}),
+FIELDS = (
+    Field("second", 0, 59, {}),
+    Field("minute", 0, 59, {}),
+    Field("hour", 0, 23, {}),
+    Field("day-of-month", 1, 31, {}),
+    Field("month", 1, 12, {name: i + 1 for i, name in enumerate(MONTH_NAMES)}),
+    Field("day-of-week", 0, 7, {name: i for i, name in enumerate(DAY_NAMES)}),
 )
-_MACROS = {
-    "@yearly": "0 0 0 1 1 *",
-    "@annually": "0 0 0 1 1 *",
-    "@monthly": "0 0 0 1 * *",
-    "@weekly": "0 0 0 * * 0",
-    "@daily": "0 0 0 * * *",
-    "@midnight": "0 0 0 * * *",
-    "@hourly": "0 0 * * * *",
+MACROS = {      # the first name of each meaning is the one the crontab import writes
+    "@yearly": Macro("0 0 0 1 1 *", "At 00:00 on January 1"),
+    "@annually": Macro("0 0 0 1 1 *", "At 00:00 on January 1"),
+    "@monthly": Macro("0 0 0 1 * *", "At 00:00 on day 1 of every month"),
+    "@weekly": Macro("0 0 0 * * 0", "Every Sunday at 00:00"),
+    "@daily": Macro("0 0 0 * * *", "Every day at 00:00"),
+    "@midnight": Macro("0 0 0 * * *", "Every day at 00:00"),
+    "@hourly": Macro("0 0 * * * *", "Every hour, at minute 0"),
+    "@reboot": Macro(None, "Once, when torchcore starts"),
 }
-_MACRO_LIST = ", ".join(list(_MACROS) + ["@reboot", "@every <duration>"])
+_MACRO_LIST = ", ".join(list(MACROS) + ["@every <duration>"])
 _ELEMENT = re.compile(r"(\*|[A-Za-z0-9]+(?:-[A-Za-z0-9]+)?)(?:/([0-9]+))?")
 _LAST_WEEKDAY = re.compile(r"([A-Za-z0-9]+)[Ll]")
 _NTH_WEEKDAY = re.compile(r"([A-Za-z0-9]+)#([0-9]+)")
@@ -89,12 +101,12 @@ class _Spec(NamedTuple):
 
 
 def _fail(field, message):
-    raise ScheduleError(f"{_FIELDS[field].name}: {message}")
+    raise ScheduleError(f"{FIELDS[field].name}: {message}")
 
 
 def _value(field, token):
     """Return the number a token stands for in a field (a number or a name), range-checked."""
-    spec = _FIELDS[field]
+    spec = FIELDS[field]
     if token.isascii() and token.isdigit():
         number = _bounded(field, token, spec.hi + 1)
         if not spec.lo <= number <= spec.hi:
@@ -124,7 +136,7 @@ def _bounded(field, digits, maximum):
 
 def _step(field, text):
     """Return the step of ``a-b/n``; zero and steps longer than the field are errors."""
-    spec = _FIELDS[field]
+    spec = FIELDS[field]
     span = spec.hi - spec.lo + 1
     step = _bounded(field, text, span + 1)
     if step == 0:
@@ -136,7 +148,7 @@ def _step(field, text):
 
 def _range_bits(field, element):
     """Return the bitmask of one plain list element: ``*``, ``a`` or ``a-b``, optionally ``/n``."""
-    spec = _FIELDS[field]
+    spec = FIELDS[field]
     match = _ELEMENT.fullmatch(element)
     if not match:
         _fail(field, f"cannot parse {shown(element, 40)!r}; expected a number, a range a-b, "
@@ -194,7 +206,7 @@ def _check_days_exist(parts):
     first_day = (parts["dom"] & -parts["dom"]).bit_length() - 1
     months = [m for m in range(1, 13) if parts["month"] >> m & 1]
     if first_day > max(_DAYS_IN_MONTH[m] for m in months):
-        names = ",".join(_MONTH_NAMES[m - 1] for m in months)
+        names = ",".join(MONTH_NAMES[m - 1] for m in months)
         _fail(DOM, f"day {first_day} never occurs in the selected months ({names})")
 
 
@@ -229,13 +241,13 @@ def _compile_macro(words):
         if every <= 0:
             raise ScheduleError("@every: the interval must be at least 1 second")
         return _Spec(every=every), False
-    if name not in _MACROS and name != "@reboot":
+    if name not in MACROS:
         raise ScheduleError(f"unknown macro {words[0]!r}; expected one of {_MACRO_LIST}")
     if args:
         raise ScheduleError(f"{name}: unexpected text after the macro: {' '.join(args)!r}")
     if name == "@reboot":
         return _Spec(), True
-    return _compile_fields(_MACROS[name].split()), False
+    return _compile_fields(MACROS[name].fields.split()), False
 
 
 @functools.lru_cache(maxsize=8192)
@@ -246,16 +258,24 @@ def _compile(words):
     return _compile_fields(list(words)), False
 
 
+def check_zone(name):
+    """The ZoneInfo of the IANA zone ``name``, or None if there is no such zone."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return None
+
+
 def _resolve_zone(tz):
     """Return a tzinfo for an IANA name, the tzinfo itself, or None (system local time)."""
     if tz is None or isinstance(tz, tzinfo):
         return tz
     if isinstance(tz, str):
-        try:
-            return ZoneInfo(tz)
-        except (ZoneInfoNotFoundError, ValueError, OSError):
+        zone = check_zone(tz)
+        if zone is None:
             raise ScheduleError(f"time zone: unknown zone {tz!r}; "
-                                "use an IANA name like Europe/Paris or UTC") from None
+                                "use an IANA name like Europe/Paris or UTC")
+        return zone
     raise ScheduleError(f"time zone: expected an IANA name or a tzinfo, got {type(tz).__name__}")
 
 

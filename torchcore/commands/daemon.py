@@ -1,18 +1,16 @@
-"""Commands that start and steer the daemon: start, stop, reload, restart, status, run."""
+"""Commands that start and steer the daemon: start, stop, reload, restart."""
 
-import dataclasses
-import json
 import logging
 import logging.handlers
 import os
-import re
 import signal
 import sys
 import time
 
-from torchcore import cli, config
-from torchcore import pidfile as pidfiles
-from torchcore.errors import ConfigError, DaemonError, TorchcoreError
+from torchcore import config
+from torchcore.commands import common
+from torchcore.commands.common import control_request, find_daemon, not_running, verified_daemon
+from torchcore.errors import DaemonError, TorchcoreError
 from torchcore.node import Node
 
 log = logging.getLogger("torchcore")
@@ -21,8 +19,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 def register(subparsers):
     start = subparsers.add_parser("start", help="run this node's share of the task file")
-    _common(start)
-    cli.add_node_options(start)
+    common.add_daemon_options(start)
+    common.add_node_options(start)
     start.add_argument("--foreground", action="store_true",
                        help="stay in the foreground and log to stderr (systemd, containers)")
     start.add_argument("--create-dirs", action="store_true",
@@ -30,27 +28,20 @@ def register(subparsers):
     start.set_defaults(func=cmd_start)
 
     stop = subparsers.add_parser("stop", help="stop the daemon (SIGTERM) and wait for it")
-    _common(stop)
+    common.add_daemon_options(stop)
     stop.add_argument("--timeout", type=float, default=None, metavar="S",
                       help="seconds to wait for the exit (default: shutdown_grace + 15)")
     stop.set_defaults(func=cmd_stop)
 
     reload = subparsers.add_parser("reload", help="reload the task file; report whether it was accepted")
-    _common(reload)
+    common.add_daemon_options(reload)
     reload.set_defaults(func=cmd_reload)
 
     restart = subparsers.add_parser("restart", help="stop the daemon, then start it again")
-    _common(restart)
-    cli.add_node_options(restart)
+    common.add_daemon_options(restart)
+    common.add_node_options(restart)
     restart.add_argument("--timeout", type=float, default=None, metavar="S")
     restart.set_defaults(func=cmd_restart, foreground=False, create_dirs=False)
-
-
-def _common(parser):
-    cli.add_config_option(parser)
-    parser.add_argument("--pidfile", metavar="PATH", default=None,
-                        help="pidfile (default: settings.pidfile of the task file); other "
-                             "commands find a running daemon by its control socket")
 
 
 # ---- start -------------------------------------------------------------------------------
@@ -61,7 +52,7 @@ def cmd_start(args):
     from torchcore.pidfile import AlreadyRunning, Pidfile
 
     node = Node.detect(args.node_ip)
-    taskfile = load_for_node(cli.task_file_path(args), node)
+    taskfile = config.load_for_node(common.task_file_path(args), node)
     pidfile_path = os.path.abspath(args.pidfile or taskfile.settings.pidfile)
     prepare_state_dir(taskfile.settings.state_dir)     # 0700 and ours, before anything goes in
     prepare_log_dir(taskfile.settings.log_dir)         # 0750 and ours, its whole path checked
@@ -76,7 +67,7 @@ def cmd_start(args):
             return _supervise(taskfile, node, pidfile_path)
     launcher = Daemonizer(started_message=f"torchcore started (pid {{pid}}) on {taskfile.path}")
     if not launcher.detach():
-        return cli.EXIT_OK      # not reached: the launcher exits with the daemon's verdict
+        return common.EXIT_OK      # not reached: the launcher exits with the daemon's verdict
     pidfile = Pidfile(pidfile_path)
     try:                        # the pidfile first: a refused daemon writes into no one's log
         pidfile.acquire()
@@ -84,7 +75,7 @@ def cmd_start(args):
     except (DaemonError, OSError) as exc:
         pidfile.release()
         launcher.failed(str(exc))
-        os._exit(cli.EXIT_ERROR)
+        os._exit(common.EXIT_ERROR)
     try:                        # helpers never keep the start-up pipe as their stderr
         code = _supervise(taskfile, node, pidfile_path, on_ready=launcher.ready,
                           on_failure=launcher.failed, helper_stderr=os.devnull)
@@ -114,13 +105,13 @@ def _supervise(taskfile, node, pidfile, on_ready=None, on_failure=None, helper_s
     except Exception as exc:
         if supervisor.ready:
             log.exception("supervisor failed")
-            return cli.EXIT_ERROR
+            return common.EXIT_ERROR
         message = str(exc) if isinstance(exc, TorchcoreError) else \
             f"cannot start: {type(exc).__name__}: {exc}"
         if on_failure is None:
             raise TorchcoreError(message) from None     # the CLI prints it as one line
         on_failure(message)
-        return cli.EXIT_ERROR
+        return common.EXIT_ERROR
 
 
 def refuse_if_served(state_dir):
@@ -143,15 +134,6 @@ def refuse_if_served(state_dir):
         probe.close()
     raise DaemonError(f"another process is serving the control socket {path}; "
                       "is a second daemon using the same state_dir?")
-
-
-def load_for_node(path, node):
-    """The task file, valid for this node (unknown users and the like are config errors)."""
-    taskfile = config.load(path)
-    problems = config.node_problems(taskfile, node)
-    if problems:
-        raise ConfigError(problems)
-    return taskfile
 
 
 def setup_logging(path):
@@ -177,161 +159,6 @@ def prepare_log_dir(log_dir):
     safepaths.secure_dir(log_dir, safepaths.LOG_DIR_MODE, what="log_dir")
 
 
-# ---- finding and signalling the daemon ---------------------------------------------------
-#
-# Every command finds a running daemon the same way (find_daemon): the control socket in
-# state_dir is authoritative, and the daemon's answer names its pid and pidfile, so
-# `--pidfile` is needed only to start.  Only when nothing answers there is the pidfile
-# (--pidfile, else the file's settings) asked.  Finding state_dir reads only the head of the
-# task file and only its `settings:` block, without expanding anything: stop and status work
-# whatever the file on disk now holds (huge, invalid, hostile).
-
-SETTINGS_PEEK = 1 << 20         # bytes of the task file read to find its settings
-SETTINGS_BLOCK = 64 << 10       # the most of them taken as the settings block
-PING_TIMEOUT = 5.0
-_SETTINGS_KEY = re.compile(r"^settings[ \t]*:", re.MULTILINE)
-
-
-@dataclasses.dataclass
-class Found:
-    """Where the daemon of a task file is, and whether it runs (``pid`` None: not running)."""
-
-    settings: config.Settings   # from the file's settings block as far as it reads (else defaults)
-    socket: str
-    pidfile: str                # the running daemon's own, else the configured one
-    pid: int | None
-    info: dict | None           # the daemon's answer to ping (None: no answer on the socket)
-
-
-def find_daemon(args, settings=None):
-    """The one way commands find the daemon: its control socket, then its pidfile.
-
-    ``settings``: the validated file's, when the command has them (start).
-    """
-    settings = settings or peek_settings(cli.task_file_path(args))
-    sock = os.path.join(settings.state_dir, "control.sock")
-    info, pid = _ping(sock)
-    configured = os.path.abspath(getattr(args, "pidfile", None) or settings.pidfile)
-    if info is not None:
-        return Found(settings, sock, info.get("pidfile") or configured, pid, info)
-    daemon = pidfiles.find_daemon(configured)   # refuses a pidfile not ours or not a daemon's
-    if daemon is None:
-        return Found(settings, sock, configured, None, None)
-    with daemon:
-        return Found(settings, sock, configured, daemon.pid, None)
-
-
-def _ping(path):
-    """(reply, pid of the process serving ``path``) or (None, None)."""
-    from torchcore.control import ControlClient
-
-    if not os.path.exists(path):
-        return None, None
-    client = ControlClient(path, timeout=PING_TIMEOUT)
-    try:
-        reply = client.request("ping")
-    except DaemonError:
-        return None, None
-    return reply, client.peer_pid or reply.get("pid")
-
-
-def peek_settings(path):
-    """The settings a task file names for state_dir, log_dir, pidfile and shutdown_grace.
-
-    First the loader's own settings-only read (within the loading budget: invalid tasks or
-    settings do not stop it).  If the file is not YAML at all, read at most SETTINGS_PEEK
-    bytes and compose only the top-level ``settings:`` block (no alias or merge is expanded);
-    anything unreadable leaves the defaults.
-    """
-    import yaml
-
-    try:
-        return config.load_settings(path)
-    except (ConfigError, OSError):
-        pass
-    settings = config.default_settings(path)
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(SETTINGS_PEEK)
-    except OSError:
-        return settings
-    block = _settings_block(head.decode("utf-8-sig", errors="replace"))
-    try:
-        root = yaml.compose(block, Loader=yaml.SafeLoader) if block else None
-    except (yaml.YAMLError, RecursionError, ValueError):
-        return settings
-    return _settings_from(settings, _scalar_pairs(root))
-
-
-def _settings_block(text):
-    """The text of the top-level ``settings:`` entry, up to the next top-level line."""
-    match = _SETTINGS_KEY.search(text)
-    if match is None:
-        return None
-    lines = [text[match.start():].split("\n", 1)[0]]
-    rest = text[match.start():].split("\n")[1:]
-    for line in rest:
-        if line[:1] not in ("", " ", "\t", "#"):
-            break
-        lines.append(line)
-    return "\n".join(lines)[:SETTINGS_BLOCK]
-
-
-def _scalar_pairs(root):
-    """{key: text} of the plain scalar values of ``settings`` in a composed node tree."""
-    import yaml
-
-    if not isinstance(root, yaml.MappingNode) or not root.value:
-        return {}
-    node = root.value[0][1]
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {key.value: value.value for key, value in node.value
-            if isinstance(key, yaml.ScalarNode) and isinstance(value, yaml.ScalarNode)}
-
-
-def _settings_from(defaults, values):
-    from torchcore.units import parse_duration
-
-    base = os.path.dirname(defaults.path)
-
-    def path_of(name, default):
-        text = values.get(name)
-        if not text or "\0" in text:
-            return default
-        return os.path.normpath(os.path.join(base, os.path.expanduser(text)))
-
-    state_dir = path_of("state_dir", defaults.state_dir)
-    grace = defaults.shutdown_grace
-    try:
-        grace = min(int(parse_duration(values.get("shutdown_grace", ""))), 86400)
-    except (ValueError, OverflowError):
-        pass
-    return dataclasses.replace(
-        defaults, state_dir=state_dir, shutdown_grace=grace,
-        log_dir=path_of("log_dir", os.path.join(state_dir, "logs")),
-        pidfile=path_of("pidfile", os.path.join(state_dir, "torchcore.pid")))
-
-
-def verified_daemon(found):
-    """The daemon ``found`` as a DaemonProcess to signal, verified first: it holds the lock of
-    its pidfile, runs as our user and is a torchcore supervisor (pidfile.find_daemon, through
-    a pidfd).  None when no process holds that lock; DaemonError when what holds it is not
-    the daemon that answered on the control socket, or not ours."""
-    daemon = pidfiles.find_daemon(found.pidfile)
-    if daemon is not None and found.info is not None and daemon.pid != found.pid:
-        daemon.close()
-        raise DaemonError(f"pid {found.pid} answers on {found.socket} but pid {daemon.pid} holds "
-                          f"{found.pidfile}; refusing to signal either")
-    return daemon
-
-
-def not_running(found):
-    print(f"torchcore is not running (no daemon answers on {found.socket}; "
-          f"pidfile {found.pidfile})", file=sys.stderr)
-    return cli.EXIT_NOT_RUNNING
-
-
 def cmd_stop(args):
     found = find_daemon(args)
     if found.pid is None:
@@ -346,10 +173,10 @@ def cmd_stop(args):
         began = time.monotonic()
         if not daemon.signal(signal.SIGTERM) or daemon.wait(timeout):
             print(f"torchcore stopped (pid {pid}, {time.monotonic() - began:.1f}s)")
-            return cli.EXIT_OK
+            return common.EXIT_OK
     print(f"torchcore: still running after {timeout:.0f}s (pid {pid}); "
           f"`kill -TERM {pid}` again skips the grace period", file=sys.stderr)
-    return cli.EXIT_ERROR
+    return common.EXIT_ERROR
 
 
 def cmd_reload(args):
@@ -365,14 +192,14 @@ def cmd_reload(args):
             pid = daemon.pid
             daemon.signal(signal.SIGUSR2)
         print(f"sent SIGUSR2 to torchcore (pid {pid}); its log tells whether the file was accepted")
-        return cli.EXIT_OK
+        return common.EXIT_OK
     if reply.get("accepted"):
         print(reload_text(reply))
-        return cli.EXIT_OK
+        return common.EXIT_OK
     print("reload rejected; the running tasks stay as they were:", file=sys.stderr)
     for problem in reply.get("problems", []):
         print(problem, file=sys.stderr)
-    return cli.EXIT_CONFIG
+    return common.EXIT_CONFIG
 
 
 def reload_text(reply):
@@ -396,20 +223,6 @@ def cmd_restart(args):
         if not args.pidfile and found.info:
             args.pidfile = found.pidfile      # start again where it ran
         code = cmd_stop(args)
-        if code != cli.EXIT_OK:
+        if code != common.EXIT_OK:
             return code
     return cmd_start(args)
-
-
-def control_request(found, cmd, **fields):
-    """A reply from the daemon's control socket, or None when it did not answer a ping."""
-    from torchcore.control import ControlClient
-
-    if found.info is None:
-        return None
-    return ControlClient(found.socket).request(cmd, **fields)
-
-
-def print_json(value):
-    json.dump(value, sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")

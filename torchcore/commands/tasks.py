@@ -5,7 +5,8 @@ import json
 import sys
 from datetime import datetime, timezone
 
-from torchcore import cli, config
+from torchcore import config
+from torchcore.commands import common
 from torchcore.describe import describe_schedule
 from torchcore.errors import ConfigError
 from torchcore.node import Node
@@ -25,9 +26,9 @@ def register(subparsers):
         "check", help="validate the task file and show its tasks",
         description="Validate the task file (exit 0 if valid, 1 with every error otherwise) and list "
                     "its tasks: schedule, a reading of it, the next run and whether it runs here.")
-    cli.add_config_option(check)
-    cli.add_node_options(check)
-    cli.add_json_option(check)
+    common.add_config_option(check)
+    common.add_node_options(check)
+    common.add_json_option(check)
     check.add_argument("--by-node", action="store_true",
                        help="list, for every address, network and host glob in the file, "
                             "the tasks that run there")
@@ -35,9 +36,9 @@ def register(subparsers):
     nxt = subparsers.add_parser(
         "next", help="show the next fire times of one or every task",
         description="Show the next N fire times of TASK (default: every task), in each task's zone.")
-    cli.add_config_option(nxt)
-    cli.add_node_options(nxt)
-    cli.add_json_option(nxt)
+    common.add_config_option(nxt)
+    common.add_node_options(nxt)
+    common.add_json_option(nxt)
     nxt.add_argument("task", nargs="?", metavar="TASK", help="one task (default: every task)")
     nxt.add_argument("-n", type=positive_int, default=5, metavar="N",
                      help="how many fire times per task (default 5)")
@@ -67,25 +68,22 @@ def positive_int(text):
 def cmd_check(args):
     """Validate; print the task table (or the by-node inventory); 1 with the errors on stderr."""
     node = Node.detect(args.node_ip)
-    path = cli.task_file_path(args)
+    path = common.task_file_path(args)
     try:
-        taskfile = config.load(path)
+        taskfile = config.load_for_node(path, node)
     except ConfigError as exc:
         return report_invalid(path, exc.problems, args.json)
-    problems = config.node_problems(taskfile, node)
-    if problems:
-        return report_invalid(path, problems, args.json)
     if args.by_node:
         targets = by_node(taskfile, node)
         print(json.dumps(by_node_json(taskfile, targets), indent=2) if args.json
               else by_node_text(targets))
-        return cli.EXIT_OK
+        return common.EXIT_OK
     rows = [task_row(task, node, now()) for task in taskfile.tasks]
     if args.json:
         print(json.dumps(check_json(taskfile, node, rows), indent=2))
     else:
         print(check_text(taskfile, node, rows))
-    return cli.EXIT_OK
+    return common.EXIT_OK
 
 
 def report_invalid(path, problems, as_json):
@@ -96,7 +94,7 @@ def report_invalid(path, problems, as_json):
         print(json.dumps({"file": path, "valid": False, "errors": problems}, indent=2))
     count = len(problems)
     print(f"{path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
-    return cli.EXIT_ERROR
+    return common.EXIT_ERROR
 
 
 def task_row(task, node, when):
@@ -242,11 +240,11 @@ def by_node_json(taskfile, targets):
 
 def cmd_next(args):
     """The next N fire times of one task or of every task."""
-    path = cli.task_file_path(args)
+    path = common.task_file_path(args)
     taskfile = config.load(path)
     if args.task is not None:
-        tasks = [cli.lookup_task(taskfile, args.task)]
-        elsewhere = cli.not_here_text(tasks[0], Node.detect(args.node_ip))
+        tasks = [common.lookup_task(taskfile, args.task)]
+        elsewhere = common.not_here_text(tasks[0], Node.detect(args.node_ip))
         if elsewhere:
             print(f"{elsewhere}: these are its times there", file=sys.stderr)
     else:
@@ -257,7 +255,7 @@ def cmd_next(args):
         print(json.dumps(next_json(taskfile, plans), indent=2))
     else:
         print(next_text_table(plans, current) if plans else f"{path}: no tasks")
-    return cli.EXIT_OK
+    return common.EXIT_OK
 
 
 def next_text_table(plans, current):

@@ -7,8 +7,9 @@ import sys
 import time
 from datetime import datetime
 
-from torchcore import cli, config, executor, records
-from torchcore.cmd_daemon import _common, control_request, find_daemon, not_running, print_json
+from torchcore import config, executor, records
+from torchcore.commands import common
+from torchcore.commands.common import control_request, find_daemon, not_running, print_json
 from torchcore.errors import ConfigError, TorchcoreError
 from torchcore.node import Node
 from torchcore.schedule import Schedule
@@ -19,14 +20,14 @@ from torchcore.units import format_duration
 
 def register(subparsers):
     status = subparsers.add_parser("status", help="the daemon and every task: next run, running, last result")
-    _common(status)
-    cli.add_node_options(status)
-    cli.add_json_option(status)
+    common.add_daemon_options(status)
+    common.add_node_options(status)
+    common.add_json_option(status)
     status.set_defaults(func=cmd_status)
 
     run = subparsers.add_parser("run", help="start a run of TASK now, through the daemon")
-    _common(run)
-    cli.add_node_options(run)
+    common.add_daemon_options(run)
+    common.add_node_options(run)
     run.add_argument("task", metavar="TASK")
     run.add_argument("--local", action="store_true",
                      help="run it here in the foreground, output to the terminal, without a daemon")
@@ -39,7 +40,7 @@ def cmd_status(args):
     found = find_daemon(args)
     live = control_request(found, "status") if found.pid is not None else None
     try:
-        tasks, digest, problems = _tasks_to_show(cli.task_file_path(args), live)
+        tasks, digest, problems = _tasks_to_show(common.task_file_path(args), live)
     except ConfigError as exc:      # say first what status is asked for: whether torchcore runs
         state = (f"torchcore runs (pid {found.pid}) but does not answer on {found.socket}"
                  if found.pid is not None else "torchcore is not running")
@@ -58,8 +59,8 @@ def cmd_status(args):
         print()
         print(_tasks_text(rows, now))
     if live:
-        return cli.EXIT_OK
-    return cli.EXIT_ERROR if found.pid is not None else cli.EXIT_NOT_RUNNING
+        return common.EXIT_OK
+    return common.EXIT_ERROR if found.pid is not None else common.EXIT_NOT_RUNNING
 
 
 def _tasks_to_show(path, live):
@@ -299,19 +300,19 @@ def cmd_run(args):
     if found.pid is None:
         not_running(found)
         print("(use `torchcore run --local TASK` to run it here without a daemon)", file=sys.stderr)
-        return cli.EXIT_NOT_RUNNING
+        return common.EXIT_NOT_RUNNING
     reply = control_request(found, "run", task=args.task)
     if reply is None:
         raise TorchcoreError("the daemon's control socket is missing; cannot start a run")
     print(f"started {args.task} run {reply['run_id']}; "
           f"`torchcore logs {args.task} --run {reply['run_id']}` shows its output")
-    return cli.EXIT_OK
+    return common.EXIT_OK
 
 
 def _run_local(args):
     """The task's command in this terminal: its env, cwd, user and limits, not its schedule."""
-    taskfile = config.load(cli.task_file_path(args))
-    task = cli.lookup_task(taskfile, args.task)
+    taskfile = config.load(common.task_file_path(args))
+    task = common.lookup_task(taskfile, args.task)
     job = executor.Job.for_task(task, taskfile.settings)
     cred = executor.credentials(job)
     extra = {}

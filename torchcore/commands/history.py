@@ -8,7 +8,8 @@ import re
 import sys
 import time
 
-from torchcore import cli, records, tasklog
+from torchcore import config, records, tasklog
+from torchcore.commands import common
 from torchcore.errors import ConfigError, TorchcoreError
 from torchcore.node import Node
 from torchcore.textfmt import format_relative, format_table
@@ -22,23 +23,23 @@ def register(subparsers):
         "history", help="recent runs, skips and misses, newest first",
         description="Show recorded runs (with skipped and missed due times), newest first.")
     history.add_argument("task", nargs="?", metavar="TASK", help="only this task")
-    cli.add_config_option(history)
+    common.add_config_option(history)
     history.add_argument("--limit", "-l", type=_count, default=50, metavar="N",
                          help="show at most N runs (0 = all; default 50)")
-    history.add_argument("--since", type=cli.parse_since, metavar="WHEN",
-                         help=f"only runs since WHEN: {cli.SINCE_HELP}")
+    history.add_argument("--since", type=common.parse_since, metavar="WHEN",
+                         help=f"only runs since WHEN: {common.SINCE_HELP}")
     history.add_argument("--failed", action="store_true",
                          help="only failed runs (any end but exit 0: an exit code, a signal, a timeout, "
                               "an executor that died; planned stops are not failures)")
-    cli.add_json_option(history)
+    common.add_json_option(history)
     history.set_defaults(func=cmd_history)
 
     logs = subparsers.add_parser(
         "logs", help="a task's output",
         description="Show the last lines a task printed (stdout and stderr, stamped).")
     logs.add_argument("task", metavar="TASK")
-    cli.add_config_option(logs)
-    cli.add_node_options(logs)
+    common.add_config_option(logs)
+    common.add_node_options(logs)
     logs.add_argument("-n", "--lines", type=_count, default=50, metavar="LINES",
                       help="how many of the last lines (0 = all; default 50)")
     logs.add_argument("-f", "--follow", action="store_true",
@@ -56,18 +57,16 @@ def _count(text):
 def _load_taskfile(args):
     """The task file named by -c / $TORCHCORE_TASKS / ./tasks.yaml.
 
-    An invalid file still says where the records and logs are (its settings block, read
-    as `stop` reads it): what ran stays readable while the file is being fixed.
+    An invalid file still says where the records and logs are (its settings, read as `stop`
+    reads them: config.peek_settings): what ran stays readable while the file is being fixed.
     """
-    from torchcore import config  # the task file layer; imported when a command needs it
-    from torchcore.cmd_daemon import peek_settings
-    path = cli.task_file_path(args)
+    path = common.task_file_path(args)
     try:
         return config.load(path)
     except ConfigError as exc:
         print(f"note: the task file does not validate ({exc.problems[0]}); records and logs "
               "are read from the directories its settings name", file=sys.stderr)
-        return _SettingsOnly(path, peek_settings(path))
+        return _SettingsOnly(path, config.peek_settings(path))
 
 
 class _SettingsOnly:
@@ -104,7 +103,7 @@ def cmd_history(args):
     if not runs and args.task is not None and args.task not in taskfile.index and \
             not getattr(taskfile, "partial", False):
         raise TorchcoreError(f"no task {args.task!r} in {taskfile.path} and no runs of it recorded"
-                             f"{cli.did_you_mean(args.task, taskfile.index)}")
+                             f"{common.did_you_mean(args.task, taskfile.index)}")
     if args.json:
         print(json.dumps([run_json(run, tz) for run in runs], indent=2))
     elif not runs:
@@ -112,7 +111,7 @@ def cmd_history(args):
     else:
         print(format_table(["RUN", "TASK", "WHEN", "DURATION", "RESULT", "NODE"],
                            [_run_row(run, time.time()) for run in runs]))
-    return cli.EXIT_OK
+    return common.EXIT_OK
 
 
 def _exists(path, what):
@@ -210,13 +209,13 @@ def cmd_logs(args):
     except OSError as exc:
         raise TorchcoreError(_unreadable("the task log of", f"{args.task!r} in {log_dir}", exc)) \
             from None
-    return cli.EXIT_OK
+    return common.EXIT_OK
 
 
 def _print_log(taskfile, args, log_dir, lines):
     if not tasklog.log_files(log_dir, args.task):
         _no_log(taskfile, args.task, log_dir, Node.detect(args.node_ip))
-        return cli.EXIT_OK
+        return common.EXIT_OK
     printed = 0
     for line in tasklog.read_log(log_dir, args.task, lines=lines, run_id=args.run):
         print(shown(line))
@@ -224,8 +223,8 @@ def _print_log(taskfile, args, log_dir, lines):
     if not printed and args.run is not None:
         print(f"no output of run {args.run} of {args.task!r} in its log (it printed nothing, or "
               "its lines were rotated away)", file=sys.stderr)
-        return cli.EXIT_ERROR
-    return cli.EXIT_OK
+        return common.EXIT_ERROR
+    return common.EXIT_OK
 
 
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7f] if c != 0x09}
@@ -245,8 +244,8 @@ def _no_log(taskfile, task, log_dir, node):
         return
     if task not in taskfile.index:
         raise TorchcoreError(f"no task {task!r} in {taskfile.path}, and no log of it in {log_dir}"
-                             f"{cli.did_you_mean(task, taskfile.index)}")
-    elsewhere = cli.not_here_text(taskfile.task(task), node)
+                             f"{common.did_you_mean(task, taskfile.index)}")
+    elsewhere = common.not_here_text(taskfile.task(task), node)
     if elsewhere:
         print(f"{elsewhere}: its output is in the logs of those nodes", file=sys.stderr)
     else:

@@ -11,7 +11,8 @@ import argparse
 import datetime
 import sys
 
-from torchcore import __version__, cli
+from torchcore import __version__
+from torchcore.commands import build_parser, common
 from torchcore.errors import TorchcoreError
 
 FILE_METAVARS = {"FILE", "PATH", "TASKS", "OUT"}
@@ -69,24 +70,24 @@ def positionals(sub):
 # ---- help ----------------------------------------------------------------------------------
 
 def cmd_help(args):
-    parser = cli.build_parser()
+    parser = build_parser()
     if args.topic is None:
         parser.print_help()
-        return cli.EXIT_OK
+        return common.EXIT_OK
     subs = commands(parser)
     if args.topic not in subs:
-        raise TorchcoreError(f"no command {args.topic!r}{cli.did_you_mean(args.topic, subs)}; "
+        raise TorchcoreError(f"no command {args.topic!r}{common.did_you_mean(args.topic, subs)}; "
                              f"commands: {', '.join(subs)}")
     subs[args.topic].print_help()
-    return cli.EXIT_OK
+    return common.EXIT_OK
 
 
 # ---- completion ----------------------------------------------------------------------------
 
 def cmd_completion(args):
-    parser = cli.build_parser()
+    parser = build_parser()
     sys.stdout.write(bash_script(parser) if args.shell == "bash" else zsh_script(parser))
-    return cli.EXIT_OK
+    return common.EXIT_OK
 
 
 def _takes_file(action):
@@ -197,8 +198,8 @@ def zsh_script(parser):
 # ---- man page ------------------------------------------------------------------------------
 
 def cmd_man(args):
-    sys.stdout.write(man_page(cli.build_parser()))
-    return cli.EXIT_OK
+    sys.stdout.write(man_page(build_parser()))
+    return common.EXIT_OK
 
 
 def roff(text):

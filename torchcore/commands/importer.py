@@ -1,12 +1,16 @@
 """``torchcore import``: turn crontabs into task-file entries, or merge them into a task file."""
 
+import ipaddress
 import os
 import re
 import sys
 import tempfile
 
-from torchcore import crontab
+from torchcore import crontab, taskwriter
+from torchcore.config import suggest_zone
+from torchcore.crontab import CrontabError
 from torchcore.errors import TorchcoreError
+from torchcore.schedule import check_zone
 
 SYSTEM_CRONTAB = "/etc/crontab"
 SYSTEM_CRON_DIR = "/etc/cron.d"
@@ -44,9 +48,9 @@ def register(subparsers):
 
 def run(args):
     """Read, convert, report, write; exit 1 if any line was left unconverted."""
-    crontab.check_prefix(args.prefix)
-    crontab.check_zone(args.timezone)
-    ips, hosts = crontab.targeting(args.ip, args.host)
+    check_prefix(args.prefix)
+    timezone_option(args.timezone)
+    ips, hosts = targeting(args.ip, args.host)
     if args.merge and not (ips or hosts):
         raise TorchcoreError("--merge needs --ip or --host: without them the imported tasks "
                              "would run on every node of the fleet")
@@ -68,6 +72,38 @@ def run(args):
     return 1 if result.problems else 0
 
 
+# ---- the options -----------------------------------------------------------------------
+
+def check_prefix(prefix):
+    """Raise CrontabError unless ``prefix`` can start a task name."""
+    if prefix and (not re.fullmatch(r"[A-Za-z0-9._-]+", prefix) or len(prefix) > 40):
+        raise CrontabError(f"--prefix {prefix!r}: use at most 40 of A-Z a-z 0-9 . _ -")
+
+
+def timezone_option(zone):
+    """Raise CrontabError unless ``zone`` (``--timezone``) is None or a known IANA time zone."""
+    if zone is not None and check_zone(zone) is None:
+        raise CrontabError(f"--timezone {zone!r} is not a known IANA time zone"
+                           f"{suggest_zone(zone) or ' (e.g. Europe/Paris, UTC)'}")
+
+
+def targeting(ips=(), hosts=()):
+    """Normalized ``(ips, hosts)`` for ``--ip``/``--host``; CrontabError on a bad address."""
+    out = []
+    for text in ips:
+        try:
+            out.append(str(ipaddress.ip_address(text)) if "/" not in text
+                       else str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise CrontabError(f"--ip {text!r} is not an IP address or CIDR network") from None
+    for host in hosts:
+        if not host or any(c.isspace() for c in host):
+            raise CrontabError(f"--host {host!r} is not a hostname pattern")
+    return out, list(hosts)
+
+
+# ---- reading, converting, writing --------------------------------------------------------
+
 def user_warning(source, entries):
     """A per-user crontab imported without --user: its jobs would run as the daemon's user."""
     count = sum(entry.source == source for entry in entries)
@@ -79,8 +115,8 @@ def user_warning(source, entries):
 
 def fresh_text(result, sources, prefix):
     crontab.assign_names(result.entries, prefix)
-    crontab.validate(result)
-    return crontab.render(result, [s if s != "-" else "stdin" for s in sources])
+    taskwriter.validate(result)
+    return taskwriter.render(result, [s if s != "-" else "stdin" for s in sources])
 
 
 def merged_text(path, result, prefix, zone_given):
@@ -89,7 +125,7 @@ def merged_text(path, result, prefix, zone_given):
             existing = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise TorchcoreError(f"cannot read {path}: {exc}") from None
-    merged = crontab.merge(existing, path, result, prefix)
+    merged = taskwriter.merge(existing, path, result, prefix)
     if merged.zone and not zone_given:
         print(f"warning: {path} sets settings.timezone {merged.zone}: imported lines without "
               "CRON_TZ now follow it, not the machine's local time (see --timezone)",
