@@ -198,7 +198,8 @@ def _daemon_json(found, live, digest):
         "node": live["node"], "stopping": live["stopping"], "stats": live["stats"],
         "last_reload": reload and {"at": iso(reload["at"]), "accepted": reload["accepted"],
                                    "message": reload["message"]},
-        "reload_error": live.get("reload_error")})
+        "reload_error": live.get("reload_error"),
+        "services": live.get("services", [])})
     return out
 
 
@@ -255,6 +256,12 @@ def _daemon_text(live, found, digest, now):
         lines.extend("  " + line for line in live["reload_error"].splitlines())
     elif digest is not None and live["digest"] != digest:
         lines.append("note: the file on disk differs from the version running")
+    for service in live.get("services", []):
+        pid = f"pid {service['pid']}, " if service.get("pid") else ""
+        line = f"service {service['name']}: {pid}{service['state']}"
+        if service.get("restarts"):
+            line += f", restarted {service['restarts']} times, last {service.get('last_exit')}"
+        lines.append(line)
     stats = live["stats"]
     lines.append(f"runs: {stats['started']} started, {stats['failed']} failed, "
                  f"{stats['skipped']} skipped, {stats['missed']} missed")
