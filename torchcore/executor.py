@@ -20,8 +20,8 @@ import signal
 import sys
 import time
 
-from torchcore import proctitle, tasklog
-from torchcore.outcome import describe_outcome
+from torchcore import proctitle, tasklog, wire
+from torchcore.outcome import RunResult, split_returncode
 
 MEMORY_SAMPLE_EVERY = 0.5   # seconds between RSS samples of a task with a memory limit
 DRAIN_AFTER_EXIT = 2.0      # seconds to keep reading output left by background children
@@ -34,6 +34,7 @@ GO_WAIT = 60.0              # seconds past its second a prepared run waits for g
 BOOKKEEPING_NICE = 10       # an executor's own priority once its command is on its way
 GATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_gate")   # csrc/tc_gate.c
 AT_GATE = object()          # a prepared run's command waits at the gate for its go byte
+STOP_REQUESTED = "stop requested"   # why a run ended that a TERM or INT to its executor stopped
 
 
 class Job:
@@ -283,8 +284,7 @@ class Executor:
         self.clock = clock
         self.proc = None
         self.command = None
-        self.result = {"exit_code": None, "signal": None, "timed_out": False, "peak_rss": None,
-                       "error": None, "stopped": False}
+        self.result = RunResult()   # filled in as the run goes; stopped: "stop requested"
         self.term_sent_at = None
         self.killed = False
         self.killed_at = None
@@ -310,7 +310,7 @@ class Executor:
             if started is AT_GATE:
                 started = self._follow_gate(log, command)
             elif self.proc is not None:
-                self._report({"e": "start", "pid": self.proc.pid, "started": started})
+                self._report(wire.Start(self.job.run_id, self.proc.pid, started))
                 self._pump(log)
                 self._collect()
         finally:
@@ -334,7 +334,7 @@ class Executor:
         A run of a burst first sits the burst out (_sit_out_burst).
         """
         self.proc, self.command = command.proc, command
-        self._report({"e": "gate", "pid": self.proc.pid})
+        self._report(wire.Gate(self.job.run_id, self.proc.pid))
         try:
             if self.job.hold_until and not self.job.memory:
                 self.ended = self._sit_out_burst()
@@ -464,8 +464,8 @@ class Executor:
     def _cannot_start(self, log, exc):
         message = f"cannot start: {exc}"
         log.write(tasklog.SYS, (message + "\n").encode())
-        self.result.update(exit_code=127 if isinstance(exc, FileNotFoundError) else 126,
-                           error=message)
+        self.result.exit_code = 127 if isinstance(exc, FileNotFoundError) else 126
+        self.result.error = message
 
     def _pump(self, log, since=None):
         """Copy output and enforce the limits until the run is over; the timeout counts from
@@ -516,9 +516,10 @@ class Executor:
         """A stop request TERMs the group; a timeout the alarm caught is logged (once)."""
         if _stop_requested and self.term_sent_at is None and \
                 (self.proc.returncode is None or self._watches_group()):
-            self.result["stopped"] = self.proc.returncode is None   # else its own end stands
+            if self.proc.returncode is None:                    # else its own end stands
+                self.result.stopped = STOP_REQUESTED
             self._terminate(now)
-        if self.result["timed_out"] and not self._timeout_noted:
+        if self.result.timed_out and not self._timeout_noted:
             self._timeout_noted = True
             log.write(tasklog.SYS, f"timeout {self.job.timeout}s reached: stopping\n".encode())
 
@@ -587,7 +588,7 @@ class Executor:
 
     def _on_alarm(self, signum, frame):
         if self.term_sent_at is None:
-            self.result["timed_out"] = True
+            self.result.timed_out = True
             self._terminate(time.monotonic())
         elif not self.killed:
             self._kill(signal.SIGKILL)
@@ -616,35 +617,29 @@ class Executor:
         rss = tree_rss(os.getpid(), include_root=False)
         if rss is None:
             return
-        self.result["peak_rss"] = max(self.result["peak_rss"] or 0, rss)
+        self.result.peak_rss = max(self.result.peak_rss or 0, rss)
         if rss > self.job.memory and self.term_sent_at is None:
-            self.result["error"] = f"memory limit {self.job.memory} bytes exceeded ({rss})"
-            log.write(tasklog.SYS, (self.result["error"] + ": stopping\n").encode())
+            self.result.error = f"memory limit {self.job.memory} bytes exceeded ({rss})"
+            log.write(tasklog.SYS, (self.result.error + ": stopping\n").encode())
             self._terminate(now)
 
     def _collect(self):
-        status = self.proc.wait()
-        if status < 0:
-            self.result["signal"] = -status
-        else:
-            self.result["exit_code"] = status
+        self.result.exit_code, self.result.signal = split_returncode(self.proc.wait())
         if self.term_sent_at is not None:
             self._kill_group(signal.SIGKILL)   # nothing of a stopped run may stay behind
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.result["peak_rss"] = max(self.result["peak_rss"] or 0, usage.ru_maxrss * 1024)
-        if self.result["timed_out"]:
-            self.result["stopped"] = False    # the timeout came first: a failure
+        self.result.peak_rss = max(self.result.peak_rss or 0, usage.ru_maxrss * 1024)
+        if self.result.timed_out:
+            self.result.stopped = None      # the timeout came first: a failure
 
     def _note_end(self, log, started):
-        r = self.result
-        how = describe_outcome(r["exit_code"], r["signal"], r["timed_out"], r["error"],
-                               "stop requested" if r["stopped"] else None)
+        how = self.result.describe()
         log.write(tasklog.SYS, f"run ended: {how} after {(self.ended or time.time()) - started:.3f}s\n"
                   .encode())
 
     def _report(self, message):
-        message.update(run=self.job.run_id)
-        line = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        """Write one wire message on the report pipe; False if the supervisor is gone."""
+        line = wire.encode(message)
         try:
             os.write(self.report_fd, line)
             return True
@@ -655,45 +650,45 @@ class Executor:
 
     def _report_end(self, started, ended):
         r = self.result
-        error = (r["error"] or "")[:1000] or None
-        message = {"e": "end", "ended": ended, "started": started, "exit_code": r["exit_code"],
-                   "signal": r["signal"], "timed_out": r["timed_out"], "peak_rss": r["peak_rss"],
-                   "error": error, "stopped": r["stopped"]}
+        r.started, r.ended = started, ended
+        r.error = (r.error or "")[:1000] or None     # a report stays under PIPE_BUF
         problem = self.log.problem() if self.log is not None else None
-        if problem:
-            message["log_problem"] = f"; {problem}"
+        message = wire.End(run=self.job.run_id, started=started, ended=ended,
+                           exit_code=r.exit_code, signal=r.signal, timed_out=r.timed_out,
+                           peak_rss=r.peak_rss, error=r.error, stopped=r.stopped is not None,
+                           log_problem=f"; {problem}" if problem else None)
         if not self._report(message):
-            self._write_own_record(started, ended)
+            self._write_own_record()
 
     def crashed(self, exc):
         """The executor itself failed: stop what it started, and record the run as failed."""
         try:
             if self.proc is not None:
                 self._kill_group(signal.SIGKILL)
-            self.result["error"] = f"executor failed: {exc!r}"[:1000]
+            self.result.error = f"executor failed: {exc!r}"[:1000]
             now = time.time()
             self._report_end(self.started or now, now)
         except BaseException:
             pass
 
-    def _write_own_record(self, started, ended):
+    def _write_own_record(self):
         """The supervisor is gone: nobody else will record this run.
 
         The write happens in a fresh interpreter: this process inherited the
         supervisor's SQLite state through fork(), which SQLite does not survive.
         """
-        r = self.result
-        fields = dict(
-            run_id=self.job.run_id, task=self.job.name, node=self.job.node,
-            scheduled=self.job.scheduled, started=started, ended=ended,
-            exit_code=r["exit_code"], signal=r["signal"], timed_out=r["timed_out"],
-            manual=self.job.manual, pid=self.proc.pid if self.proc else None,
-            peak_rss=r["peak_rss"], error=(r["error"] or "")[:1000] or None,
-            stopped=f"stop requested ({_stop_signal_name()})" if r["stopped"] else None)
+        r, job = self.result, self.job
+        record = wire.OwnRecord(
+            run_id=job.run_id, task=job.name, node=job.node, scheduled=job.scheduled,
+            started=r.started, ended=r.ended, exit_code=r.exit_code, signal=r.signal,
+            timed_out=r.timed_out, manual=job.manual, pid=self.proc.pid if self.proc else None,
+            peak_rss=r.peak_rss, error=r.error,
+            stopped=f"{r.stopped} ({_stop_signal_name()})" if r.stopped is not None else None)
         import subprocess
 
-        subprocess.run([sys.executable, "-m", "torchcore.records", self.job.db_path,
-                        json.dumps(fields)], stdin=subprocess.DEVNULL, timeout=60, check=False)
+        subprocess.run([sys.executable, "-m", "torchcore.records", job.db_path,
+                        wire.encode_own_record(record)], stdin=subprocess.DEVNULL, timeout=60,
+                       check=False)
 
 
 class PopenCommand:
