@@ -10,7 +10,7 @@ import psutil
 import pytest
 from daemon_harness import Daemon, processes_with, wait_for
 
-from torchcore.executor import Job
+from torchcore.jobspec import Job
 from torchcore import wire
 from torchcore.launcher import Launcher
 
@@ -258,8 +258,8 @@ def test_the_process_that_forks_executors_stays_without_threading_and_logging():
     import torchcore
 
     root = os.path.dirname(os.path.dirname(torchcore.__file__))
-    code = ("import sys; import torchcore.launcher, torchcore.executor, torchcore.wire, "
-            "torchcore.outcome, torchcore.proctitle as t; "
+    code = ("import sys; import torchcore.launcher, torchcore.executor, torchcore.jobspec, "
+            "torchcore.spawn, torchcore.wire, torchcore.outcome, torchcore.proctitle as t; "
             "t.set_title('torchcore: probe'); "
             "print(' '.join(sorted(m for m in ('threading', 'logging', 'subprocess', "
             "'dataclasses', 'inspect', 'setproctitle') if m in sys.modules)))")

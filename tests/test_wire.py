@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import torchcore
 from torchcore import wire
-from torchcore.executor import Job
+from torchcore.jobspec import Job
 from torchcore.outcome import RunResult
 from torchcore.records import RunRecord
 

@@ -291,7 +291,7 @@ def _open_stderr(path):
 
 def serve(sock, report_fd):
     """Fork an executor for each job line; answer forked/fork_failed/exited lines."""
-    from torchcore import executor
+    from torchcore import executor, jobspec
 
     gc.freeze()     # what exists now is never scanned again, here or in the executors
 
@@ -332,7 +332,7 @@ def serve(sock, report_fd):
                         elif run_id in queued or run_id > newest:
                             early[run_id] = byte
                 else:
-                    job = executor.Job.from_fields(order)
+                    job = jobspec.Job.from_fields(order)
                     newest = max(newest, job.run_id)
                     queue.append(job)
         for _ in range(min(len(queue), FORKS_PER_PASS)):

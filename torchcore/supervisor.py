@@ -18,7 +18,7 @@ import threading
 
 import psutil
 
-from torchcore import adopt, config, daemonlog, executor, paths, prepare, records, safepaths, wire
+from torchcore import adopt, config, daemonlog, jobspec, paths, prepare, records, safepaths, wire
 from torchcore.coordinator import LocalCoordinator
 from torchcore.daemons import Daemons
 from torchcore.errors import ConfigError, TorchcoreError
@@ -312,8 +312,8 @@ class Supervisor:
             log.error("cannot number a run of %s: %s; retrying next second", task.name, exc)
             self._retry_later(task, second, manual)
             return None
-        job = executor.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
-                                    manual=manual, db_path=self.db_path, node=self.node_name)
+        job = jobspec.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
+                                   manual=manual, db_path=self.db_path, node=self.node_name)
         try:
             pid = self.fork(job)
         except JobTooLarge as exc:
@@ -377,9 +377,9 @@ class Supervisor:
     def _prepare(self, task, second):
         try:
             run_id = self.records.allocate_run_id()
-            job = executor.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
-                                        db_path=self.db_path, node=self.node_name, prepared=True,
-                                        hold_until=self.ahead.hold_until(task.name, second))
+            job = jobspec.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
+                                       db_path=self.db_path, node=self.node_name, prepared=True,
+                                       hold_until=self.ahead.hold_until(task.name, second))
             self.fork(job)
         except (OSError, TorchcoreError):
             return          # the tick launches it the ordinary way (or refuses it)
