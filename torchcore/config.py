@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from torchcore import paths
 from torchcore.errors import ConfigError
 from torchcore.schedule import Schedule, ScheduleError
 from torchcore.units import MAX_COUNT, OutOfRange, parse_digits, parse_duration, parse_size, shown
@@ -167,8 +166,8 @@ def default_settings(path):
     """The settings of a file that has no ``settings`` section."""
     path = os.path.abspath(path)
     state_dir = os.path.join(os.path.dirname(path), DEFAULT_STATE_DIR)
-    return Settings(path=path, state_dir=state_dir, log_dir=paths.default_log_dir(state_dir),
-                    pidfile=paths.default_pidfile(state_dir))
+    return Settings(path=path, state_dir=state_dir, log_dir=os.path.join(state_dir, "logs"),
+                    pidfile=os.path.join(state_dir, "torchcore.pid"))
 
 
 @dataclass(frozen=True)
@@ -581,8 +580,8 @@ class _Loader:
             except _Bad as bad:
                 self.problem(bad.node or value_node, "settings: ", f"{key}: {bad}")
         state_dir = values.get("state_dir", defaults.state_dir)
-        values.setdefault("log_dir", paths.default_log_dir(state_dir))
-        values.setdefault("pidfile", paths.default_pidfile(state_dir))
+        values.setdefault("log_dir", os.path.join(state_dir, "logs"))
+        values.setdefault("pidfile", os.path.join(state_dir, "torchcore.pid"))
         values["path"] = defaults.path
         values["state_dir"] = state_dir
         return Settings(**values)
