@@ -30,7 +30,7 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export PYTHONPATH="$work/lib"
 cd "$work"      # not the source tree, whose torchcore/ would shadow the sanitized build
 "$PY" -c 'import torchcore._core as c, sys; assert sys.argv[1] in c.__file__, c.__file__' "$work/lib"
-"$PY" -c 'import torchcore.executor as e, sys; assert e.GATE.startswith(sys.argv[1]), e.GATE' "$work/lib"
+"$PY" -c 'import torchcore.spawn as e, sys; assert e.GATE.startswith(sys.argv[1]), e.GATE' "$work/lib"
 "$PY" -m pytest -q --capture=sys -p no:cacheprovider "$root/tests/test_schedule.py" \
     "$root/tests/test_schedule_differential.py" "$root/tests/test_schedule_fuzz.py" "$root/tests/test_gate.py"
 echo "asan.sh: clean (address, undefined; leaks checked in the C host, off for the Python host)"

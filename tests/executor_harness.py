@@ -7,10 +7,10 @@ import subprocess
 import sys
 import time
 
-from torchcore.executor import Job
+from torchcore.jobspec import Job
 
-_CHILD = ("import sys; from torchcore import executor; "
-          "executor.execute(executor.Job.from_json(sys.argv[1]), int(sys.argv[2]), "
+_CHILD = ("import sys; from torchcore import executor, jobspec; "
+          "executor.execute(jobspec.Job.from_json(sys.argv[1]), int(sys.argv[2]), "
           "int(sys.argv[3]) if len(sys.argv) > 3 else None)")
 
 

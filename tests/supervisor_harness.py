@@ -7,11 +7,10 @@ from a task file body and starts it; ``second()`` ticks the fake clock one secon
 ends a run the way a real one ends: its report on the report pipe, its exit seen by waitpid.
 """
 
-import json
 import os
 import socket
 
-from torchcore import config
+from torchcore import config, wire
 from torchcore.clock import FakeClock
 from torchcore.node import Node
 from torchcore.supervisor import Supervisor
@@ -118,15 +117,14 @@ class Harness(Supervisor):
     def end(self, name, lived=5.0, exit_code=0):
         """Pretend the oldest run of ``name`` ended after ``lived`` seconds."""
         run = self.table.oldest(name)
-        self.report({"e": "end", "run": run.run_id, "exit_code": exit_code, "signal": None,
-                     "timed_out": False, "peak_rss": None, "started": run.started,
-                     "ended": run.started + lived})
+        self.report(wire.End(run=run.run_id, exit_code=exit_code, started=run.started,
+                             ended=run.started + lived))
         self.system.exited.append((run.executor_pid, 0))
         self.reap()
 
     def report(self, message):
-        """An executor's report, as it arrives on the report pipe."""
-        os.write(self.report_w, json.dumps(message).encode() + b"\n")
+        """An executor's report (a wire message), as it arrives on the report pipe."""
+        os.write(self.report_w, wire.encode(message))
         self.read_reports()
 
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from torchcore.executor import GATE
+from torchcore.spawn import GATE
 
 pytestmark = pytest.mark.process
 

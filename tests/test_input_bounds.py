@@ -250,7 +250,7 @@ def test_jobs_too_big_for_exec_or_the_launcher_are_refused():
 
 
 def test_a_job_at_the_bounds_fits_the_launcher_frame():
-    from torchcore.executor import Job
+    from torchcore.jobspec import Job
     from torchcore.launcher import LINE_LIMIT
     wide = '"' + "\u00e9" * 25_000 + '"'
     text = task(command="[" + ", ".join([wide] * 2) + "]", env="{A: " + wide + "}")

@@ -10,7 +10,8 @@ import psutil
 import pytest
 from daemon_harness import Daemon, processes_with, wait_for
 
-from torchcore.executor import Job
+from torchcore.jobspec import Job
+from torchcore import wire
 from torchcore.launcher import Launcher
 
 pytestmark = pytest.mark.process
@@ -37,7 +38,7 @@ def answers_until(launcher, predicate, timeout=15):
         if sel.select(0.2):
             got = launcher.answers()
             assert got is not None, "the launcher died"
-            seen.extend(got)
+            seen.extend(wire.fields(answer) for answer in got)    # as they travel
     sel.close()
     return seen
 
@@ -257,7 +258,8 @@ def test_the_process_that_forks_executors_stays_without_threading_and_logging():
     import torchcore
 
     root = os.path.dirname(os.path.dirname(torchcore.__file__))
-    code = ("import sys; import torchcore.launcher, torchcore.executor, torchcore.proctitle as t; "
+    code = ("import sys; import torchcore.launcher, torchcore.executor, torchcore.jobspec, "
+            "torchcore.spawn, torchcore.wire, torchcore.outcome, torchcore.proctitle as t; "
             "t.set_title('torchcore: probe'); "
             "print(' '.join(sorted(m for m in ('threading', 'logging', 'subprocess', "
             "'dataclasses', 'inspect', 'setproctitle') if m in sys.modules)))")

@@ -7,6 +7,7 @@ import threading
 import pytest
 from supervisor_harness import T0, Harness, rewrite, taskfile
 
+from torchcore import wire
 from torchcore.states import DaemonState
 
 EVERY = """tasks:
@@ -274,8 +275,7 @@ def test_runs_of_a_burst_hold_their_wrap_up_for_as_long_as_its_starts_take(make)
     last = max(run.run_id for run in sup.table)
     for run in sup.table:                           # its starts spread over 0.9 s
         started = T0 + 0.9 * run.run_id / last
-        sup.report({"e": "end", "run": run.run_id, "started": started,
-                    "ended": started + 0.01, "exit_code": 0})
+        sup.report(wire.End(run=run.run_id, started=started, ended=started + 0.01, exit_code=0))
     sup.clock.advance(1.6)
     sup.housekeeping()
     assert sup.records.pending == 0                 # ...but once they are over

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from supervisor_harness import T0, Harness, rewrite, taskfile
 
-from torchcore import executor, prepare, records
+from torchcore import jobspec, prepare, records
 from torchcore.launcher import JobTooLarge
 from torchcore.schedule import ScheduleTable
 
@@ -122,13 +122,13 @@ def test_one_task_whose_start_raises_does_not_stop_the_others(make, monkeypatch,
   - {name: bad, schedule: "* * * * * *", command: "true", max: 9}
   - {name: z, schedule: "* * * * * *", command: "true", max: 9}
 """)
-    real = executor.Job.for_task
+    real = jobspec.Job.for_task
 
     def for_task(task, *args, **kw):
         if task.name == "bad":
             raise ValueError("a bug of ours")
         return real(task, *args, **kw)
-    monkeypatch.setattr(executor.Job, "for_task", for_task)
+    monkeypatch.setattr(jobspec.Job, "for_task", for_task)
     with caplog.at_level(logging.ERROR, logger="torchcore"):
         sup.second(5)
     assert sorted((f[0], f[1]) for f in sup.system.forked) == sorted(
@@ -281,9 +281,9 @@ def test_a_launcher_handle_never_raises_on_a_dead_launcher(tmp_path):
     report_r, report_w = os.pipe()
     launcher = Launcher(report_w, stderr=os.devnull)
     try:
-        job = executor.Job(run_id=1, name="x", argv=("true",), log_dir=str(tmp_path))
+        job = jobspec.Job(run_id=1, name="x", argv=("true",), log_dir=str(tmp_path))
         with pytest.raises(JobTooLarge):
-            launcher.submit(executor.Job(run_id=2, name="x", argv=("x" * LINE_LIMIT,)))
+            launcher.submit(jobspec.Job(run_id=2, name="x", argv=("x" * LINE_LIMIT,)))
         launcher.proc.kill()
         launcher.proc.wait()
         for _ in range(50):                 # until the socket says so

@@ -32,9 +32,8 @@ def survivors(db, system, tasks, clock):
         if pid:
             found.append(_adopted(record, pid, system, tasks, clock))
         else:
-            record.ended = clock.time()
-            record.error = "lost: its supervisor and executor stopped before recording an end"
-            db.add(record)
+            db.add(record.lost(clock.time(), "its supervisor and executor stopped before "
+                                             "recording an end"))
     return found
 
 
@@ -59,8 +58,6 @@ def close(db, run, now):
     except records.RecordsError:
         record = None
     if record is not None:
-        record.ended = now
-        record.error = "lost: its executor ended without recording an end"
-        db.add(record)
+        db.add(record.lost(now, "its executor ended without recording an end"))
     log.info("%s run %d (adopted) ended%s", run.task.name, run.run_id,
              ": lost" if record is not None else "")

@@ -31,12 +31,12 @@ import stat
 import struct
 import time
 
+from torchcore import paths
 from torchcore.errors import DaemonError, TorchcoreError
 from torchcore.safepaths import STATE_DIR_MODE, secure_dir
 
 log = logging.getLogger(__name__)
 
-SOCKET_NAME = "control.sock"
 MAX_REQUEST = 64 * 1024
 IDLE_TIMEOUT = 5.0
 MAX_CONNECTIONS = 64
@@ -49,7 +49,7 @@ UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 def socket_path(state_dir):
     """Where the control socket of a daemon with this state_dir lives."""
-    return os.path.join(os.path.abspath(state_dir), SOCKET_NAME)
+    return paths.control_socket(state_dir)
 
 
 def prepare_state_dir(state_dir):

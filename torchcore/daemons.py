@@ -24,13 +24,14 @@ class DaemonSlot:
     failures: int = 0           # consecutive failed starts
     next_try: float = 0.0       # monotonic time before which no instance starts
     restarts: int = 0
-    last_exit: dict | None = None
+    last_exit: object = None    # the outcome.RunResult of the last instance that ended
 
     def exited(self, name, result, started, mono):
-        """An instance ended with ``result`` (started at ``started``, wall time); ``mono``: now."""
+        """An instance ended with ``result`` (a RunResult; started at ``started``, wall time, if
+        it does not say); ``mono``: now."""
         self.last_exit = result
         self.restarts += 1
-        lived = result["ended"] - result.get("started", started)
+        lived = result.ended - (started if result.started is None else result.started)
         if lived >= FAILED_START_UNDER:
             self.failures = 0
             self.next_try = 0.0
@@ -46,8 +47,9 @@ class DaemonSlot:
                     name, self.failures, lived, delay)
 
     def status(self, mono):
+        last = None if self.last_exit is None else self.last_exit.fields()
         return {"state": self.state, "restarts": self.restarts, "failures": self.failures,
-                "last_exit": self.last_exit, "next_try_in": max(0.0, self.next_try - mono)}
+                "last_exit": last, "next_try_in": max(0.0, self.next_try - mono)}
 
 
 class Daemons:

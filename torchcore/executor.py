@@ -1,18 +1,16 @@
-"""What a forked child does for one run.
+"""What a forked child does for one run: the executor loop.
 
-The supervisor forks; the child calls ``execute(job, report_fd)`` and never
-returns into the supervisor's code.  It renames itself for `ps`, drops the
-supervisor's signal handlers and descriptors, starts the command in its own
-process group, copies the output into the task's log, enforces the timeout and
-the memory limit, and reports the result as JSON lines on the shared report
-pipe (writes below PIPE_BUF are atomic, so every executor shares one pipe).  If
-the supervisor is gone, it writes its own record.
+A launcher (or, in tests, the supervisor) forks; the child calls ``execute(job, report_fd)``
+and never returns into its parent's code.  It renames itself for `ps`, drops the parent's
+signal handlers and descriptors, starts the command in its own process group (spawn.py), copies
+the output into the task's log, enforces the timeout and the memory limit, and reports as wire
+messages on the shared report pipe (writes below PIPE_BUF are atomic, so every executor shares
+one pipe).  If the supervisor is gone, it writes its own record.  The job itself, its
+environment, credentials and limits: jobspec.py.
 """
 
 import errno
-import json
 import os
-import pwd
 import resource
 import select
 import selectors
@@ -20,98 +18,21 @@ import signal
 import sys
 import time
 
-from torchcore import proctitle, tasklog
-from torchcore.outcome import describe_outcome
+from torchcore import proctitle, tasklog, wire
+from torchcore.jobspec import credentials, limit_setter, task_environment
+from torchcore.outcome import RunResult, split_returncode
+from torchcore.spawn import PopenCommand, SpawnedCommand, gate_usable
 
 MEMORY_SAMPLE_EVERY = 0.5   # seconds between RSS samples of a task with a memory limit
 DRAIN_AFTER_EXIT = 2.0      # seconds to keep reading output left by background children
 GROUP_POLL = 0.2            # seconds between checks that a finished command's process group is empty
 GIVE_UP_AFTER_KILL = 5.0    # seconds after a KILL to stop waiting for a group that does not empty
-USER_PATH = "/usr/local/bin:/usr/bin:/bin"   # PATH of a user: task without inherit_env (as cron)
 PR_SET_CHILD_SUBREAPER = 36
 GO_WAIT = 60.0              # seconds past its second a prepared run waits for go at most (a backstop:
                             # a run is cancelled on purpose, or when its launcher or executor ends)
 BOOKKEEPING_NICE = 10       # an executor's own priority once its command is on its way
-GATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_gate")   # csrc/tc_gate.c
 AT_GATE = object()          # a prepared run's command waits at the gate for its go byte
-
-
-class Job:
-    """Everything an executor needs for one run, fixed when it is launched.
-
-    Plain data (it travels to a launcher process as JSON): the task's command,
-    environment and limits, and where the run's output and record go.  A plain class
-    rather than a dataclass: dataclasses imports inspect, and the launcher that forks
-    the executors is kept to the modules an executor needs (see proctitle).
-    """
-
-    FIELDS = (
-        ("run_id", None), ("name", None), ("argv", None),
-        ("env", ()),                    # (key, value) pairs of the task's own env
-        ("cwd", None), ("user", None), ("group", None),
-        ("inherit_env", False),         # a user: task keeps the daemon's environment
-        ("timeout", None), ("kill_grace", 10),
-        ("memory", None),               # bytes of resident memory of the process tree
-        ("cpu", None),                  # CPU seconds (RLIMIT_CPU)
-        ("nofile", None),               # open files (RLIMIT_NOFILE)
-        ("scheduled", None), ("manual", False),
-        ("log_dir", "."), ("log_max_bytes", 10 << 20), ("log_backups", 5),
-        ("db_path", ""), ("node", ""),
-        ("prepared", False),            # forked ahead of its second: waits for go on its go pipe
-        ("hold_until", None),           # in a burst: wrap up (log, report, exit) no earlier than this
-    )
-    __slots__ = tuple(name for name, _ in FIELDS)
-
-    def __init__(self, **fields):
-        for required in ("run_id", "name", "argv"):
-            if required not in fields:
-                raise TypeError(f"Job needs {required}")
-        for name, default in self.FIELDS:
-            object.__setattr__(self, name, fields.pop(name, default))
-        if fields:
-            raise TypeError(f"Job has no field {sorted(fields)[0]}")
-
-    def __setattr__(self, name, value):
-        raise AttributeError("a Job is fixed once made")
-
-    def __eq__(self, other):
-        return type(other) is Job and self.fields() == other.fields()
-
-    __hash__ = None
-
-    def __repr__(self):
-        return f"Job(run_id={self.run_id!r}, name={self.name!r}, argv={self.argv!r})"
-
-    def fields(self):
-        return {name: getattr(self, name) for name, _ in self.FIELDS}
-
-    @classmethod
-    def for_task(cls, task, settings, run_id=0, scheduled=None, manual=False, db_path="", node="",
-                 prepared=False, hold_until=None):
-        """The job for one run of a config.Task under the file's settings."""
-        return cls(
-            run_id=run_id, name=task.name, argv=tuple(task.argv(settings.shell)), env=task.env,
-            cwd=task.cwd, user=task.user, group=task.group,
-            inherit_env=getattr(task, "inherit_env", False), timeout=task.timeout,
-            kill_grace=task.kill_grace, memory=task.limits.memory, cpu=task.limits.cpu,
-            nofile=task.limits.nofile, scheduled=scheduled, manual=manual,
-            log_dir=settings.log_dir, log_max_bytes=settings.log_max_bytes,
-            log_backups=settings.log_backups, db_path=db_path, node=node, prepared=prepared,
-            hold_until=hold_until)
-
-    def to_json(self):
-        return json.dumps(self.fields(), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text):
-        return cls.from_fields(json.loads(text))
-
-    @classmethod
-    def from_fields(cls, fields):
-        fields = dict(fields)
-        fields["argv"] = tuple(fields["argv"])
-        fields["env"] = tuple(tuple(pair) for pair in fields["env"])
-        return cls(**fields)
+STOP_REQUESTED = "stop requested"   # why a run ended that a TERM or INT to its executor stopped
 
 
 def execute(job, report_fd, go_fd=None):
@@ -196,81 +117,9 @@ def _step_aside():
 _stepped_aside = []
 
 
-def _gate_usable():
-    return os.access(GATE, os.X_OK)
-
-
 def _max_fd():
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return soft if soft != resource.RLIM_INFINITY else 65536
-
-
-def task_environment(job, user_entry=None):
-    """The command's environment, plus the task's ``env`` on top.
-
-    A ``user:`` task gets what cron gives: HOME, USER, LOGNAME and SHELL of its passwd
-    entry and PATH=/usr/local/bin:/usr/bin:/bin, none of the daemon's variables (its
-    secrets, root's PATH), unless ``inherit_env: true``.  A task without ``user:`` runs
-    as the daemon's user and gets the daemon's environment minus torchcore's own
-    (TORCHCORE_*); so does a user: task with inherit_env (with HOME .. SHELL its own).
-    """
-    if user_entry is None and job.user:
-        try:
-            user_entry = pwd.getpwnam(job.user)
-        except KeyError:
-            pass
-    if job.user and not job.inherit_env:
-        env = {"PATH": USER_PATH}
-    else:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHCORE_")}
-    if user_entry is not None:
-        env.update(HOME=user_entry.pw_dir, USER=user_entry.pw_name, LOGNAME=user_entry.pw_name,
-                   SHELL="/bin/sh")    # as cron: a login shell of nologin is no shell to run with
-    env.update(dict(job.env))
-    return env
-
-
-def credentials(job):
-    """(pwd entry or None, uid or None, gid, extra groups) to switch to, or None to stay as is.
-
-    ``user:`` switches to that user, with its groups (``group:`` its primary group instead
-    of the passwd one).  ``group:`` alone keeps the daemon's user and runs with that group
-    as the only group: primary, and no supplementary groups (those of root would give the
-    command more than the group asked for).  Not as root, config.node_problems refuses a
-    switch; a group that is already ours needs none.
-    """
-    if os.geteuid() != 0:
-        return None
-    if not job.user and not job.group:
-        return None
-    gid = None
-    if job.group:
-        import grp
-        gid = grp.getgrnam(job.group).gr_gid
-    if not job.user:
-        return None, None, gid, []
-    entry = pwd.getpwnam(job.user)
-    gid = entry.pw_gid if gid is None else gid
-    return entry, entry.pw_uid, gid, os.getgrouplist(entry.pw_name, gid)
-
-
-def limit_setter(job):
-    """A preexec function applying the rlimits that fit (cpu seconds, open files)."""
-    wanted = []
-    if job.cpu:
-        wanted.append((resource.RLIMIT_CPU, job.cpu))
-    if job.nofile:
-        wanted.append((resource.RLIMIT_NOFILE, job.nofile))
-    if not wanted:
-        return None
-
-    def apply():
-        for which, value in wanted:
-            _, hard = resource.getrlimit(which)
-            if hard != resource.RLIM_INFINITY:
-                value = min(value, hard)
-            resource.setrlimit(which, (value, hard if hard != resource.RLIM_INFINITY else value))
-    return apply
 
 
 class Executor:
@@ -283,8 +132,7 @@ class Executor:
         self.clock = clock
         self.proc = None
         self.command = None
-        self.result = {"exit_code": None, "signal": None, "timed_out": False, "peak_rss": None,
-                       "error": None, "stopped": False}
+        self.result = RunResult()   # filled in as the run goes; stopped: "stop requested"
         self.term_sent_at = None
         self.killed = False
         self.killed_at = None
@@ -310,7 +158,7 @@ class Executor:
             if started is AT_GATE:
                 started = self._follow_gate(log, command)
             elif self.proc is not None:
-                self._report({"e": "start", "pid": self.proc.pid, "started": started})
+                self._report(wire.Start(self.job.run_id, self.proc.pid, started))
                 self._pump(log)
                 self._collect()
         finally:
@@ -334,7 +182,7 @@ class Executor:
         A run of a burst first sits the burst out (_sit_out_burst).
         """
         self.proc, self.command = command.proc, command
-        self._report({"e": "gate", "pid": self.proc.pid})
+        self._report(wire.Gate(self.job.run_id, self.proc.pid))
         try:
             if self.job.hold_until and not self.job.memory:
                 self.ended = self._sit_out_burst()
@@ -396,7 +244,7 @@ class Executor:
         rlimits) waits for go here and starts after it.
         """
         wait = max(0.05, min(self.job.scheduled + GO_WAIT - time.time(), 2 * GO_WAIT))
-        if isinstance(command, SpawnedCommand) and _gate_usable():
+        if isinstance(command, SpawnedCommand) and gate_usable():
             try:
                 command.start_at_gate(self.go_fd, wait)
             except (OSError, ValueError):
@@ -464,8 +312,8 @@ class Executor:
     def _cannot_start(self, log, exc):
         message = f"cannot start: {exc}"
         log.write(tasklog.SYS, (message + "\n").encode())
-        self.result.update(exit_code=127 if isinstance(exc, FileNotFoundError) else 126,
-                           error=message)
+        self.result.exit_code = 127 if isinstance(exc, FileNotFoundError) else 126
+        self.result.error = message
 
     def _pump(self, log, since=None):
         """Copy output and enforce the limits until the run is over; the timeout counts from
@@ -516,9 +364,10 @@ class Executor:
         """A stop request TERMs the group; a timeout the alarm caught is logged (once)."""
         if _stop_requested and self.term_sent_at is None and \
                 (self.proc.returncode is None or self._watches_group()):
-            self.result["stopped"] = self.proc.returncode is None   # else its own end stands
+            if self.proc.returncode is None:                    # else its own end stands
+                self.result.stopped = STOP_REQUESTED
             self._terminate(now)
-        if self.result["timed_out"] and not self._timeout_noted:
+        if self.result.timed_out and not self._timeout_noted:
             self._timeout_noted = True
             log.write(tasklog.SYS, f"timeout {self.job.timeout}s reached: stopping\n".encode())
 
@@ -587,7 +436,7 @@ class Executor:
 
     def _on_alarm(self, signum, frame):
         if self.term_sent_at is None:
-            self.result["timed_out"] = True
+            self.result.timed_out = True
             self._terminate(time.monotonic())
         elif not self.killed:
             self._kill(signal.SIGKILL)
@@ -616,35 +465,29 @@ class Executor:
         rss = tree_rss(os.getpid(), include_root=False)
         if rss is None:
             return
-        self.result["peak_rss"] = max(self.result["peak_rss"] or 0, rss)
+        self.result.peak_rss = max(self.result.peak_rss or 0, rss)
         if rss > self.job.memory and self.term_sent_at is None:
-            self.result["error"] = f"memory limit {self.job.memory} bytes exceeded ({rss})"
-            log.write(tasklog.SYS, (self.result["error"] + ": stopping\n").encode())
+            self.result.error = f"memory limit {self.job.memory} bytes exceeded ({rss})"
+            log.write(tasklog.SYS, (self.result.error + ": stopping\n").encode())
             self._terminate(now)
 
     def _collect(self):
-        status = self.proc.wait()
-        if status < 0:
-            self.result["signal"] = -status
-        else:
-            self.result["exit_code"] = status
+        self.result.exit_code, self.result.signal = split_returncode(self.proc.wait())
         if self.term_sent_at is not None:
             self._kill_group(signal.SIGKILL)   # nothing of a stopped run may stay behind
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.result["peak_rss"] = max(self.result["peak_rss"] or 0, usage.ru_maxrss * 1024)
-        if self.result["timed_out"]:
-            self.result["stopped"] = False    # the timeout came first: a failure
+        self.result.peak_rss = max(self.result.peak_rss or 0, usage.ru_maxrss * 1024)
+        if self.result.timed_out:
+            self.result.stopped = None      # the timeout came first: a failure
 
     def _note_end(self, log, started):
-        r = self.result
-        how = describe_outcome(r["exit_code"], r["signal"], r["timed_out"], r["error"],
-                               "stop requested" if r["stopped"] else None)
+        how = self.result.describe()
         log.write(tasklog.SYS, f"run ended: {how} after {(self.ended or time.time()) - started:.3f}s\n"
                   .encode())
 
     def _report(self, message):
-        message.update(run=self.job.run_id)
-        line = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        """Write one wire message on the report pipe; False if the supervisor is gone."""
+        line = wire.encode(message)
         try:
             os.write(self.report_fd, line)
             return True
@@ -655,191 +498,45 @@ class Executor:
 
     def _report_end(self, started, ended):
         r = self.result
-        error = (r["error"] or "")[:1000] or None
-        message = {"e": "end", "ended": ended, "started": started, "exit_code": r["exit_code"],
-                   "signal": r["signal"], "timed_out": r["timed_out"], "peak_rss": r["peak_rss"],
-                   "error": error, "stopped": r["stopped"]}
+        r.started, r.ended = started, ended
+        r.error = (r.error or "")[:1000] or None     # a report stays under PIPE_BUF
         problem = self.log.problem() if self.log is not None else None
-        if problem:
-            message["log_problem"] = f"; {problem}"
+        message = wire.End(run=self.job.run_id, started=started, ended=ended,
+                           exit_code=r.exit_code, signal=r.signal, timed_out=r.timed_out,
+                           peak_rss=r.peak_rss, error=r.error, stopped=r.stopped is not None,
+                           log_problem=f"; {problem}" if problem else None)
         if not self._report(message):
-            self._write_own_record(started, ended)
+            self._write_own_record()
 
     def crashed(self, exc):
         """The executor itself failed: stop what it started, and record the run as failed."""
         try:
             if self.proc is not None:
                 self._kill_group(signal.SIGKILL)
-            self.result["error"] = f"executor failed: {exc!r}"[:1000]
+            self.result.error = f"executor failed: {exc!r}"[:1000]
             now = time.time()
             self._report_end(self.started or now, now)
         except BaseException:
             pass
 
-    def _write_own_record(self, started, ended):
+    def _write_own_record(self):
         """The supervisor is gone: nobody else will record this run.
 
         The write happens in a fresh interpreter: this process inherited the
         supervisor's SQLite state through fork(), which SQLite does not survive.
         """
-        r = self.result
-        fields = dict(
-            run_id=self.job.run_id, task=self.job.name, node=self.job.node,
-            scheduled=self.job.scheduled, started=started, ended=ended,
-            exit_code=r["exit_code"], signal=r["signal"], timed_out=r["timed_out"],
-            manual=self.job.manual, pid=self.proc.pid if self.proc else None,
-            peak_rss=r["peak_rss"], error=(r["error"] or "")[:1000] or None,
-            stopped=f"stop requested ({_stop_signal_name()})" if r["stopped"] else None)
+        r, job = self.result, self.job
+        record = wire.OwnRecord(
+            run_id=job.run_id, task=job.name, node=job.node, scheduled=job.scheduled,
+            started=r.started, ended=r.ended, exit_code=r.exit_code, signal=r.signal,
+            timed_out=r.timed_out, manual=job.manual, pid=self.proc.pid if self.proc else None,
+            peak_rss=r.peak_rss, error=r.error,
+            stopped=f"{r.stopped} ({_stop_signal_name()})" if r.stopped is not None else None)
         import subprocess
 
-        subprocess.run([sys.executable, "-m", "torchcore.records", self.job.db_path,
-                        json.dumps(fields)], stdin=subprocess.DEVNULL, timeout=60, check=False)
-
-
-class PopenCommand:
-    """A command started by subprocess.Popen: the path for a working directory, a user
-    switch or rlimits (work that needs Python code between fork and exec)."""
-
-    def __init__(self, argv, options):
-        # Imported here, not at the top, so only these runs pay for it (see proctitle); and
-        # when the command is made ready, so a prepared run pays before its second.
-        import subprocess
-
-        self.subprocess = subprocess
-        self.argv, self.options, self.proc = argv, options, None
-
-    def start(self):
-        subprocess = self.subprocess
-        try:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         **self.options)
-        except subprocess.SubprocessError as exc:   # what preexec_fn raised, in the child
-            raise OSError(str(exc)) from exc
-
-    def discard(self):
-        pass
-
-
-class SpawnedCommand:
-    """A command started with posix_spawn (vfork and exec, no Python in between).
-
-    The quick path for a run that needs no working directory, user switch or rlimits.
-    Everything but the spawn itself (pipes, file actions, signal dispositions, the
-    environment) is made ready beforehand, so a prepared run's start at its second
-    is one system call.
-    """
-
-    _DEFAULT_SIGNALS = tuple(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
-
-    def __init__(self, argv, env):
-        self.argv, self.env, self.proc = list(argv), env, None
-        self._fds = []
-        self._status = None
-        try:
-            self.out_r, self.out_w = self._pipe()
-            self.err_r, self.err_w = self._pipe()
-            self.null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            self._fds.append(self.null)
-        except OSError:
-            self.discard()
-            raise
-        self.file_actions = [(os.POSIX_SPAWN_DUP2, self.null, 0),
-                             (os.POSIX_SPAWN_DUP2, self.out_w, 1),
-                             (os.POSIX_SPAWN_DUP2, self.err_w, 2)]
-
-    def _pipe(self):
-        fds = os.pipe()
-        self._fds += fds
-        return fds
-
-    def start(self):
-        pid = os.posix_spawnp(self.argv[0], self.argv, self.env, setsid=True, setsigmask=(),
-                              setsigdef=self._DEFAULT_SIGNALS, file_actions=self.file_actions)
-        self._started(pid)
-
-    def start_at_gate(self, go_fd, wait):
-        """Spawn the gate now: it execs the command when a byte arrives on ``go_fd``."""
-        status_r, status_w = os.pipe()
-        argv_r, argv_w = os.pipe()
-        try:
-            pid = os.posix_spawn(
-                GATE, ["torchcore-gate", str(int(wait * 1000))], self.env,
-                setsid=True, setsigmask=(), setsigdef=self._DEFAULT_SIGNALS,
-                file_actions=self.file_actions + [(os.POSIX_SPAWN_DUP2, go_fd, 3),
-                                                  (os.POSIX_SPAWN_DUP2, status_w, 4),
-                                                  (os.POSIX_SPAWN_DUP2, argv_r, 5)])
-        except OSError:
-            for fd in (status_r, argv_w):
-                os.close(fd)
-            raise
-        finally:
-            for fd in (status_w, argv_r):
-                os.close(fd)
-        self.status_r = status_r
-        os.close(go_fd)
-        self._started(pid)
-        try:        # the command line, after the spawn: the gate reads it as it is written
-            with open(argv_w, "wb") as words:
-                words.write(b"".join(os.fsencode(word) + b"\0" for word in self.argv))
-        except OSError:
-            pass    # the gate is gone: its status says so
-
-    def gate_status(self):
-        """Everything the gate wrote on its status pipe, once it closed (exec, exit)."""
-        if self._status is None:
-            chunks = []
-            while True:
-                chunk = os.read(self.status_r, 256)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            os.close(self.status_r)
-            self._status = b"".join(chunks)
-        return self._status
-
-    def _started(self, pid):
-        for fd in (self.null, self.out_w, self.err_w):
-            os.close(fd)
-        self._fds = []
-        self.proc = _SpawnedProcess(self.argv, pid, self.out_r, self.err_r)
-
-    def discard(self):
-        """Close what was made ready for a command that will not start."""
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
-
-
-class _SpawnedProcess:
-    """A posix_spawned command, with the part of Popen's interface an executor uses:
-    pid, stdout, stderr, poll(), wait() and returncode (minus the signal number when a
-    signal ended it, as Popen's)."""
-
-    def __init__(self, argv, pid, out_r, err_r):
-        self.args, self.pid, self.returncode = argv, pid, None
-        # The pipes belong to this object, as Popen's do.
-        self.stdout = open(out_r, "rb", 0)  # noqa: SIM115
-        self.stderr = open(err_r, "rb", 0)  # noqa: SIM115
-
-    def poll(self):
-        if self.returncode is None:
-            self._waitpid(os.WNOHANG)
-        return self.returncode
-
-    def wait(self):
-        while self.returncode is None:
-            self._waitpid(0)
-        return self.returncode
-
-    def _waitpid(self, flags):
-        try:
-            pid, status = os.waitpid(self.pid, flags)
-        except ChildProcessError:       # reaped elsewhere: nothing more can be known
-            self.returncode = 255
-            return
-        if pid == self.pid:
-            self.returncode = os.waitstatus_to_exitcode(status)
+        subprocess.run([sys.executable, "-m", "torchcore.records", job.db_path,
+                        wire.encode_own_record(record)], stdin=subprocess.DEVNULL, timeout=60,
+                       check=False)
 
 
 def _stop_signal_name():

@@ -20,21 +20,21 @@ the supervisor replaces it.  A job line over LINE_LIMIT (a launcher would quit o
 it) is refused with JobTooLarge before anything is sent.
 
 A prepared run (forked ahead of its second) gets a go pipe: the launcher keeps
-the write end.  ``{"go": [run ids]}`` writes one byte to each (start now),
-``{"cancel": [run ids]}`` closes them (the run ends untraced); so does the
-launcher's own end, so nothing prepared ever starts without a go.
+the write end.  ``wire.Go`` writes one byte to each (start now), ``wire.Cancel``
+closes them (the run ends untraced); so does the launcher's own end, so nothing
+prepared ever starts without a go.  Every line both ways is a wire.py message.
 """
 
 import collections
 import errno
 import gc
-import json
 import os
 import selectors
 import signal
 import socket
 import sys
 
+from torchcore import wire
 from torchcore.errors import TorchcoreError
 
 LINE_LIMIT = 1 << 20
@@ -85,7 +85,7 @@ class Launcher:
 
     def submit(self, job):
         """Queue one job (see ``dead`` afterwards); JobTooLarge if it cannot be framed."""
-        line = job.to_json().encode() + b"\n"
+        line = wire.encode_job(job.fields())
         if len(line) > LINE_LIMIT:
             raise JobTooLarge(f"its job message is {len(line)} bytes, over the launcher's limit "
                               f"of {LINE_LIMIT} bytes (the command or env is too long)")
@@ -95,17 +95,17 @@ class Launcher:
 
     def go(self, run_ids):
         """Start these prepared runs now (one message for all of them)."""
-        self._send({"go": list(run_ids)})
+        self._send(wire.Go(list(run_ids)))
 
     def cancel(self, run_ids):
         """Cancel these prepared runs: their executors end without starting anything."""
-        self._send({"cancel": list(run_ids)})
+        self._send(wire.Cancel(list(run_ids)))
 
     def _send(self, message):
         """Queue go/cancel ahead of any job lines still waiting: a run's start never waits
         behind the forks of other runs (the launcher keeps an early go for a job it has
         not forked yet)."""
-        line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        line = wire.encode(message)
         at = self.pending.index(b"\n") + 1 if self.mid_line else 0
         self.pending[at:at] = line
         self.flush()        # if it died, its end closes every go pipe it held (= cancel)
@@ -130,8 +130,8 @@ class Launcher:
         return True
 
     def answers(self):
-        """Every complete answer available now; None at end of file or on a socket error
-        (it died).  A line that is not a JSON object is dropped."""
+        """Every complete answer available now (wire.Forked, ForkFailed, Exited); None at end
+        of file or on a socket error (it died).  A line that is no answer is dropped."""
         chunks = []
         while True:
             try:
@@ -145,15 +145,7 @@ class Launcher:
                 return None
             chunks.append(chunk)
         *lines, self.buffer = (self.buffer + b"".join(chunks)).split(b"\n")
-        found = []
-        for line in lines:
-            try:
-                answer = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(answer, dict):
-                found.append(answer)
-        return found
+        return [answer for answer in map(wire.decode_answer, lines) if answer is not None]
 
     def close(self):
         """Close its socket: a launcher exits when the supervisor hangs up."""
@@ -299,7 +291,7 @@ def _open_stderr(path):
 
 def serve(sock, report_fd):
     """Fork an executor for each job line; answer forked/fork_failed/exited lines."""
-    from torchcore import executor
+    from torchcore import executor, jobspec
 
     gc.freeze()     # what exists now is never scanned again, here or in the executors
 
@@ -328,19 +320,19 @@ def serve(sock, report_fd):
             if len(buffer) > LINE_LIMIT:
                 return
             for line in lines:
-                message = json.loads(line)
-                if "go" in message or "cancel" in message:
+                order = wire.decode_order(line)
+                if isinstance(order, (wire.Go, wire.Cancel)):
                     # go/cancel overtake job lines on the way here (Launcher._send): one for a
                     # job not forked yet, queued or still to come, waits for it.
-                    byte = b"g" if "go" in message else b""
+                    byte = b"g" if isinstance(order, wire.Go) else b""
                     queued = {job.run_id for job in queue}
-                    for run_id in message.get("go", message.get("cancel")):
+                    for run_id in order.run_ids:
                         if run_id in gates:
                             _open_gates(gates, [run_id], byte)
                         elif run_id in queued or run_id > newest:
                             early[run_id] = byte
                 else:
-                    job = executor.Job.from_fields(message)
+                    job = jobspec.Job.from_fields(order)
                     newest = max(newest, job.run_id)
                     queue.append(job)
         for _ in range(min(len(queue), FORKS_PER_PASS)):
@@ -361,7 +353,7 @@ def _launch(executor, job, sock, report_fd, children, gates):
         for fd in (go_r, go_w):
             if fd is not None:
                 os.close(fd)
-        _answer(sock, {"fork_failed": job.run_id, "error": str(exc)})
+        _answer(sock, wire.ForkFailed(job.run_id, str(exc)))
         return
     if pid == 0:
         # The executor closes every other descriptor (other runs' go pipes included).
@@ -370,7 +362,7 @@ def _launch(executor, job, sock, report_fd, children, gates):
         os.close(go_r)
         gates[job.run_id] = go_w
     children[pid] = job.run_id
-    _answer(sock, {"forked": job.run_id, "pid": pid})
+    _answer(sock, wire.Forked(job.run_id, pid))
 
 
 def _open_gates(gates, run_ids, byte):
@@ -399,11 +391,11 @@ def _reap(sock, children, gates):
         run_id = children.pop(pid, None)
         if run_id is not None:
             _open_gates(gates, [run_id], b"")
-            _answer(sock, {"exited": run_id, "pid": pid, "status": status})
+            _answer(sock, wire.Exited(run_id, pid, status))
 
 
 def _answer(sock, message):
-    data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+    data = wire.encode(message)
     sock.setblocking(True)
     try:
         sock.sendall(data)

@@ -10,7 +10,8 @@ import dataclasses
 import logging
 import time
 
-from torchcore import records
+from torchcore.outcome import RunResult
+from torchcore.runrecord import RunRecord
 
 log = logging.getLogger("torchcore")
 
@@ -33,31 +34,28 @@ class Ledger:
         self.clock = clock
         self.records = None
         self.stats = Stats()
-        self.last_result = {}       # name -> last finished result dict (for status)
+        self.last_result = {}       # name -> RunResult of its last finished run
         self.skipped_last = {}      # name -> reason, while its last due run was skipped
         self._refusals_logged = set()   # names whose refusal was logged once
 
     def started(self, run):
-        self.records.add(records.RunRecord(
-            run_id=run.run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
-            started=run.started, ended=None, exit_code=None, signal=None, manual=run.manual,
+        self.records.add(RunRecord.of_start(
+            run.run_id, run.task.name, self.node_name, run.scheduled, run.started, run.manual,
             pid=run.pgid or run.executor_pid))    # the command's pid once known (one pid per run)
 
     def refused(self, task, second, manual, run_id, reason):
         """A run that cannot be handed to a launcher: recorded at once as failed (exit 126, as
-        a command that cannot start), with the reason in the log; returns its result."""
+        a command that cannot start), with the reason in the log; returns its RunResult."""
         now = self.clock.time()
         self.stats.failed += 1
         if task.name not in self._refusals_logged:
             self._refusals_logged.add(task.name)
             log.error("%s: run %d refused: %s (further refusals of it are recorded, not logged)",
                       task.name, run_id, reason)
-        result = {"exit_code": 126, "signal": None, "timed_out": False, "peak_rss": None,
-                  "started": now, "ended": now, "error": f"refused: {reason}"}
+        result = RunResult(exit_code=126, started=now, ended=now, error=f"refused: {reason}")
         self.last_result[task.name] = result
-        self.records.add(records.RunRecord(
-            run_id=run_id, task=task.name, node=self.node_name, scheduled=second, started=now,
-            ended=now, exit_code=126, signal=None, manual=manual))
+        self.records.add(RunRecord.of_refusal(run_id, task.name, self.node_name, second, manual,
+                                              now))
         return result
 
     def fork_failed(self, run, error):
@@ -66,27 +64,19 @@ class Ledger:
         self.stats.started -= 1
         log.error("cannot fork for %s (run %d): %s; retrying next second", run.task.name,
                   run.run_id, error)
-        self.records.add(records.RunRecord(
-            run_id=run.run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
-            started=None, ended=None, exit_code=None, signal=None, manual=run.manual,
-            skipped=f"fork failed: {error}"))
+        self.records.add(RunRecord.of_failed_fork(run.run_id, run.task.name, self.node_name,
+                                                  run.scheduled, run.manual, error))
 
-    def ended(self, run, result):
-        """A run whose executor has exited, with its result (the executor's report or one made
-        up for an executor that ended without one)."""
-        # a planned stop, if it is what ended the run (the executor says; without a report, yes)
-        stopped = run.stop_reason if result.get("stopped", True) else None
-        record = records.RunRecord(
-            run_id=run.run_id, task=run.task.name, node=self.node_name, scheduled=run.scheduled,
-            started=result.get("started", run.started), ended=result["ended"],
-            exit_code=result["exit_code"], signal=result["signal"], timed_out=result["timed_out"],
-            manual=run.manual, pid=run.pgid, peak_rss=result.get("peak_rss"),
-            error=result.get("error"), stopped=stopped)
+    def ended(self, run, result, log_problem=None):
+        """A run whose executor has exited, with its RunResult (from the executor's report, or
+        made up for an executor that ended without one); ``log_problem``: text for the log line."""
+        record = RunRecord.of_end(run.run_id, run.task.name, self.node_name, run.scheduled,
+                                  run.manual, run.pgid, result)
         self.stats.failed += record.failed
         self.last_result[run.task.name] = result
         self.records.add(record)
         log.info("%s run %d ended: %s after %.3fs%s", run.task.name, run.run_id, record.describe(),
-                 record.duration or 0.0, result.get("log_problem") or "")
+                 record.duration or 0.0, log_problem or "")
 
     def skipped(self, task, second, reason, manual):
         if task.type == "daemon":   # a daemon waiting for a limit is not a skipped run: its
@@ -97,19 +87,15 @@ class Ledger:
         self.stats.skipped += 1
         self.skipped_last[task.name] = reason
         log.warning("%s: run for %s skipped: %s", task.name, _fmt_second(second), reason)
-        self.records.add(records.RunRecord(
-            run_id=self.records.allocate_run_id(), task=task.name, node=self.node_name,
-            scheduled=second, started=None, ended=None, exit_code=None, signal=None,
-            skipped=reason, manual=manual))
+        self.records.add(RunRecord.of_skip(self.records.allocate_run_id(), task.name,
+                                           self.node_name, second, reason, manual))
 
     def missed(self, name, second, count, misfire_grace):
         self.stats.missed += count
         log.warning("%s: %d run(s) missed, the latest for %s (beyond misfire_grace %ds or "
                     "replaced by a later one)", name, count, _fmt_second(second), misfire_grace)
-        self.records.add(records.RunRecord(
-            run_id=self.records.allocate_run_id(), task=name, node=self.node_name,
-            scheduled=second, started=None, ended=None, exit_code=None, signal=None,
-            missed=True, skipped=f"missed {count} run(s)"))
+        self.records.add(RunRecord.of_miss(self.records.allocate_run_id(), name, self.node_name,
+                                           second, count))
 
 
 def _fmt_second(second):

@@ -21,20 +21,19 @@ back, so after a clean stop the ids go on densely; only a killed supervisor
 leaves a gap (its ids may still be in use by executors it left running).
 """
 
-import dataclasses
 import logging
 import os
 import sqlite3
 import time
 from collections import OrderedDict
 
-from torchcore import safepaths
+from torchcore import paths, safepaths
 from torchcore.errors import TorchcoreError
-from torchcore.outcome import describe_outcome, run_failed
+from torchcore.outcome import RunResult
+from torchcore.runrecord import RunRecord
 
 log = logging.getLogger(__name__)
 
-DB_NAME = "torchcore.db"
 SCHEMA_VERSION = 2       # 2: the error and stopped columns (a version 1 database is upgraded)
 ID_BLOCK = 1000          # run ids reserved per commit of the hi/lo counter
 MAX_BUFFER = 100_000     # records kept in memory while the database cannot be written
@@ -67,7 +66,7 @@ CREATE INDEX IF NOT EXISTS runs_task_at ON runs (task, at);
 CREATE INDEX IF NOT EXISTS runs_failed ON runs (at) WHERE {failed};
 """
 
-# The rule of outcome.run_failed() in SQL (tests/test_outcome.py checks they agree).  Also the
+# The rule of outcome.RunResult.failed in SQL (tests/test_outcome.py checks they agree).  Also the
 # WHERE of the partial index runs_failed: a query must use the same text to use the index.
 _FAILED = ("(ended IS NOT NULL AND skipped IS NULL AND missed = 0 AND stopped IS NULL"
            " AND (exit_code IS NOT 0 OR signal IS NOT NULL OR timed_out != 0 OR error IS NOT NULL))")
@@ -85,60 +84,9 @@ class RecordsError(TorchcoreError):
     """The records database cannot be opened or is of an unknown version."""
 
 
-@dataclasses.dataclass
-class RunRecord:
-    """One run of a task (or one skipped or missed due time), as stored."""
-
-    run_id: int
-    task: str
-    node: str
-    scheduled: int | None          # epoch second it was due for (None: manual or daemon start)
-    started: float | None          # epoch seconds
-    ended: float | None
-    exit_code: int | None
-    signal: int | None
-    timed_out: bool = False
-    skipped: str | None = None     # reason, when the run was not started
-    missed: bool = False           # due but beyond misfire_grace (or lost in a stall)
-    manual: bool = False
-    pid: int | None = None
-    peak_rss: int | None = None
-    error: str | None = None       # why it failed without an exit code (or beside it)
-    stopped: str | None = None     # why a planned stop ended it (then it did not fail)
-
-    @property
-    def duration(self):
-        """Seconds from start to end, or None while running or when it never ran."""
-        if self.started is None or self.ended is None:
-            return None
-        return self.ended - self.started
-
-    @property
-    def finished(self):
-        """An ended run (not one still running, nor a skipped or missed due time)."""
-        return self.ended is not None and self.skipped is None and not self.missed
-
-    @property
-    def failed(self):
-        """run_failed() for an ended run; skips, misses and running runs are not failures."""
-        return self.finished and run_failed(self.exit_code, self.signal, self.timed_out,
-                                            self.error, self.stopped)
-
-    def describe(self):
-        """describe_outcome() of an ended run, or what it is: skipped, missed, running."""
-        if self.skipped is not None:
-            return f"skipped: {self.skipped}"
-        if self.missed:
-            return "missed"
-        if self.ended is None:
-            return "running" if self.pid is None else f"running (pid {self.pid})"
-        return describe_outcome(self.exit_code, self.signal, self.timed_out, self.error,
-                                self.stopped)
-
-
 def db_path(state_dir):
     """The database file inside a state directory."""
-    return os.path.join(state_dir, DB_NAME)
+    return paths.records_db(state_dir)
 
 
 def _row(record):
@@ -548,14 +496,19 @@ def _main(argv):
     An executor whose supervisor died uses this: a forked child must not open
     SQLite with the state it inherited from its parent.
     """
-    import json
     import signal
+
+    from torchcore import wire
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):   # sent to a whole group:
         signal.signal(signum, signal.SIG_IGN)       # this short write finishes regardless
     logging.basicConfig(format="torchcore: %(message)s")
-    path, fields = argv
-    return 0 if write_record_now(path, RunRecord(**json.loads(fields))) else 1
+    path, text = argv
+    own = wire.decode_own_record(text)
+    result = RunResult(**{name: getattr(own, name) for name in RunResult.FIELDS})
+    record = RunRecord.of_end(own.run_id, own.task, own.node, own.scheduled, own.manual, own.pid,
+                              result)
+    return 0 if write_record_now(path, record) else 1
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ class Run:
     started: float
     state: str = RunState.STARTING
     pgid: int | None = None     # the command's process group, once the executor reports it
-    result: dict | None = None
+    report: object = None       # the executor's end report (wire.End), once read
     launcher: object = None     # the Launcher that forks it
     pending_signal: int | None = None   # a stop asked for before the executor existed
     orphaned: bool = False      # its launcher died: followed by pid until it ends

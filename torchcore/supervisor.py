@@ -10,7 +10,6 @@ loop reads, and ``handle_<signal>`` changes what the loop does next.
 import dataclasses
 import gc
 import hashlib
-import json
 import logging
 import os
 import selectors
@@ -19,12 +18,13 @@ import threading
 
 import psutil
 
-from torchcore import adopt, config, daemonlog, executor, prepare, records, safepaths
+from torchcore import adopt, config, daemonlog, jobspec, paths, prepare, records, safepaths, wire
 from torchcore.coordinator import LocalCoordinator
 from torchcore.daemons import Daemons
 from torchcore.errors import ConfigError, TorchcoreError
 from torchcore.launcher import JobTooLarge, LauncherPool
 from torchcore.ledger import Ledger
+from torchcore.outcome import RunResult
 from torchcore.planner import Planner
 from torchcore.replies import Replies
 from torchcore.runs import Run, RunTable
@@ -181,11 +181,11 @@ class Supervisor:
 
     @property
     def db_path(self):
-        return os.path.join(self.settings.state_dir, "torchcore.db")
+        return paths.records_db(self.settings.state_dir)
 
     @property
     def control_path(self):
-        return os.path.join(self.settings.state_dir, "control.sock")
+        return paths.control_socket(self.settings.state_dir)
 
     def finished(self):
         return self.stopping and not self.table
@@ -321,8 +321,8 @@ class Supervisor:
             log.error("cannot number a run of %s: %s; retrying next second", task.name, exc)
             self._retry_later(task, second, manual)
             return None
-        job = executor.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
-                                    manual=manual, db_path=self.db_path, node=self.node_name)
+        job = jobspec.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
+                                   manual=manual, db_path=self.db_path, node=self.node_name)
         try:
             pid = self.fork(job)
         except JobTooLarge as exc:
@@ -347,7 +347,7 @@ class Supervisor:
         a command that cannot start), with the reason in the log; not retried."""
         result = self.ledger.refused(task, second, manual, run_id, reason)
         if task.type == "daemon":       # a failed start: the daemon backs off
-            self._daemon_exited(Run(run_id, task, second, manual, None, result["ended"]), result)
+            self._daemon_exited(Run(run_id, task, second, manual, None, result.ended), result)
 
     def _forked(self, run, pid):
         """The executor of ``run`` exists now (STARTING or PREPARED, pid known)."""
@@ -386,9 +386,9 @@ class Supervisor:
     def _prepare(self, task, second):
         try:
             run_id = self.records.allocate_run_id()
-            job = executor.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
-                                        db_path=self.db_path, node=self.node_name, prepared=True,
-                                        hold_until=self.ahead.hold_until(task.name, second))
+            job = jobspec.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
+                                       db_path=self.db_path, node=self.node_name, prepared=True,
+                                       hold_until=self.ahead.hold_until(task.name, second))
             self.fork(job)
         except (OSError, TorchcoreError):
             return          # the tick launches it the ordinary way (or refuses it)
@@ -441,20 +441,21 @@ class Supervisor:
             self._contained("an answer of a launcher", self._launcher_answer, launcher, answer)
 
     def _launcher_answer(self, launcher, answer):
-        run_id = answer.get("forked", answer.get("exited", answer.get("fork_failed")))
+        """One wire.Forked, Exited or ForkFailed."""
+        run_id = answer.run
         prepared = self.table.prepared_ids.get(run_id)
-        if "forked" in answer:
+        if isinstance(answer, wire.Forked):
             run = self.table.get(run_id) or prepared
             if run is not None:
-                self._forked(run, answer["pid"])
+                self._forked(run, answer.pid)
             return
         launcher.runs -= 1
         if prepared is not None:        # a prepared run that never fired: nothing to record
             self.table.prepared_gone(run_id)
-        elif "exited" in answer:
-            self._executor_exited(run_id, answer["status"])
+        elif isinstance(answer, wire.Exited):
+            self._executor_exited(run_id, answer.status)
         else:
-            self._fork_failed(run_id, answer["error"])
+            self._fork_failed(run_id, answer.error)
 
     def _fork_failed(self, run_id, error):
         run = self.table.forget(run_id)
@@ -513,8 +514,7 @@ class Supervisor:
         now = self.clock.time()
         adopt.close(self.records, run, now)
         if run.task.type == "daemon":
-            self._daemon_exited(run, {"exit_code": None, "signal": None, "timed_out": False,
-                                      "started": run.started, "ended": now})
+            self._daemon_exited(run, RunResult(started=run.started, ended=now))
 
     def _start_reboot_tasks(self):
         for task in self.tasks.values():
@@ -552,26 +552,26 @@ class Supervisor:
 
     def _handle_report(self, line):
         try:
-            message = json.loads(line)
-            run = self.table.get(message["run"])
-        except (ValueError, KeyError, TypeError):
+            report = wire.decode_report(line)       # Gate, Start, End; None: another kind
+            run = None if report is None else self.table.get(report.run)
+        except (ValueError, TypeError):
             log.warning("ignored a malformed executor report: %r", line[:200])
             return
         if run is None:
-            prepared = self.table.prepared_ids.get(message.get("run"))
-            if prepared is not None and message.get("e") == "gate":
-                prepared.pgid = message.get("pid")      # its command's group, before it runs
+            prepared = None if report is None else self.table.prepared_ids.get(report.run)
+            if prepared is not None and isinstance(report, wire.Gate):
+                prepared.pgid = report.pid      # its command's group, before it runs
             return
-        if message.get("e") in ("start", "gate"):     # gate: read only after it was fired
-            known, run.pgid = run.pgid, message.get("pid")
+        if isinstance(report, (wire.Start, wire.Gate)):    # gate: read only after it was fired
+            known, run.pgid = run.pgid, report.pid
             if run.pgid != known:
                 self.ledger.started(run)         # history shows the command's pid, as status
             self.table.running(run)     # STARTING -> RUNNING
             if self.stopping:
                 self._signal_run(run, signal.SIGTERM, "shutdown")
-        elif message.get("e") == "end":
-            run.result = message
-            self.ahead.started(run.scheduled, message.get("started"))
+        elif isinstance(report, wire.End):
+            run.report = report
+            self.ahead.started(run.scheduled, report.started)
 
     def reap(self):
         """Collect every exited child (signals coalesce: never rely on one SIGCHLD each)."""
@@ -600,16 +600,18 @@ class Supervisor:
     def _finish(self, run, status):
         """Record a run whose executor has exited (RUNNING -> EXITED)."""
         self.table.exited(run)      # RUNNING -> EXITED
-        result = run.result
-        if result is None:
-            code = os.waitstatus_to_exitcode(status)
-            result = {"exit_code": None, "signal": None, "timed_out": False, "peak_rss": None,
-                      "ended": self.clock.time(), "started": run.started,
-                      "error": f"executor ended without a report ({_describe_status(code)})"}
-            log.error("run %d of %s: %s", run.run_id, run.task.name, result["error"])
+        report = run.report         # the executor's wire.End, if it sent one
+        if report is not None:
+            result = RunResult.from_report(report, run.stop_reason)
+        else:
+            how = RunResult.from_returncode(os.waitstatus_to_exitcode(status)).ending(raw=True)
+            result = RunResult(error=f"executor ended without a report ({how})",
+                               stopped=run.stop_reason, started=run.started,
+                               ended=self.clock.time())
+            log.error("run %d of %s: %s", run.run_id, run.task.name, result.error)
             if run.pgid:
                 self.system.kill(-run.pgid, signal.SIGKILL)   # no command may outlive its executor
-        self.ledger.ended(run, result)
+        self.ledger.ended(run, result, report.log_problem if report is not None else None)
         if run.task.type == "daemon":
             self._daemon_exited(run, result)
 
@@ -865,7 +867,3 @@ def _file_signature(path):
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _describe_status(code):
-    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"

@@ -7,7 +7,7 @@ import sys
 import time
 from datetime import datetime
 
-from torchcore import config, executor, records
+from torchcore import config, jobspec, records
 from torchcore.commands import common
 from torchcore.commands.common import control_request, find_daemon, not_running, print_json
 from torchcore.errors import ConfigError, TorchcoreError
@@ -320,15 +320,15 @@ def _run_local(args):
     """The task's command in this terminal: its env, cwd, user and limits, not its schedule."""
     taskfile = config.load(common.task_file_path(args))
     task = common.lookup_task(taskfile, args.task)
-    job = executor.Job.for_task(task, taskfile.settings)
-    cred = executor.credentials(job)
+    job = jobspec.Job.for_task(task, taskfile.settings)
+    cred = jobspec.credentials(job)
     extra = {}
     if cred:
         extra = {"user": cred[1], "group": cred[2], "extra_groups": cred[3]}
-    env = executor.task_environment(job, cred[0] if cred else None)
+    env = jobspec.task_environment(job, cred[0] if cred else None)
     try:
         done = subprocess.run(job.argv, env=env, cwd=job.cwd or None,
-                              preexec_fn=executor.limit_setter(job),
+                              preexec_fn=jobspec.limit_setter(job),
                               timeout=task.timeout, check=False, **extra)
     except FileNotFoundError as exc:
         raise TorchcoreError(f"task {task.name!r}: cannot start: {exc}") from None
