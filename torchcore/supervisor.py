@@ -17,9 +17,7 @@ import selectors
 import signal
 import threading
 
-import psutil
-
-from torchcore import adopt, config, daemonlog, executor, prepare, records, safepaths
+from torchcore import adopt, config, executor, prepare, records, safepaths
 from torchcore.coordinator import LocalCoordinator
 from torchcore.daemons import Daemons
 from torchcore.errors import ConfigError, TorchcoreError
@@ -33,8 +31,6 @@ from torchcore.system import System
 
 log = logging.getLogger("torchcore")
 
-STATS_EVERY = 60            # seconds between stats lines
-PRUNE_EVERY = 6 * 3600      # seconds between prunes of records older than history_days
 EARLY_WAKE = 0.002          # with prepared runs waiting, wake this early and spin to the boundary
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
            signal.SIGUSR2: "usr2", signal.SIGCHLD: "chld"}
@@ -60,11 +56,11 @@ class Supervisor:
         self.tasks = {}             # name -> Task running on this node
         self.daemons = Daemons()    # the daemon tasks' slots: restarts, backoff (see daemons.py)
         self.table = RunTable()     # the runs, started and prepared (see runs.py)
+        self.ledger = Ledger(self.node_name, self.clock)  # records and counts (see ledger.py)
         self.launchers = LauncherPool(  # the processes that fork executors (see launcher.py)
-            self.system, helper_stderr, self.clock, self._contain, self._launcher_answers,
+            self.system, helper_stderr, self.clock, self.ledger.contain, self._launcher_answers,
             self._launcher_died)
         self.ahead = prepare.Lookahead(self.planner, self.clock, self.system.cores)  # prepare.py
-        self.ledger = Ledger(self.node_name, self.clock)  # records and counts (see ledger.py)
         self.stats = self.ledger.stats
         self.started_at = self.clock.time()
         self.stopping = False
@@ -79,10 +75,7 @@ class Supervisor:
         self.retry = []                  # (name, second) whose fork failed: tried again next tick
         self.last_result = self.ledger.last_result     # name -> last finished result (status)
         self.skipped_last = self.ledger.skipped_last   # name -> reason, while skipped
-        self._errors_seen = set()        # (where, exception type) already logged once
         self._report_buffer = b""
-        self._next_stats = self.clock.monotonic() + STATS_EVERY
-        self._next_prune = 0.0
         self._title = None
         self.records = None
         self.selector = None
@@ -100,7 +93,7 @@ class Supervisor:
                 try:
                     self.loop_once()
                 except Exception as exc:    # whatever one pass met, the next pass runs
-                    self._contain("a pass of the loop", exc)
+                    self.ledger.contain("a pass of the loop", exc)
         finally:
             self._close()
         log.info("torchcore stopped")
@@ -206,19 +199,6 @@ class Supervisor:
             self.prepare_ahead()
         self.housekeeping()
 
-    def _contain(self, what, exc):
-        """One unit of work failed (a task's start, a launcher's answer, a pass): count it, log
-        it once for each kind, and go on with the rest.  The supervisor outlives its bugs and
-        whatever the system throws at it; the count shows in the stats line and in status."""
-        self.stats.errors += 1
-        kind = (what, type(exc).__name__)
-        if kind in self._errors_seen:
-            return
-        self._errors_seen.add(kind)
-        log.error("%s failed, carrying on (more of these are counted, not logged): %s: %s",
-                  what, type(exc).__name__, exc)
-        log.debug("the failure of %s", what, exc_info=exc)
-
     def _sleep_time(self):
         wall = self.clock.time()
         wait = (int(wall) + 1 - wall) + 0.0005
@@ -268,11 +248,11 @@ class Supervisor:
             self._cancel(self.table.take_prepared(*key))    # prepared, but not due after all
 
     def _contained(self, what, action, *args):
-        """``action(*args)``, its failure contained (see _contain); returns its result or None."""
+        """``action(*args)``, its failure contained (see Ledger.contain); returns its result or None."""
         try:
             return action(*args)
         except Exception as exc:
-            self._contain(what, exc)
+            self.ledger.contain(what, exc)
             return None
 
     def _due_retries(self, now, due):
@@ -811,14 +791,7 @@ class Supervisor:
         self._set_title()
         if self.control is not None:
             self.control.reap_idle(self.clock.monotonic())
-        if self.clock.monotonic() >= self._next_prune:
-            self._next_prune = self.clock.monotonic() + PRUNE_EVERY
-            pruned = self.records.prune(self.clock.time() - self.settings.history_days * 86400)
-            if pruned:
-                log.info("pruned %d records older than %d days", pruned, self.settings.history_days)
-        if self.clock.monotonic() >= self._next_stats:
-            self._next_stats = self.clock.monotonic() + STATS_EVERY
-            log.info("%s", self.stats_line())
+        self.ledger.now_and_then(self.settings.history_days, len(self.tasks), len(self.table))
 
     def _set_title(self):
         name = os.path.basename(self.settings.path)
@@ -828,17 +801,6 @@ class Supervisor:
         if title != self._title:
             self.system.set_title(title)
             self._title = title
-
-    def stats_line(self):
-        load = os.getloadavg()
-        rss = psutil.Process().memory_info().rss
-        s = self.stats
-        return (f"stats: tasks={len(self.tasks)} running={len(self.table)} started={s.started} "
-                f"failed={s.failed} skipped={s.skipped} missed={s.missed} "
-                f"fork_failures={s.fork_failures} errors={s.errors} "
-                f"log_failures={daemonlog.failures()} "
-                f"load={load[0]:.2f},{load[1]:.2f},{load[2]:.2f} "
-                f"rss={rss // 1024}K mem_used={psutil.virtual_memory().percent}%")
 
 
 def _record_signal(signum, frame):
