@@ -31,7 +31,6 @@ from torchcore.system import System
 
 log = logging.getLogger("torchcore")
 
-EARLY_WAKE = 0.002          # with prepared runs waiting, wake this early and spin to the boundary
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
            signal.SIGUSR2: "usr2", signal.SIGCHLD: "chld"}
 
@@ -191,7 +190,8 @@ class Supervisor:
             self.drive_shutdown()
         else:
             self.watch_file()
-            self._await_boundary()
+            if self.table.prepared:
+                self.ahead.await_boundary()
             now = int(self.clock.time())
             if now != self.planner.watermark:
                 self.tick(now)
@@ -203,23 +203,12 @@ class Supervisor:
         wall = self.clock.time()
         wait = (int(wall) + 1 - wall) + 0.0005
         if self.table.prepared:
-            wait = max(0.0, wait - 0.0005 - EARLY_WAKE)   # epoll rounds up to whole ms
+            wait = max(0.0, wait - 0.0005 - prepare.EARLY_WAKE)   # epoll rounds up to whole ms
         if self.launchers and not self.stopping and wall < self.ahead.next_at:
             wait = min(wait, self.ahead.next_at - wall)
         if self.shutdown_deadline is not None:
             wait = min(wait, max(0.0, self.shutdown_deadline - self.clock.monotonic()))
         return min(wait, 1.0)
-
-    def _await_boundary(self):
-        """Spin the last moments to the second boundary when prepared runs wait for it."""
-        if not self.table.prepared:
-            return
-        boundary = self.planner.watermark + 1
-        if boundary - self.clock.time() > 2 * EARLY_WAKE:
-            return          # woken by something else, well before the boundary
-        give_up = self.clock.monotonic() + 2 * EARLY_WAKE
-        while self.clock.time() < boundary and self.clock.monotonic() < give_up:
-            pass
 
     def tick(self, now):
         """Launch what the planner says is due at ``now`` (and log what the clock did)."""
