@@ -7,9 +7,7 @@ Signal handlers only record: the wakeup fd turns each signal into a byte the
 loop reads, and ``handle_<signal>`` changes what the loop does next.
 """
 
-import dataclasses
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -17,7 +15,7 @@ import selectors
 import signal
 import threading
 
-from torchcore import adopt, config, executor, prepare, records, safepaths
+from torchcore import adopt, config, executor, prepare, records, safepaths, taskset
 from torchcore.coordinator import LocalCoordinator
 from torchcore.daemons import Daemons
 from torchcore.errors import ConfigError, TorchcoreError
@@ -140,7 +138,7 @@ class Supervisor:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for signum in SIGNALS:
             signal.signal(signum, _record_signal)
-        self.file_signature = _file_signature(self.settings.path)
+        self.file_signature = taskset.signature(self.settings.path)
 
     def _open_control(self):
         """The control socket, when the plumbing for it is present (see control.py)."""
@@ -694,35 +692,25 @@ class Supervisor:
         schedule table) is done first, the table put back as it was if it fails; only then
         are prepared runs cancelled and retired daemons stopped.
         """
-        old_tasks = self.tasks
-        new_tasks = {task.name: task for task in new.local_tasks(self.node)}
-        settings = dataclasses.replace(
-            new.settings, state_dir=self.settings.state_dir, log_dir=self.settings.log_dir,
-            pidfile=self.settings.pidfile)
-        removed = [name for name in old_tasks if name not in new_tasks]
-        changed = [name for name, task in new_tasks.items()
-                   if name in old_tasks and old_tasks[name] != task]
-        added = [name for name in new_tasks if name not in old_tasks]
-        self.changes = {"added": len(added), "changed": len(changed), "removed": len(removed)}
-        self.planner.reschedule(old_tasks, removed + changed,
-                                [new_tasks[name] for name in changed + added])
+        change = taskset.compare(self.tasks, self.settings, new, self.node)
+        self.changes = change.counts()
+        self.planner.reschedule(self.tasks, change.removed + change.changed,
+                                [change.tasks[name] for name in change.changed + change.added])
         # Nothing below fails: the new state is in place.
         self._cancel_prepared()     # they were forked with the old specs
         self.ahead.forget_due()
-        for name in removed + changed:
-            self._retire(old_tasks[name], "removed" if name in removed else "changed")
-        for name in changed + added:
-            self._admit(new_tasks[name])
+        for name in change.removed + change.changed:
+            self._retire(self.tasks[name], "removed" if name in change.removed else "changed")
+        for name in change.changed + change.added:
+            if change.tasks[name].type == "daemon":     # a new or changed daemon: a fresh slot
+                self.daemons.admit(name)
         if not first:
-            self._warn_fixed_settings(new.settings)
-        self.taskfile = new
-        self.settings = settings
+            taskset.warn_fixed_settings(self.settings, new.settings)
+        self.taskfile, self.settings, self.tasks = new, change.settings, change.tasks
         self.planner.misfire_grace = self.settings.misfire_grace
-        self.tasks = new_tasks
-        self.file_signature = _file_signature(new.path)
+        self.file_signature = taskset.signature(new.path)
         gc.freeze()     # what is loaded now stays shared with the children
-        return (f"{len(new_tasks)} tasks on this node: {len(added)} added, {len(changed)} changed, "
-                f"{len(removed)} removed")
+        return change.summary()
 
     def _retire(self, task, how="removed"):
         """A removed or changed task (already off the schedule): stop a daemon's instances
@@ -732,34 +720,16 @@ class Supervisor:
             for run in self.table.of_task(task.name):
                 self._signal_run(run, signal.SIGTERM, f"task {how} by reload")
 
-    def _admit(self, task):
-        """A new or changed task (already on the schedule): a daemon gets its slot."""
-        if task.type == "daemon":
-            self.daemons.admit(task.name)
-
-    def _warn_fixed_settings(self, new):
-        for field in ("state_dir", "log_dir", "pidfile"):
-            if getattr(new, field) != getattr(self.settings, field):
-                problem = safepaths.problem_with(field, getattr(new, field))
-                if problem:
-                    log.warning("settings.%s changed to %s: refused, %s is kept: %s", field,
-                                getattr(new, field), getattr(self.settings, field), problem)
-                    continue
-                log.warning("settings.%s changed to %s: it takes effect at the next restart",
-                            field, getattr(new, field))
-
     def watch_file(self):
         """Reload when the file on disk changes (edits, atomic renames, symlink swaps)."""
         if not self.settings.watch:
             return
-        signature = _file_signature(self.settings.path)
+        signature = taskset.signature(self.settings.path)
         if signature is None or signature == self.file_signature:
             return
         self.file_signature = signature
-        try:        # at most the loader's limit: a bigger file is a change (and a rejected reload)
-            with open(self.settings.path, "rb") as handle:
-                digest = hashlib.sha256(handle.read(config.MAX_FILE_BYTES + 1)).hexdigest()
-        except OSError:
+        digest = taskset.digest(self.settings.path)
+        if digest is None:
             return
         if digest != self.taskfile.digest:
             self.reload("file changed")
@@ -794,14 +764,6 @@ class Supervisor:
 
 def _record_signal(signum, frame):
     """Handlers only record: the wakeup fd carries the signal number to the loop."""
-
-
-def _file_signature(path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _describe_status(code):
