@@ -1,7 +1,7 @@
 """Preparing ahead: which seconds to fork early, and how long a burst's executors hold back.
 
 Ahead of each second the supervisor forks the executors of its runs, waiting for go (see
-Supervisor.prepare_ahead): a second is prepared PREPARE_LEAD ahead, or earlier when its burst
+Starter.prepare_ahead): a second is prepared PREPARE_LEAD ahead, or earlier when its burst
 is too big to fork in that time (seconds are prepared in order, so a big burst also brings the
 ones before it).  More runs due in one second than there are cores start over a while; their
 executors hold their wrap-up until the starts should be over (Executor._sit_out_burst), and
