@@ -92,7 +92,7 @@ def test_changed_daemon_is_stopped_gracefully_and_started_again(make):
     sup = make("""tasks:
   - {name: d, type: daemon, command: "sleep 100"}
 """)
-    sup.tend_daemons()
+    sup.starter.tend_daemons()
     assert sup.system.forked == [("d", None, False)]
     old_pid = sup.table.oldest("d").executor_pid
     rewrite(sup, """tasks:
@@ -100,10 +100,10 @@ def test_changed_daemon_is_stopped_gracefully_and_started_again(make):
 """)
     sup.reload("test")
     assert sup.system.killed == [(old_pid, signal.SIGTERM)]
-    sup.tend_daemons()
+    sup.starter.tend_daemons()
     assert len(sup.system.forked) == 1                   # waits for the old instance to exit
     sup.end("d")
-    sup.tend_daemons()
+    sup.starter.tend_daemons()
     assert len(sup.system.forked) == 2
 
 
@@ -113,14 +113,14 @@ def test_daemon_failed_starts_back_off_doubling_to_a_minute(make):
 """)
     delays = []
     for _ in range(9):
-        sup.tend_daemons()
+        sup.starter.tend_daemons()
         sup.end("crash", lived=0.01, exit_code=1)
         slot = sup.daemons["crash"]
         delays.append(slot.next_try - sup.clock.monotonic())
         sup.clock.advance(slot.next_try - sup.clock.monotonic())
     assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
     assert slot.state == DaemonState.BACKOFF
-    sup.tend_daemons()
+    sup.starter.tend_daemons()
     sup.end("crash", lived=3.0)                   # a healthy run resets the backoff
     assert slot.failures == 0 and slot.state == DaemonState.RUNNING
 
@@ -129,13 +129,13 @@ def test_daemon_is_not_restarted_before_its_backoff(make):
     sup = make("""tasks:
   - {name: crash, type: daemon, command: "false"}
 """)
-    sup.tend_daemons()
+    sup.starter.tend_daemons()
     sup.end("crash", lived=0.01, exit_code=1)
     sup.clock.advance(0.5)
-    sup.tend_daemons()
+    sup.starter.tend_daemons()
     assert len(sup.system.forked) == 1
     sup.clock.advance(0.6)
-    sup.tend_daemons()
+    sup.starter.tend_daemons()
     assert len(sup.system.forked) == 2
 
 
@@ -186,7 +186,7 @@ def test_fork_refuses_when_another_thread_runs(make):
     thread.start()
     try:
         with pytest.raises(RuntimeError, match="single-threaded"):
-            sup.fork(None)
+            sup.starter.fork(None)
     finally:
         stop.set()
         thread.join()
@@ -214,17 +214,17 @@ def test_runs_are_prepared_ahead_and_big_bursts_earlier(make):
         return [(job.name, job.scheduled, round(at - job.scheduled, 3))
                 for job, at in sup.system.submitted]
     lead = 1000 * prepare.PREPARE_COST / 2            # 3 s with two launchers
-    sup.prepare_ahead()                                          # T0 - 0.8
+    sup.starter.prepare_ahead()                                  # T0 - 0.8
     assert prepared() == []                                      # T0 is more than 0.5 s away
     assert sup.ahead.next_at == pytest.approx(T0 - 0.5)
     sup.clock.advance(0.3)
-    sup.prepare_ahead()
+    sup.starter.prepare_ahead()
     assert prepared() == [("every", T0, -0.5)]
     sup.clock.advance(T0 + 30 - lead - 0.5 - sup.clock.time())
-    sup.prepare_ahead()
+    sup.starter.prepare_ahead()
     assert {s for _, s, _ in prepared()} == {T0, T0 + 27}   # seconds already past are not prepared
     sup.clock.advance(0.5)
-    sup.prepare_ahead()
+    sup.starter.prepare_ahead()
     burst_runs = [p for p in prepared() if p[0].startswith("b")]
     assert len(burst_runs) == 1000 and {s for _, s, _ in burst_runs} == {T0 + 30}
     assert all(ahead == -lead for _, _, ahead in burst_runs)
@@ -261,7 +261,7 @@ def test_runs_of_a_burst_hold_their_wrap_up_for_as_long_as_its_starts_take(make)
     def holds():
         return {(job.name, job.scheduled): job.hold_until for job, _ in sup.system.submitted}
     sup.clock.advance(0.4)                          # T0 - 0.1: T0 and its burst are prepared
-    sup.prepare_ahead()
+    sup.starter.prepare_ahead()
     cost, margin = prepare.START_COST, prepare.HOLD_MARGIN
     assert holds()[("b7", T0)] == pytest.approx(T0 + 1002 * cost / 2 * margin)    # 1.503 s
     assert holds()[("every", T0)] == T0 + 0.3        # due again in a second: 0.3 of it at most
@@ -280,7 +280,7 @@ def test_runs_of_a_burst_hold_their_wrap_up_for_as_long_as_its_starts_take(make)
     sup.housekeeping()
     assert sup.records.pending == 0                 # ...but once they are over
     sup.clock.advance(7.95)                         # T0 + 9.6: the next burst is prepared
-    sup.prepare_ahead()
+    sup.starter.prepare_ahead()
     measured = 0.9 * 2 / 1002                       # CPU per start, measured
     assert holds()[("b7", T0 + 10)] == pytest.approx(T0 + 10 + 1002 * measured / 2 * margin)
 
@@ -289,7 +289,7 @@ def test_runs_that_are_no_burst_do_not_hold(make):
     sup = make("tasks:\n  - {name: solo, schedule: '* * * * * *', command: 'true'}\n"
                "  - {name: duo, schedule: '* * * * * *', command: 'true'}\n", launchers=1, cores=2)
     sup.clock.advance(0.4)
-    sup.prepare_ahead()
+    sup.starter.prepare_ahead()
     holds = {job.name: job.hold_until for job, _ in sup.system.submitted}
     assert holds == {"solo": None, "duo": None}      # no more runs than cores: no hold
 

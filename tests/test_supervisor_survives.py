@@ -49,7 +49,7 @@ def _snapshot(sup):
 def test_a_reload_whose_apply_fails_is_rejected_whole_and_disturbs_nothing(make, monkeypatch,
                                                                           caplog, figures):
     sup = make(OLD)
-    sup.tend_daemons()
+    sup.starter.tend_daemons()
     sup.second()
     before, killed = _snapshot(sup), list(sup.system.killed)
     rewrite(sup, NEW)
@@ -182,11 +182,11 @@ tasks:
 """)
     sup.second()                            # hog takes the only slot
     for _ in range(50):                     # many passes over many seconds
-        sup.tend_daemons()
+        sup.starter.tend_daemons()
         sup.clock.advance(0.2)
     assert sup.stats.skipped == 1 and sup.skipped_last["d"] == "max_running 1 reached"
     sup.end("hog")
-    sup.tend_daemons()
+    sup.starter.tend_daemons()
     assert "d" in {f[0] for f in sup.system.forked} and "d" not in sup.skipped_last
 
 
@@ -209,7 +209,7 @@ def test_an_adopted_daemon_run_counts_as_its_instance_and_is_stopped_at_shutdown
 """)
     run = _adopt(sup, "d")
     for _ in range(20):
-        sup.tend_daemons()
+        sup.starter.tend_daemons()
         sup.clock.advance(1)
     assert sup.system.forked == [] and sup.stats.skipped == 0          # it is the instance: no second
     sup.begin_shutdown("test")
@@ -268,7 +268,7 @@ def test_a_job_too_large_for_a_launcher_is_recorded_failed_once_and_not_retried(
     rows = sup.records.query(task="big")
     refused = [r for r in rows if r.exit_code == 126 and r.ended is not None]
     assert sorted(r.scheduled for r in refused) == [T0, T0 + 1, T0 + 2]
-    assert sup.stats.failed == 3 and sup.stats.fork_failures == 0 and sup.retry == []
+    assert sup.stats.failed == 3 and sup.stats.fork_failures == 0 and sup.starter.retry == []
     assert [f[:2] for f in sup.system.forked] == [("big", T0 + 3)]
     figures.add(faults=3, runs=4)
 

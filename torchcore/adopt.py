@@ -2,13 +2,15 @@
 
 A new supervisor finds them among the records without an end: a run whose executor still
 lives (told by its process title) is adopted, a run like any other followed by its executor's
-pid (see Supervisor.adopt_previous_executors); one whose executor is gone is closed as lost.
+pid (see take_over); one whose executor is gone is closed as lost.
 """
 
 import dataclasses
 import logging
+import signal
 
 from torchcore import records
+from torchcore.outcome import RunResult
 from torchcore.runs import Run
 from torchcore.states import RunState
 
@@ -21,6 +23,25 @@ class Retired:
 
     name: str
     type: str
+
+
+def take_over(db, system, tasks, clock, table, signal_run):
+    """Take over the runs a killed supervisor left behind, so none runs twice at once.
+
+    An adopted run is a run like any other, followed by its executor's pid: it counts
+    against `max` and `max_running`, is stopped at shutdown and when a reload retires
+    its daemon task, and its executor still enforces its timeout.  Its executor records
+    its own end; runs whose executor is gone without a record are closed as lost.
+    ``signal_run(run, signum)`` stops an instance whose daemon task is gone.
+    """
+    for run in survivors(db, system, tasks, clock):
+        table.adopt(run)
+        log.warning("run %d of %s (pid %d) was started by a previous supervisor and still "
+                    "runs: it counts against max (adopted, stopped like any other run)",
+                    run.run_id, run.task.name, run.executor_pid)
+        current = tasks.get(run.task.name)
+        if is_daemon_instance(run) and (current is None or current.type != "daemon"):
+            signal_run(run, signal.SIGTERM)       # its daemon task is gone
 
 
 def survivors(db, system, tasks, clock):
@@ -51,7 +72,8 @@ def _adopted(record, executor_pid, system, tasks, clock):
 
 
 def close(db, run, now):
-    """An adopted run ended: its executor wrote its record, or it is closed as lost here."""
+    """An adopted run ended: its executor wrote its record, or it is closed as lost here.
+    Returns the result a daemon task's slot is told (its exit unknown)."""
     db.flush()
     try:
         record = next((r for r in db.unfinished() if r.run_id == run.run_id), None)
@@ -61,3 +83,4 @@ def close(db, run, now):
         db.add(record.lost(now, "its executor ended without recording an end"))
     log.info("%s run %d (adopted) ended%s", run.task.name, run.run_id,
              ": lost" if record is not None else "")
+    return RunResult(started=run.started, ended=now)

@@ -1,5 +1,5 @@
 """What the supervisor writes down: run records, the stats line's counts, each task's last
-result and last skip.
+result and last skip, and the failures of its own work it contained.
 
 The supervisor decides (start, skip, refuse, retry, stop); the ledger turns each outcome into
 its RunRecord, its counts and its log line, so a decision and its bookkeeping are not written
@@ -8,12 +8,19 @@ out together in many places.  Records are buffered by records.Records (see its f
 
 import dataclasses
 import logging
+import os
 import time
 
+import psutil
+
+from torchcore import daemonlog
 from torchcore.outcome import RunResult
 from torchcore.runrecord import RunRecord
 
 log = logging.getLogger("torchcore")
+
+STATS_EVERY = 60            # seconds between stats lines
+PRUNE_EVERY = 6 * 3600      # seconds between prunes of records older than history_days
 
 
 @dataclasses.dataclass
@@ -23,7 +30,7 @@ class Stats:
     skipped: int = 0
     missed: int = 0
     fork_failures: int = 0
-    errors: int = 0             # failures of the supervisor's own work, contained (see _contain)
+    errors: int = 0             # failures of the supervisor's own work, contained (see contain)
 
 
 class Ledger:
@@ -37,6 +44,46 @@ class Ledger:
         self.last_result = {}       # name -> RunResult of its last finished run
         self.skipped_last = {}      # name -> reason, while its last due run was skipped
         self._refusals_logged = set()   # names whose refusal was logged once
+        self._errors_seen = set()       # (where, exception type) already logged once
+        self._next_stats = clock.monotonic() + STATS_EVERY
+        self._next_prune = 0.0
+
+    def contain(self, what, exc):
+        """One unit of work failed (a task's start, a launcher's answer, a pass): count it, log
+        it once for each kind, and go on with the rest.  The supervisor outlives its bugs and
+        whatever the system throws at it; the count shows in the stats line and in status."""
+        self.stats.errors += 1
+        kind = (what, type(exc).__name__)
+        if kind in self._errors_seen:
+            return
+        self._errors_seen.add(kind)
+        log.error("%s failed, carrying on (more of these are counted, not logged): %s: %s",
+                  what, type(exc).__name__, exc)
+        log.debug("the failure of %s", what, exc_info=exc)
+
+    def now_and_then(self, history_days, tasks, running):
+        """Prune the records older than ``history_days`` (at once, then every PRUNE_EVERY) and
+        log the stats line (every STATS_EVERY), with ``tasks`` on this node and ``running``."""
+        if self.clock.monotonic() >= self._next_prune:
+            self._next_prune = self.clock.monotonic() + PRUNE_EVERY
+            pruned = self.records.prune(self.clock.time() - history_days * 86400)
+            if pruned:
+                log.info("pruned %d records older than %d days", pruned, history_days)
+        if self.clock.monotonic() >= self._next_stats:
+            self._next_stats = self.clock.monotonic() + STATS_EVERY
+            log.info("%s", self.stats_line(tasks, running))
+
+    def stats_line(self, tasks, running):
+        """The periodic stats line: the counts, with ``tasks`` on this node and ``running``."""
+        load = os.getloadavg()
+        rss = psutil.Process().memory_info().rss
+        s = self.stats
+        return (f"stats: tasks={tasks} running={running} started={s.started} "
+                f"failed={s.failed} skipped={s.skipped} missed={s.missed} "
+                f"fork_failures={s.fork_failures} errors={s.errors} "
+                f"log_failures={daemonlog.failures()} "
+                f"load={load[0]:.2f},{load[1]:.2f},{load[2]:.2f} "
+                f"rss={rss // 1024}K mem_used={psutil.virtual_memory().percent}%")
 
     def started(self, run):
         self.records.add(RunRecord.of_start(

@@ -1,12 +1,13 @@
 """Preparing ahead: which seconds to fork early, and how long a burst's executors hold back.
 
 Ahead of each second the supervisor forks the executors of its runs, waiting for go (see
-Supervisor.prepare_ahead): a second is prepared PREPARE_LEAD ahead, or earlier when its burst
+Starter.prepare_ahead): a second is prepared PREPARE_LEAD ahead, or earlier when its burst
 is too big to fork in that time (seconds are prepared in order, so a big burst also brings the
 ones before it).  More runs due in one second than there are cores start over a while; their
 executors hold their wrap-up until the starts should be over (Executor._sit_out_burst), and
-the supervisor holds its database writes as long.  This module decides those times; it forks
-nothing and knows no run, only the planner's names due and the starts reported.
+the supervisor holds its database writes as long.  This module decides those times (and spins
+the loop's last moments to a boundary its prepared runs wait for); it forks nothing and knows
+no run, only the planner's names due and the starts reported.
 """
 
 import dataclasses
@@ -19,6 +20,8 @@ START_COST = 0.002          # CPU seconds a command's start takes, until measure
 HOLD_MARGIN = 1.5           # a burst's executors hold their wrap-up this much longer than its starts
 HOLD_MAX = 3.0              # ...and never longer than this after their second,
 HOLD_SHARE = 0.3            # ...nor than this share of the time to the task's next run
+EARLY_WAKE = 0.002          # with prepared runs waiting, the loop wakes this early and spins to
+                            # the boundary (see await_boundary)
 
 
 @dataclasses.dataclass
@@ -63,6 +66,16 @@ class Lookahead:
             yield second
         for second in [s for s in self._due_names if s <= self.prepared_for]:
             del self._due_names[second]
+
+    def await_boundary(self):
+        """Spin the last moments to the second boundary (prepared runs wait for it): the
+        supervisor's loop, woken EARLY_WAKE before it, then gives the go at once."""
+        boundary = self.planner.watermark + 1
+        if boundary - self.clock.time() > 2 * EARLY_WAKE:
+            return          # woken by something else, well before the boundary
+        give_up = self.clock.monotonic() + 2 * EARLY_WAKE
+        while self.clock.time() < boundary and self.clock.monotonic() < give_up:
+            pass
 
     def due_at(self, second):
         if second not in self._due_names:

@@ -60,7 +60,7 @@ class Replies:
             raise TorchcoreError(f"task {name!r} {where}")
         if sup.stopping:
             raise TorchcoreError("torchcore is stopping")
-        run = sup.launch(task, None, manual=True)
+        run = sup.starter.launch(task, None, manual=True)
         if run is None:
             reason = sup.skipped_last.get(name) or "the coordinator refused it"
             raise TorchcoreError(f"task {name!r} not started: {reason}")

@@ -2,41 +2,35 @@
 
 Each pass sleeps on a selector until the next second boundary (or a signal, a
 report from an executor, a control request), reaps every child that exited,
-then hands the current second to the planner and launches what is due.
+then hands the current second to the planner and has what is due started.
 Signal handlers only record: the wakeup fd turns each signal into a byte the
-loop reads, and ``handle_<signal>`` changes what the loop does next.
+loop reads, and ``handle_<signal>`` changes what the loop does next.  The pieces
+it owns do the rest: starting and stopping runs (starting.py), the run table
+(runs.py), the records and counts (ledger.py); see docs/architecture.md.
 """
 
-import dataclasses
 import gc
-import hashlib
 import logging
 import os
 import selectors
 import signal
-import threading
 
-import psutil
-
-from torchcore import adopt, config, daemonlog, jobspec, paths, prepare, records, safepaths, wire
+from torchcore import adopt, config, paths, prepare, records, safepaths, taskset, wire
 from torchcore.coordinator import LocalCoordinator
 from torchcore.daemons import Daemons
-from torchcore.errors import ConfigError, TorchcoreError
-from torchcore.launcher import JobTooLarge, LauncherPool
+from torchcore.errors import ConfigError
+from torchcore.launcher import LauncherPool
 from torchcore.ledger import Ledger
 from torchcore.outcome import RunResult
 from torchcore.planner import Planner
 from torchcore.replies import Replies
-from torchcore.runs import Run, RunTable
+from torchcore.runs import RunTable
 from torchcore.services import Services
-from torchcore.states import RunState
+from torchcore.starting import Starter
 from torchcore.system import System
 
 log = logging.getLogger("torchcore")
 
-STATS_EVERY = 60            # seconds between stats lines
-PRUNE_EVERY = 6 * 3600      # seconds between prunes of records older than history_days
-EARLY_WAKE = 0.002          # with prepared runs waiting, wake this early and spin to the boundary
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
            signal.SIGUSR2: "usr2", signal.SIGCHLD: "chld"}
 
@@ -55,19 +49,23 @@ class Supervisor:
         self.clock = self.system.clock
         self.coordinator = coordinator or LocalCoordinator()
         self.on_ready = on_ready
-        self.helper_stderr = helper_stderr  # a path for the launchers' stderr (None: ours)
         self.ready = False
         self.planner = Planner(self.settings.misfire_grace)
         self.tasks = {}             # name -> Task running on this node
         self.daemons = Daemons()    # the daemon tasks' slots: restarts, backoff (see daemons.py)
         self.table = RunTable()     # the runs, started and prepared (see runs.py)
+        self.ledger = Ledger(self.node_name, self.clock)  # records and counts (see ledger.py)
         self.launchers = LauncherPool(  # the processes that fork executors (see launcher.py)
-            self.system, helper_stderr, self.clock, self._contain, self._launcher_answers,
+            self.system, helper_stderr, self.clock, self.ledger.contain,   # stderr: a path or None
+            lambda launcher, answers: self.starter.launcher_answers(launcher, answers),
             self._launcher_died)
         self.ahead = prepare.Lookahead(self.planner, self.clock, self.system.cores)  # prepare.py
-        self.ledger = Ledger(self.node_name, self.clock)  # records and counts (see ledger.py)
+        self.starter = Starter(     # starts, prepares, fires and signals runs (see starting.py)
+            self.table, self.ledger, self.launchers, self.system, self.coordinator, self.ahead,
+            self.daemons, db_path=self.db_path, node_name=self.node_name, contain=self.ledger.contain,
+            on_exit=self._executor_exited, on_daemon_exit=self._daemon_exited)
         self.services = Services(       # the children that talk to the network (services.py)
-            self.clock, self.settings.state_dir, helper_stderr, self._contain,
+            self.clock, self.settings.state_dir, helper_stderr, self.ledger.contain,
             options=service_options)
         self.stats = self.ledger.stats
         self.started_at = self.clock.time()
@@ -80,13 +78,8 @@ class Supervisor:
         self.changes = {}                # what the last _apply added, changed, removed (counts)
         self.reload_error = None
         self.file_signature = None
-        self.retry = []                  # (name, second) whose fork failed: tried again next tick
-        self.last_result = self.ledger.last_result     # name -> last finished result (status)
         self.skipped_last = self.ledger.skipped_last   # name -> reason, while skipped
-        self._errors_seen = set()        # (where, exception type) already logged once
         self._report_buffer = b""
-        self._next_stats = self.clock.monotonic() + STATS_EVERY
-        self._next_prune = 0.0
         self._title = None
         self.records = None
         self.selector = None
@@ -104,9 +97,9 @@ class Supervisor:
                 try:
                     self.loop_once()
                 except Exception as exc:    # whatever one pass met, the next pass runs
-                    self._contain("a pass of the loop", exc)
+                    self.ledger.contain("a pass of the loop", exc)
         finally:
-            self._close()
+            self.close()
         log.info("torchcore stopped")
         return 0
 
@@ -116,27 +109,30 @@ class Supervisor:
         try:
             self._start()
         except BaseException:
-            self._close()
+            self.close()
             raise
-
-    def close(self):
-        self._close()
 
     def _start(self):
         self.ledger.records = self.records
+        self.starter.report_w = self.report_w
         self.launchers.start(self.selector, self.report_w, self.system.launcher_count)
         self._apply(self.taskfile, first=True)
         self.services.apply(self.taskfile, self.node_name)
         self.adopt_previous_executors()
         self.planner.start(int(self.clock.time()))
-        self._start_reboot_tasks()
-        self.prepare_ahead()        # the first seconds too, not from the first tick on
+        self.starter.start_reboot_tasks()
+        self.starter.prepare_ahead()        # the first seconds too, not from the first tick on
         self._set_title()           # before `start` returns: ps never shows the command line
         self.ready = True
         if self.on_ready is not None:
             self.on_ready()
         log.info("torchcore started: %s, %d tasks on this node (%s), pid %d",
                  self.settings.path, len(self.tasks), self.node_name, os.getpid())
+
+    def adopt_previous_executors(self):
+        """Take over the runs a killed supervisor left behind (see adopt.py)."""
+        adopt.take_over(self.records, self.system, self.tasks, self.clock, self.table,
+                        self.starter.signal_run)
 
     def _open(self):
         safepaths.secure_dir(self.settings.state_dir, safepaths.STATE_DIR_MODE,
@@ -153,7 +149,7 @@ class Supervisor:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for signum in SIGNALS:
             signal.signal(signum, _record_signal)
-        self.file_signature = _file_signature(self.settings.path)
+        self.file_signature = taskset.signature(self.settings.path)
 
     def _open_control(self):
         """The control socket, when the plumbing for it is present (see control.py)."""
@@ -164,7 +160,7 @@ class Supervisor:
         self.control = control.ControlServer(self.control_path, self.replies)
         self.control.register(self.selector)
 
-    def _close(self):
+    def close(self):
         for signum in SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
@@ -204,32 +200,20 @@ class Supervisor:
             self.drive_shutdown()
         else:
             self.watch_file()
-            self._await_boundary()
+            if self.table.prepared:
+                self.ahead.await_boundary()
             now = int(self.clock.time())
             if now != self.planner.watermark:
                 self.tick(now)
-            self.tend_daemons()
-            self.prepare_ahead()
+            self.starter.tend_daemons()
+            self.starter.prepare_ahead()
         self.housekeeping()
-
-    def _contain(self, what, exc):
-        """One unit of work failed (a task's start, a launcher's answer, a pass): count it, log
-        it once for each kind, and go on with the rest.  The supervisor outlives its bugs and
-        whatever the system throws at it; the count shows in the stats line and in status."""
-        self.stats.errors += 1
-        kind = (what, type(exc).__name__)
-        if kind in self._errors_seen:
-            return
-        self._errors_seen.add(kind)
-        log.error("%s failed, carrying on (more of these are counted, not logged): %s: %s",
-                  what, type(exc).__name__, exc)
-        log.debug("the failure of %s", what, exc_info=exc)
 
     def _sleep_time(self):
         wall = self.clock.time()
         wait = (int(wall) + 1 - wall) + 0.0005
         if self.table.prepared:
-            wait = max(0.0, wait - 0.0005 - EARLY_WAKE)   # epoll rounds up to whole ms
+            wait = max(0.0, wait - 0.0005 - prepare.EARLY_WAKE)   # epoll rounds up to whole ms
         if self.launchers and not self.stopping and wall < self.ahead.next_at:
             wait = min(wait, self.ahead.next_at - wall)
         if self.shutdown_deadline is not None:
@@ -239,17 +223,6 @@ class Supervisor:
             wait = min(wait, max(0.0, restart - self.clock.monotonic()))
         return min(wait, 1.0)
 
-    def _await_boundary(self):
-        """Spin the last moments to the second boundary when prepared runs wait for it."""
-        if not self.table.prepared:
-            return
-        boundary = self.planner.watermark + 1
-        if boundary - self.clock.time() > 2 * EARLY_WAKE:
-            return          # woken by something else, well before the boundary
-        give_up = self.clock.monotonic() + 2 * EARLY_WAKE
-        while self.clock.time() < boundary and self.clock.monotonic() < give_up:
-            pass
-
     def tick(self, now):
         """Launch what the planner says is due at ``now`` (and log what the clock did)."""
         plan = self.planner.advance(now)
@@ -257,283 +230,7 @@ class Supervisor:
             log.warning("%s", message)
         for name, second, count in plan.missed:
             self.ledger.missed(name, second, count, self.settings.misfire_grace)
-        go = {}         # launcher -> run ids of prepared runs to start now
-        fired = []
-        rest = []       # due, not prepared: forked after the prepared ones got their go
-        for name, second in self._due_retries(now, plan.due) + plan.due:
-            run = self.table.take_prepared(name, second)
-            if run is None:
-                rest.append((name, second))
-            elif self._contained(f"starting {name}", self._fire, run):
-                go.setdefault(run.launcher, []).append(run.run_id)
-                fired.append(run)
-        for launcher, run_ids in go.items():
-            self.launchers.go(launcher, run_ids)
-        for name, second in rest:
-            self._contained(f"starting {name}", self.launch, self.tasks[name], second)
-        for run in fired:           # the starts first, the bookkeeping after
-            self.ledger.started(run)
-        for key in [key for key in self.table.prepared if key[1] <= now]:
-            self._cancel(self.table.take_prepared(*key))    # prepared, but not due after all
-
-    def _contained(self, what, action, *args):
-        """``action(*args)``, its failure contained (see _contain); returns its result or None."""
-        try:
-            return action(*args)
-        except Exception as exc:
-            self._contain(what, exc)
-            return None
-
-    def _due_retries(self, now, due):
-        """Seconds whose fork failed: each task tries once more, for its latest such second,
-        unless a newer second of it is due now or misfire_grace is over.  The rest are
-        recorded as missed: after a fork outage a task neither bursts nor silently drops runs."""
-        retry, self.retry = self.retry, []
-        seconds = {}
-        for name, second in sorted(retry, key=lambda item: item[1]):
-            seconds.setdefault(name, []).append(second)
-        due_names = {name for name, _ in due}
-        launch = []
-        for name, found in seconds.items():
-            if name not in self.tasks:
-                continue
-            latest = found[-1]
-            if name not in due_names and now - latest <= self.settings.misfire_grace:
-                launch.append((name, latest))
-                found = found[:-1]
-            if found:
-                self.ledger.missed(name, found[-1], len(found), self.settings.misfire_grace)
-        return launch
-
-    # ---- launching ------------------------------------------------------------------------
-
-    def launch(self, task, second, manual=False):
-        """Start one run of ``task`` unless a limit forbids it; returns the Run or None."""
-        reason = self.table.limit_reason(task, self.settings.max_running)
-        if reason:
-            self.ledger.skipped(task, second, reason, manual)
-            return None
-        if not self.coordinator.claim(task, second):
-            return None
-        try:
-            run_id = self.records.allocate_run_id()
-        except records.RecordsError as exc:
-            log.error("cannot number a run of %s: %s; retrying next second", task.name, exc)
-            self._retry_later(task, second, manual)
-            return None
-        job = jobspec.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
-                                   manual=manual, db_path=self.db_path, node=self.node_name)
-        try:
-            pid = self.fork(job)
-        except JobTooLarge as exc:
-            self._refuse(task, second, manual, run_id, str(exc))
-            return None
-        except OSError as exc:
-            self.stats.fork_failures += 1
-            log.error("cannot fork for %s (run %d): %s; retrying next second", task.name, run_id, exc)
-            self._retry_later(task, second, manual)
-            return None
-        run = Run(run_id, task, second, manual, None, self.clock.time(), launcher=self.launchers.handed_to)
-        self.table.add(run)
-        self.skipped_last.pop(task.name, None)
-        self.stats.started += 1
-        self.ledger.started(run)
-        if pid is not None:
-            self._forked(run, pid)
-        return run
-
-    def _refuse(self, task, second, manual, run_id, reason):
-        """A run that cannot be handed to a launcher: recorded at once as failed (exit 126, as
-        a command that cannot start), with the reason in the log; not retried."""
-        result = self.ledger.refused(task, second, manual, run_id, reason)
-        if task.type == "daemon":       # a failed start: the daemon backs off
-            self._daemon_exited(Run(run_id, task, second, manual, None, result.ended), result)
-
-    def _forked(self, run, pid):
-        """The executor of ``run`` exists now (STARTING or PREPARED, pid known)."""
-        if not self.table.forked(run, pid):
-            return
-        if run.launcher is not None:
-            self.ledger.started(run)         # again, now with the pid a new supervisor looks for
-        if run.pending_signal is not None:
-            self._signal_run(run, run.pending_signal)
-
-    def _retry_later(self, task, second, manual):
-        if second is not None and not manual:
-            self.retry.append((task.name, second))
-
-    # ---- prepared runs: forked before their second, started by a go byte at the boundary ----
-
-    def prepare_ahead(self):
-        """Ahead of each second, fork the executors of its runs, waiting for go.
-
-        At the boundary only the command's own exec is left to do: the tick tells each
-        launcher which of its prepared runs go, and the launcher writes a byte to each
-        one's go pipe, so a burst starts in parallel on every core.  What the tick does not
-        find due is cancelled (its go pipe closed) and leaves no trace.  Which seconds,
-        when, and how long a burst's executors hold back: see prepare.py.
-        """
-        if not self.launchers:
-            return
-        for second in self.ahead.seconds(len(self.launchers)):
-            for name in self.ahead.due_at(second):
-                task = self.tasks.get(name)
-                if len(self.table.prepared) >= prepare.MAX_PREPARED or task is None:
-                    break
-                if (name, second) not in self.table.prepared:
-                    self._prepare(task, second)
-
-    def _prepare(self, task, second):
-        try:
-            run_id = self.records.allocate_run_id()
-            job = jobspec.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
-                                       db_path=self.db_path, node=self.node_name, prepared=True,
-                                       hold_until=self.ahead.hold_until(task.name, second))
-            self.fork(job)
-        except (OSError, TorchcoreError):
-            return          # the tick launches it the ordinary way (or refuses it)
-        run = Run(run_id, task, second, False, None, 0.0, launcher=self.launchers.handed_to,
-                  state=RunState.PREPARED)
-        self.table.add_prepared(run)
-
-    def _fire(self, run):
-        """A prepared run is due: True if it starts now (PREPARED -> STARTING; its launcher is
-        then told go, and its start recorded), False if a limit says no (it is cancelled)."""
-        self.table.leave_prepared(run.run_id)
-        task = run.task
-        reason = self.table.limit_reason(task, self.settings.max_running)
-        if reason or not self.coordinator.claim(task, run.scheduled):
-            self._cancel(run)
-            if reason:
-                self.ledger.skipped(task, run.scheduled, reason, False)
-            return False
-        # Waiting at the gate (its group known), the command is starting right now.
-        self.table.fire(run, self.clock.time())     # PREPARED -> RUNNING or STARTING
-        self.skipped_last.pop(task.name, None)
-        self.stats.started += 1
-        return True
-
-    def _cancel(self, run):
-        self.table.cancelled(run)                   # known until its executor's exit is seen
-        self.launchers.cancel(run.launcher, [run.run_id])
-
-    def _cancel_prepared(self):
-        while self.table.prepared:
-            self._cancel(self.table.prepared.popitem()[1])
-
-    def fork(self, job):
-        """Have ``job``'s executor forked; returns its pid, or None when a launcher forks it.
-
-        With launchers running (the daemon), the least busy one forks it and reports the
-        pid later; without (tests, or launchers that cannot start) the supervisor forks.
-        """
-        if threading.active_count() != 1:
-            # fork() copies only this thread; a lock held by another stays locked in the child.
-            raise RuntimeError("the supervisor must stay single-threaded: refusing to fork with "
-                               f"{threading.active_count()} threads")
-        self.launchers.handed_to = None
-        if self.launchers:
-            return self.launchers.submit(job)
-        return self.system.fork_executor(job, self.report_w)
-
-    def _launcher_answers(self, launcher, answers):
-        for answer in answers:
-            self._contained("an answer of a launcher", self._launcher_answer, launcher, answer)
-
-    def _launcher_answer(self, launcher, answer):
-        """One wire.Forked, Exited or ForkFailed."""
-        run_id = answer.run
-        prepared = self.table.prepared_ids.get(run_id)
-        if isinstance(answer, wire.Forked):
-            run = self.table.get(run_id) or prepared
-            if run is not None:
-                self._forked(run, answer.pid)
-            return
-        launcher.runs -= 1
-        if prepared is not None:        # a prepared run that never fired: nothing to record
-            self.table.prepared_gone(run_id)
-        elif isinstance(answer, wire.Exited):
-            self._executor_exited(run_id, answer.status)
-        else:
-            self._fork_failed(run_id, answer.error)
-
-    def _fork_failed(self, run_id, error):
-        run = self.table.forget(run_id)
-        if run is None:
-            return
-        self.ledger.fork_failed(run, error)
-        self._retry_later(run.task, run.scheduled, run.manual)
-
-    def _launcher_died(self, launcher):
-        """Replace a launcher that died; follow its runs by pid until they end.
-
-        Its runs not forked yet are recorded as failed forks and tried again; prepared ones
-        are started the ordinary way by their tick; forked ones report as before."""
-        if not self.launchers.remove(launcher):
-            return
-        log.error("a launcher (pid %d) died; starting another", launcher.pid)
-        for run in self.table.prepared_by(launcher):
-            self.table.prepared_gone(run.run_id)
-        for run in self.table.started_by(launcher):
-            if run.executor_pid is None:
-                self._fork_failed(run.run_id, "its launcher died")
-            else:
-                self.table.follow(run)
-        if not self.stopping:
-            self.launchers.start_missing()
-
-    def _follow_runs_by_pid(self):
-        """Runs whose executor is not our child (its launcher died, or it was adopted) end
-        when their executor is gone."""
-        for run_id in list(self.table.followed):
-            run = self.table.get(run_id)
-            if run is None:
-                self.table.followed.discard(run_id)
-            elif not self.system.is_executor(run.executor_pid, run.task.name, run.run_id):
-                self._executor_exited(run_id, 0)
-
-    def adopt_previous_executors(self):
-        """Take over the runs a killed supervisor left behind, so none runs twice at once.
-
-        An adopted run is a run like any other, followed by its executor's pid: it counts
-        against `max` and `max_running`, is stopped at shutdown and when a reload retires
-        its daemon task, and its executor still enforces its timeout.  Its executor records
-        its own end; runs whose executor is gone without a record are closed as lost.
-        """
-        for run in adopt.survivors(self.records, self.system, self.tasks, self.clock):
-            self.table.adopt(run)
-            log.warning("run %d of %s (pid %d) was started by a previous supervisor and still "
-                        "runs: it counts against max (adopted, stopped like any other run)",
-                        run.run_id, run.task.name, run.executor_pid)
-            current = self.tasks.get(run.task.name)
-            if adopt.is_daemon_instance(run) and (current is None or current.type != "daemon"):
-                self._signal_run(run, signal.SIGTERM)       # its daemon task is gone
-
-    def _close_adopted(self, run):
-        """An adopted run ended: its executor wrote its record, or it is closed as lost here."""
-        now = self.clock.time()
-        adopt.close(self.records, run, now)
-        if run.task.type == "daemon":
-            self._daemon_exited(run, RunResult(started=run.started, ended=now))
-
-    def _start_reboot_tasks(self):
-        for task in self.tasks.values():
-            if task.schedule is not None and task.schedule.is_reboot:
-                self.launch(task, int(self.clock.time()))
-
-    def tend_daemons(self):
-        """Keep every daemon task at `max` instances, respecting its backoff."""
-        if not self.daemons:
-            return
-        mono = self.clock.monotonic()
-        for name, slot in self.daemons.items():
-            task = self.tasks.get(name)
-            if task is None or mono < slot.next_try:
-                continue
-            missing = task.max - self.table.count(name)
-            for _ in range(missing):
-                if self.launch(task, None) is None:
-                    break
+        self.starter.start_due(now, plan.due)
 
     # ---- reports and reaping --------------------------------------------------------------
 
@@ -589,11 +286,18 @@ class Supervisor:
                 self._executor_exited(run_id, status)
             # else: an orphan adopted while we run as PID 1, or a launcher already replaced
 
+    def _launcher_died(self, launcher):
+        """Replace a launcher that died (its runs: see Starter.launcher_died)."""
+        if self.starter.launcher_died(launcher) and not self.stopping:
+            self.launchers.start_missing()
+
     def _executor_exited(self, run_id, status):
         self.read_reports()    # its last report may still sit in the pipe
         run = self.table.forget(run_id)
         if run is not None and run.adopted:
-            self._close_adopted(run)
+            result = adopt.close(self.records, run, self.clock.time())
+            if run.task.type == "daemon":
+                self._daemon_exited(run, result)
         elif run is not None:
             self._finish(run, status)
 
@@ -633,17 +337,14 @@ class Supervisor:
             if name:
                 getattr(self, f"handle_{name}")()
 
-    def handle_term(self):
+    def handle_term(self, name="SIGTERM"):
         if self.stopping:
             self.kill_all("second stop signal")
         else:
-            self.begin_shutdown("SIGTERM")
+            self.begin_shutdown(name)
 
     def handle_int(self):
-        if self.stopping:
-            self.kill_all("second stop signal")
-        else:
-            self.begin_shutdown("SIGINT")
+        self.handle_term("SIGINT")
 
     def handle_hup(self):
         self.reload_requested = "SIGHUP"
@@ -659,38 +360,24 @@ class Supervisor:
     def begin_shutdown(self, reason):
         """No new runs; ask every run to stop; KILL what is left after shutdown_grace."""
         self.stopping = True
-        self._cancel_prepared()
+        self.starter.cancel_prepared()
         self.shutdown_deadline = self.clock.monotonic() + self.settings.shutdown_grace
         log.info("stopping (%s): %d runs to stop, grace %ds", reason, len(self.table),
                  self.settings.shutdown_grace)
-        for run in self.table:
-            self._signal_run(run, signal.SIGTERM, "shutdown")
+        self.starter.signal_all(signal.SIGTERM, "shutdown")
 
     def kill_all(self, reason):
         if not self.killed_all:
             log.warning("killing %d runs now (%s)", len(self.table), reason)
         self.killed_all = True
-        for run in self.table:
-            self._signal_run(run, signal.SIGKILL, "shutdown")
+        self.starter.signal_all(signal.SIGKILL, "shutdown")
 
     def drive_shutdown(self):
         if self.table and self.clock.monotonic() >= self.shutdown_deadline and not self.killed_all:
             self.kill_all(f"shutdown_grace {self.settings.shutdown_grace}s is over")
 
     def _signal_run(self, run, signum, reason=None):
-        """TERM goes to the executor (it stops its command's group); KILL to both at once.
-
-        ``reason`` makes it a planned stop (shutdown, reload): recorded as stopped, not failed."""
-        run.stop_reason = run.stop_reason or reason
-        if run.adopted and not self.system.is_executor(run.executor_pid, run.task.name, run.run_id):
-            return      # ended already (its pid may be another process's now)
-        if signum == signal.SIGKILL and run.pgid:
-            self.system.kill(-run.pgid, signal.SIGKILL)
-        if run.executor_pid is None:
-            run.pending_signal = signum     # sent as soon as the launcher has forked it
-            return
-        self.system.kill(run.executor_pid, signum)
-        self.table.stopping(run)        # RUNNING -> STOPPING
+        self.starter.signal_run(run, signum, reason)     # see starting.py
 
     # ---- reload ---------------------------------------------------------------------------
 
@@ -739,35 +426,26 @@ class Supervisor:
         schedule table) is done first, the table put back as it was if it fails; only then
         are prepared runs cancelled and retired daemons stopped.
         """
-        old_tasks = self.tasks
-        new_tasks = {task.name: task for task in new.local_tasks(self.node)}
-        settings = dataclasses.replace(
-            new.settings, state_dir=self.settings.state_dir, log_dir=self.settings.log_dir,
-            pidfile=self.settings.pidfile)
-        removed = [name for name in old_tasks if name not in new_tasks]
-        changed = [name for name, task in new_tasks.items()
-                   if name in old_tasks and old_tasks[name] != task]
-        added = [name for name in new_tasks if name not in old_tasks]
-        self.changes = {"added": len(added), "changed": len(changed), "removed": len(removed)}
-        self.planner.reschedule(old_tasks, removed + changed,
-                                [new_tasks[name] for name in changed + added])
+        change = taskset.compare(self.tasks, self.settings, new, self.node)
+        self.changes = change.counts()
+        self.planner.reschedule(self.tasks, change.removed + change.changed,
+                                [change.tasks[name] for name in change.changed + change.added])
         # Nothing below fails: the new state is in place.
-        self._cancel_prepared()     # they were forked with the old specs
+        self.starter.cancel_prepared()     # they were forked with the old specs
         self.ahead.forget_due()
-        for name in removed + changed:
-            self._retire(old_tasks[name], "removed" if name in removed else "changed")
-        for name in changed + added:
-            self._admit(new_tasks[name])
+        for name in change.removed + change.changed:
+            self._retire(self.tasks[name], "removed" if name in change.removed else "changed")
+        for name in change.changed + change.added:
+            if change.tasks[name].type == "daemon":     # a new or changed daemon: a fresh slot
+                self.daemons.admit(name)
         if not first:
-            self._warn_fixed_settings(new.settings)
-        self.taskfile = new
-        self.settings = settings
+            taskset.warn_fixed_settings(self.settings, new.settings)
+        self.taskfile, self.settings, self.tasks = new, change.settings, change.tasks
         self.planner.misfire_grace = self.settings.misfire_grace
-        self.tasks = new_tasks
-        self.file_signature = _file_signature(new.path)
+        self.starter.use(self.tasks, self.settings)
+        self.file_signature = taskset.signature(new.path)
         gc.freeze()     # what is loaded now stays shared with the children
-        return (f"{len(new_tasks)} tasks on this node: {len(added)} added, {len(changed)} changed, "
-                f"{len(removed)} removed")
+        return change.summary()
 
     def _retire(self, task, how="removed"):
         """A removed or changed task (already off the schedule): stop a daemon's instances
@@ -775,36 +453,18 @@ class Supervisor:
         if task.type == "daemon":
             self.daemons.retire(task.name)
             for run in self.table.of_task(task.name):
-                self._signal_run(run, signal.SIGTERM, f"task {how} by reload")
-
-    def _admit(self, task):
-        """A new or changed task (already on the schedule): a daemon gets its slot."""
-        if task.type == "daemon":
-            self.daemons.admit(task.name)
-
-    def _warn_fixed_settings(self, new):
-        for field in ("state_dir", "log_dir", "pidfile"):
-            if getattr(new, field) != getattr(self.settings, field):
-                problem = safepaths.problem_with(field, getattr(new, field))
-                if problem:
-                    log.warning("settings.%s changed to %s: refused, %s is kept: %s", field,
-                                getattr(new, field), getattr(self.settings, field), problem)
-                    continue
-                log.warning("settings.%s changed to %s: it takes effect at the next restart",
-                            field, getattr(new, field))
+                self.starter.signal_run(run, signal.SIGTERM, f"task {how} by reload")
 
     def watch_file(self):
         """Reload when the file on disk changes (edits, atomic renames, symlink swaps)."""
         if not self.settings.watch:
             return
-        signature = _file_signature(self.settings.path)
+        signature = taskset.signature(self.settings.path)
         if signature is None or signature == self.file_signature:
             return
         self.file_signature = signature
-        try:        # at most the loader's limit: a bigger file is a change (and a rejected reload)
-            with open(self.settings.path, "rb") as handle:
-                digest = hashlib.sha256(handle.read(config.MAX_FILE_BYTES + 1)).hexdigest()
-        except OSError:
+        digest = taskset.digest(self.settings.path)
+        if digest is None:
             return
         if digest != self.taskfile.digest:
             self.reload("file changed")
@@ -817,7 +477,7 @@ class Supervisor:
 
     def housekeeping(self):
         if self.table.followed:
-            self._follow_runs_by_pid()
+            self.starter.follow_runs_by_pid()
         if not self.stopping and self.launchers.missing():
             self.launchers.start_missing()
         if not self.stopping:
@@ -827,14 +487,7 @@ class Supervisor:
         self._set_title()
         if self.control is not None:
             self.control.reap_idle(self.clock.monotonic())
-        if self.clock.monotonic() >= self._next_prune:
-            self._next_prune = self.clock.monotonic() + PRUNE_EVERY
-            pruned = self.records.prune(self.clock.time() - self.settings.history_days * 86400)
-            if pruned:
-                log.info("pruned %d records older than %d days", pruned, self.settings.history_days)
-        if self.clock.monotonic() >= self._next_stats:
-            self._next_stats = self.clock.monotonic() + STATS_EVERY
-            log.info("%s", self.stats_line())
+        self.ledger.now_and_then(self.settings.history_days, len(self.tasks), len(self.table))
 
     def _set_title(self):
         name = os.path.basename(self.settings.path)
@@ -845,25 +498,8 @@ class Supervisor:
             self.system.set_title(title)
             self._title = title
 
-    def stats_line(self):
-        load = os.getloadavg()
-        rss = psutil.Process().memory_info().rss
-        s = self.stats
-        return (f"stats: tasks={len(self.tasks)} running={len(self.table)} started={s.started} "
-                f"failed={s.failed} skipped={s.skipped} missed={s.missed} "
-                f"fork_failures={s.fork_failures} errors={s.errors} "
-                f"log_failures={daemonlog.failures()} "
-                f"load={load[0]:.2f},{load[1]:.2f},{load[2]:.2f} "
-                f"rss={rss // 1024}K mem_used={psutil.virtual_memory().percent}%")
-
 
 def _record_signal(signum, frame):
     """Handlers only record: the wakeup fd carries the signal number to the loop."""
 
 
-def _file_signature(path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
