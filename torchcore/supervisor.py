@@ -265,7 +265,7 @@ class Supervisor:
                 self.ledger.started(run)         # history shows the command's pid, as status
             self.table.running(run)     # STARTING -> RUNNING
             if self.stopping:
-                self._signal_run(run, signal.SIGTERM, "shutdown")
+                self.starter.signal_run(run, signal.SIGTERM, "shutdown")
         elif isinstance(report, wire.End):
             run.report = report
             self.ahead.started(run.scheduled, report.started)
@@ -376,9 +376,6 @@ class Supervisor:
         if self.table and self.clock.monotonic() >= self.shutdown_deadline and not self.killed_all:
             self.kill_all(f"shutdown_grace {self.settings.shutdown_grace}s is over")
 
-    def _signal_run(self, run, signum, reason=None):
-        self.starter.signal_run(run, signum, reason)     # see starting.py
-
     # ---- reload ---------------------------------------------------------------------------
 
     def reload(self, reason):
@@ -390,10 +387,7 @@ class Supervisor:
         """
         path = self.settings.path
         try:
-            new = config.load(path)
-            problems = config.node_problems(new, self.node)
-            if problems:
-                raise ConfigError(problems)
+            new = config.load_for_node(path, self.node)
         except ConfigError as exc:
             return self._reject(reason, exc.problems)
         except OSError as exc:
