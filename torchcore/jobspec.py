@@ -14,6 +14,8 @@ import os
 import pwd
 import resource
 
+from torchcore import paths
+
 USER_PATH = "/usr/local/bin:/usr/bin:/bin"   # PATH of a user: task without inherit_env (as cron)
 
 
@@ -115,7 +117,7 @@ def task_environment(job, user_entry=None):
         env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHCORE_")}
     if user_entry is not None:
         env.update(HOME=user_entry.pw_dir, USER=user_entry.pw_name, LOGNAME=user_entry.pw_name,
-                   SHELL="/bin/sh")    # as cron: a login shell of nologin is no shell to run with
+                   SHELL=paths.DEFAULT_SHELL)    # as cron: a login shell of nologin is no shell to run with
     env.update(dict(job.env))
     return env
 

@@ -12,6 +12,7 @@ CONTROL_SOCKET = "control.sock"     # the daemon's control socket
 PIDFILE = "torchcore.pid"           # the pidfile unless settings.pidfile says otherwise
 LOG_DIR = "logs"                    # log_dir unless settings.log_dir says otherwise
 DAEMON_LOG = "torchcore.log"        # the daemon's own log in log_dir (no task may be so named)
+DEFAULT_SHELL = "/bin/sh"           # settings.shell unless set; the SHELL a user: task gets, as cron
 
 
 def records_db(state_dir):

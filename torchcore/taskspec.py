@@ -10,9 +10,10 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from torchcore import paths
+from torchcore.paths import DEFAULT_SHELL
 from torchcore.schedule import Schedule
 
-DEFAULT_SHELL = "/bin/sh"
 DEFAULT_STATE_DIR = ".torchcore"
 # A name is a file name in log_dir and a word on command lines: no leading '.' or '-'.
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
@@ -112,8 +113,8 @@ def default_settings(path):
     """The settings of a file that has no ``settings`` section."""
     path = os.path.abspath(path)
     state_dir = os.path.join(os.path.dirname(path), DEFAULT_STATE_DIR)
-    return Settings(path=path, state_dir=state_dir, log_dir=os.path.join(state_dir, "logs"),
-                    pidfile=os.path.join(state_dir, "torchcore.pid"))
+    return Settings(path=path, state_dir=state_dir, log_dir=paths.default_log_dir(state_dir),
+                    pidfile=paths.default_pidfile(state_dir))
 
 
 @dataclass(frozen=True)

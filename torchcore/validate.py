@@ -19,6 +19,7 @@ import zoneinfo
 
 import yaml
 
+from torchcore import paths
 from torchcore.errors import ConfigError
 from torchcore.schedule import Schedule, ScheduleError, check_zone
 from torchcore.taskspec import NAME_RE, RESERVED_NAMES, Limits, Settings, Task, TaskFile, default_settings
@@ -155,8 +156,8 @@ class Loader:
             except Bad as bad:
                 self.problem(bad.node or value_node, "settings: ", f"{key}: {bad}")
         state_dir = values.get("state_dir", defaults.state_dir)
-        values.setdefault("log_dir", os.path.join(state_dir, "logs"))
-        values.setdefault("pidfile", os.path.join(state_dir, "torchcore.pid"))
+        values.setdefault("log_dir", paths.default_log_dir(state_dir))
+        values.setdefault("pidfile", paths.default_pidfile(state_dir))
         values["path"] = defaults.path
         values["state_dir"] = state_dir
         return Settings(**values)

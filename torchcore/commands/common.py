@@ -11,7 +11,7 @@ import re
 import sys
 import time
 
-from torchcore import config, textfmt
+from torchcore import config, paths, textfmt
 from torchcore import pidfile as pidfiles
 from torchcore.errors import DaemonError, TorchcoreError
 
@@ -144,7 +144,7 @@ def find_daemon(args, settings=None):
     ``settings``: the validated file's, when the command has them (start).
     """
     settings = settings or config.peek_settings(task_file_path(args))
-    sock = os.path.join(settings.state_dir, "control.sock")
+    sock = paths.control_socket(settings.state_dir)
     info, pid = _ping(sock)
     configured = os.path.abspath(getattr(args, "pidfile", None) or settings.pidfile)
     if info is not None:

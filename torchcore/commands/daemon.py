@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from torchcore import config
+from torchcore import config, paths
 from torchcore.commands import common
 from torchcore.commands.common import control_request, find_daemon, not_running, verified_daemon
 from torchcore.errors import DaemonError, TorchcoreError
@@ -71,7 +71,7 @@ def cmd_start(args):
     pidfile = Pidfile(pidfile_path)
     try:                        # the pidfile first: a refused daemon writes into no one's log
         pidfile.acquire()
-        setup_logging(os.path.join(taskfile.settings.log_dir, "torchcore.log"))
+        setup_logging(paths.daemon_log(taskfile.settings.log_dir))
     except (DaemonError, OSError) as exc:
         pidfile.release()
         launcher.failed(str(exc))

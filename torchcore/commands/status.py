@@ -7,7 +7,7 @@ import sys
 import time
 from datetime import datetime
 
-from torchcore import config, jobspec, records
+from torchcore import config, jobspec, paths, records
 from torchcore.commands import common
 from torchcore.commands.common import control_request, find_daemon, not_running, print_json
 from torchcore.errors import ConfigError, TorchcoreError
@@ -126,7 +126,7 @@ def _node_of(live, args):
 
 
 def _last_results(settings):
-    path = os.path.join(settings.state_dir, "torchcore.db")
+    path = paths.records_db(settings.state_dir)
     if not os.path.exists(path):
         return {}
     store = records.Records(path)
