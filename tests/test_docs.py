@@ -174,3 +174,20 @@ def test_every_semantics_promise_names_its_test():
     promises = re.split(r"^- ", text.split("## Reliability figures")[0], flags=re.M)[1:]
     assert len(promises) >= 25
     assert [p.split("\n")[0] for p in promises if not (TEST_NAME.search(p) or TEST_FILE.search(p))] == []
+
+
+def test_the_module_map_places_every_module_and_no_module_is_over_600_lines():
+    """docs/architecture.md's module map names every module of the package (issue 14's
+    promise to a newcomer), and each module stays a size one can read."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    package = ROOT / "torchcore"
+    missing, long = [], []
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).as_posix()
+        if f"`{name}`" not in text and f"`{path.name}`" not in text:
+            missing.append(name)
+        lines = len(path.read_text().splitlines())
+        if lines > 600:
+            long.append(f"{name}: {lines} lines")
+    assert missing == [], f"not in docs/architecture.md's module map: {missing}"
+    assert long == []
