@@ -39,7 +39,7 @@ def test_creates_directory_wal_and_schema(path, records):
     assert os.path.exists(path)
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
     indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"runs_task_at", "runs_failed"} <= indexes
 
@@ -186,6 +186,39 @@ def test_prune_keeps_recent_and_unfinished(records):
     records.add(run(4, started=900.0, ended=901.0))
     assert records.prune(500) == 2                # prune flushes the buffer first
     assert sorted(r.run_id for r in records.query()) == [2, 4]
+
+
+def test_every_write_is_journalled_for_the_notifier(path, records):
+    records.add(run(1, ended=None, exit_code=None))
+    records.flush()
+    records.add(run(1))
+    records.add(run(2, started=None, ended=None, exit_code=None, scheduled=5, skipped="max"))
+    records.flush()
+    conn = sqlite3.connect(path)
+    journal = lambda: conn.execute("SELECT seq, run_id, ended FROM changes ORDER BY seq").fetchall()
+    assert journal() == [(1, 1, 0), (2, 1, 1), (3, 2, 1)]
+    conn.execute("DELETE FROM changes")
+    conn.commit()
+    records.add(run(3))
+    records.flush()
+    assert journal() == [(4, 3, 1)]             # a number never comes back
+    records.prune(5000)
+    assert journal() == []
+    conn.close()
+
+
+def test_a_version_2_database_gets_the_journal(path):
+    Records(path).close()
+    conn = sqlite3.connect(path)
+    conn.executescript("DROP TRIGGER runs_changed; DROP TABLE changes;"
+                       " UPDATE meta SET value='2' WHERE key='schema_version';")
+    conn.close()
+    with Records(path) as store:
+        store.add(run(1))
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+    assert conn.execute("SELECT run_id, ended FROM changes").fetchall() == [(1, 1)]
+    conn.close()
 
 
 def test_newer_schema_is_refused(path):

@@ -34,7 +34,7 @@ from torchcore.runrecord import RunRecord
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2       # 2: the error and stopped columns (a version 1 database is upgraded)
+SCHEMA_VERSION = 3       # 2: the error and stopped columns; 3: the changes journal (older ones are upgraded)
 ID_BLOCK = 1000          # run ids reserved per commit of the hi/lo counter
 MAX_BUFFER = 100_000     # records kept in memory while the database cannot be written
 BUSY_TIMEOUT = 0.5       # seconds a supervisor's statement waits for a lock (it must keep ticking)
@@ -65,6 +65,17 @@ CREATE INDEX IF NOT EXISTS runs_at ON runs (at);
 CREATE INDEX IF NOT EXISTS runs_task_at ON runs (task, at);
 CREATE INDEX IF NOT EXISTS runs_failed ON runs (at) WHERE {failed};
 """
+
+# Every write of a run row, in order (ended: an end, skip or miss; else a start), added by a
+# trigger in the writer's transaction: the notifier follows it with a cursor (notifystore.py).
+# AUTOINCREMENT: a deleted number never comes back.  Pruned with the runs.
+_JOURNAL = (
+    "CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " run_id INTEGER NOT NULL, ended INTEGER NOT NULL)",
+    "CREATE TRIGGER IF NOT EXISTS runs_changed AFTER INSERT ON runs BEGIN"
+    " INSERT INTO changes (run_id, ended) VALUES (NEW.run_id,"
+    " NEW.ended IS NOT NULL OR NEW.skipped IS NOT NULL OR NEW.missed != 0); END",
+)
 
 # The rule of outcome.RunResult.failed in SQL (tests/test_outcome.py checks they agree).  Also the
 # WHERE of the partial index runs_failed: a query must use the same text to use the index.
@@ -109,8 +120,9 @@ def _record(row):
     return record
 
 
-def _connect(path, busy_timeout):
-    """Open the database (creating its directory), in WAL mode with the schema in place."""
+def connect(path, busy_timeout):
+    """Open the database (creating its directory), in WAL mode with the schema in place
+    (autocommit: BEGIN where a transaction is wanted); RecordsError if it cannot be."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -167,6 +179,8 @@ def _ensure_schema(conn, path):
             for statement in _SCHEMA.format(failed=_FAILED).split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            for statement in _JOURNAL:
+                conn.execute(statement)
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                          (str(SCHEMA_VERSION),))
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('next_run_id', '1')")
@@ -175,20 +189,22 @@ def _ensure_schema(conn, path):
             _rollback(conn)
             raise
         version = _schema_version(conn)
-    if version == 1:
-        version = _upgrade_from_1(conn)
+    if version in (1, 2):
+        version = _upgrade(conn)
     if version != SCHEMA_VERSION:
         raise RecordsError(
             f"{path} has records schema version {version}, this torchcore knows version "
             f"{SCHEMA_VERSION}: upgrade torchcore, or move the file away to start afresh")
 
 
-def _upgrade_from_1(conn):
-    """Add the error and stopped columns and the new failed index (once, by whoever opens first)."""
+def _upgrade(conn):
+    """From version 1: add the error and stopped columns and the new failed index; from 2: the
+    changes journal (once, by whoever opens first)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if _schema_version(conn) == 1:
-            for statement in _UPGRADE_FROM_1:
+        version = _schema_version(conn)
+        if version in (1, 2):
+            for statement in (_UPGRADE_FROM_1 if version == 1 else ()) + _JOURNAL:
                 conn.execute(statement)
             conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
                          (str(SCHEMA_VERSION),))
@@ -230,7 +246,7 @@ class Records:
                  max_buffer=MAX_BUFFER, clock=time.monotonic):
         self.path = path
         self._busy_timeout = busy_timeout
-        self._conn = _connect(path, busy_timeout)
+        self._conn = connect(path, busy_timeout)
         self._identity = _file_identity(path)
         self.recreated = 0                  # times the file was found gone and made again
         self._pid = os.getpid()
@@ -329,7 +345,7 @@ class Records:
                     self.path)
         self._conn.close()      # first: closing the old may remove its -wal file by name
         try:
-            self._conn = _connect(self.path, self._busy_timeout)
+            self._conn = connect(self.path, self._busy_timeout)
         except RecordsError as exc:
             self._conn = sqlite3.connect(":memory:", isolation_level=None)  # retried next flush
             self._identity = ()     # matches no file: tried again at the next flush
@@ -360,6 +376,7 @@ class Records:
             cursor = self._conn.execute(
                 "DELETE FROM runs WHERE at < ? AND (ended IS NOT NULL OR skipped IS NOT NULL"
                 " OR missed != 0 OR started IS NULL)", (before_epoch,))
+            self._conn.execute("DELETE FROM changes WHERE run_id NOT IN (SELECT run_id FROM runs)")
         except sqlite3.Error as exc:
             log.warning("records: cannot prune %s (will retry): %s", self.path, exc)
             return 0
@@ -476,7 +493,7 @@ def write_record_now(path, record, busy_timeout=5.0):
     and closes, and logs (does not raise) when the database cannot be written.
     """
     try:
-        conn = _connect(path, busy_timeout)
+        conn = connect(path, busy_timeout)
     except RecordsError as exc:
         log.warning("records: %s", exc)
         return False
