@@ -52,6 +52,10 @@ class Task:
     enabled: bool = True
     timezone: str | None = None
     limits: Limits = Limits()
+    # who is told of its runs (None: the settings' notify) and its dead-man ping: the notifier's
+    # business, so changing them does not make the task a changed one (a daemon is not restarted)
+    notify: tuple | None = field(default=None, compare=False)
+    ping: object = field(default=None, compare=False)
     line: int = field(default=0, compare=False)
 
     def argv(self, shell):
@@ -107,6 +111,7 @@ class Settings:
     log_max_bytes: int = 10 << 20
     log_backups: int = 5
     history_days: int = 30
+    notify: tuple = ()          # notifyspec.Target: every task's, unless it names its own
 
 
 def default_settings(path):

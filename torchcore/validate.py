@@ -19,7 +19,7 @@ import zoneinfo
 
 import yaml
 
-from torchcore import paths
+from torchcore import notifyspec, paths
 from torchcore.errors import ConfigError
 from torchcore.schedule import Schedule, ScheduleError, check_zone
 from torchcore.taskspec import NAME_RE, RESERVED_NAMES, Limits, Settings, Task, TaskFile, default_settings
@@ -416,6 +416,8 @@ TASK_FIELDS = {
     "enabled": lambda loader, node: want_bool(node),
     "timezone": Loader.zone,
     "limits": _limits,
+    "notify": notifyspec.notify_list,
+    "ping": notifyspec.ping,
 }
 
 SETTINGS_FIELDS = {
@@ -431,4 +433,5 @@ SETTINGS_FIELDS = {
     "log_max_bytes": lambda loader, node: want_size(node),
     "log_backups": lambda loader, node: want_int(node, 0, LOG_BACKUPS_MAX),
     "history_days": lambda loader, node: want_int(node, 1, HISTORY_DAYS_MAX),
+    "notify": notifyspec.notify_list,
 }

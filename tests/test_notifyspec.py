@@ -1,0 +1,77 @@
+"""The notify and ping fields of a task file (torchcore/notifyspec.py), and their errors."""
+
+import pytest
+import yaml
+
+from torchcore import notifyspec
+from torchcore.yamlread import Bad
+
+
+def parse(text, parser=notifyspec.notify_list):
+    return parser(None, yaml.compose(text))
+
+
+def bad(text, parser=notifyspec.notify_list):
+    with pytest.raises(Bad) as info:
+        parse(text, parser)
+    return str(info.value)
+
+
+def test_targets_with_defaults_and_with_everything_set():
+    mail, hook = parse("""
+- to: mailto://ops@example.com
+- webhook: https://hooks.internal/cron
+  on: [missed, failure]
+  every: 10m
+  tail: 50
+""")
+    assert (mail.kind, mail.url, mail.on, mail.every, mail.tail, mail.line) == (
+        "to", "mailto://ops@example.com", notifyspec.DEFAULT_ON, 300, 20, 2)
+    assert (hook.kind, hook.on, hook.every, hook.tail) == ("webhook", ("failure", "missed"), 600, 50)
+    assert parse("[{webhook: 'http://127.0.0.1:8080/x', on: output, every: 0}]")[0].on == ("output",)
+    assert parse("[]") == ()
+
+
+def test_a_ping_is_an_http_url():
+    target = parse("https://hc-ping.com/5f0c", notifyspec.ping)
+    assert (target.kind, target.url, target.on) == ("ping", "https://hc-ping.com/5f0c", ())
+    assert "expected an http:// or https:// URL" in bad("mailto://x@y", notifyspec.ping)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- to: mailtoo://ops@example.com", "#1: to: unknown Apprise scheme 'mailtoo' (did you mean 'mailto'?)"),
+    ("- to: https://x.example/hook", "for a plain http(s) endpoint use webhook: instead"),
+    ("- webhook: slack://T/B/C", "for an Apprise service use to: instead of webhook:"),
+    ("- webhook: htps://example.com/", "(did you mean 'https'?)"),
+    ("- webhook: https:///path", "the URL names no host"),
+    ("- webhook: 'https://example.com:99999/'", "port is not a number"),
+    ("- webhook: 'https://exa mple.com/'", "no spaces or control characters"),
+    ("- webhook: example.com/hook", "without '://'"),
+    ("- to: 'mailto://'", "nothing after mailto://"),
+    ("- {to: 'mailto://a@b', on: [failure, timout]}", "unknown event 'timout' (did you mean 'timeout'?)"),
+    ("- {to: 'mailto://a@b', on: []}", "name at least one event"),
+    ("- {to: 'mailto://a@b', evry: 5m}", "evry: unknown key (did you mean 'every'?)"),
+    ("- {to: 'mailto://a@b', every: soon}", "every:"),
+    ("- {to: 'mailto://a@b', tail: 5000}", "tail: 5000 is out of range 0-1000"),
+    ("- {to: 'mailto://a@b', webhook: 'https://x.y/'}", "give exactly one of to:"),
+    ("- on: [failure]", "give exactly one of to:"),
+    ("- mailto://ops@example.com", "#1: expected a mapping with to:"),
+    ("to: mailto://a@b", "expected a list of targets"),
+    ("- {to: 'mailto://a@b'}\n- {to: 'mailto://a@b', to: 'x'}", "#2: to: duplicate key"),
+])
+def test_mistakes_are_named(text, message):
+    assert message in bad(text)
+
+
+def test_errors_never_echo_a_url_and_shown_hides_secrets():
+    assert "s3cret" not in bad("- to: 'mailtoo://me:s3cret@example.com'")
+    assert "s3cret" not in bad("- webhook: 'https://me:s3cret@exa mple.com/'")
+    target = parse("- webhook: 'https://me:s3cret@hooks.example.com:8443/T/s3cret?k=s3cret'")[0]
+    assert target.shown == "webhook https://hooks.example.com:8443/…"
+    assert "s3cret" not in repr(target) and "s3cret" not in target.key
+    assert notifyspec.shown_url("tgram://bot:s3cret/chat") == "tgram://…"
+
+
+def test_the_key_is_stable_and_tells_targets_apart():
+    a, b, c = parse("[{to: 'mailto://a@b'}, {to: 'mailto://a@b', on: [output]}, {to: 'mailto://c@d'}]")
+    assert a.key == b.key != c.key and len(a.key) == 16
