@@ -1,0 +1,245 @@
+"""Notifications end to end, on real processes and local receivers (no network): the notifier
+child on its own (killed with -9 between queueing and sending), and through the daemon (a
+failing task mails and posts, a receiver down then up, the rate limit, pings, imported MAILTO)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from notify_receivers import HttpReceiver, SmtpReceiver, wait_until
+
+from torchcore import records
+
+pytestmark = pytest.mark.process
+
+
+@pytest.fixture
+def http():
+    made = []
+
+    def factory(status=200):
+        made.append(HttpReceiver(status))
+        return made[-1]
+
+    yield factory
+    for receiver in made:
+        receiver.close()
+
+
+@pytest.fixture
+def smtp():
+    receiver = SmtpReceiver()
+    yield receiver
+    receiver.close()
+
+
+def mail_url(smtp):
+    return f"mailto://127.0.0.1:{smtp.port}?to=ops@example.com&from=torchcore@example.com"
+
+
+def start_notifier(directory):
+    """``python -m torchcore.notifier`` as the supervisor starts it; returns (proc, parent pipe)."""
+    read_end, write_end = os.pipe()
+    with open(os.path.join(directory, "notifier.err"), "ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torchcore.notifier", "--taskfile",
+             os.path.join(directory, "tasks.yaml"), "--state-dir", os.path.join(directory, "state"),
+             "--node", "web1", "--parent-fd", str(read_end)],
+            pass_fds=(read_end,), stdout=subprocess.DEVNULL, stderr=err)
+    os.close(read_end)
+    return proc, write_end
+
+
+def write_run(directory, run_id, exit_code):
+    path = records.db_path(os.path.join(directory, "state"))
+    now = time.time()
+    assert records.write_record_now(path, records.RunRecord(
+        run_id=run_id, task="backup", node="web1", scheduled=int(now), started=now - 1, ended=now,
+        exit_code=exit_code, signal=None))
+
+
+def test_the_notifier_killed_before_sending_delivers_after_a_restart(tmp_path, http):
+    receiver = http(status=503)
+    (tmp_path / "tasks.yaml").write_text(f"""
+settings: {{state_dir: state}}
+tasks:
+  - name: backup
+    schedule: "0 0 3 * * *"
+    command: "true"
+    notify: [{{webhook: "{receiver.url}/hook", every: 0}}]
+""")
+    records.Records(records.db_path(str(tmp_path / "state"))).close()
+    proc, parent = start_notifier(str(tmp_path))
+    try:
+        wait_until(lambda: "notifier: started" in (tmp_path / "notifier.err").read_text(), 10,
+                   "the notifier to start")
+        write_run(str(tmp_path), 1, 3)
+        wait_until(lambda: receiver.answered, 10, "a first try")
+        proc.send_signal(signal.SIGKILL)        # queued, tried, not delivered: killed
+        proc.wait(10)
+        receiver.status = 200
+        write_run(str(tmp_path), 2, 0)          # while no notifier runs
+        proc, parent2 = start_notifier(str(tmp_path))
+        os.close(parent)
+        parent = parent2
+        wait_until(lambda: len(receiver.bodies()) >= 2, 15, "both messages after the restart")
+        bodies = receiver.bodies()
+        assert [(b["event"], b["run_id"], b["exit_code"]) for b in bodies] == \
+            [("failure", 1, 3), ("recovered", 2, 0)]
+        path, headers, _ = receiver.requests[0]
+        assert path == "/hook" and headers["Idempotency-Key"] == bodies[0]["id"] == "web1-1-failure"
+        os.close(parent)                        # the supervisor is gone: the notifier ends
+        parent = None
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if parent is not None:
+            os.close(parent)
+
+
+def test_sigterm_stops_the_notifier_and_sighup_rereads_the_file(tmp_path, http):
+    receiver = http()
+    task = """tasks:
+  - name: backup
+    schedule: "0 0 3 * * *"
+    command: "true"
+"""
+    (tmp_path / "tasks.yaml").write_text(
+        f"settings: {{state_dir: state, notify: [{{webhook: '{receiver.url}/a'}}]}}\n" + task)
+    proc, parent = start_notifier(str(tmp_path))
+    try:
+        wait_until(lambda: "notifier: started" in (tmp_path / "notifier.err").read_text(), 10,
+                   "the notifier to start")
+        (tmp_path / "tasks.yaml").write_text(
+            f"settings: {{state_dir: state, notify: [{{webhook: '{receiver.url}/b'}}]}}\n" + task)
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "task file re-read" in (tmp_path / "notifier.err").read_text(), 10,
+                   "the reload")
+        write_run(str(tmp_path), 1, 1)
+        wait_until(lambda: receiver.requests, 10, "the message")
+        assert receiver.paths() == ["/b"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(parent)
+
+
+def test_a_failing_task_sends_one_mail_and_one_webhook_within_5s(daemons, http, smtp):
+    receiver = http()
+    d = daemons(f"""tasks:
+  - name: flaky
+    schedule: "* * * * * *"
+    command: "echo starting; echo broken >&2; exit 3"
+""", settings=f"""  notify:
+    - to: "{mail_url(smtp)}"
+    - webhook: "{receiver.url}/hook"
+""").start()
+    started = time.monotonic()
+    wait_until(lambda: receiver.bodies() and smtp.messages, 5 + 2, "a webhook and a mail")
+    assert time.monotonic() - started < 5 + 2       # from the daemon's start: its first run is then
+    body = receiver.bodies()[0]
+    assert (body["event"], body["task"], body["exit_code"], body["result"]) == \
+        ("failure", "flaky", 3, "exit 3")
+    assert body["output_tail"].splitlines()[:2] == ["starting", "broken"]
+    assert body["scheduled"].endswith("Z") and body["duration"] >= 0
+    assert body["id"] == f"{body['node']}-{body['run_id']}-failure"
+    sender, recipients, text = smtp.messages[0]
+    assert recipients == ["ops@example.com"] and "flaky failed on" in text
+    time.sleep(3)                                   # it fails every second: the rate limit holds
+    assert len(receiver.bodies()) == 1 and len(smtp.messages) == 1
+    assert "notifier" in d.log
+
+
+@pytest.mark.slow
+def test_a_receiver_down_for_a_while_gets_every_event_once_it_is_back(daemons, http):
+    down_until = time.monotonic() + 8
+    receiver = http(status=lambda: 500 if time.monotonic() < down_until else 200)
+    d = daemons(f"""tasks:
+  - name: flaky
+    schedule: "*/2 * * * * *"
+    command: "exit 1"
+    notify: [{{webhook: "{receiver.url}/hook", every: 0}}]
+""").start()
+    time.sleep(12)
+    d.stop()
+    failed = [run["run_id"] for run in d.runs("flaky") if run["ended"] is not None]
+    assert len(failed) >= 4
+    wait_until(lambda: {b["run_id"] for b in receiver.bodies()} >= set(failed), 40,
+               "every failure delivered")
+    assert any(status == 500 for status, _ in receiver.answered)
+    ids = [b["id"] for b in receiver.bodies()]
+    assert sorted(set(ids)) == sorted(f"{b['node']}-{r}-failure" for b in receiver.bodies()[:1]
+                                      for r in failed)
+
+
+def test_pings_go_start_then_success_or_fail_in_order(daemons, http):
+    receiver = http()
+    daemons(f"""tasks:
+  - name: good
+    schedule: "* * * * * *"
+    command: "true"
+    ping: "{receiver.url}/ping/good"
+  - name: bad
+    schedule: "* * * * * *"
+    command: "exit 2"
+    ping: "{receiver.url}/ping/bad"
+""").start()
+    wait_until(lambda: len([p for p in receiver.paths() if "/bad" in p]) >= 4 and
+               len([p for p in receiver.paths() if "/good" in p]) >= 4, 10, "pings of two runs each")
+    for name, end in (("good", f"/ping/good"), ("bad", "/ping/bad/fail")):
+        paths = [p for p in receiver.paths() if f"/{name}" in p]
+        assert paths[:4] == [f"/ping/{name}/start", end, f"/ping/{name}/start", end]
+
+
+def test_an_imported_mailto_crontab_mails_its_output(tmp_path, smtp):
+    crontab = tmp_path / "web1.cron"
+    crontab.write_text("MAILTO=ops@example.com\n* * * * * echo hello from cron\n")
+    out = tmp_path / "tasks.yaml"
+    done = subprocess.run([sys.executable, "-m", "torchcore", "import", str(crontab), "--smtp",
+                           f"127.0.0.1:{smtp.port}", "-o", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert "on: [output]" in text
+    # every minute is too slow for a test: the same task, every second
+    out.write_text("settings: {state_dir: state, timezone: UTC}\n" +
+                   text.replace('schedule: "* * * * *"', 'schedule: "* * * * * *"'))
+    env = dict(os.environ, TORCHCORE_NODE_IP="10.9.9.9")
+    with open(tmp_path / "daemon.err", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "torchcore", "start", "--foreground", "-c",
+                                 str(out)], stdout=subprocess.DEVNULL, stderr=err, env=env)
+    try:
+        wait_until(lambda: smtp.messages, 10, "the mail")
+        sender, recipients, message = smtp.messages[0]
+        assert recipients == ["ops@example.com"] and "hello from cron" in message
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_notify_test_and_alerts(tmp_path, http):
+    receiver = http()
+    (tmp_path / "tasks.yaml").write_text("settings: {state_dir: state}\ntasks: []\n")
+    cli = [sys.executable, "-m", "torchcore"]
+    done = subprocess.run(cli + ["notify", "test", f"{receiver.url}/x"], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert done.returncode == 0 and "sent: HTTP 200" in done.stdout
+    [body] = receiver.bodies()
+    assert body["event"] == "test" and body["task"] == "torchcore-test"
+    receiver.status = 404
+    done = subprocess.run(cli + ["notify", "test", f"{receiver.url}/x"], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert done.returncode == 1 and "rejected" in done.stderr and "HTTP 404" in done.stderr
+    done = subprocess.run(cli + ["notify", "test", "mailtoo://x@y"], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 1 and "did you mean 'mailto'" in done.stderr
+    done = subprocess.run(cli + ["alerts", "--json"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and json.loads(done.stdout) == []

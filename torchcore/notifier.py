@@ -1,0 +1,349 @@
+"""The notifier service (``torchcore: notifier``): alerts, webhooks and pings, delivered from a
+durable queue.
+
+The supervisor never talks to the network; it writes run records, and the records database
+journals each write (records.changes_after).  This process follows that journal: each run that
+ended, was skipped or was missed becomes its events (notifyrules.run_events), each event a
+message per target that asks for it, rate-limited (at most one per ``every`` per task, target
+and event, then a digest), queued in the outbox (notifystore) in the same transaction that
+moves its cursor.  Then it sends what is due, oldest first per target, retrying with a backoff
+of 1 s doubling to 5 minutes for up to 24 hours.  Killed at any point, it starts where its
+last transaction left off: each event is queued once and sent at least once; the message id
+(the webhook's ``id`` and Idempotency-Key) lets a receiver drop a repeat.
+
+It runs as ``python -m torchcore.notifier`` with the services' arguments (services.py):
+SIGTERM stops it, SIGHUP re-reads the task file, end of file on the parent pipe (the
+supervisor is gone) ends it.  ``wanted`` tells the supervisor when to run it.
+"""
+
+import logging
+import os
+import select
+import signal
+import sys
+import time
+
+from torchcore import notifyrules, notifysend, notifyspec, records
+from torchcore.notifystore import DROPPED, EXPIRED, KEEP_DONE, REJECTED, SENT, Store
+
+log = logging.getLogger("torchcore")
+
+POLL = 0.5                  # seconds between looks at the journal
+PRUNE_EVERY = 3600.0
+TAIL_BYTES = 256 << 10      # how far back in a task's log its run's output is looked for
+MAX_AGE = notifyrules.GIVE_UP_AFTER     # an event older than this (the notifier was off) is not sent
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"   # as the daemon's own log (its stderr is that)
+
+
+def wanted(taskfile, options=None):
+    """The supervisor runs the notifier when any ``notify`` target or ``ping`` is set."""
+    return notifyspec.asks_for_notifier(taskfile)
+
+
+class Batch:
+    """What handling some journal entries decided, written in one transaction."""
+
+    def __init__(self):
+        self.messages = []
+        self.windows = {}           # (task, target, event) -> Window
+        self.failing = {}           # task -> bool
+
+
+class Notifier:
+    """Derives, queues and sends (see the module's docstring); ``clock`` gives epoch seconds."""
+
+    def __init__(self, store, taskfile, node, clock=time.time, sender=notifysend.send):
+        self.store = store
+        self.node = node
+        self.clock = clock
+        self.sender = sender
+        self.reload(taskfile)
+
+    def reload(self, taskfile):
+        self.taskfile = taskfile
+        self.targets = {}           # key -> Target, every target of the file
+        for target in notifyspec.all_targets(taskfile):
+            self.targets.setdefault(target.key, target)
+
+    # -- deriving -------------------------------------------------------------------------------
+
+    def derive(self, limit=500):
+        """Queue the messages of the journal's next entries; returns how many entries."""
+        now = self.clock()
+        self._digests(now)
+        changes = self.store.changes(limit)
+        if not changes:
+            return 0
+        batch = Batch()
+        floor = max(self.store.since(), now - MAX_AGE)
+        for _seq, ended, record in changes:
+            if record is not None and (record.ended or record.started or record.scheduled
+                                       or now) >= floor:
+                self._record(batch, record, ended, now)
+        self.store.commit(batch, cursor=changes[-1][0])
+        return len(changes)
+
+    def _record(self, batch, record, ended, now):
+        task = self.taskfile.index.get(record.task)
+        if task is None:
+            return
+        targets = notifyspec.targets_of(task, self.taskfile.settings)
+        if task.ping is not None:
+            self._pings(batch, task, record, ended, now)
+        if not targets or not ended:
+            return
+        failing = batch.failing.get(task.name, self.store.failing(task.name))
+        is_daemon = task.type == "daemon"
+        events, now_failing = notifyrules.run_events(record, is_daemon, failing, False)
+        wanted_events = {event for target in targets for event in target.on}
+        lines = []
+        if wanted_events & {*events, "output"}:     # the log is read only for a message
+            lines = run_output(self.taskfile.settings.log_dir, task.name, record.run_id)
+            if any(stream in ("out", "err") for stream, _ in lines):
+                events, now_failing = notifyrules.run_events(record, is_daemon, failing, True)
+        batch.failing[task.name] = now_failing
+        for event in events:
+            for target in targets:
+                if event in target.on:
+                    self._event(batch, target, record, event, lines, now)
+
+    def _event(self, batch, target, record, event, lines, now):
+        key = (record.task, target.key, event)
+        message_id = notifyrules.message_id(self.node, record.run_id, event)
+        if self.store.was_queued(message_id, target.key) or any(
+                m["id"] == message_id and m["target"] == target.key for m in batch.messages):
+            return      # the run's end row written again (an executor and its supervisor both)
+        window = batch.windows.get(key) or self.store.window(*key)
+        if notifyrules.digest_due(window, now, target.every):
+            window = self._digest(batch, key, window, target, now)
+        send, window = notifyrules.admit(window, now, target.every)
+        if send:
+            self._queue(batch, target, record, event, lines, now)
+        else:
+            window = notifyrules.hold(window, message_id)
+            # the details of the latest event held back, for its digest (not sent on its own)
+            batch.messages.append(self._message(target, record, event, lines, now, held=True))
+        batch.windows[key] = window
+
+    def _pings(self, batch, task, record, ended, now):
+        if not ended:
+            kinds = ["start"] if record.started is not None and record.skipped is None else []
+        else:
+            start_id = notifyrules.message_id(self.node, record.run_id, "start")
+            start_sent = self.store.was_queued(start_id, task.ping.key) or any(
+                m["id"] == start_id and m["target"] == task.ping.key for m in batch.messages)
+            kinds = notifyrules.run_pings(record, start_sent)
+        lines = run_output(self.taskfile.settings.log_dir, task.name, record.run_id) \
+            if "fail" in kinds else []
+        for kind in kinds:
+            self._queue(batch, task.ping, record, kind, lines, now)
+
+    def _message(self, target, record, event, lines, now, held=False, digest=None):
+        body = notifyrules.payload(record, event, self.node, notifyrules.result_of(record),
+                                   tail_text(lines, target.tail), digest)
+        return {"id": body["id"], "target": target.key, "shown": target.shown, "task": record.task,
+                "event": event, "body": body, "created": now, "held": held}
+
+    def _queue(self, batch, target, record, event, lines, now, digest=None):
+        batch.messages.append(self._message(target, record, event, lines, now, digest=digest))
+
+    def _digests(self, now):
+        """Queue the digests whose window is over (events held back, nothing sent since)."""
+        batch = Batch()
+        for task, key, event, window in self.store.windows_holding():
+            target = self.targets.get(key)
+            if target is None:
+                batch.windows[(task, key, event)] = notifyrules.Window()
+            elif notifyrules.digest_due(window, now, target.every):
+                self._digest(batch, (task, key, event), window, target, now)
+        if batch.windows:
+            self.store.commit(batch)
+
+    def _digest(self, batch, key, window, target, now):
+        body = None
+        if window.last:
+            held = self.store.find(window.last, target.key)
+            body = held.payload if held is not None else next(
+                (dict(m["body"]) for m in batch.messages
+                 if m["id"] == window.last and m["target"] == target.key), None)
+        if body is not None:
+            body["id"] += "-digest"
+            body["digest"] = notifyrules.digest(key[2], window.held, window.since)
+            batch.messages.append({"id": body["id"], "target": target.key, "shown": target.shown,
+                                   "task": key[0], "event": key[2], "body": body, "created": now,
+                                   "held": False})
+        window = notifyrules.Window(sent_at=now)
+        batch.windows[key] = window
+        return window
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def deliver(self, rounds=100):
+        """Try every message that is due, the oldest queued one of each target first, until
+        none is due (or ``rounds`` messages per target were tried: the journal is looked at
+        again in between)."""
+        for _ in range(rounds):
+            tried = 0
+            for message in self.store.heads():
+                now = self.clock()
+                if message.next_try <= now:
+                    self._try(message, now)
+                    tried += 1
+            if not tried:
+                return
+
+    def _try(self, message, now):
+        target = self.targets.get(message.target)
+        if target is None:
+            self.store.finish(message, DROPPED, now, "the target is no longer in the task file")
+            return
+        if notifyrules.expired(message.created, now):
+            log.error("notifier: %s: %s of %s given up after 24 hours of trying: %s", target.shown,
+                      message.event, message.task, message.error)
+            self.store.finish(message, EXPIRED, now, message.error)
+            return
+        sent = self.sender(target, message.event, message.payload)
+        now = self.clock()
+        if sent.state == "sent":
+            self.store.finish(message, SENT, now)
+        elif sent.state == "rejected":
+            log.error("notifier: %s rejected %s of %s (not retried): %s", target.shown,
+                      message.event, message.task, sent.detail)
+            self.store.finish(message, REJECTED, now, sent.detail)
+        else:
+            delay = notifyrules.retry_delay(message.attempts + 1)
+            if message.attempts == 0:
+                log.warning("notifier: %s: cannot send %s of %s (retrying with backoff): %s",
+                            target.shown, message.event, message.task, sent.detail)
+            self.store.retry(message, now + delay, sent.detail)
+
+    def prune(self):
+        return self.store.prune(self.clock() - KEEP_DONE)
+
+
+# -- a run's output, from its task log ----------------------------------------------------------
+
+
+def run_output(log_dir, task, run_id, max_bytes=TAIL_BYTES):
+    """``[(stream, text)]`` of run ``run_id``'s lines in the last ``max_bytes`` of its task's log."""
+    path = os.path.join(log_dir, f"{task}.log")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - max_bytes))
+            data = f.read(max_bytes)
+    except OSError:
+        return []
+    marker = f" run {run_id} ".encode()
+    lines = []
+    for raw in data.split(b"\n"):
+        at = raw.find(marker)
+        if at < 0:
+            continue
+        stream, _, text = raw[at + len(marker):].partition(b"| ")
+        if stream in (b"out", b"err", b"sys"):
+            lines.append((stream.decode(), text.decode("utf-8", "replace")))
+    return lines
+
+
+def tail_text(lines, count):
+    """The last ``count`` lines as one text; torchcore's own lines marked ``[torchcore]``."""
+    if count <= 0:
+        return ""
+    return "\n".join(text if stream != "sys" else f"[torchcore] {text}"
+                     for stream, text in lines[-count:])
+
+
+# -- the process --------------------------------------------------------------------------------
+
+
+class _Flags:
+    stop = False
+    reload = False
+
+
+def _handle(signum, frame):
+    if signum == signal.SIGHUP:
+        _Flags.reload = True
+    else:
+        _Flags.stop = True
+
+
+def main(argv=None):
+    from torchcore import config, services
+
+    args = services.child_args(argv, "torchcore's notifier service")
+    services.set_title("notifier")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _handle)
+    try:
+        taskfile = config.load(args.taskfile)
+        store = Store(records.db_path(args.state_dir))
+    except Exception as exc:        # ConfigError, RecordsError: said once, then the restart backoff
+        log.error("notifier: cannot start: %s", exc)
+        return 1
+    notifier = Notifier(store, taskfile, args.node)
+    log.info("notifier: started, %d target(s)", len(notifier.targets))
+    _loop(notifier, args, config, wake_r)
+    store.close()
+    return 0
+
+
+def _loop(notifier, args, config, wake_r):
+    last_prune = time.monotonic()
+    while not _Flags.stop:
+        if _Flags.reload:
+            _Flags.reload = False
+            _reload(notifier, args.taskfile, config)
+        try:
+            if notifier.store.replaced():
+                log.warning("notifier: %s was removed or replaced; opening it again",
+                            notifier.store.path)
+                notifier.store.close()
+                notifier.store = Store(notifier.store.path)
+            while notifier.derive():
+                pass
+            notifier.deliver()
+            if time.monotonic() - last_prune >= PRUNE_EVERY:
+                last_prune = time.monotonic()
+                notifier.prune()
+        except Exception as exc:    # a locked database, a full disk: tried again next time
+            log.warning("notifier: %s: %s (will retry)", type(exc).__name__, exc)
+        readable, _, _ = select.select([args.parent_fd, wake_r], [], [], POLL)
+        if wake_r in readable:
+            _drain(wake_r)
+        if args.parent_fd in readable and _parent_gone(args.parent_fd):
+            log.info("notifier: the supervisor is gone; exiting")
+            return
+
+
+def _reload(notifier, path, config):
+    try:
+        notifier.reload(config.load(path))
+        log.info("notifier: task file re-read, %d target(s)", len(notifier.targets))
+    except Exception as exc:
+        log.error("notifier: cannot re-read the task file (keeping the one before): %s", exc)
+
+
+def _parent_gone(fd):
+    try:
+        return os.read(fd, 1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def _drain(fd):
+    try:
+        while os.read(fd, 512):
+            pass
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Sending one message to one target: a webhook POST, a ping, or an Apprise notification.
+
+Each ``send`` returns a :class:`Sent`: delivered, to be retried later, or rejected for good
+(a 4xx answer other than 408/425/429; an Apprise URL Apprise cannot read).  Nothing here
+raises for a network problem and nothing logs a URL: a detail names the target as
+notifyspec.shown_url prints it.
+
+Webhooks and pings use the standard library's HTTP client (the project has no other);
+Apprise, which speaks to ~100 services in one URL syntax, mail included, is imported the
+first time a ``to:`` target is sent to: only the notifier process (and ``notify test``)
+ever loads it, and it is an optional dependency (``pip install 'torchcore[notify]'``).
+"""
+
+import dataclasses
+import json
+import logging
+import urllib.error
+import urllib.request
+
+from torchcore import __version__
+from torchcore.notifyrules import rejected, text, title
+from torchcore.notifyspec import shown_url
+
+TIMEOUT = 10.0              # seconds one try may take
+MAX_ANSWER = 64 << 10       # bytes of an answer read (and thrown away)
+USER_AGENT = f"torchcore/{__version__}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sent:
+    """How one try went: ``state`` is sent, retry or rejected; ``detail`` says why."""
+
+    state: str
+    detail: str = ""
+
+
+def send(target, event, body, timeout=TIMEOUT):
+    """Send ``body`` (the webhook's JSON body; for a ping, the run's) to ``target``."""
+    if target.kind == "webhook":
+        return post(target.url, json.dumps(body).encode(), "application/json", timeout,
+                    {"Idempotency-Key": body["id"]})
+    if target.kind == "ping":
+        url = target.url.rstrip("/") + {"start": "/start", "fail": "/fail"}.get(event, "")
+        return post(url, (body.get("output_tail") or "").encode(), "text/plain; charset=utf-8",
+                    timeout, {})
+    return apprise_send(target.url, title(body), text(body))
+
+
+def post(url, data, content_type, timeout, headers):
+    """POST ``data``; 2xx is sent, a "never" 4xx rejected, anything else retried."""
+    request = urllib.request.Request(url, data=data, method="POST", headers={
+        "Content-Type": content_type, "User-Agent": USER_AGENT, **headers})
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(request, timeout=timeout) as answer:
+            answer.read(MAX_ANSWER)
+            return Sent("sent", f"HTTP {answer.status}")
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+        exc.close()
+        if rejected(status):
+            return Sent("rejected", f"HTTP {status} from {shown_url(url)}")
+        return Sent("retry", f"HTTP {status} from {shown_url(url)}")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return Sent("retry", f"{shown_url(url)}: {_safe(reason)}")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer (3xx: retried), not a move of a POST elsewhere."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def _safe(reason):
+    """An error's text without the URL it may quote."""
+    text = str(reason) or type(reason).__name__
+    return text if "://" not in text else type(reason).__name__
+
+
+def apprise_send(url, subject, body):
+    """Notify through Apprise; False from Apprise is retried (it gives no reason beyond its log)."""
+    try:
+        import apprise
+    except ImportError:
+        return Sent("retry", "Apprise is not installed: pip install 'torchcore[notify]' "
+                             "(to: targets need it; messages wait until it is there)")
+    _quiet_apprise()
+    sender = apprise.Apprise()
+    if not sender.add(url):
+        return Sent("rejected", f"Apprise cannot read the URL {shown_url(url)}")
+    try:
+        ok = sender.notify(title=subject, body=body)
+    except Exception as exc:        # a plugin's bug must not stop the notifier
+        return Sent("retry", f"{shown_url(url)}: {type(exc).__name__}")
+    return Sent("sent", "") if ok else Sent("retry", f"Apprise could not deliver to {shown_url(url)}")
+
+
+def _quiet_apprise():
+    """Apprise logs what it sends at INFO, addresses included: warnings only."""
+    logging.getLogger("apprise").setLevel(logging.WARNING)

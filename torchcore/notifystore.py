@@ -1,0 +1,262 @@
+"""The notifier's durable state, in its own tables of the node's records database.
+
+- ``notify_outbox``: every message to send, queued before the first try and kept with its
+  delivery state (queued, sent, rejected, expired, dropped; held: held back by the rate
+  limit, its details kept for the digest), attempts and last error; unique
+  per (message id, target), so deriving an event twice queues it once.
+- ``notify_windows``: the rate limit of each (task, target, event) (notifyrules.Window).
+- ``notify_tasks``: whether each task's last ended run failed (for ``recovered``).
+- ``meta``'s ``notify_cursor``: the last entry of the records' ``changes`` journal whose events
+  are queued; ``notify_since``: nothing that happened before it is announced (set at the
+  first start: a node that gets a notify target does not announce its whole history).  Queuing a batch, moving the cursor and dropping the journal entries happen in
+  one transaction, so a notifier killed at any point derives each event exactly once and
+  sends it at least once.
+
+Targets are stored by key (a hash of the kind and URL), never by URL: the URL is looked up in
+the task file when a message is sent, so secrets stay out of the database.  Transactions are
+short (the supervisor writes the same file, and waits at most half a second for it).
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import sqlite3
+import time
+
+from torchcore import records
+from torchcore.notifyrules import Window
+
+log = logging.getLogger("torchcore")
+
+SCHEMA_VERSION = 1
+KEEP_DONE = 7 * 24 * 3600       # seconds a delivered (or given up) message stays listed
+FIRST_LOOKBACK = 300            # a first start announces what happened this long before it, not older
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS notify_outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL,
+        target TEXT NOT NULL,           -- notifyspec.Target.key
+        shown TEXT NOT NULL,            -- the target without secrets, for alerts and logs
+        task TEXT NOT NULL,
+        event TEXT NOT NULL,            -- an event, or a ping (start, success, fail)
+        body TEXT NOT NULL,             -- the webhook's JSON body
+        created REAL NOT NULL,
+        next_try REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL DEFAULT 'queued',
+        error TEXT,
+        done REAL,
+        UNIQUE (id, target))""",
+    "CREATE INDEX IF NOT EXISTS notify_queued ON notify_outbox (target, seq) WHERE state = 'queued'",
+    """CREATE TABLE IF NOT EXISTS notify_windows (
+        task TEXT NOT NULL, target TEXT NOT NULL, event TEXT NOT NULL,
+        sent_at REAL, held INTEGER NOT NULL, since REAL, last TEXT,
+        PRIMARY KEY (task, target, event))""",
+    "CREATE TABLE IF NOT EXISTS notify_tasks (task TEXT PRIMARY KEY, failing INTEGER NOT NULL)",
+)
+QUEUED, SENT, REJECTED, EXPIRED, DROPPED = "queued", "sent", "rejected", "expired", "dropped"
+HELD = "held"       # held back by the rate limit: counted in a digest, not sent on its own
+_RUN_FIELDS = [f.name for f in dataclasses.fields(records.RunRecord)]   # each a column of runs
+_CHANGES = ("SELECT c.seq, c.ended, {} FROM changes c LEFT JOIN runs r ON r.run_id = c.run_id"
+            " WHERE c.seq > ? ORDER BY c.seq LIMIT ?").format(", ".join("r." + f for f in _RUN_FIELDS))
+_OUTBOX = "seq, id, target, shown, task, event, body, created, next_try, attempts, state, error, done"
+
+
+class Message:
+    """One row of the outbox."""
+
+    __slots__ = tuple(_OUTBOX.split(", "))
+
+    def __init__(self, *row):
+        for name, value in zip(self.__slots__, row):
+            setattr(self, name, value)
+
+    @property
+    def payload(self):
+        return json.loads(self.body)
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in self.__slots__ if name != "body"}
+
+
+def _run(row):
+    record = records.RunRecord(*row)
+    record.timed_out, record.missed, record.manual = (
+        bool(record.timed_out), bool(record.missed), bool(record.manual))
+    return record
+
+
+def _identity(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+class Store:
+    """The notifier's tables on a connection of its own (see the module's docstring)."""
+
+    def __init__(self, path, busy_timeout=5.0, clock=time.time):
+        self.path = path
+        self.clock = clock
+        self.conn = records.connect(path, busy_timeout)
+        self.identity = _identity(path)
+        self._transaction(self._create)
+
+    def close(self):
+        self.conn.close()
+
+    def _transaction(self, work, *args):
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(*args)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        return result
+
+    def _create(self):
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'notify_schema'").fetchone()
+        if row is not None and int(row[0]) != SCHEMA_VERSION:
+            raise records.RecordsError(
+                f"{self.path} has notifier schema version {row[0]}, this torchcore knows version "
+                f"{SCHEMA_VERSION}: upgrade torchcore")
+        for statement in _SCHEMA:
+            self.conn.execute(statement)
+        self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('notify_schema', ?)", (str(SCHEMA_VERSION),))
+        # a first start reads the journal from its start, announcing only what happened from
+        # FIRST_LOOKBACK before it on (the daemon starts it after its first runs may have ended)
+        self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('notify_cursor', '0')")
+        self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('notify_since', ?)",
+                          (repr(self.clock() - FIRST_LOOKBACK),))
+
+    # -- deriving -------------------------------------------------------------------------------
+
+    def since(self):
+        """Events before this epoch are never announced (see FIRST_LOOKBACK)."""
+        return float(self.conn.execute("SELECT value FROM meta WHERE key = 'notify_since'").fetchone()[0])
+
+    def cursor(self):
+        return int(self.conn.execute("SELECT value FROM meta WHERE key = 'notify_cursor'").fetchone()[0])
+
+    def changes(self, limit=500):
+        """The records' journal after the cursor: ``[(seq, ended, RunRecord or None)]`` in
+        order, each with the run's row as it is now (None: pruned away).  ``ended``: the write
+        was an end, a skip or a miss (else a start)."""
+        rows = self.conn.execute(_CHANGES, (self.cursor(), limit)).fetchall()
+        return [(row[0], bool(row[1]), _run(row[2:]) if row[2] is not None else None)
+                for row in rows]
+
+    def replaced(self):
+        """True if the database file is not the one opened (removed, or put back from a
+        backup): then the notifier opens it again."""
+        return _identity(self.path) not in (self.identity, None)
+
+    def window(self, task, target, event):
+        row = self.conn.execute("SELECT sent_at, held, since, last FROM notify_windows WHERE task = ?"
+                                " AND target = ? AND event = ?", (task, target, event)).fetchone()
+        return Window(*row) if row else Window()
+
+    def windows_holding(self):
+        """``[(task, target, event, Window)]`` with events held back for a digest."""
+        rows = self.conn.execute("SELECT task, target, event, sent_at, held, since, last"
+                                 " FROM notify_windows WHERE held > 0").fetchall()
+        return [(*row[:3], Window(*row[3:])) for row in rows]
+
+    def failing(self, task):
+        row = self.conn.execute("SELECT failing FROM notify_tasks WHERE task = ?", (task,)).fetchone()
+        return bool(row and row[0])
+
+    def was_queued(self, message_id, target):
+        return self.conn.execute("SELECT 1 FROM notify_outbox WHERE id = ? AND target = ?",
+                                 (message_id, target)).fetchone() is not None
+
+    def find(self, message_id, target):
+        row = self.conn.execute(f"SELECT {_OUTBOX} FROM notify_outbox WHERE id = ? AND target = ?",
+                                (message_id, target)).fetchone()
+        return Message(*row) if row else None
+
+    def commit(self, batch, cursor=None):
+        """Write what handling some journal entries (or digests) decided, in one transaction:
+        ``batch.messages`` queued, ``batch.windows`` and ``batch.failing`` stored, the cursor
+        moved to ``cursor`` and the journal up to it dropped."""
+        self._transaction(self._commit, batch, cursor)
+
+    def _commit(self, batch, cursor):
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO notify_outbox (id, target, shown, task, event, body, created,"
+            " next_try, state, done) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(m["id"], m["target"], m["shown"], m["task"], m["event"], json.dumps(m["body"]),
+              m["created"], m["created"], HELD if m["held"] else QUEUED,
+              m["created"] if m["held"] else None) for m in batch.messages])
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO notify_windows VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(*key, w.sent_at, w.held, w.since, w.last) for key, w in batch.windows.items()])
+        self.conn.executemany("INSERT OR REPLACE INTO notify_tasks VALUES (?, ?)",
+                              [(task, int(failing)) for task, failing in batch.failing.items()])
+        if cursor is not None:
+            self.conn.execute("UPDATE meta SET value = ? WHERE key = 'notify_cursor'", (str(cursor),))
+            self.conn.execute("DELETE FROM changes WHERE seq <= ?", (cursor,))
+
+    # -- delivering -----------------------------------------------------------------------------
+
+    def heads(self):
+        """The oldest queued message of each target: a target gets its messages in order."""
+        rows = self.conn.execute(
+            f"SELECT {_OUTBOX} FROM notify_outbox WHERE seq IN (SELECT min(seq) FROM notify_outbox"
+            " WHERE state = 'queued' GROUP BY target) ORDER BY next_try").fetchall()
+        return [Message(*row) for row in rows]
+
+    def retry(self, message, next_try, error):
+        self._update(message.seq, "UPDATE notify_outbox SET attempts = attempts + 1, next_try = ?,"
+                     " error = ? WHERE seq = ?", (next_try, error, message.seq))
+
+    def finish(self, message, state, now, error=None):
+        """``state``: SENT, REJECTED (the target said never), EXPIRED (24 h of trying) or
+        DROPPED (the target is no longer in the task file)."""
+        tried = 1 if state in (SENT, REJECTED) else 0
+        self._update(message.seq, "UPDATE notify_outbox SET state = ?, done = ?, error = ?,"
+                     " attempts = attempts + ? WHERE seq = ?", (state, now, error, tried, message.seq))
+
+    def _update(self, seq, sql, params):
+        try:
+            self.conn.execute(sql, params)
+        except sqlite3.Error as exc:    # the try is repeated: at least once, as promised
+            log.warning("notifier: cannot record the delivery of message %d (will retry): %s", seq, exc)
+
+    def prune(self, before):
+        """Forget messages finished before ``before``; returns how many."""
+        return self.conn.execute("DELETE FROM notify_outbox WHERE state != 'queued' AND done < ?",
+                                 (before,)).rowcount
+
+    def recent(self, limit=50, task=None):
+        return read_recent(self.conn, limit, task)
+
+
+# -- reading (alerts, status), on any connection; nothing before a notifier made the tables ------
+
+
+def read_recent(conn, limit=50, task=None):
+    """Messages newest first."""
+    where, params = ("WHERE task = ?", [task]) if task else ("", [])
+    return [Message(*row) for row in _read(
+        conn, f"SELECT {_OUTBOX} FROM notify_outbox {where} ORDER BY seq DESC LIMIT ?",
+        (*params, limit))]
+
+
+def read_counts(conn):
+    """``{state: count}`` over the outbox."""
+    return dict(_read(conn, "SELECT state, count(*) FROM notify_outbox GROUP BY state", ()))
+
+
+def _read(conn, sql, params):
+    try:
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise records.RecordsError(f"cannot read the notifications: {exc}") from exc
