@@ -253,6 +253,39 @@ def read_counts(conn):
     return dict(_read(conn, "SELECT state, count(*) FROM notify_outbox GROUP BY state", ()))
 
 
+def recent_in(state_dir, limit=50, task=None):
+    """read_recent on the database of a state directory ([] when there is none)."""
+    return _at(state_dir, lambda conn: read_recent(conn, limit, task), [])
+
+
+def counts_in(state_dir):
+    """read_counts on the database of a state directory ({} when there is none)."""
+    return _at(state_dir, read_counts, {})
+
+
+def summary(counts):
+    """``notifications: 2 queued, 1 rejected (torchcore alerts lists them)`` for status, or
+    None when nothing waits and nothing was rejected or given up."""
+    parts = [f"{counts[state]} {state}" for state in (QUEUED, REJECTED, EXPIRED) if counts.get(state)]
+    return f"notifications: {', '.join(parts)} (torchcore alerts lists them)" if parts else None
+
+
+def _at(state_dir, read, empty):
+    path = records.db_path(state_dir)
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        return empty
+    except OSError as exc:
+        raise records.RecordsError(f"cannot read the records database {path}: {exc.strerror}") from None
+    conn = records.connect(path, 5.0)
+    try:
+        return read(conn)
+    finally:
+        conn.close()
+
+
 def _read(conn, sql, params):
     try:
         return conn.execute(sql, params).fetchall()

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "torchcore.commands.status",      # status, run
     "torchcore.commands.history",     # history, logs
     "torchcore.commands.importer",    # import
+    "torchcore.commands.notify",      # notify test, alerts
     "torchcore.commands.manual",      # help, completion, man
 ]
 

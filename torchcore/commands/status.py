@@ -7,7 +7,7 @@ import sys
 import time
 from datetime import datetime
 
-from torchcore import config, jobspec, paths, records
+from torchcore import config, jobspec, notifystore, paths, records
 from torchcore.commands import common
 from torchcore.commands.common import control_request, find_daemon, not_running, print_json
 from torchcore.errors import ConfigError, TorchcoreError
@@ -49,10 +49,13 @@ def cmd_status(args):
     last = _last_results(found.settings)
     now = time.time()
     rows = [task_status(task, node, live, last.get(task.name), now) for task in tasks]
+    notifications = notifystore.counts_in(found.settings.state_dir)
     if args.json:
-        print_json(status_json(found, live, digest, problems, rows))
+        print_json({**status_json(found, live, digest, problems, rows), "notifications": notifications})
     else:
         print(_daemon_text(live, found, digest, now))
+        if notifystore.summary(notifications):
+            print(notifystore.summary(notifications))
         if problems:
             print("the task file on disk is invalid (the daemon runs its last valid version):")
             print("\n".join("  " + problem for problem in problems))
