@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import unicodedata
+import urllib.parse
 
 from torchcore import schedule
 from torchcore.errors import TorchcoreError
@@ -32,6 +33,8 @@ MACROS = {name: next(first for first, other in schedule.MACROS.items() if other 
           for name, macro in schedule.MACROS.items()}
 FIELDS = schedule.FIELDS[schedule.MINUTE:]      # a crontab's five fields: no second
 MAIL_VARS = {"MAILTO", "MAILFROM", "CONTENT_TYPE", "CONTENT_TRANSFER_ENCODING"}
+DEFAULT_SMTP = "localhost:25"       # cron handed its mail to the local MTA
+MAIL_SENDER = "torchcore@localhost"
 NAME_MAX = 64
 _NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -56,6 +59,9 @@ class Entry:
     notes: list = dataclasses.field(default_factory=list)      # comments about the conversion
     ips: list = dataclasses.field(default_factory=list)
     hosts: list = dataclasses.field(default_factory=list)
+    mail_to: list = dataclasses.field(default_factory=list)    # MAILTO's addresses: output is mailed
+    mail_from: str | None = None    # MAILFROM
+    smtp: str = DEFAULT_SMTP        # the SMTP server the mail goes through (cron: the local MTA)
     name: str = ""
     task: object = None             # the config.Task it loads as, once validated
 
@@ -396,15 +402,34 @@ def _entry(line, lineno, source, env, system, user):
                          "write '\\%' for a literal %")
         cmd = with_stdin(cmd, stdin)
     for var in sorted(MAIL_VARS & env.keys()):
-        notes.append(f"{var}={env[var]} (cron mailed the output there; torchcore logs it)"
-                     if env[var] else f"{var}= (cron mailed nothing)")
+        notes.append(f"{var}={env[var]} (cron mailed the output there; so does notify below)"
+                     if var == "MAILTO" and env[var] else
+                     f"{var}={env[var]}" if env[var] else f"{var}= (cron mailed nothing)")
     return Entry(
         source=source, lineno=lineno, text=line, schedule=schedule,
         command=cmd if shell == DEFAULT_SHELL else [shell, "-c", cmd],
         user=line_user if system else user,
         env={k: v for k, v in env.items() if k not in MAIL_VARS and k != "CRON_TZ"},
         timezone=zone, cwd=_cwd(env, notes), notes=notes,
+        mail_to=mail_addresses(env.get("MAILTO", "")), mail_from=env.get("MAILFROM") or None,
         name=base_name(split_percent(command)[0]))
+
+
+def mail_addresses(mailto):
+    """MAILTO's addresses (commas or blanks between them); a bare user name is a local mailbox,
+    as cron's sendmail read it.
+
+    >>> mail_addresses("ops@example.com, root")
+    ['ops@example.com', 'root@localhost']
+    """
+    return [a if "@" in a else f"{a}@localhost" for a in re.split(r"[,\s]+", mailto.strip()) if a]
+
+
+def mail_url(entry, address):
+    """The Apprise URL that mails an entry's output to ``address`` through ``entry.smtp``
+    (one URL per address: Apprise reads a list of them unreliably)."""
+    query = urllib.parse.urlencode({"to": address, "from": entry.mail_from or MAIL_SENDER})
+    return f"mailto://{entry.smtp}?{query}"
 
 
 # --- names ------------------------------------------------------------------------------------

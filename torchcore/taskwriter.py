@@ -13,7 +13,7 @@ import re
 import yaml
 
 from torchcore import config
-from torchcore.crontab import Comment, CrontabError, Entry, Problem, assign_names
+from torchcore.crontab import Comment, CrontabError, Entry, Problem, assign_names, mail_url
 from torchcore.errors import TorchcoreError
 from torchcore.taskspec import DEFAULT_SHELL
 from torchcore.yamlread import document
@@ -61,16 +61,26 @@ def yaml_value(value):
 
 def task_lines(fields, comments=(), indent="  "):
     """The YAML lines of one task of a ``tasks:`` list: ``comments`` above it, then ``fields``
-    (``(key, value)`` in order; a value is a str, a list of str, or a dict of str for ``env``)."""
+    (``(key, value)`` in order; a value is a str, a list of str, a dict of str for ``env``,
+    or a tuple of dicts for ``notify``: one flow mapping per item)."""
     lines = [f"{indent}# {comment_text(text)}" for text in comments]
-    plain = [(key, value) for key, value in fields if not isinstance(value, dict)]
+    plain = [(key, value) for key, value in fields if not isinstance(value, (dict, tuple))]
     lines += [f"{indent}{'- ' if i == 0 else '  '}{key}: {yaml_value(value)}"
               for i, (key, value) in enumerate(plain)]
     for key, value in fields:
         if isinstance(value, dict):
             lines.append(f"{indent}  {key}:")
             lines += [f"{indent}    {yaml_str(k)}: {yaml_str(v)}" for k, v in sorted(value.items())]
+        elif isinstance(value, tuple):
+            lines.append(f"{indent}  {key}:")
+            lines += [f"{indent}    - {{{', '.join(f'{k}: {_flow(v)}' for k, v in item.items())}}}"
+                      for item in value]
     return lines
+
+
+def _flow(value):
+    return str(value) if isinstance(value, int) else yaml_value(value) if isinstance(value, str) \
+        else "[" + ", ".join(value) + "]"
 
 
 # --- imported entries -------------------------------------------------------------------------
@@ -90,6 +100,9 @@ def entry_lines(entry, indent="  ", shell=DEFAULT_SHELL):
                if getattr(entry, key)]
     if entry.env:
         fields.append(("env", entry.env))
+    if entry.mail_to:       # cron mailed each run's output: so do these targets
+        fields.append(("notify", tuple({"to": mail_url(entry, address), "on": ["output"], "every": 0}
+                                       for address in entry.mail_to)))
     comments = [f"{entry.source}:{entry.lineno}: {entry.text}"] + [f"note: {n}" for n in entry.notes]
     return task_lines(fields, comments, indent)
 

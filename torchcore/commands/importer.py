@@ -39,6 +39,9 @@ def register(subparsers):
     p.add_argument("--timezone", default=None, metavar="ZONE",
                    help="the machine's time zone (IANA), for lines without CRON_TZ/TZ: cron ran "
                         "them in the machine's local time")
+    p.add_argument("--smtp", metavar="HOST:PORT", default=crontab.DEFAULT_SMTP,
+                   help="the SMTP server that mails the output of jobs under MAILTO "
+                        f"(default {crontab.DEFAULT_SMTP}, the local MTA cron used)")
     p.add_argument("--merge", metavar="TASKS", default=None,
                    help="merge into this task file (identical tasks get the union of their ips)")
     p.add_argument("-o", "--output", metavar="OUT", default=None,
@@ -62,8 +65,10 @@ def run(args):
         result.warnings += part.warnings
     if not args.system and args.user is None and result.entries:
         result.warnings += [user_warning(source, result.entries) for source in sources]
+    smtp = smtp_option(args.smtp)
     for entry in result.entries:
         entry.ips, entry.hosts = list(ips), list(hosts)
+        entry.smtp = smtp
         entry.timezone = entry.timezone or args.timezone
     text = merged_text(args.merge, result, args.prefix, bool(args.timezone)) if args.merge \
         else fresh_text(result, sources, args.prefix)
@@ -78,6 +83,13 @@ def check_prefix(prefix):
     """Raise CrontabError unless ``prefix`` can start a task name."""
     if prefix and (not re.fullmatch(r"[A-Za-z0-9._-]+", prefix) or len(prefix) > 40):
         raise CrontabError(f"--prefix {prefix!r}: use at most 40 of A-Z a-z 0-9 . _ -")
+
+
+def smtp_option(server):
+    """``HOST[:PORT]`` (``--smtp``), or CrontabError."""
+    if not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", server or ""):
+        raise CrontabError(f"--smtp {server!r}: expected HOST or HOST:PORT, e.g. localhost:25")
+    return server
 
 
 def timezone_option(zone):
