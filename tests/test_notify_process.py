@@ -176,9 +176,47 @@ def test_a_receiver_down_for_a_while_gets_every_event_once_it_is_back(daemons, h
     wait_until(lambda: {b["run_id"] for b in receiver.bodies()} >= set(failed), 40,
                "every failure delivered")
     assert any(status == 500 for status, _ in receiver.answered)
-    ids = [b["id"] for b in receiver.bodies()]
-    assert sorted(set(ids)) == sorted(f"{b['node']}-{r}-failure" for b in receiver.bodies()[:1]
-                                      for r in failed)
+    node = receiver.bodies()[0]["node"]
+    assert {b["id"] for b in receiver.bodies()} == {f"{node}-{r}-failure" for r in failed}
+
+
+@pytest.mark.slow
+def test_a_task_failing_every_second_sends_the_rate_limit_and_digests(daemons, http):
+    receiver = http()
+    d = daemons(f"""tasks:
+  - name: flaky
+    schedule: "* * * * * *"
+    command: "exit 1"
+    notify: [{{webhook: "{receiver.url}/hook", every: 4s}}]
+""").start()
+    began = time.monotonic()
+    time.sleep(10)
+    failures = len([run for run in d.runs("flaky") if run["ended"] is not None])
+    told = lambda: sum(b["digest"]["count"] if b["digest"] else 1 for b in receiver.bodies())
+    wait_until(lambda: told() >= failures, 10, "the digest of the failures so far")
+    elapsed = time.monotonic() - began
+    d.stop()
+    bodies = receiver.bodies()
+    assert failures >= 8 and bodies[0]["digest"] is None and all(b["digest"] for b in bodies[1:])
+    assert len(bodies) <= elapsed // 4 + 1      # at most one per 4 s window
+    assert len({b["id"] for b in bodies}) == len(bodies)
+
+
+def test_the_daemon_killed_between_queueing_and_sending_delivers_after_a_restart(daemons, http):
+    receiver = http(status=503)
+    d = daemons(f"""tasks:
+  - name: once
+    schedule: "@reboot"
+    command: "exit 5"
+    notify: [{{webhook: "{receiver.url}/hook"}}]
+""").start()
+    wait_until(lambda: receiver.answered, 10, "a first try")
+    d.proc.kill()                   # the notifier goes with it (its parent pipe ends)
+    d.proc.wait()
+    receiver.status = 200
+    d.start()
+    body = wait_until(receiver.bodies, 10, "the message after the restart")[0]
+    assert (body["event"], body["task"], body["exit_code"]) == ("failure", "once", 5)
 
 
 def test_pings_go_start_then_success_or_fail_in_order(daemons, http):

@@ -23,8 +23,11 @@ import signal
 import sys
 import time
 
-from torchcore import notifyrules, notifysend, notifyspec, records
+from torchcore import notifyrules, notifyspec, records
 from torchcore.notifystore import DROPPED, EXPIRED, KEEP_DONE, REJECTED, SENT, Store
+
+# The supervisor imports this module for wanted(): what sends (the HTTP client, Apprise) is
+# imported by the notifier process alone (notifysend, in Notifier).
 
 log = logging.getLogger("torchcore")
 
@@ -52,7 +55,10 @@ class Batch:
 class Notifier:
     """Derives, queues and sends (see the module's docstring); ``clock`` gives epoch seconds."""
 
-    def __init__(self, store, taskfile, node, clock=time.time, sender=notifysend.send):
+    def __init__(self, store, taskfile, node, clock=time.time, sender=None):
+        if sender is None:
+            from torchcore import notifysend
+            sender = notifysend.send
         self.store = store
         self.node = node
         self.clock = clock
@@ -287,12 +293,12 @@ def main(argv=None):
         return 1
     notifier = Notifier(store, taskfile, args.node)
     log.info("notifier: started, %d target(s)", len(notifier.targets))
-    _loop(notifier, args, config, wake_r)
+    _loop(notifier, args, config, services, wake_r)
     store.close()
     return 0
 
 
-def _loop(notifier, args, config, wake_r):
+def _loop(notifier, args, config, services, wake_r):
     last_prune = time.monotonic()
     while not _Flags.stop:
         if _Flags.reload:
@@ -315,7 +321,7 @@ def _loop(notifier, args, config, wake_r):
         readable, _, _ = select.select([args.parent_fd, wake_r], [], [], POLL)
         if wake_r in readable:
             _drain(wake_r)
-        if args.parent_fd in readable and _parent_gone(args.parent_fd):
+        if args.parent_fd in readable and services.parent_gone(args.parent_fd):
             log.info("notifier: the supervisor is gone; exiting")
             return
 
@@ -326,15 +332,6 @@ def _reload(notifier, path, config):
         log.info("notifier: task file re-read, %d target(s)", len(notifier.targets))
     except Exception as exc:
         log.error("notifier: cannot re-read the task file (keeping the one before): %s", exc)
-
-
-def _parent_gone(fd):
-    try:
-        return os.read(fd, 1) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 
 
 def _drain(fd):

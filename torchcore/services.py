@@ -47,6 +47,7 @@ class Spec:
 # name -> Spec: every service torchcore knows, in the order they start.  A service module is
 # listed here and nowhere else; its own ``wanted`` says when it runs.
 REGISTRY = {spec.name: spec for spec in (
+    Spec("notifier", "torchcore.notifier"),     # alerts, webhooks, pings (docs/notifications.md)
 )}
 
 
