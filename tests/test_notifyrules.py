@@ -1,13 +1,14 @@
 """The notifier's rules without I/O: events of a record, the rate limit and its digest, the
 retry backoff, what a message says (torchcore/notifyrules.py)."""
 
+import itertools
 import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torchcore import notifyrules as rules
-from torchcore.records import RunRecord
+from torchcore.runrecord import RunRecord
 
 
 def rec(run_id=7, **kw):
@@ -131,7 +132,7 @@ def test_a_task_failing_every_second_for_a_minute_sends_one_message_then_a_diges
 def test_the_rate_limit_never_sends_more_than_one_per_window_and_loses_no_count(times, every, ticks):
     sent, window = run_limit(times, every, ticks)
     moments = [t for t, _ in sent]
-    assert all(b - a >= every for a, b in zip(moments, moments[1:]))
+    assert all(b - a >= every for a, b in itertools.pairwise(moments))
     counted = sum(1 if what == "event" else what[1] for _, what in sent) + window.held
     assert counted == len(times)
     if times:

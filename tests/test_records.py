@@ -195,7 +195,10 @@ def test_every_write_is_journalled_for_the_notifier(path, records):
     records.add(run(2, started=None, ended=None, exit_code=None, scheduled=5, skipped="max"))
     records.flush()
     conn = sqlite3.connect(path)
-    journal = lambda: conn.execute("SELECT seq, run_id, ended FROM changes ORDER BY seq").fetchall()
+
+    def journal():
+        return conn.execute("SELECT seq, run_id, ended FROM changes ORDER BY seq").fetchall()
+
     assert journal() == [(1, 1, 0), (2, 1, 1), (3, 2, 1)]
     conn.execute("DELETE FROM changes")
     conn.commit()

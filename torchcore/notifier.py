@@ -2,14 +2,15 @@
 durable queue.
 
 The supervisor never talks to the network; it writes run records, and the records database
-journals each write (records.changes_after).  This process follows that journal: each run that
-ended, was skipped or was missed becomes its events (notifyrules.run_events), each event a
-message per target that asks for it, rate-limited (at most one per ``every`` per task, target
-and event, then a digest), queued in the outbox (notifystore) in the same transaction that
-moves its cursor.  Then it sends what is due, oldest first per target, retrying with a backoff
-of 1 s doubling to 5 minutes for up to 24 hours.  Killed at any point, it starts where its
-last transaction left off: each event is queued once and sent at least once; the message id
-(the webhook's ``id`` and Idempotency-Key) lets a receiver drop a repeat.
+journals each write (its ``changes`` table, read by notifystore).  This process follows that
+journal: each run that ended, was skipped or was missed becomes its events
+(notifyrules.run_events), each event a message per target that asks for it, rate-limited (at
+most one per ``every`` per task, target and event, then a digest), queued in the outbox
+(notifystore) in the same transaction that moves its cursor.  Then it sends what is due,
+oldest first per target, retrying with a backoff of 1 s doubling to 5 minutes for up to 24
+hours.  Killed at any point, it starts where its last transaction left off: each event is
+queued once and sent at least once; the message id (the webhook's ``id`` and
+Idempotency-Key) lets a receiver drop a repeat.
 
 It runs as ``python -m torchcore.notifier`` with the services' arguments (services.py):
 SIGTERM stops it, SIGHUP re-reads the task file, end of file on the parent pipe (the
@@ -23,7 +24,7 @@ import signal
 import sys
 import time
 
-from torchcore import notifyrules, notifyspec, records
+from torchcore import notifyrules, notifyspec, paths
 from torchcore.notifystore import DROPPED, EXPIRED, KEEP_DONE, REJECTED, SENT, Store
 
 # The supervisor imports this module for wanted(): what sends (the HTTP client, Apprise) is
@@ -287,7 +288,7 @@ def main(argv=None):
         signal.signal(signum, _handle)
     try:
         taskfile = config.load(args.taskfile)
-        store = Store(records.db_path(args.state_dir))
+        store = Store(paths.records_db(args.state_dir))
     except Exception as exc:        # ConfigError, RecordsError: said once, then the restart backoff
         log.error("notifier: cannot start: %s", exc)
         return 1

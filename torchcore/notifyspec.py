@@ -203,7 +203,7 @@ def _http_url(node, field):
     if not parts.hostname:
         raise Bad(f"{field}: the URL names no host ({scheme}://HOST/...)", node)
     try:
-        parts.port
+        _ = parts.port
     except ValueError:
         raise Bad(f"{field}: the URL's port is not a number from 0 to 65535", node) from None
     return url

@@ -8,9 +8,10 @@
 - ``notify_tasks``: whether each task's last ended run failed (for ``recovered``).
 - ``meta``'s ``notify_cursor``: the last entry of the records' ``changes`` journal whose events
   are queued; ``notify_since``: nothing that happened before it is announced (set at the
-  first start: a node that gets a notify target does not announce its whole history).  Queuing a batch, moving the cursor and dropping the journal entries happen in
-  one transaction, so a notifier killed at any point derives each event exactly once and
-  sends it at least once.
+  first start: a node that gets a notify target does not announce its whole history).
+  Queuing a batch, moving the cursor and dropping the journal entries happen in one
+  transaction, so a notifier killed at any point derives each event exactly once and sends
+  it at least once.
 
 Targets are stored by key (a hash of the kind and URL), never by URL: the URL is looked up in
 the task file when a message is sent, so secrets stay out of the database.  Transactions are
@@ -24,8 +25,9 @@ import os
 import sqlite3
 import time
 
-from torchcore import records
+from torchcore import paths, records
 from torchcore.notifyrules import Window
+from torchcore.runrecord import RunRecord
 
 log = logging.getLogger("torchcore")
 
@@ -57,7 +59,7 @@ _SCHEMA = (
 )
 QUEUED, SENT, REJECTED, EXPIRED, DROPPED = "queued", "sent", "rejected", "expired", "dropped"
 HELD = "held"       # held back by the rate limit: counted in a digest, not sent on its own
-_RUN_FIELDS = [f.name for f in dataclasses.fields(records.RunRecord)]   # each a column of runs
+_RUN_FIELDS = [f.name for f in dataclasses.fields(RunRecord)]   # each a column of runs
 _CHANGES = ("SELECT c.seq, c.ended, {} FROM changes c LEFT JOIN runs r ON r.run_id = c.run_id"
             " WHERE c.seq > ? ORDER BY c.seq LIMIT ?").format(", ".join("r." + f for f in _RUN_FIELDS))
 _OUTBOX = "seq, id, target, shown, task, event, body, created, next_try, attempts, state, error, done"
@@ -81,7 +83,7 @@ class Message:
 
 
 def _run(row):
-    record = records.RunRecord(*row)
+    record = RunRecord(*row)
     record.timed_out, record.missed, record.manual = (
         bool(record.timed_out), bool(record.missed), bool(record.manual))
     return record
@@ -271,7 +273,7 @@ def summary(counts):
 
 
 def _at(state_dir, read, empty):
-    path = records.db_path(state_dir)
+    path = paths.records_db(state_dir)
     try:
         with open(path, "rb"):
             pass

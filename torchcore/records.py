@@ -70,11 +70,11 @@ CREATE INDEX IF NOT EXISTS runs_failed ON runs (at) WHERE {failed};
 # trigger in the writer's transaction: the notifier follows it with a cursor (notifystore.py).
 # AUTOINCREMENT: a deleted number never comes back.  Pruned with the runs.
 _JOURNAL = (
-    "CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
-    " run_id INTEGER NOT NULL, ended INTEGER NOT NULL)",
-    "CREATE TRIGGER IF NOT EXISTS runs_changed AFTER INSERT ON runs BEGIN"
-    " INSERT INTO changes (run_id, ended) VALUES (NEW.run_id,"
-    " NEW.ended IS NOT NULL OR NEW.skipped IS NOT NULL OR NEW.missed != 0); END",
+    ("CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+     " run_id INTEGER NOT NULL, ended INTEGER NOT NULL)"),
+    ("CREATE TRIGGER IF NOT EXISTS runs_changed AFTER INSERT ON runs BEGIN"
+     " INSERT INTO changes (run_id, ended) VALUES (NEW.run_id,"
+     " NEW.ended IS NOT NULL OR NEW.skipped IS NOT NULL OR NEW.missed != 0); END"),
 )
 
 # The rule of outcome.RunResult.failed in SQL (tests/test_outcome.py checks they agree).  Also the

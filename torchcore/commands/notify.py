@@ -6,9 +6,10 @@ import time
 
 import yaml
 
-from torchcore import config, notifyrules, notifysend, notifyspec, notifystore, records
+from torchcore import config, notifyrules, notifysend, notifyspec, notifystore
 from torchcore.commands import common
 from torchcore.errors import ConfigError, TorchcoreError
+from torchcore.runrecord import RunRecord
 from torchcore.textfmt import format_relative, format_table
 from torchcore.yamlread import Bad
 
@@ -58,7 +59,7 @@ def test_target(url):
 def test_body(now=None):
     """The message ``notify test`` sends: a made-up run of a task named ``torchcore-test``."""
     now = time.time() if now is None else now
-    record = records.RunRecord(run_id=0, task="torchcore-test", node=_hostname(), scheduled=int(now),
+    record = RunRecord(run_id=0, task="torchcore-test", node=_hostname(), scheduled=int(now),
                                started=now, ended=now, exit_code=0, signal=None)
     body = notifyrules.payload(record, "test", record.node, "a test message from torchcore notify test",
                                "this is what the last lines of a run's output look like")
