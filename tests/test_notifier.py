@@ -1,6 +1,7 @@
 """The notifier in process: the records journal -> events -> the outbox -> tries, on a real
 database with a fake clock and a fake sender (torchcore/notifier.py, notifystore.py)."""
 
+import sqlite3
 import types
 
 import pytest
@@ -176,6 +177,14 @@ def test_recovered_survives_a_restart_and_a_planned_stop_changes_nothing(tmp_pat
     assert world.states() == [("failure", "sent"), ("recovered", "sent")]
 
 
+def written_at(path, run_id, when):
+    """Say the journal entries of a run were written at ``when`` (the fake clock's time)."""
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("UPDATE changes SET written = ? WHERE run_id = ?", (when, run_id))
+    conn.close()
+
+
 def test_a_first_start_announces_the_last_minutes_not_older_runs(tmp_path):
     path = str(tmp_path / "torchcore.db")
     now = Clock().now
@@ -183,12 +192,19 @@ def test_a_first_start_announces_the_last_minutes_not_older_runs(tmp_path):
         for run_id, ended in ((1, now - 3600), (2, now - 60)):
             old.add(records.RunRecord(run_id=run_id, task="backup", node="web1", scheduled=1,
                                       started=ended - 1, ended=ended, exit_code=1, signal=None))
-    world = World(tmp_path, taskfile(tmp_path, notify=targets(HOOK)))
+            old.flush()
+    written_at(path, 1, now - 3600)
+    written_at(path, 2, now - 60)
+    world = World(tmp_path, taskfile(tmp_path, notify=targets(HOOK.replace("]}", "], every: 0}"))))
     world.step()
     assert [body["run_id"] for _, _, body in world.sender.calls] == [2]
-    world.restart()                 # a later start goes on from its cursor
-    world.step(3600)
-    assert len(world.sender.calls) == 1
+    world.restart()                 # a later start goes on from its cursor ...
+    world.next_id = 3
+    world.run(exit_code=1)
+    written_at(path, 3, world.clock.now - 25 * 3600)    # ... but what waited a day is not news
+    world.run(exit_code=2)
+    world.step()
+    assert [body["run_id"] for _, _, body in world.sender.calls] == [2, 4]
 
 
 def test_skipped_and_missed_runs(tmp_path):

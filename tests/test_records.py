@@ -200,11 +200,20 @@ def test_every_write_is_journalled_for_the_notifier(path, records):
         return conn.execute("SELECT seq, run_id, ended FROM changes ORDER BY seq").fetchall()
 
     assert journal() == [(1, 1, 0), (2, 1, 1), (3, 2, 1)]
+    assert abs(conn.execute("SELECT max(written) FROM changes").fetchone()[0] - time.time()) < 60
     conn.execute("DELETE FROM changes")
     conn.commit()
     records.add(run(3))
     records.flush()
     assert journal() == [(4, 3, 1)]             # a number never comes back
+    records.add(run(5))
+    records.flush()
+    conn.execute("UPDATE changes SET written = 100 WHERE run_id = 3")
+    conn.commit()
+    records.prune(5000)                         # by when an entry was written, from the oldest
+    assert journal() == [(5, 5, 1)]
+    conn.execute("UPDATE changes SET written = 100")
+    conn.commit()
     records.prune(5000)
     assert journal() == []
     conn.close()

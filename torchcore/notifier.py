@@ -35,7 +35,7 @@ log = logging.getLogger("torchcore")
 POLL = 0.5                  # seconds between looks at the journal
 PRUNE_EVERY = 3600.0
 TAIL_BYTES = 256 << 10      # how far back in a task's log its run's output is looked for
-MAX_AGE = notifyrules.GIVE_UP_AFTER     # an event older than this (the notifier was off) is not sent
+MAX_AGE = notifyrules.GIVE_UP_AFTER     # a record written longer ago (the notifier was off) is not announced
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"   # as the daemon's own log (its stderr is that)
 
 
@@ -82,10 +82,8 @@ class Notifier:
         if not changes:
             return 0
         batch = Batch()
-        floor = max(self.store.since(), now - MAX_AGE)
-        for _seq, ended, record in changes:
-            if record is not None and (record.ended or record.started or record.scheduled
-                                       or now) >= floor:
+        for _seq, ended, written, record in changes:
+            if record is not None and written >= now - MAX_AGE:
                 self._record(batch, record, ended, now)
         self.store.commit(batch, cursor=changes[-1][0])
         return len(changes)

@@ -7,8 +7,8 @@
 - ``notify_windows``: the rate limit of each (task, target, event) (notifyrules.Window).
 - ``notify_tasks``: whether each task's last ended run failed (for ``recovered``).
 - ``meta``'s ``notify_cursor``: the last entry of the records' ``changes`` journal whose events
-  are queued; ``notify_since``: nothing that happened before it is announced (set at the
-  first start: a node that gets a notify target does not announce its whole history).
+  are queued.  A first start puts it FIRST_LOOKBACK before its own start: a node that gets a
+  notify target does not announce its whole history, only what the daemon did as it started.
   Queuing a batch, moving the cursor and dropping the journal entries happen in one
   transaction, so a notifier killed at any point derives each event exactly once and sends
   it at least once.
@@ -33,7 +33,7 @@ log = logging.getLogger("torchcore")
 
 SCHEMA_VERSION = 1
 KEEP_DONE = 7 * 24 * 3600       # seconds a delivered (or given up) message stays listed
-FIRST_LOOKBACK = 300            # a first start announces what happened this long before it, not older
+FIRST_LOOKBACK = 300            # a first start announces what was written this long before it on
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS notify_outbox (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -60,7 +60,7 @@ _SCHEMA = (
 QUEUED, SENT, REJECTED, EXPIRED, DROPPED = "queued", "sent", "rejected", "expired", "dropped"
 HELD = "held"       # held back by the rate limit: counted in a digest, not sent on its own
 _RUN_FIELDS = [f.name for f in dataclasses.fields(RunRecord)]   # each a column of runs
-_CHANGES = ("SELECT c.seq, c.ended, {} FROM changes c LEFT JOIN runs r ON r.run_id = c.run_id"
+_CHANGES = ("SELECT c.seq, c.ended, c.written, {} FROM changes c LEFT JOIN runs r ON r.run_id = c.run_id"
             " WHERE c.seq > ? ORDER BY c.seq LIMIT ?").format(", ".join("r." + f for f in _RUN_FIELDS))
 _OUTBOX = "seq, id, target, shown, task, event, body, created, next_try, attempts, state, error, done"
 
@@ -130,27 +130,31 @@ class Store:
         for statement in _SCHEMA:
             self.conn.execute(statement)
         self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('notify_schema', ?)", (str(SCHEMA_VERSION),))
-        # a first start reads the journal from its start, announcing only what happened from
-        # FIRST_LOOKBACK before it on (the daemon starts it after its first runs may have ended)
-        self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('notify_cursor', '0')")
-        self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('notify_since', ?)",
-                          (repr(self.clock() - FIRST_LOOKBACK),))
+        if self.conn.execute("SELECT 1 FROM meta WHERE key = 'notify_cursor'").fetchone() is None:
+            self.conn.execute("INSERT INTO meta VALUES ('notify_cursor', ?)",
+                              (str(self._first_cursor(self.clock() - FIRST_LOOKBACK)),))
+
+    def _first_cursor(self, since):
+        """Just before the first journal entry written at ``since`` or later (the entries are
+        read oldest first up to it, once: no index is kept for this)."""
+        row = self.conn.execute("SELECT seq FROM changes WHERE written >= ? ORDER BY seq LIMIT 1",
+                                (since,)).fetchone()
+        if row is not None:
+            return row[0] - 1
+        row = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        return row[0] if row else 0
 
     # -- deriving -------------------------------------------------------------------------------
-
-    def since(self):
-        """Events before this epoch are never announced (see FIRST_LOOKBACK)."""
-        return float(self.conn.execute("SELECT value FROM meta WHERE key = 'notify_since'").fetchone()[0])
 
     def cursor(self):
         return int(self.conn.execute("SELECT value FROM meta WHERE key = 'notify_cursor'").fetchone()[0])
 
     def changes(self, limit=500):
-        """The records' journal after the cursor: ``[(seq, ended, RunRecord or None)]`` in
-        order, each with the run's row as it is now (None: pruned away).  ``ended``: the write
-        was an end, a skip or a miss (else a start)."""
+        """The records' journal after the cursor: ``[(seq, ended, written, RunRecord or None)]``
+        in order, each with the run's row as it is now (None: pruned away).  ``ended``: the
+        write was an end, a skip or a miss (else a start); ``written``: when (epoch)."""
         rows = self.conn.execute(_CHANGES, (self.cursor(), limit)).fetchall()
-        return [(row[0], bool(row[1]), _run(row[2:]) if row[2] is not None else None)
+        return [(row[0], bool(row[1]), row[2], _run(row[3:]) if row[3] is not None else None)
                 for row in rows]
 
     def replaced(self):

@@ -66,16 +66,21 @@ CREATE INDEX IF NOT EXISTS runs_task_at ON runs (task, at);
 CREATE INDEX IF NOT EXISTS runs_failed ON runs (at) WHERE {failed};
 """
 
-# Every write of a run row, in order (ended: an end, skip or miss; else a start), added by a
-# trigger in the writer's transaction: the notifier follows it with a cursor (notifystore.py).
-# AUTOINCREMENT: a deleted number never comes back.  Pruned with the runs.
+# Every write of a run row, in order (ended: an end, skip or miss; else a start; written: when,
+# epoch seconds), added by a trigger in the writer's transaction: the notifier follows it with a
+# cursor (notifystore.py).  AUTOINCREMENT: a deleted number never comes back.  Pruned by
+# ``written`` with the runs, from its oldest end (seq and written grow together), never scanned.
 _JOURNAL = (
     ("CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
-     " run_id INTEGER NOT NULL, ended INTEGER NOT NULL)"),
+     " run_id INTEGER NOT NULL, ended INTEGER NOT NULL,"
+     " written REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0))"),
     ("CREATE TRIGGER IF NOT EXISTS runs_changed AFTER INSERT ON runs BEGIN"
      " INSERT INTO changes (run_id, ended) VALUES (NEW.run_id,"
      " NEW.ended IS NOT NULL OR NEW.skipped IS NOT NULL OR NEW.missed != 0); END"),
 )
+
+_PRUNE_JOURNAL = ("DELETE FROM changes WHERE seq < coalesce((SELECT seq FROM changes"
+                  " WHERE written >= ? ORDER BY seq LIMIT 1), (SELECT max(seq) + 1 FROM changes))")
 
 # The rule of outcome.RunResult.failed in SQL (tests/test_outcome.py checks they agree).  Also the
 # WHERE of the partial index runs_failed: a query must use the same text to use the index.
@@ -376,7 +381,7 @@ class Records:
             cursor = self._conn.execute(
                 "DELETE FROM runs WHERE at < ? AND (ended IS NOT NULL OR skipped IS NOT NULL"
                 " OR missed != 0 OR started IS NULL)", (before_epoch,))
-            self._conn.execute("DELETE FROM changes WHERE run_id NOT IN (SELECT run_id FROM runs)")
+            self._conn.execute(_PRUNE_JOURNAL, (before_epoch,))
         except sqlite3.Error as exc:
             log.warning("records: cannot prune %s (will retry): %s", self.path, exc)
             return 0
