@@ -133,6 +133,32 @@ def test_sigterm_stops_the_notifier_and_sighup_rereads_the_file(tmp_path, http):
         os.close(parent)
 
 
+def test_a_notifier_started_on_a_broken_file_waits_for_a_good_one(tmp_path, http):
+    receiver = http()
+    (tmp_path / "tasks.yaml").write_text("settings: {state_dir: state}\ntasks: [oops\n")
+    proc, parent = start_notifier(str(tmp_path))
+    try:
+        wait_until(lambda: "waiting for a valid one" in (tmp_path / "notifier.err").read_text(), 10,
+                   "the notifier to say it waits")
+        assert proc.poll() is None                  # waiting, not exiting into a restart loop
+        (tmp_path / "tasks.yaml").write_text(f"""settings: {{state_dir: state}}
+tasks:
+  - name: backup
+    schedule: "0 0 3 * * *"
+    command: "true"
+    notify: [{{webhook: "{receiver.url}/hook"}}]
+""")
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "notifier: started" in (tmp_path / "notifier.err").read_text(), 10,
+                   "the notifier to start")
+        write_run(str(tmp_path), 1, 1)
+        wait_until(lambda: receiver.requests, 10, "the message")
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(parent)
+
+
 def test_a_failing_task_sends_one_mail_and_one_webhook_within_5s(daemons, http, smtp):
     receiver = http()
     d = daemons("""tasks:

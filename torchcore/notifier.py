@@ -34,6 +34,7 @@ log = logging.getLogger("torchcore")
 
 POLL = 0.5                  # seconds between looks at the journal
 PRUNE_EVERY = 3600.0
+LOAD_RETRY = 30.0           # seconds between tries of a task file that did not validate at start
 TAIL_BYTES = 256 << 10      # how far back in a task's log its run's output is looked for
 MAX_AGE = notifyrules.GIVE_UP_AFTER     # a record written longer ago (the notifier was off) is not announced
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"   # as the daemon's own log (its stderr is that)
@@ -284,21 +285,46 @@ def main(argv=None):
     signal.set_wakeup_fd(wake_w)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, _handle)
+    taskfile = _first_load(args, config, services, wake_r)
+    if taskfile is None:
+        return 0
     try:
-        taskfile = config.load(args.taskfile)
         store = Store(paths.records_db(args.state_dir))
-    except Exception as exc:        # ConfigError, RecordsError: said once, then the restart backoff
+    except Exception as exc:        # RecordsError: said once, then the services' restart backoff
         log.error("notifier: cannot start: %s", exc)
         return 1
     notifier = Notifier(store, taskfile, args.node)
     log.info("notifier: started, %d target(s)", len(notifier.targets))
     _loop(notifier, args, config, services, wake_r)
-    store.close()
+    notifier.store.close()
     return 0
+
+
+def _first_load(args, config, services, wake_r):
+    """The task file, once it validates: the daemon runs its last valid version, and the one on
+    disk may be broken when the notifier (re)starts.  Then it waits (a restart would not help),
+    trying again on SIGHUP and every LOAD_RETRY seconds; None if told to stop meanwhile."""
+    said = None
+    while not _Flags.stop:
+        try:
+            return config.load(args.taskfile)
+        except Exception as exc:        # ConfigError (or the file gone): said once
+            if str(exc) != said:
+                said = str(exc)
+                log.error("notifier: the task file does not validate; waiting for a valid one "
+                          "(queued messages wait too): %s", exc)
+        _Flags.reload = False
+        readable, _, _ = select.select([args.parent_fd, wake_r], [], [], LOAD_RETRY)
+        if wake_r in readable:
+            _drain(wake_r)
+        if args.parent_fd in readable and services.parent_gone(args.parent_fd):
+            return None
+    return None
 
 
 def _loop(notifier, args, config, services, wake_r):
     last_prune = time.monotonic()
+    said = (None, 0.0)
     while not _Flags.stop:
         if _Flags.reload:
             _Flags.reload = False
@@ -316,13 +342,21 @@ def _loop(notifier, args, config, services, wake_r):
                 last_prune = time.monotonic()
                 notifier.prune()
         except Exception as exc:    # a locked database, a full disk: tried again next time
-            log.warning("notifier: %s: %s (will retry)", type(exc).__name__, exc)
+            said = _warn_once_a_minute(f"{type(exc).__name__}: {exc}", said)
         readable, _, _ = select.select([args.parent_fd, wake_r], [], [], POLL)
         if wake_r in readable:
             _drain(wake_r)
         if args.parent_fd in readable and services.parent_gone(args.parent_fd):
             log.info("notifier: the supervisor is gone; exiting")
             return
+
+
+def _warn_once_a_minute(problem, said):
+    """Log ``problem`` unless it was logged less than a minute ago; returns what to pass next."""
+    if problem != said[0] or time.monotonic() - said[1] >= 60:
+        log.warning("notifier: %s (will retry)", problem)
+        return (problem, time.monotonic())
+    return said
 
 
 def _reload(notifier, path, config):
