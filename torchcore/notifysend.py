@@ -2,8 +2,8 @@
 
 Each ``send`` returns a :class:`Sent`: delivered, to be retried later, or rejected for good
 (a 4xx answer other than 408/425/429; an Apprise URL Apprise cannot read).  Nothing here
-raises for a network problem and nothing logs a URL: a detail names the target as
-notifyspec.shown_url prints it.
+raises for a network problem, and no detail holds a URL (the caller names the target as
+notifyspec.shown_url prints it).
 
 Webhooks and pings use the standard library's HTTP client (the project has no other);
 Apprise, which speaks to ~100 services in one URL syntax, mail included, is imported the
@@ -19,7 +19,6 @@ import urllib.request
 
 from torchcore import __version__
 from torchcore.notifyrules import rejected, text, title
-from torchcore.notifyspec import shown_url
 
 TIMEOUT = 10.0              # seconds one try may take
 MAX_ANSWER = 64 << 10       # bytes of an answer read (and thrown away)
@@ -58,12 +57,9 @@ def post(url, data, content_type, timeout, headers):
     except urllib.error.HTTPError as exc:
         status = exc.code
         exc.close()
-        if rejected(status):
-            return Sent("rejected", f"HTTP {status} from {shown_url(url)}")
-        return Sent("retry", f"HTTP {status} from {shown_url(url)}")
+        return Sent("rejected" if rejected(status) else "retry", f"HTTP {status}")
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return Sent("retry", f"{shown_url(url)}: {_safe(reason)}")
+        return Sent("retry", _safe(getattr(exc, "reason", exc)))
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -89,12 +85,12 @@ def apprise_send(url, subject, body):
     _quiet_apprise()
     sender = apprise.Apprise()
     if not sender.add(url):
-        return Sent("rejected", f"Apprise cannot read the URL {shown_url(url)}")
+        return Sent("rejected", "Apprise cannot read this URL (see Apprise's page for the service)")
     try:
         ok = sender.notify(title=subject, body=body)
     except Exception as exc:        # a plugin's bug must not stop the notifier
-        return Sent("retry", f"{shown_url(url)}: {type(exc).__name__}")
-    return Sent("sent", "") if ok else Sent("retry", f"Apprise could not deliver to {shown_url(url)}")
+        return Sent("retry", f"Apprise failed: {type(exc).__name__}")
+    return Sent("sent", "") if ok else Sent("retry", "Apprise could not deliver it (its log says why)")
 
 
 def _quiet_apprise():
