@@ -5,6 +5,7 @@ failing task mails and posts, a receiver down then up, the rate limit, pings, im
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -126,6 +127,35 @@ def test_sigterm_stops_the_notifier_and_sighup_rereads_the_file(tmp_path, http):
         assert receiver.paths() == ["/b"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(parent)
+
+
+def test_sigterm_cuts_a_slow_try_short_and_the_message_stays_queued(tmp_path, http):
+    receiver = http(status=lambda: time.sleep(8) or 200)       # answers after 8 s
+    (tmp_path / "tasks.yaml").write_text(f"""settings: {{state_dir: state}}
+tasks:
+  - name: backup
+    schedule: "0 0 3 * * *"
+    command: "true"
+    notify: [{{webhook: "{receiver.url}/hook"}}]
+""")
+    proc, parent = start_notifier(str(tmp_path))
+    try:
+        wait_until(lambda: "notifier: started" in (tmp_path / "notifier.err").read_text(), 10,
+                   "the notifier to start")
+        write_run(str(tmp_path), 1, 1)
+        time.sleep(1.5)                             # its try is under way
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(5) == 0 and time.monotonic() - began < 2
+        path = records.db_path(str(tmp_path / "state"))
+        conn = sqlite3.connect(path)
+        assert conn.execute("SELECT state FROM notify_outbox").fetchall() == [("queued",)]
+        conn.close()
     finally:
         if proc.poll() is None:
             proc.kill()

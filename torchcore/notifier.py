@@ -57,7 +57,7 @@ class Batch:
 class Notifier:
     """Derives, queues and sends (see the module's docstring); ``clock`` gives epoch seconds."""
 
-    def __init__(self, store, taskfile, node, clock=time.time, sender=None):
+    def __init__(self, store, taskfile, node, clock=time.time, sender=None, stopping=lambda: False):
         if sender is None:
             from torchcore import notifysend
             sender = notifysend.send
@@ -65,6 +65,7 @@ class Notifier:
         self.node = node
         self.clock = clock
         self.sender = sender
+        self.stopping = stopping    # asked between tries: SIGTERM ends a long round early
         self.reload(taskfile)
 
     def reload(self, taskfile):
@@ -191,6 +192,8 @@ class Notifier:
         for _ in range(rounds):
             tried = 0
             for message in self.store.heads():
+                if self.stopping():
+                    return
                 now = self.clock()
                 if message.next_try <= now:
                     self._try(message, now)
@@ -266,13 +269,32 @@ def tail_text(lines, count):
 class _Flags:
     stop = False
     reload = False
+    sending = False     # inside a try, which may wait on the network for TIMEOUT seconds
+
+
+class _Stopping(BaseException):
+    """SIGTERM during a try: the try is abandoned (its message stays queued: at least once)."""
 
 
 def _handle(signum, frame):
     if signum == signal.SIGHUP:
         _Flags.reload = True
-    else:
-        _Flags.stop = True
+        return
+    _Flags.stop = True
+    if _Flags.sending:
+        _Flags.sending = False
+        raise _Stopping
+
+
+def _sending(send):
+    """``send`` marked as a try that SIGTERM may cut short."""
+    def marked(*args):
+        _Flags.sending = True
+        try:
+            return send(*args)
+        finally:
+            _Flags.sending = False
+    return marked
 
 
 def main(argv=None):
@@ -293,9 +315,15 @@ def main(argv=None):
     except Exception as exc:        # RecordsError: said once, then the services' restart backoff
         log.error("notifier: cannot start: %s", exc)
         return 1
-    notifier = Notifier(store, taskfile, args.node)
+    from torchcore import notifysend
+
+    notifier = Notifier(store, taskfile, args.node, sender=_sending(notifysend.send),
+                        stopping=lambda: _Flags.stop)
     log.info("notifier: started, %d target(s)", len(notifier.targets))
-    _loop(notifier, args, config, services, wake_r)
+    try:
+        _loop(notifier, args, config, services, wake_r)
+    except _Stopping:
+        pass
     notifier.store.close()
     return 0
 
@@ -335,7 +363,7 @@ def _loop(notifier, args, config, services, wake_r):
                             notifier.store.path)
                 notifier.store.close()
                 notifier.store = Store(notifier.store.path)
-            while notifier.derive():
+            while not _Flags.stop and notifier.derive():
                 pass
             notifier.deliver()
             if time.monotonic() - last_prune >= PRUNE_EVERY:
