@@ -318,7 +318,7 @@ def main(argv=None):
     from torchcore import notifysend
 
     notifier = Notifier(store, taskfile, args.node, sender=_sending(notifysend.send),
-                        stopping=lambda: _Flags.stop)
+                        stopping=lambda: _Flags.stop or services.parent_gone(args.parent_fd))
     log.info("notifier: started, %d target(s)", len(notifier.targets))
     try:
         _loop(notifier, args, config, services, wake_r)
