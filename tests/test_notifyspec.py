@@ -35,7 +35,7 @@ def test_targets_with_defaults_and_with_everything_set():
 def test_a_ping_is_an_http_url():
     target = parse("https://hc-ping.com/5f0c", notifyspec.ping)
     assert (target.kind, target.url, target.on) == ("ping", "https://hc-ping.com/5f0c", ())
-    assert "expected an http:// or https:// URL" in bad("mailto://x@y", notifyspec.ping)
+    assert bad("mailto://x@y", notifyspec.ping).startswith("expected an http:// or https:// URL")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -75,3 +75,50 @@ def test_errors_never_echo_a_url_and_shown_hides_secrets():
 def test_the_key_is_stable_and_tells_targets_apart():
     a, b, c = parse("[{to: 'mailto://a@b'}, {to: 'mailto://a@b', on: [output]}, {to: 'mailto://c@d'}]")
     assert a.key == b.key != c.key and len(a.key) == 16
+
+
+def test_through_the_loader_errors_name_file_line_task_and_field():
+    from torchcore import config
+    from torchcore.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        config.loads("""settings:
+  notify: [{to: "mailtoo://ops@example.com"}]
+tasks:
+  - name: backup
+    schedule: "0 30 2 * * *"
+    command: /bin/true
+    notify:
+      - webhook: https://hooks.internal/cron
+        on: [failure, timout]
+    ping: ftp://hc-ping.com/x
+""", "tasks.yaml")
+    assert info.value.problems == [
+        ("tasks.yaml:2: settings: notify: #1: to: unknown Apprise scheme 'mailtoo' (did you mean "
+         "'mailto'?) (see Apprise's list of services)"),
+        ("tasks.yaml:9: task 'backup': notify: #1: on: unknown event 'timout' (did you mean "
+         "'timeout'?) (known: failure, timeout, crash-loop, skipped, missed, recovered, output)"),
+        "tasks.yaml:10: task 'backup': ping: expected an http:// or https:// URL, got scheme 'ftp'"]
+
+
+def test_a_tasks_notify_replaces_the_settings_and_is_not_a_change_of_the_task():
+    from torchcore import config
+
+    text = """settings:
+  notify: [{to: "mailto://ops@example.com"}]
+tasks:
+  - {name: a, schedule: "0 * * * * *", command: "true"}
+  - {name: b, schedule: "0 * * * * *", command: "true", notify: []}
+  - {name: c, schedule: "0 * * * * *", command: "true", ping: "https://hc.example/x",
+     notify: [{webhook: "https://hooks.example/y", on: output}]}
+"""
+    taskfile = config.loads(text)
+    a, b, c = taskfile.tasks
+    assert [t.kind for t in notifyspec.targets_of(a, taskfile.settings)] == ["to"]
+    assert notifyspec.targets_of(b, taskfile.settings) == ()
+    assert [t.on for t in notifyspec.targets_of(c, taskfile.settings)] == [("output",)]
+    assert c.ping.url == "https://hc.example/x" and notifyspec.asks_for_notifier(taskfile)
+    assert len(notifyspec.all_targets(taskfile)) == 3
+    quiet = config.loads(text.replace('ping: "https://hc.example/x",', "").replace("output", "failure"))
+    assert quiet.tasks[2] == c                  # a reload changing only these keeps the task
+    assert not notifyspec.asks_for_notifier(config.loads("tasks: [{name: a, command: x, type: daemon}]"))

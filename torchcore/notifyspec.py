@@ -126,7 +126,11 @@ def notify_list(loader, node):
 
 def ping(loader, node):
     """``ping:``: a healthchecks-style URL; /start, /fail are added to it."""
-    return Target(kind="ping", url=_http_url(node, "ping"), on=(), every=0, line=node.start_mark.line + 1)
+    try:
+        url = _http_url(node, "ping")
+    except Bad as bad:      # the loader names the field already
+        raise Bad(str(bad).removeprefix("ping: "), bad.node) from None
+    return Target(kind="ping", url=url, on=(), every=0, line=node.start_mark.line + 1)
 
 
 def _target(loader, node):
