@@ -298,3 +298,13 @@ def test_alerts_and_the_status_line_read_the_outbox(tmp_path):
         "attempts": 1, "state": "rejected", "error": "HTTP 500", "done": "1970-01-12T13:46:40Z"}
     assert alert_json(newest)["next_try"] == "1970-01-12T13:46:41Z"
     assert notifystore.summary({"sent": 4}) is None
+
+
+def test_the_log_reader_takes_only_the_runs_own_stamped_lines(tmp_path):
+    (tmp_path / "backup.log").write_bytes(
+        b"2026-12-01T10:00:00.000+00:00 run 5 out| see run 7 out| not this one\n"
+        b"2026-12-01T10:00:00.000+00:00 run 7 err| \xff broken utf-8\n"
+        b"2026-12-01T10:00:00.000+00:00 run 7 out| \n"
+        b"2026-12-01T10:00:00.000+00:00 run 70 out| other run\n")
+    assert run_output(str(tmp_path), "backup", 7) == [("err", "\ufffd broken utf-8"), ("out", "")]
+    assert run_output(str(tmp_path), "backup", 7, max_bytes=40) == []

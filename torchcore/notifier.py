@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 
-from torchcore import notifyrules, notifyspec, paths
+from torchcore import notifyrules, notifyspec, paths, tasklog
 from torchcore.notifystore import DROPPED, EXPIRED, KEEP_DONE, REJECTED, SENT, Store
 
 # The supervisor imports this module for wanted(): what sends (the HTTP client, Apprise) is
@@ -235,7 +235,7 @@ class Notifier:
 
 def run_output(log_dir, task, run_id, max_bytes=TAIL_BYTES):
     """``[(stream, text)]`` of run ``run_id``'s lines in the last ``max_bytes`` of its task's log."""
-    path = os.path.join(log_dir, f"{task}.log")
+    path = tasklog.log_path(log_dir, task)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -243,15 +243,14 @@ def run_output(log_dir, task, run_id, max_bytes=TAIL_BYTES):
             data = f.read(max_bytes)
     except OSError:
         return []
-    marker = f" run {run_id} ".encode()
+    wanted_id = str(run_id).encode()
     lines = []
-    for raw in data.split(b"\n"):
-        at = raw.find(marker)
-        if at < 0:
-            continue
-        stream, _, text = raw[at + len(marker):].partition(b"| ")
-        if stream in (b"out", b"err", b"sys"):
-            lines.append((stream.decode(), text.decode("utf-8", "replace")))
+    for raw in data.split(b"\n"):     # "<stamp> run <id> <stream>| <text>" (see tasklog.py)
+        parts = raw.split(b" ", 3)
+        if len(parts) == 4 and parts[1] == b"run" and parts[2] == wanted_id:
+            stream, sep, text = parts[3].partition(b"| ")
+            if sep and stream in (b"out", b"err", b"sys"):
+                lines.append((stream.decode(), text.decode("utf-8", "replace")))
     return lines
 
 
