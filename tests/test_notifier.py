@@ -283,21 +283,25 @@ def test_alerts_and_the_status_line_read_the_outbox(tmp_path):
     from torchcore import notifystore
     from torchcore.commands.notify import alert_json
 
-    assert notifystore.recent_in(str(tmp_path / "none")) == [] and notifystore.counts_in(str(tmp_path)) == {}
+    assert notifystore.recent_in(str(tmp_path / "none")) == []
+    assert notifystore.overview_in(str(tmp_path)) == {"states": {}, "rejected_by": []}
     world = World(tmp_path, taskfile(tmp_path, notify=targets(HOOK)), answers=["rejected", "retry"])
     world.run(exit_code=1)
     world.run(exit_code=0)
     world.step()
-    assert notifystore.counts_in(str(tmp_path)) == {"rejected": 1, "queued": 1}
-    assert notifystore.summary(notifystore.counts_in(str(tmp_path))) == \
-        "notifications: 1 queued, 1 rejected (torchcore alerts lists them)"
+    overview = notifystore.overview_in(str(tmp_path))
+    assert overview == {"states": {"rejected": 1, "queued": 1}, "rejected_by": [
+        {"target": "webhook http://127.0.0.1:9/…", "error": "HTTP 500", "at": world.clock.now}]}
+    assert notifystore.summary(overview) == [
+        "notifications: 1 queued, 1 rejected (torchcore alerts lists them)",
+        "  webhook http://127.0.0.1:9/… rejected them: HTTP 500"]
     newest, oldest = notifystore.recent_in(str(tmp_path))
     assert alert_json(oldest) == {
         "id": "web1-1-failure", "target": "webhook http://127.0.0.1:9/…", "target_key": oldest.target,
         "task": "backup", "event": "failure", "created": "1970-01-12T13:46:40Z", "next_try": None,
         "attempts": 1, "state": "rejected", "error": "HTTP 500", "done": "1970-01-12T13:46:40Z"}
     assert alert_json(newest)["next_try"] == "1970-01-12T13:46:41Z"
-    assert notifystore.summary({"sent": 4}) is None
+    assert notifystore.summary({"states": {"sent": 4}, "rejected_by": []}) == []
 
 
 def test_the_log_reader_takes_only_the_runs_own_stamped_lines(tmp_path):

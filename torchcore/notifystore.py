@@ -254,9 +254,14 @@ def read_recent(conn, limit=50, task=None):
         (*params, limit))]
 
 
-def read_counts(conn):
-    """``{state: count}`` over the outbox."""
-    return dict(_read(conn, "SELECT state, count(*) FROM notify_outbox GROUP BY state", ()))
+def read_overview(conn):
+    """What ``status`` says of the notifications: ``{"states": {state: count}, "rejected_by":
+    [{"target", "error", "at"}]}``, the targets whose latest rejection is newest first (at most 5)."""
+    states = dict(_read(conn, "SELECT state, count(*) FROM notify_outbox GROUP BY state", ()))
+    rows = _read(conn, "SELECT shown, error, max(done) AS at FROM notify_outbox WHERE state = 'rejected'"
+                       " GROUP BY target ORDER BY at DESC LIMIT 5", ())
+    return {"states": states,
+            "rejected_by": [{"target": shown, "error": error, "at": at} for shown, error, at in rows]}
 
 
 def recent_in(state_dir, limit=50, task=None):
@@ -264,16 +269,22 @@ def recent_in(state_dir, limit=50, task=None):
     return _at(state_dir, lambda conn: read_recent(conn, limit, task), [])
 
 
-def counts_in(state_dir):
-    """read_counts on the database of a state directory ({} when there is none)."""
-    return _at(state_dir, read_counts, {})
+def overview_in(state_dir):
+    """read_overview on the database of a state directory (nothing when there is none)."""
+    return _at(state_dir, read_overview, {"states": {}, "rejected_by": []})
 
 
-def summary(counts):
-    """``notifications: 2 queued, 1 rejected (torchcore alerts lists them)`` for status, or
-    None when nothing waits and nothing was rejected or given up."""
-    parts = [f"{counts[state]} {state}" for state in (QUEUED, REJECTED, EXPIRED) if counts.get(state)]
-    return f"notifications: {', '.join(parts)} (torchcore alerts lists them)" if parts else None
+def summary(overview):
+    """Lines for ``status``: ``notifications: 2 queued, 1 rejected (torchcore alerts lists them)``
+    and one per target that rejected messages; none when nothing waits and nothing was rejected
+    or given up."""
+    states = overview["states"]
+    parts = [f"{states[state]} {state}" for state in (QUEUED, REJECTED, EXPIRED) if states.get(state)]
+    if not parts:
+        return []
+    return [f"notifications: {', '.join(parts)} (torchcore alerts lists them)"] + [
+        f"  {rejection['target']} rejected them: {rejection['error']}"
+        for rejection in overview["rejected_by"]]
 
 
 def _at(state_dir, read, empty):

@@ -49,13 +49,14 @@ def cmd_status(args):
     last = _last_results(found.settings)
     now = time.time()
     rows = [task_status(task, node, live, last.get(task.name), now) for task in tasks]
-    notifications = notifystore.counts_in(found.settings.state_dir)
+    notifications = notifystore.overview_in(found.settings.state_dir)
     if args.json:
-        print_json({**status_json(found, live, digest, problems, rows), "notifications": notifications})
+        print_json({**status_json(found, live, digest, problems, rows),
+                    "notifications": _notifications_json(notifications)})
     else:
         print(_daemon_text(live, found, digest, now))
-        if notifystore.summary(notifications):
-            print(notifystore.summary(notifications))
+        for line in notifystore.summary(notifications):
+            print(line)
         if problems:
             print("the task file on disk is invalid (the daemon runs its last valid version):")
             print("\n".join("  " + problem for problem in problems))
@@ -228,6 +229,11 @@ def _task_json(row):
                                   "timed_out": bool(end.get("timed_out")),
                                   "ended": iso(end.get("ended"))}}
     return out
+
+
+def _notifications_json(overview):
+    return {"states": overview["states"],
+            "rejected_by": [{**r, "at": iso(r["at"])} for r in overview["rejected_by"]]}
 
 
 def iso(epoch):
