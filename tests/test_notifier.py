@@ -155,6 +155,7 @@ def test_the_rate_limit_holds_back_and_sends_a_digest(tmp_path):
         world.run(exit_code=1)
         world.step(1)
     assert len(world.sender.calls) == 1
+    assert world.states() == [("failure", "sent"), ("failure", "held")]     # the latest held only
     world.restart()
     world.step(300)
     assert len(world.sender.calls) == 2
@@ -312,3 +313,15 @@ def test_the_log_reader_takes_only_the_runs_own_stamped_lines(tmp_path):
         b"2026-12-01T10:00:00.000+00:00 run 70 out| other run\n")
     assert run_output(str(tmp_path), "backup", 7) == [("err", "\ufffd broken utf-8"), ("out", "")]
     assert run_output(str(tmp_path), "backup", 7, max_bytes=40) == []
+
+
+def test_events_held_back_within_one_batch_keep_one_row_and_count_in_the_digest(tmp_path):
+    world = World(tmp_path, taskfile(tmp_path, notify=targets(
+        "[{webhook: 'http://127.0.0.1:9/hook', every: 1m}]")))
+    for _ in range(10):
+        world.run(exit_code=1)
+    world.step()                        # all ten in one pass over the journal
+    assert world.states() == [("failure", "sent"), ("failure", "held")]
+    world.step(60)
+    digest = world.sender.calls[-1][2]["digest"]
+    assert len(world.sender.calls) == 2 and digest["count"] == 9 and world.sender.calls[-1][2]["run_id"] == 10

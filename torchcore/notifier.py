@@ -50,6 +50,7 @@ class Batch:
 
     def __init__(self):
         self.messages = []
+        self.unheld = []            # (message id, target): held messages a later one replaces
         self.windows = {}           # (task, target, event) -> Window
         self.failing = {}           # task -> bool
 
@@ -127,10 +128,21 @@ class Notifier:
         if send:
             self._queue(batch, target, record, event, lines, now)
         else:
+            # the details of the latest event held back, kept for its digest (not sent on its
+            # own); the one before it is dropped: a task failing every second keeps one row
+            self._unhold(batch, window.last, target.key)
             window = notifyrules.hold(window, message_id)
-            # the details of the latest event held back, for its digest (not sent on its own)
             batch.messages.append(self._message(target, record, event, lines, now, held=True))
         batch.windows[key] = window
+
+    @staticmethod
+    def _unhold(batch, message_id, target_key):
+        if message_id is None:
+            return
+        kept = [m for m in batch.messages if not (m["id"] == message_id and m["target"] == target_key)]
+        if len(kept) == len(batch.messages):
+            batch.unheld.append((message_id, target_key))
+        batch.messages = kept
 
     def _pings(self, batch, task, record, ended, now):
         if not ended:

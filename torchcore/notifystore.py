@@ -1,8 +1,8 @@
 """The notifier's durable state, in its own tables of the node's records database.
 
 - ``notify_outbox``: every message to send, queued before the first try and kept with its
-  delivery state (queued, sent, rejected, expired, dropped; held: held back by the rate
-  limit, its details kept for the digest), attempts and last error; unique
+  delivery state (queued, sent, rejected, expired, dropped; held: the latest event held back
+  by the rate limit, its details kept for the digest), attempts and last error; unique
   per (message id, target), so deriving an event twice queues it once.
 - ``notify_windows``: the rate limit of each (task, target, event) (notifyrules.Window).
 - ``notify_tasks``: whether each task's last ended run failed (for ``recovered``).
@@ -199,6 +199,8 @@ class Store:
             [(m["id"], m["target"], m["shown"], m["task"], m["event"], json.dumps(m["body"]),
               m["created"], m["created"], HELD if m["held"] else QUEUED,
               m["created"] if m["held"] else None) for m in batch.messages])
+        self.conn.executemany("DELETE FROM notify_outbox WHERE id = ? AND target = ? AND state = 'held'",
+                              batch.unheld)
         self.conn.executemany(
             "INSERT OR REPLACE INTO notify_windows VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(*key, w.sent_at, w.held, w.since, w.last) for key, w in batch.windows.items()])
