@@ -165,7 +165,7 @@ def payload(record, event, node, result, output_tail, digest=None):
 
 _VERBS = {"failure": "failed", "timeout": "timed out", "crash-loop": "failed to start",
           "skipped": "was skipped", "missed": "missed a run", "recovered": "recovered",
-          "output": "printed output"}
+          "output": "printed output", "test": "says this is a test"}
 
 
 def digest(event, count, since, tz=None):

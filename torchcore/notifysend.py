@@ -87,7 +87,7 @@ def apprise_send(url, subject, body):
     if not sender.add(url):
         return Sent("rejected", "Apprise cannot read this URL (see Apprise's page for the service)")
     try:
-        ok = sender.notify(title=subject, body=body)
+        ok = sender.notify(title=subject, body=body, body_format=apprise.NotifyFormat.TEXT)
     except Exception as exc:        # a plugin's bug must not stop the notifier
         return Sent("retry", f"Apprise failed: {type(exc).__name__}")
     return Sent("sent", "") if ok else Sent("retry", "Apprise could not deliver it (its log says why)")

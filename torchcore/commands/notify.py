@@ -74,7 +74,7 @@ def _hostname():
 
 def cmd_notify_test(args):
     target = test_target(args.target)
-    print(f"sending a test message to {target.shown} ...")
+    print(f"sending a test message to {notifyspec.shown_url(target.url)} ...")
     sent = notifysend.send(target, "test", test_body(), timeout=args.timeout)
     if sent.state == "sent":
         print(f"sent{': ' + sent.detail if sent.detail else ''}")
