@@ -122,3 +122,19 @@ tasks:
     quiet = config.loads(text.replace('ping: "https://hc.example/x",', "").replace("output", "failure"))
     assert quiet.tasks[2] == c                  # a reload changing only these keeps the task
     assert not notifyspec.asks_for_notifier(config.loads("tasks: [{name: a, command: x, type: daemon}]"))
+
+
+def test_the_notifier_runs_only_for_this_node_s_tasks():
+    """A task aimed at another machine asks nothing of this node's notifier."""
+    from torchcore import config
+    from torchcore.node import Node
+    text = """tasks:
+  - {name: there, schedule: "0 * * * * *", command: "true", ips: [10.9.9.9],
+     notify: [{webhook: "https://hooks.example/y"}]}
+  - {name: here, schedule: "0 * * * * *", command: "true"}
+"""
+    node = Node.detect(["10.0.0.5"], hostname="web-1")
+    assert not notifyspec.asks_for_notifier(config.loads(text), node)
+    assert notifyspec.asks_for_notifier(config.loads(text))      # the file as a whole does
+    aimed_here = config.loads(text.replace("10.9.9.9", "10.0.0.0/24"))
+    assert notifyspec.asks_for_notifier(aimed_here, node)

@@ -22,7 +22,7 @@ SERVICE = '''
 import os, select, signal, sys, time
 from torchcore import services
 
-def wanted(taskfile, options):
+def wanted(taskfile, node, options):
     return os.path.exists(os.path.join(os.path.dirname(taskfile.path), "want-" + NAME))
 
 def main():
@@ -50,6 +50,9 @@ IGNORE_TERM = @IGNORE@
 if __name__ == "__main__":
     main()
 '''
+
+
+NODE = types.SimpleNamespace(hostname="n")
 
 
 class Clock:
@@ -122,7 +125,7 @@ def reap_all(svc):
 @pytest.mark.process
 def test_wanted_service_starts_with_the_common_arguments_and_its_title(setup):
     svc, _ = setup.make("alpha", options={"alpha": ["--listen", "127.0.0.1:1"]})
-    svc.apply(setup.taskfile, "node-1")
+    svc.apply(setup.taskfile, types.SimpleNamespace(hostname="node-1"))
     lines = wait_for(lambda: log_of(setup, "alpha"))
     pid = next(iter(svc)).pid
     assert lines[0] == f"started {pid} node-1 {setup.taskfile.path} 127.0.0.1:1"
@@ -134,14 +137,14 @@ def test_wanted_service_starts_with_the_common_arguments_and_its_title(setup):
 @pytest.mark.process
 def test_unwanted_service_is_not_started_and_stops_when_no_longer_wanted(setup):
     svc, _ = setup.make("beta", want=False)
-    svc.apply(setup.taskfile, "n")
+    svc.apply(setup.taskfile, NODE)
     assert list(svc) == []
     (setup.dir / "want-beta").write_text("")
-    svc.apply(setup.taskfile, "n", reloaded=True)
+    svc.apply(setup.taskfile, NODE, reloaded=True)
     proc = next(iter(svc)).proc
     wait_for(lambda: log_of(setup, "beta"))
     os.unlink(setup.dir / "want-beta")
-    svc.apply(setup.taskfile, "n", reloaded=True)
+    svc.apply(setup.taskfile, NODE, reloaded=True)
     assert list(svc) == []
     assert proc.returncode is not None or _gone(proc.pid)
 
@@ -157,16 +160,16 @@ def _gone(pid):
 @pytest.mark.process
 def test_reload_is_told_by_sighup(setup):
     svc, _ = setup.make("gamma")
-    svc.apply(setup.taskfile, "n")
+    svc.apply(setup.taskfile, NODE)
     wait_for(lambda: log_of(setup, "gamma"))
-    svc.apply(setup.taskfile, "n", reloaded=True)
+    svc.apply(setup.taskfile, NODE, reloaded=True)
     wait_for(lambda: "hup" in log_of(setup, "gamma"))
 
 
 @pytest.mark.process
 def test_exited_service_restarts_after_a_doubling_backoff(setup):
     svc, clock = setup.make("delta")
-    svc.apply(setup.taskfile, "n")
+    svc.apply(setup.taskfile, NODE)
     for expected_backoff in (1.0, 2.0, 4.0):
         service = next(iter(svc))
         wait_for(lambda: log_of(setup, "delta"))
@@ -185,7 +188,7 @@ def test_exited_service_restarts_after_a_doubling_backoff(setup):
 @pytest.mark.process
 def test_backoff_resets_after_a_stable_run(setup):
     svc, clock = setup.make("eps")
-    svc.apply(setup.taskfile, "n")
+    svc.apply(setup.taskfile, NODE)
     service = next(iter(svc))
     service.backoff = services.RESTART_MAX
     clock.now += services.STABLE_AFTER
@@ -197,7 +200,7 @@ def test_backoff_resets_after_a_stable_run(setup):
 @pytest.mark.process
 def test_stop_kills_a_service_that_ignores_sigterm(setup):
     svc, _ = setup.make("zeta", ignore_term=True)
-    svc.apply(setup.taskfile, "n")
+    svc.apply(setup.taskfile, NODE)
     wait_for(lambda: log_of(setup, "zeta"))
     pid = next(iter(svc)).pid
     started = time.monotonic()
@@ -211,7 +214,7 @@ def test_stop_kills_a_service_that_ignores_sigterm(setup):
 def test_service_exits_when_the_supervisor_is_gone(setup):
     """The parent pipe's EOF, as when the supervisor is killed with SIGKILL."""
     svc, _ = setup.make("eta")
-    svc.apply(setup.taskfile, "n")
+    svc.apply(setup.taskfile, NODE)
     wait_for(lambda: log_of(setup, "eta"))
     service = next(iter(svc))
     os.close(service.parent_w)
@@ -232,7 +235,7 @@ def _reaped_pid(pid):
 def test_a_service_that_cannot_start_is_retried_not_raised(setup, monkeypatch):
     svc, clock = setup.make("theta")
     monkeypatch.setattr(sys, "executable", str(setup.dir / "no-such-python"))
-    svc.apply(setup.taskfile, "n")
+    svc.apply(setup.taskfile, NODE)
     service = next(iter(svc))
     assert service.proc is None and service.last_exit.startswith("cannot start")
     assert svc.next_wake() == pytest.approx(clock.now + 1.0)
@@ -242,7 +245,7 @@ def test_a_service_that_cannot_start_is_retried_not_raised(setup, monkeypatch):
 def test_a_module_that_cannot_decide_is_not_started(setup, caplog):
     svc, _ = setup.make("iota")
     svc.registry["broken"] = services.Spec("broken", "svc_no_such_module")
-    svc.apply(setup.taskfile, "n")
+    svc.apply(setup.taskfile, NODE)
     assert [s.spec.name for s in svc] == ["iota"]
     assert "service broken: cannot tell whether it is wanted" in caplog.text
 
@@ -253,8 +256,8 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def apply(self, taskfile, node_name, reloaded=False):
-        self.calls.append(("apply", taskfile.digest, node_name, reloaded))
+    def apply(self, taskfile, node, reloaded=False):
+        self.calls.append(("apply", taskfile.digest, node.hostname, reloaded))
 
     def exited(self, pid, status):
         self.calls.append(("exited", pid))

@@ -40,9 +40,10 @@ MAX_AGE = notifyrules.GIVE_UP_AFTER     # a record written longer ago (the notif
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"   # as the daemon's own log (its stderr is that)
 
 
-def wanted(taskfile, options=None):
-    """The supervisor runs the notifier when any ``notify`` target or ``ping`` is set."""
-    return notifyspec.asks_for_notifier(taskfile)
+def wanted(taskfile, node=None, options=None):
+    """The supervisor runs the notifier when a task of this node has a ``notify`` target or a
+    ``ping``."""
+    return notifyspec.asks_for_notifier(taskfile, node)
 
 
 class Batch:

@@ -245,8 +245,9 @@ def all_targets(taskfile):
     return targets
 
 
-def asks_for_notifier(taskfile):
-    """True if an enabled task has a target (its own or the settings') or a ping: then the
-    notifier service runs."""
+def asks_for_notifier(taskfile, node=None):
+    """True if an enabled task (of those that run on ``node``, when given) has a target (its own
+    or the settings') or a ping: then the notifier service runs."""
+    tasks = taskfile.tasks if node is None else taskfile.local_tasks(node)
     return any(t.enabled and (targets_of(t, taskfile.settings) or getattr(t, "ping", None))
-               for t in taskfile.tasks)
+               for t in tasks)

@@ -11,7 +11,7 @@ end-of-file the supervisor is gone (even killed with SIGKILL) and the service ex
 asks a service to exit promptly; SIGHUP tells it that the task file was reloaded.
 
 The supervisor side (``Services``) starts the services the task file asks for (each module's
-``wanted(taskfile, options)``), stops those it no longer asks for, restarts one that exits with
+``wanted(taskfile, node, options)``), stops those it no longer asks for, restarts one that exits with
 a backoff (1 s doubling to 60 s, reset after 60 s of good running), and stops them all at
 shutdown after the runs.  Nothing here blocks the loop but the final stop.  The child side
 (``child_args``, ``parent_gone``, ``set_title``) is what a service module needs to be one.
@@ -51,12 +51,12 @@ REGISTRY = {spec.name: spec for spec in (
 )}
 
 
-def wanted_by(spec, taskfile, options):
+def wanted_by(spec, taskfile, node, options):
     """Does the task file (or a start option) ask for this service?  A module that cannot
     be imported or decide is logged and not started (the daemon runs on without it)."""
     try:
         module = importlib.import_module(spec.module)
-        return bool(module.wanted(taskfile, options))
+        return bool(module.wanted(taskfile, node, options))
     except Exception as exc:
         log.error("service %s: cannot tell whether it is wanted: %s: %s", spec.name,
                   type(exc).__name__, exc)
@@ -112,12 +112,12 @@ class Services:
         return [{"name": s.spec.name, "pid": s.pid, "state": s.state(now), "restarts": s.restarts,
                  "last_exit": s.last_exit} for s in self.running.values()]
 
-    def apply(self, taskfile, node_name, reloaded=False):
+    def apply(self, taskfile, node, reloaded=False):
         """After a load: start the services the file asks for, stop the others, and tell the
         ones that go on running that the file was reloaded."""
-        self.taskfile, self.node_name = taskfile, node_name
+        self.taskfile, self.node_name = taskfile, node.hostname
         for spec in self.registry.values():
-            want = wanted_by(spec, taskfile, self.options)
+            want = wanted_by(spec, taskfile, node, self.options)
             service = self.running.get(spec.name)
             if want and service is None:
                 service = self.running[spec.name] = Service(spec)

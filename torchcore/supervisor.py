@@ -117,7 +117,7 @@ class Supervisor:
         self.starter.report_w = self.report_w
         self.launchers.start(self.selector, self.report_w, self.system.launcher_count)
         self._apply(self.taskfile, first=True)
-        self.services.apply(self.taskfile, self.node_name)
+        self.services.apply(self.taskfile, self.node)
         self.adopt_previous_executors()
         self.planner.start(int(self.clock.time()))
         self.starter.start_reboot_tasks()
@@ -399,7 +399,7 @@ class Supervisor:
         except Exception as exc:
             return self._reject(reason, [f"{path}: cannot apply: {type(exc).__name__}: {exc}"])
         self.reload_error = None
-        self.services.apply(new, self.node_name, reloaded=True)
+        self.services.apply(new, self.node, reloaded=True)
         self.last_reload = (self.clock.time(), True, summary)
         self.last_applied = {"at": self.clock.time(), "reason": reason,
                              "digest": new.digest, **self.changes}
