@@ -20,6 +20,7 @@ from torchcore.taskspec import (
     default_settings, host_matches)
 from torchcore.validate import TASK_FIELDS, Loader, suggest_zone
 from torchcore.yamlread import MAX_ARG_BYTES, MAX_FILE_BYTES, document, read_bytes, settings_document, suggest
+from torchcore.web import settings as http_settings
 
 __all__ = [
     "DEFAULT_SHELL", "DEFAULT_STATE_DIR", "MAX_ARG_BYTES", "MAX_FILE_BYTES", "NAME_RE",
@@ -113,6 +114,9 @@ def node_problems(taskfile, node, euid=None):
             problem = _group_problem(task.group, euid, node)
             if problem:
                 problems.append(f"{where}group: {problem}")
+    token = http_settings.token_problem(taskfile)
+    if token:
+        problems.append(token)
     return problems
 
 

@@ -112,6 +112,7 @@ class Settings:
     log_backups: int = 5
     history_days: int = 30
     notify: tuple = ()          # notifyspec.Target: every task's, unless it names its own
+    http: object = None     # settings.http: a web.settings.HttpSettings, or None (off)
 
 
 def default_settings(path):

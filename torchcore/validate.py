@@ -24,6 +24,7 @@ from torchcore.errors import ConfigError
 from torchcore.schedule import Schedule, ScheduleError, check_zone
 from torchcore.taskspec import NAME_RE, RESERVED_NAMES, Limits, Settings, Task, TaskFile, default_settings
 from torchcore.units import shown
+from torchcore.web import settings as http_settings
 from torchcore.yamlread import (
     INT, MAX_ARG_BYTES, MAX_WORD_BYTES, MERGE, NULL, Bad, got, kind_of, line_of, suggest,
     want_bool, want_duration, want_int, want_list, want_size, want_str, want_text, want_word)
@@ -434,4 +435,5 @@ SETTINGS_FIELDS = {
     "log_backups": lambda loader, node: want_int(node, 0, LOG_BACKUPS_MAX),
     "history_days": lambda loader, node: want_int(node, 1, HISTORY_DAYS_MAX),
     "notify": notifyspec.notify_list,
+    "http": http_settings.parse,
 }
