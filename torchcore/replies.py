@@ -17,6 +17,7 @@ class Replies:
 
     def __init__(self, supervisor):
         self.sup = supervisor
+        self.disabled = set()       # tasks taken off the schedule by `disable`, until a reload
 
     def control_status(self, request):
         """The daemon's live state; the CLI adds next runs and history from the file and db."""
@@ -33,6 +34,7 @@ class Replies:
             "stats": dataclasses.asdict(sup.stats), "log_failures": daemonlog.failures(),
             "tasks": {name: self._task_status(name) for name in sup.tasks},
             "services": sup.services.describe(),
+            "disabled": sorted(self.disabled),
         }
 
     def _task_status(self, name):
@@ -44,6 +46,8 @@ class Replies:
                               "started": r.started, "scheduled": r.scheduled,
                               "state": "adopted" if r.adopted else r.state} for r in runs],
                  "skipped": sup.skipped_last.get(name)}
+        if name in self.disabled:
+            entry["disabled"] = True
         slot = sup.daemons.get(name)
         if slot is not None:
             entry["daemon"] = slot.status(sup.clock.monotonic())
@@ -87,6 +91,53 @@ class Replies:
                 reply["already"] = before       # the file watch applied this very file
                 sup.last_applied = before
         return reply
+
+    def control_disable(self, request):
+        """Take a task off the schedule until the next reload (its running runs go on; a
+        daemon task's instances are stopped).  A manual run still starts."""
+        sup, name = self.sup, self._local_task(request)
+        if name in self.disabled:
+            return {"disabled": True, "changed": False}
+        task = sup.tasks[name]
+        if name in sup.planner:
+            sup.planner.remove(name)
+            sup.ahead.forget_due()      # prepared runs of it are cancelled at their second
+        if task.type == "daemon":
+            sup._retire(task, "disabled")
+        self.disabled.add(name)
+        return {"disabled": True, "changed": True}
+
+    def control_enable(self, request):
+        """Put a task disabled by ``disable`` back on the schedule."""
+        sup, name = self.sup, self._local_task(request)
+        if name not in self.disabled:
+            return {"disabled": False, "changed": False}
+        self._reschedule(sup.tasks[name])
+        self.disabled.discard(name)
+        return {"disabled": False, "changed": True}
+
+    def after_reload(self):
+        """An accepted reload ends every ``disable``: its tasks are scheduled as the file says."""
+        for name in self.disabled:
+            task = self.sup.tasks.get(name)
+            if task is not None:
+                self._reschedule(task)
+        self.disabled.clear()
+
+    def _reschedule(self, task):
+        sup = self.sup
+        if task.type == "daemon":
+            if sup.daemons.get(task.name) is None:
+                sup._admit(task)
+        elif not task.schedule.is_reboot and task.name not in sup.planner:
+            sup.planner.set(task.name, task.schedule)
+            sup.ahead.forget_due()
+
+    def _local_task(self, request):
+        name = request.get("task")
+        if not isinstance(name, str) or name not in self.sup.tasks:
+            self.control_run(request)   # raises the error `run` gives for that name
+        return name
 
     def control_ping(self, request):
         """Who serves this socket: the CLI finds the daemon (and its pidfile) by this."""

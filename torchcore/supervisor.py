@@ -400,6 +400,7 @@ class Supervisor:
             return self._reject(reason, [f"{path}: cannot apply: {type(exc).__name__}: {exc}"])
         self.reload_error = None
         self.services.apply(new, self.node, reloaded=True)
+        self.replies.after_reload()     # a `disable` lasts until the next reload
         self.last_reload = (self.clock.time(), True, summary)
         self.last_applied = {"at": self.clock.time(), "reason": reason,
                              "digest": new.digest, **self.changes}

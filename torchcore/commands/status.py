@@ -161,7 +161,7 @@ def _local_zone():
 
 
 def _health(task, node, entry, last):
-    if not task.enabled:
+    if not task.enabled or entry.get("disabled"):      # in the file, or until a reload
         return TaskHealth.DISABLED
     if not task.runs_on(node):
         return TaskHealth.NOT_ON_THIS_NODE
