@@ -1,0 +1,333 @@
+"""The HTTP service in-process: settings.http, the token rules, every API route with good and
+bad input, /metrics parsed by prometheus-client, the OpenAPI document against the answers.
+
+A real server on a free loopback port over a records database made here; the daemon's side
+(the control socket) is stood in for by the backend's ``live`` and ``control``.
+"""
+
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("prometheus_client")
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from torchcore import cmd_records, config, tasklog  # noqa: E402
+from torchcore.errors import ConfigError, DaemonError  # noqa: E402
+from torchcore.records import Records, RunRecord, db_path  # noqa: E402
+from torchcore.web import server, wanted  # noqa: E402
+from torchcore.web.settings import TokenError, parse_base_path, parse_listen, read_token  # noqa: E402
+from torchcore.web.store import Backend  # noqa: E402
+
+TOKEN = "s3cret-token-0123456789"
+TASKS = """
+tasks:
+  - name: backup
+    schedule: "0 0 3 * * *"
+    command: "echo backup"
+  - name: report
+    schedule: "*/5 * * * *"
+    command: [sh, -c, "exit 3"]
+    env: {PASSWORD: hunter2}
+  - name: idle
+    schedule: "@every 1h"
+    command: "true"
+"""
+
+
+def write_taskfile(directory, http="", body=TASKS):
+    path = os.path.join(directory, "tasks.yaml")
+    with open(path, "w") as handle:
+        handle.write(f"settings:\n  timezone: UTC\n  state_dir: state\n{http}{body}")
+    return path
+
+
+def write_token(directory, mode=0o600):
+    path = os.path.join(directory, "token")
+    with open(path, "w") as handle:
+        handle.write(TOKEN + "\n")
+    os.chmod(path, mode)
+    return path
+
+
+@pytest.fixture
+def site(tmp_path):
+    """A served Backend with runs recorded and a log written; closed after the test."""
+    write_token(tmp_path)
+    path = write_taskfile(tmp_path, "  http:\n    listen: 127.0.0.1:9\n    token_file: token\n"
+                                    "    base_path: /cron/\n")
+    backend = Backend(path)
+    now = float(int(time.time()))      # whole seconds: the lateness of each run is exact
+    os.makedirs(backend.log_dir, exist_ok=True)
+    with Records(db_path(backend.state_dir)) as store:
+        for record in [
+            RunRecord(1, "backup", "n1", int(now - 7200), now - 7200, now - 7190, 0, None),
+            RunRecord(2, "report", "n1", int(now - 3600), now - 3600 + 0.02, now - 3599.5, 3, None),
+            RunRecord(3, "backup", "n1", int(now - 1800), None, None, None, None,
+                      skipped="max 1 reached"),
+            RunRecord(4, "report", "n1", None, now - 600, now - 540, None, 15, timed_out=True,
+                      manual=True),
+            RunRecord(5, "backup", "n1", int(now - 60), now - 60 + 0.3, None, None, None, pid=4242),
+            RunRecord(6, "idle", "n1", int(now - 30), None, None, None, None, missed=True,
+                      skipped="missed 2 run(s)"),
+        ]:
+            store.add(record)
+    log = tasklog.TaskLog(backend.log_dir, "report", 2, 1 << 20, 1)
+    log.write("stdout", b"hello from run 2\n\x1b[31mred\n")
+    log.close()
+    calls = []
+
+    def control(cmd, **fields):
+        calls.append((cmd, fields))
+        if cmd == "run":
+            return {"ok": True, "run_id": 99, "executor_pid": 1}
+        if cmd == "reload":
+            return {"ok": True, "accepted": True, "problems": [], "summary": "3 tasks"}
+        if fields.get("task") == "idle":
+            raise DaemonError(f"{cmd}: task 'idle' is busy")
+        return {"ok": True, "disabled": cmd == "disable", "changed": True}
+
+    backend.live = lambda: None
+    backend.control = control
+    srv, thread = server.serve(backend, ("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{srv.server_address[1]}/cron/"
+    yield type("Site", (), {"backend": backend, "base": base, "calls": calls, "now": now,
+                            "dir": str(tmp_path)})
+    server.stop(srv, thread)
+
+
+def get(url, headers=None, method="GET"):
+    request = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def get_json(url, **kw):
+    status, _, body = get(url, **kw)
+    return status, json.loads(body) if body else None
+
+
+# -- settings.http ---------------------------------------------------------------------------------
+
+def test_listen_and_base_path_forms():
+    assert parse_listen("9177") == ("127.0.0.1", 9177)
+    assert parse_listen("[::1]:80") == ("::1", 80)
+    assert parse_listen("localhost:1") == ("localhost", 1)
+    for bad in ("::1:80", "1.2.3.4", "host:0", "host:65536", "[1.2.3.4]:80", "bad_host!:80"):
+        with pytest.raises(ValueError):
+            parse_listen(bad)
+    assert parse_base_path("/cron") == "/cron/"
+    assert parse_base_path("/") == "/"
+    for bad in ("cron/", "/a/../b/", "/a b/", "/a//b/"):
+        with pytest.raises(ValueError):
+            parse_base_path(bad)
+
+
+def test_settings_http_errors_name_file_and_line(tmp_path):
+    path = write_taskfile(tmp_path, "  http:\n    listen: 10.0.0.1:99999\n    base_path: x y\n"
+                                    "    token: t\n", body="tasks: []\n")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    problems = caught.value.problems
+    assert any(p.startswith(f"{path}:5: settings: http: listen: port '99999'") for p in problems)
+    assert any(p.startswith(f"{path}:6: settings: http: base_path: expected a URL path")
+               for p in problems)
+    assert any(p.startswith(f"{path}:7: settings: http: token: unknown key") for p in problems)
+
+
+def test_http_is_off_unless_listen_is_set(tmp_path):
+    assert not wanted(config.load(write_taskfile(tmp_path, body="tasks: []\n")))
+    loaded = config.load(write_taskfile(tmp_path, "  http:\n    base_path: /x/\n", "tasks: []\n"))
+    assert not wanted(loaded) and loaded.settings.http.base_path == "/x/"
+    loaded = config.load(write_taskfile(tmp_path, "  http:\n    listen: 9177\n", "tasks: []\n"))
+    assert wanted(loaded) and loaded.settings.http.address == ("127.0.0.1", 9177)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_token_file_readable_by_others_is_refused_at_its_line(tmp_path, mode):
+    write_token(tmp_path, mode)
+    path = write_taskfile(tmp_path, "  http:\n    listen: 9177\n    token_file: token\n", "tasks: []\n")
+    taskfile = config.load(path)        # the form is fine; the node check refuses the mode
+    problems = config.node_problems(taskfile, None)
+    assert problems == [f"{path}:6: settings: http: token_file: {tmp_path}/token has mode "
+                        f"{mode:04o}; others may read it: `chmod 600 {tmp_path}/token` "
+                        "(refused until then)"]
+
+
+def test_token_file_checks(tmp_path):
+    good = write_token(tmp_path)
+    assert read_token(good) == TOKEN
+    os.symlink(good, tmp_path / "link")
+    for path, words in [(tmp_path / "missing", "cannot read"), (tmp_path / "link", "symbolic link"),
+                        (tmp_path, "not a regular file")]:
+        with pytest.raises(TokenError, match=words):
+            read_token(str(path))
+    (tmp_path / "short").write_text("abc\n")
+    os.chmod(tmp_path / "short", 0o600)
+    with pytest.raises(TokenError, match="at least 16"):
+        read_token(str(tmp_path / "short"))
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+def test_history_is_history_json(site):
+    status, body = get_json(site.base + "api/v1/history?limit=10")
+    assert status == 200
+    with Records(db_path(site.backend.state_dir)) as store:
+        expected = [cmd_records.run_json(r, site.backend.tz) for r in store.query(limit=10)]
+    assert body == json.loads(json.dumps(expected))
+    assert [r["run_id"] for r in body] == [6, 5, 4, 3, 2, 1]
+    assert body[0]["scheduled"].endswith("+00:00")
+    _, failed = get_json(site.base + "api/v1/history?failed=true")
+    assert [r["run_id"] for r in failed] == [4, 2]
+    _, one = get_json(site.base + "api/v1/history?task=backup&since=1h&limit=5")
+    assert [r["run_id"] for r in one] == [5, 3]
+
+
+@pytest.mark.parametrize("query, words", [
+    ("limit=0", "limit: 0 is out of range 1-10000"),
+    ("limit=99999999", "out of range"),
+    ("limit=abc", "expected a whole number"),
+    ("limit=1&limit=2", "given 2 times"),
+    ("since=tomorrowish", "since: expected"),
+    ("failed=maybe", "expected true or false"),
+    ("task=..%2F..", "not a task name"),
+    ("color=red", "unknown parameter 'color'"),
+])
+def test_bad_history_queries_are_400_with_a_message(site, query, words):
+    status, body = get_json(site.base + "api/v1/history?" + query)
+    assert status == 400 and words in body["error"]
+
+
+def test_runs_and_logs(site):
+    status, run = get_json(site.base + "api/v1/runs/2")
+    assert status == 200 and run["exit_code"] == 3 and run["failed"]
+    assert get_json(site.base + "api/v1/runs/12345")[0] == 404
+    status, log = get_json(site.base + "api/v1/runs/2/log")
+    assert status == 200 and log["task"] == "report"
+    assert log["lines"][0].endswith("hello from run 2")
+    assert log["lines"][1].endswith("\\x1b[31mred")      # escaped as `logs` shows it
+    _, log = get_json(site.base + "api/v1/tasks/report/log?lines=1")
+    assert len(log["lines"]) == 1
+    assert get_json(site.base + "api/v1/tasks/nope/log")[0] == 404
+    assert get_json(site.base + "api/v1/tasks/report/log?lines=0")[0] == 400
+
+
+def test_tasks_and_one_task(site):
+    status, page = get_json(site.base + "api/v1/tasks")
+    assert status == 200 and page["total"] == 3
+    states = {t["name"]: t["state"] for t in page["tasks"]}
+    assert states == {"backup": "ok", "report": "failing", "idle": "never ran"}
+    backup = next(t for t in page["tasks"] if t["name"] == "backup")
+    assert backup["description"] == "At 03:00" and backup["next_run"].endswith("+00:00")
+    _, page = get_json(site.base + "api/v1/tasks?q=rep&limit=1")
+    assert [t["name"] for t in page["tasks"]] == ["report"]
+    _, page = get_json(site.base + "api/v1/tasks?state=failing")
+    assert [t["name"] for t in page["tasks"]] == ["report"]
+    status, task = get_json(site.base + "api/v1/tasks/report")
+    assert status == 200 and len(task["next_runs"]) == 5 and task["command"] == ["sh", "-c", "exit 3"]
+    assert "hunter2" not in json.dumps(task) and "env" not in task
+    status, body = get_json(site.base + "api/v1/tasks/reprot")
+    assert status == 404 and "did you mean" in body["error"]
+    status, body = get_json(site.base + "api/v1/status")
+    assert status == 200 and body["tasks"] == 3 and body["daemon"]["running"] is False
+
+
+def test_paths_outside_the_base_path_and_static_files(site):
+    root = site.base.removesuffix("cron/")
+    assert get(root + "api/v1/status")[0] == 404
+    status, headers, body = get(site.base)
+    assert status == 200 and b"static/app.js" in body and headers["Content-Type"].startswith("text/html")
+    assert "Access-Control-Allow-Origin" not in headers
+    assert get(site.base + "static/app.js")[0] == 200
+    assert get(site.base + "static/../server.py")[0] == 404
+    assert get(site.base + "nothing")[0] == 404
+    assert get(root + "cron")[0] in (200, 308)     # urllib follows the redirect to /cron/
+
+
+# -- acting ----------------------------------------------------------------------------------------
+
+def test_actions_need_the_token(site):
+    url = site.base + "api/v1/tasks/backup/run"
+    status, headers, body = get(url, method="POST")
+    assert status == 401 and "Bearer" in headers["WWW-Authenticate"] and b"Authorization" in body
+    status, _, body = get(url, {"Authorization": "Bearer wrong-token-00000000"}, method="POST")
+    assert (status, body) == (401, b"")
+    status, _, body = get(url, {"Authorization": f"Basic {TOKEN}"}, method="POST")
+    assert (status, body) == (401, b"")
+    assert site.calls == []
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    status, reply = get_json(url, headers=auth, method="POST")
+    assert (status, reply) == (202, {"task": "backup", "run_id": 99})
+    assert get_json(site.base + "api/v1/tasks/backup/disable", headers=auth, method="POST")[1] == \
+        {"task": "backup", "disabled": True, "changed": True}
+    status, reply = get_json(site.base + "api/v1/tasks/idle/enable", headers=auth, method="POST")
+    assert (status, reply["error"]) == (409, "task 'idle' is busy")
+    assert get_json(site.base + "api/v1/reload", headers=auth, method="POST")[1]["accepted"]
+    assert get_json(site.base + "api/v1/tasks/nope/run", headers=auth, method="POST")[0] == 404
+    assert get(site.base + "api/v1/reload")[0] == 405
+    assert [c[0] for c in site.calls] == ["run", "disable", "enable", "reload"]
+
+
+def test_actions_are_off_with_a_bad_token_file(site):
+    os.chmod(os.path.join(site.dir, "token"), 0o644)
+    site.backend.reload()
+    status, body = get_json(site.base + "api/v1/reload", method="POST",
+                            headers={"Authorization": f"Bearer {TOKEN}"})
+    assert status == 403 and "mode 0644" in body["error"]
+    assert site.calls == []
+
+
+# -- metrics and the OpenAPI document --------------------------------------------------------------
+
+def test_metrics_parse_and_agree_with_history(site):
+    status, headers, body = get(site.base + "metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    runs = {(s.labels["task"], s.labels["result"]): s.value
+            for s in families["torchcore_task_runs"].samples if s.name.endswith("_total")}
+    history = get_json(site.base + "api/v1/history?limit=100")[1]
+    for task in ("backup", "report", "idle"):
+        finished = [r for r in history if r["task"] == task and r["ended"] and not r["skipped"]]
+        assert runs[(task, "failure")] == sum(r["failed"] for r in finished)
+        assert runs[(task, "success")] == sum(not r["failed"] for r in finished)
+    skipped = {(s.labels["task"], s.labels["reason"]): s.value
+               for s in families["torchcore_task_skipped"].samples if s.name.endswith("_total")}
+    assert skipped[("backup", "max")] == 1 and skipped[("backup", "max_running")] == 0
+    missed = {s.labels["task"]: s.value for s in families["torchcore_task_missed"].samples
+              if s.name.endswith("_total")}
+    assert missed == {"backup": 0, "report": 0, "idle": 1}
+    hist = {s.labels.get("le"): s.value for s in families["torchcore_launch_lateness_seconds"].samples
+            if s.name.endswith("_bucket")}
+    assert hist["0.05"] == 2 and hist["0.5"] == 3 and hist["+Inf"] == 3
+    last = {s.labels["task"]: s.value for s in families["torchcore_task_last_success_timestamp_seconds"].samples}
+    assert last == {"backup": pytest.approx(site.now - 7190)}
+    assert families["torchcore_up"].samples[0].value == 0
+    assert {s.labels["task"] for s in families["torchcore_task_next_run_timestamp_seconds"].samples} == \
+        {"backup", "report", "idle"}
+
+
+def test_openapi_covers_every_route_and_matches_answers(site):
+    jsonschema = pytest.importorskip("jsonschema")
+    status, spec = get_json(site.base + "api/v1/openapi.json")
+    assert status == 200 and spec["servers"] == [{"url": "/cron"}]
+    documented = {(method.upper(), path) for path, item in spec["paths"].items() for method in item}
+    routes = {(method, "/" + re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern))
+              for method, pattern, _, _ in server.api_mod.Api(site.backend).routes}
+    assert documented == routes
+    for path, sample in [("/api/v1/history", "api/v1/history?limit=100"),
+                         ("/api/v1/runs/{run_id}", "api/v1/runs/4"),
+                         ("/api/v1/tasks/{name}", "api/v1/tasks/report"),
+                         ("/api/v1/tasks", "api/v1/tasks"), ("/api/v1/status", "api/v1/status"),
+                         ("/api/v1/runs/{run_id}/log", "api/v1/runs/2/log")]:
+        schema = spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        jsonschema.validate(get_json(site.base + sample)[1], schema)

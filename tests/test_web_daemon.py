@@ -1,0 +1,125 @@
+"""The HTTP service of a real daemon: /metrics and the API agree with `history --json` and
+`status --json`, run now and disable through the control socket, SIGHUP, the token file's mode."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("prometheus_client")
+
+from daemon_harness import wait_for  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from web_harness import TOKEN, WebDaemon  # noqa: E402
+
+pytestmark = [pytest.mark.process, pytest.mark.slow]
+
+BODY = """tasks:
+  - name: good
+    schedule: "* * * * * *"
+    command: "echo fine"
+  - name: bad
+    schedule: "*/2 * * * * *"
+    command: "echo oops; exit 3"
+  - name: later
+    schedule: "0 0 3 * * *"
+    command: "true"
+"""
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("web")
+    daemon = WebDaemon(directory, BODY, base_path="/cron/").start()
+    yield daemon
+    daemon.kill()
+
+
+def samples(daemon, family, label="task"):
+    status, body = daemon.request("metrics")
+    assert status == 200
+    for found in text_string_to_metric_families(body.decode()):
+        if found.name == family:
+            return {tuple(s.labels.values()) if len(s.labels) > 1 else s.labels.get(label): s.value
+                    for s in found.samples if not s.name.endswith("_created")}
+    return {}
+
+
+def test_status_and_tasks_agree_with_status_json(daemon):
+    wait_for(lambda: daemon.runs("bad") and daemon.runs("bad")[0]["ended"], 15, "a run of bad")
+    code, out = daemon.cli("status", "--json")
+    assert code == 0
+    cli_states = {t["name"]: t["state"] for t in json.loads(out)["tasks"]}
+    status, page = daemon.json("api/v1/tasks")
+    assert status == 200
+    assert {t["name"]: t["state"] for t in page["tasks"]} == cli_states
+    assert cli_states["bad"] == "failing" and cli_states["later"] == "never ran"
+    status, body = daemon.json("api/v1/status")
+    assert body["daemon"]["answering"] and body["daemon"]["pid"] == daemon.proc.pid
+
+
+def test_run_now_disable_and_counts_agree_with_history(daemon):
+    assert daemon.json("api/v1/tasks/later/run", "POST")[0] == 401
+    assert daemon.request("api/v1/tasks/later/run", "POST", token="not-the-token")[0] == 401
+    status, reply = daemon.json("api/v1/tasks/later/run", "POST", token=TOKEN)
+    assert status == 202
+    wait_for(lambda: any(r["run_id"] == reply["run_id"] and r["ended"] for r in daemon.runs("later")),
+             15, "the manual run to end")
+    for name in ("good", "bad"):
+        assert daemon.json(f"api/v1/tasks/{name}/disable", "POST", token=TOKEN)[1]["changed"]
+    assert daemon.json("api/v1/tasks/good/disable", "POST", token=TOKEN)[1]["changed"] is False
+    wait_for(lambda: all(r["ended"] or r["skipped"] or r["missed"] for r in daemon.runs()), 15,
+             "every run to end")
+    before = len(daemon.runs())
+    code, out = daemon.cli("history", "--json", "--limit", "0")
+    history = json.loads(out)
+    assert code == 0 and len(history) == before
+    status, api_history = daemon.json("api/v1/history?limit=10000")
+    assert api_history == history
+    runs = wait_for(lambda: samples(daemon, "torchcore_task_runs") or None, 5, "metrics")
+    for name in ("good", "bad", "later"):
+        finished = [r for r in history if r["task"] == name and r["ended"] and not r["skipped"]]
+        assert runs[(name, "failure")] == sum(r["failed"] for r in finished)
+        assert runs[(name, "success")] == sum(not r["failed"] for r in finished)
+    assert runs[("bad", "failure")] >= 1 and runs[("good", "success")] >= 1
+    code, out = daemon.cli("status", "--json")
+    assert {t["name"]: t["state"] for t in json.loads(out)["tasks"]}["good"] == "disabled"
+    assert len(daemon.runs()) == before, "a disabled task ran"
+    daemon.signal(signal.SIGHUP)        # a reload ends the disables
+    wait_for(lambda: len(daemon.runs("good")) > len([r for r in history if r["task"] == "good"]),
+             10, "good to run again after the reload")
+
+
+def test_metrics_of_the_node(daemon):
+    assert samples(daemon, "torchcore_up") == {None: 1.0}
+    info = samples(daemon, "torchcore_task_file_info", label="file")
+    assert list(info.values()) == [1.0]
+    assert samples(daemon, "torchcore_task_next_run_timestamp_seconds").keys() >= {"later"}
+    lateness = samples(daemon, "torchcore_launch_lateness_seconds", label="le")
+    assert lateness["+Inf"] >= 1
+
+
+def test_log_follow_streams_new_lines(daemon):
+    import urllib.request
+
+    with urllib.request.urlopen(daemon.base + "api/v1/tasks/good/log/follow?lines=1", timeout=10) as stream:
+        assert stream.headers["Content-Type"].startswith("text/event-stream")
+        lines = [stream.readline() for _ in range(4)]
+    assert lines[0].startswith(b"data: ") and b"fine" in lines[0]
+
+
+def test_token_file_readable_by_others_is_refused_at_start(tmp_path):
+    with open(tmp_path / "token", "w") as handle:
+        handle.write(TOKEN)
+    os.chmod(tmp_path / "token", 0o644)
+    path = tmp_path / "tasks.yaml"
+    path.write_text("settings:\n  state_dir: state\n  http:\n    listen: 127.0.0.1:9\n"
+                    "    token_file: token\n" + BODY)
+    done = subprocess.run([sys.executable, "-m", "torchcore", "start", "--foreground", "-c", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"{path}:5: settings: http: token_file: {tmp_path}/token has mode 0644" in done.stderr
+    assert "Traceback" not in done.stderr

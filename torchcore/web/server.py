@@ -1,0 +1,308 @@
+"""The ``torchcore: http`` process: an HTTP server for /metrics, the API and the dashboard.
+
+Started by the supervisor (services.py) as ``python -m torchcore.web --taskfile PATH
+--state-dir DIR --node NAME --parent-fd FD [--listen ADDR]``:
+
+- SIGTERM (or SIGINT): stop serving and exit promptly;
+- SIGHUP: read the task file again (base path, token file, tasks);
+- end of file on ``--parent-fd``: the supervisor is gone, exit.
+
+The HTTP stack is the standard library's ``ThreadingHTTPServer`` (a thread per connection;
+the request line and headers parsed by ``http.server``): the service reads SQLite and a
+unix socket, so it needs no event loop, and the daemon's install stays free of a web
+framework.  Only prometheus-client is added, by the ``torchcore[http]`` extra.
+"""
+
+import argparse
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from torchcore.errors import TorchcoreError
+from torchcore.web import api as api_mod
+from torchcore.web.settings import parse_listen
+
+log = logging.getLogger("torchcore.web")
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+MAX_BODY = 64 << 10
+MAX_FOLLOWERS = 32          # log follows streaming at once (each holds a thread)
+FOLLOW_POLL = 0.5           # seconds between looks at a followed log
+HEARTBEAT = 15.0            # seconds between keep-alive comments on a quiet follow
+SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+    ("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"),
+)
+
+
+class Service:
+    """What the handler threads share: the backend, the API, the metrics, the static files."""
+
+    def __init__(self, backend):
+        from torchcore.web.metrics import Metrics
+
+        self.backend = backend
+        self.api = api_mod.Api(backend)
+        self.metrics = Metrics(backend)
+        self.static = load_static()
+        self.stopping = threading.Event()
+        self.followers = threading.BoundedSemaphore(MAX_FOLLOWERS)
+
+
+def load_static():
+    """The dashboard's files, read once: {name: (content type, bytes)}."""
+    files = {}
+    for name in os.listdir(STATIC_DIR):
+        kind = STATIC_TYPES.get(os.path.splitext(name)[1])
+        if kind:
+            with open(os.path.join(STATIC_DIR, name), "rb") as handle:
+                files[name] = (kind, handle.read())
+    return files
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "torchcore"
+    sys_version = ""
+    protocol_version = "HTTP/1.1"
+    timeout = 60                # an idle or stalled connection is dropped
+
+    @property
+    def service(self):
+        return self.server.service
+
+    def log_message(self, format, *args):
+        log.debug("http: %s %s", self.address_string(), format % args)
+
+    def do_GET(self):
+        self.dispatch("GET")
+
+    def do_HEAD(self):
+        self.dispatch("HEAD")
+
+    def do_POST(self):
+        self.dispatch("POST")
+
+    def dispatch(self, method):
+        try:
+            self.route(method)
+        except api_mod.HttpError as exc:
+            self.send_json(exc.status, {"error": exc.message} if exc.message else None, exc.headers)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except TorchcoreError as exc:     # the records could not be read, ...
+            log.warning("http: %s %s: %s", method, self.path, exc)
+            self.send_json(503, {"error": str(exc)})
+        except Exception:
+            log.exception("http: %s %s failed", method, self.path)
+            self.send_json(500, {"error": "internal error; the service's log says more"})
+
+    def route(self, method):
+        url = urlsplit(self.path)
+        base = self.service.backend.base_path
+        if url.path + "/" == base:
+            raise api_mod.HttpError(308, "", [("Location", base)])
+        if not url.path.startswith(base):
+            raise api_mod.HttpError(404, f"no such resource: {url.path} (the base path is {base})")
+        path = url.path[len(base):]
+        if method == "POST":
+            self.drain_body()
+        if path == "metrics" and method in ("GET", "HEAD"):
+            body, kind = self.service.metrics.exposition(self.headers.get("Accept"))
+            return self.send(200, kind, body, head=method == "HEAD")
+        if path == "api/v1/openapi.json" and method in ("GET", "HEAD"):
+            from torchcore.web.openapi import document
+
+            return self.send_json(200, document(self.service.api, base), head=method == "HEAD")
+        if not path.startswith("api/"):
+            return self.send_static(path, method)
+        try:
+            query = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query),
+                             max_num_fields=32)
+        except ValueError as exc:
+            raise api_mod.HttpError(400, f"bad query string: {exc}") from None
+        request = api_mod.Request(method="GET" if method == "HEAD" else method, path=path,
+                                  query=query, headers={k.lower(): v for k, v in self.headers.items()})
+        status, body = self.service.api.handle(request)
+        if isinstance(body, api_mod.Stream):
+            return self.stream(body)
+        self.send_json(status, body, head=method == "HEAD")
+
+    def drain_body(self):
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit() or int(length) > MAX_BODY:
+            self.close_connection = True
+            raise api_mod.HttpError(413, f"a request body of at most {MAX_BODY} bytes")
+        if int(length):
+            self.rfile.read(int(length))
+
+    def send_static(self, path, method):
+        if method not in ("GET", "HEAD"):
+            raise api_mod.HttpError(405, "the dashboard's pages take GET", [("Allow", "GET, HEAD")])
+        name = "index.html" if path == "" else path.removeprefix("static/")
+        if name == path and path != "":
+            raise api_mod.HttpError(404, f"no such resource: /{path}")
+        found = self.service.static.get(name)
+        if found is None:
+            raise api_mod.HttpError(404, f"no such resource: /{path}")
+        kind, body = found
+        self.send(200, kind, body, head=method == "HEAD", cache="no-cache")
+
+    def send_json(self, status, body, headers=(), head=False):
+        data = b"" if body is None else json.dumps(body, indent=1).encode() + b"\n"
+        self.send(status, "application/json", data, headers, head=head)
+
+    def send(self, status, kind, data, headers=(), head=False, cache="no-store"):
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", cache)
+        for name, value in SECURITY_HEADERS + tuple(headers):
+            self.send_header(name, value)
+        self.end_headers()
+        if not head:
+            self.wfile.write(data)
+
+    def stream(self, body):
+        """Server-sent events: one ``data:`` event per log line, until the client goes."""
+        service = self.service
+        if not service.followers.acquire(blocking=False):
+            raise api_mod.HttpError(503, f"{MAX_FOLLOWERS} logs are followed already; try later")
+        try:
+            self.close_connection = True
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-store")
+            for name, value in SECURITY_HEADERS:
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.flush()
+            quiet = [time.monotonic()]
+
+            def sleep(seconds):
+                if service.stopping.wait(FOLLOW_POLL):
+                    raise _Done()
+                if time.monotonic() - quiet[0] >= HEARTBEAT:
+                    self.wfile.write(b": still here\n\n")
+                    self.wfile.flush()
+                    quiet[0] = time.monotonic()
+
+            for line in body.lines(sleep):
+                self.wfile.write(b"data: " + line.encode("utf-8", "replace") + b"\n\n")
+                self.wfile.flush()
+                quiet[0] = time.monotonic()
+        except (_Done, BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass
+        finally:
+            service.followers.release()
+
+
+class _Done(Exception):
+    """The service stops: end a follow."""
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, address, service):
+        host, port = address
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.service = service
+        super().__init__((host, port), Handler)
+
+
+def serve(backend, address):
+    """Serve until ``stop()``; returns (server, thread)."""
+    server = Server(address, Service(backend))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+                              name="http", daemon=True)
+    thread.start()
+    return server, thread
+
+
+def stop(server, thread):
+    server.service.stopping.set()
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+# -- the process ------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m torchcore.web",
+                                     description="torchcore's HTTP service (started by the daemon)")
+    parser.add_argument("--taskfile", required=True)
+    parser.add_argument("--state-dir", default=None)
+    parser.add_argument("--node", default=None)
+    parser.add_argument("--parent-fd", type=int, default=None)
+    parser.add_argument("--listen", default=None, help="HOST:PORT, instead of settings.http.listen")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _set_title("torchcore: http")
+    signals = {}
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda n, f: signals.__setitem__(n, True))
+    from torchcore.web.store import Backend
+
+    try:
+        backend = Backend(args.taskfile, args.state_dir, args.node)
+        http = backend.taskfile.settings.http
+        listen = args.listen or (http.listen if http else None)
+        if listen is None:
+            raise TorchcoreError("no address to listen on: set settings.http.listen or pass --listen")
+        address = parse_listen(listen)
+        server, thread = serve(backend, address)
+    except (TorchcoreError, ValueError) as exc:
+        print(f"torchcore: http: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"torchcore: http: cannot listen on {listen}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    log.info("http: serving on %s (base path %s)", listen, backend.base_path)
+    selector = selectors.DefaultSelector()
+    selector.register(wake_r, selectors.EVENT_READ)
+    if args.parent_fd is not None:
+        selector.register(args.parent_fd, selectors.EVENT_READ)
+    try:
+        while True:
+            for key, _ in selector.select():
+                if key.fd == args.parent_fd and not os.read(args.parent_fd, 512):
+                    log.info("http: the supervisor is gone; stopping")
+                    return 0
+                if key.fd == wake_r:
+                    os.read(wake_r, 512)
+            if signals.pop(signal.SIGTERM, None) or signals.pop(signal.SIGINT, None):
+                return 0
+            if signals.pop(signal.SIGHUP, None):
+                backend.reload()
+    finally:
+        stop(server, thread)
+
+
+def _set_title(title):
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+    except ImportError:
+        pass
