@@ -43,7 +43,8 @@ def samples(daemon, family, label="task"):
     assert status == 200
     for found in text_string_to_metric_families(body.decode()):
         if found.name == family:
-            return {tuple(s.labels.values()) if len(s.labels) > 1 else s.labels.get(label): s.value
+            return {(s.labels[label], *(v for k, v in s.labels.items() if k != label))
+                    if len(s.labels) > 1 else s.labels.get(label): s.value
                     for s in found.samples if not s.name.endswith("_created")}
     return {}
 
@@ -53,9 +54,11 @@ def test_status_and_tasks_agree_with_status_json(daemon):
     code, out = daemon.cli("status", "--json")
     assert code == 0
     cli_states = {t["name"]: t["state"] for t in json.loads(out)["tasks"]}
-    status, page = daemon.json("api/v1/tasks")
-    assert status == 200
-    assert {t["name"]: t["state"] for t in page["tasks"]} == cli_states
+    def api_states():       # the service reuses the daemon's status for a second
+        status, page = daemon.json("api/v1/tasks")
+        assert status == 200
+        return {t["name"]: t["state"] for t in page["tasks"]}
+    wait_for(lambda: api_states() == cli_states, 5, "the API's states to be status's")
     assert cli_states["bad"] == "failing" and cli_states["later"] == "never ran"
     status, body = daemon.json("api/v1/status")
     assert body["daemon"]["answering"] and body["daemon"]["pid"] == daemon.proc.pid
@@ -79,11 +82,15 @@ def test_run_now_disable_and_counts_agree_with_history(daemon):
     assert code == 0 and len(history) == before
     status, api_history = daemon.json("api/v1/history?limit=10000")
     assert api_history == history
-    runs = wait_for(lambda: samples(daemon, "torchcore_task_runs") or None, 5, "metrics")
+    expected = {}
     for name in ("good", "bad", "later"):
         finished = [r for r in history if r["task"] == name and r["ended"] and not r["skipped"]]
-        assert runs[(name, "failure")] == sum(r["failed"] for r in finished)
-        assert runs[(name, "success")] == sum(not r["failed"] for r in finished)
+        expected[(name, "failure")] = sum(r["failed"] for r in finished)
+        expected[(name, "success")] = sum(not r["failed"] for r in finished)
+        expected[(name, "stopped")] = 0
+    # the service reuses its aggregates for two seconds
+    runs = wait_for(lambda: (got := samples(daemon, "torchcore_task_runs")) == expected and got, 5,
+                    "the metrics to agree with history:\n{}", lambda: samples(daemon, "torchcore_task_runs"))
     assert runs[("bad", "failure")] >= 1 and runs[("good", "success")] >= 1
     code, out = daemon.cli("status", "--json")
     assert {t["name"]: t["state"] for t in json.loads(out)["tasks"]}["good"] == "disabled"
@@ -96,7 +103,7 @@ def test_run_now_disable_and_counts_agree_with_history(daemon):
 def test_metrics_of_the_node(daemon):
     assert samples(daemon, "torchcore_up") == {None: 1.0}
     info = samples(daemon, "torchcore_task_file_info", label="file")
-    assert list(info.values()) == [1.0]
+    assert list(info) == [(daemon.path, info and list(info)[0][1])] and list(info.values()) == [1.0]
     assert samples(daemon, "torchcore_task_next_run_timestamp_seconds").keys() >= {"later"}
     lateness = samples(daemon, "torchcore_launch_lateness_seconds", label="le")
     assert lateness["+Inf"] >= 1
@@ -107,8 +114,9 @@ def test_log_follow_streams_new_lines(daemon):
 
     with urllib.request.urlopen(daemon.base + "api/v1/tasks/good/log/follow?lines=1", timeout=10) as stream:
         assert stream.headers["Content-Type"].startswith("text/event-stream")
-        lines = [stream.readline() for _ in range(4)]
-    assert lines[0].startswith(b"data: ") and b"fine" in lines[0]
+        events = [stream.readline() + stream.readline() for _ in range(6)]
+    assert all(e.startswith(b"data: ") and e.endswith(b"\n\n") for e in events)
+    assert any(b"out| fine" in e for e in events[1:]), events     # written after we asked
 
 
 def test_token_file_readable_by_others_is_refused_at_start(tmp_path):
@@ -123,3 +131,43 @@ def test_token_file_readable_by_others_is_refused_at_start(tmp_path):
     assert done.returncode != 0
     assert f"{path}:5: settings: http: token_file: {tmp_path}/token has mode 0644" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_http_flag_serves_without_settings(daemons):
+    from web_harness import free_port
+
+    port = free_port()
+    daemon = daemons(BODY).start("--http", f"127.0.0.1:{port}")
+    wait_for(lambda: _answers(f"http://127.0.0.1:{port}/metrics"), 20, "the service on --http's port")
+    done = subprocess.run([sys.executable, "-m", "torchcore", "start", "--http", "nonsense:0",
+                           "-c", daemon.path], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--http: port '0' is not a number in 1-65535" in done.stderr
+
+
+def _answers(url):
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def test_the_service_is_restarted_and_goes_with_the_daemon(daemon):
+    import psutil
+
+    def service():
+        for child in psutil.Process(daemon.proc.pid).children():
+            if "torchcore: http" in " ".join(child.cmdline()):
+                return child
+        return None
+
+    first = wait_for(service, 10, "the torchcore: http child")
+    first.kill()
+    second = wait_for(lambda: (s := service()) and s.pid != first.pid and s, 15, "a restarted service")
+    wait_for(daemon.answers, 15, "the restarted service to answer")
+    daemon.kill()                       # SIGKILL: the service sees its parent pipe end
+    psutil.wait_procs([second], timeout=10)
+    assert not second.is_running() or second.status() == psutil.STATUS_ZOMBIE

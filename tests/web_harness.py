@@ -5,7 +5,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -33,7 +32,6 @@ class WebDaemon(Daemon):
                     f"    base_path: {base_path}\n")
         super().__init__(directory, body, settings)
         self.base = f"http://127.0.0.1:{self.port}{base_path}"
-        self.web = None
 
     def start(self, *extra, wait=True):
         super().start(*extra, wait=wait)
@@ -41,26 +39,8 @@ class WebDaemon(Daemon):
         return self
 
     def wait_http(self, timeout=20):
-        """The service answers, started by the daemon (or, where the daemon starts no
-        services yet, by us, as the daemon would)."""
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            if self.answers():
-                return
-            time.sleep(0.1)
-        if self.web is None and not self.answers():
-            self.start_web()
+        """The service the daemon started answers."""
         wait_for(self.answers, timeout, "the http service to answer:\n{}", lambda: self.log)
-
-    def start_web(self):
-        read_end, self._parent = os.pipe()
-        with open(self.err_path, "ab") as err:
-            self.web = subprocess.Popen(
-                [sys.executable, "-m", "torchcore.web", "--taskfile", self.path,
-                 "--state-dir", os.path.join(self.dir, "state"), "--node", socket.gethostname(),
-                 "--parent-fd", str(read_end)],
-                stdout=subprocess.DEVNULL, stderr=err, cwd=self.dir, pass_fds=(read_end,))
-        os.close(read_end)
 
     def answers(self):
         try:
@@ -68,18 +48,6 @@ class WebDaemon(Daemon):
                 return response.status == 200
         except (OSError, urllib.error.URLError):
             return False
-
-    def kill(self):
-        if self.web is not None and self.web.poll() is None:
-            self.web.kill()
-            self.web.wait()
-        super().kill()
-
-    def stop(self, timeout=20):
-        if self.web is not None and self.web.poll() is None:
-            self.web.terminate()
-            self.web.wait(timeout)
-        return super().stop(timeout)
 
     # -- requests -------------------------------------------------------------------------------
 

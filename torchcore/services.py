@@ -48,6 +48,7 @@ class Spec:
 # listed here and nowhere else; its own ``wanted`` says when it runs.
 REGISTRY = {spec.name: spec for spec in (
     Spec("notifier", "torchcore.notifier"),     # alerts, webhooks, pings (docs/notifications.md)
+    Spec("http", "torchcore.web"),               # metrics, API, dashboard (docs/http.md)
 )}
 
 

@@ -25,6 +25,9 @@ def register(subparsers):
                        help="stay in the foreground and log to stderr (systemd, containers)")
     start.add_argument("--create-dirs", action="store_true",
                        help="create the pidfile's directory if it is missing (default: refuse)")
+    start.add_argument("--http", type=_listen_address, metavar="ADDR", default=None,
+                       help="serve metrics, the API and the dashboard on ADDR (HOST:PORT or a port on "
+                            "127.0.0.1), whatever settings.http.listen says")
     start.set_defaults(func=cmd_start)
 
     stop = subparsers.add_parser("stop", help="stop the daemon (SIGTERM) and wait for it")
@@ -42,6 +45,17 @@ def register(subparsers):
     common.add_node_options(restart)
     restart.add_argument("--timeout", type=float, default=None, metavar="S")
     restart.set_defaults(func=cmd_restart, foreground=False, create_dirs=False)
+
+
+def _listen_address(text):
+    import argparse
+
+    from torchcore.web.settings import parse_listen
+    try:
+        parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 # ---- start -------------------------------------------------------------------------------
@@ -64,7 +78,7 @@ def cmd_start(args):
     if args.foreground:
         setup_logging(None)
         with Pidfile(pidfile_path):
-            return _supervise(taskfile, node, pidfile_path)
+            return _supervise(taskfile, node, pidfile_path, options=_service_options(args))
     launcher = Daemonizer(started_message=f"torchcore started (pid {{pid}}) on {taskfile.path}")
     if not launcher.detach():
         return common.EXIT_OK      # not reached: the launcher exits with the daemon's verdict
@@ -78,7 +92,8 @@ def cmd_start(args):
         os._exit(common.EXIT_ERROR)
     try:                        # helpers never keep the start-up pipe as their stderr
         code = _supervise(taskfile, node, pidfile_path, on_ready=launcher.ready,
-                          on_failure=launcher.failed, helper_stderr=os.devnull)
+                          on_failure=launcher.failed, helper_stderr=os.devnull,
+                          options=_service_options(args))
     finally:
         pidfile.release()
     os._exit(code)
@@ -92,14 +107,21 @@ def check_pidfile_dir(path, args):
                           "(create it, or pass --create-dirs)")
 
 
-def _supervise(taskfile, node, pidfile, on_ready=None, on_failure=None, helper_stderr=None):
+def _service_options(args):
+    """The start options the services get (services.py): ``--http ADDR`` for the HTTP one."""
+    http = getattr(args, "http", None)
+    return {"http": ["--listen", http]} if http else {}
+
+
+def _supervise(taskfile, node, pidfile, on_ready=None, on_failure=None, helper_stderr=None,
+               options=None):
     """Run the supervisor.  A start refused (another daemon on the same state_dir, ...)
     is one line for the starting command, and nothing in the log, which may be the
     running daemon's; a failure after start-up goes to the log."""
     from torchcore.supervisor import Supervisor
 
     supervisor = Supervisor(taskfile, node, on_ready=on_ready, helper_stderr=helper_stderr,
-                            pidfile=pidfile)
+                            pidfile=pidfile, service_options=options)
     try:
         return supervisor.run()
     except Exception as exc:

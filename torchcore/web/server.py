@@ -13,7 +13,6 @@ unix socket, so it needs no event loop, and the daemon's install stays free of a
 framework.  Only prometheus-client is added, by the ``torchcore[http]`` extra.
 """
 
-import argparse
 import json
 import logging
 import os
@@ -242,20 +241,21 @@ def stop(server, thread):
 # -- the process ------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m torchcore.web",
-                                     description="torchcore's HTTP service (started by the daemon)")
-    parser.add_argument("--taskfile", required=True)
-    parser.add_argument("--state-dir", default=None)
-    parser.add_argument("--node", default=None)
-    parser.add_argument("--parent-fd", type=int, default=None)
-    parser.add_argument("--listen", default=None, help="HOST:PORT, instead of settings.http.listen")
-    return parser.parse_args(argv)
+    from torchcore import services
+
+    def extra(parser):
+        parser.add_argument("--listen", default=None, metavar="HOST:PORT",
+                            help="listen here instead of settings.http.listen (start --http)")
+
+    return services.child_args(argv, "torchcore's HTTP service (started by the daemon)", extra)
 
 
 def main(argv=None):
+    from torchcore import services
+
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    _set_title("torchcore: http")
+    services.set_title("http")
     signals = {}
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -281,28 +281,22 @@ def main(argv=None):
     log.info("http: serving on %s (base path %s)", listen, backend.base_path)
     selector = selectors.DefaultSelector()
     selector.register(wake_r, selectors.EVENT_READ)
-    if args.parent_fd is not None:
-        selector.register(args.parent_fd, selectors.EVENT_READ)
+    selector.register(args.parent_fd, selectors.EVENT_READ)
     try:
         while True:
             for key, _ in selector.select():
-                if key.fd == args.parent_fd and not os.read(args.parent_fd, 512):
+                if key.fd == args.parent_fd and services.parent_gone(args.parent_fd):
                     log.info("http: the supervisor is gone; stopping")
                     return 0
                 if key.fd == wake_r:
                     os.read(wake_r, 512)
             if signals.pop(signal.SIGTERM, None) or signals.pop(signal.SIGINT, None):
                 return 0
-            if signals.pop(signal.SIGHUP, None):
-                backend.reload()
+            if signals.pop(signal.SIGHUP, None) and backend.reload() and args.listen is None:
+                http = backend.taskfile.settings.http
+                if http is not None and http.listen is not None and http.listen != listen:
+                    log.info("http: settings.http.listen is now %s; exiting to be started there",
+                             http.listen)
+                    return 0
     finally:
         stop(server, thread)
-
-
-def _set_title(title):
-    try:
-        import setproctitle
-
-        setproctitle.setproctitle(title)
-    except ImportError:
-        pass
