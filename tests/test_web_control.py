@@ -5,8 +5,8 @@ import pytest
 from supervisor_harness import rewrite
 
 BODY = """tasks:
-  - {name: tick, schedule: "* * * * * *", command: "true"}
-  - {name: other, schedule: "* * * * * *", command: "true"}
+  - {name: tick, schedule: "* * * * * *", command: "true", max: 100}
+  - {name: other, schedule: "* * * * * *", command: "true", max: 100}
   - {name: loop, type: daemon, command: "sleep 1000"}
 """
 

@@ -46,6 +46,7 @@ function relative(iso) {
 
 function seconds(value) {
   if (value === null || value === undefined) return "-";
+  if (value < 1) return `${Math.round(value * 1000)}ms`;
   return value < 10 ? `${value.toFixed(2)}s` : value < 600 ? `${value.toFixed(0)}s` : `${(value / 60).toFixed(1)}m`;
 }
 
@@ -255,13 +256,14 @@ function stopFollow() {
 const timelineState = { hours: 3 };
 
 async function timelinePage() {
-  const hours = h("select", { id: "hours" }, [1, 3, 6, 12, 24].map((n) => h("option", { value: n, selected: n === timelineState.hours }, `last ${n} h`)));
+  const hours = h("select", { id: "hours" }, [0.25, 1, 3, 6, 12, 24].map((n) => h("option", { value: n, selected: n === timelineState.hours },
+    n < 1 ? `last ${n * 60} min` : `last ${n} h`)));
   const box = h("div", { id: "timeline-box" });
   hours.addEventListener("change", () => { timelineState.hours = Number(hours.value); render(); });
   show(h("div", { class: "toolbar" }, hours, h("span", { class: "muted" }, "one row per task, one bar per run")), box);
   const render = async () => {
     let runs;
-    try { runs = await api(`history?since=${timelineState.hours}h&limit=10000`); } catch (e) { box.replaceChildren(message(e.message, true)); return; }
+    try { runs = await api(`history?since=${Math.round(timelineState.hours * 60)}m&limit=10000`); } catch (e) { box.replaceChildren(message(e.message, true)); return; }
     box.replaceChildren(timeline(runs, timelineState.hours));
   };
   await render();
@@ -278,7 +280,8 @@ function timeline(runs, hours) {
   for (let i = 0; i <= 6; i++) {
     const t = start + (i / 6) * (now - start);
     items.push(h("line", { x1: x(t), x2: x(t), y1: 0, y2: height - 14 }),
-      h("text", { x: x(t) - 20, y: height - 2 }, new Date(t).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })));
+      h("text", { x: x(t), y: height - 2, "text-anchor": i === 6 ? "end" : i === 0 ? "start" : "middle" },
+        new Date(t).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })));
   }
   names.forEach((name, i) => items.push(h("text", { x: 2, y: i * row + 13 }, name.length > 24 ? name.slice(0, 23) + "…" : name)));
   for (const run of runs) {
