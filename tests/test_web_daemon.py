@@ -87,9 +87,8 @@ def test_run_now_disable_and_counts_agree_with_history(daemon):
         finished = [r for r in history if r["task"] == name and r["ended"] and not r["skipped"]]
         expected[(name, "failure")] = sum(r["failed"] for r in finished)
         expected[(name, "success")] = sum(not r["failed"] for r in finished)
-        expected[(name, "stopped")] = 0
-    # the service reuses its aggregates for two seconds
-    runs = wait_for(lambda: (got := samples(daemon, "torchcore_task_runs")) == expected and got, 5,
+    # the service reuses its aggregates for a few seconds
+    runs = wait_for(lambda: (got := samples(daemon, "torchcore_task_runs")) == expected and got, 10,
                     "the metrics to agree with history:\n{}", lambda: samples(daemon, "torchcore_task_runs"))
     assert runs[("bad", "failure")] >= 1 and runs[("good", "success")] >= 1
     code, out = daemon.cli("status", "--json")

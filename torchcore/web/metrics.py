@@ -18,7 +18,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 
-RESULTS = ("success", "failure", "stopped")
+EXPOSITION_TTL = 1.0
+RESULTS = ("success", "failure")        # always there (0 until the first); "stopped" once seen
 SKIP_REASONS = ("max", "max_running", "fork_failed", "other")
 
 
@@ -29,9 +30,12 @@ class Metrics:
         self.registry.register(_Collector(backend))
 
     def exposition(self, accept=None):
-        """(body, content type) for an Accept header (OpenMetrics when asked for)."""
+        """(body, content type) for an Accept header (OpenMetrics when asked for); made at most
+        every EXPOSITION_TTL seconds, however often it is scraped."""
         encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        body = self.backend._cached(("metrics", content_type), EXPOSITION_TTL,
+                                    lambda: encoder(self.registry))
+        return body, content_type
 
 
 class _Collector:
@@ -62,8 +66,11 @@ class _Collector:
             kinds = counts.get(name, {})
             for result in RESULTS:
                 runs.add_metric([name, result], kinds.get(result, (0, None))[0])
-            for reason in SKIP_REASONS:
-                skipped.add_metric([name, reason], kinds.get(f"skipped:{reason}", (0, None))[0])
+            if "stopped" in kinds:
+                runs.add_metric([name, "stopped"], kinds["stopped"][0])
+            for reason in SKIP_REASONS:         # only the reasons seen: 10,000 tasks times four
+                if f"skipped:{reason}" in kinds:    # zeros would be most of a scrape
+                    skipped.add_metric([name, reason], kinds[f"skipped:{reason}"][0])
             missed.add_metric([name], kinds.get("missed", (0, None))[0])
             if kinds.get("success", (0, None))[1] is not None:
                 success.add_metric([name], kinds["success"][1])

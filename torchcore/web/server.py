@@ -76,6 +76,7 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
     protocol_version = "HTTP/1.1"
     timeout = 60                # an idle or stalled connection is dropped
+    disable_nagle_algorithm = True      # headers and body are two writes: no 40 ms wait for an ACK
 
     @property
     def service(self):
