@@ -57,3 +57,21 @@ def test_unknown_tasks_are_refused_as_run_refuses_them(make):
         sup.replies.control_disable({"task": "tik"})
     with pytest.raises(Exception, match="not in the task file"):
         sup.replies.control_enable({"task": None})
+
+
+def test_reloads_and_tick_durations_are_counted(make):
+    from torchcore.ledger import TICK_BUCKETS, Stats
+
+    sup = make(BODY)
+    rewrite(sup, BODY)
+    assert sup.reload("test")[0]
+    rewrite(sup, "tasks: [oops\n")
+    assert not sup.reload("test")[0]
+    stats = sup.replies.control_status({})["stats"]
+    assert (stats["reloads_accepted"], stats["reloads_rejected"]) == (1, 1)
+    counted = Stats()
+    for seconds in (0.0001, 0.0005, 0.003, 2.0):
+        counted.tick_took(seconds)
+    assert counted.ticks == 4 and counted.tick_seconds == pytest.approx(2.0036)
+    assert counted.tick_buckets == [2, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1]
+    assert len(counted.tick_buckets) == len(TICK_BUCKETS) + 1

@@ -106,6 +106,10 @@ def test_metrics_of_the_node(daemon):
     assert samples(daemon, "torchcore_task_next_run_timestamp_seconds").keys() >= {"later"}
     lateness = samples(daemon, "torchcore_launch_lateness_seconds", label="le")
     assert lateness["+Inf"] >= 1
+    wait_for(lambda: samples(daemon, "torchcore_reloads", label="result") ==   # the SIGHUP above
+             {"accepted": 1, "rejected": 0}, 10, "the reload counted")
+    ticks = samples(daemon, "torchcore_tick_duration_seconds", label="le")
+    assert ticks["+Inf"] >= 1 and ticks["1.0"] == ticks["+Inf"]
 
 
 def test_log_follow_streams_new_lines(daemon):

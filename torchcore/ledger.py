@@ -6,6 +6,7 @@ its RunRecord, its counts and its log line, so a decision and its bookkeeping ar
 out together in many places.  Records are buffered by records.Records (see its flush).
 """
 
+import bisect
 import dataclasses
 import logging
 import os
@@ -23,6 +24,9 @@ STATS_EVERY = 60            # seconds between stats lines
 PRUNE_EVERY = 6 * 3600      # seconds between prunes of records older than history_days
 
 
+TICK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)   # seconds
+
+
 @dataclasses.dataclass
 class Stats:
     started: int = 0
@@ -31,6 +35,16 @@ class Stats:
     missed: int = 0
     fork_failures: int = 0
     errors: int = 0             # failures of the supervisor's own work, contained (see contain)
+    reloads_accepted: int = 0
+    reloads_rejected: int = 0
+    ticks: int = 0              # ticks, how long they took in all, and how many took up to
+    tick_seconds: float = 0.0   # each of TICK_BUCKETS (the last count: longer) -- /metrics
+    tick_buckets: list = dataclasses.field(default_factory=lambda: [0] * (len(TICK_BUCKETS) + 1))
+
+    def tick_took(self, seconds):
+        self.ticks += 1
+        self.tick_seconds += seconds
+        self.tick_buckets[bisect.bisect_left(TICK_BUCKETS, seconds)] += 1
 
 
 class Ledger:

@@ -18,6 +18,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 
+from torchcore.ledger import TICK_BUCKETS
+
 EXPOSITION_TTL = 1.0
 RESULTS = ("success", "failure")        # always there (0 until the first); "stopped" once seen
 SKIP_REASONS = ("max", "max_running", "fork_failed", "other")
@@ -143,15 +145,23 @@ class _Collector:
 
 
 def _reloads(live):
-    """The outcome of the daemon's reloads, when it counts them (status stats ``reloads``)."""
-    counted = live["stats"].get("reloads")
-    if not isinstance(counted, dict):
-        return
-    family = CounterMetricFamily("torchcore_reloads", "Reloads of the task file, by result",
-                                 labels=["result"])
+    """Reloads by result, and the ticks' durations, from the daemon's stats."""
+    stats = live["stats"]
+    family = CounterMetricFamily("torchcore_reloads", "Reloads of the task file since the daemon "
+                                 "started, by result", labels=["result"])
     for result in ("accepted", "rejected"):
-        family.add_metric([result], counted.get(result, 0))
+        family.add_metric([result], stats.get(f"reloads_{result}", 0))
     yield family
+    buckets = stats.get("tick_buckets")
+    if buckets:
+        hist = HistogramMetricFamily("torchcore_tick_duration_seconds",
+                                     "How long the supervisor's ticks took (since it started)")
+        cumulative, total = [], 0
+        for bound, count in zip((*TICK_BUCKETS, "+Inf"), buckets):
+            total += count
+            cumulative.append((bound if bound == "+Inf" else _le(bound), total))
+        hist.add_metric([], cumulative, stats.get("tick_seconds", 0.0))
+        yield hist
 
 
 def _le(bound):
