@@ -137,11 +137,12 @@ def document(api, base_path="/"):
         "/api/v1/history": {"get": {
             "summary": "Runs, skips and misses, newest first (the filters of `torchcore history`)",
             "parameters": [
-                _param("task", "only this task", {"type": "string"}),
+                _param("task", "only this task", _TASK_NAME["schema"]),
                 _param("limit", "at most this many (default 50)", {"type": "integer", "minimum": 1,
                                                                   "maximum": 10_000}),
                 _param("since", "a duration (90m, 2h, 1d, 1w), today, yesterday, or an ISO date "
-                                "or time", {"type": "string"}),
+                                "or time (2026-11-24, 2026-11-24T15:30)",
+                       {"type": "string", "pattern": "^(today|yesterday|[1-9][0-9]{0,3}[smhdw])$"}),
                 _param("failed", "only failed runs", {"type": "boolean"})],
             "responses": {**_ok("runs", {"type": "array", "items": RUN}),
                           **_errors("400", "503")}}},

@@ -94,6 +94,15 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.dispatch("POST")
 
+    def do_OTHER(self):
+        """Any other method: 405 with the ones the resource takes (not http.server's 501 page)."""
+        self.dispatch(self.command)
+
+    def __getattr__(self, name):        # http.server looks up do_<METHOD>: every method has one
+        if name.startswith("do_"):
+            return self.do_OTHER
+        raise AttributeError(name)
+
     def dispatch(self, method):
         try:
             self.route(method)
@@ -121,7 +130,9 @@ class Handler(BaseHTTPRequestHandler):
         if path == "metrics" and method in ("GET", "HEAD"):
             body, kind = self.service.metrics.exposition(self.headers.get("Accept"))
             return self.send(200, kind, body, head=method == "HEAD")
-        if path == "api/v1/openapi.json" and method in ("GET", "HEAD"):
+        if path in ("metrics", "api/v1/openapi.json") and method not in ("GET", "HEAD"):
+            raise api_mod.HttpError(405, f"/{path} takes GET", [("Allow", "GET, HEAD")])
+        if path == "api/v1/openapi.json":
             from torchcore.web.openapi import document
 
             return self.send_json(200, document(self.service.api, base), head=method == "HEAD")
