@@ -76,7 +76,8 @@ def setup(tmp_path, monkeypatch):
         [str(modules)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     state = tmp_path / "state"
     state.mkdir()
-    taskfile = types.SimpleNamespace(path=str(tmp_path / "tasks.yaml"))
+    path = str(tmp_path / "tasks.yaml")
+    taskfile = types.SimpleNamespace(path=path, settings=types.SimpleNamespace(path=path))
     made = []
 
     def make(name, ignore_term=False, want=True, options=None):

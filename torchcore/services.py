@@ -139,8 +139,8 @@ class Services:
             if self.stderr is not None:
                 err = os.open(self.stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                               0o600)
-            argv = [sys.executable, "-m", spec.module,
-                    "--taskfile", self.taskfile.path, "--state-dir", self.state_dir,
+            argv = [sys.executable, "-m", spec.module,     # settings.path: absolute (the daemon is in /)
+                    "--taskfile", self.taskfile.settings.path, "--state-dir", self.state_dir,
                     "--node", self.node_name, "--parent-fd", str(read_end)]
             argv += _option_args(self.options.get(spec.name))
             service.proc = subprocess.Popen(argv, pass_fds=(read_end,), stdin=subprocess.DEVNULL,
