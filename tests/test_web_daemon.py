@@ -174,3 +174,22 @@ def test_the_service_is_restarted_and_goes_with_the_daemon(daemon):
     daemon.kill()                       # SIGKILL: the service sees its parent pipe end
     psutil.wait_procs([second], timeout=10)
     assert not second.is_running() or second.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_daemon_in_the_background_serves_and_logs_to_its_file(tmp_path):
+    """Gone to the background (working directory /, stderr /dev/null) with a relative task file:
+    the service still finds the file, and says where it serves in the daemon's log."""
+    from web_harness import free_port
+
+    port = free_port()
+    (tmp_path / "tasks.yaml").write_text(f"settings:\n  state_dir: state\n  http:\n    listen: {port}\n"
+                                         + BODY)
+    run = [sys.executable, "-m", "torchcore"]
+    subprocess.run(run + ["start", "-c", "tasks.yaml"], cwd=tmp_path, check=True, timeout=60,
+                   capture_output=True)
+    try:
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/api/v1/status"), 20, "the service")
+        log = (tmp_path / "state" / "logs" / "torchcore.log").read_text()
+        assert f"http: serving on 127.0.0.1:{port}" in log
+    finally:
+        subprocess.run(run + ["stop", "-c", "tasks.yaml"], cwd=tmp_path, timeout=60, capture_output=True)

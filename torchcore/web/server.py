@@ -262,11 +262,28 @@ def parse_args(argv):
     return services.child_args(argv, "torchcore's HTTP service (started by the daemon)", extra)
 
 
+def setup_logging(taskfile):
+    """The daemon's own log: its stderr in the foreground; when the daemon went to the background
+    (our stderr is /dev/null) the file it writes, log_dir/torchcore.log."""
+    handler = None
+    try:
+        if os.path.samestat(os.fstat(2), os.stat(os.devnull)):
+            from torchcore import config
+            from torchcore.safepaths import log_file_handler
+
+            path = os.path.join(config.load_settings(taskfile).log_dir, "torchcore.log")
+            handler = log_file_handler(path)
+    except Exception:
+        handler = None      # stderr, then
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        handlers=[handler] if handler else None)
+
+
 def main(argv=None):
     from torchcore import services
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging(args.taskfile)
     services.set_title("http")
     signals = {}
     wake_r, wake_w = os.pipe()
@@ -285,10 +302,10 @@ def main(argv=None):
         address = parse_listen(listen)
         server, thread = serve(backend, address)
     except (TorchcoreError, ValueError) as exc:
-        print(f"torchcore: http: {exc}", file=sys.stderr)
+        log.error("http: %s", exc)
         return 2
     except OSError as exc:
-        print(f"torchcore: http: cannot listen on {listen}: {exc.strerror or exc}", file=sys.stderr)
+        log.error("http: cannot listen on %s: %s", listen, exc.strerror or exc)
         return 2
     log.info("http: serving on %s (base path %s)", listen, backend.base_path)
     selector = selectors.DefaultSelector()
