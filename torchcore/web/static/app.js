@@ -196,7 +196,7 @@ async function taskPage(name) {
         h("dt", {}, "schedule"), h("dd", {}, `${task.schedule || "-"} `, h("span", { class: "desc" }, task.description)),
         h("dt", {}, "command"), h("dd", {}, h("code", {}, Array.isArray(task.command) ? JSON.stringify(task.command) : task.command)),
         h("dt", {}, "last result"), h("dd", {}, task.last ? `${task.last.result}, ${relative(task.last.ended)}` : "-"),
-        h("dt", {}, "running now"), h("dd", {}, task.running.length ? task.running.map((r) => `run ${r.run_id} (pid ${r.pid})`).join(", ") : "-"),
+        h("dt", {}, "running now"), h("dd", {}, task.running.length ? task.running.map((r) => `run ${r.run_id} (${r.pid ? "pid " + r.pid : r.state || "starting"})`).join(", ") : "-"),
         h("dt", {}, "next runs"), h("dd", {}, task.next_runs.length ? task.next_runs.map((t) => new Date(t).toLocaleString()).join(" · ") : "-")));
     runs.replaceChildren(strip(history, pick), durationChart(history));
     if (!follow) showLog(pre, logPath);
@@ -217,7 +217,7 @@ function durationChart(history) {
   const runs = history.filter((r) => r.duration !== null).reverse();
   const width = 600, height = 120, pad = 24;
   const max = Math.max(0.001, ...runs.map((r) => r.duration));
-  const step = runs.length ? (width - pad) / runs.length : 0;
+  const step = runs.length ? Math.min(12, (width - pad) / runs.length) : 0;
   const bars = runs.map((r, i) => {
     const height_ = Math.max(1, (r.duration / max) * (height - 20));
     return h("rect", { x: pad + i * step, y: height - height_, width: Math.max(1, step - 1), height: height_,
