@@ -18,7 +18,8 @@ pytest.importorskip("prometheus_client")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from torchcore import cmd_records, config, tasklog  # noqa: E402
+from torchcore import config, tasklog  # noqa: E402
+from torchcore.commands import history  # noqa: E402
 from torchcore.errors import ConfigError, DaemonError  # noqa: E402
 from torchcore.records import Records, RunRecord, db_path  # noqa: E402
 from torchcore.web import server, wanted  # noqa: E402
@@ -183,7 +184,7 @@ def test_history_is_history_json(site):
     status, body = get_json(site.base + "api/v1/history?limit=10")
     assert status == 200
     with Records(db_path(site.backend.state_dir)) as store:
-        expected = [cmd_records.run_json(r, site.backend.tz) for r in store.query(limit=10)]
+        expected = [history.run_json(r, site.backend.tz) for r in store.query(limit=10)]
     assert body == json.loads(json.dumps(expected))
     assert [r["run_id"] for r in body] == [6, 5, 4, 3, 2, 1]
     assert body[0]["scheduled"].endswith("+00:00")

@@ -42,7 +42,7 @@ def test_a_reload_ends_a_disable(make):
 
 def test_disabling_a_daemon_task_stops_its_instances(make):
     sup = make(BODY)
-    sup.tend_daemons()
+    sup.starter.tend_daemons()
     assert forked(sup, "loop") == 1
     sup.replies.control_disable({"task": "loop"})
     assert sup.system.killed, "its instance was not told to stop"

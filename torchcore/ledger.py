@@ -62,6 +62,20 @@ class Ledger:
         self._next_stats = clock.monotonic() + STATS_EVERY
         self._next_prune = 0.0
 
+    def timed_tick(self, tick, now):
+        """``tick(now)``, with how long it took counted (/metrics' tick histogram)."""
+        began = self.clock.monotonic()
+        tick(now)
+        self.stats.tick_took(self.clock.monotonic() - began)
+
+    def reloaded(self, accepted, message):
+        """A reload's verdict counted; returns what the supervisor keeps as its last_reload."""
+        if accepted:
+            self.stats.reloads_accepted += 1
+        else:
+            self.stats.reloads_rejected += 1
+        return (self.clock.time(), accepted, message)
+
     def contain(self, what, exc):
         """One unit of work failed (a task's start, a launcher's answer, a pass): count it, log
         it once for each kind, and go on with the rest.  The supervisor outlives its bugs and

@@ -7,6 +7,7 @@ TorchcoreError for a refusal the client shows.
 
 import dataclasses
 import os
+import signal
 
 from torchcore import config, daemonlog, textfmt
 from torchcore.errors import TorchcoreError
@@ -102,8 +103,10 @@ class Replies:
         if name in sup.planner:
             sup.planner.remove(name)
             sup.ahead.forget_due()      # prepared runs of it are cancelled at their second
-        if task.type == "daemon":
-            sup._retire(task, "disabled")
+        if task.type == "daemon":       # off its slot, its instances told to stop
+            sup.daemons.retire(name)
+            for run in sup.table.of_task(name):
+                sup.starter.signal_run(run, signal.SIGTERM, "task disabled")
         self.disabled.add(name)
         return {"disabled": True, "changed": True}
 
@@ -128,7 +131,7 @@ class Replies:
         sup = self.sup
         if task.type == "daemon":
             if sup.daemons.get(task.name) is None:
-                sup._admit(task)
+                sup.daemons.admit(task.name)
         elif not task.schedule.is_reboot and task.name not in sup.planner:
             sup.planner.set(task.name, task.schedule)
             sup.ahead.forget_due()

@@ -204,9 +204,7 @@ class Supervisor:
                 self.ahead.await_boundary()
             now = int(self.clock.time())
             if now != self.planner.watermark:
-                began = self.clock.monotonic()
-                self.tick(now)
-                self.stats.tick_took(self.clock.monotonic() - began)
+                self.ledger.timed_tick(self.tick, now)
             self.starter.tend_daemons()
             self.starter.prepare_ahead()
         self.housekeeping()
@@ -401,20 +399,18 @@ class Supervisor:
         except Exception as exc:
             return self._reject(reason, [f"{path}: cannot apply: {type(exc).__name__}: {exc}"])
         self.reload_error = None
-        self.stats.reloads_accepted += 1
         self.services.apply(new, self.node, reloaded=True)
         self.replies.after_reload()     # a `disable` lasts until the next reload
-        self.last_reload = (self.clock.time(), True, summary)
+        self.last_reload = self.ledger.reloaded(True, summary)
         self.last_applied = {"at": self.clock.time(), "reason": reason,
                              "digest": new.digest, **self.changes}
         log.info("reloaded (%s): %s", reason, summary)
         return True, []
 
     def _reject(self, reason, problems):
-        self.stats.reloads_rejected += 1
         message = "\n".join(problems)
         self.reload_error = message
-        self.last_reload = (self.clock.time(), False, message)
+        self.last_reload = self.ledger.reloaded(False, message)
         log.error("reload (%s) rejected, the running tasks stay as they were:\n%s", reason, message)
         return False, problems
 

@@ -11,7 +11,7 @@ import hmac
 import re
 from dataclasses import dataclass, field
 
-from torchcore import cli
+from torchcore.commands import common
 from torchcore.errors import DaemonError
 
 MAX_LIMIT = 10_000          # runs one history request may return
@@ -164,7 +164,7 @@ class Api:
         since = request.one("since")
         if since is not None:
             try:
-                since = cli.parse_since(since)
+                since = common.parse_since(since)
             except Exception as exc:
                 raise HttpError(400, f"since: {exc}") from None
         failed = _bool(request, "failed")
@@ -225,7 +225,7 @@ class Api:
 
     def no_task(self, name):
         return HttpError(404, f"no task {name!r} in {self.backend.path}"
-                              f"{cli.did_you_mean(name, self.backend.tasks)}")
+                              f"{common.did_you_mean(name, self.backend.tasks)}")
 
 
 def _int(request, name, default, minimum, maximum):

@@ -10,8 +10,8 @@ One ``Backend`` per ``torchcore: http`` process, shared by its request threads:
   any number of scrapes and page loads cost the supervisor at most one request a second;
 - the aggregates behind ``/metrics``, from the records, kept for a few seconds.
 
-The JSON shapes are the commands' own: ``history --json`` (cmd_records.run_json) and
-``status --json`` (cmd_status.status_json), so a script moves between the two freely.
+The JSON shapes are the commands' own: ``history --json`` (commands/history.py, run_json) and
+``status --json`` (commands/status.py, status_json), so a script moves between the two freely.
 """
 
 import logging
@@ -23,7 +23,9 @@ from datetime import datetime
 from types import SimpleNamespace
 from urllib.parse import quote
 
-from torchcore import cmd_records, cmd_status, config, records, tasklog
+from torchcore import config, records, tasklog
+from torchcore.commands import history as history_cmd
+from torchcore.commands import status as status_cmd
 from torchcore.control import ControlClient, socket_path
 from torchcore.describe import describe_schedule
 from torchcore.errors import ConfigError, DaemonError
@@ -100,7 +102,7 @@ class Backend:
         with self._lock:
             self.taskfile = taskfile
             self.tasks = {task.name: task for task in taskfile.tasks}
-            self.tz = cmd_records._zone(taskfile.settings.timezone)
+            self.tz = history_cmd._zone(taskfile.settings.timezone)
             self.base_path = http.base_path if http else "/"
             self.token_file = http.token_file if http else None
             self._cache.clear()
@@ -143,7 +145,7 @@ class Backend:
         if reader is None:
             return []
         runs = reader.query(task=task, limit=limit, since=since, failed=failed)
-        return [cmd_records.run_json(run, self.tz) for run in runs]
+        return [history_cmd.run_json(run, self.tz) for run in runs]
 
     def run(self, run_id):
         """One run as ``history --json`` prints it, or None."""
@@ -151,16 +153,16 @@ class Backend:
         if reader is None:
             return None
         rows = reader._read(records._SELECT + " WHERE run_id = ?", (run_id,))
-        return cmd_records.run_json(records._record(rows[0]), self.tz) if rows else None
+        return history_cmd.run_json(records._record(rows[0]), self.tz) if rows else None
 
     def log_lines(self, task, lines, run_id=None):
-        return [cmd_records.shown(line) for line in
+        return [history_cmd.shown(line) for line in
                 tasklog.read_log(self.log_dir, task, lines=lines, run_id=run_id)]
 
     def follow(self, task, lines, run_id, sleep):
         """The task's log lines, then new ones as they come (``sleep`` paces and may raise)."""
         for line in tasklog.follow_log(self.log_dir, task, lines=lines, run_id=run_id, sleep=sleep):
-            yield cmd_records.shown(line)
+            yield history_cmd.shown(line)
 
     # -- the daemon -----------------------------------------------------------------------------
 
@@ -201,11 +203,11 @@ class Backend:
         reader = self.reader()
         last = reader.last_results() if reader is not None else {}
         now = self.clock()
-        rows = [cmd_status.task_status(task, node, live, last.get(task.name), now)
+        rows = [status_cmd.task_status(task, node, live, last.get(task.name), now)
                 for task in taskfile.tasks]
         found = SimpleNamespace(pid=live["pid"] if live else None, socket=self.socket,
                                 pidfile=live["pidfile"] if live else taskfile.settings.pidfile)
-        document = cmd_status.status_json(found, live, taskfile.digest, [], rows)
+        document = status_cmd.status_json(found, live, taskfile.digest, [], rows)
         paused = set((live or {}).get("disabled", ()))
         for task in document["tasks"]:
             task["description"] = describe_schedule(task["schedule"] or "")
@@ -229,13 +231,13 @@ class Backend:
         schedule = task.schedule
         if schedule is None or schedule.is_reboot or not task.enabled:
             return []
-        when = datetime.fromtimestamp(self.clock(), schedule.tz or cmd_status._local_zone())
+        when = datetime.fromtimestamp(self.clock(), schedule.tz or status_cmd._local_zone())
         out = []
         for _ in range(count):
             when = schedule.next_after(when)
             if when is None:
                 break
-            out.append(cmd_status.iso(when.timestamp()))
+            out.append(status_cmd.iso(when.timestamp()))
         return out
 
     # -- metrics --------------------------------------------------------------------------------
