@@ -21,9 +21,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from torchcore.records import Records, RunRecord, db_path  # noqa: E402
-from torchcore.web import server  # noqa: E402
-from torchcore.web.store import Backend  # noqa: E402
+from torchcore.records import Records, RunRecord, db_path
+from torchcore.web import server
+from torchcore.web.store import Backend
 
 
 def make_site(directory, tasks, runs):

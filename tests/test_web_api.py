@@ -16,15 +16,15 @@ import pytest
 
 pytest.importorskip("prometheus_client")
 
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families
 
-from torchcore import config, tasklog  # noqa: E402
-from torchcore.commands import history  # noqa: E402
-from torchcore.errors import ConfigError, DaemonError  # noqa: E402
-from torchcore.records import Records, RunRecord, db_path  # noqa: E402
-from torchcore.web import server, wanted  # noqa: E402
-from torchcore.web.settings import TokenError, parse_base_path, parse_listen, read_token  # noqa: E402
-from torchcore.web.store import Backend  # noqa: E402
+from torchcore import config, tasklog
+from torchcore.commands import history
+from torchcore.errors import ConfigError, DaemonError
+from torchcore.records import Records, RunRecord, db_path
+from torchcore.web import server, wanted
+from torchcore.web.settings import TokenError, parse_base_path, parse_listen, read_token
+from torchcore.web.store import Backend
 
 TOKEN = "s3cret-token-0123456789"
 TASKS = """
@@ -159,9 +159,9 @@ def test_token_file_readable_by_others_is_refused_at_its_line(tmp_path, mode):
     path = write_taskfile(tmp_path, "  http:\n    listen: 9177\n    token_file: token\n", "tasks: []\n")
     taskfile = config.load(path)        # the form is fine; the node check refuses the mode
     problems = config.node_problems(taskfile, None)
-    assert problems == [f"{path}:6: settings: http: token_file: {tmp_path}/token has mode "
-                        f"{mode:04o}; others may read it: `chmod 600 {tmp_path}/token` "
-                        "(refused until then)"]
+    assert problems == [(f"{path}:6: settings: http: token_file: {tmp_path}/token has mode "
+                         f"{mode:04o}; others may read it: `chmod 600 {tmp_path}/token` "
+                         "(refused until then)")]
 
 
 def test_token_file_checks(tmp_path):
@@ -310,7 +310,8 @@ def test_metrics_parse_and_agree_with_history(site):
     hist = {s.labels.get("le"): s.value for s in families["torchcore_launch_lateness_seconds"].samples
             if s.name.endswith("_bucket")}
     assert hist["0.05"] == 2 and hist["0.5"] == 3 and hist["+Inf"] == 3
-    last = {s.labels["task"]: s.value for s in families["torchcore_task_last_success_timestamp_seconds"].samples}
+    last = {s.labels["task"]: s.value
+            for s in families["torchcore_task_last_success_timestamp_seconds"].samples}
     assert last == {"backup": pytest.approx(site.now - 7190)}
     assert families["torchcore_up"].samples[0].value == 0
     assert {s.labels["task"] for s in families["torchcore_task_next_run_timestamp_seconds"].samples} == \

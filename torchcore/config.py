@@ -19,8 +19,8 @@ from torchcore.taskspec import (
     DEFAULT_SHELL, DEFAULT_STATE_DIR, NAME_RE, RESERVED_NAMES, Limits, Settings, Task, TaskFile,
     default_settings, host_matches)
 from torchcore.validate import TASK_FIELDS, Loader, suggest_zone
-from torchcore.yamlread import MAX_ARG_BYTES, MAX_FILE_BYTES, document, read_bytes, settings_document, suggest
 from torchcore.web import settings as http_settings
+from torchcore.yamlread import MAX_ARG_BYTES, MAX_FILE_BYTES, document, read_bytes, settings_document, suggest
 
 __all__ = [
     "DEFAULT_SHELL", "DEFAULT_STATE_DIR", "MAX_ARG_BYTES", "MAX_FILE_BYTES", "NAME_RE",

@@ -304,6 +304,10 @@ def main(argv=None):
     except (TorchcoreError, ValueError) as exc:
         log.error("http: %s", exc)
         return 2
+    except ImportError as exc:
+        log.error("http: %s: the HTTP service needs prometheus-client: pip install 'torchcore[http]'",
+                  exc)
+        return 2
     except OSError as exc:
         log.error("http: cannot listen on %s: %s", listen, exc.strerror or exc)
         return 2

@@ -88,7 +88,7 @@ def parse(loader, node):
     """
     import yaml
 
-    from torchcore import yamlread      # the loader's helpers (this module is imported by validate)
+    from torchcore import yamlread  # the loader's helpers (this module is imported by validate)
 
     if not isinstance(node, yaml.MappingNode):
         raise yamlread.Bad(f"expected a mapping with {', '.join(_FIELDS)}, {yamlread.got(node)}", node)

@@ -56,9 +56,9 @@ _AGGREGATE = f"""
         count(*), max(ended)
     FROM runs GROUP BY task, kind"""
 LATENESS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_LATENESS = "SELECT {} count(*), total(started - scheduled) FROM runs WHERE manual = 0 AND " \
-    "scheduled IS NOT NULL AND started IS NOT NULL AND skipped IS NULL".format(
-        "".join(f"total(started - scheduled <= {b}), " for b in LATENESS_BUCKETS))
+_LATENESS = ("SELECT {} count(*), total(started - scheduled) FROM runs WHERE manual = 0 AND "
+             "scheduled IS NOT NULL AND started IS NOT NULL AND skipped IS NULL").format(
+    "".join(f"total(started - scheduled <= {b}), " for b in LATENESS_BUCKETS))
 
 
 class _Reader(records.Records):
