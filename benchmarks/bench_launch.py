@@ -10,6 +10,8 @@ Systems:
              commands one after another and reaps them (the launch path's lower bound)
   apscheduler  APScheduler 3, BackgroundScheduler, one CronTrigger (second precision) per task,
              its default ThreadPoolExecutor (10 threads) running each command with subprocess
+  torchcore+http  torchcore with its HTTP service (``--http``), while a client scrapes ``/metrics``
+             10 times a second and another follows a task's log (not in the default systems)
 Every command is ``/bin/sh -c 'date +%s.%N\\ <task> >> <file>'``: the task records its own start
 time; lateness = that time minus the second it was due for.  Missed = due seconds with no run,
 doubled = due seconds with more than one.  CPU = the scheduling process's own user+system time
@@ -138,11 +140,20 @@ def summarize(runs, expected, first, last):
 
 def start_system(system, tasks, workdir):
     """Start one system on ``tasks``; returns (stop function, psutil.Process, db path or None)."""
-    if system == "torchcore":
+    if system in ("torchcore", "torchcore+http"):
         path = os.path.join(workdir, "tasks.yaml")
         benchlib.write_taskfile(path, [(n, cron_seconds(s) + " * * * * *", c) for n, s, c in tasks])
-        daemon = benchlib.Daemon(path)
-        return daemon.stop, daemon.process, os.path.join(daemon.state_dir, "torchcore.db")
+        if system == "torchcore":
+            daemon = benchlib.Daemon(path)
+            return daemon.stop, daemon.process, os.path.join(daemon.state_dir, "torchcore.db")
+        port = _free_port()
+        daemon = benchlib.Daemon(path, extra=["--http", f"127.0.0.1:{port}"])
+        clients = _HttpClients(port, tasks[0][0])
+
+        def stop_both():
+            clients.stop()
+            daemon.stop()
+        return stop_both, daemon.process, os.path.join(daemon.state_dir, "torchcore.db")
     spec = os.path.join(workdir, "spec.json")
     with open(spec, "w") as handle:
         json.dump(tasks, handle)
@@ -154,6 +165,61 @@ def start_system(system, tasks, workdir):
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     return stop, psutil.Process(proc.pid), None
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class _HttpClients:
+    """A scraper of /metrics (10 a second) and a follower of one task's log, in threads."""
+
+    def __init__(self, port, task):
+        import threading
+        import urllib.request
+
+        self.base, self.done = f"http://127.0.0.1:{port}/", threading.Event()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:      # the service is up
+            try:
+                urllib.request.urlopen(self.base + "metrics", timeout=5).read()
+                break
+            except OSError:
+                time.sleep(0.1)
+        self.scrapes = self.lines = 0
+        self.threads = [threading.Thread(target=self._scrape, daemon=True),
+                        threading.Thread(target=self._follow, args=(task,), daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def _scrape(self):
+        import urllib.request
+
+        while not self.done.wait(0.1):
+            try:
+                urllib.request.urlopen(self.base + "metrics", timeout=5).read()
+                self.scrapes += 1
+            except OSError:
+                pass
+
+    def _follow(self, task):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.base}api/v1/tasks/{task}/log/follow", timeout=5) as s:
+                while not self.done.is_set():
+                    if s.readline().startswith(b"data:"):
+                        self.lines += 1
+        except OSError:
+            pass
+
+    def stop(self):
+        self.done.set()
+        print(f"  (http clients: {self.scrapes} scrapes of /metrics, {self.lines} log lines followed)")
 
 
 def run_floor(spec):
@@ -256,10 +322,10 @@ def _wait_for_runs(tasks, out, expected, first, last, timeout):
 
 def print_scenario(key, title, results):
     print(f"\n({key}) {title}")
-    print(f"  {'system':<12} {'due':>6} {'ran':>6} {'missed':>6} {'doubled':>7} "
+    print(f"  {'system':<15} {'due':>6} {'ran':>6} {'missed':>6} {'doubled':>7} "
           f"{'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'CPU s':>7} {'CPU %':>6}")
     for system, r in results.items():
-        print(f"  {system:<12} {r['expected']:>6} {r['runs']:>6} {r['missed']:>6} "
+        print(f"  {system:<15} {r['expected']:>6} {r['runs']:>6} {r['missed']:>6} "
               f"{r['doubled']:>7} {r.get('p50', float('nan')):>8.1f} "
               f"{r.get('p99', float('nan')):>8.1f} {r.get('max', float('nan')):>8.1f} "
               f"{r['cpu']:>7.2f} {r['cpu_pct']:>6.1f}")
@@ -267,12 +333,14 @@ def print_scenario(key, title, results):
             print(f"    note: {problem}")
         if r["recorded_not_run"]:
             print(f"    note: {r['recorded_not_run']} due runs recorded as skipped or missed")
-    tc = results.get("torchcore")
-    if tc and "p99" in tc:
+    for name in ("torchcore", "torchcore+http"):
+        tc = results.get(name)
+        if not tc or "p99" not in tc:
+            continue
         for base in ("floor", "apscheduler"):
             if base in results and "p99" in results[base]:
                 b = results[base]
-                print(f"  torchcore vs {base}: p50 {benchlib.ratio(tc['p50'], b['p50'])}, "
+                print(f"  {name} vs {base}: p50 {benchlib.ratio(tc['p50'], b['p50'])}, "
                       f"p99 {benchlib.ratio(tc['p99'], b['p99'])}, "
                       f"CPU {benchlib.ratio(tc['cpu'], b['cpu'])}")
     print_target(key, results)

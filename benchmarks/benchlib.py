@@ -43,12 +43,12 @@ def _quote(text):
 class Daemon:
     """``torchcore start --foreground`` on a task file, with its stderr in a file."""
 
-    def __init__(self, taskfile, ready_timeout=300.0):
+    def __init__(self, taskfile, ready_timeout=300.0, extra=()):
         self.taskfile = taskfile
         self.stderr_path = taskfile + ".stderr"
         self.stderr = open(self.stderr_path, "w")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(TORCHCORE + ["start", "--foreground", "-c", taskfile],
+        self.proc = subprocess.Popen(TORCHCORE + ["start", "--foreground", "-c", taskfile, *extra],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=self.stderr)
         self.ready_after = self._wait_ready(ready_timeout)
