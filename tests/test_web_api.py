@@ -96,7 +96,7 @@ def site(tmp_path):
 
     backend.live = lambda: None
     backend.control = control
-    srv, thread = server.serve(backend, ("127.0.0.1", 0))
+    srv, thread = server.serve(backend, ("127.0.0.1", 0), poll_interval=0.05)
     base = f"http://127.0.0.1:{srv.server_address[1]}/cron/"
     yield type("Site", (), {"backend": backend, "base": base, "calls": calls, "now": now,
                             "dir": str(tmp_path)})

@@ -51,7 +51,7 @@ def served(tmp_path_factory):
     log.write("stdout", b"done\n")
     log.close()
     backend.live = lambda: None
-    srv, thread = server.serve(backend, ("127.0.0.1", 0))
+    srv, thread = server.serve(backend, ("127.0.0.1", 0), poll_interval=0.05)
     yield f"http://127.0.0.1:{srv.server_address[1]}"
     server.stop(srv, thread)
 

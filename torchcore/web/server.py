@@ -234,10 +234,10 @@ class Server(ThreadingHTTPServer):
         super().__init__((host, port), Handler)
 
 
-def serve(backend, address):
-    """Serve until ``stop()``; returns (server, thread)."""
+def serve(backend, address, poll_interval=0.5):
+    """Serve until ``stop()`` (which waits up to ``poll_interval``); returns (server, thread)."""
     server = Server(address, Service(backend))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": poll_interval},
                               name="http", daemon=True)
     thread.start()
     return server, thread
