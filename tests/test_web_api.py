@@ -151,6 +151,8 @@ def test_http_is_off_unless_listen_is_set(tmp_path):
     assert not wanted(loaded) and loaded.settings.http.base_path == "/x/"
     loaded = config.load(write_taskfile(tmp_path, "  http:\n    listen: 9177\n", "tasks: []\n"))
     assert wanted(loaded) and loaded.settings.http.address == ("127.0.0.1", 9177)
+    bare = config.load(write_taskfile(tmp_path, body="tasks: []\n"))
+    assert wanted(bare, {"http": ["--listen", "127.0.0.1:9"]}) and not wanted(bare, {"notify": []})
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
@@ -221,6 +223,8 @@ def test_runs_and_logs(site):
     assert len(log["lines"]) == 1
     assert get_json(site.base + "api/v1/tasks/nope/log")[0] == 404
     assert get_json(site.base + "api/v1/tasks/report/log?lines=0")[0] == 400
+    status, headers, body = get(site.base + "api/v1/tasks/report/log/follow", method="HEAD")
+    assert (status, body) == (200, b"") and headers["Content-Type"].startswith("text/event-stream")
 
 
 def test_tasks_and_one_task(site):

@@ -147,6 +147,8 @@ class Handler(BaseHTTPRequestHandler):
                                   query=query, headers={k.lower(): v for k, v in self.headers.items()})
         status, body = self.service.api.handle(request)
         if isinstance(body, api_mod.Stream):
+            if method == "HEAD":
+                return self.send(200, "text/event-stream; charset=utf-8", b"", head=True)
             return self.stream(body)
         self.send_json(status, body, head=method == "HEAD")
 
