@@ -247,6 +247,14 @@ def test_tasks_and_one_task(site):
     assert status == 200 and body["tasks"] == 3 and body["daemon"]["running"] is False
 
 
+def test_a_loopback_service_answers_to_loopback_hosts_only(site):
+    for host in ("localhost:9177", "127.0.0.1", "[::1]:80", "LOCALHOST."):
+        assert get(site.base + "api/v1/status", {"Host": host})[0] == 200, host
+    for host in ("evil.example:9177", "10.0.0.1", "[2001:db8::1]:80"):
+        status, _, body = get(site.base + "api/v1/status", {"Host": host})
+        assert status == 403 and b"loopback Host" in body, host
+
+
 def test_paths_outside_the_base_path_and_static_files(site):
     root = site.base.removesuffix("cron/")
     assert get(root + "api/v1/status")[0] == 404

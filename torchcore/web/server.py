@@ -13,6 +13,7 @@ unix socket, so it needs no event loop, and the daemon's install stays free of a
 framework.  Only prometheus-client is added, by the ``torchcore[http]`` extra.
 """
 
+import ipaddress
 import json
 import logging
 import os
@@ -118,6 +119,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(500, {"error": "internal error; the service's log says more"})
 
     def route(self, method):
+        if self.server.loopback and not _loopback_host(self.headers.get("Host", "")):
+            # a page elsewhere that rebinds its own name to 127.0.0.1 gets nothing from here
+            raise api_mod.HttpError(403, "this service answers to a loopback Host only "
+                                         "(localhost, 127.0.0.1, [::1])")
         url = urlsplit(self.path)
         base = self.service.backend.base_path
         if url.path + "/" == base:
@@ -234,6 +239,24 @@ class Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.service = service
         super().__init__((host, port), Handler)
+        self.loopback = _loopback_address(self.server_address[0])
+
+
+def _loopback_address(text):
+    try:
+        return ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        return text == "localhost"
+
+
+def _loopback_host(header):
+    """Whether a Host header names this machine's loopback (``localhost:9177``, ``[::1]``, ...)."""
+    host = header.strip()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return _loopback_address(host.lower().rstrip("."))
 
 
 def serve(backend, address, poll_interval=0.5):
