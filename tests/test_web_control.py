@@ -75,3 +75,15 @@ def test_reloads_and_tick_durations_are_counted(make):
     assert counted.ticks == 4 and counted.tick_seconds == pytest.approx(2.0036)
     assert counted.tick_buckets == [2, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1]
     assert len(counted.tick_buckets) == len(TICK_BUCKETS) + 1
+
+
+def test_an_active_status_lists_only_tasks_with_something_live(make):
+    sup = make(BODY + "  - {name: idle, schedule: \"0 0 3 * * *\", command: \"true\"}\n")
+    sup.starter.tend_daemons()
+    sup.second()
+    sup.replies.control_disable({"task": "other"})
+    full = sup.replies.control_status({})
+    active = sup.replies.control_status({"active": True})
+    assert set(full["tasks"]) == {"tick", "other", "loop", "idle"}
+    assert set(active["tasks"]) == {"tick", "other", "loop"}       # idle has nothing live
+    assert active["tasks"]["tick"] == full["tasks"]["tick"]

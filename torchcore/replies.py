@@ -21,8 +21,18 @@ class Replies:
         self.disabled = set()       # tasks taken off the schedule by `disable`, until a reload
 
     def control_status(self, request):
-        """The daemon's live state; the CLI adds next runs and history from the file and db."""
+        """The daemon's live state; the CLI adds next runs and history from the file and db.
+
+        ``{"cmd": "status", "active": true}`` (the HTTP service, every second or so) lists only
+        the tasks with something live (runs, a skip, a daemon slot, a disable): a task missing
+        there is idle.  At 10,000 tasks the full answer takes the loop about 40 ms to make; this
+        one, a few runs' worth.
+        """
         sup = self.sup
+        names = sup.tasks
+        if request.get("active"):
+            names = ({run.task.name for run in sup.table} | set(sup.skipped_last) | set(sup.daemons)
+                     | self.disabled) & sup.tasks.keys()
         when, ok, message = sup.last_reload or (None, None, None)
         return {
             "pid": os.getpid(), "pidfile": sup.pidfile,
@@ -33,7 +43,7 @@ class Replies:
             "last_reload": {"at": when, "accepted": ok, "message": message} if when else None,
             "reload_error": sup.reload_error, "stopping": sup.stopping,
             "stats": dataclasses.asdict(sup.stats), "log_failures": daemonlog.failures(),
-            "tasks": {name: self._task_status(name) for name in sup.tasks},
+            "tasks": {name: self._task_status(name) for name in names},
             "services": sup.services.describe(),
             "disabled": sorted(self.disabled),
         }

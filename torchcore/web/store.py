@@ -171,11 +171,12 @@ class Backend:
         return socket_path(self.state_dir)
 
     def live(self):
-        """The supervisor's ``status`` reply (at most a second old), or None when it does not
-        answer."""
+        """The supervisor's ``status`` reply, tasks with something live only (at most a second
+        old), or None when it does not answer."""
         def fetch():
             try:
-                return ControlClient(self.socket, timeout=CONTROL_TIMEOUT).request("status")
+                return ControlClient(self.socket, timeout=CONTROL_TIMEOUT).request("status",
+                                                                                   active=True)
             except DaemonError as exc:
                 log.debug("http: the daemon does not answer: %s", exc)
                 return None
