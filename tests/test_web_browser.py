@@ -117,6 +117,14 @@ def test_dashboard(site):
           timeout=20, what="the manual run in the strip")
     shot(driver, "task-manual")
 
+    driver.get(daemon.base + "#/task/good")     # the log, followed live
+    until(driver, lambda d: "all fine" in d.find_element(By.ID, "log").text, what="good's log")
+    driver.find_element(By.ID, "follow").click()
+    seen = until(driver, lambda d: d.find_element(By.ID, "log").text.count("all fine"), what="a follow")
+    until(driver, lambda d: d.find_element(By.ID, "log").text.count("all fine") >= seen + 2,
+          what="new lines arriving in the followed log")
+    shot(driver, "task-good-follow")
+
     for name in ("good", "bad"):        # stop the stream of runs, so the count holds still
         assert daemon.json(f"api/v1/tasks/{name}/disable", "POST", token=TOKEN)[0] == 200
     wait_for(lambda: all(r["ended"] or r["skipped"] or r["missed"] for r in daemon.runs()), 15,
