@@ -253,18 +253,23 @@ function stopFollow() {
 
 // -- the timeline ----------------------------------------------------------------------------
 
-const timelineState = { hours: 3 };
+const timelineState = { hours: 3, q: "" };
 
 async function timelinePage() {
   const hours = h("select", { id: "hours" }, [0.25, 1, 3, 6, 12, 24].map((n) => h("option", { value: n, selected: n === timelineState.hours },
     n < 1 ? `last ${n * 60} min` : `last ${n} h`)));
+  const search = h("input", { type: "search", id: "timeline-search", placeholder: "only tasks containing", value: timelineState.q });
   const box = h("div", { id: "timeline-box" });
   hours.addEventListener("change", () => { timelineState.hours = Number(hours.value); render(); });
-  show(h("div", { class: "toolbar" }, hours, h("span", { class: "muted" }, "one row per task, one bar per run")), box);
+  search.addEventListener("change", () => { timelineState.q = search.value.trim().toLowerCase(); render(); });
+  show(h("div", { class: "toolbar" }, hours, search, h("span", { class: "muted" }, "one row per task, one bar per run")), box);
   const render = async () => {
     let runs;
     try { runs = await api(`history?since=${Math.round(timelineState.hours * 60)}m&limit=10000`); } catch (e) { box.replaceChildren(message(e.message, true)); return; }
-    box.replaceChildren(timeline(runs, timelineState.hours));
+    const full = runs.length >= 10000;
+    if (timelineState.q) runs = runs.filter((r) => r.task.toLowerCase().includes(timelineState.q));
+    box.replaceChildren(timeline(runs, timelineState.hours),
+      full ? message("only the latest 10,000 runs of the window are drawn; a shorter window shows all") : "");
   };
   await render();
   return render;
