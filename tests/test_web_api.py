@@ -264,6 +264,7 @@ def test_paths_outside_the_base_path_and_static_files(site):
     assert get(site.base + "static/app.js")[0] == 200
     assert get(site.base + "static/../server.py")[0] == 404
     assert get(site.base + "nothing")[0] == 404
+    assert get(site.base + "nothing", method="HEAD")[::2] == (404, b"")     # no body to a HEAD
     assert get(root + "cron")[0] in (200, 308)     # urllib follows the redirect to /cron/
 
 

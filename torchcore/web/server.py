@@ -105,18 +105,20 @@ class Handler(BaseHTTPRequestHandler):
         raise AttributeError(name)
 
     def dispatch(self, method):
+        head = method == "HEAD"
         try:
             self.route(method)
         except api_mod.HttpError as exc:
-            self.send_json(exc.status, {"error": exc.message} if exc.message else None, exc.headers)
+            self.send_json(exc.status, {"error": exc.message} if exc.message else None, exc.headers,
+                           head=head)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except TorchcoreError as exc:     # the records could not be read, ...
             log.warning("http: %s %s: %s", method, self.path, exc)
-            self.send_json(503, {"error": str(exc)})
+            self.send_json(503, {"error": str(exc)}, head=head)
         except Exception:
             log.exception("http: %s %s failed", method, self.path)
-            self.send_json(500, {"error": "internal error; the service's log says more"})
+            self.send_json(500, {"error": "internal error; the service's log says more"}, head=head)
 
     def route(self, method):
         if self.server.loopback and not _loopback_host(self.headers.get("Host", "")):
