@@ -152,7 +152,8 @@ def test_http_is_off_unless_listen_is_set(tmp_path):
     loaded = config.load(write_taskfile(tmp_path, "  http:\n    listen: 9177\n", "tasks: []\n"))
     assert wanted(loaded) and loaded.settings.http.address == ("127.0.0.1", 9177)
     bare = config.load(write_taskfile(tmp_path, body="tasks: []\n"))
-    assert wanted(bare, {"http": ["--listen", "127.0.0.1:9"]}) and not wanted(bare, {"notify": []})
+    assert wanted(bare, None, {"http": ["--listen", "127.0.0.1:9"]})
+    assert not wanted(bare, None, {"notifier": ["--x"]})
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])

@@ -8,9 +8,10 @@ child only.
 """
 
 
-def wanted(taskfile, options=None):
+def wanted(taskfile, node=None, options=None):
     """Whether the HTTP service runs: ``settings.http.listen`` is set, or ``start --http ADDR``
-    was given (``options["http"]``: the child's extra arguments, ``["--listen", ADDR]``)."""
+    was given (``options["http"]``: the child's extra arguments, ``["--listen", ADDR]``); the same
+    on every node."""
     if (options or {}).get("http"):
         return True
     http = getattr(taskfile.settings, "http", None)
