@@ -64,7 +64,7 @@ _LATENESS = ("SELECT {} count(*), total(started - scheduled) FROM runs WHERE man
 class _Reader(records.Records):
     """records.Records's queries over a read-only connection of this thread (never writes)."""
 
-    def __init__(self, conn, path):     # noqa: no super(): Records.__init__ opens for writing
+    def __init__(self, conn, path):     # no super(): Records.__init__ opens for writing
         self._conn, self.path, self._pid = conn, path, os.getpid()
 
 
