@@ -55,8 +55,11 @@ class Lookahead:
             start_at = second - self._lead(second, launchers)
             if start_at <= wall:
                 upto = second
-            else:
+            elif self.due_at(second):       # a second with nothing due needs no wake
                 self.next_at = min(self.next_at, start_at)
+        if self.next_at == float("inf"):    # none due in sight: look again when one comes in
+            busy = self.planner.next_busy(int(wall) + LOOKAHEAD)
+            self.next_at = float("inf") if busy is None else busy - LOOKAHEAD
         for second in range(first, (upto or 0) + 1):
             self.prepared_for = second
             self._learn_start_cost()

@@ -503,6 +503,7 @@ class ScheduleTable:
         self._out = ffi.new("const uint32_t **")
         self._count = ffi.new("size_t *")
         self._slot = ffi.new("uint32_t *")
+        self._ahead = ffi.new("int64_t *")
 
     def __len__(self):
         return len(self._slots)
@@ -541,6 +542,29 @@ class ScheduleTable:
         _check(lib.tc_table_match(self._table, tick, self._out, self._count))
         slots = memoryview(ffi.buffer(self._out[0], 4 * self._count[0])).cast("I").tolist()
         return list(map(self._keys.__getitem__, slots))
+
+    def first_match(self, dt, limit):
+        """Seconds from ``dt`` (as for ``match``) to the first second at or after it at which
+        any schedule fires, looking ``limit`` seconds ahead at most; None if none fires sooner.
+
+        Wall time runs on from ``dt`` as a plain calendar: the caller stops the search at the
+        zone's next change of UTC offset (``offset_change``).  An idle table is searched in a
+        few rows: months, days, hours and minutes where nothing can fire are passed over whole.
+        """
+        wall, epoch = self._zone.wall(dt)
+        tick = self._tick
+        tick.year, tick.month, tick.day = wall.year, wall.month, wall.day
+        tick.hour, tick.minute, tick.second = wall.hour, wall.minute, wall.second
+        tick.epoch = epoch
+        _check(lib.tc_table_next(self._table, tick, limit, self._ahead))
+        ahead = self._ahead[0]
+        return None if ahead >= limit else ahead
+
+    def offset_change(self, lo, hi):
+        """The first epoch second in (lo, hi] whose UTC offset in ``tz`` differs from lo's, or None."""
+        if self.tz is timezone.utc or getattr(self.tz, "key", None) in ("UTC", "Etc/UTC"):
+            return None
+        return self._zone.change_in(lo, hi)
 
     def _fill_spec(self, spec):
         out = self._spec
