@@ -1,8 +1,11 @@
 """The supervisor: one process, one thread, one select loop.
 
-Each pass sleeps on a selector until the next second boundary (or a signal, a
-report from an executor, a control request), reaps every child that exited,
-then hands the current second to the planner and launches what is due.
+Each pass sleeps on a selector until the next second that has work (a task due, a run to
+prepare, a retry, a daemon's backoff over, housekeeping due; MAX_SLEEP at most) or until
+something wakes it: a signal, a report from an executor, a launcher's answer, a control
+request, the task file changing (inotify), the wall clock being set (timerfd; see watch.py).
+It then reaps every child that exited, passes the quiet seconds it slept through in one step
+and hands the current second to the planner, launching what is due.
 Signal handlers only record: the wakeup fd turns each signal into a byte the
 loop reads, and ``handle_<signal>`` changes what the loop does next.
 """
@@ -30,12 +33,13 @@ from torchcore.replies import Replies
 from torchcore.runs import Run, RunTable
 from torchcore.states import RunState
 from torchcore.system import System
+from torchcore.wakeups import EARLY_WAKE, Wakeups
+from torchcore.watch import ClockWatch, FileWatch, signature as _file_signature
 
 log = logging.getLogger("torchcore")
 
 STATS_EVERY = 60            # seconds between stats lines
 PRUNE_EVERY = 6 * 3600      # seconds between prunes of records older than history_days
-EARLY_WAKE = 0.002          # with prepared runs waiting, wake this early and spin to the boundary
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
            signal.SIGUSR2: "usr2", signal.SIGCHLD: "chld"}
 
@@ -84,6 +88,10 @@ class Supervisor:
         self._next_stats = self.clock.monotonic() + STATS_EVERY
         self._next_prune = 0.0
         self._title = None
+        self._title_state = None
+        self.wakeups = Wakeups(self)     # when the loop wakes, what it passes (see wakeups.py)
+        self.filewatch = FileWatch(self.settings.path, self.clock)
+        self.clockwatch = ClockWatch()
         self.records = None
         self.selector = None
         self.control = None
@@ -124,6 +132,7 @@ class Supervisor:
         self._apply(self.taskfile, first=True)
         self.adopt_previous_executors()
         self.planner.start(int(self.clock.time()))
+        self.wakeups.started()
         self._start_reboot_tasks()
         self.prepare_ahead()        # the first seconds too, not from the first tick on
         self._set_title()           # before `start` returns: ps never shows the command line
@@ -149,6 +158,7 @@ class Supervisor:
         for signum in SIGNALS:
             signal.signal(signum, _record_signal)
         self.file_signature = _file_signature(self.settings.path)
+        self.clockwatch.open(self.selector)
 
     def _open_control(self):
         """The control socket, when the plumbing for it is present (see control.py)."""
@@ -168,6 +178,8 @@ class Supervisor:
         self.launchers.stop()
         if self.records is not None:
             self.records.close()
+        self.filewatch.stop()
+        self.clockwatch.close()
         self.selector.close()
         for name in ("_wake_r", "_wake_w", "report_r", "report_w"):
             if hasattr(self, name):
@@ -190,6 +202,7 @@ class Supervisor:
         """One pass: wait, read events, reap, then act on the current second."""
         for key, mask in self.selector.select(self._sleep_time()):
             key.data(key, mask)
+        self.wakeups.passes += 1
         self.reap()
         if self.reload_requested:
             reason, self.reload_requested = self.reload_requested, None
@@ -200,9 +213,10 @@ class Supervisor:
             self.watch_file()
             self._await_boundary()
             now = int(self.clock.time())
+            self.wakeups.pass_quiet(now)
             if now != self.planner.watermark:
                 self.tick(now)
-            self.tend_daemons()
+            self.wakeups.tend()
             self.prepare_ahead()
         self.housekeeping()
 
@@ -220,21 +234,13 @@ class Supervisor:
         log.debug("the failure of %s", what, exc_info=exc)
 
     def _sleep_time(self):
-        wall = self.clock.time()
-        wait = (int(wall) + 1 - wall) + 0.0005
-        if self.table.prepared:
-            wait = max(0.0, wait - 0.0005 - EARLY_WAKE)   # epoll rounds up to whole ms
-        if self.launchers and not self.stopping and wall < self.ahead.next_at:
-            wait = min(wait, self.ahead.next_at - wall)
-        if self.shutdown_deadline is not None:
-            wait = min(wait, max(0.0, self.shutdown_deadline - self.clock.monotonic()))
-        return min(wait, 1.0)
+        return self.wakeups.sleep_time()
 
     def _await_boundary(self):
         """Spin the last moments to the second boundary when prepared runs wait for it."""
         if not self.table.prepared:
             return
-        boundary = self.planner.watermark + 1
+        boundary = self.wakeups.boundary()
         if boundary - self.clock.time() > 2 * EARLY_WAKE:
             return          # woken by something else, well before the boundary
         give_up = self.clock.monotonic() + 2 * EARLY_WAKE
@@ -780,8 +786,13 @@ class Supervisor:
                             field, getattr(new, field))
 
     def watch_file(self):
-        """Reload when the file on disk changes (edits, atomic renames, symlink swaps)."""
+        """Reload when the file on disk changes (edits, atomic renames, symlink swaps): looked
+        at when inotify says so, else polled on every pass (see watch.py)."""
         if not self.settings.watch:
+            self.filewatch.stop()
+            return
+        self.filewatch.start(self.selector)
+        if not self.filewatch.due():
             return
         signature = _file_signature(self.settings.path)
         if signature is None or signature == self.file_signature:
@@ -821,6 +832,10 @@ class Supervisor:
             log.info("%s", self.stats_line())
 
     def _set_title(self):
+        state = (len(self.tasks), len(self.table), self.stopping, self.settings.path)
+        if state == self._title_state:
+            return
+        self._title_state = state
         name = os.path.basename(self.settings.path)
         title = f"torchcore: supervisor {name} ({len(self.tasks)} tasks, {len(self.table)} running)"
         if self.stopping:
@@ -835,7 +850,7 @@ class Supervisor:
         s = self.stats
         return (f"stats: tasks={len(self.tasks)} running={len(self.table)} started={s.started} "
                 f"failed={s.failed} skipped={s.skipped} missed={s.missed} "
-                f"fork_failures={s.fork_failures} errors={s.errors} "
+                f"fork_failures={s.fork_failures} errors={s.errors} wakes={self.wakeups.passes} "
                 f"log_failures={daemonlog.failures()} "
                 f"load={load[0]:.2f},{load[1]:.2f},{load[2]:.2f} "
                 f"rss={rss // 1024}K mem_used={psutil.virtual_memory().percent}%")
@@ -843,14 +858,6 @@ class Supervisor:
 
 def _record_signal(signum, frame):
     """Handlers only record: the wakeup fd carries the signal number to the loop."""
-
-
-def _file_signature(path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _describe_status(code):
