@@ -48,6 +48,7 @@ def test_a_changed_file_reloads_an_idle_daemon_at_once(daemons, tmp_path):
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_an_idle_daemon_wakes_a_few_times_a_minute(daemons):
     d = daemons(FAR).start()
     time.sleep(62)                                  # one stats line, with its count of wakes
