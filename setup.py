@@ -1,6 +1,7 @@
 """Build script: the metadata lives in pyproject.toml; this file adds the compiled parts.
 
-- ``torchcore._core``: the cffi-built C match core (csrc/tc_match.c);
+- ``torchcore._core``: the cffi-built C core (csrc/tc_match.c, the match core; csrc/tc_sys.c,
+  the timerfd and inotify calls of the loop);
 - ``torchcore/_gate``: a small program a prepared run waits in for its second
   (csrc/tc_gate.c), built next to the extension module by the same compiler.
 """

@@ -1,7 +1,9 @@
-"""cffi builder (API mode) for the C match core: ``torchcore._core``.
+"""cffi builder (API mode) for the C core: ``torchcore._core``.
 
-The declarations handed to cffi are the part of ``tc_match.h`` between the
-``CDEF-BEGIN`` and ``CDEF-END`` markers, so the header stays the one API.
+Two parts: the match core (``tc_match.h``) and the loop's Linux descriptors (``tc_sys.h``:
+a timerfd that hears wall-clock steps, inotify).  The declarations handed to cffi are the
+part of each header between its ``CDEF-BEGIN`` and ``CDEF-END`` markers, so the headers
+stay the one API.
 """
 
 import os
@@ -9,6 +11,8 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+HEADERS = ("tc_match.h", "tc_sys.h")
+SOURCES = ("tc_match.c", "tc_sys.c")
 
 
 def read_cdef(path):
@@ -21,11 +25,11 @@ def read_cdef(path):
 
 
 ffibuilder = FFI()
-ffibuilder.cdef(read_cdef(os.path.join(HERE, "tc_match.h")))
+ffibuilder.cdef("\n".join(read_cdef(os.path.join(HERE, name)) for name in HEADERS))
 ffibuilder.set_source(
     "torchcore._core",
-    '#include "tc_match.h"',
-    sources=[os.path.relpath(os.path.join(HERE, "tc_match.c"))],
+    "".join(f'#include "{name}"\n' for name in HEADERS),
+    sources=[os.path.relpath(os.path.join(HERE, name)) for name in SOURCES],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=["-O2", "-Wall", "-Wextra"] + os.environ.get("TC_EXTRA_CFLAGS", "").split(),
     extra_link_args=os.environ.get("TC_EXTRA_LDFLAGS", "").split(),

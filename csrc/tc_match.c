@@ -349,25 +349,43 @@ size_t tc_table_count(const tc_table *t) { return t->count; }
 
 size_t tc_table_capacity(const tc_table *t) { return t->nwords * 64; }
 
+/* The day-level rows of one date: a slot's day matches if its dom/dow rule holds (see build_cache). */
+typedef struct day_rows {
+    const uint64_t *dm, *dl, *dw, *dwl, *nth, *dor, *mo;
+    uint64_t last, lastweek;
+} day_rows;
+
+static void day_rows_of(const tc_table *t, const tc_tick *k, day_rows *d)
+{
+    int mdays = month_days(k->year, k->month), wd = weekday(k->year, k->month, k->day);
+    d->last = k->day == mdays ? ~(uint64_t)0 : 0;
+    d->lastweek = k->day + 7 > mdays ? ~(uint64_t)0 : 0;
+    d->mo = row(t, R_MON + k->month);
+    d->dm = row(t, R_DOM + k->day);
+    d->dl = row(t, R_DOM);
+    d->dw = row(t, R_DOW + wd);
+    d->dwl = row(t, R_DOWLAST + wd);
+    d->nth = row(t, R_NTH + 7 * ((k->day - 1) / 7) + wd);
+    d->dor = row(t, R_DAYOR);
+}
+
+/* Word w of the slots whose month and day match the date of `d`. */
+static uint64_t day_word(const day_rows *d, size_t w)
+{
+    uint64_t dom = d->dm[w] | (d->dl[w] & d->last);
+    uint64_t dow = d->dw[w] | (d->dwl[w] & d->lastweek) | d->nth[w];
+    return d->mo[w] & ((dom & dow) | (d->dor[w] & (dom | dow)));
+}
+
 /* Fill R_CACHE with the slots whose minute, hour, day and month match `k`. */
 static void build_cache(tc_table *t, const tc_tick *k)
 {
-    int mdays = month_days(k->year, k->month), wd = weekday(k->year, k->month, k->day);
-    uint64_t last = k->day == mdays ? ~(uint64_t)0 : 0;
-    uint64_t lastweek = k->day + 7 > mdays ? ~(uint64_t)0 : 0;
+    day_rows d;
+    day_rows_of(t, k, &d);
     const uint64_t *mn = row(t, R_MIN + k->minute), *hr = row(t, R_HOUR + k->hour);
-    const uint64_t *mo = row(t, R_MON + k->month), *dm = row(t, R_DOM + k->day);
-    const uint64_t *dl = row(t, R_DOM), *dw = row(t, R_DOW + wd);
-    const uint64_t *dwl = row(t, R_DOWLAST + wd);
-    const uint64_t *nth = row(t, R_NTH + 7 * ((k->day - 1) / 7) + wd);
-    const uint64_t *dor = row(t, R_DAYOR);
     uint64_t *cache = row(t, R_CACHE);
-    for (size_t w = 0, n = live_words(t); w < n; w++) {
-        uint64_t dom = dm[w] | (dl[w] & last);
-        uint64_t dow = dw[w] | (dwl[w] & lastweek) | nth[w];
-        uint64_t day = (dom & dow) | (dor[w] & (dom | dow));
-        cache[w] = mn[w] & hr[w] & mo[w] & day;
-    }
+    for (size_t w = 0, n = live_words(t); w < n; w++)
+        cache[w] = mn[w] & hr[w] & day_word(&d, w);
 }
 
 static int64_t minute_key(const tc_tick *k)
@@ -426,4 +444,124 @@ int tc_spec_matches(const tc_spec *s, const tc_tick *k)
     int day = s->day_or ? (dom || dow) : (dom && dow);
     return (int)(s->sec >> k->second & 1) && (s->min >> k->minute & 1)
         && (s->hour >> k->hour & 1) && (s->mon >> k->month & 1) && day;
+}
+
+/* ---- the next second that fires --------------------------------------------------------- */
+
+static int64_t floor_div(int64_t a, int64_t b) { return a / b - (a % b != 0 && (a < 0) != (b < 0)); }
+
+/* Days from 1970-01-01 to y-m-d, proleptic Gregorian (H. Hinnant's days_from_civil). */
+static int64_t days_from_civil(int64_t y, int m, int d)
+{
+    y -= m <= 2;
+    int64_t era = floor_div(y, 400), yoe = y - era * 400;
+    int64_t doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    return era * 146097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719468;
+}
+
+/* The wall time `wall` seconds after 1970-01-01T00:00 as a tick (epoch: wall - offset). */
+static void tick_of(int64_t wall, int64_t offset, tc_tick *k)
+{
+    int64_t z = floor_div(wall, 86400) + 719468, rem = wall - floor_div(wall, 86400) * 86400;
+    int64_t era = floor_div(z, 146097), doe = z - era * 146097;
+    int64_t yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    int64_t doy = doe - (365 * yoe + yoe / 4 - yoe / 100), mp = (5 * doy + 2) / 153;
+    k->day = (int32_t)(doy - (153 * mp + 2) / 5 + 1);
+    k->month = (int32_t)(mp < 10 ? mp + 3 : mp - 9);
+    k->year = (int32_t)(yoe + era * 400 + (k->month <= 2));
+    k->hour = (int32_t)(rem / 3600);
+    k->minute = (int32_t)(rem / 60 % 60);
+    k->second = (int32_t)(rem % 60);
+    k->epoch = wall - offset;
+}
+
+static int64_t wall_of(const tc_tick *k)
+{
+    return days_from_civil(k->year, k->month, k->day) * 86400 + k->hour * 3600 + k->minute * 60
+        + k->second;
+}
+
+enum { AT_MONTH, AT_DAY, AT_HOUR };
+
+/* 1 if some cron slot matches the month (AT_MONTH), also the day (AT_DAY), also the hour
+ * (AT_HOUR) of `k`; 0 if none: the whole month, day or hour can be passed over. */
+static int any_at(const tc_table *t, const tc_tick *k, int level)
+{
+    day_rows d;
+    day_rows_of(t, k, &d);
+    const uint64_t *hr = row(t, R_HOUR + k->hour);
+    for (size_t w = 0, n = live_words(t); w < n; w++) {
+        uint64_t bits = level == AT_MONTH ? d.mo[w] : day_word(&d, w);
+        if (level == AT_HOUR)
+            bits &= hr[w];
+        if (bits)
+            return 1;
+    }
+    return 0;
+}
+
+/* The first second >= k->second of k's minute (R_CACHE holding it) at which a slot fires, or -1. */
+static int first_second(const tc_table *t, const tc_tick *k)
+{
+    const uint64_t *cache = row(t, R_CACHE);
+    size_t n = live_words(t), w;
+    for (w = 0; w < n && !cache[w]; w++)
+        ;
+    if (w == n)
+        return -1;
+    for (int s = k->second; s < 60; s++) {
+        const uint64_t *sec = row(t, R_SEC + s);
+        for (w = 0; w < n; w++)
+            if (cache[w] & sec[w])
+                return s;
+    }
+    return -1;
+}
+
+int tc_table_next(tc_table *t, const tc_tick *from, int64_t limit, int64_t *ahead)
+{
+    *ahead = limit;
+    if (!tick_ok(from))
+        return TC_ERR_TIME;
+    if (limit <= 0)
+        return TC_OK;
+    int64_t best = limit;
+    for (size_t i = 0; i < t->ngroups; i++) {
+        int64_t every = t->groups[i].every, r = from->epoch - floor_div(from->epoch, every) * every;
+        if (t->groups[i].len && (r ? every - r : 0) < best)
+            best = r ? every - r : 0;
+    }
+    int64_t start = wall_of(from), offset = from->epoch - start, wall = start;
+    tc_tick k;
+    while (wall - start < best) {
+        tick_of(wall, offset, &k);
+        if (k.year > 9999)
+            break;
+        if (!any_at(t, &k, AT_MONTH)) {         /* on to the 1st of the next month */
+            wall = days_from_civil(k.year + (k.month == 12), k.month % 12 + 1, 1) * 86400;
+            continue;
+        }
+        if (!any_at(t, &k, AT_DAY)) {
+            wall += 86400 - (k.hour * 3600 + k.minute * 60 + k.second);
+            continue;
+        }
+        if (!any_at(t, &k, AT_HOUR)) {
+            wall += 3600 - (k.minute * 60 + k.second);
+            continue;
+        }
+        int64_t key = minute_key(&k);
+        if (key != t->cache_key) {
+            build_cache(t, &k);
+            t->cache_key = key;
+        }
+        int s = first_second(t, &k);
+        if (s >= 0) {
+            if (wall + (s - k.second) - start < best)
+                best = wall + (s - k.second) - start;
+            break;
+        }
+        wall += 60 - k.second;
+    }
+    *ahead = best;
+    return TC_OK;
 }

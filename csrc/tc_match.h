@@ -88,6 +88,15 @@ int tc_table_match(tc_table *table, const tc_tick *tick, const uint32_t **slots,
 /* Return 1 if `spec` fires at `tick`, 0 if not, -1 if the tick is out of range:
  * the same rule as the table, for one schedule. */
 int tc_spec_matches(const tc_spec *spec, const tc_tick *tick);
+
+/* Find the first second at or after `from` at which some slot fires, looking `limit` seconds
+ * ahead at most: write its distance from `from` in seconds to *ahead, or `limit` when none
+ * fires sooner. Wall time runs on as a plain calendar from `from` (a caller whose zone changes
+ * its UTC offset stops the search there) and "@every" slots count from from->epoch. Months,
+ * days, hours and minutes where no slot can fire are passed over whole, so an idle table is
+ * searched in a few rows; the minute-level row is cached as by tc_table_match. Returns TC_OK
+ * or TC_ERR_TIME (`from` out of range; *ahead is then `limit`). */
+int tc_table_next(tc_table *table, const tc_tick *from, int64_t limit, int64_t *ahead);
 /* CDEF-END */
 
 #endif

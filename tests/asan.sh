@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the C match core and the gate with AddressSanitizer and UndefinedBehaviorSanitizer into a temporary
-# directory and run the schedule and gate tests against that build. Exits non-zero on any report.
+# Build the C core (the match core; the loop's timerfd and inotify calls) and the gate with
+# AddressSanitizer and UndefinedBehaviorSanitizer into a temporary directory and run the schedule,
+# gate and watch tests against that build. Exits non-zero on any report.
 # Usage: tests/asan.sh [python]   (default: .venv/bin/python, else python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,5 +33,6 @@ cd "$work"      # not the source tree, whose torchcore/ would shadow the sanitiz
 "$PY" -c 'import torchcore._core as c, sys; assert sys.argv[1] in c.__file__, c.__file__' "$work/lib"
 "$PY" -c 'import torchcore.spawn as e, sys; assert e.GATE.startswith(sys.argv[1]), e.GATE' "$work/lib"
 "$PY" -m pytest -q --capture=sys -p no:cacheprovider "$root/tests/test_schedule.py" \
-    "$root/tests/test_schedule_differential.py" "$root/tests/test_schedule_fuzz.py" "$root/tests/test_gate.py"
+    "$root/tests/test_schedule_differential.py" "$root/tests/test_schedule_fuzz.py" "$root/tests/test_gate.py" \
+    "$root/tests/test_watch.py"
 echo "asan.sh: clean (address, undefined; leaks checked in the C host, off for the Python host)"

@@ -45,11 +45,39 @@ int main(void)
     CHECK(tc_table_match(t, &tick, &slots, &count) == TC_OK);
     for (size_t i = 1; i < count; i++)
         CHECK(slots[i - 1] < slots[i] && slots[i] % 2 == 1);
+    int64_t ahead;
+    CHECK(tc_table_next(t, &tick, 3600, &ahead) == TC_OK && ahead == 0);  /* every second */
     tick.day = 31;
     CHECK(tc_table_match(t, &tick, &slots, &count) == TC_ERR_TIME && count == 0);
+    CHECK(tc_table_next(t, &tick, 3600, &ahead) == TC_ERR_TIME && ahead == 3600);
     CHECK(tc_table_remove(t, 0) == TC_ERR_SLOT);
     tc_table_free(t);
     tc_table_free(NULL);
+
+    /* The next second that fires: a yearly schedule found a year on, month by month; an
+     * "@every" slot on its multiple; nothing in an empty table; no walking past year 9999. */
+    t = tc_table_new(1);
+    CHECK(t != NULL);
+    tc_spec yearly = {0};
+    yearly.sec = 1ULL << 5;
+    yearly.min = 1;
+    yearly.hour = 1U << 3;
+    yearly.dom = 1U << 1;
+    yearly.mon = 1U << 1;
+    yearly.dow = 0x7F;
+    tc_tick from = {2026, 1, 2, 0, 0, 0, 1767312000};
+    CHECK(tc_table_next(t, &from, 400 * 86400, &ahead) == TC_OK && ahead == 400 * 86400);
+    CHECK(tc_table_add(t, &yearly, &slot) == TC_OK);
+    CHECK(tc_table_next(t, &from, 400 * 86400, &ahead) == TC_OK);
+    CHECK(ahead == 364 * 86400 + 3 * 3600 + 5);           /* 2027-01-01 03:00:05 */
+    CHECK(tc_table_next(t, &from, 86400, &ahead) == TC_OK && ahead == 86400);
+    every.every = 7;
+    CHECK(tc_table_add(t, &every, &slot) == TC_OK);
+    CHECK(tc_table_next(t, &from, 86400, &ahead) == TC_OK && ahead == 7 - 1767312000 % 7);
+    tc_tick last = {9999, 12, 31, 23, 59, 0, 253402300740};
+    CHECK(tc_table_remove(t, slot) == TC_OK);
+    CHECK(tc_table_next(t, &last, 86400, &ahead) == TC_OK && ahead == 86400);
+    tc_table_free(t);
     puts("tc_match_check: ok");
     return 0;
 }

@@ -1,4 +1,5 @@
-"""The C match core under AddressSanitizer and UndefinedBehaviorSanitizer (tests/asan.sh).
+"""The C core (match core; timerfd and inotify calls) and the gate under AddressSanitizer and
+UndefinedBehaviorSanitizer (tests/asan.sh).
 
 Runs as part of the normal test command where gcc and libasan are present, so the sanitized
 build is checked wherever the suite runs, not only when someone remembers the script.

@@ -89,7 +89,11 @@ class Ledger:
                   what, type(exc).__name__, exc)
         log.debug("the failure of %s", what, exc_info=exc)
 
-    def now_and_then(self, history_days, tasks, running):
+    def next_due(self):
+        """The monotonic time of the next prune or stats line (the loop wakes for it)."""
+        return min(self._next_stats, self._next_prune)
+
+    def now_and_then(self, history_days, tasks, running, wakes=0):
         """Prune the records older than ``history_days`` (at once, then every PRUNE_EVERY) and
         log the stats line (every STATS_EVERY), with ``tasks`` on this node and ``running``."""
         if self.clock.monotonic() >= self._next_prune:
@@ -99,16 +103,16 @@ class Ledger:
                 log.info("pruned %d records older than %d days", pruned, history_days)
         if self.clock.monotonic() >= self._next_stats:
             self._next_stats = self.clock.monotonic() + STATS_EVERY
-            log.info("%s", self.stats_line(tasks, running))
+            log.info("%s", self.stats_line(tasks, running, wakes))
 
-    def stats_line(self, tasks, running):
+    def stats_line(self, tasks, running, wakes=0):
         """The periodic stats line: the counts, with ``tasks`` on this node and ``running``."""
         load = os.getloadavg()
         rss = psutil.Process().memory_info().rss
         s = self.stats
         return (f"stats: tasks={tasks} running={running} started={s.started} "
                 f"failed={s.failed} skipped={s.skipped} missed={s.missed} "
-                f"fork_failures={s.fork_failures} errors={s.errors} "
+                f"fork_failures={s.fork_failures} errors={s.errors} wakes={wakes} "
                 f"log_failures={daemonlog.failures()} "
                 f"load={load[0]:.2f},{load[1]:.2f},{load[2]:.2f} "
                 f"rss={rss // 1024}K mem_used={psutil.virtual_memory().percent}%")

@@ -19,6 +19,13 @@ Rules (the README's "Semantics" section):
 - Daylight saving, per zone: wall times skipped by a spring gap are matched for
   fixed-time tasks at the first second after the gap; a repeated wall hour in
   autumn runs fixed-time tasks once (the backward-step rule again).
+
+Quiet seconds: a second at which no task matches and no zone changes its UTC
+offset ("busy" seconds are the others) changes nothing but the watermark and the
+wall memory, so the planner passes a run of them in one step (``next_busy``
+finds the next busy second in the C core; ``pass_quiet``, the catch-up and the
+look-ahead skip to it): the rules above see every second, the cost follows the
+seconds that have work, not the tasks loaded.
 """
 
 import dataclasses
@@ -27,6 +34,7 @@ from datetime import datetime, timedelta
 from torchcore.schedule import ScheduleTable
 
 CLOCK_CORRECTION = 3 * 3600
+HORIZON = 86400         # seconds next_busy searches ahead at most (it is asked again from there)
 _ONE_SECOND = timedelta(seconds=1)
 
 
@@ -73,6 +81,23 @@ class _Zone:
             self.wall_high = key
         return names
 
+    def passed(self, second):
+        """``second`` was passed with nothing due: the wall memory as ``match`` leaves it."""
+        key = _wall_key(wall_time(second, self.tz))
+        if self.wall_high is None or key > self.wall_high:
+            self.wall_high = key
+
+    def next_busy(self, after, limit):
+        """The first second in (after, after + limit] at which a task of this zone matches or
+        its UTC offset changes, or None."""
+        change = self.table.offset_change(after, after + limit)
+        end = after + limit if change is None else change - 1
+        found = None
+        if end > after and len(self.table):
+            ahead = self.table.first_match(wall_time(after + 1, self.tz), end - after)
+            found = None if ahead is None else after + 1 + ahead
+        return found if found is not None else change
+
     def _add_gap(self, names, previous, current, fixed):
         """Fixed-time tasks whose wall time was skipped (spring gap) run now, once."""
         found = dict.fromkeys(names)
@@ -95,6 +120,8 @@ class Planner:
         self._zones = {}        # zone key -> _Zone
         self._zone_of = {}      # name -> zone key
         self._fixed = set()     # names of fixed-time tasks
+        self._generation = 0    # bumped by every change of the tables
+        self._quiet = None      # (generation, lo, hi, busy): (lo, hi) has no busy second
 
     def __len__(self):
         return len(self._zone_of)
@@ -111,6 +138,7 @@ class Planner:
         if zone is None:
             zone = self._zones[key] = _Zone(schedule.tz)
         zone.table.set(name, schedule)
+        self._generation += 1
         self._zone_of[name] = key
         if schedule.fixed_time:
             self._fixed.add(name)
@@ -118,6 +146,7 @@ class Planner:
     def remove(self, name):
         key = self._zone_of.pop(name)
         self._fixed.discard(name)
+        self._generation += 1
         self._zones[key].table.remove(name)     # an empty zone stays: its wall memory must too
 
     def reschedule(self, old_tasks, out, into):
@@ -152,10 +181,53 @@ class Planner:
         For preparing runs ahead of time only: ``advance`` stays the authority on what
         is due (clock steps, daylight saving and stalls can still change it).
         """
+        if self.next_busy(second - 1) != second:
+            return []
         names = []
         for zone in self._zones.values():
             names.extend(zone.table.match(wall_time(second, zone.tz)))
         return names
+
+    def next_busy(self, after, limit=HORIZON):
+        """The first second in (after, after + limit] at which any task matches or any zone
+        changes its UTC offset, or None.  The answer is kept: asked again from a second of
+        the same quiet stretch, it costs a comparison until the tables change."""
+        known = self._quiet
+        lo, start, span = after, after, max(limit, HORIZON)
+        if known is not None and known[0] == self._generation and known[1] <= after < known[2]:
+            _, lo, hi, busy = known
+            if busy:
+                return hi if hi <= after + limit else None
+            if after + limit < hi:
+                return None
+            start = hi - 1          # quiet up to there: search on from it
+        found = None
+        for zone in self._zones.values():
+            busy = zone.next_busy(start, span if found is None else found - 1 - start)
+            if busy is not None and (found is None or busy < found):
+                found = busy
+        if found is None:
+            self._quiet = (self._generation, lo, start + span + 1, False)
+        else:
+            self._quiet = (self._generation, lo, found, True)
+        return found if found is not None and found <= after + limit else None
+
+    def pass_quiet(self, upto):
+        """Pass the seconds (watermark, upto] as ``advance`` would, one by one, finding nothing
+        due; stops short of the first busy second (``advance`` plans that one).  Returns the
+        watermark."""
+        if self.watermark is None or upto <= self.watermark:
+            return self.watermark
+        busy = self.next_busy(self.watermark, upto - self.watermark)
+        last = upto if busy is None else busy - 1
+        if last > self.watermark:
+            self._pass(last)
+            self.watermark = last
+        return self.watermark
+
+    def _pass(self, second):
+        for zone in self._zones.values():
+            zone.passed(second)
 
     def start(self, now):
         """Begin at ``now``: the first wake that can start anything is the next second.
@@ -181,10 +253,12 @@ class Planner:
                 f"clock jumped forward {now - self.watermark}s: treated as a clock correction, "
                 "nothing caught up")
             self.watermark = now - 1
-        if now - self.watermark == 1:
+        if now - self.watermark > 1:
+            self._catch_up(now, plan)
+        elif self.next_busy(self.watermark) == now:
             plan.due = [(name, now) for name in self._match(now)]
         else:
-            self._catch_up(now, plan)
+            self._pass(now)
         self.watermark = now
         return plan
 
@@ -207,12 +281,17 @@ class Planner:
             f"{now - self.watermark - 1}s were skipped (stall or clock step): catching up "
             f"within misfire_grace {self.misfire_grace}s")
         latest, earlier, counts = {}, {}, {}
-        for second in range(self.watermark + 1, now + 1):
+        second = self.watermark
+        while (busy := self.next_busy(second, now - second)) is not None:
+            if busy > second + 1:
+                self._pass(busy - 1)        # the quiet seconds between, in one step
+            second = busy
             for name in self._match(second):
                 if name in latest:
                     earlier[name] = latest[name]
                 latest[name] = second
                 counts[name] = counts.get(name, 0) + 1
+        self._pass(now)
         for name, second in latest.items():
             if now - second <= self.misfire_grace:
                 plan.due.append((name, second))

@@ -58,8 +58,11 @@ class Lookahead:
             start_at = second - self._lead(second, launchers)
             if start_at <= wall:
                 upto = second
-            else:
+            elif self.due_at(second):       # a second with nothing due needs no wake
                 self.next_at = min(self.next_at, start_at)
+        if self.next_at == float("inf"):    # none due in sight: look again when one comes in
+            busy = self.planner.next_busy(int(wall) + LOOKAHEAD)
+            self.next_at = float("inf") if busy is None else busy - LOOKAHEAD
         for second in range(first, (upto or 0) + 1):
             self.prepared_for = second
             self._learn_start_cost()
@@ -67,10 +70,9 @@ class Lookahead:
         for second in [s for s in self._due_names if s <= self.prepared_for]:
             del self._due_names[second]
 
-    def await_boundary(self):
-        """Spin the last moments to the second boundary (prepared runs wait for it): the
+    def await_boundary(self, boundary):
+        """Spin the last moments to the second ``boundary`` (prepared runs wait for it): the
         supervisor's loop, woken EARLY_WAKE before it, then gives the go at once."""
-        boundary = self.planner.watermark + 1
         if boundary - self.clock.time() > 2 * EARLY_WAKE:
             return          # woken by something else, well before the boundary
         give_up = self.clock.monotonic() + 2 * EARLY_WAKE

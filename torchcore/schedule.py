@@ -27,6 +27,8 @@ from typing import NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from torchcore._core import ffi, lib
+from torchcore.cronfields import (  # noqa: F401  (the field table, reached from here too)
+    DAY_NAMES, DOM, DOW, FIELDS, HOUR, MACROS, MINUTE, MONTH, MONTH_NAMES, SECOND, Field, Macro)
 from torchcore.errors import TorchcoreError
 from torchcore.units import OutOfRange, parse_digits, parse_duration, shown
 
@@ -35,45 +37,6 @@ class ScheduleError(TorchcoreError, ValueError):
     """A schedule text (or zone) is invalid; the message starts with the field it is about."""
 
 
-class Field(NamedTuple):
-    """One cron field: its name in messages, its range and its names (upper case -> value)."""
-
-    name: str
-    lo: int
-    hi: int
-    names: dict
-
-
-class Macro(NamedTuple):
-    """An ``@name`` schedule: the six fields it stands for (None: ``@reboot``) and its reading."""
-
-    fields: str | None
-    reading: str
-
-
-# The one table of cron's fields, names and macros in torchcore: the crontab import and the
-# readings of describe.py take theirs from here.
-MONTH_NAMES = "JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split()
-DAY_NAMES = "SUN MON TUE WED THU FRI SAT".split()
-SECOND, MINUTE, HOUR, DOM, MONTH, DOW = range(6)
-FIELDS = (
-    Field("second", 0, 59, {}),
-    Field("minute", 0, 59, {}),
-    Field("hour", 0, 23, {}),
-    Field("day-of-month", 1, 31, {}),
-    Field("month", 1, 12, {name: i + 1 for i, name in enumerate(MONTH_NAMES)}),
-    Field("day-of-week", 0, 7, {name: i for i, name in enumerate(DAY_NAMES)}),
-)
-MACROS = {      # the first name of each meaning is the one the crontab import writes
-    "@yearly": Macro("0 0 0 1 1 *", "At 00:00 on January 1"),
-    "@annually": Macro("0 0 0 1 1 *", "At 00:00 on January 1"),
-    "@monthly": Macro("0 0 0 1 * *", "At 00:00 on day 1 of every month"),
-    "@weekly": Macro("0 0 0 * * 0", "Every Sunday at 00:00"),
-    "@daily": Macro("0 0 0 * * *", "Every day at 00:00"),
-    "@midnight": Macro("0 0 0 * * *", "Every day at 00:00"),
-    "@hourly": Macro("0 0 * * * *", "Every hour, at minute 0"),
-    "@reboot": Macro(None, "Once, when torchcore starts"),
-}
 _MACRO_LIST = ", ".join(list(MACROS) + ["@every <duration>"])
 _ELEMENT = re.compile(r"(\*|[A-Za-z0-9]+(?:-[A-Za-z0-9]+)?)(?:/([0-9]+))?")
 _LAST_WEEKDAY = re.compile(r"([A-Za-z0-9]+)[Ll]")
@@ -523,6 +486,7 @@ class ScheduleTable:
         self._out = ffi.new("const uint32_t **")
         self._count = ffi.new("size_t *")
         self._slot = ffi.new("uint32_t *")
+        self._ahead = ffi.new("int64_t *")
 
     def __len__(self):
         return len(self._slots)
@@ -561,6 +525,29 @@ class ScheduleTable:
         _check(lib.tc_table_match(self._table, tick, self._out, self._count))
         slots = memoryview(ffi.buffer(self._out[0], 4 * self._count[0])).cast("I").tolist()
         return list(map(self._keys.__getitem__, slots))
+
+    def first_match(self, dt, limit):
+        """Seconds from ``dt`` (as for ``match``) to the first second at or after it at which
+        any schedule fires, looking ``limit`` seconds ahead at most; None if none fires sooner.
+
+        Wall time runs on from ``dt`` as a plain calendar: the caller stops the search at the
+        zone's next change of UTC offset (``offset_change``).  An idle table is searched in a
+        few rows: months, days, hours and minutes where nothing can fire are passed over whole.
+        """
+        wall, epoch = self._zone.wall(dt)
+        tick = self._tick
+        tick.year, tick.month, tick.day = wall.year, wall.month, wall.day
+        tick.hour, tick.minute, tick.second = wall.hour, wall.minute, wall.second
+        tick.epoch = epoch
+        _check(lib.tc_table_next(self._table, tick, limit, self._ahead))
+        ahead = self._ahead[0]
+        return None if ahead >= limit else ahead
+
+    def offset_change(self, lo, hi):
+        """The first epoch second in (lo, hi] whose UTC offset in ``tz`` differs from lo's, or None."""
+        if self.tz is timezone.utc or getattr(self.tz, "key", None) in ("UTC", "Etc/UTC"):
+            return None
+        return self._zone.change_in(lo, hi)
 
     def _fill_spec(self, spec):
         out = self._spec

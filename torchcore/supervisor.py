@@ -1,8 +1,11 @@
 """The supervisor: one process, one thread, one select loop.
 
-Each pass sleeps on a selector until the next second boundary (or a signal, a
-report from an executor, a control request), reaps every child that exited,
-then hands the current second to the planner and has what is due started.
+Each pass sleeps on a selector until the next second that has work (a task due, a run to
+prepare, a retry, a daemon's backoff over, housekeeping due; MAX_SLEEP at most) or until
+something wakes it: a signal, a report from an executor, a launcher's answer, a control
+request, the task file changing (inotify), the wall clock being set (timerfd; see watch.py).
+It then reaps every child that exited, passes the quiet seconds it slept through in one step
+and hands the current second to the planner, launching what is due.
 Signal handlers only record: the wakeup fd turns each signal into a byte the
 loop reads, and ``handle_<signal>`` changes what the loop does next.  The pieces
 it owns do the rest: starting and stopping runs (starting.py), the run table
@@ -28,6 +31,8 @@ from torchcore.runs import RunTable
 from torchcore.services import Services
 from torchcore.starting import Starter
 from torchcore.system import System
+from torchcore.wakeups import Wakeups
+from torchcore.watch import ClockWatch, FileWatch
 
 log = logging.getLogger("torchcore")
 
@@ -81,6 +86,10 @@ class Supervisor:
         self.skipped_last = self.ledger.skipped_last   # name -> reason, while skipped
         self._report_buffer = b""
         self._title = None
+        self._title_state = None
+        self.wakeups = Wakeups(self)     # when the loop wakes, what it passes (see wakeups.py)
+        self.filewatch = FileWatch(self.settings.path, self.clock)
+        self.clockwatch = ClockWatch()
         self.records = None
         self.selector = None
         self.control = None
@@ -120,6 +129,7 @@ class Supervisor:
         self.services.apply(self.taskfile, self.node)
         self.adopt_previous_executors()
         self.planner.start(int(self.clock.time()))
+        self.wakeups.started()
         self.starter.start_reboot_tasks()
         self.starter.prepare_ahead()        # the first seconds too, not from the first tick on
         self._set_title()           # before `start` returns: ps never shows the command line
@@ -150,6 +160,7 @@ class Supervisor:
         for signum in SIGNALS:
             signal.signal(signum, _record_signal)
         self.file_signature = taskset.signature(self.settings.path)
+        self.clockwatch.open(self.selector)
 
     def _open_control(self):
         """The control socket, when the plumbing for it is present (see control.py)."""
@@ -170,6 +181,8 @@ class Supervisor:
         self.launchers.stop()
         if self.records is not None:
             self.records.close()
+        self.filewatch.stop()
+        self.clockwatch.close()
         self.selector.close()
         for name in ("_wake_r", "_wake_w", "report_r", "report_w"):
             if hasattr(self, name):
@@ -192,6 +205,7 @@ class Supervisor:
         """One pass: wait, read events, reap, then act on the current second."""
         for key, mask in self.selector.select(self._sleep_time()):
             key.data(key, mask)
+        self.wakeups.passes += 1
         self.reap()
         if self.reload_requested:
             reason, self.reload_requested = self.reload_requested, None
@@ -201,27 +215,17 @@ class Supervisor:
         else:
             self.watch_file()
             if self.table.prepared:
-                self.ahead.await_boundary()
+                self.ahead.await_boundary(self.wakeups.boundary())
             now = int(self.clock.time())
+            self.wakeups.pass_quiet(now)
             if now != self.planner.watermark:
                 self.ledger.timed_tick(self.tick, now)
-            self.starter.tend_daemons()
+            self.wakeups.tend()
             self.starter.prepare_ahead()
         self.housekeeping()
 
     def _sleep_time(self):
-        wall = self.clock.time()
-        wait = (int(wall) + 1 - wall) + 0.0005
-        if self.table.prepared:
-            wait = max(0.0, wait - 0.0005 - prepare.EARLY_WAKE)   # epoll rounds up to whole ms
-        if self.launchers and not self.stopping and wall < self.ahead.next_at:
-            wait = min(wait, self.ahead.next_at - wall)
-        if self.shutdown_deadline is not None:
-            wait = min(wait, max(0.0, self.shutdown_deadline - self.clock.monotonic()))
-        restart = self.services.next_wake()
-        if restart is not None:
-            wait = min(wait, max(0.0, restart - self.clock.monotonic()))
-        return min(wait, 1.0)
+        return self.wakeups.sleep_time()
 
     def tick(self, now):
         """Launch what the planner says is due at ``now`` (and log what the clock did)."""
@@ -451,8 +455,13 @@ class Supervisor:
                 self.starter.signal_run(run, signal.SIGTERM, f"task {how} by reload")
 
     def watch_file(self):
-        """Reload when the file on disk changes (edits, atomic renames, symlink swaps)."""
+        """Reload when the file on disk changes (edits, atomic renames, symlink swaps): looked
+        at when inotify says so, else polled on every pass (see watch.py)."""
         if not self.settings.watch:
+            self.filewatch.stop()
+            return
+        self.filewatch.start(self.selector)
+        if not self.filewatch.due():
             return
         signature = taskset.signature(self.settings.path)
         if signature is None or signature == self.file_signature:
@@ -482,9 +491,14 @@ class Supervisor:
         self._set_title()
         if self.control is not None:
             self.control.reap_idle(self.clock.monotonic())
-        self.ledger.now_and_then(self.settings.history_days, len(self.tasks), len(self.table))
+        self.ledger.now_and_then(self.settings.history_days, len(self.tasks), len(self.table),
+                                 self.wakeups.passes)
 
     def _set_title(self):
+        state = (len(self.tasks), len(self.table), self.stopping, self.settings.path)
+        if state == self._title_state:
+            return
+        self._title_state = state
         name = os.path.basename(self.settings.path)
         title = f"torchcore: supervisor {name} ({len(self.tasks)} tasks, {len(self.table)} running)"
         if self.stopping:

@@ -9,9 +9,9 @@ says so in the log).  The supervisor applies the change (Supervisor._apply).  ``
 import dataclasses
 import hashlib
 import logging
-import os
 
 from torchcore import config, safepaths
+from torchcore.watch import signature   # noqa: F401  (the file's signature, for the supervisor)
 
 log = logging.getLogger("torchcore")
 
@@ -60,16 +60,6 @@ def warn_fixed_settings(old, new):
                 continue
             log.warning("settings.%s changed to %s: it takes effect at the next restart",
                         field, getattr(new, field))
-
-
-def signature(path):
-    """What changes when the file is edited, renamed over or swapped by a symlink; None if it
-    cannot be seen."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def digest(path):
