@@ -467,3 +467,25 @@ def test_only_a_loopback_name_with_a_port_is_a_loopback_host(name, port, trick, 
     else:
         assert not server._loopback_host(text), text
 
+
+
+def test_a_cached_answer_is_never_older_than_twice_its_reuse_time(site):
+    """Served stale while a background thread makes the next one, but only for as long again:
+    after a quiet spell (a scrape every 15 s) the answer is made anew, not the last scrape's."""
+    made = []
+
+    def make():
+        made.append(time.monotonic())
+        return len(made)
+
+    backend = site.backend
+    assert backend._cached("probe", 0.3, make) == 1
+    assert backend._cached("probe", 0.3, make) == 1        # fresh
+    time.sleep(0.8)                                          # beyond twice 0.3
+    assert backend._cached("probe", 0.3, make) == 2
+    time.sleep(0.35)                                         # stale, within twice: served, renewed
+    assert backend._cached("probe", 0.3, make) == 2
+    deadline = time.monotonic() + 3
+    while (len(made) < 3 or "probe" in backend._refreshing) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert backend._cached("probe", 0.3, make) == 3
