@@ -489,3 +489,19 @@ def test_a_cached_answer_is_never_older_than_twice_its_reuse_time(site):
     while (len(made) < 3 or "probe" in backend._refreshing) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert backend._cached("probe", 0.3, make) == 3
+
+
+@pytest.mark.parametrize("site_header, status", [("cross-site", 403), ("same-site", 403),
+                                                 ("same-origin", 200), ("none", 200)])
+def test_what_a_browser_sends_for_another_sites_page_is_refused(site, site_header, status):
+    """No CORS already keeps another site's page from reading the API or sending the token; a
+    page cannot even start a request here (a log follow held open, a POST) when its browser
+    says it comes from another site.  The dashboard's own requests are same-origin."""
+    headers = {"Sec-Fetch-Site": site_header}
+    for route in ("api/v1/status", "api/v1/tasks/report/log/follow?lines=0", "metrics"):
+        if status == 200 and "follow" in route:
+            continue
+        assert get(site.base + route, headers)[0] == status, route
+    answer = get(site.base + "api/v1/reload", headers, method="POST")
+    assert answer[0] == (403 if status == 403 else 401)
+    assert get(site.base, headers)[0] == 200        # the page itself: a link from elsewhere works

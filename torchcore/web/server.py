@@ -135,6 +135,12 @@ class Handler(BaseHTTPRequestHandler):
         if not url.path.startswith(base):
             raise api_mod.HttpError(404, f"no such resource: {url.path} (the base path is {base})")
         path = url.path[len(base):]
+        if path.startswith(("api/", "metrics")) and \
+                self.headers.get("Sec-Fetch-Site", "").strip().lower() in ("cross-site", "same-site"):
+            # a browser says another site's page sent it: the dashboard's own requests are
+            # same-origin, so nothing that page can start (a log follow held open, a
+            # 10,000-run history, a POST) reaches the routes
+            raise api_mod.HttpError(403, "not from another site's page (Sec-Fetch-Site)")
         if path == "metrics" and method in ("GET", "HEAD"):
             body, kind = self.service.metrics.exposition(self.headers.get("Accept"))
             return self.send(200, kind, body, head=method == "HEAD")
