@@ -364,7 +364,7 @@ def raw_exchange(port, data, wait=3.0):
         try:
             while chunk := sock.recv(65536):
                 out += chunk
-        except TimeoutError:
+        except (TimeoutError, ConnectionResetError):
             pass
     return out
 

@@ -271,7 +271,8 @@ class Server(ThreadingHTTPServer):
             try:
                 request.setblocking(False)
                 request.send(_BUSY)
-            except OSError:
+                request.recv(65536)     # what came already: closed unread, it would reset the
+            except OSError:             # connection before the client reads the 503
                 pass
             self.shutdown_request(request)
             return
