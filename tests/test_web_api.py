@@ -505,3 +505,49 @@ def test_what_a_browser_sends_for_another_sites_page_is_refused(site, site_heade
     answer = get(site.base + "api/v1/reload", headers, method="POST")
     assert answer[0] == (403 if status == 403 else 401)
     assert get(site.base, headers)[0] == 200        # the page itself: a link from elsewhere works
+
+
+def test_a_request_must_arrive_whole_within_the_deadline(site, monkeypatch):
+    """A client that sends its request a byte now and then (or idles) is cut off at the
+    deadline, though every single read is quick; a log follow, past its request, goes on."""
+    import socket
+
+    monkeypatch.setattr(server, "REQUEST_DEADLINE", 1.0, raising=False)
+    srv, thread = server.serve(site.backend, ("127.0.0.1", 0), poll_interval=0.05)
+    port = srv.server_address[1]
+    try:
+        follow = socket.create_connection(("127.0.0.1", port), timeout=5)
+        follow.sendall(b"GET /cron/api/v1/tasks/report/log/follow?lines=1 HTTP/1.1\r\n"
+                       b"Host: localhost\r\n\r\n")
+        assert follow.recv(65536).startswith(b"HTTP/1.1 200")
+        slow = socket.create_connection(("127.0.0.1", port), timeout=5)
+        started = time.monotonic()
+        closed = None
+        for byte in b"GET /cron/api/v1/status HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 40:
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:
+                closed = time.monotonic() - started
+                break
+            time.sleep(0.1)
+            slow.setblocking(False)
+            try:
+                if slow.recv(65536) == b"":
+                    closed = time.monotonic() - started
+                    break
+            except BlockingIOError:
+                pass
+            finally:
+                slow.setblocking(True)
+        slow.close()
+        assert closed is not None and closed < 3.0, closed
+        follow.settimeout(0.5)
+        try:
+            while True:
+                assert follow.recv(65536) != b"", "the follow was ended"     # its lines, then
+        except TimeoutError:                                                 # quiet: still open
+            pass
+        assert get(f"http://127.0.0.1:{port}/cron/api/v1/status")[0] == 200
+        follow.close()
+    finally:
+        server.stop(srv, thread)

@@ -39,6 +39,7 @@ STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; ch
 MAX_BODY = 64 << 10
 MAX_FOLLOWERS = 32          # log follows streaming at once (each holds a thread)
 MAX_CONNECTIONS = 128       # connections open at once (each holds a thread); beyond: 503
+REQUEST_DEADLINE = 20.0     # seconds to send a whole request (line, headers, body), or to idle
 FOLLOW_POLL = 0.5           # seconds between looks at a followed log
 HEARTBEAT = 15.0            # seconds between keep-alive comments on a quiet follow
 SECURITY_HEADERS = (
@@ -88,6 +89,15 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         log.debug("http: %s %s", self.address_string(), format % args)
 
+    def handle_one_request(self):
+        """One request, which must arrive whole within REQUEST_DEADLINE (a client sending a byte
+        now and then would otherwise hold its thread for ever: the socket's timeout is per read)."""
+        self.server.watch(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.unwatch(self.connection)
+
     def do_GET(self):
         self.dispatch("GET")
 
@@ -124,6 +134,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def route(self, method):
         self.drain_body()       # first: whatever is refused below, the next request starts clean
+        self.server.unwatch(self.connection)        # all of it came in time
         if self.server.loopback and not _loopback_host(self.headers.get("Host", "")):
             # a page elsewhere that rebinds its own name to 127.0.0.1 gets nothing from here
             raise api_mod.HttpError(403, "this service answers to a loopback Host only "
@@ -260,6 +271,8 @@ class Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.service = service
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.deadlines = {}         # socket -> monotonic time its request must have arrived by
+        self.deadlines_lock = threading.Lock()
         super().__init__((host, port), Handler)
         self.loopback = _loopback_address(self.server_address[0])
 
@@ -281,6 +294,33 @@ class Server(ThreadingHTTPServer):
         except BaseException:
             self.slots.release()
             raise
+
+    def watch(self, sock):
+        with self.deadlines_lock:
+            self.deadlines[sock] = time.monotonic() + REQUEST_DEADLINE
+
+    def unwatch(self, sock):
+        with self.deadlines_lock:
+            self.deadlines.pop(sock, None)
+
+    def service_actions(self):
+        """serve_forever's hook, at least every poll interval: end the connections whose
+        request is late (the read waiting in their thread returns; the thread ends)."""
+        now = time.monotonic()
+        with self.deadlines_lock:
+            late = [sock for sock, deadline in self.deadlines.items() if deadline <= now]
+            for sock in late:
+                del self.deadlines[sock]
+        for sock in late:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request, client_address):
+        """A connection that failed outside the routes (ended while its request was read, ...):
+        a line in the debug log, not a traceback on the daemon's log."""
+        log.debug("http: connection from %s ended: %s", client_address[0], sys.exc_info()[1])
 
     def process_request_thread(self, request, client_address):
         try:
