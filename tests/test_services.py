@@ -147,7 +147,34 @@ def test_unwanted_service_is_not_started_and_stops_when_no_longer_wanted(setup):
     os.unlink(setup.dir / "want-beta")
     svc.apply(setup.taskfile, NODE, reloaded=True)
     assert list(svc) == []
-    assert proc.returncode is not None or _gone(proc.pid)
+    wait_for(lambda: (reap_all(svc), proc.returncode is not None or _gone(proc.pid))[1])   # reaped by
+    assert proc.returncode is not None or _gone(proc.pid)          # the supervisor's loop, not waited on
+    assert svc.retiring == []
+
+
+@pytest.mark.process
+def test_a_service_no_longer_wanted_never_holds_the_loop(setup):
+    """A reload that turns off a service that is hung (stopped, ignoring SIGTERM) returns at
+    once; the loop wakes at the grace's end, and ``tend`` kills it then; the reap collects it."""
+    svc, clock = setup.make("eta", ignore_term=True)
+    svc.apply(setup.taskfile, NODE)
+    wait_for(lambda: log_of(setup, "eta"))
+    service = next(iter(svc))
+    os.kill(service.pid, signal.SIGSTOP)
+    os.unlink(setup.dir / "want-eta")
+    started = time.monotonic()
+    svc.apply(setup.taskfile, NODE, reloaded=True)
+    assert time.monotonic() - started < 0.5
+    assert list(svc) == [] and svc.retiring == [service]
+    assert svc.next_wake() == pytest.approx(clock.now + services.STOP_GRACE)
+    svc.tend()
+    reap_all(svc)
+    assert svc.retiring == [service]            # not killed before the grace is over
+    clock.now += services.STOP_GRACE
+    svc.tend()
+    wait_for(lambda: (reap_all(svc), service.proc.returncode is not None)[1])
+    assert service.proc.returncode == -signal.SIGKILL and svc.retiring == []
+    assert svc.next_wake() is None
 
 
 def _gone(pid):

@@ -13,6 +13,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 pytest.importorskip("prometheus_client")
 
@@ -347,3 +350,204 @@ def test_openapi_covers_every_route_and_matches_answers(site):
                          ("/api/v1/runs/{run_id}/log", "api/v1/runs/2/log")]:
         schema = spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
         jsonschema.validate(get_json(site.base + sample)[1], schema)
+
+
+# -- the connection: bodies, hosts, how many at once -----------------------------------------------
+
+def raw_exchange(port, data, wait=3.0):
+    """Send ``data`` on one connection; everything answered until the server closes it."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        sock.sendall(data)
+        out = b""
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return out
+
+
+def status_lines(answer):
+    return re.findall(rb"(?:^|\r\n\r\n|\n)(HTTP/1\.1 \d{3})", answer)
+
+
+SMUGGLED = b"GET /cron/api/v1/history HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+
+@pytest.mark.parametrize("method, path, host", [
+    ("GET", "/cron/api/v1/status", "localhost"),
+    ("HEAD", "/cron/", "localhost"),
+    ("POST", "/cron/api/v1/reload", "localhost"),
+    ("POST", "/cron/api/v1/reload", "evil.example"),      # refused by its Host
+    ("GET", "/elsewhere", "localhost"),                    # refused: outside the base path
+    ("DELETE", "/cron/api/v1/status", "localhost"),
+])
+def test_a_request_body_is_never_read_as_the_next_request(site, method, path, host):
+    """Whatever the method and whatever the answer, a body is the request's own: a second request
+    hidden in it (behind a proxy that reuses connections, a request smuggled past it) is not run."""
+    port = int(site.base.split(":")[2].split("/")[0])
+    first = (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
+             f"Content-Length: {len(SMUGGLED)}\r\n\r\n").encode() + SMUGGLED
+    last = b"GET /cron/api/v1/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    answer = raw_exchange(port, first + last)
+    assert len(status_lines(answer)) == 2, answer
+    assert status_lines(answer)[-1] == b"HTTP/1.1 200"
+
+
+@pytest.mark.parametrize("headers, status", [
+    (b"Transfer-Encoding: chunked\r\n", b"411"),
+    (b"Content-Length: 5\r\nContent-Length: 0\r\n", b"400"),
+    (b"Content-Length: -1\r\n", b"400"),
+    (b"Content-Length: 99999999\r\n", b"413"),
+])
+def test_a_body_it_cannot_delimit_ends_the_connection(site, headers, status):
+    port = int(site.base.split(":")[2].split("/")[0])
+    answer = raw_exchange(port, b"POST /cron/api/v1/reload HTTP/1.1\r\nHost: localhost\r\n" + headers
+                          + b"\r\n5\r\nhello\r\n0\r\n\r\n" + SMUGGLED)
+    assert status_lines(answer) == [b"HTTP/1.1 " + status], answer
+
+
+def test_connections_beyond_the_bound_get_503_and_the_service_goes_on(site, monkeypatch):
+    """Clients holding connections open (slowloris) take at most MAX_CONNECTIONS threads; the
+    next connection is answered 503 at once, and once they go the service answers again."""
+    import socket
+
+    monkeypatch.setattr(server, "MAX_CONNECTIONS", 4)
+    srv, thread = server.serve(site.backend, ("127.0.0.1", 0), poll_interval=0.05)
+    port = srv.server_address[1]
+    held = []
+    try:
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"GET /cron/api/v1/status HTTP/1.1\r\nHost: loc")     # never finished
+            held.append(sock)
+        time.sleep(0.3)
+        started = time.monotonic()
+        answer = raw_exchange(port, b"GET /cron/api/v1/status HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert status_lines(answer) == [b"HTTP/1.1 503"] and time.monotonic() - started < 2
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"].startswith("too many")
+        for sock in held:
+            sock.close()
+        held = []
+        deadline = time.monotonic() + 5
+        while True:
+            status = get(f"http://127.0.0.1:{port}/cron/api/v1/status")[0]
+            if status == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert status == 200
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop(srv, thread)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:80@evil.example", "[::1]evil.example", "localhost/x",
+                                  "127.0.0.1 evil.example", "localhost:9177:1", "", "[::1"])
+def test_a_host_header_of_another_form_is_not_loopback(site, host):
+    assert not server._loopback_host(host)
+    status, _, _ = get(site.base + "api/v1/status", {"Host": host} if host else {"Host": "x.example"})
+    assert status == 403
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(name=st.from_regex(r"[a-z0-9][a-z0-9.-]{0,30}", fullmatch=True),
+       port=st.integers(0, 65535), trick=st.sampled_from(["{lo}:{port}@{name}", "{lo}@{name}",
+                                                          "{name}:{port}", "[{name}]", "{lo} {name}"]),
+       lo=st.sampled_from(["127.0.0.1", "localhost", "[::1]"]))
+def test_only_a_loopback_name_with_a_port_is_a_loopback_host(name, port, trick, lo):
+    from torchcore.web.server import _loopback_address
+
+    assert server._loopback_host(f"{lo}:{port}")
+    text = trick.format(lo=lo, port=port, name=name)
+    if trick == "{name}:{port}":
+        assert server._loopback_host(text) == _loopback_address(name.rstrip("."))
+    else:
+        assert not server._loopback_host(text), text
+
+
+
+def test_a_cached_answer_is_never_older_than_twice_its_reuse_time(site):
+    """Served stale while a background thread makes the next one, but only for as long again:
+    after a quiet spell (a scrape every 15 s) the answer is made anew, not the last scrape's."""
+    made = []
+
+    def make():
+        made.append(time.monotonic())
+        return len(made)
+
+    backend = site.backend
+    assert backend._cached("probe", 0.3, make) == 1
+    assert backend._cached("probe", 0.3, make) == 1        # fresh
+    time.sleep(0.8)                                          # beyond twice 0.3
+    assert backend._cached("probe", 0.3, make) == 2
+    time.sleep(0.35)                                         # stale, within twice: served, renewed
+    assert backend._cached("probe", 0.3, make) == 2
+    deadline = time.monotonic() + 3
+    while (len(made) < 3 or "probe" in backend._refreshing) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert backend._cached("probe", 0.3, make) == 3
+
+
+@pytest.mark.parametrize("site_header, status", [("cross-site", 403), ("same-site", 403),
+                                                 ("same-origin", 200), ("none", 200)])
+def test_what_a_browser_sends_for_another_sites_page_is_refused(site, site_header, status):
+    """No CORS already keeps another site's page from reading the API or sending the token; a
+    page cannot even start a request here (a log follow held open, a POST) when its browser
+    says it comes from another site.  The dashboard's own requests are same-origin."""
+    headers = {"Sec-Fetch-Site": site_header}
+    for route in ("api/v1/status", "api/v1/tasks/report/log/follow?lines=0", "metrics"):
+        if status == 200 and "follow" in route:
+            continue
+        assert get(site.base + route, headers)[0] == status, route
+    answer = get(site.base + "api/v1/reload", headers, method="POST")
+    assert answer[0] == (403 if status == 403 else 401)
+    assert get(site.base, headers)[0] == 200        # the page itself: a link from elsewhere works
+
+
+def test_a_request_must_arrive_whole_within_the_deadline(site, monkeypatch):
+    """A client that sends its request a byte now and then (or idles) is cut off at the
+    deadline, though every single read is quick; a log follow, past its request, goes on."""
+    import socket
+
+    monkeypatch.setattr(server, "REQUEST_DEADLINE", 1.0, raising=False)
+    srv, thread = server.serve(site.backend, ("127.0.0.1", 0), poll_interval=0.05)
+    port = srv.server_address[1]
+    try:
+        follow = socket.create_connection(("127.0.0.1", port), timeout=5)
+        follow.sendall(b"GET /cron/api/v1/tasks/report/log/follow?lines=1 HTTP/1.1\r\n"
+                       b"Host: localhost\r\n\r\n")
+        assert follow.recv(65536).startswith(b"HTTP/1.1 200")
+        slow = socket.create_connection(("127.0.0.1", port), timeout=5)
+        started = time.monotonic()
+        closed = None
+        for byte in b"GET /cron/api/v1/status HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 40:
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:
+                closed = time.monotonic() - started
+                break
+            time.sleep(0.1)
+            slow.setblocking(False)
+            try:
+                if slow.recv(65536) == b"":
+                    closed = time.monotonic() - started
+                    break
+            except BlockingIOError:
+                pass
+            finally:
+                slow.setblocking(True)
+        slow.close()
+        assert closed is not None and closed < 3.0, closed
+        follow.settimeout(0.5)
+        try:
+            while True:
+                assert follow.recv(65536) != b"", "the follow was ended"     # its lines, then
+        except TimeoutError:                                                 # quiet: still open
+            pass
+        assert get(f"http://127.0.0.1:{port}/cron/api/v1/status")[0] == 200
+        follow.close()
+    finally:
+        server.stop(srv, thread)

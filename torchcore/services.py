@@ -13,7 +13,9 @@ asks a service to exit promptly; SIGHUP tells it that the task file was reloaded
 The supervisor side (``Services``) starts the services the task file asks for (each module's
 ``wanted(taskfile, node, options)``), stops those it no longer asks for, restarts one that exits with
 a backoff (1 s doubling to 60 s, reset after 60 s of good running), and stops them all at
-shutdown after the runs.  Nothing here blocks the loop but the final stop.  The child side
+shutdown after the runs.  Nothing here blocks the loop but the final stop: a service no longer
+asked for is sent SIGTERM and left to the supervisor's reaping (``exited``), and ``tend`` sends
+SIGKILL once STOP_GRACE has passed, so a hung service never holds the loop.  The child side
 (``child_args``, ``parent_gone``, ``set_title``) is what a service module needs to be one.
 """
 
@@ -76,6 +78,7 @@ class Service:
     backoff: float = RESTART_FIRST
     restart_at: float | None = None     # monotonic; None: running, or not to be restarted
     last_exit: str | None = None
+    kill_at: float | None = None    # monotonic; a retiring service is killed then if still there
 
     @property
     def pid(self):
@@ -100,6 +103,7 @@ class Services:
         self.registry = REGISTRY if registry is None else registry
         self.options = options or {}    # start options a service may need (e.g. {"http": ADDR})
         self.running = {}               # name -> Service (running or waiting to restart)
+        self.retiring = []              # services no longer wanted, sent SIGTERM, not yet reaped
         self.taskfile = None
         self.node_name = None
         self.stopping = False
@@ -129,7 +133,7 @@ class Services:
                 log.info("service %s: no longer asked for by the task file; stopping it",
                          spec.name)
                 del self.running[spec.name]
-                self._stop([service])
+                self._retire(service)
 
     def _start(self, service):
         spec = service.spec
@@ -159,8 +163,24 @@ class Services:
         service.restart_at = None
         log.info("service %s started, pid %d", spec.name, service.proc.pid)
 
+    def _retire(self, service):
+        """SIGTERM without waiting: ``exited`` reaps it, ``tend`` kills it after STOP_GRACE."""
+        service.restart_at = None
+        if service.proc is None:
+            self._close_pipe(service)
+            return
+        _signal(service.proc.pid, signal.SIGTERM)
+        service.kill_at = self.clock.monotonic() + STOP_GRACE
+        self.retiring.append(service)
+
     def exited(self, pid, status):
         """Reaping: True if ``pid`` was one of the services (then its restart is scheduled)."""
+        for service in self.retiring:
+            if service.proc.pid == pid:
+                service.proc.returncode = os.waitstatus_to_exitcode(status)
+                self._close_pipe(service)
+                self.retiring.remove(service)
+                return True
         for service in self.running.values():
             if service.proc is not None and service.proc.pid == pid:
                 service.proc.returncode = os.waitstatus_to_exitcode(status)
@@ -186,6 +206,7 @@ class Services:
     def next_wake(self):
         """The monotonic time of the next restart due, or None."""
         times = [s.restart_at for s in self.running.values() if s.restart_at is not None]
+        times += [s.kill_at for s in self.retiring if s.kill_at is not None]
         return min(times) if times else None
 
     def tend(self):
@@ -193,6 +214,12 @@ class Services:
         if self.stopping:
             return
         now = self.clock.monotonic()
+        for service in self.retiring:
+            if service.kill_at is not None and now >= service.kill_at:
+                log.warning("service %s did not stop within %.0fs; killing it", service.spec.name,
+                            STOP_GRACE)
+                _signal(service.proc.pid, signal.SIGKILL)
+                service.kill_at = None
         for service in self.running.values():
             if service.proc is None and service.restart_at is not None and now >= service.restart_at:
                 service.restarts += 1
@@ -205,7 +232,8 @@ class Services:
         """At shutdown, after the runs: SIGTERM each service, SIGKILL what is left after
         ``grace``; reaps them (the only wait in this module)."""
         self.stopping = True
-        services, self.running = list(self.running.values()), {}
+        services, self.running = list(self.running.values()) + self.retiring, {}
+        self.retiring = []
         self._stop(services, grace)
 
     def _stop(self, services, grace=STOP_GRACE):

@@ -90,7 +90,8 @@ class _Collector:
         next_run = GaugeMetricFamily("torchcore_task_next_run_timestamp_seconds",
                                      "When the task is next due", labels=["task"])
         restarts = CounterMetricFamily("torchcore_task_daemon_restarts",
-                                       "Restarts of a daemon task since the daemon started",
+                                       "Restarts of a daemon task since the daemon started or "
+                                       "the task was last changed, disabled or enabled",
                                        labels=["task"])
         for task in document["tasks"]:
             name = task["name"]

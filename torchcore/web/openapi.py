@@ -92,7 +92,8 @@ def _ok(description, schema, status="200"):
 
 def _errors(*codes):
     words = {"400": "a bad parameter", "401": "no token, or a wrong one (empty body)",
-             "403": "state-changing calls are off (no usable token_file)",
+             "403": "state-changing calls are off (no usable token_file); on any route, a "
+                    "browser's request from another site's page, or a Host not loopback",
              "404": "no such task or run", "409": "the daemon refused (its reason)",
              "503": "the daemon or the records cannot be reached"}
     out = {}

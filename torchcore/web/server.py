@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import selectors
 import signal
 import socket
@@ -37,6 +38,8 @@ STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; ch
                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
 MAX_BODY = 64 << 10
 MAX_FOLLOWERS = 32          # log follows streaming at once (each holds a thread)
+MAX_CONNECTIONS = 128       # connections open at once (each holds a thread); beyond: 503
+REQUEST_DEADLINE = 20.0     # seconds to send a whole request (line, headers, body), or to idle
 FOLLOW_POLL = 0.5           # seconds between looks at a followed log
 HEARTBEAT = 15.0            # seconds between keep-alive comments on a quiet follow
 SECURITY_HEADERS = (
@@ -86,6 +89,15 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         log.debug("http: %s %s", self.address_string(), format % args)
 
+    def handle_one_request(self):
+        """One request, which must arrive whole within REQUEST_DEADLINE (a client sending a byte
+        now and then would otherwise hold its thread for ever: the socket's timeout is per read)."""
+        self.server.watch(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.unwatch(self.connection)
+
     def do_GET(self):
         self.dispatch("GET")
 
@@ -121,6 +133,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(500, {"error": "internal error; the service's log says more"}, head=head)
 
     def route(self, method):
+        self.drain_body()       # first: whatever is refused below, the next request starts clean
+        self.server.unwatch(self.connection)        # all of it came in time
         if self.server.loopback and not _loopback_host(self.headers.get("Host", "")):
             # a page elsewhere that rebinds its own name to 127.0.0.1 gets nothing from here
             raise api_mod.HttpError(403, "this service answers to a loopback Host only "
@@ -132,8 +146,12 @@ class Handler(BaseHTTPRequestHandler):
         if not url.path.startswith(base):
             raise api_mod.HttpError(404, f"no such resource: {url.path} (the base path is {base})")
         path = url.path[len(base):]
-        if method == "POST":
-            self.drain_body()
+        if path.startswith(("api/", "metrics")) and \
+                self.headers.get("Sec-Fetch-Site", "").strip().lower() in ("cross-site", "same-site"):
+            # a browser says another site's page sent it: the dashboard's own requests are
+            # same-origin, so nothing that page can start (a log follow held open, a
+            # 10,000-run history, a POST) reaches the routes
+            raise api_mod.HttpError(403, "not from another site's page (Sec-Fetch-Site)")
         if path == "metrics" and method in ("GET", "HEAD"):
             body, kind = self.service.metrics.exposition(self.headers.get("Accept"))
             return self.send(200, kind, body, head=method == "HEAD")
@@ -160,8 +178,20 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(status, body, head=method == "HEAD")
 
     def drain_body(self):
-        length = self.headers.get("Content-Length") or "0"
-        if not length.isdigit() or int(length) > MAX_BODY:
+        """Read and drop a request's body, whatever the method: left unread, a body would be
+        parsed as the next request on the connection (a request smuggled past a proxy).  A
+        body this server cannot delimit (chunked, a bad or repeated Content-Length) ends the
+        connection."""
+        lengths = self.headers.get_all("Content-Length") or ["0"]
+        length = lengths[0].strip()
+        if self.headers.get("Transfer-Encoding") is not None:
+            self.close_connection = True
+            raise api_mod.HttpError(411, "send a request body with Content-Length, not "
+                                         "Transfer-Encoding")
+        if len(lengths) > 1 or not length.isascii() or not length.isdigit():
+            self.close_connection = True
+            raise api_mod.HttpError(400, "bad Content-Length")
+        if int(length) > MAX_BODY:
             self.close_connection = True
             raise api_mod.HttpError(413, f"a request body of at most {MAX_BODY} bytes")
         if int(length):
@@ -240,8 +270,68 @@ class Server(ThreadingHTTPServer):
         host, port = address
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.service = service
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.deadlines = {}         # socket -> monotonic time its request must have arrived by
+        self.deadlines_lock = threading.Lock()
         super().__init__((host, port), Handler)
         self.loopback = _loopback_address(self.server_address[0])
+
+    def process_request(self, request, client_address):
+        """A thread for the connection, while fewer than MAX_CONNECTIONS are open; beyond that a
+        503 written from here and the connection closed, so that clients holding connections
+        open (slowloris) cannot use up the process's threads and file descriptors."""
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.setblocking(False)
+                request.send(_BUSY)
+                request.recv(65536)     # what came already: closed unread, it would reset the
+            except OSError:             # connection before the client reads the 503
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def watch(self, sock):
+        with self.deadlines_lock:
+            self.deadlines[sock] = time.monotonic() + REQUEST_DEADLINE
+
+    def unwatch(self, sock):
+        with self.deadlines_lock:
+            self.deadlines.pop(sock, None)
+
+    def service_actions(self):
+        """serve_forever's hook, at least every poll interval: end the connections whose
+        request is late (the read waiting in their thread returns; the thread ends)."""
+        now = time.monotonic()
+        with self.deadlines_lock:
+            late = [sock for sock, deadline in self.deadlines.items() if deadline <= now]
+            for sock in late:
+                del self.deadlines[sock]
+        for sock in late:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request, client_address):
+        """A connection that failed outside the routes (ended while its request was read, ...):
+        a line in the debug log, not a traceback on the daemon's log."""
+        log.debug("http: connection from %s ended: %s", client_address[0], sys.exc_info()[1])
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+         b"Content-Length: 50\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+         b'{"error": "too many open connections; try later"}\n')
 
 
 def _loopback_address(text):
@@ -251,14 +341,17 @@ def _loopback_address(text):
         return text == "localhost"
 
 
+_HOST = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[^:\[\]@/\s]+))(?::[0-9]{0,5})?")
+
+
 def _loopback_host(header):
-    """Whether a Host header names this machine's loopback (``localhost:9177``, ``[::1]``, ...)."""
-    host = header.strip()
-    if host.startswith("["):
-        host = host[1:].partition("]")[0]
-    elif host.count(":") == 1:
-        host = host.partition(":")[0]
-    return _loopback_address(host.lower().rstrip("."))
+    """Whether a Host header is a loopback name of this machine, with or without a port
+    (``localhost:9177``, ``127.0.0.1``, ``[::1]:80``); anything else in it (``127.0.0.1:80@evil``,
+    ``[::1]evil``) is not a Host header's form, and no."""
+    match = _HOST.fullmatch(header.strip())
+    if match is None:
+        return False
+    return _loopback_address(match["v6"] or match["name"].lower().rstrip("."))
 
 
 def serve(backend, address, poll_interval=0.5):

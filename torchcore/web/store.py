@@ -261,14 +261,17 @@ class Backend:
     def _cached(self, key, ttl, make):
         """``make()``'s value, reused for ``ttl`` seconds, or for COST_FACTOR times as long as it
         took to make, whichever is longer (so making figures takes at most a tenth of the
-        service's time).  Once stale it is still served while one background thread makes the
-        next: at 10,000 tasks a status takes half a second, and no request waits for it but the
-        very first."""
+        service's time).  Once stale it is still served, for as long again, while one
+        background thread makes the next: at 10,000 tasks a status takes half a second, and
+        under steady traffic no request waits for it.  Older than that (nobody asked for a
+        while: a scrape every 15 s or more), it is made again before answering, so an answer
+        is never older than twice its reuse time, however seldom the service is asked."""
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(key)
-            if hit is not None:
-                if now - hit[0] >= max(ttl, hit[2] * COST_FACTOR) and key not in self._refreshing:
+            fresh_for = None if hit is None else max(ttl, hit[2] * COST_FACTOR)
+            if hit is not None and now - hit[0] < 2 * fresh_for:
+                if now - hit[0] >= fresh_for and key not in self._refreshing:
                     self._refreshing.add(key)
                     threading.Thread(target=self._refresh, args=(key, make), daemon=True,
                                      name=f"refresh {key}").start()
