@@ -184,6 +184,27 @@ def test_token_file_checks(tmp_path):
         read_token(str(tmp_path / "short"))
 
 
+def test_settings_http_auth(tmp_path):
+    write_token(tmp_path)
+    default = config.load(write_taskfile(tmp_path, "  http:\n    listen: 9177\n", "tasks: []\n"))
+    assert default.settings.http.auth == "changes"
+    loaded = config.load(write_taskfile(tmp_path, "  http:\n    listen: 9177\n    token_file: token\n"
+                                                  "    auth: all\n", "tasks: []\n"))
+    assert loaded.settings.http.auth == "all"
+    for http, line, words in [
+        ("    auth: all\n", 6, "auth: all needs a token_file (the token every request must send)"),
+        ("    auth: everything\n    token_file: token\n", 6,
+         "auth: expected changes (the token for actions only) or all (the token for every "
+         "request), got 'everything'"),
+        ("    auth: [all]\n", 6, "auth: expected changes or all"),
+    ]:
+        path = write_taskfile(tmp_path, "  http:\n    listen: 9177\n" + http, "tasks: []\n")
+        with pytest.raises(ConfigError) as caught:
+            config.load(path)
+        assert [p for p in caught.value.problems
+                if p.startswith(f"{path}:{line}: settings: http: {words}")], caught.value.problems
+
+
 # -- reading ---------------------------------------------------------------------------------------
 
 def test_history_is_history_json(site):
@@ -303,6 +324,65 @@ def test_actions_are_off_with_a_bad_token_file(site):
                             headers={"Authorization": f"Bearer {TOKEN}"})
     assert status == 403 and "mode 0644" in body["error"]
     assert site.calls == []
+
+
+# -- settings.http.auth: all ------------------------------------------------------------------------
+
+READS = ["api/v1/status", "api/v1/tasks", "api/v1/tasks/report", "api/v1/tasks/report/log",
+         "api/v1/history?since=tomorrowish", "api/v1/runs/2", "api/v1/runs/2/log",
+         "api/v1/tasks/nope", "api/v1/openapi.json", "metrics", "api/v1/tasks/report/log/follow"]
+
+
+def auth_all(site, auth="all"):
+    write_taskfile(site.dir, "  http:\n    listen: 127.0.0.1:9\n    token_file: token\n"
+                             f"    base_path: /cron/\n    auth: {auth}\n")
+    assert site.backend.reload() and site.backend.auth == auth
+
+
+def test_auth_all_refuses_every_read_without_the_token(site):
+    auth_all(site)
+    for path in READS:      # the 401 comes before anything else: not even a 404 or a 400 shows
+        status, headers, body = get(site.base + path)
+        assert status == 401 and "Bearer" in headers["WWW-Authenticate"], path
+        assert b"settings.http.auth: all" in body and b"report" not in body, path
+        for given in ("Bearer wrong-token-00000000", f"Basic {TOKEN}", TOKEN, f"Bearer {TOKEN}x"):
+            assert get(site.base + path, {"Authorization": given})[::2] == (401, b""), (path, given)
+        assert get(site.base + path, method="HEAD")[0] == 401
+    status, _, body = get(site.base + "api/v1/tasks/backup/run", method="POST")
+    assert status == 401 and b"auth: all" in body
+    assert site.calls == []
+    for page in ("", "static/app.js"):      # the dashboard's files: the same for everyone
+        assert get(site.base + page)[0] == 200
+
+
+def test_auth_all_answers_with_the_token(site):
+    auth_all(site)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for path in READS[:-1]:
+        status, _, body = get(site.base + path, auth)
+        expected = 404 if "nope" in path else 400 if "tomorrowish" in path else 200
+        assert status == expected, (path, body[:200])
+    status, kind, body = get(site.base + "metrics", auth)
+    families = {f.name for f in text_string_to_metric_families(body.decode())}
+    assert "torchcore_task_runs" in families
+    with urllib.request.urlopen(urllib.request.Request(
+            site.base + "api/v1/tasks/report/log/follow?lines=5", headers=auth), timeout=10) as follow:
+        line = follow.readline()
+        assert follow.status == 200 and line.startswith(b"data: ") and b"hello from run 2" in line
+    assert get_json(site.base + "api/v1/tasks/backup/run", headers=auth, method="POST")[0] == 202
+    auth_all(site, "changes")       # back to the default: reads open again, actions still need it
+    assert get(site.base + "api/v1/status")[0] == 200
+    assert get(site.base + "api/v1/reload", method="POST")[0] == 401
+
+
+def test_auth_all_with_an_unusable_token_file_refuses_everything(site):
+    auth_all(site)
+    os.chmod(os.path.join(site.dir, "token"), 0o644)
+    site.backend.reload()
+    for path in ("api/v1/status", "metrics"):
+        status, body = get_json(site.base + path, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert status == 403 and body["error"].startswith("every request is refused: token_file:")
+        assert "mode 0644" in body["error"]
 
 
 # -- metrics and the OpenAPI document --------------------------------------------------------------

@@ -41,9 +41,9 @@ BODY = """tasks:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("browser")
-    daemon = WebDaemon(directory, BODY, base_path="/cron/").start()
+def browser(tmp_path_factory):
+    """One headless chromium for the module's tests."""
+    directory = tmp_path_factory.mktemp("chromium")
     profile = tempfile.mkdtemp(prefix="chromium-", dir=directory)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -54,11 +54,20 @@ def site(tmp_path_factory):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
     driver.implicitly_wait(0)
-    driver.shots = directory
     try:
-        yield daemon, driver
+        yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, browser):
+    directory = tmp_path_factory.mktemp("browser")
+    daemon = WebDaemon(directory, BODY, base_path="/cron/").start()
+    browser.shots = directory
+    try:
+        yield daemon, browser
+    finally:
         daemon.kill()
 
 
@@ -144,3 +153,36 @@ def test_dashboard(site):
     shot(driver, "history")
     if "browser" in driver.log_types:
         assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_dashboard_under_auth_all(tmp_path, browser):
+    """settings.http.auth: all: the page asks for the token once, sends it as a header on every
+    request, and the live log follow (fetch() reading the stream) works with it."""
+    driver = browser
+    driver.shots = str(tmp_path)
+    daemon = WebDaemon(tmp_path, BODY.split("  - name: bad")[0], auth="all").start()
+    try:
+        assert daemon.request("api/v1/status")[0] == 401
+        driver.get(daemon.base + "#/task/good")
+        box = until(driver, lambda d: d.find_element(By.ID, "token-input"), what="the token form")
+        shot(driver, "auth-token-form")
+        box.send_keys("wrong-token-0123456789")
+        driver.find_element(By.CSS_SELECTOR, "#token-form button[type=submit]").click()
+        box = until(driver, lambda d: [e for e in d.find_elements(By.ID, "token-input") if e != box][0],
+                    what="the form again, for a wrong token")
+        assert "That token was refused" in driver.find_element(By.ID, "main").text
+        box.send_keys(TOKEN)
+        driver.find_element(By.CSS_SELECTOR, "#token-form button[type=submit]").click()
+        until(driver, lambda d: "all fine" in d.find_element(By.ID, "log").text, what="good's log")
+        driver.find_element(By.ID, "follow").click()
+        seen = until(driver, lambda d: d.find_element(By.ID, "log").text.count("all fine"),
+                     what="a follow")
+        until(driver, lambda d: d.find_element(By.ID, "log").text.count("all fine") >= seen + 2,
+              what="new lines arriving in the followed log")
+        shot(driver, "auth-follow")
+        driver.get(daemon.base + "#/")      # kept for the tab: no second question
+        until(driver, lambda d: state_of(d, "good") == "ok", what="the task list")
+        assert not driver.find_elements(By.ID, "token-input")
+        assert TOKEN not in driver.current_url and TOKEN not in daemon.log
+    finally:
+        daemon.kill()

@@ -22,14 +22,14 @@ def free_port():
 class WebDaemon(Daemon):
     """``torchcore start --foreground`` with settings.http on a free port (and a 0600 token)."""
 
-    def __init__(self, directory, body, base_path="/"):
+    def __init__(self, directory, body, base_path="/", auth=None):
         self.port = free_port()
         token = os.path.join(str(directory), "token")
         with open(token, "w") as handle:
             handle.write(TOKEN + "\n")
         os.chmod(token, 0o600)
         settings = (f"  http:\n    listen: 127.0.0.1:{self.port}\n    token_file: token\n"
-                    f"    base_path: {base_path}\n")
+                    f"    base_path: {base_path}\n" + (f"    auth: {auth}\n" if auth else ""))
         super().__init__(directory, body, settings)
         self.base = f"http://127.0.0.1:{self.port}{base_path}"
 
@@ -44,7 +44,9 @@ class WebDaemon(Daemon):
 
     def answers(self):
         try:
-            with urllib.request.urlopen(self.base + "api/v1/status", timeout=2) as response:
+            request = urllib.request.Request(self.base + "api/v1/status",
+                                             headers={"Authorization": f"Bearer {TOKEN}"})
+            with urllib.request.urlopen(request, timeout=2) as response:
                 return response.status == 200
         except (OSError, urllib.error.URLError):
             return False

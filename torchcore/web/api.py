@@ -2,7 +2,8 @@
 
 Every handler takes a ``Request`` and returns ``(status, body)``; a bad parameter is an
 ``HttpError`` (400 with a message, never a 500), an unknown task or run a 404.  The
-read-only routes need nothing; the state-changing ones (POST) need
+read-only routes need nothing (unless ``settings.http.auth: all``: then the server asks the
+token of every request, see server.py); the state-changing ones (POST) need
 ``Authorization: Bearer <token>``, compared in constant time.  The document at
 ``/api/v1/openapi.json`` (openapi.py) describes exactly these routes.
 """
@@ -97,15 +98,15 @@ class Api:
                             [("Allow", ", ".join(allowed_methods))])
         raise HttpError(404, f"no such resource: /{request.path}")
 
-    def authorize(self, request):
-        """The Bearer token, or 401 (missing or wrong) / 403 (actions are off)."""
+    def authorize(self, request, why="this call changes state"):
+        """The Bearer token, or 401 (missing or wrong) / 403 (no usable token file)."""
         backend = self.backend
         if backend.token is None:
             raise HttpError(403, backend.token_error)
         given = request.headers.get("authorization", "")
         scheme, _, credentials = given.partition(" ")
         if not given:
-            raise HttpError(401, "this call changes state: send Authorization: Bearer <token>",
+            raise HttpError(401, f"{why}: send Authorization: Bearer <token>",
                             [("WWW-Authenticate", 'Bearer realm="torchcore"')])
         if scheme.lower() != "bearer" or not hmac.compare_digest(
                 credentials.strip().encode("utf-8", "surrogateescape"), backend.token.encode()):

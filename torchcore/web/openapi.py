@@ -182,7 +182,10 @@ def document(api, base_path="/"):
         "openapi": "3.1.0",
         "info": {"title": "torchcore", "version": __version__,
                  "description": "The JSON API of one torchcore node. Times are ISO 8601 with "
-                                "their UTC offset; runs have the fields of `history --json`."},
+                                "their UTC offset; runs have the fields of `history --json`. The "
+                                "actions (POST) need the token; with `settings.http.auth: all`, "
+                                "every route does (and this document), answering 401 without "
+                                "it."},
         "servers": [{"url": base_path.rstrip("/") or "/"}],
         "paths": paths,
         "components": {"securitySchemes": {"token": {

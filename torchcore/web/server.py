@@ -152,6 +152,13 @@ class Handler(BaseHTTPRequestHandler):
             # same-origin, so nothing that page can start (a log follow held open, a
             # 10,000-run history, a POST) reaches the routes
             raise api_mod.HttpError(403, "not from another site's page (Sec-Fetch-Site)")
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        if path.startswith(("api/", "metrics")) and self.service.backend.auth == "all":
+            # settings.http.auth: all: nothing of the records without the token (the
+            # dashboard's own files, the same for everyone, come without it and ask for it)
+            self.service.api.authorize(api_mod.Request(method, path, {}, headers),
+                                       "this service needs its token for every request "
+                                       "(settings.http.auth: all)")
         if path == "metrics" and method in ("GET", "HEAD"):
             body, kind = self.service.metrics.exposition(self.headers.get("Accept"))
             return self.send(200, kind, body, head=method == "HEAD")
@@ -169,7 +176,7 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError as exc:
             raise api_mod.HttpError(400, f"bad query string: {exc}") from None
         request = api_mod.Request(method="GET" if method == "HEAD" else method, path=path,
-                                  query=query, headers={k.lower(): v for k, v in self.headers.items()})
+                                  query=query, headers=headers)
         status, body = self.service.api.handle(request)
         if isinstance(body, api_mod.Stream):
             if method == "HEAD":

@@ -7,6 +7,7 @@
         listen: 127.0.0.1:9177          # off unless set; a bare port means 127.0.0.1
         token_file: /etc/torchcore/token  # needed for anything that changes state
         base_path: /cron/               # when served behind a reverse proxy
+        auth: all                       # the token for every request (default: changes)
 
 The file's form is validated with the rest of the task file (config.load, validate.py); the token file
 itself is checked where the daemon runs (``token_problem``, through config.node_problems):
@@ -24,7 +25,11 @@ MAX_TOKEN_BYTES = 4096
 MIN_TOKEN_CHARS = 16
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})")
 _BASE_PATH = re.compile(r"/(?:[A-Za-z0-9._~-]+/)*")
-_FIELDS = ("listen", "token_file", "base_path")
+_FIELDS = ("listen", "token_file", "base_path", "auth")
+AUTH_MODES = {      # settings.http.auth -> what needs the token
+    "changes": "the token for actions only; anyone on the machine may read",
+    "all": "the token for every request",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +38,7 @@ class HttpSettings:
     token_file: str | None = None       # absolute path
     base_path: str = "/"                # starts and ends with "/"
     token_line: int = 0                 # where token_file is written (for node problems)
+    auth: str = "changes"               # AUTH_MODES: what needs the token
 
     @property
     def address(self):
@@ -93,6 +99,7 @@ def parse(loader, node):
     if not isinstance(node, yaml.MappingNode):
         raise yamlread.Bad(f"expected a mapping with {', '.join(_FIELDS)}, {yamlread.got(node)}", node)
     values = {}
+    auth_node = None
     for key, (_, value) in loader.mapping(node, "settings: http: ", _FIELDS).items():
         if value.tag == yamlread.NULL:
             continue
@@ -104,12 +111,27 @@ def parse(loader, node):
             elif key == "token_file":
                 values["token_file"] = loader.abspath(value)
                 values["token_line"] = yamlread.line_of(value)
+            elif key == "auth":
+                auth_node = value
+                values["auth"] = _checked(parse_auth, yamlread.want_word(value, "changes or all"),
+                                          value)
             else:
                 values["base_path"] = _checked(parse_base_path,
                                                yamlread.want_word(value, "a URL path"), value)
         except yamlread.Bad as bad:
             loader.problem(bad.node or value, "settings: http: ", f"{key}: {bad}")
+    if values.get("auth") == "all" and "token_file" not in values:
+        loader.problem(auth_node, "settings: http: ", "auth: all needs a token_file (the token every "
+                       "request must send); set token_file, or auth: changes")
     return HttpSettings(**values)
+
+
+def parse_auth(text):
+    """``changes`` or ``all``; ValueError for anything else."""
+    if text not in AUTH_MODES:
+        raise ValueError(f"expected changes (the token for actions only) or all (the token for "
+                         f"every request), got {text!r}")
+    return text
 
 
 def _checked(parser, text, node):

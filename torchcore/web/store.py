@@ -106,15 +106,19 @@ class Backend:
             self.base_path = http.base_path if http else "/"
             self.token_file = http.token_file if http else None
             self._cache.clear()
+        auth = http.auth if http else "changes"
+        refused = "every request is refused" if auth == "all" else "state-changing calls are off"
         self.token, self.token_error = None, None
         if self.token_file is None:
-            self.token_error = "state-changing calls are off: settings.http.token_file is not set"
+            self.auth = auth
+            self.token_error = f"{refused}: settings.http.token_file is not set"
             return
         try:
             self.token = read_token(self.token_file)
         except TokenError as exc:
-            self.token_error = f"state-changing calls are off: token_file: {exc}"
+            self.token_error = f"{refused}: token_file: {exc}"
             log.error("http: %s", self.token_error)
+        self.auth = auth        # last: a reader sees "all" only with its token (or its error)
 
     # -- the records ----------------------------------------------------------------------------
 

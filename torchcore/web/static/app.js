@@ -4,8 +4,10 @@
 
 const REFRESH_MS = 5000;
 const PAGE = 100;
+const TOKEN_KEY = "torchcore-token";
 let timer = null;
-let follow = null;
+let follow = null;      // the AbortController of the log follow going on
+let asking = false;     // the token form is shown (settings.http.auth: all)
 
 // -- helpers ---------------------------------------------------------------------------------
 
@@ -24,8 +26,25 @@ function h(tag, attrs, ...children) {
   return el;
 }
 
+// The token, once given, goes with every request as a header (never in a URL): needed for the
+// actions, and for everything when the service runs with settings.http.auth: all.
+function withToken(headers) {
+  const value = sessionStorage.getItem(TOKEN_KEY);
+  return value ? { ...(headers || {}), Authorization: `Bearer ${value}` } : { ...(headers || {}) };
+}
+
+// A 401: the token kept (if any) is wrong; a read refused means the service wants it for everything.
+function refused(method) {
+  const had = sessionStorage.getItem(TOKEN_KEY) !== null;
+  sessionStorage.removeItem(TOKEN_KEY);
+  if (!method || method === "GET") askToken(had);
+}
+
 async function api(path, options) {
+  options = { ...(options || {}) };
+  options.headers = withToken(options.headers);
   const response = await fetch("api/v1/" + path, options);
+  if (response.status === 401) refused(options.method);
   let body = null;
   try { body = await response.json(); } catch (e) { body = null; }
   if (!response.ok) {
@@ -79,23 +98,40 @@ function message(text, error) {
 }
 
 function token() {
-  let value = sessionStorage.getItem("torchcore-token");
+  let value = sessionStorage.getItem(TOKEN_KEY);
   if (!value) {
     value = window.prompt("The token (settings.http.token_file) for actions:");
-    if (value) sessionStorage.setItem("torchcore-token", value.trim());
+    if (value) sessionStorage.setItem(TOKEN_KEY, value.trim());
   }
   return value;
 }
 
 async function act(path) {
-  const value = token();
-  if (!value) throw new Error("no token given");
-  try {
-    return await api(path, { method: "POST", headers: { Authorization: `Bearer ${value}` } });
-  } catch (e) {
-    if (e.message.startsWith("401")) sessionStorage.removeItem("torchcore-token");
-    throw e;
-  }
+  if (!token()) throw new Error("no token given");
+  return await api(path, { method: "POST" });
+}
+
+// settings.http.auth: all: nothing shows without the token; ask for it once (kept for the tab).
+function askToken(wrong) {
+  if (asking) return;
+  asking = true;
+  clearInterval(timer);
+  stopFollow();
+  const input = h("input", { type: "password", id: "token-input", autocomplete: "off", placeholder: "token", required: true });
+  const form = h("form", { id: "token-form", class: "toolbar", onsubmit: (e) => {
+    e.preventDefault();
+    const value = input.value.trim();
+    if (!value) return;
+    sessionStorage.setItem(TOKEN_KEY, value);
+    asking = false;
+    route();
+  } }, h("label", { for: "token-input" }, "Token"), input, h("button", { type: "submit" }, "Open"));
+  show(h("h2", {}, "This service needs its token"),
+    wrong ? message("That token was refused.", true) : "",
+    message("Every request needs the token of settings.http.token_file (settings.http.auth: all); " +
+      "it is kept for this browser tab only."), form);
+  document.getElementById("daemon").textContent = "token needed";
+  input.focus();
 }
 
 function show(...nodes) {
@@ -116,7 +152,7 @@ async function header() {
       ? `running · pid ${d.pid} · ${status.tasks} tasks · ${status.running} running · version ${(d.version || "").slice(0, 12)}`
       : "torchcore is not running";
   } catch (e) {
-    el.textContent = e.message;
+    el.textContent = asking ? "token needed" : e.message;
   }
 }
 
@@ -235,20 +271,55 @@ async function showLog(pre, path) {
   } catch (e) { pre.textContent = e.message; }
 }
 
-function followLog(name, pre, on) {
+// The follow is read with fetch() as a stream (an EventSource cannot send the token's header):
+// server-sent events, one "data:" line per log line, ":" lines to keep the connection.
+async function followLog(name, pre, on) {
   stopFollow();
   if (!on) return;
   pre.textContent = "";
-  follow = new EventSource(`api/v1/tasks/${encodeURIComponent(name)}/log/follow?lines=200`);
-  follow.onmessage = (event) => {
+  const controller = new AbortController();
+  follow = controller;
+  const add = (line) => {
     const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
-    pre.append(event.data + "\n");
+    pre.append(line + "\n");
     if (atEnd) pre.scrollTop = pre.scrollHeight;
   };
+  try {
+    const response = await fetch(`api/v1/tasks/${encodeURIComponent(name)}/log/follow?lines=200`,
+      { headers: withToken({ Accept: "text/event-stream" }), signal: controller.signal, cache: "no-store" });
+    if (!response.ok) {
+      if (response.status === 401) refused("GET");
+      let text = response.statusText;
+      try { text = (await response.json()).error || text; } catch (e) { /* no body */ }
+      throw new Error(`${response.status}: ${text}`);
+    }
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const data = buffer.slice(0, end).split("\n").filter((l) => l.startsWith("data:"));
+        buffer = buffer.slice(end + 2);
+        if (data.length) add(data.map((l) => l.slice(5).replace(/^ /, "")).join("\n"));
+      }
+    }
+    if (follow === controller) add("(the follow ended: the service stopped)");
+  } catch (e) {
+    if (e.name !== "AbortError" && follow === controller) add(`(the follow ended: ${e.message})`);
+  } finally {
+    if (follow === controller) {
+      follow = null;
+      const box = document.getElementById("follow");
+      if (box) box.checked = false;
+    }
+  }
 }
 
 function stopFollow() {
-  if (follow) { follow.close(); follow = null; }
+  if (follow) { const controller = follow; follow = null; controller.abort(); }
 }
 
 // -- the timeline ----------------------------------------------------------------------------
@@ -346,6 +417,7 @@ async function fleetPage() {
 let refresh = () => {};
 
 async function route() {
+  asking = false;           // a page refused without the token asks for it again
   clearInterval(timer);
   stopFollow();
   const hash = location.hash.replace(/^#\/?/, "");
@@ -360,7 +432,8 @@ async function route() {
   refresh = async () => { await header(); if (again) await again(); stamp(); };
   await header();
   stamp();
-  timer = setInterval(() => { if (!document.hidden) refresh(); }, REFRESH_MS);
+  if (asking) return;       // the token form waits for its token
+  timer = setInterval(() => { if (!document.hidden && !asking) refresh(); }, REFRESH_MS);
 }
 
 window.addEventListener("hashchange", route);
