@@ -25,7 +25,7 @@ from torchcore import config, tasklog
 from torchcore.commands import history
 from torchcore.errors import ConfigError, DaemonError
 from torchcore.records import Records, RunRecord, db_path
-from torchcore.web import server, wanted
+from torchcore.web import detail, server, wanted
 from torchcore.web.settings import TokenError, parse_base_path, parse_listen, read_token
 from torchcore.web.store import Backend
 
@@ -191,6 +191,8 @@ def test_settings_http_auth(tmp_path):
     loaded = config.load(write_taskfile(tmp_path, "  http:\n    listen: 9177\n    token_file: token\n"
                                                   "    auth: all\n", "tasks: []\n"))
     assert loaded.settings.http.auth == "all"
+    assert detail(loaded) == {"listen": "127.0.0.1:9177", "auth": "all"}
+    assert detail(loaded, {"http": ["--listen", "[::1]:80"]}) == {"listen": "[::1]:80", "auth": "all"}
     for http, line, words in [
         ("    auth: all\n", 6, "auth: all needs a token_file (the token every request must send)"),
         ("    auth: everything\n    token_file: token\n", 6,

@@ -62,6 +62,11 @@ def test_status_and_tasks_agree_with_status_json(daemon):
     assert cli_states["bad"] == "failing" and cli_states["later"] == "never ran"
     status, body = daemon.json("api/v1/status")
     assert body["daemon"]["answering"] and body["daemon"]["pid"] == daemon.proc.pid
+    http = [s for s in json.loads(out)["daemon"]["services"] if s["name"] == "http"]
+    assert http[0]["auth"] == "changes" and http[0]["listen"] == f"127.0.0.1:{daemon.port}"
+    code, text = daemon.cli("status")        # which mode the service runs in
+    assert f"service http: pid {http[0]['pid']}, running, on 127.0.0.1:{daemon.port}, auth changes " \
+           "(the token for actions only; anyone on the machine may read)" in text
 
 
 def test_run_now_disable_and_counts_agree_with_history(daemon):

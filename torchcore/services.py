@@ -115,7 +115,16 @@ class Services:
         """Status rows: name, pid, state, restarts, last exit."""
         now = self.clock.monotonic()
         return [{"name": s.spec.name, "pid": s.pid, "state": s.state(now), "restarts": s.restarts,
-                 "last_exit": s.last_exit} for s in self.running.values()]
+                 "last_exit": s.last_exit, **self._detail(s.spec)} for s in self.running.values()]
+
+    def _detail(self, spec):
+        """What a service module's optional ``detail(taskfile, options)`` adds to its status row
+        (the HTTP service: its address and auth mode)."""
+        try:
+            detail = getattr(importlib.import_module(spec.module), "detail", None)
+            return dict(detail(self.taskfile, self.options)) if detail else {}
+        except Exception:
+            return {}
 
     def apply(self, taskfile, node, reloaded=False):
         """After a load: start the services the file asks for, stop the others, and tell the

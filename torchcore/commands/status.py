@@ -16,6 +16,7 @@ from torchcore.schedule import Schedule
 from torchcore.states import TaskHealth
 from torchcore.textfmt import format_relative, format_table
 from torchcore.units import format_duration
+from torchcore.web.settings import AUTH_MODES as AUTH_WORDS
 
 
 def register(subparsers):
@@ -268,6 +269,9 @@ def _daemon_text(live, found, digest, now):
     for service in live.get("services", []):
         pid = f"pid {service['pid']}, " if service.get("pid") else ""
         line = f"service {service['name']}: {pid}{service['state']}"
+        if service.get("auth"):         # the HTTP service: where, and what needs its token
+            line += (f", on {service.get('listen')}, auth {service['auth']} ("
+                     f"{AUTH_WORDS.get(service['auth'], '?')})")
         if service.get("restarts"):
             line += f", restarted {service['restarts']} times, last {service.get('last_exit')}"
         lines.append(line)

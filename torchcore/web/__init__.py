@@ -16,3 +16,12 @@ def wanted(taskfile, node=None, options=None):
         return True
     http = getattr(taskfile.settings, "http", None)
     return http is not None and http.listen is not None
+
+
+def detail(taskfile, options=None):
+    """What ``status`` shows of the service: the address and the auth mode
+    (settings.http.auth: ``changes`` or ``all``)."""
+    http = getattr(taskfile.settings, "http", None) if taskfile is not None else None
+    extra = (options or {}).get("http") or []
+    listen = extra[-1] if extra else (http.listen if http else None)
+    return {"listen": listen, "auth": http.auth if http else "changes"}
