@@ -1,6 +1,6 @@
 """The dashboard of a running daemon in a real browser: Debian's chromium, headless, driven by
-selenium through /usr/bin/chromedriver.  One browser and one daemon for the module; screenshots
-of each page go to the test's tmp dir.  Skipped when chromium or its driver is not installed
+selenium through /usr/bin/chromedriver.  One browser for the module, and a daemon per test (the
+second with settings.http.auth: all); screenshots of each page go to the test's tmp dir.  Skipped when chromium or its driver is not installed
 (tests/setup-system.sh installs both)."""
 
 import os
