@@ -166,7 +166,9 @@ def test_signal_to_launcher_does_not_leave_it_in_caller_code(work):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(work / "hanging")  # the launcher is waiting for a verdict
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=10)
+    proc.wait(timeout=30)           # the launcher answers the signal; the daemon still hangs,
+    (work / "stop").touch()         # holding the start-up pipe until it is let go
+    out, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
     assert "detach returned False" not in err
     assert "interrupted" in err
