@@ -204,16 +204,17 @@ class FakeHost:
         self.clock = TickingClock(cost=0.0001)
         self.finished = []
         self.system = self
+        self.loads_in_child = True
         self.selector = self
         self.spawned = []
 
-    def spawn_loader(self, path, node, stderr):
+    def spawn_loader(self, path, node, stderr, spare=False):
         import os
         read_fd, write_fd = os.pipe()
         verdict, taskfile = loadchild.verdict_of(path, node)
         data = b"".join(loadchild.stream_frames(taskfile, node, verdict))
         self.spawned.append((read_fd, write_fd, data))
-        return 4242 + len(self.spawned), read_fd
+        return 4242 + len(self.spawned), read_fd, None
 
     def register(self, fd, events, callback):
         pass
@@ -231,8 +232,9 @@ class FakeHost:
         return reload.ready, reload.problems or []
 
 
-def test_a_reload_asked_for_while_one_is_under_way_comes_after_it(tmp_path):
+def test_a_reload_asked_for_while_one_is_under_way_comes_after_it(tmp_path, monkeypatch):
     import os
+    monkeypatch.setattr(loadchild, "INLINE_BYTES", 0)      # a child for any file
     path = _big(tmp_path, 300)
     host = FakeHost(path)
     reloader = reloading.Reloader(host)

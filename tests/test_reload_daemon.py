@@ -44,7 +44,7 @@ def _file(tmp_path, count):
 
 def test_the_child_streams_what_config_load_finds(tmp_path):
     path = _file(tmp_path, 3000)
-    pid, fd = loadchild.spawn(path, NODE)
+    pid, fd, _ = loadchild.spawn(path, NODE)
     try:
         data = _read_all(fd)
     finally:
@@ -61,7 +61,7 @@ def test_the_child_streams_what_config_load_finds(tmp_path):
 
 def test_a_child_killed_mid_load_is_a_rejection_at_start_never_a_traceback(tmp_path):
     path = _file(tmp_path, 20000)
-    pid, fd = loadchild.spawn(path, NODE)
+    pid, fd, _ = loadchild.spawn(path, NODE)
     os.kill(pid, signal.SIGKILL)
     try:
         data = _read_all(fd)
@@ -113,6 +113,13 @@ def test_a_reload_of_a_big_file_does_not_delay_an_every_second_task(tmp_path):
         assert out.returncode == 0 and "0 added, 1 changed, 0 removed" in out.stdout, out
         time.sleep(4)
         last = int(time.time()) - 1
+        with open(tmp_path / "tasks.yaml", "a") as handle:
+            handle.write("  - {name: bad, schedule: '61 * * * * *', command: x}\n")
+        out = subprocess.run([sys.executable, "-m", "torchcore", "reload", "-c", "tasks.yaml"],
+                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+        assert out.returncode != 0 and "Traceback" not in out.stderr
+        assert f"tasks.yaml:{count + 7}: task 'bad': schedule: second: value 61 is out of range" \
+            in out.stderr
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)

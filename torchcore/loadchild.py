@@ -27,6 +27,8 @@ import struct
 import sys
 import time
 
+INLINE_BYTES = 32 << 10     # a file this small is loaded in the process that asks: a child
+                            # would cost more than its parse (a few ms) and its garbage
 HEADER = struct.Struct(">cI")
 MAX_FRAME = 256 << 20
 BATCH = 1000                # tasks per T frame: a few hundred µs to take apart
@@ -102,8 +104,15 @@ def stream_frames(taskfile, node, verdict):
 
 
 def main(argv):
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # a ^C is the supervisor's to act on
     out = sys.stdout.fileno()
     try:
+        if argv[0] == "--spare":    # ready ahead: its modules loaded, it waits for a byte
+            argv = argv[1:]
+            from torchcore import config, tasktable  # noqa: F401 (imported ahead, the point)
+            if not os.read(0, 1):
+                return 0            # not needed after all (the supervisor stops)
         path, node = argv[0], _node(argv[1])
         verdict, taskfile = verdict_of(path, node)
         frames = stream_frames(taskfile, node, verdict) if taskfile is not None else \
@@ -123,24 +132,33 @@ def _write_all(fd, data):
 
 # ---- the supervisor's side ------------------------------------------------------------------
 
-def spawn(path, node, stderr=None):
-    """Start a loading process for ``path``; returns (pid, the read end of its stdout, non-blocking)."""
+def spawn(path, node, stderr=None, spare=False):
+    """Start a loading process for ``path``; returns (pid, the read end of its stdout,
+    non-blocking, and None).  A ``spare`` one loads its modules and waits until a byte is
+    written to the third value, the write end of its stdin (end of file: it exits unused):
+    a reload then starts without an interpreter's start-up."""
     read_fd, write_fd = os.pipe()
-    actions = [(os.POSIX_SPAWN_DUP2, write_fd, 1), (os.POSIX_SPAWN_CLOSE, read_fd),
+    go_r, go_w = os.pipe() if spare else (None, None)
+    actions = [(os.POSIX_SPAWN_DUP2, write_fd, 1),
+               (os.POSIX_SPAWN_DUP2, go_r, 0) if spare else
                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
     if stderr is not None:
         actions.append((os.POSIX_SPAWN_OPEN, 2, stderr, os.O_WRONLY | os.O_APPEND, 0))
+    argv = [sys.executable, "-m", "torchcore.loadchild"] + (["--spare"] if spare else [])
     try:
-        pid = os.posix_spawn(sys.executable, [sys.executable, "-m", "torchcore.loadchild", path,
-                                              node_argument(node)],
-                             os.environ, file_actions=actions, setsigdef=_SIGNALS)
+        pid = os.posix_spawn(sys.executable, [*argv, path, node_argument(node)], os.environ,
+                             file_actions=actions, setsigdef=_SIGNALS)
     except BaseException:
-        os.close(read_fd)
+        for fd in (read_fd, go_w):
+            if fd is not None:
+                os.close(fd)
         raise
     finally:
-        os.close(write_fd)
+        for fd in (write_fd, go_r):
+            if fd is not None:
+                os.close(fd)
     os.set_blocking(read_fd, False)
-    return pid, read_fd
+    return pid, read_fd, go_w
 
 
 def _default_signals():
@@ -223,7 +241,10 @@ def load_for_node(path, node, stderr=None):
     as config.load_for_node; a child that fails is one line too, never a traceback."""
     from torchcore.errors import ConfigError
 
-    pid, fd = spawn(path, node, stderr)
+    if small(path):
+        from torchcore import config, tasktable
+        return tasktable.Loaded.of_taskfile(config.load_for_node(path, node), node)
+    pid, fd, _ = spawn(path, node, stderr)
     os.set_blocking(fd, True)
     stream, collect, failure, status = Stream(), Collector(), None, None
     try:
@@ -249,6 +270,15 @@ def load_for_node(path, node, stderr=None):
     if not stream.verdict["ok"]:
         raise ConfigError(stream.verdict["problems"])
     return collect.loaded(path)
+
+
+def small(path):
+    """True if the file at ``path`` is loaded in-process (see INLINE_BYTES); a file that
+    cannot be seen is too (its load says why, at once)."""
+    try:
+        return os.stat(path).st_size <= INLINE_BYTES
+    except OSError:
+        return True
 
 
 def exit_text(status):

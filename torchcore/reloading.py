@@ -30,6 +30,7 @@ from torchcore.loadchild import END, OTHERS, TASKS, VERDICT, StreamError
 SLICE = 0.003               # seconds of work per step: the loop's tick is never held longer
 READ_CHUNK = 1 << 20        # bytes read from the child per readiness event
 CHECK_EVERY = 64            # records compared between two looks at the clock
+LOAD_TIMEOUT = 600          # seconds a loading child may take before it is given up
 BIG = 2000                  # tasks changed, added or removed: above, the table is set aside
 
 
@@ -207,6 +208,13 @@ class Reload:
         """The new file as the supervisor keeps it (once ready)."""
         return tasktable.Loaded(self.path, self.settings, self.digest, self.table, self.others)
 
+    def timing(self, clock):
+        """What the log says of the time a reload in a child took."""
+        if self.pid is None or self.parse_time is None:
+            return ""
+        return (f"; parsed in {self.parse_time:.2f}s, applied "
+                f"{clock.monotonic() - self.started:.2f}s after the request")
+
     def counts(self):
         return {"added": len(self.added), "changed": len(self.changed),
                 "removed": len(self.removed)}
@@ -241,11 +249,21 @@ class Reloader:
         self.host = host
         self.stderr = stderr
         self.current = None
+        self.spare = None           # (pid, stream fd, go fd) of a loading child waiting to go
         self.pending = None         # (reason, [callbacks]) of the next reload
         self.more = False           # the current reload has input it has not taken yet
 
     def request(self, reason, callback=None):
-        """Reload (now, or after the one under way); ``callback(accepted, problems)`` then."""
+        """Reload (now, or after the one under way); ``callback(accepted, problems)`` then.
+        A small file (loadchild.INLINE_BYTES), or any without children (tests), is loaded by
+        ``host.reload`` at once."""
+        host = self.host
+        if self.current is None and (not host.system.loads_in_child or
+                                     loadchild.small(host.settings.path)):
+            result = host.reload(reason)
+            if callback is not None:
+                callback(*result)
+            return
         if self.current is None:
             self._begin(reason, [callback] if callback else [])
             return
@@ -259,13 +277,46 @@ class Reloader:
         reload.callbacks = callbacks
         self.current = reload
         try:
-            reload.pid, reload.fd = host.system.spawn_loader(reload.path, host.node, self.stderr)
+            reload.pid, reload.fd = self._go() or \
+                host.system.spawn_loader(reload.path, host.node, self.stderr)[:2]
         except OSError as exc:
             reload.problems = [(f"{reload.path}: cannot load: cannot start the loading "
                                 f"process: {exc.strerror or exc}")]
             self._end()
             return
         host.selector.register(reload.fd, 1, self._readable)    # selectors.EVENT_READ
+
+    def prepare_spare(self):
+        """Have a loading child wait, its modules loaded, for the next reload (it then starts
+        at once, not after an interpreter's start-up: a reload storm keeps up)."""
+        if self.spare is None:
+            try:
+                self.spare = self.host.system.spawn_loader(
+                    self.host.settings.path, self.host.node, self.stderr, spare=True)
+            except OSError:
+                self.spare = None       # the next reload starts a child of its own
+
+    def _go(self):
+        """(pid, stream fd) of the spare, told to go; None if there is none (or it died)."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return None
+        pid, fd, go = spare
+        try:
+            os.write(go, b"g")
+        except OSError:
+            os.close(fd)
+            return None
+        finally:
+            os.close(go)
+        return pid, fd
+
+    def _drop_spare(self):
+        if self.spare is not None:
+            _, fd, go = self.spare
+            self.spare = None
+            os.close(fd)
+            os.close(go)            # end of file: it exits
 
     def _readable(self, key=None, mask=None):
         reload = self.current
@@ -292,7 +343,10 @@ class Reloader:
         reload = self.current
         if reload is None:
             return
-        self.more = reload.step(self.host.clock.monotonic() + budget)
+        now = self.host.clock.monotonic()
+        self.more = reload.step(now + budget)
+        if not reload.done and now - reload.started > LOAD_TIMEOUT:
+            reload._fail(f"no verdict after {LOAD_TIMEOUT:.0f}s (the file stays as it was)")
         if reload.done:
             self._end()
 
@@ -306,6 +360,8 @@ class Reloader:
         if self.pending is not None:
             (reason, callbacks), self.pending = self.pending, None
             self._begin(reason, callbacks)
+        elif not loadchild.small(reload.path):
+            self.prepare_spare()
 
     def _unregister(self, reload):
         if reload.fd is not None:
@@ -316,6 +372,7 @@ class Reloader:
 
     def cancel(self, why):
         """Give up the reload under way and those asked for (shutdown): each asker is told."""
+        self._drop_spare()
         callbacks = []
         if self.current is not None:
             reload, self.current = self.current, None

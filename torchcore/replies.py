@@ -87,7 +87,7 @@ class Replies:
         """Reload; the reply waits (without holding the loop) for the file's verdict, and
         says whether the file watch had applied this very file already."""
         later = Later()
-        self.sup.request_reload("control request", lambda *result: later.send(
+        self.sup.reloader.request("control request", lambda *result: later.send(
             self._reload_reply(*result)))
         return later.reply or later
 

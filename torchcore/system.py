@@ -48,9 +48,9 @@ class System:
 
     loads_in_child = True       # reloads parse the file in a child (see reloading.py)
 
-    def spawn_loader(self, path, node, stderr):
-        """Start a process loading the task file; (pid, the read end of its stream)."""
-        return loadchild.spawn(path, node, stderr)
+    def spawn_loader(self, path, node, stderr, spare=False):
+        """Start a process loading the task file (see loadchild.spawn)."""
+        return loadchild.spawn(path, node, stderr, spare)
 
     def start_launcher(self, report_w, stderr):
         return Launcher(report_w, stderr=stderr)
