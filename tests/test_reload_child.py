@@ -283,3 +283,14 @@ def test_a_big_change_is_set_aside_and_taken_whole_keeping_the_wall_memory(tmp_p
     assert planner.watermark == watermark and len(planner) == 3000
     assert {key: zone.wall_high for key, zone in planner._zones.items()} == before
     assert sorted(planner.peek(1_767_225_600 + 3 * 3600)) == ["t0"]       # Jan 1st, 03:00:00
+
+
+def test_a_big_file_s_settings_are_found_in_its_head_as_the_whole_file_gives_them(tmp_path):
+    tasks = "".join(f"  - {{name: t{i}, schedule: '@daily', command: 'job {i} {'x' * 40}'}}\n"
+                    for i in range(20000))
+    settings = "settings:\n  state_dir: st\n  shutdown_grace: 2m\n  pidfile: run/tc.pid\n"
+    for text in (settings + "tasks:\n" + tasks, "tasks:\n" + tasks + settings, "tasks:\n" + tasks):
+        path = tmp_path / "big.yaml"
+        path.write_text(text)
+        assert path.stat().st_size > config.PEEK_WHOLE_BYTES
+        assert config.peek_settings(str(path)) == config.load_settings(str(path))
