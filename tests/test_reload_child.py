@@ -294,3 +294,27 @@ def test_a_big_file_s_settings_are_found_in_its_head_as_the_whole_file_gives_the
         path.write_text(text)
         assert path.stat().st_size > config.PEEK_WHOLE_BYTES
         assert config.peek_settings(str(path)) == config.load_settings(str(path))
+
+
+@pytest.mark.parametrize("notify", ["", "    notify: [{to: 'mailto://ops@example.com'}]\n"])
+def test_the_services_ask_a_loaded_file_what_they_asked_the_task_file(tmp_path, notify):
+    from torchcore import notifyspec
+    path = tmp_path / "tasks.yaml"
+    path.write_text("settings:\n  timezone: UTC\ntasks:\n  - name: a\n    schedule: '@daily'\n"
+                    "    command: 'true'\n" + notify)
+    taskfile = config.load(str(path))
+    verdict, _ = loadchild.verdict_of(str(path), NODE)
+    assert loadchild.settings_of(verdict) == taskfile.settings
+    collect = loadchild.Collector()
+    for kind, value in _frames_decoded(loadchild.stream_frames(taskfile, NODE, verdict)):
+        collect.take(kind, value)
+    for loaded in (collect.loaded(str(path)), tasktable.Loaded.of_taskfile(taskfile, NODE)):
+        assert notifyspec.asks_for_notifier(loaded, NODE) == \
+            notifyspec.asks_for_notifier(taskfile, NODE) == bool(notify)
+
+
+def _frames_decoded(frames):
+    stream = loadchild.Stream()
+    for data in frames:
+        stream.feed(data)
+    yield from stream.frames()

@@ -19,10 +19,11 @@ The child is a fresh interpreter started with posix_spawn: forking a supervisor 
 MB would cost it tens of ms of page-table copying in its loop.
 """
 
-import dataclasses
+import base64
 import json
 import marshal
 import os
+import pickle
 import struct
 import sys
 import time
@@ -80,8 +81,10 @@ def verdict_of(path, node):
     parse = time.perf_counter() - started
     if problems:
         return {"ok": False, "problems": list(problems), "parse": parse}, None
-    return {"ok": True, "digest": taskfile.digest, "settings": dataclasses.asdict(taskfile.settings),
-            "parse": parse}, taskfile
+    from torchcore import tasktable
+    return {"ok": True, "digest": taskfile.digest, "parse": parse,
+            "settings": base64.b64encode(pickle.dumps(taskfile.settings)).decode(),  # exact: its
+            "notifier": tasktable.asks_for_notifier(taskfile, node)}, taskfile   # targets too
 
 
 def stream_frames(taskfile, node, verdict):
@@ -312,12 +315,12 @@ class Collector:
     def loaded(self, path):
         from torchcore.tasktable import Loaded
         return Loaded(path, settings_of(self.verdict), self.verdict["digest"], self.table,
-                      self.others)
+                      self.others, self.verdict.get("notifier", False))
 
 
 def settings_of(verdict):
-    from torchcore.config import Settings
-    return Settings(**verdict["settings"])
+    """The Settings of an accepted verdict (pickled by our own child: the same code's)."""
+    return pickle.loads(base64.b64decode(verdict["settings"]))
 
 
 if __name__ == "__main__":

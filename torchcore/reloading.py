@@ -55,6 +55,7 @@ class Reload:
         self.ready = False              # accepted and compared: apply it
         self.parse_time = None          # the child's own figure (its verdict says)
         self.settings = self.digest = None
+        self.notifier = False           # the node's tasks ask for the notifier (see Loaded)
         self.table = tasktable.TaskTable()
         self.others = {}
         self.added, self.changed, self.removed = [], [], []
@@ -141,6 +142,7 @@ class Reload:
                 return
             self.settings = loadchild.settings_of(value)
             self.digest = value["digest"]
+            self.notifier = bool(value.get("notifier"))
         elif kind == TASKS:
             self._work = self._compare(value)
         elif kind == OTHERS:
@@ -206,7 +208,8 @@ class Reload:
 
     def loaded(self):
         """The new file as the supervisor keeps it (once ready)."""
-        return tasktable.Loaded(self.path, self.settings, self.digest, self.table, self.others)
+        return tasktable.Loaded(self.path, self.settings, self.digest, self.table, self.others,
+                                self.notifier)
 
     def timing(self, clock):
         """What the log says of the time a reload in a child took."""

@@ -16,6 +16,7 @@ import functools
 import ipaddress
 import marshal
 from collections.abc import Mapping
+from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
 from torchcore import textfmt
@@ -193,12 +194,13 @@ class Entries(Mapping):
 class Loaded:
     """The running task file as the supervisor keeps it (see the module docstring)."""
 
-    def __init__(self, path, settings, digest, table, others=None):
+    def __init__(self, path, settings, digest, table, others=None, notifier=False):
         self.path = path
         self.settings = settings
         self.digest = digest
         self.table = table
         self.others = others or {}      # name -> why it does not run here
+        self.notifier = notifier        # a task of the node names a notify target or a ping
 
     @classmethod
     def of_taskfile(cls, taskfile, node):
@@ -207,7 +209,17 @@ class Loaded:
         here = {task.name for task in local}
         others = {task.name: not_here(task) for task in taskfile.tasks if task.name not in here}
         return cls(taskfile.path, taskfile.settings, taskfile.digest,
-                   TaskTable.of_tasks(local), others)
+                   TaskTable.of_tasks(local), others, asks_for_notifier(taskfile, node))
+
+    def local_tasks(self, node):
+        """What the services ask of the node's tasks (notifyspec.asks_for_notifier: whether one
+        names a notify target or a ping), which the loading child answered: a stand-in for such
+        a task, or none.  The tasks themselves are the records (``table``)."""
+        return (_ASKS_FOR_NOTIFIER,) if self.notifier else ()
+
+    @property
+    def tasks(self):
+        return self.local_tasks(None)
 
     def names(self):
         """Every task name of the file, this node's and the others."""
@@ -215,6 +227,18 @@ class Loaded:
 
     def not_here(self, name):
         return self.others[name]
+
+
+def asks_for_notifier(taskfile, node):
+    """notifyspec.asks_for_notifier of a whole TaskFile, for Loaded (False without it)."""
+    try:
+        from torchcore import notifyspec
+    except ImportError:
+        return False
+    return bool(notifyspec.asks_for_notifier(taskfile, node))
+
+
+_ASKS_FOR_NOTIFIER = SimpleNamespace(name="", enabled=True, notify=("a target",), ping=None)
 
 
 def not_here(task):
