@@ -205,6 +205,7 @@ class FakeHost:
         self.finished = []
         self.system = self
         self.loads_in_child = True
+        self.stopping = False
         self.selector = self
         self.spawned = []
 

@@ -267,6 +267,10 @@ class Reloader:
             if callback is not None:
                 callback(*result)
             return
+        if host.stopping:               # no slice of it would run: said at once
+            if callback is not None:
+                callback(False, ["torchcore is stopping; the reload was not applied"])
+            return
         if self.current is None:
             self._begin(reason, [callback] if callback else [])
             return
