@@ -121,7 +121,8 @@ def main():
     print(f"  supervisor, {count:,} tasks loaded: RSS {rss / MB:.0f} MB, USS {uss / MB:.0f} MB "
           f"(ready in {ready:.1f} s)")
     print(f"  APScheduler 3, {count:,} CronTrigger jobs: RSS {aps_full / MB:.0f} MB{note}")
-    print(f"  torchcore / APScheduler RSS: {benchlib.ratio(rss, aps_full)}; "
+    print(f"  torchcore / APScheduler RSS: {benchlib.ratio(rss, aps_full)} (target <= 0.40x: "
+          f"{'MET' if rss <= 0.4 * aps_full else 'NOT MET'}); "
           f"per task: torchcore {(rss - base) / count:.0f} B, APScheduler "
           f"{(aps_full - base) / count:.0f} B (above a bare Python's {base / MB:.0f} MB)")
     small = small_python_uss()

@@ -22,6 +22,8 @@ T0 = 1_767_225_600          # 2026-01-01T00:00:00Z, a multiple of 60
 class FakeSystem(System):
     """Children make-believe: forks return fake pids, signals are recorded, launchers are fakes."""
 
+    loads_in_child = False      # a reload loads the file here, at once (the tests look right after)
+
     def __init__(self, wall, launchers=0, cores=1):
         self.clock = FakeClock(wall=wall)
         self.cores = cores

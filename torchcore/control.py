@@ -15,7 +15,10 @@ on its selector and calls it back::
     server.reap_idle(time.monotonic())
 
 ``handler`` is any object with ``control_<cmd>(request) -> dict`` methods;
-the dict is the reply's payload. Access control is layered: the state
+the dict is the reply's payload.  A handler that can only answer later (a reload waiting for
+its file's verdict) returns a ``Later`` and calls its ``send(payload)`` or ``fail(message)``
+when it knows: that connection reads no further request meanwhile and is never idle.
+Access control is layered: the state
 directory must be 0700 and ours, the socket is 0600, and every peer's uid is
 checked with SO_PEERCRED (ours or root).
 """
@@ -80,6 +83,32 @@ class Connection:
         self.outbuf = bytearray()
         self.last_active = now
         self.closing = False  # close once outbuf is flushed
+        self.waiting = None   # the Later whose reply this connection waits for
+
+
+class Later:
+    """A reply the handler gives later (see the module docstring)."""
+
+    def __init__(self):
+        self.reply = None
+        self._deliver = None
+
+    def send(self, payload):
+        self._done({**payload, "ok": True})
+
+    def fail(self, message):
+        self._done(error_reply(message))
+
+    def _done(self, reply):
+        if self.reply is None:
+            self.reply = reply
+            if self._deliver is not None:
+                self._deliver(reply)
+
+    def attach(self, deliver):
+        self._deliver = deliver
+        if self.reply is not None:
+            deliver(self.reply)
 
 
 class ControlServer:
@@ -141,7 +170,7 @@ class ControlServer:
             self.accept_paused_until = None
             self.selector.register(self.listener, selectors.EVENT_READ, self.handle_event)
         for conn in list(self.connections.values()):
-            if now - conn.last_active > self.idle_timeout:
+            if now - conn.last_active > self.idle_timeout and conn.waiting is None:
                 log.info("control: dropping a client idle for %.1fs (pid %s)",
                          now - conn.last_active, conn.peer_pid)
                 self.drop(conn)
@@ -217,8 +246,8 @@ class ControlServer:
             return
         conn.last_active = self.clock()
         if not data:  # the client finished sending: answer a last unterminated line, then close
-            if conn.inbuf.strip():
-                conn.outbuf += self.answer(bytes(conn.inbuf))
+            if conn.inbuf.strip() and conn.waiting is None:
+                conn.outbuf += self.answer(bytes(conn.inbuf), conn)
             conn.inbuf.clear()
             conn.closing = True
         else:
@@ -228,7 +257,7 @@ class ControlServer:
 
     def answer_lines(self, conn):
         """Move replies for complete lines into outbuf; an oversized request ends the connection."""
-        while not conn.closing:
+        while not conn.closing and conn.waiting is None:
             end = conn.inbuf.find(b"\n")
             if end < 0:
                 if len(conn.inbuf) > MAX_REQUEST:
@@ -239,7 +268,7 @@ class ControlServer:
             if len(line) > MAX_REQUEST:
                 self.reject_oversized(conn)
             elif line.strip():
-                conn.outbuf += self.answer(line)
+                conn.outbuf += self.answer(line, conn)
 
     @staticmethod
     def reject_oversized(conn):
@@ -259,7 +288,7 @@ class ControlServer:
                 conn.last_active = self.clock()
         if conn.outbuf:
             self.selector.modify(conn.sock, selectors.EVENT_WRITE, self.handle_event)
-        elif conn.closing:
+        elif conn.closing and conn.waiting is None:
             self.drop(conn)
         else:
             self.selector.modify(conn.sock, selectors.EVENT_READ, self.handle_event)
@@ -279,9 +308,33 @@ class ControlServer:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def answer(self, line):
-        """One request line -> one encoded reply line."""
+    def answer(self, line, conn=None):
+        """One request line -> one encoded reply line (nothing yet for a Later: see _late)."""
         reply = self.dispatch(line)
+        if isinstance(reply, Later):
+            if conn is None:
+                return encode(error_reply("this request cannot wait for its reply"))
+            conn.waiting = reply
+            reply.attach(lambda late: self._late(conn, late))
+            return b""
+        return self._encode(reply)
+
+    def _late(self, conn, reply):
+        """The reply a connection waited for: sent, then its next requests are read."""
+        conn.waiting = None
+        if conn.sock.fileno() < 0:
+            return          # the client went away meanwhile
+        conn.outbuf += self._encode(reply)
+        conn.last_active = self.clock()
+        try:
+            self.answer_lines(conn)
+            self.flush(conn)
+        except OSError as exc:
+            log.debug("control connection dropped: %s", exc)
+            self.drop(conn)
+
+    @staticmethod
+    def _encode(reply):
         try:
             return encode(reply)
         except (TypeError, ValueError) as exc:
@@ -329,6 +382,8 @@ class ControlServer:
             return error_reply(str(exc) or type(exc).__name__)
         if payload is None:
             payload = {}
+        if isinstance(payload, Later):
+            return payload
         if not isinstance(payload, dict):
             log.warning("control command %s returned %s, not a dict", cmd, type(payload).__name__)
             return error_reply(f"command {cmd!r} returned no valid reply")

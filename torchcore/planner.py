@@ -175,6 +175,20 @@ class Planner:
                     self.set(name, old.schedule)
             raise
 
+    def aside(self):
+        """An empty planner to fill away from the ticks (a big reload), see ``take``."""
+        return Planner(self.misfire_grace, self.correction)
+
+    def take(self, other):
+        """Take the schedules of ``other`` (filled with ``aside``) all at once, keeping the
+        watermark and each zone's wall memory (a zone left empty keeps it too)."""
+        for key, zone in self._zones.items():
+            if key not in other._zones:
+                other._zones[key] = _Zone(zone.tz)
+            other._zones[key].wall_high = zone.wall_high
+        self._zones, self._zone_of, self._fixed = other._zones, other._zone_of, other._fixed
+        self._generation += 1
+
     def peek(self, second):
         """Names a plain match of ``second`` gives, without changing anything.
 

@@ -9,7 +9,8 @@ import dataclasses
 import os
 import signal
 
-from torchcore import config, daemonlog, textfmt
+from torchcore import config, daemonlog
+from torchcore.control import Later
 from torchcore.errors import TorchcoreError
 
 
@@ -51,8 +52,8 @@ class Replies:
     def _task_status(self, name):
         sup = self.sup
         runs = sup.table.of_task(name)
-        task = sup.tasks[name]
-        entry = {"type": task.type, "schedule": task.schedule_text, "timezone": task.timezone,
+        kind, schedule, timezone = sup.tasks.brief(name)
+        entry = {"type": kind, "schedule": schedule, "timezone": timezone,
                  "running": [{"run_id": r.run_id, "pid": r.pgid, "executor_pid": r.executor_pid,
                               "started": r.started, "scheduled": r.scheduled,
                               "state": "adopted" if r.adopted else r.state} for r in runs],
@@ -70,8 +71,9 @@ class Replies:
         name = request.get("task")
         task = sup.tasks.get(name)
         if task is None:
-            where = f"is not in the task file{config.suggest(str(name), self._all_names())}" \
-                if name not in self._all_names() else self._not_here(sup.taskfile.task(name))
+            names = sup.taskfile.names()
+            where = f"is not in the task file{config.suggest(str(name), names)}" \
+                if name not in names else sup.taskfile.not_here(name)
             raise TorchcoreError(f"task {name!r} {where}")
         if sup.stopping:
             raise TorchcoreError("torchcore is stopping")
@@ -81,19 +83,17 @@ class Replies:
             raise TorchcoreError(f"task {name!r} not started: {reason}")
         return {"run_id": run.run_id, "executor_pid": run.executor_pid}
 
-    def _not_here(self, task):
-        if not task.enabled:
-            return "is disabled"
-        return f"does not run on this node (it runs on {textfmt.targets_text(task)})"
-
-    def _all_names(self):
-        sup = self.sup
-        return {task.name for task in sup.taskfile.tasks}
-
     def control_reload(self, request):
+        """Reload; the reply waits (without holding the loop) for the file's verdict, and
+        says whether the file watch had applied this very file already."""
+        later = Later()
+        self.sup.reloader.request("control request", lambda *result: later.send(
+            self._reload_reply(*result)))
+        return later.reply or later
+
+    def _reload_reply(self, accepted, problems):
         sup = self.sup
-        before = sup.last_applied
-        accepted, problems = sup.reload("control request")
+        before = sup.applied_before         # what was applied before this reload
         reply = {"accepted": accepted, "problems": problems}
         if accepted:
             reply["summary"] = sup.last_reload[2]

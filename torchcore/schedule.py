@@ -140,6 +140,13 @@ def _weekday(field, token):
 
 def _parse_field(field, text, parts):
     """Fold every list element of one field into ``parts`` (a dict of bitmasks by _Spec name)."""
+    if text == "*":             # the commonest fields first: "*" and one number in range
+        parts[_Spec._fields[field]] |= _STAR[field]
+        return
+    if len(text) <= 2 and text.isascii() and text.isdigit() and \
+            FIELDS[field].lo <= int(text) <= FIELDS[field].hi:
+        parts[_Spec._fields[field]] |= 1 << int(text)
+        return
     for element in text.split(","):
         if not element:
             _fail(field, f"empty element in list {text!r}")
@@ -160,6 +167,9 @@ def _parse_field(field, text, parts):
                 parts["dow_nth"] |= 1 << (7 * (occurrence - 1) + _weekday(field, nth.group(1)))
                 continue
         parts[_Spec._fields[field]] |= _range_bits(field, element)
+
+
+_STAR = tuple(sum(1 << value for value in range(spec.lo, spec.hi + 1)) for spec in FIELDS)
 
 
 def _check_days_exist(parts):
@@ -323,7 +333,9 @@ class Schedule:
     at the first second after the gap, and fires once in an autumn overlap.
     """
 
-    def __init__(self, text, tz=None):
+    def __init__(self, text, tz=None, compiled=None):
+        """``compiled``: the values of the _Spec of ``text`` as another process compiled them
+        (tasktable.py): nothing is parsed again (@reboot has none)."""
         if not isinstance(text, str):
             raise ScheduleError(f"schedule: expected a string, got {type(text).__name__}")
         words = text.split()
@@ -333,7 +345,8 @@ class Schedule:
         self.text = text
         self.tz = _resolve_zone(tz)
         self._zone = _Zone(self.tz)
-        self._spec, self.is_reboot = _compile(tuple(words))
+        self._spec, self.is_reboot = (_Spec(*compiled), False) if compiled else \
+            _compile(tuple(words))
         self.every = self._spec.every or None
         self.fixed_time = (not self.is_reboot and self.every is None
                            and _bit_count(self._spec.sec) == 1

@@ -118,9 +118,8 @@ class Starter:
         return launch
 
     def start_reboot_tasks(self):
-        for task in self.tasks.values():
-            if task.schedule is not None and task.schedule.is_reboot:
-                self.launch(task, int(self.clock.time()))
+        for name in [name for name in self.tasks if name in self.tasks.reboot]:   # file order
+            self.launch(self.tasks[name], int(self.clock.time()))
 
     def tend_daemons(self):
         """Keep every daemon task at `max` instances, respecting its backoff."""

@@ -18,10 +18,9 @@ import os
 import selectors
 import signal
 
-from torchcore import adopt, config, paths, prepare, records, safepaths, taskset, wire
+from torchcore import adopt, loadchild, paths, prepare, records, reloading, safepaths, taskset, wire
 from torchcore.coordinator import LocalCoordinator
 from torchcore.daemons import Daemons
-from torchcore.errors import ConfigError
 from torchcore.launcher import LauncherPool
 from torchcore.ledger import Ledger
 from torchcore.outcome import RunResult
@@ -31,6 +30,7 @@ from torchcore.runs import RunTable
 from torchcore.services import Services
 from torchcore.starting import Starter
 from torchcore.system import System
+from torchcore.tasktable import Entries, Loaded, TaskTable
 from torchcore.wakeups import Wakeups
 from torchcore.watch import ClockWatch, FileWatch
 
@@ -45,7 +45,9 @@ class Supervisor:
 
     def __init__(self, taskfile, node, clock=None, coordinator=None, on_ready=None,
                  helper_stderr=None, pidfile=None, system=None, service_options=None):
-        self.taskfile = taskfile
+        if not isinstance(taskfile, Loaded):       # loaded here (tests, the API)
+            taskfile = Loaded.of_taskfile(taskfile, node)
+        self.taskfile = taskfile    # the running file, compact (see tasktable.py)
         self.settings = taskfile.settings
         self.pidfile = pidfile or self.settings.pidfile     # the one it holds: told to commands
         self.node = node
@@ -56,7 +58,7 @@ class Supervisor:
         self.on_ready = on_ready
         self.ready = False
         self.planner = Planner(self.settings.misfire_grace)
-        self.tasks = {}             # name -> Task running on this node
+        self.tasks = TaskTable()  # name -> Task running on this node (as records)
         self.daemons = Daemons()    # the daemon tasks' slots: restarts, backoff (see daemons.py)
         self.table = RunTable()     # the runs, started and prepared (see runs.py)
         self.ledger = Ledger(self.node_name, self.clock)  # records and counts (see ledger.py)
@@ -80,6 +82,7 @@ class Supervisor:
         self.reload_requested = None     # the reason, when a reload waits for the loop
         self.last_reload = None          # (epoch, ok, message)
         self.last_applied = None         # the last accepted reload: at, reason, digest, counts
+        self.applied_before = None       # ...and the one before it (reload's "already")
         self.changes = {}                # what the last _apply added, changed, removed (counts)
         self.reload_error = None
         self.file_signature = None
@@ -94,6 +97,7 @@ class Supervisor:
         self.selector = None
         self.control = None
         self.replies = Replies(self)     # what the control socket answers (see replies.py)
+        self.reloader = reloading.Reloader(self, helper_stderr)    # reloads in a child
 
     # ---- start and stop -------------------------------------------------------------------
 
@@ -125,7 +129,7 @@ class Supervisor:
         self.ledger.records = self.records
         self.starter.report_w = self.report_w
         self.launchers.start(self.selector, self.report_w, self.system.launcher_count)
-        self._apply(self.taskfile, first=True)
+        self._apply(self.taskfile, None, first=True)
         self.services.apply(self.taskfile, self.node)
         self.adopt_previous_executors()
         self.planner.start(int(self.clock.time()))
@@ -134,6 +138,8 @@ class Supervisor:
         self.starter.prepare_ahead()        # the first seconds too, not from the first tick on
         self._set_title()           # before `start` returns: ps never shows the command line
         self.ready = True
+        if self.system.loads_in_child and not loadchild.small(self.settings.path):
+            self.reloader.prepare_spare()   # the first reload starts at once
         if self.on_ready is not None:
             self.on_ready()
         log.info("torchcore started: %s, %d tasks on this node (%s), pid %d",
@@ -175,6 +181,7 @@ class Supervisor:
         for signum in SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
+        self.reloader.cancel("torchcore stopped before the reload was done")
         if self.control is not None:
             self.control.close()
         self.services.stop()
@@ -209,7 +216,7 @@ class Supervisor:
         self.reap()
         if self.reload_requested:
             reason, self.reload_requested = self.reload_requested, None
-            self.reload(reason)
+            self.reloader.request(reason)
         if self.stopping:
             self.drive_shutdown()
         else:
@@ -222,10 +229,12 @@ class Supervisor:
                 self.ledger.timed_tick(self.tick, now)
             self.wakeups.tend()
             self.starter.prepare_ahead()
+            self.reloader.work()        # a slice of a reload under way (reloading.py)
         self.housekeeping()
 
     def _sleep_time(self):
-        return self.wakeups.sleep_time()
+        wait, reload = self.wakeups.sleep_time(), self.reloader.wait(self.clock.time())
+        return wait if reload is None else min(wait, reload)    # a reload's slices to do
 
     def tick(self, now):
         """Launch what the planner says is due at ``now`` (and log what the clock did)."""
@@ -288,6 +297,8 @@ class Supervisor:
                 self._launcher_died(launcher)
             elif (run_id := self.table.run_of_pid(pid)) is not None:
                 self._executor_exited(run_id, status)
+            elif self.reloader.owns(pid):
+                self.reloader.exited(pid, status)
             # else: an orphan adopted while we run as PID 1, or a launcher already replaced
 
     def _launcher_died(self, launcher):
@@ -364,6 +375,7 @@ class Supervisor:
     def begin_shutdown(self, reason):
         """No new runs; ask every run to stop; KILL what is left after shutdown_grace."""
         self.stopping = True
+        self.reloader.cancel("torchcore is stopping; the reload was not applied")
         self.starter.cancel_prepared()
         self.shutdown_deadline = self.clock.monotonic() + self.settings.shutdown_grace
         log.info("stopping (%s): %d runs to stop, grace %ds", reason, len(self.table),
@@ -383,32 +395,29 @@ class Supervisor:
     # ---- reload ---------------------------------------------------------------------------
 
     def reload(self, reason):
-        """Parse the file again; apply it if valid, keep everything as it is if not.
+        """Load the file again here, at once (tests, small files; the loop has a big file
+        loaded in a child: Reloader.request); apply it if valid, keep all as it is if not."""
+        return self.finish_reload(reloading.in_process(
+            reason, self.settings.path, self.node, self.tasks, self.clock))
 
-        All or nothing: any failure while loading or applying the file (whatever slipped
-        past validation) is a rejected reload, logged once; the old tasks stay untouched.
-        Returns (accepted, problems).
-        """
-        path = self.settings.path
+    def finish_reload(self, reload):
+        """Apply a loaded and compared file (a reloading.Reload) or reject it.  All or nothing:
+        any failure while loading or applying the file (whatever slipped past validation) is
+        a rejected reload, logged once; the old tasks stay untouched.  (accepted, problems)."""
+        if not reload.ready:
+            return self._reject(reload.reason, reload.problems)
         try:
-            new = config.load_for_node(path, self.node)
-        except ConfigError as exc:
-            return self._reject(reason, exc.problems)
-        except OSError as exc:
-            return self._reject(reason, [f"{path}: cannot read: {exc.strerror or exc}"])
+            summary = self._apply(reload.loaded(), reload)
         except Exception as exc:
-            return self._reject(reason, [f"{path}: cannot load: {type(exc).__name__}: {exc}"])
-        try:
-            summary = self._apply(new)
-        except Exception as exc:
-            return self._reject(reason, [f"{path}: cannot apply: {type(exc).__name__}: {exc}"])
+            return self._reject(reload.reason,
+                                [f"{reload.path}: cannot apply: {type(exc).__name__}: {exc}"])
         self.reload_error = None
-        self.services.apply(new, self.node, reloaded=True)
+        self.services.apply(self.taskfile, self.node, reloaded=True)
         self.replies.after_reload()     # a `disable` lasts until the next reload
         self.last_reload = self.ledger.reloaded(True, summary)
-        self.last_applied = {"at": self.clock.time(), "reason": reason,
-                             "digest": new.digest, **self.changes}
-        log.info("reloaded (%s): %s", reason, summary)
+        self.applied_before, self.last_applied = self.last_applied, {
+            "at": self.clock.time(), "reason": reload.reason, "digest": reload.digest, **self.changes}
+        log.info("reloaded (%s): %s%s", reload.reason, summary, reload.timing(self.clock))
         return True, []
 
     def _reject(self, reason, problems):
@@ -418,41 +427,44 @@ class Supervisor:
         log.error("reload (%s) rejected, the running tasks stay as they were:\n%s", reason, message)
         return False, problems
 
-    def _apply(self, new, first=False):
-        """Swap in a validated task file between two ticks; returns a summary.
-
-        All or nothing: everything that can fail (the new task set, the settings, the
-        schedule table) is done first, the table put back as it was if it fails; only then
-        are prepared runs cancelled and retired daemons stopped.
+    def _apply(self, new, change, first=False):
+        """Swap in a validated task file (a Loaded) between two ticks; ``change``:
+        the Reload that compared it with the running one (None at the start: all added).
+        Returns a summary.  All or nothing: what can fail (the schedule table) is done
+        first, the table put back as it was (or a big change, set aside, dropped) if it
+        fails; only then are prepared runs cancelled and retired daemons stopped.
         """
-        change = taskset.compare(self.tasks, self.settings, new, self.node)
-        self.changes = change.counts()
-        self.planner.reschedule(self.tasks, change.removed + change.changed,
-                                [change.tasks[name] for name in change.changed + change.added])
+        old, table = self.tasks, new.table
+        added, changed, removed = (list(table), [], []) if change is None else \
+            (change.added, change.changed, change.removed)
+        self.changes = {"added": len(added), "changed": len(changed), "removed": len(removed)}
+        if change is not None and change.aside is not None:     # a big change, set aside
+            self.planner.take(change.aside)
+        else:
+            self.planner.reschedule(Entries(old), removed + changed,
+                                    (table.entry(name) for name in changed + added))
         # Nothing below fails: the new state is in place.
         self.starter.cancel_prepared()     # they were forked with the old specs
         self.ahead.forget_due()
-        for name in change.removed + change.changed:
-            self._retire(self.tasks[name], "removed" if name in change.removed else "changed")
-        for name in change.changed + change.added:
-            if change.tasks[name].type == "daemon":     # a new or changed daemon: a fresh slot
+        for name in removed + changed:
+            if name in old.daemons:        # stopped gracefully; if changed, started again
+                self.daemons.retire(name)
+                how = "removed" if name in removed else "changed"
+                for run in self.table.of_task(name):
+                    self.starter.signal_run(run, signal.SIGTERM, f"task {how} by reload")
+        for name in changed + added:
+            if name in table.daemons:      # a new or changed daemon: a fresh slot
                 self.daemons.admit(name)
         if not first:
             taskset.warn_fixed_settings(self.settings, new.settings)
-        self.taskfile, self.settings, self.tasks = new, change.settings, change.tasks
+        self.taskfile, self.settings, self.tasks = new, taskset.running_settings(
+            new.settings, self.settings), table
         self.planner.misfire_grace = self.settings.misfire_grace
         self.starter.use(self.tasks, self.settings)
         self.file_signature = taskset.signature(new.path)
         gc.freeze()     # what is loaded now stays shared with the children
-        return change.summary()
-
-    def _retire(self, task, how="removed"):
-        """A removed or changed task (already off the schedule): stop a daemon's instances
-        gracefully."""
-        if task.type == "daemon":
-            self.daemons.retire(task.name)
-            for run in self.table.of_task(task.name):
-                self.starter.signal_run(run, signal.SIGTERM, f"task {how} by reload")
+        return (f"{len(table)} tasks on this node: {len(added)} added, {len(changed)} changed, "
+                f"{len(removed)} removed")
 
     def watch_file(self):
         """Reload when the file on disk changes (edits, atomic renames, symlink swaps): looked
@@ -471,7 +483,7 @@ class Supervisor:
         if digest is None:
             return
         if digest != self.taskfile.digest:
-            self.reload("file changed")
+            self.reloader.request("file changed")
         elif self.reload_error is not None:     # put back as it runs: the rejection is history
             self.reload_error = None
             log.info("the task file on disk is the running version again; the rejected "

@@ -11,7 +11,7 @@ import os
 import psutil
 import setproctitle
 
-from torchcore import executor
+from torchcore import executor, loadchild
 from torchcore.clock import SystemClock
 from torchcore.launcher import Launcher
 
@@ -45,6 +45,12 @@ class System:
             return os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return 0, 0
+
+    loads_in_child = True       # reloads parse the file in a child (see reloading.py)
+
+    def spawn_loader(self, path, node, stderr, spare=False):
+        """Start a process loading the task file (see loadchild.spawn)."""
+        return loadchild.spawn(path, node, stderr, spare)
 
     def start_launcher(self, report_w, stderr):
         return Launcher(report_w, stderr=stderr)

@@ -1,9 +1,10 @@
-"""A task file against the one running: what a reload changes, and whether the file on disk did.
+"""A task file against the one running: the settings a reload changes, and whether the file on
+disk changed.
 
-``compare`` finds the tasks of this node added, changed and removed, and the settings that take
-effect (all but state_dir, log_dir and pidfile, fixed until a restart: ``warn_fixed_settings``
-says so in the log).  The supervisor applies the change (Supervisor._apply).  ``signature`` and
-``digest`` tell the file watch whether the file on disk is another one than the one running.
+``running_settings`` are the settings that take effect (all but state_dir, log_dir and pidfile,
+fixed until a restart: ``warn_fixed_settings`` says so in the log); which tasks a reload adds,
+changes and removes is found by reloading.py, and applied by Supervisor._apply.  ``signature``
+and ``digest`` tell the file watch whether the file on disk is another one than the one running.
 """
 
 import dataclasses
@@ -18,35 +19,10 @@ log = logging.getLogger("torchcore")
 FIXED_SETTINGS = ("state_dir", "log_dir", "pidfile")    # taken at the start, kept until a restart
 
 
-@dataclasses.dataclass(frozen=True)
-class Change:
-    """What applying a new task file changes on this node."""
-
-    tasks: dict                 # name -> Task of the new file on this node
-    settings: object            # the new Settings, the fixed ones kept
-    added: list                 # names, in the new file's order
-    changed: list
-    removed: list               # in the running set's order
-
-    def counts(self):
-        return {"added": len(self.added), "changed": len(self.changed),
-                "removed": len(self.removed)}
-
-    def summary(self):
-        return (f"{len(self.tasks)} tasks on this node: {len(self.added)} added, "
-                f"{len(self.changed)} changed, {len(self.removed)} removed")
-
-
-def compare(old_tasks, old_settings, new, node):
-    """The Change from ``old_tasks`` (name -> Task) and ``old_settings`` to the TaskFile ``new``."""
-    new_tasks = {task.name: task for task in new.local_tasks(node)}
-    settings = dataclasses.replace(
-        new.settings, **{field: getattr(old_settings, field) for field in FIXED_SETTINGS})
-    removed = [name for name in old_tasks if name not in new_tasks]
-    changed = [name for name, task in new_tasks.items()
-               if name in old_tasks and old_tasks[name] != task]
-    added = [name for name in new_tasks if name not in old_tasks]
-    return Change(new_tasks, settings, added, changed, removed)
+def running_settings(new, old):
+    """The settings that take effect from the file's ``new`` ones: all but the fixed ones,
+    which keep the ``old`` (running) values until a restart."""
+    return dataclasses.replace(new, **{field: getattr(old, field) for field in FIXED_SETTINGS})
 
 
 def warn_fixed_settings(old, new):

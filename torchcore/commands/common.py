@@ -189,13 +189,13 @@ def not_running(found):
     return EXIT_NOT_RUNNING
 
 
-def control_request(found, cmd, **fields):
+def control_request(found, cmd, timeout=5.0, **fields):
     """A reply from the daemon's control socket, or None when it did not answer a ping."""
     from torchcore.control import ControlClient
 
     if found.info is None:
         return None
-    return ControlClient(found.socket).request(cmd, **fields)
+    return ControlClient(found.socket, timeout=timeout).request(cmd, **fields)
 
 
 def print_json(value):

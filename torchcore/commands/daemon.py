@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from torchcore import config, paths
+from torchcore import loadchild, paths
 from torchcore.commands import common
 from torchcore.commands.common import control_request, find_daemon, not_running, verified_daemon
 from torchcore.errors import DaemonError, TorchcoreError
@@ -66,7 +66,7 @@ def cmd_start(args):
     from torchcore.pidfile import AlreadyRunning, Pidfile
 
     node = Node.detect(args.node_ip)
-    taskfile = config.load_for_node(common.task_file_path(args), node)
+    taskfile = loadchild.load_for_node(common.task_file_path(args), node)   # parsed in a child
     pidfile_path = os.path.abspath(args.pidfile or taskfile.settings.pidfile)
     prepare_state_dir(taskfile.settings.state_dir)     # 0700 and ours, before anything goes in
     prepare_log_dir(taskfile.settings.log_dir)         # 0750 and ours, its whole path checked
@@ -201,11 +201,14 @@ def cmd_stop(args):
     return common.EXIT_ERROR
 
 
+RELOAD_TIMEOUT = 300.0  # the daemon answers once the file is loaded (in a child) and applied
+
+
 def cmd_reload(args):
     found = find_daemon(args)
     if found.pid is None:
         return not_running(found)
-    reply = control_request(found, "reload")
+    reply = control_request(found, "reload", timeout=RELOAD_TIMEOUT)
     if reply is None:
         daemon = verified_daemon(found)     # a signal only to a supervisor of ours
         if daemon is None:

@@ -1,0 +1,125 @@
+"""Reload of a big task file: does the clock keep ticking?
+
+A daemon holds N idle tasks (benchlib.idle_tasks: they fire only on January 1st) and one task
+every second that appends ``$EPOCHREALTIME`` to a file.  After a few seconds, one line of the
+file changes (one idle task's command) and ``torchcore reload`` is timed.  Printed:
+
+- the every-second task's lateness (its start time past its second) p50 / p99 / max over the
+  seconds around the reload, and the seconds with no run (missed or coalesced) or two;
+- the reload command's answer time against the child's parse time (from the daemon's log), and
+  how long after the daemon got the request it had the file applied.
+
+Targets (issue 15, at 100,000 tasks): lateness p99 under 20 ms, no coalesced seconds, the
+answer within the parse time + 1 s.
+
+Usage: python benchmarks/bench_reload.py [--quick] [--tasks N] [--reloads N]
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib
+
+BEFORE = 4          # seconds of ticks before the first reload
+AFTER = 8           # seconds of ticks after the last one
+
+
+def write_file(path, count, changed=None):
+    lines = ["settings:", "  timezone: UTC", "  shell: /bin/bash", "  watch: false", "tasks:",
+             "  - name: tick", "    schedule: '* * * * * *'",
+             f"    command: {benchlib._quote('echo $EPOCHREALTIME >> ' + path + '.ticks')}"]
+    for name, schedule, command in benchlib.idle_tasks(count):
+        if name == changed:
+            command += " --changed"
+        lines += [f"  - name: {name}", f"    schedule: {benchlib._quote(schedule)}",
+                  f"    command: {benchlib._quote(command)}"]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def reload_once(path, count, number):
+    """Change one line, run `torchcore reload`; (seconds to its answer, its output)."""
+    write_file(path, count, changed=f"job-{number * 7 % count:06d}")
+    start = time.monotonic()
+    out = subprocess.run(benchlib.TORCHCORE + ["reload", "-c", path], capture_output=True,
+                         text=True, timeout=300)
+    return time.monotonic() - start, (out.stdout + out.stderr).strip()
+
+
+def ticks(path):
+    with open(path + ".ticks", encoding="utf-8") as handle:
+        return [float(line) for line in handle if line.strip()]
+
+
+def run(count, reloads):
+    with tempfile.TemporaryDirectory(prefix="tc-reload-") as tmp:
+        path = os.path.join(tmp, "tasks.yaml")
+        write_file(path, count)
+        daemon = benchlib.Daemon(path)
+        try:
+            time.sleep(BEFORE)
+            first = int(time.time())
+            answers = []
+            for number in range(reloads):
+                answers.append(reload_once(path, count, number + 1))
+                time.sleep(2)
+            time.sleep(AFTER)
+            last = int(time.time()) - 1
+            with open(daemon.stderr_path, encoding="utf-8", errors="replace") as handle:
+                log = handle.read()
+        finally:
+            daemon.stop()
+        seen = ticks(path)
+    parses = [float(x) for x in re.findall(r"parsed in ([0-9.]+)s", log)]
+    applied = [float(x) for x in re.findall(r"applied ([0-9.]+)s after the request", log)]
+    per_second = {}
+    for stamp in seen:
+        per_second.setdefault(int(stamp), []).append(stamp - int(stamp))
+    window = range(first - 2, last)
+    late = [min(per_second[s]) for s in window if s in per_second]
+    missing = [s for s in window if s not in per_second]
+    doubled = [s for s in window if len(per_second.get(s, ())) > 1]
+    print(f"  {count:,} tasks, ready in {daemon.ready_after:.1f} s; {reloads} reload(s) of a "
+          f"one-line change, {len(window)} seconds watched")
+    print(f"  every-second task lateness: p50 {benchlib.percentile(late, 0.5) * 1000:.1f} ms, "
+          f"p99 {benchlib.percentile(late, 0.99) * 1000:.1f} ms, max {max(late) * 1000:.1f} ms; "
+          f"seconds without a run {len(missing)}, with two {len(doubled)} "
+          f"(target: p99 < 20 ms, none missed: "
+          f"{'MET' if benchlib.percentile(late, 0.99) < 0.02 and not missing else 'NOT MET'})")
+    worst = sorted(((min(per_second[s]), s - first) for s in window if s in per_second),
+                   reverse=True)[:3]
+    print("  latest seconds (lateness, seconds after the first reload): "
+          + ", ".join(f"{late * 1000:.1f} ms at {offset:+d} s" for late, offset in worst))
+    for number, (seconds, text) in enumerate(answers):
+        parse = parses[number] if number < len(parses) else None
+        target = "" if parse is None else (
+            f" (parse {parse:.2f} s; target answer < parse + 1 s: "
+            f"{'MET' if seconds < parse + 1 else 'NOT MET'})")
+        inside = f", the daemon applied it {applied[number]:.2f} s after its request" \
+            if number < len(applied) else ""
+        print(f"  reload {number + 1}: answered in {seconds:.2f} s{target}{inside}: {text[:100]}")
+    return 0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="20,000 tasks, one reload")
+    parser.add_argument("--tasks", type=int, default=None)
+    parser.add_argument("--reloads", type=int, default=None)
+    args = parser.parse_args()
+    count = args.tasks or (20_000 if args.quick else 100_000)
+    reloads = args.reloads or (1 if args.quick else 3)
+    print(f"bench_reload {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {benchlib.machine()}")
+    return run(count, reloads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
