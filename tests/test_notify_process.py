@@ -342,3 +342,30 @@ def test_notify_test_and_alerts(tmp_path, http):
     assert done.returncode == 1 and "did you mean 'mailto'" in done.stderr
     done = subprocess.run(cli + ["alerts", "--json"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0 and json.loads(done.stdout) == []
+
+
+def test_a_daemon_started_in_the_background_notifies_and_its_notifier_logs(tmp_path, http):
+    """`torchcore start -c tasks.yaml` (a relative path; the daemon detaches into /): the
+    notifier reads the same file and writes to the daemon's log, not to /dev/null."""
+    receiver = http()
+    (tmp_path / "tasks.yaml").write_text(f"""settings:
+  state_dir: state
+  notify: [{{webhook: "{receiver.url}/hook"}}]
+tasks:
+  - {{name: flaky, schedule: "* * * * * *", command: "exit 3"}}
+""")
+    env = dict(os.environ, TORCHCORE_NODE_IP="10.9.9.9")
+
+    def tc(*args):
+        return subprocess.run([sys.executable, "-m", "torchcore", *args, "-c", "tasks.yaml"],
+                              capture_output=True, text=True, cwd=tmp_path, env=env, timeout=30)
+
+    out = tc("start")
+    assert out.returncode == 0, out.stderr
+    try:
+        body = wait_until(receiver.bodies, 10, "the failure's webhook")[0]
+        assert (body["event"], body["task"]) == ("failure", "flaky")
+        log = tmp_path / "state" / "logs" / "torchcore.log"
+        wait_until(lambda: "notifier: started" in log.read_text(), 5, "the notifier's log line")
+    finally:
+        assert tc("stop").returncode == 0
