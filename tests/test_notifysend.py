@@ -1,0 +1,121 @@
+"""Sending to hostile or odd receivers (torchcore/notifysend.py), on loopback servers in threads:
+credentials written in a webhook's URL, a receiver that answers a byte at a time or with
+garbage.  A try always ends within its timeout with a verdict, never an exception."""
+
+import base64
+import socket
+import threading
+import time
+import urllib.parse
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from notify_receivers import HttpReceiver
+
+from torchcore import notifysend
+from torchcore.notifyspec import Target
+
+
+def webhook(url):
+    return Target(kind="webhook", url=url)
+
+
+BODY = {"id": "n-1-failure", "output_tail": ""}
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    made = HttpReceiver()
+    yield made
+    made.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(user=st.text(min_size=1, max_size=12), password=st.text(max_size=12))
+def test_credentials_in_a_webhook_url_are_sent_as_basic_authentication(receiver, user, password):
+    receiver.requests.clear()
+    if True:
+        quoted = f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}"
+        url = f"http://{quoted}@127.0.0.1:{receiver.port}/hook?x=1"
+        sent = notifysend.send(webhook(url), "failure", BODY, timeout=5)
+        assert sent.state == "sent", sent
+        path, headers, _ = receiver.requests[0]
+        assert path == "/hook?x=1"
+        assert headers["Authorization"] == "Basic " + base64.b64encode(
+            f"{user}:{password}".encode()).decode()
+
+
+class RawReceiver:
+    """Answers each connection by calling ``answer(conn)`` (after reading the request)."""
+
+    def __init__(self, answer):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.answer = answer
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn):
+        try:
+            conn.recv(65536)
+            self.answer(conn, self.closed)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.closed.set()
+        self.sock.close()
+
+
+def trickle_headers(conn, closed):
+    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+    while not closed.wait(0.2):
+        conn.sendall(b"X-Slow: 1\r\n")
+
+
+def trickle_body(conn, closed):
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+    while not closed.wait(0.2):
+        conn.sendall(b"x")
+
+
+def garbage(conn, closed):
+    conn.sendall(b"\x1b[31mnot http at all\r\n\r\n")
+
+
+def test_a_receiver_answering_a_byte_at_a_time_is_given_up_at_the_timeout():
+    for answer in (trickle_headers, trickle_body):
+        receiver = RawReceiver(answer)
+        try:
+            began = time.monotonic()
+            sent = notifysend.send(webhook(f"http://127.0.0.1:{receiver.port}/"), "failure", BODY,
+                                   timeout=1.0)
+            assert time.monotonic() - began < 2.5, answer.__name__
+            assert sent.state == "retry" and "within 1s" in sent.detail
+        finally:
+            receiver.close()
+
+
+def test_a_receiver_answering_garbage_is_retried_not_raised():
+    receiver = RawReceiver(garbage)
+    try:
+        for target in (webhook(f"http://127.0.0.1:{receiver.port}/"),
+                       Target(kind="ping", url=f"http://127.0.0.1:{receiver.port}/p", on=(), every=0)):
+            sent = notifysend.send(target, "fail", BODY, timeout=2.0)
+            assert sent.state == "retry", sent
+            assert "://" not in sent.detail
+    finally:
+        receiver.close()
