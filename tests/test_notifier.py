@@ -325,3 +325,21 @@ def test_events_held_back_within_one_batch_keep_one_row_and_count_in_the_digest(
     world.step(60)
     digest = world.sender.calls[-1][2]["digest"]
     assert len(world.sender.calls) == 2 and digest["count"] == 9 and world.sender.calls[-1][2]["run_id"] == 10
+
+
+def test_a_sender_that_raises_delays_its_message_not_the_other_targets(tmp_path):
+    two = targets("[{webhook: 'http://127.0.0.1:9/a'}, {webhook: 'http://127.0.0.1:9/b'}]")
+    world = World(tmp_path, taskfile(tmp_path, notify=two))
+
+    def sender(target, event, body):
+        if target.url.endswith("/a"):
+            raise RuntimeError("a plugin's bug")
+        world.sender.calls.append((target.url, event, body))
+        return Sent("sent", "HTTP 200")
+
+    world.notifier.sender = sender
+    world.run(exit_code=1)
+    world.step()
+    assert [call[0] for call in world.sender.calls] == ["http://127.0.0.1:9/b"]
+    [queued] = [m for m in world.store.recent() if m.state == "queued"]
+    assert queued.attempts == 1 and "RuntimeError" in queued.error
