@@ -119,3 +119,21 @@ def test_a_receiver_answering_garbage_is_retried_not_raised():
             assert "://" not in sent.detail
     finally:
         receiver.close()
+
+
+def trickle_smtp(conn, closed):
+    while not closed.wait(0.2):
+        conn.sendall(b"220-still greeting\r\n")
+
+
+def test_a_mail_server_answering_a_line_at_a_time_is_given_up_at_the_timeout():
+    receiver = RawReceiver(trickle_smtp)
+    receiver._one = lambda conn: (trickle_smtp(conn, receiver.closed), conn.close())   # it speaks first
+    try:
+        began = time.monotonic()
+        sent = notifysend.apprise_send(f"mailto://127.0.0.1:{receiver.port}?to=ops@example.com&from=tc@example.com",
+                                       "subject", "body", timeout=1.5)
+        assert time.monotonic() - began < 3.0
+        assert sent.state == "retry" and "within 1.5s" in sent.detail
+    finally:
+        receiver.close()

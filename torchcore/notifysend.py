@@ -27,6 +27,7 @@ from torchcore import __version__
 from torchcore.notifyrules import rejected, text, title
 
 TIMEOUT = 10.0              # seconds one try may take, all of it (a receiver answering a byte at a time too)
+APPRISE_TRIES = 6          # an Apprise send may take this many TIMEOUTs (a mail's dialogue is long)
 MAX_ANSWER = 64 << 10       # bytes of an answer read (and thrown away)
 USER_AGENT = f"torchcore/{__version__}"
 
@@ -48,7 +49,7 @@ def send(target, event, body, timeout=TIMEOUT):
         url = target.url.rstrip("/") + {"start": "/start", "fail": "/fail"}.get(event, "")
         return post(url, (body.get("output_tail") or "").encode(), "text/plain; charset=utf-8",
                     timeout, {})
-    return apprise_send(target.url, title(body), text(body))
+    return apprise_send(target.url, title(body), text(body), timeout * APPRISE_TRIES)
 
 
 def post(url, data, content_type, timeout, headers):
@@ -86,8 +87,9 @@ def _credentials(url):
             {"Authorization": "Basic " + base64.b64encode(token).decode()})
 
 
-class _Overdue(Exception):
-    """A try went on past its timeout."""
+class _Overdue(BaseException):
+    """A try went on past its timeout (a BaseException: a plugin's ``except Exception`` lets it
+    through)."""
 
 
 @contextlib.contextmanager
@@ -123,8 +125,10 @@ def _safe(reason):
     return text if "://" not in text else type(reason).__name__
 
 
-def apprise_send(url, subject, body):
-    """Notify through Apprise; False from Apprise is retried (it gives no reason beyond its log)."""
+def apprise_send(url, subject, body, timeout=TIMEOUT * APPRISE_TRIES):
+    """Notify through Apprise; False from Apprise is retried (it gives no reason beyond its log),
+    as is a send still going on after ``timeout`` seconds (a mail server answering a line at a
+    time would otherwise hold the notifier and every other target)."""
     try:
         import apprise
     except ImportError:
@@ -135,7 +139,10 @@ def apprise_send(url, subject, body):
     if not sender.add(url):
         return Sent("rejected", "Apprise cannot read this URL (see Apprise's page for the service)")
     try:
-        ok = sender.notify(title=subject, body=body, body_format=apprise.NotifyFormat.TEXT)
+        with _deadline(timeout):
+            ok = sender.notify(title=subject, body=body, body_format=apprise.NotifyFormat.TEXT)
+    except _Overdue:
+        return Sent("retry", f"Apprise did not finish within {timeout:g}s")
     except Exception as exc:        # a plugin's bug must not stop the notifier
         return Sent("retry", f"Apprise failed: {type(exc).__name__}")
     return Sent("sent", "") if ok else Sent("retry", "Apprise could not deliver it (its log says why)")
