@@ -343,3 +343,22 @@ def test_a_sender_that_raises_delays_its_message_not_the_other_targets(tmp_path)
     assert [call[0] for call in world.sender.calls] == ["http://127.0.0.1:9/b"]
     [queued] = [m for m in world.store.recent() if m.state == "queued"]
     assert queued.attempts == 1 and "RuntimeError" in queued.error
+
+
+def test_a_finished_message_keeps_no_output(tmp_path):
+    """The outbox lists finished messages for a week: their output (up to 256 KiB each, and
+    whatever secrets a job printed) is not kept with them, only what alerts shows."""
+    (tmp_path / "logs").mkdir()
+    world = World(tmp_path, taskfile(tmp_path, notify=targets(
+        "[{webhook: 'http://127.0.0.1:9/a', on: [failure], every: 0},"
+        " {webhook: 'http://127.0.0.1:9/b', on: [failure], every: 0}]")), answers=["sent", "rejected"])
+    run_id = world.run(exit_code=1)
+    (tmp_path / "logs" / "backup.log").write_text(
+        f"2026-12-01T10:00:00.000+00:00 run {run_id} out| password=hunter2\n")
+    world.step()
+    assert all("hunter2" in body["output_tail"] for _, _, body in world.sender.calls)
+    rows = world.store.recent()
+    assert sorted(m.state for m in rows) == ["rejected", "sent"]
+    assert all(m.payload["output_tail"] == "" and m.payload["id"] for m in rows)
+    world.store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert b"hunter2" not in (tmp_path / "torchcore.db").read_bytes()
