@@ -423,5 +423,22 @@ def _drain(fd):
         pass
 
 
+def _run_and_exit():
+    """main(), then exit without waiting for other threads: Apprise may have left a worker
+    talking to a server that keeps it busy (a try abandoned by SIGTERM or its deadline), and
+    the interpreter's exit would wait for it as long as that server likes."""
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _run_and_exit()
