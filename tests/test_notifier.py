@@ -362,3 +362,24 @@ def test_a_finished_message_keeps_no_output(tmp_path):
     assert all(m.payload["output_tail"] == "" and m.payload["id"] for m in rows)
     world.store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert b"hunter2" not in (tmp_path / "torchcore.db").read_bytes()
+
+
+def test_a_held_event_outlives_the_week_finished_messages_are_kept_for(tmp_path):
+    """every: 30d holds events back longer than pruning keeps finished messages: the held
+    one (its details make the digest) is kept until its digest goes."""
+    world = World(tmp_path, taskfile(tmp_path, notify=targets(
+        "[{webhook: 'http://127.0.0.1:9/hook', every: 30d}]")))
+    world.run(exit_code=1)
+    world.step(1)
+    world.run(exit_code=1)
+    world.step(1)
+    assert world.states() == [("failure", "sent"), ("failure", "held")]
+    world.step(8 * 86400)
+    world.notifier.prune()
+    world.step(23 * 86400)
+    assert len(world.sender.calls) == 2
+    body = world.sender.calls[1][2]
+    assert body["digest"]["count"] == 1 and body["run_id"] == 2
+    world.step(8 * 86400)
+    world.notifier.prune()
+    assert [state for _, state in world.states()] == []     # once its digest went, it goes too

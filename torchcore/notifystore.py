@@ -251,9 +251,13 @@ class Store:
             log.warning("notifier: cannot record the delivery of message %d (will retry): %s", seq, exc)
 
     def prune(self, before):
-        """Forget messages finished before ``before``; returns how many."""
-        return self.conn.execute("DELETE FROM notify_outbox WHERE state != 'queued' AND done < ?",
-                                 (before,)).rowcount
+        """Forget messages finished before ``before``; returns how many.  A held message its
+        window still points at is kept: its details make the digest (``every`` may be longer
+        than KEEP_DONE)."""
+        return self.conn.execute(
+            "DELETE FROM notify_outbox WHERE state != 'queued' AND done < ? AND NOT (state = 'held'"
+            " AND EXISTS (SELECT 1 FROM notify_windows w WHERE w.held > 0 AND w.last = notify_outbox.id"
+            " AND w.target = notify_outbox.target))", (before,)).rowcount
 
     def recent(self, limit=50, task=None):
         return read_recent(self.conn, limit, task)
