@@ -325,3 +325,61 @@ def test_events_held_back_within_one_batch_keep_one_row_and_count_in_the_digest(
     world.step(60)
     digest = world.sender.calls[-1][2]["digest"]
     assert len(world.sender.calls) == 2 and digest["count"] == 9 and world.sender.calls[-1][2]["run_id"] == 10
+
+
+def test_a_sender_that_raises_delays_its_message_not_the_other_targets(tmp_path):
+    two = targets("[{webhook: 'http://127.0.0.1:9/a'}, {webhook: 'http://127.0.0.1:9/b'}]")
+    world = World(tmp_path, taskfile(tmp_path, notify=two))
+
+    def sender(target, event, body):
+        if target.url.endswith("/a"):
+            raise RuntimeError("a plugin's bug")
+        world.sender.calls.append((target.url, event, body))
+        return Sent("sent", "HTTP 200")
+
+    world.notifier.sender = sender
+    world.run(exit_code=1)
+    world.step()
+    assert [call[0] for call in world.sender.calls] == ["http://127.0.0.1:9/b"]
+    [queued] = [m for m in world.store.recent() if m.state == "queued"]
+    assert queued.attempts == 1 and "RuntimeError" in queued.error
+
+
+def test_a_finished_message_keeps_no_output(tmp_path):
+    """The outbox lists finished messages for a week: their output (up to 256 KiB each, and
+    whatever secrets a job printed) is not kept with them, only what alerts shows."""
+    (tmp_path / "logs").mkdir()
+    world = World(tmp_path, taskfile(tmp_path, notify=targets(
+        "[{webhook: 'http://127.0.0.1:9/a', on: [failure], every: 0},"
+        " {webhook: 'http://127.0.0.1:9/b', on: [failure], every: 0}]")), answers=["sent", "rejected"])
+    run_id = world.run(exit_code=1)
+    (tmp_path / "logs" / "backup.log").write_text(
+        f"2026-12-01T10:00:00.000+00:00 run {run_id} out| password=hunter2\n")
+    world.step()
+    assert all("hunter2" in body["output_tail"] for _, _, body in world.sender.calls)
+    rows = world.store.recent()
+    assert sorted(m.state for m in rows) == ["rejected", "sent"]
+    assert all(m.payload["output_tail"] == "" and m.payload["id"] for m in rows)
+    world.store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert b"hunter2" not in (tmp_path / "torchcore.db").read_bytes()
+
+
+def test_a_held_event_outlives_the_week_finished_messages_are_kept_for(tmp_path):
+    """every: 30d holds events back longer than pruning keeps finished messages: the held
+    one (its details make the digest) is kept until its digest goes."""
+    world = World(tmp_path, taskfile(tmp_path, notify=targets(
+        "[{webhook: 'http://127.0.0.1:9/hook', every: 30d}]")))
+    world.run(exit_code=1)
+    world.step(1)
+    world.run(exit_code=1)
+    world.step(1)
+    assert world.states() == [("failure", "sent"), ("failure", "held")]
+    world.step(8 * 86400)
+    world.notifier.prune()
+    world.step(23 * 86400)
+    assert len(world.sender.calls) == 2
+    body = world.sender.calls[1][2]
+    assert body["digest"]["count"] == 1 and body["run_id"] == 2
+    world.step(8 * 86400)
+    world.notifier.prune()
+    assert [state for _, state in world.states()] == []     # once its digest went, it goes too

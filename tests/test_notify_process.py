@@ -5,9 +5,11 @@ failing task mails and posts, a receiver down then up, the rate limit, pings, im
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -161,6 +163,49 @@ tasks:
             proc.kill()
             proc.wait()
         os.close(parent)
+
+
+def test_sigterm_stops_the_notifier_while_apprise_talks_to_a_mail_server_forever(tmp_path):
+    """Apprise sends from a worker thread the notifier cannot stop: it exits without waiting
+    for it (it waited as long as the mail server kept answering a line at a time)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    stop = threading.Event()
+
+    def greet_forever():
+        conn, _ = server.accept()
+        with conn:
+            while not stop.wait(0.2):
+                conn.sendall(b"220-still greeting\r\n")
+
+    talker = threading.Thread(target=greet_forever, daemon=True)
+    talker.start()
+    port = server.getsockname()[1]
+    (tmp_path / "tasks.yaml").write_text(f"""settings: {{state_dir: state}}
+tasks:
+  - name: backup
+    schedule: "0 0 3 * * *"
+    command: "true"
+    notify: [{{to: "mailto://127.0.0.1:{port}?to=ops@example.com&from=tc@example.com"}}]
+""")
+    proc, parent = start_notifier(str(tmp_path))
+    try:
+        wait_until(lambda: "notifier: started" in (tmp_path / "notifier.err").read_text(), 10,
+                   "the notifier to start")
+        write_run(str(tmp_path), 1, 1)
+        time.sleep(2.5)                             # its try is under way
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0 and time.monotonic() - began < 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(parent)
+        stop.set()
+        talker.join(5)
+        server.close()
 
 
 def test_a_notifier_started_on_a_broken_file_waits_for_a_good_one(tmp_path, http):
@@ -342,3 +387,30 @@ def test_notify_test_and_alerts(tmp_path, http):
     assert done.returncode == 1 and "did you mean 'mailto'" in done.stderr
     done = subprocess.run(cli + ["alerts", "--json"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0 and json.loads(done.stdout) == []
+
+
+def test_a_daemon_started_in_the_background_notifies_and_its_notifier_logs(tmp_path, http):
+    """`torchcore start -c tasks.yaml` (a relative path; the daemon detaches into /): the
+    notifier reads the same file and writes to the daemon's log, not to /dev/null."""
+    receiver = http()
+    (tmp_path / "tasks.yaml").write_text(f"""settings:
+  state_dir: state
+  notify: [{{webhook: "{receiver.url}/hook"}}]
+tasks:
+  - {{name: flaky, schedule: "* * * * * *", command: "exit 3"}}
+""")
+    env = dict(os.environ, TORCHCORE_NODE_IP="10.9.9.9")
+
+    def tc(*args):
+        return subprocess.run([sys.executable, "-m", "torchcore", *args, "-c", "tasks.yaml"],
+                              capture_output=True, text=True, cwd=tmp_path, env=env, timeout=30)
+
+    out = tc("start")
+    assert out.returncode == 0, out.stderr
+    try:
+        body = wait_until(receiver.bodies, 10, "the failure's webhook")[0]
+        assert (body["event"], body["task"]) == ("failure", "flaky")
+        log = tmp_path / "state" / "logs" / "torchcore.log"
+        wait_until(lambda: "notifier: started" in log.read_text(), 5, "the notifier's log line")
+    finally:
+        assert tc("stop").returncode == 0

@@ -136,6 +136,19 @@ def test_wanted_service_starts_with_the_common_arguments_and_its_title(setup):
 
 
 @pytest.mark.process
+def test_a_service_is_given_the_task_files_absolute_path(setup, monkeypatch):
+    """`torchcore start -c tasks.yaml` detaches into /: a relative path would name /tasks.yaml,
+    and the notifier would wait forever for a task file that is not there."""
+    monkeypatch.chdir(setup.dir)
+    svc, _ = setup.make("gamma")
+    taskfile = types.SimpleNamespace(path="tasks.yaml", settings=types.SimpleNamespace(
+        path=setup.taskfile.path))
+    svc.apply(taskfile, NODE)
+    lines = wait_for(lambda: log_of(setup, "gamma"))
+    assert lines[0].split()[3] == setup.taskfile.path
+
+
+@pytest.mark.process
 def test_unwanted_service_is_not_started_and_stops_when_no_longer_wanted(setup):
     svc, _ = setup.make("beta", want=False)
     svc.apply(setup.taskfile, NODE)

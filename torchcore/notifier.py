@@ -224,7 +224,10 @@ class Notifier:
                       message.event, message.task, message.error)
             self.store.finish(message, EXPIRED, now, message.error)
             return
-        sent = self.sender(target, message.event, message.payload)
+        try:
+            sent = self.sender(target, message.event, message.payload)
+        except Exception as exc:    # a sender's bug: this message waits, the other targets go on
+            sent = _send_failed(exc)
         now = self.clock()
         if sent.state == "sent":
             self.store.finish(message, SENT, now)
@@ -241,6 +244,11 @@ class Notifier:
 
     def prune(self):
         return self.store.prune(self.clock() - KEEP_DONE)
+
+
+def _send_failed(exc):
+    from torchcore.notifysend import Sent
+    return Sent("retry", f"the send failed: {type(exc).__name__}")
 
 
 # -- a run's output, from its task log ----------------------------------------------------------
@@ -415,5 +423,22 @@ def _drain(fd):
         pass
 
 
+def _run_and_exit():
+    """main(), then exit without waiting for other threads: Apprise may have left a worker
+    talking to a server that keeps it busy (a try abandoned by SIGTERM or its deadline), and
+    the interpreter's exit would wait for it as long as that server likes."""
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        code = 1
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _run_and_exit()

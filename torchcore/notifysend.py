@@ -11,16 +11,23 @@ first time a ``to:`` target is sent to: only the notifier process (and ``notify 
 ever loads it, and it is an optional dependency (``pip install 'torchcore[notify]'``).
 """
 
+import base64
+import contextlib
 import dataclasses
+import http.client
 import json
 import logging
+import signal
+import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from torchcore import __version__
 from torchcore.notifyrules import rejected, text, title
 
-TIMEOUT = 10.0              # seconds one try may take
+TIMEOUT = 10.0              # seconds one try may take, all of it (a receiver answering a byte at a time too)
+APPRISE_TRIES = 6          # an Apprise send may take this many TIMEOUTs (a mail's dialogue is long)
 MAX_ANSWER = 64 << 10       # bytes of an answer read (and thrown away)
 USER_AGENT = f"torchcore/{__version__}"
 
@@ -42,24 +49,67 @@ def send(target, event, body, timeout=TIMEOUT):
         url = target.url.rstrip("/") + {"start": "/start", "fail": "/fail"}.get(event, "")
         return post(url, (body.get("output_tail") or "").encode(), "text/plain; charset=utf-8",
                     timeout, {})
-    return apprise_send(target.url, title(body), text(body))
+    return apprise_send(target.url, title(body), text(body), timeout * APPRISE_TRIES)
 
 
 def post(url, data, content_type, timeout, headers):
-    """POST ``data``; 2xx is sent, a "never" 4xx rejected, anything else retried."""
+    """POST ``data``; 2xx is sent, a "never" 4xx rejected, anything else retried.  The whole
+    try (connecting, sending, the answer) ends after ``timeout`` seconds."""
+    url, auth = _credentials(url)
     request = urllib.request.Request(url, data=data, method="POST", headers={
-        "Content-Type": content_type, "User-Agent": USER_AGENT, **headers})
+        "Content-Type": content_type, "User-Agent": USER_AGENT, **auth, **headers})
     opener = urllib.request.build_opener(_NoRedirect)
     try:
-        with opener.open(request, timeout=timeout) as answer:
+        with _deadline(timeout), opener.open(request, timeout=timeout) as answer:
             answer.read(MAX_ANSWER)
             return Sent("sent", f"HTTP {answer.status}")
     except urllib.error.HTTPError as exc:
         status = exc.code
         exc.close()
         return Sent("rejected" if rejected(status) else "retry", f"HTTP {status}")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except _Overdue:
+        return Sent("retry", f"no complete answer within {timeout:g}s")
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         return Sent("retry", _safe(getattr(exc, "reason", exc)))
+
+
+def _credentials(url):
+    """``(url, headers)``: a user and password written in the URL (``https://user:pw@host/``)
+    sent as HTTP Basic authentication, which is what they mean (the standard library's client
+    would take them for part of the host name)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, {}
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    token = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    return (urllib.parse.urlunsplit(parts._replace(netloc=host)),
+            {"Authorization": "Basic " + base64.b64encode(token).decode()})
+
+
+class _Overdue(BaseException):
+    """A try went on past its timeout (a BaseException: a plugin's ``except Exception`` lets it
+    through)."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds):
+    """Raise _Overdue in the block after ``seconds`` (SIGALRM; in the main thread only, where
+    the notifier and ``notify test`` send): a socket's timeout bounds each wait, not the try."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def overdue(signum, frame):
+        raise _Overdue
+
+    before = signal.signal(signal.SIGALRM, overdue)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -75,8 +125,10 @@ def _safe(reason):
     return text if "://" not in text else type(reason).__name__
 
 
-def apprise_send(url, subject, body):
-    """Notify through Apprise; False from Apprise is retried (it gives no reason beyond its log)."""
+def apprise_send(url, subject, body, timeout=TIMEOUT * APPRISE_TRIES):
+    """Notify through Apprise; False from Apprise is retried (it gives no reason beyond its log),
+    as is a send still going on after ``timeout`` seconds (a mail server answering a line at a
+    time would otherwise hold the notifier and every other target)."""
     try:
         import apprise
     except ImportError:
@@ -87,7 +139,10 @@ def apprise_send(url, subject, body):
     if not sender.add(url):
         return Sent("rejected", "Apprise cannot read this URL (see Apprise's page for the service)")
     try:
-        ok = sender.notify(title=subject, body=body, body_format=apprise.NotifyFormat.TEXT)
+        with _deadline(timeout):
+            ok = sender.notify(title=subject, body=body, body_format=apprise.NotifyFormat.TEXT)
+    except _Overdue:
+        return Sent("retry", f"Apprise did not finish within {timeout:g}s")
     except Exception as exc:        # a plugin's bug must not stop the notifier
         return Sent("retry", f"Apprise failed: {type(exc).__name__}")
     return Sent("sent", "") if ok else Sent("retry", "Apprise could not deliver it (its log says why)")

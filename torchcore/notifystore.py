@@ -2,7 +2,8 @@
 
 - ``notify_outbox``: every message to send, queued before the first try and kept with its
   delivery state (queued, sent, rejected, expired, dropped; held: the latest event held back
-  by the rate limit, its details kept for the digest), attempts and last error; unique
+  by the rate limit, its details kept for the digest), attempts and last error (a finished
+  message without its output: nothing reads it again, and it is listed for a week); unique
   per (message id, target), so deriving an event twice queues it once.
 - ``notify_windows``: the rate limit of each (task, target, event) (notifyrules.Window).
 - ``notify_tasks``: whether each task's last ended run failed (for ``recovered``).
@@ -65,6 +66,17 @@ _CHANGES = ("SELECT c.seq, c.ended, c.written, {} FROM changes c LEFT JOIN runs 
 _OUTBOX = "seq, id, target, shown, task, event, body, created, next_try, attempts, state, error, done"
 
 
+def _without_output(body):
+    """A finished message's body as kept (listed for KEEP_DONE): its output left out, which
+    may be large and hold whatever a job printed; nothing reads it again."""
+    try:
+        payload = json.loads(body)
+        payload["output_tail"] = ""
+        return json.dumps(payload)
+    except (ValueError, TypeError):
+        return "{}"
+
+
 class Message:
     """One row of the outbox."""
 
@@ -104,6 +116,7 @@ class Store:
         self.path = path
         self.clock = clock
         self.conn = records.connect(path, busy_timeout)
+        self.conn.execute("PRAGMA secure_delete = ON")     # a finished message's output is gone
         self.identity = _identity(path)
         self._transaction(self._create)
 
@@ -228,7 +241,8 @@ class Store:
         DROPPED (the target is no longer in the task file)."""
         tried = 1 if state in (SENT, REJECTED) else 0
         self._update(message.seq, "UPDATE notify_outbox SET state = ?, done = ?, error = ?,"
-                     " attempts = attempts + ? WHERE seq = ?", (state, now, error, tried, message.seq))
+                     " attempts = attempts + ?, body = ? WHERE seq = ?",
+                     (state, now, error, tried, _without_output(message.body), message.seq))
 
     def _update(self, seq, sql, params):
         try:
@@ -237,9 +251,13 @@ class Store:
             log.warning("notifier: cannot record the delivery of message %d (will retry): %s", seq, exc)
 
     def prune(self, before):
-        """Forget messages finished before ``before``; returns how many."""
-        return self.conn.execute("DELETE FROM notify_outbox WHERE state != 'queued' AND done < ?",
-                                 (before,)).rowcount
+        """Forget messages finished before ``before``; returns how many.  A held message its
+        window still points at is kept: its details make the digest (``every`` may be longer
+        than KEEP_DONE)."""
+        return self.conn.execute(
+            "DELETE FROM notify_outbox WHERE state != 'queued' AND done < ? AND NOT (state = 'held'"
+            " AND EXISTS (SELECT 1 FROM notify_windows w WHERE w.held > 0 AND w.last = notify_outbox.id"
+            " AND w.target = notify_outbox.target))", (before,)).rowcount
 
     def recent(self, limit=50, task=None):
         return read_recent(self.conn, limit, task)

@@ -152,8 +152,8 @@ class Services:
             if self.stderr is not None:
                 err = os.open(self.stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                               0o600)
-            argv = [sys.executable, "-m", spec.module,     # settings.path: absolute (the daemon is in /)
-                    "--taskfile", self.taskfile.settings.path, "--state-dir", self.state_dir,
+            argv = [sys.executable, "-m", spec.module,
+                    "--taskfile", task_file_path(self.taskfile), "--state-dir", self.state_dir,
                     "--node", self.node_name, "--parent-fd", str(read_end)]
             argv += _option_args(self.options.get(spec.name))
             service.proc = subprocess.Popen(argv, pass_fds=(read_end,), stdin=subprocess.DEVNULL,
@@ -305,6 +305,13 @@ def _log_failure(what, exc):
 
 
 # ---- the child side ----------------------------------------------------------------------
+
+def task_file_path(taskfile):
+    """The task file's absolute path (its settings hold it): the daemon runs from / after it
+    detaches, so the path given on the command line (``-c tasks.yaml``) would name /tasks.yaml."""
+    settings = getattr(taskfile, "settings", None)
+    return getattr(settings, "path", None) or os.path.abspath(taskfile.path)
+
 
 def child_args(argv=None, description=None, extra=None):
     """Parse a service's command line (the common arguments, plus ``extra(parser)``'s)."""

@@ -44,7 +44,8 @@ class Supervisor:
     """Runs this node's share of a task file until told to stop."""
 
     def __init__(self, taskfile, node, clock=None, coordinator=None, on_ready=None,
-                 helper_stderr=None, pidfile=None, system=None, service_options=None):
+                 helper_stderr=None, pidfile=None, system=None, service_options=None,
+                 service_stderr=None):
         if not isinstance(taskfile, Loaded):       # loaded here (tests, the API)
             taskfile = Loaded.of_taskfile(taskfile, node)
         self.taskfile = taskfile    # the running file, compact (see tasktable.py)
@@ -72,7 +73,7 @@ class Supervisor:
             self.daemons, db_path=self.db_path, node_name=self.node_name, contain=self.ledger.contain,
             on_exit=self._executor_exited, on_daemon_exit=self._daemon_exited)
         self.services = Services(       # the children that talk to the network (services.py)
-            self.clock, self.settings.state_dir, helper_stderr, self.ledger.contain,
+            self.clock, self.settings.state_dir, service_stderr or helper_stderr, self.ledger.contain,
             options=service_options)
         self.stats = self.ledger.stats
         self.started_at = self.clock.time()

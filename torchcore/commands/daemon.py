@@ -90,10 +90,12 @@ def cmd_start(args):
         pidfile.release()
         launcher.failed(str(exc))
         os._exit(common.EXIT_ERROR)
-    try:                        # helpers never keep the start-up pipe as their stderr
+    try:                        # helpers never keep the start-up pipe as their stderr; the
+        # services (the notifier) log to their stderr: the daemon's log, as in the foreground
         code = _supervise(taskfile, node, pidfile_path, on_ready=launcher.ready,
                           on_failure=launcher.failed, helper_stderr=os.devnull,
-                          options=_service_options(args))
+                          options=_service_options(args),
+                          service_stderr=paths.daemon_log(taskfile.settings.log_dir))
     finally:
         pidfile.release()
     os._exit(code)
@@ -114,14 +116,15 @@ def _service_options(args):
 
 
 def _supervise(taskfile, node, pidfile, on_ready=None, on_failure=None, helper_stderr=None,
-               options=None):
+               options=None, service_stderr=None):
     """Run the supervisor.  A start refused (another daemon on the same state_dir, ...)
     is one line for the starting command, and nothing in the log, which may be the
     running daemon's; a failure after start-up goes to the log."""
     from torchcore.supervisor import Supervisor
 
     supervisor = Supervisor(taskfile, node, on_ready=on_ready, helper_stderr=helper_stderr,
-                            pidfile=pidfile, service_options=options)
+                            pidfile=pidfile, service_options=options,
+                            service_stderr=service_stderr)
     try:
         return supervisor.run()
     except Exception as exc:
