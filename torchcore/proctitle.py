@@ -41,3 +41,20 @@ def set_title(title):
     if _setproctitle is None:
         _setproctitle = _load()
     _setproctitle.setproctitle(title)
+
+
+class SupervisorTitle:
+    """The supervisor's title, ``torchcore: supervisor FILE (N tasks, M running)``, set only
+    when what it shows changes (``set_title``: the system's)."""
+
+    def __init__(self, set_title):
+        self.set_title = set_title
+        self.shown = None
+
+    def show(self, path, tasks, running, stopping):
+        title = f"torchcore: supervisor {os.path.basename(path)} ({tasks} tasks, {running} running)"
+        if stopping:
+            title += " stopping"
+        if title != self.shown:
+            self.set_title(title)
+            self.shown = title

@@ -327,6 +327,33 @@ class Starter:
             elif not self.system.is_executor(run.executor_pid, run.task.name, run.run_id):
                 self._executor_exited(run_id, 0)
 
+    # ---- the executors' reports -------------------------------------------------------------
+
+    def report(self, line, stopping):
+        """One line of the report pipe: a run's gate, start or end (``stopping``: the daemon
+        stops, so a run that starts now is asked to stop at once)."""
+        try:
+            report = wire.decode_report(line)       # Gate, Start, End; None: another kind
+            run = None if report is None else self.table.get(report.run)
+        except (ValueError, TypeError):
+            log.warning("ignored a malformed executor report: %r", line[:200])
+            return
+        if run is None:
+            prepared = None if report is None else self.table.prepared_ids.get(report.run)
+            if prepared is not None and isinstance(report, wire.Gate):
+                prepared.pgid = report.pid      # its command's group, before it runs
+            return
+        if isinstance(report, (wire.Start, wire.Gate)):    # gate: read only after it was fired
+            known, run.pgid = run.pgid, report.pid
+            if run.pgid != known:
+                self.ledger.started(run)         # history shows the command's pid, as status
+            self.table.running(run)     # STARTING -> RUNNING
+            if stopping:
+                self.signal_run(run, signal.SIGTERM, "shutdown")
+        elif isinstance(report, wire.End):
+            run.report = report
+            self.ahead.started(run.scheduled, report.started)
+
     # ---- stopping ---------------------------------------------------------------------------
 
     def signal_run(self, run, signum, reason=None):

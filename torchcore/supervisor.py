@@ -18,13 +18,14 @@ import os
 import selectors
 import signal
 
-from torchcore import adopt, loadchild, paths, prepare, records, reloading, safepaths, taskset, wire
+from torchcore import adopt, loadchild, paths, prepare, records, reloading, safepaths, taskset
 from torchcore.coordinator import LocalCoordinator
 from torchcore.daemons import Daemons
 from torchcore.launcher import LauncherPool
 from torchcore.ledger import Ledger
 from torchcore.outcome import RunResult
 from torchcore.planner import Planner
+from torchcore.proctitle import SupervisorTitle
 from torchcore.replies import Replies
 from torchcore.runs import RunTable
 from torchcore.services import Services
@@ -89,8 +90,7 @@ class Supervisor:
         self.file_signature = None
         self.skipped_last = self.ledger.skipped_last   # name -> reason, while skipped
         self._report_buffer = b""
-        self._title = None
-        self._title_state = None
+        self.title = SupervisorTitle(self.system.set_title)    # what ps shows (proctitle.py)
         self.wakeups = Wakeups(self)     # when the loop wakes, what it passes (see wakeups.py)
         self.filewatch = FileWatch(self.settings.path, self.clock)
         self.clockwatch = ClockWatch()
@@ -259,30 +259,7 @@ class Supervisor:
             self._report_buffer += chunk
         *lines, self._report_buffer = self._report_buffer.split(b"\n")
         for line in lines:
-            self._handle_report(line)
-
-    def _handle_report(self, line):
-        try:
-            report = wire.decode_report(line)       # Gate, Start, End; None: another kind
-            run = None if report is None else self.table.get(report.run)
-        except (ValueError, TypeError):
-            log.warning("ignored a malformed executor report: %r", line[:200])
-            return
-        if run is None:
-            prepared = None if report is None else self.table.prepared_ids.get(report.run)
-            if prepared is not None and isinstance(report, wire.Gate):
-                prepared.pgid = report.pid      # its command's group, before it runs
-            return
-        if isinstance(report, (wire.Start, wire.Gate)):    # gate: read only after it was fired
-            known, run.pgid = run.pgid, report.pid
-            if run.pgid != known:
-                self.ledger.started(run)         # history shows the command's pid, as status
-            self.table.running(run)     # STARTING -> RUNNING
-            if self.stopping:
-                self.starter.signal_run(run, signal.SIGTERM, "shutdown")
-        elif isinstance(report, wire.End):
-            run.report = report
-            self.ahead.started(run.scheduled, report.started)
+            self.starter.report(line, self.stopping)
 
     def reap(self):
         """Collect every exited child (signals coalesce: never rely on one SIGCHLD each)."""
@@ -507,18 +484,9 @@ class Supervisor:
         self.ledger.now_and_then(self.settings.history_days, len(self.tasks), len(self.table),
                                  self.wakeups.passes)
 
+
     def _set_title(self):
-        state = (len(self.tasks), len(self.table), self.stopping, self.settings.path)
-        if state == self._title_state:
-            return
-        self._title_state = state
-        name = os.path.basename(self.settings.path)
-        title = f"torchcore: supervisor {name} ({len(self.tasks)} tasks, {len(self.table)} running)"
-        if self.stopping:
-            title += " stopping"
-        if title != self._title:
-            self.system.set_title(title)
-            self._title = title
+        self.title.show(self.settings.path, len(self.tasks), len(self.table), self.stopping)
 
 
 def _record_signal(signum, frame):
