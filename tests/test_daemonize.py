@@ -17,7 +17,10 @@ pytestmark = pytest.mark.process
 
 # The program under test: `python -c DAEMON MODE WORKDIR TIMEOUT`.
 DAEMON = textwrap.dedent("""
-    import json, os, sys, time
+    import json, os, signal, sys, time
+    # ^C raises KeyboardInterrupt even when the test runs where SIGINT is ignored (a shell's
+    # background job): a process started with SIGINT ignored would never see the test's signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from torchcore.daemonize import Daemonizer
     from torchcore.errors import DaemonError
     from torchcore.pidfile import Pidfile
