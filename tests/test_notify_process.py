@@ -325,6 +325,29 @@ def test_the_daemon_killed_between_queueing_and_sending_delivers_after_a_restart
     assert (body["event"], body["task"], body["exit_code"]) == ("failure", "once", 5)
 
 
+def test_a_daemon_down_for_a_few_seconds_sends_one_missed_webhook_at_its_restart(daemons, http):
+    receiver = http()
+    d = daemons(f"""tasks:
+  - name: tick
+    schedule: "* * * * * *"
+    command: "true"
+    notify: [{{webhook: "{receiver.url}/hook", on: [missed]}}]
+""").start()
+    wait_until(lambda: len(d.runs("tick")) >= 2, 10, "runs of tick")
+    assert d.stop() == 0
+    stopped = time.monotonic()
+    time.sleep(4)
+    d.start()
+    down = int(time.monotonic() - stopped)
+    body = wait_until(receiver.bodies, 10, "the missed webhook")[0]
+    count = int(body["result"].split()[1])
+    assert (body["event"], body["task"]) == ("missed", "tick")
+    assert down - 2 <= count <= down + 2, (body["result"], down)
+    assert "while torchcore was not running" in body["result"]
+    time.sleep(2)
+    assert len(receiver.bodies()) == 1
+
+
 def test_pings_go_start_then_success_or_fail_in_order(daemons, http):
     receiver = http()
     daemons(f"""tasks:

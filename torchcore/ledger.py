@@ -22,6 +22,7 @@ log = logging.getLogger("torchcore")
 
 STATS_EVERY = 60            # seconds between stats lines
 PRUNE_EVERY = 6 * 3600      # seconds between prunes of records older than history_days
+UNPLANNED_BUSY = 20_000     # busy seconds looked at, at most, in seconds no tick planned
 
 
 TICK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)   # seconds
@@ -175,6 +176,25 @@ class Ledger:
                     "replaced by a later one)", name, count, _fmt_second(second), misfire_grace)
         self.records.add(RunRecord.of_miss(self.records.allocate_run_id(), name, self.node_name,
                                            second, count))
+
+    def unplanned(self, planner, after, upto, why):
+        """The seconds (after, upto] that no tick planned (the daemon stopping, or down): each
+        task due in them gets one miss record, for its first such second, with its count (a
+        lower bound, said so, past UNPLANNED_BUSY busy seconds)."""
+        if after is None or upto <= after:
+            return
+        found, complete = planner.due_between(after, upto, UNPLANNED_BUSY)
+        bound = "" if complete else "at least "
+        for name, (first, count) in sorted(found.items()):
+            self.stats.missed += count
+            self.records.add(RunRecord.of_miss(
+                self.records.allocate_run_id(), name, self.node_name, first, count, why,
+                at_least=not complete))
+        if found:
+            log.warning("%d task(s) missed %s%d run(s) due %s (%s to %s)%s", len(found), bound,
+                        sum(count for _, count in found.values()), why, _fmt_second(after + 1),
+                        _fmt_second(upto), "" if complete else
+                        f"; only the first {UNPLANNED_BUSY} busy seconds were looked at")
 
 
 def _fmt_second(second):

@@ -226,6 +226,24 @@ class Planner:
             self._quiet = (self._generation, lo, found, True)
         return found if found is not None and found <= after + limit else None
 
+    def due_between(self, after, upto, max_busy):
+        """What was due in (after, upto] when no tick planned it (the daemon stopping or down):
+        ``({name: [first second, count]}, complete)``.  Busy seconds only (``next_busy``), so
+        a long gap costs its busy seconds, not its seconds; at most ``max_busy`` of them are
+        looked at (``complete`` False: the counts are lower bounds, tasks due only after that
+        are left out).  Plain matches: the clock-step and daylight-saving rules are not applied,
+        and nothing of the planner's state changes."""
+        found, second, looked = {}, after, 0
+        while (busy := self.next_busy(second, upto - second)) is not None:
+            if looked == max_busy:
+                return found, False
+            looked, second = looked + 1, busy
+            for zone in self._zones.values():
+                for name in zone.table.match(wall_time(second, zone.tz)):
+                    seen = found.setdefault(name, [second, 0])
+                    seen[1] += 1
+        return found, True
+
     def pass_quiet(self, upto):
         """Pass the seconds (watermark, upto] as ``advance`` would, one by one, finding nothing
         due; stops short of the first busy second (``advance`` plans that one).  Returns the

@@ -264,6 +264,7 @@ class Records:
         self.dropped = 0                    # records dropped because the buffer was full
         self.failed_flushes = 0             # consecutive flushes that could not write
         self._last_warning = None
+        self._meta = {}                     # meta key -> value, written with the next flush
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -305,25 +306,42 @@ class Records:
                 log.warning("records: buffer full (%d), %d oldest records dropped so far",
                             self._max_buffer, self.dropped)
 
+    def remember(self, key, value):
+        """Keep ``value`` under ``key`` in the meta table: written with the next flush that writes
+        records, and by ``close`` (never a commit of its own)."""
+        self._meta[key] = str(value)
+
+    def recall(self, key):
+        """The value kept under ``key`` (a string), or None (never kept, or unreadable)."""
+        try:
+            row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error as exc:
+            log.warning("records: cannot read %s from %s: %s", key, self.path, exc)
+            return None
+        return None if row is None else row[0]
+
     @property
     def pending(self):
         """How many records wait for a flush."""
         return len(self._buffer)
 
-    def flush(self):
-        """Write every buffered record in one transaction; True if the buffer is now empty.
+    def flush(self, meta=False):
+        """Write every buffered record in one transaction, with what ``remember`` kept (also
+        without records if ``meta``); True if the buffer is now empty.
 
         On any database error (locked, disk full, ...) the buffer is kept for the
         next flush and a warning is logged (at most once a minute); never raises.
         """
-        if not self._buffer or os.getpid() != self._pid or self._conn is None:
+        if not (self._buffer or meta and self._meta) or os.getpid() != self._pid \
+                or self._conn is None:
             return not self._buffer
         self._recreate_if_gone()
-        rows = list(self._buffer.values())
+        rows, kept = list(self._buffer.values()), list(self._meta.items())
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 self._conn.executemany(_UPSERT, rows)
+                self._conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", kept)
                 self._conn.execute("COMMIT")
             except BaseException:
                 _rollback(self._conn)
@@ -337,6 +355,7 @@ class Records:
         self.failed_flushes = 0
         self._last_warning = None
         self._buffer.clear()
+        self._meta.clear()
         return True
 
     def _recreate_if_gone(self):
@@ -440,7 +459,7 @@ class Records:
         """Flush what can be written, then close (in the process that opened it only)."""
         if os.getpid() != self._pid or self._conn is None:
             return
-        self.flush()
+        self.flush(meta=True)
         self._release_ids()
         self._conn.close()
         self._conn = None

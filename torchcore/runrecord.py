@@ -74,9 +74,13 @@ class RunRecord:
         return cls(run_id, task, node, scheduled, skipped=reason, manual=manual)
 
     @classmethod
-    def of_miss(cls, run_id, task, node, scheduled, count):
-        """``count`` due runs missed, the latest due at ``scheduled`` (one record for them)."""
-        return cls(run_id, task, node, scheduled, missed=True, skipped=f"missed {count} run(s)")
+    def of_miss(cls, run_id, task, node, scheduled, count, why="", at_least=False):
+        """``count`` due runs missed, the latest due at ``scheduled`` (one record for them); or,
+        with ``why`` (seconds no tick planned: "while torchcore was down"), the first."""
+        words = f"missed {'at least ' if at_least else ''}{count} run(s)"
+        if why:
+            words += f" {why}, from this second on"
+        return cls(run_id, task, node, scheduled, missed=True, skipped=words)
 
     def lost(self, now, why):
         """This unfinished run closed as lost at ``now`` (a copy)."""

@@ -37,6 +37,8 @@ from torchcore.watch import ClockWatch, FileWatch
 
 log = logging.getLogger("torchcore")
 
+PLANNED = "planned_upto"     # meta key: the last second this node's planner has passed
+
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
            signal.SIGUSR2: "usr2", signal.SIGCHLD: "chld"}
 
@@ -81,6 +83,7 @@ class Supervisor:
         self.stopping = False
         self.shutdown_deadline = None
         self.killed_all = False
+        self.stop_noted = False         # the seconds not planned while stopping are recorded
         self.reload_requested = None     # the reason, when a reload waits for the loop
         self.last_reload = None          # (epoch, ok, message)
         self.last_applied = None         # the last accepted reload: at, reason, digest, counts
@@ -112,6 +115,7 @@ class Supervisor:
                     self.loop_once()
                 except Exception as exc:    # whatever one pass met, the next pass runs
                     self.ledger.contain("a pass of the loop", exc)
+            self.note_stopped()
         finally:
             self.close()
         log.info("torchcore stopped")
@@ -133,7 +137,11 @@ class Supervisor:
         self._apply(self.taskfile, None, first=True)
         self.services.apply(self.taskfile, self.node)
         self.adopt_previous_executors()
-        self.planner.start(int(self.clock.time()))
+        now = int(self.clock.time())
+        self.ledger.unplanned(self.planner, _second(self.records.recall(PLANNED)), now,
+                              "while torchcore was not running")    # none at a first start
+        self.planner.start(now)
+        self.records.remember(PLANNED, now)
         self.wakeups.started()
         self.starter.start_reboot_tasks()
         self.starter.prepare_ahead()        # the first seconds too, not from the first tick on
@@ -369,6 +377,19 @@ class Supervisor:
     def drive_shutdown(self):
         if self.table and self.clock.monotonic() >= self.shutdown_deadline and not self.killed_all:
             self.kill_all(f"shutdown_grace {self.settings.shutdown_grace}s is over")
+        if not self.table:
+            self.note_stopped()
+
+    def note_stopped(self):
+        """Stopped: the seconds since the last tick, which none planned, are recorded as
+        missed, and the second it stopped is kept for the next start (once)."""
+        if self.stop_noted:
+            return
+        self.stop_noted = True
+        now = int(self.clock.time())
+        self.ledger.unplanned(self.planner, self.planner.watermark, now,
+                              "while torchcore was stopping")
+        self.records.remember(PLANNED, max(now, self.planner.watermark or now))
 
     # ---- reload ---------------------------------------------------------------------------
 
@@ -476,6 +497,8 @@ class Supervisor:
             self.launchers.start_missing()
         if not self.stopping:
             self.services.tend()
+        if not self.stopping:
+            self.records.remember(PLANNED, self.planner.watermark)   # written with the records
         if not self.ahead.in_burst():
             self.records.flush()
         self._set_title()
@@ -487,6 +510,14 @@ class Supervisor:
 
     def _set_title(self):
         self.title.show(self.settings.path, len(self.tasks), len(self.table), self.stopping)
+
+
+def _second(value):
+    """An epoch second kept in the meta table, or None."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _record_signal(signum, frame):
