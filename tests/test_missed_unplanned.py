@@ -7,7 +7,7 @@ import time
 from supervisor_harness import T0, build
 
 from torchcore import ledger, records
-from torchcore.supervisor import PLANNED
+from torchcore.ledger import PLANNED
 
 BODY = """  shutdown_grace: 30s
 tasks:

@@ -22,6 +22,7 @@ log = logging.getLogger("torchcore")
 
 STATS_EVERY = 60            # seconds between stats lines
 PRUNE_EVERY = 6 * 3600      # seconds between prunes of records older than history_days
+PLANNED = "planned_upto"     # meta key: the last second this node's planner has passed
 UNPLANNED_BUSY = 20_000     # busy seconds looked at, at most, in seconds no tick planned
 
 
@@ -177,6 +178,23 @@ class Ledger:
         self.records.add(RunRecord.of_miss(self.records.allocate_run_id(), name, self.node_name,
                                            second, count))
 
+    def resumed(self, planner, now):
+        """A start: the seconds since the last one a previous supervisor planned (kept in the
+        records' meta table; none at a first start) are missed, and ``now`` is kept."""
+        self.unplanned(planner, _second(self.records.recall(PLANNED)), now,
+                       "while torchcore was not running")
+        self.records.remember(PLANNED, now)
+
+    def planned(self, second):
+        """The last second planned, kept for the next start (written with the records)."""
+        self.records.remember(PLANNED, second)
+
+    def stopped(self, planner, now):
+        """A stop: the seconds since the last tick, which none planned, are missed; the second
+        it stopped is kept for the next start."""
+        self.unplanned(planner, planner.watermark, now, "while torchcore was stopping")
+        self.records.remember(PLANNED, max(now, planner.watermark or now))
+
     def unplanned(self, planner, after, upto, why):
         """The seconds (after, upto] that no tick planned (the daemon stopping, or down): each
         task due in them gets one miss record, for its first such second, with its count (a
@@ -195,6 +213,14 @@ class Ledger:
                         sum(count for _, count in found.values()), why, _fmt_second(after + 1),
                         _fmt_second(upto), "" if complete else
                         f"; only the first {UNPLANNED_BUSY} busy seconds were looked at")
+
+
+def _second(value):
+    """An epoch second kept in the meta table, or None."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _fmt_second(second):

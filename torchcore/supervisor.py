@@ -19,6 +19,7 @@ import selectors
 import signal
 
 from torchcore import adopt, loadchild, paths, prepare, records, reloading, safepaths, taskset
+from torchcore.control import ControlServer
 from torchcore.coordinator import LocalCoordinator
 from torchcore.daemons import Daemons
 from torchcore.launcher import LauncherPool
@@ -36,8 +37,6 @@ from torchcore.wakeups import Wakeups
 from torchcore.watch import ClockWatch, FileWatch
 
 log = logging.getLogger("torchcore")
-
-PLANNED = "planned_upto"     # meta key: the last second this node's planner has passed
 
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
            signal.SIGUSR2: "usr2", signal.SIGCHLD: "chld"}
@@ -138,10 +137,8 @@ class Supervisor:
         self.services.apply(self.taskfile, self.node)
         self.adopt_previous_executors()
         now = int(self.clock.time())
-        self.ledger.unplanned(self.planner, _second(self.records.recall(PLANNED)), now,
-                              "while torchcore was not running")    # none at a first start
+        self.ledger.resumed(self.planner, now)      # the seconds it was down: missed
         self.planner.start(now)
-        self.records.remember(PLANNED, now)
         self.wakeups.started()
         self.starter.start_reboot_tasks()
         self.starter.prepare_ahead()        # the first seconds too, not from the first tick on
@@ -163,7 +160,9 @@ class Supervisor:
         safepaths.secure_dir(self.settings.state_dir, safepaths.STATE_DIR_MODE,
                              what="state directory", private=True)
         self.selector = selectors.DefaultSelector()
-        self._open_control()        # first: refused if another daemon serves this state_dir
+        self.control = ControlServer(   # first: refused if another daemon serves this state_dir
+            paths.control_socket(self.settings.state_dir), self.replies)
+        self.control.register(self.selector)
         safepaths.secure_dir(self.settings.log_dir, safepaths.LOG_DIR_MODE, what="log_dir")
         self.records = records.Records(self.db_path)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -176,15 +175,6 @@ class Supervisor:
             signal.signal(signum, _record_signal)
         self.file_signature = taskset.signature(self.settings.path)
         self.clockwatch.open(self.selector)
-
-    def _open_control(self):
-        """The control socket, when the plumbing for it is present (see control.py)."""
-        try:
-            from torchcore import control
-        except ImportError:
-            return
-        self.control = control.ControlServer(self.control_path, self.replies)
-        self.control.register(self.selector)
 
     def close(self):
         for signum in SIGNALS:
@@ -207,10 +197,6 @@ class Supervisor:
     @property
     def db_path(self):
         return paths.records_db(self.settings.state_dir)
-
-    @property
-    def control_path(self):
-        return paths.control_socket(self.settings.state_dir)
 
     def finished(self):
         return self.stopping and not self.table
@@ -381,15 +367,10 @@ class Supervisor:
             self.note_stopped()
 
     def note_stopped(self):
-        """Stopped: the seconds since the last tick, which none planned, are recorded as
-        missed, and the second it stopped is kept for the next start (once)."""
-        if self.stop_noted:
-            return
-        self.stop_noted = True
-        now = int(self.clock.time())
-        self.ledger.unplanned(self.planner, self.planner.watermark, now,
-                              "while torchcore was stopping")
-        self.records.remember(PLANNED, max(now, self.planner.watermark or now))
+        """Stopped: the seconds none planned since the last tick are missed (see ledger.py)."""
+        if not self.stop_noted:
+            self.stop_noted = True
+            self.ledger.stopped(self.planner, int(self.clock.time()))
 
     # ---- reload ---------------------------------------------------------------------------
 
@@ -497,8 +478,7 @@ class Supervisor:
             self.launchers.start_missing()
         if not self.stopping:
             self.services.tend()
-        if not self.stopping:
-            self.records.remember(PLANNED, self.planner.watermark)   # written with the records
+            self.ledger.planned(self.planner.watermark)     # written with the records
         if not self.ahead.in_burst():
             self.records.flush()
         self._set_title()
@@ -510,14 +490,6 @@ class Supervisor:
 
     def _set_title(self):
         self.title.show(self.settings.path, len(self.tasks), len(self.table), self.stopping)
-
-
-def _second(value):
-    """An epoch second kept in the meta table, or None."""
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def _record_signal(signum, frame):
