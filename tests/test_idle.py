@@ -187,6 +187,7 @@ def _wakes(rng, first, last, planner=None):
 
 
 @pytest.mark.parametrize("zone", ["UTC", "Europe/Paris", "America/New_York"])
+@pytest.mark.slow     # plans three hours of seconds both ways, five times per change: not a unit test
 def test_passing_quiet_seconds_plans_what_planning_each_second_plans(zone):
     rng = random.Random(zone)
     starts = {"Europe/Paris": [1_774_738_800, 1_792_882_800],        # around both 2026 changes

@@ -116,6 +116,7 @@ def test_no_thread_is_left_behind():
     assert not any(thread.is_alive() for thread in receiver.threads)
 
 
+@pytest.mark.slow     # waits out real timeouts: not a unit test
 def test_a_receiver_answering_a_byte_at_a_time_is_given_up_at_the_timeout():
     for answer in (trickle_headers, trickle_body):
         receiver = RawReceiver(answer)

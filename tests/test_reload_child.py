@@ -286,6 +286,7 @@ def test_a_big_change_is_set_aside_and_taken_whole_keeping_the_wall_memory(tmp_p
     assert sorted(planner.peek(1_767_225_600 + 3 * 3600)) == ["t0"]       # Jan 1st, 03:00:00
 
 
+@pytest.mark.slow     # builds and reads a big task file: seconds, not a unit test
 def test_a_big_file_s_settings_are_found_in_its_head_as_the_whole_file_gives_them(tmp_path):
     tasks = "".join(f"  - {{name: t{i}, schedule: '@daily', command: 'job {i} {'x' * 40}'}}\n"
                     for i in range(20000))

@@ -170,6 +170,7 @@ def test_a_changed_file_wakes_the_sleeping_loop_and_reloads_it(make, how):
     assert took < 1.0                           # woken by inotify, not by the sleep's end
 
 
+@pytest.mark.slow     # waits out real timeouts: not a unit test
 def test_without_inotify_the_loop_polls_the_file_each_second(make, monkeypatch):
     def refuse():
         raise OSError(errno.EMFILE, "Too many open files")

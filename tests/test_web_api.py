@@ -551,6 +551,7 @@ def test_only_a_loopback_name_with_a_port_is_a_loopback_host(name, port, trick, 
 
 
 
+@pytest.mark.slow     # waits out real timeouts: not a unit test
 def test_a_cached_answer_is_never_older_than_twice_its_reuse_time(site):
     """Served stale while a background thread makes the next one, but only for as long again:
     after a quiet spell (a scrape every 15 s) the answer is made anew, not the last scrape's."""
@@ -589,6 +590,7 @@ def test_what_a_browser_sends_for_another_sites_page_is_refused(site, site_heade
     assert get(site.base, headers)[0] == 200        # the page itself: a link from elsewhere works
 
 
+@pytest.mark.slow     # waits out real timeouts: not a unit test
 def test_a_request_must_arrive_whole_within_the_deadline(site, monkeypatch):
     """A client that sends its request a byte now and then (or idles) is cut off at the
     deadline, though every single read is quick; a log follow, past its request, goes on."""
