@@ -106,11 +106,7 @@ class FileWatch:
     def stop(self):
         """Watch nothing (``watch: false``, or the supervisor closing)."""
         if self.fd is not None:
-            try:
-                self.selector.unregister(self.fd)
-            except (KeyError, ValueError):
-                pass
-            os.close(self.fd)
+            _release(self.selector, self.fd)
         self.fd = None
         self._names = {}
         self.mode = "off"
@@ -248,10 +244,15 @@ class ClockWatch:
     def close(self):
         if self.fd is None:
             return
-        if self.selector is not None:
-            try:
-                self.selector.unregister(self.fd)
-            except (KeyError, ValueError):
-                pass
-        os.close(self.fd)
+        _release(self.selector, self.fd)
         self.fd = None
+
+
+def _release(selector, fd):
+    """Stop watching ``fd`` in ``selector`` (if it was registered there) and close it."""
+    if selector is not None:
+        try:
+            selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+    os.close(fd)
