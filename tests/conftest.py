@@ -91,3 +91,33 @@ def pytest_terminal_summary(terminalreporter):
         total.add(**dataclasses.asdict(row))
     write(f"{'total':<{width}}  {total.faults:>7}  {total.runs:>7}  {total.lost:>5}  "
           f"{total.doubled:>7}")
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One throw-away PostgreSQL server for the session (tests/pgserver.py); skips without one."""
+    import pgserver
+
+    why = pgserver.missing()
+    if why:
+        pytest.skip(why)
+    server = pgserver.PgServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg(pg_server, request):
+    """A fresh, empty database on the session's server: ``pg.url`` and ``pg.server``."""
+    import os
+    import re
+    import types
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40] + f"_{os.getpid()}_" \
+        + str(len(_PG_NAMES))
+    _PG_NAMES.append(name)
+    url = pg_server.create_db(name)
+    yield types.SimpleNamespace(url=url, name=name, server=pg_server)
+
+
+_PG_NAMES = []

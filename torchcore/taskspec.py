@@ -113,6 +113,7 @@ class Settings:
     history_days: int = 30
     notify: tuple = ()          # notifyspec.Target: every task's, unless it names its own
     http: object = None     # settings.http: a web.settings.HttpSettings, or None (off)
+    fleet: object = None    # settings.fleet: a fleetspec.FleetSettings, or None (no fleet)
 
 
 def default_settings(path):

@@ -19,7 +19,7 @@ import zoneinfo
 
 import yaml
 
-from torchcore import notifyspec, paths
+from torchcore import fleetspec, notifyspec, paths
 from torchcore.errors import ConfigError
 from torchcore.schedule import Schedule, ScheduleError, check_zone
 from torchcore.taskspec import NAME_RE, RESERVED_NAMES, Limits, Settings, Task, TaskFile, default_settings
@@ -436,4 +436,5 @@ SETTINGS_FIELDS = {
     "history_days": lambda loader, node: want_int(node, 1, HISTORY_DAYS_MAX),
     "notify": notifyspec.notify_list,
     "http": http_settings.parse,
+    "fleet": fleetspec.parse,
 }

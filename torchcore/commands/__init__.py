@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "torchcore.commands.history",     # history, logs
     "torchcore.commands.importer",    # import
     "torchcore.commands.notify",      # notify test, alerts
+    "torchcore.commands.fleet",       # fleet init, status, tasks
     "torchcore.commands.manual",      # help, completion, man
 ]
 

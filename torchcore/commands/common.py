@@ -38,6 +38,24 @@ def add_node_options(parser):
         "--node-ip", metavar="ADDR", action="append", default=None,
         help="act as a node with this address (repeatable); replaces the detected addresses "
              "and $TORCHCORE_NODE_IP")
+    parser.add_argument(
+        "--node-name", metavar="NAME", default=None,
+        help="act as the node of this name: its hostname for `hosts`, and its name in the fleet "
+             "database (replaces $TORCHCORE_NODE_HOSTNAME and settings.fleet.node)")
+
+
+def node_of(args):
+    """The Node the command acts as: --node-ip and --node-name, else what the machine says."""
+    from torchcore.node import Node
+
+    name = getattr(args, "node_name", None)
+    if name is not None:
+        from torchcore import fleetspec
+        try:
+            fleetspec.check_node_name(name)
+        except fleetspec.FleetSpecError as exc:
+            raise TorchcoreError(f"--node-name: {exc}") from None
+    return Node.detect(getattr(args, "node_ip", None), hostname=name)
 
 
 def add_json_option(parser):

@@ -10,8 +10,7 @@ import time
 from torchcore import loadchild, paths
 from torchcore.commands import common
 from torchcore.commands.common import control_request, find_daemon, not_running, verified_daemon
-from torchcore.errors import DaemonError, TorchcoreError
-from torchcore.node import Node
+from torchcore.errors import ConfigError, DaemonError, TorchcoreError
 
 log = logging.getLogger("torchcore")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -65,7 +64,7 @@ def cmd_start(args):
     from torchcore.daemonize import Daemonizer
     from torchcore.pidfile import AlreadyRunning, Pidfile
 
-    node = Node.detect(args.node_ip)
+    node = common.node_of(args)
     taskfile = loadchild.load_for_node(common.task_file_path(args), node)   # parsed in a child
     pidfile_path = os.path.abspath(args.pidfile or taskfile.settings.pidfile)
     prepare_state_dir(taskfile.settings.state_dir)     # 0700 and ours, before anything goes in
@@ -75,6 +74,7 @@ def cmd_start(args):
     if found.pid is not None:   # refuse at once (whatever pidfile it holds); it would fail later
         raise AlreadyRunning(found.pid, found.pidfile, found.socket if found.info else None)
     refuse_if_served(taskfile.settings.state_dir)   # serving, but did not answer the ping
+    check_fleet(taskfile)
     if args.foreground:
         setup_logging(None)
         with Pidfile(pidfile_path):
@@ -109,10 +109,36 @@ def check_pidfile_dir(path, args):
                           "(create it, or pass --create-dirs)")
 
 
+def check_fleet(taskfile):
+    """With ``settings.fleet``: the database's schema checked before the daemon starts.  A schema
+    missing, older or newer than the code, a refused login or no psycopg is a configuration error
+    (exit 78, with what to do); a database that cannot be reached now is only a warning: the
+    daemon starts, schedules as always, and its fleet agent keeps trying."""
+    fleet = taskfile.settings.fleet
+    if fleet is None:
+        return
+    from torchcore import fleetdb, fleetspec
+
+    url = fleetspec.database_url(fleet, os.environ)
+    try:
+        fleetdb.open_checked(url, timeout=3).close()
+    except fleetdb.FleetUnreachable as exc:
+        print(f"torchcore: warning: {exc}; starting anyway (runs do not wait for the fleet "
+              "database; the fleet agent keeps trying)", file=sys.stderr)
+    except fleetdb.FleetError as exc:
+        raise ConfigError(f"{taskfile.path}:{fleet.line}: settings: fleet: {exc}") from None
+
+
 def _service_options(args):
-    """The start options the services get (services.py): ``--http ADDR`` for the HTTP one."""
+    """The start options the services get (services.py): ``--http ADDR`` for the HTTP one,
+    ``--node-name NAME`` for the fleet agent."""
+    options = {}
     http = getattr(args, "http", None)
-    return {"http": ["--listen", http]} if http else {}
+    if http:
+        options["http"] = ["--listen", http]
+    if getattr(args, "node_name", None):
+        options["fleet"] = ["--node-name", args.node_name]
+    return options
 
 
 def _supervise(taskfile, node, pidfile, on_ready=None, on_failure=None, helper_stderr=None,

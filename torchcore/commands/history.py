@@ -11,7 +11,6 @@ import time
 from torchcore import config, records, tasklog
 from torchcore.commands import common
 from torchcore.errors import ConfigError, TorchcoreError
-from torchcore.node import Node
 from torchcore.textfmt import format_relative, format_table
 from torchcore.units import format_duration
 
@@ -201,7 +200,7 @@ def cmd_logs(args):
         if not args.follow:
             return _print_log(taskfile, args, log_dir, lines)
         if not tasklog.log_files(log_dir, args.task):
-            _no_log(taskfile, args.task, log_dir, Node.detect(args.node_ip))
+            _no_log(taskfile, args.task, log_dir, common.node_of(args))
         for line in tasklog.follow_log(log_dir, args.task, lines=lines, run_id=args.run):
             print(shown(line), flush=True)
     except KeyboardInterrupt:
@@ -214,7 +213,7 @@ def cmd_logs(args):
 
 def _print_log(taskfile, args, log_dir, lines):
     if not tasklog.log_files(log_dir, args.task):
-        _no_log(taskfile, args.task, log_dir, Node.detect(args.node_ip))
+        _no_log(taskfile, args.task, log_dir, common.node_of(args))
         return common.EXIT_OK
     printed = 0
     for line in tasklog.read_log(log_dir, args.task, lines=lines, run_id=args.run):

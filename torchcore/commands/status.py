@@ -127,7 +127,7 @@ class _LiveTask:
 def _node_of(live, args):
     if live:
         return Node.detect(live["node"]["addresses"], hostname=live["node"]["hostname"])
-    return Node.detect(args.node_ip)
+    return common.node_of(args)
 
 
 def _last_results(settings):

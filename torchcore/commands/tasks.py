@@ -9,7 +9,6 @@ from torchcore import config
 from torchcore.commands import common
 from torchcore.describe import describe_schedule
 from torchcore.errors import ConfigError
-from torchcore.node import Node
 from torchcore.textfmt import format_relative, format_table
 from torchcore.units import OutOfRange, parse_digits, shown
 
@@ -67,7 +66,7 @@ def positive_int(text):
 
 def cmd_check(args):
     """Validate; print the task table (or the by-node inventory); 1 with the errors on stderr."""
-    node = Node.detect(args.node_ip)
+    node = common.node_of(args)
     path = common.task_file_path(args)
     try:
         taskfile = config.load_for_node(path, node)
@@ -244,7 +243,7 @@ def cmd_next(args):
     taskfile = config.load(path)
     if args.task is not None:
         tasks = [common.lookup_task(taskfile, args.task)]
-        elsewhere = common.not_here_text(tasks[0], Node.detect(args.node_ip))
+        elsewhere = common.not_here_text(tasks[0], common.node_of(args))
         if elsewhere:
             print(f"{elsewhere}: these are its times there", file=sys.stderr)
     else:
