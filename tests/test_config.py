@@ -347,6 +347,30 @@ def test_merge_keys():
     assert taskfile.task("b").command == "x"
 
 
+def test_merge_keys_work_in_every_nested_mapping_of_a_task_and_of_settings():
+    """The class, not the example: every mapping the file holds (a task, its limits, its notify
+    targets, settings.http, settings.fleet) takes ``<<`` the same way, explicit keys winning."""
+    taskfile = load("""\
+        settings:
+          fleet: {<<: {database: "postgresql://tc@db/fleet", heartbeat: 7s}, heartbeat: 9s}
+        tasks:
+          - name: a
+            schedule: "@daily"
+            command: x
+            limits: {<<: {memory: 512M, cpu: 10m}, nofile: 64}
+            env: {<<: [{A: "1", B: "2"}], B: "3"}
+            notify: [{<<: {webhook: "https://hooks.example.com/a", on: [failure]}, every: 1h}]
+    """)
+    task = taskfile.task("a")
+    assert task.limits == Limits(memory=512 << 20, cpu=600, nofile=64)
+    assert dict(task.env) == {"A": "1", "B": "3"}
+    assert task.notify[0].url == "https://hooks.example.com/a" and task.notify[0].every == 3600
+    assert taskfile.settings.fleet.heartbeat == 9
+    assert "limits: cpux: unknown limit (did you mean 'cpu'?)" in one_error(
+        task_with("limits: {<<: {cpux: 3}}"))
+    assert "env: 'A-B' is not an environment variable name" in one_error(task_with("env: {<<: {A-B: x}}"))
+
+
 @pytest.mark.parametrize("text", [
     "tasks:\n  - &a {<<: *a, name: x, command: y, type: daemon}\n",
     "settings: &s {<<: [*s]}\ntasks: []\n",

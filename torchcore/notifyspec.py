@@ -137,15 +137,11 @@ def _target(loader, node):
     if not isinstance(node, yaml.MappingNode):
         raise Bad("expected a mapping with to: (an Apprise URL) or webhook: (an http(s) URL), "
                   f"{got(node)}", node)
-    pairs = {}
-    for key_node, value_node in node.value:
-        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-        if key not in TARGET_KEYS:
-            raise Bad(f"{key}: unknown key{suggest(str(key)[:100], TARGET_KEYS)}"
-                      " (known: to, webhook, on, every, tail)", key_node)
-        if key in pairs:
-            raise Bad(f"{key}: duplicate key", key_node)
-        pairs[key] = value_node
+    from torchcore.validate import Loader, raise_bad      # validate imports this module
+
+    loader = loader or Loader("<target>")    # one given on the command line (notify test)
+    pairs = {key: value for key, (_, value) in loader.mapping(
+        node, "", TARGET_KEYS, fail=raise_bad, listing=" (known: to, webhook, on, every, tail)").items()}
     if ("to" in pairs) == ("webhook" in pairs):
         raise Bad("give exactly one of to: (an Apprise URL: mailto://, slack://, ntfy://, ...) "
                   "and webhook: (an http(s) URL torchcore POSTs its JSON to)", node)

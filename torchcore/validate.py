@@ -53,9 +53,12 @@ class Loader:
     def problem(self, node, where, message):
         self.problems.append((line_of(node), f"{self.path}:{line_of(node)}: {where}{message}"))
 
-    def mapping(self, node, where, known, seen=()):
+    def mapping(self, node, where, known, seen=(), fail=None, noun="key", listing=""):
         """``{key: (key_node, value_node)}`` of a mapping node, with merge keys (``<<: *defaults``)
-        applied; duplicate, non-scalar and unknown keys are reported and left out."""
+        applied; duplicate, non-scalar and unknown keys are reported and left out.  ``fail(node,
+        message)``, when given, is called instead of reporting (a field whose parser raises Bad
+        at its first problem passes one that raises)."""
+        report = fail or (lambda at, message: self.problem(at, where, message))
         pairs = {}
         merged = []
         for key_node, value_node in node.value:
@@ -63,32 +66,33 @@ class Loader:
                 merged.append(value_node)
                 continue
             if not isinstance(key_node, yaml.ScalarNode):
-                self.problem(key_node, where, f"expected a key name, got {kind_of(key_node)}")
+                report(key_node, f"expected a key name, got {kind_of(key_node)}")
                 continue
             key = key_node.value
             if key in pairs:
                 first = line_of(pairs[key][0])
-                self.problem(key_node, where, f"{key}: duplicate key (first at line {first})")
+                report(key_node, f"{key}: duplicate key (first at line {first})")
             elif key not in known:
-                self.problem(key_node, where, f"{shown(key, 40)}: unknown key{suggest(key[:100], known)}")
+                report(key_node, f"{shown(key, 40)}: unknown {noun}{suggest(key[:100], known)}{listing}")
             else:
                 pairs[key] = (key_node, value_node)
         for value_node in merged:
-            self.merge(value_node, pairs, where, known, seen + (id(node),))
+            self.merge(value_node, pairs, where, known, seen + (id(node),), fail, noun, listing)
         return pairs
 
-    def merge(self, node, pairs, where, known, seen):
+    def merge(self, node, pairs, where, known, seen, fail=None, noun="key", listing=""):
         """Add the keys of a ``<<`` value (a mapping or a list of them) that ``pairs`` lacks;
         ``seen`` holds the mappings being merged into, so an alias to one of them is an error."""
+        report = fail or (lambda at, message: self.problem(at, where, message))
         sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
         for source in sources:
             if not isinstance(source, yaml.MappingNode):
-                self.problem(source, where, f"<<: expected a mapping to merge, {got(source)}")
+                report(source, f"<<: expected a mapping to merge, {got(source)}")
                 continue
             if id(source) in seen:
-                self.problem(source, where, "<<: a mapping cannot merge itself")
+                report(source, "<<: a mapping cannot merge itself")
                 continue
-            for key, value in self.mapping(source, where, known, seen).items():
+            for key, value in self.mapping(source, where, known, seen, fail, noun, listing).items():
                 pairs.setdefault(key, value)
 
     def taskfile(self, root, digest):
@@ -342,11 +346,24 @@ def _hosts(loader, node):
     return tuple(globs)
 
 
+class _AnyKey:
+    """``known`` for a mapping whose keys are checked by its field (``env``'s names)."""
+
+    def __contains__(self, key):
+        return True
+
+    def __iter__(self):
+        return iter(())
+
+
 def _env(loader, node):
     if not isinstance(node, yaml.MappingNode):
         raise Bad(f"expected a mapping of NAME: value, {got(node)}", node)
+    items = node.value
+    if any(key_node.tag == MERGE for key_node, _ in items):     # env: {<<: *common, X: 1}
+        items = list(loader.mapping(node, "", _AnyKey(), fail=raise_bad).values())
     pairs = {}
-    for key_node, value_node in node.value:
+    for key_node, value_node in items:
         key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
         if not isinstance(key, str) or not ENV_NAME_RE.fullmatch(key):
             raise Bad(f"{shown(key, 40)!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
@@ -366,17 +383,17 @@ def _env(loader, node):
     return tuple(sorted(pairs.items()))
 
 
+def raise_bad(node, message):
+    """A ``fail`` for Loader.mapping: the first problem raised as Bad."""
+    raise Bad(message, node)
+
+
 def _limits(loader, node):
     if not isinstance(node, yaml.MappingNode):
         raise Bad(f"expected a mapping with memory, cpu and/or nofile, {got(node)}", node)
     values = {}
-    for key_node, value_node in node.value:
-        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-        if key not in LIMITS_FIELDS:
-            raise Bad(f"{key}: unknown limit{suggest(str(key), LIMITS_FIELDS)}"
-                      " (known: memory, cpu, nofile)", key_node)
-        if key in values:
-            raise Bad(f"{key}: duplicate key", key_node)
+    for key, (_, value_node) in loader.mapping(node, "", LIMITS_FIELDS, fail=raise_bad, noun="limit",
+                                               listing=" (known: memory, cpu, nofile)").items():
         if value_node.tag != NULL:
             try:
                 values[key] = LIMITS_FIELDS[key](value_node)
