@@ -9,12 +9,35 @@ counted, the first failure of a stretch is reported once on stderr, and the firs
 line written afterwards says how many were lost and why.
 """
 
+import datetime
 import logging
 import logging.handlers
 import os
 import sys
 
 DIR_MODE = 0o750
+
+
+class Formatter(logging.Formatter):
+    """The lines of the daemon's log and its services': ``2026-12-01T13:05:09.123+01:00 INFO ...``
+    (ISO 8601, local time with its offset, as the records and ``history --json`` write times)."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+
+    def formatTime(self, record, datefmt=None):
+        stamp = datetime.datetime.fromtimestamp(record.created).astimezone()
+        return stamp.isoformat(timespec="milliseconds")
+
+
+def log_to_stderr(level=logging.INFO):
+    """A service's logging: its stderr (the daemon's log file, or the foreground's stderr),
+    in the daemon's line format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(Formatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
 
 
 class DaemonLogHandler(logging.handlers.WatchedFileHandler):

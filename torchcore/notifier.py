@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 
-from torchcore import notifyrules, notifyspec, paths, tasklog
+from torchcore import daemonlog, notifyrules, notifyspec, paths, tasklog
 from torchcore.notifystore import DROPPED, EXPIRED, KEEP_DONE, REJECTED, SENT, Store
 
 # The supervisor imports this module for wanted(): what sends (the HTTP client, Apprise) is
@@ -37,7 +37,6 @@ PRUNE_EVERY = 3600.0
 LOAD_RETRY = 30.0           # seconds between tries of a task file that did not validate at start
 TAIL_BYTES = 256 << 10      # how far back in a task's log its run's output is looked for
 MAX_AGE = notifyrules.GIVE_UP_AFTER     # a record written longer ago (the notifier was off) is not announced
-LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"   # as the daemon's own log (its stderr is that)
 
 
 def wanted(taskfile, node=None, options=None):
@@ -322,7 +321,7 @@ def main(argv=None):
 
     args = services.child_args(argv, "torchcore's notifier service")
     services.set_title("notifier")
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    daemonlog.log_to_stderr()      # its stderr is the daemon's log
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

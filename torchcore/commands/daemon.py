@@ -7,13 +7,12 @@ import signal
 import sys
 import time
 
-from torchcore import loadchild, paths
+from torchcore import daemonlog, loadchild, paths
 from torchcore.commands import common
 from torchcore.commands.common import control_request, find_daemon, not_running, verified_daemon
 from torchcore.errors import ConfigError, DaemonError, TorchcoreError
 
 log = logging.getLogger("torchcore")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 def register(subparsers):
@@ -197,7 +196,7 @@ def setup_logging(path):
 
         prepare_log_dir(os.path.dirname(path))
         handler = log_file_handler(path)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(daemonlog.Formatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
