@@ -152,6 +152,13 @@ def _number(value):
     return int(value) if value.is_integer() else round(value, 3)
 
 
+def db_now(conn):
+    """The database's now(), in epoch seconds: the clock relative times are shown against."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT extract(epoch FROM now())::float8")
+        return cur.fetchone()[0]
+
+
 def node_names(conn):
     with conn.cursor() as cur:
         cur.execute(f"SELECT name FROM {S}.nodes ORDER BY name")
@@ -347,7 +354,8 @@ def _node_of(row):
 def task_view(conn, taskfile, tz=None):
     """The tasks of ``taskfile`` across the fleet, and what is wrong.
 
-    ``{"file", "digest", "nodes_on_file", "tasks": [...], "problems": [...]}``; per task: name,
+    ``{"file", "digest", "nodes_on_file" (the nodes that run this very file), "nodes" (how many
+    are registered), "now", "tasks": [...], "problems": [...]}``; per task: name,
     enabled, targets, should (the registered nodes its ips/hosts select, as ``Task.runs_on``
     decides on every node), ran (per node that ran it in the last day: node, last_at,
     last_result, failed (whether its last finished run failed; None: none finished), runs,
@@ -405,4 +413,5 @@ def task_view(conn, taskfile, tz=None):
                                  f"{taskfile.path} no longer has {'it' if len(names) == 1 else 'them'}"})
     on_file = [n["name"] for n in registered if n["file_digest"] == taskfile.digest]
     return {"file": taskfile.path, "digest": taskfile.digest, "nodes_on_file": on_file,
-            "nodes": len(registered), "tasks": tasks, "problems": problems}
+            "nodes": len(registered), "now": iso(db_now(conn), tz, "seconds"), "tasks": tasks,
+            "problems": problems}
