@@ -28,7 +28,8 @@ def add_node(conn, name, *, age=0.0, heartbeat=1.0, addresses=("10.0.0.1",), hos
                 %(digest)s, %(commit)s, now() - make_interval(secs => %(file_age)s), %(running)s,
                 %(waiting)s,
                 CASE WHEN %(stopped)s::float8 IS NULL THEN NULL
-                     ELSE now() - make_interval(secs => %(age)s) + make_interval(secs => %(stopped)s::float8) END)
+                     ELSE now() - make_interval(secs => %(age)s)
+                          + make_interval(secs => %(stopped)s::float8) END)
             ON CONFLICT (name) DO UPDATE SET hostname = excluded.hostname,
                 addresses = excluded.addresses, heartbeat = excluded.heartbeat,
                 last_seen = excluded.last_seen, clock_offset = excluded.clock_offset,
