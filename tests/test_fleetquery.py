@@ -248,13 +248,15 @@ def test_task_view_finds_orphans_failures_on_some_nodes_and_drift(conn, tmp_path
     taskfile = config.load(str(path))
     _three_nodes(conn)
     fleetrows.add_node(conn, "laptop", addresses=["192.168.7.20", "fe80::1%wlan0"])
+    # a daemon started with --node-name web-4: its name is the hostname `hosts` match
+    fleetrows.add_node(conn, "web-4", hostname="buildbox", addresses=["10.9.0.4"])
     fleetrows.add_run(conn, "web-1", 5, "cleanup", age=600)        # a task the file dropped
     fleetrows.add_run(conn, "web-3", 6, "cleanup", age=700)
     fleetrows.add_run(conn, "web-3", 7, "old-sync", age=800)
     view = fleetquery.task_view(conn, taskfile, UTC)
     tasks = {task["name"]: task for task in view["tasks"]}
-    assert tasks["backup"]["should"] == ["laptop", "web-1", "web-2", "web-3"]
-    assert tasks["report"]["should"] == ["web-1", "web-2", "web-3"]
+    assert tasks["backup"]["should"] == ["laptop", "web-1", "web-2", "web-3", "web-4"]
+    assert tasks["report"]["should"] == ["web-1", "web-2", "web-3", "web-4"]
     assert tasks["office"]["should"] == ["laptop"]
     assert tasks["db-vacuum"]["should"] == [] and tasks["db-vacuum"]["problems"] == ["orphan"]
     assert tasks["retired"]["problems"] == []                       # disabled: not an orphan
@@ -275,7 +277,7 @@ def test_task_view_finds_orphans_failures_on_some_nodes_and_drift(conn, tmp_path
     assert problems["failing", "report"]["ok"] == ["web-1", "web-3"]
     assert problems["drift", "web-3"]["tasks"] == ["cleanup", "old-sync"]
     assert "no longer has them" in problems["drift", "web-3"]["text"]
-    assert view["nodes"] == 4 and view["nodes_on_file"] == []
+    assert view["nodes"] == 5 and view["nodes_on_file"] == []
     assert json.loads(json.dumps(view)) == view
 
 

@@ -339,7 +339,7 @@ FROM last JOIN counts USING (node, task) ORDER BY task, node
 
 
 def _node_of(row):
-    """The node.Node a registered node's row matches ``ips``/``hosts`` as."""
+    """The node.Node a registered node's row matches ``ips``/``hosts`` as (its hostname)."""
     addresses = []
     for text in row["addresses"]:
         try:
@@ -357,7 +357,8 @@ def task_view(conn, taskfile, tz=None):
     ``{"file", "digest", "nodes_on_file" (the nodes that run this very file), "nodes" (how many
     are registered), "now", "tasks": [...], "problems": [...]}``; per task: name,
     enabled, targets, should (the registered nodes its ips/hosts select, as ``Task.runs_on``
-    decides on every node), ran (per node that ran it in the last day: node, last_at,
+    decides on every node: ``hosts`` matched against the node's hostname or its name, which
+    stands for the hostname of a daemon started with ``--node-name``), ran (per node that ran it in the last day: node, last_at,
     last_result, failed (whether its last finished run failed; None: none finished), runs,
     failures) and problems.  A
     problem: ``{"kind": "orphan"|"failing"|"drift", "task"?, "node"?, "text", ...}``: orphan,
@@ -371,7 +372,8 @@ def task_view(conn, taskfile, tz=None):
     with conn.cursor() as cur:
         cur.execute(_RECENT_SQL)
         recent = cur.fetchall()
-    machines = [(row["name"], _node_of(row)) for row in registered]
+    machines = [(row["name"], _node_of(row), Node(addresses=(), hostname=row["name"]))
+                for row in registered]
     ran_by_task = {}
     for row in recent:
         record = _record(row[:len(_RUN_COLUMNS)])
@@ -383,7 +385,8 @@ def task_view(conn, taskfile, tz=None):
             "failures": failures})
     tasks, problems = [], []
     for task in taskfile.tasks:
-        should = [name for name, machine in machines if task.runs_on(machine)]
+        should = [name for name, machine, named in machines
+                  if task.runs_on(machine) or (task.hosts and task.runs_on(named))]
         ran = ran_by_task.get(task.name, [])
         found = []
         if task.enabled and not should:
