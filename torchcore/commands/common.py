@@ -2,6 +2,7 @@
 asking the daemon.  Imports no command module."""
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import difflib
@@ -214,6 +215,57 @@ def control_request(found, cmd, timeout=5.0, **fields):
     if found.info is None:
         return None
     return ControlClient(found.socket, timeout=timeout).request(cmd, **fields)
+
+
+# ---- the fleet database (commands/fleet.py, history --fleet, logs --fleet) -----------------
+
+def add_database_option(parser):
+    parser.add_argument("--database", metavar="URL", default=None,
+                        help="the fleet database's libpq URL (default: $TORCHCORE_DATABASE_URL, "
+                             "then settings.fleet.database of the task file)")
+
+
+def fleet_database_url(args):
+    """The URL a fleet command uses: --database, $TORCHCORE_DATABASE_URL, the file's
+    settings.fleet.database; ConfigError saying where to set one."""
+    from torchcore import fleetspec
+    from torchcore.errors import ConfigError
+
+    if getattr(args, "database", None):
+        return args.database
+    url = (os.environ.get(fleetspec.ENV_DATABASE) or "").strip()
+    if url:
+        return url
+    path = task_file_path(args)
+    try:
+        settings = config.load_settings(path)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}; name the fleet database with "
+                          f"--database or ${fleetspec.ENV_DATABASE}") from None
+    if settings.fleet is None:
+        raise ConfigError(f"{settings.path}: settings: fleet: not set; add settings.fleet.database, "
+                          f"or name the database with --database or ${fleetspec.ENV_DATABASE}")
+    return settings.fleet.database
+
+
+@contextlib.contextmanager
+def fleet_database(args):
+    """A connection to the fleet database with its schema checked; every failure (cannot
+    connect, no schema: with the `fleet init` hint, a query refused) a one-line FleetError
+    naming the database without its password."""
+    from torchcore import fleetdb, fleetspec
+
+    url = fleet_database_url(args)
+    try:
+        conn = fleetdb.open_checked(url)
+    except fleetdb.SchemaError as exc:
+        raise fleetdb.SchemaError(f"{fleetspec.redact(url)}: {exc}") from None
+    try:
+        yield conn
+    except fleetdb.psycopg().Error as exc:
+        raise fleetdb.classify(exc, url, "read") from None
+    finally:
+        conn.close()
 
 
 def print_json(value):

@@ -30,6 +30,7 @@ def register(subparsers):
     history.add_argument("--failed", action="store_true",
                          help="only failed runs (any end but exit 0: an exit code, a signal, a timeout, "
                               "an executor that died; planned stops are not failures)")
+    _add_fleet_options(history, "the runs of every node from the fleet database")
     common.add_json_option(history)
     history.set_defaults(func=cmd_history)
 
@@ -44,7 +45,19 @@ def register(subparsers):
     logs.add_argument("-f", "--follow", action="store_true",
                       help="keep printing new lines until Ctrl-C")
     logs.add_argument("--run", type=_count, metavar="ID", help="only the lines of this run")
+    _add_fleet_options(logs, "the output tail the fleet database stored of a run (--run ID; "
+                             "default: the newest)", json_option=True)
     logs.set_defaults(func=cmd_logs)
+
+
+def _add_fleet_options(parser, what, json_option=False):
+    parser.add_argument("--fleet", action="store_true", help=f"read {what}")
+    parser.add_argument("--node", metavar="NAME", default=None,
+                        help="with --fleet: only this node (its name in the fleet)")
+    common.add_database_option(parser)
+    if json_option:
+        parser.add_argument("--json", action="store_true",
+                            help="with --fleet: the run and its output as JSON")
 
 
 def _count(text):
@@ -88,6 +101,9 @@ def _check_task_name(name):
 # -- history ----------------------------------------------------------------------------------
 
 def cmd_history(args):
+    _check_fleet_options(args)
+    if getattr(args, "fleet", False):
+        return fleet_history(args)
     taskfile = _load_taskfile(args)
     if args.task is not None:
         _check_task_name(args.task)
@@ -192,6 +208,9 @@ def describe_result(run):
 # -- logs -------------------------------------------------------------------------------------
 
 def cmd_logs(args):
+    _check_fleet_options(args)
+    if getattr(args, "fleet", False):
+        return fleet_logs(args)
     taskfile = _load_taskfile(args)
     _check_task_name(args.task)
     log_dir = taskfile.settings.log_dir
@@ -250,3 +269,104 @@ def _no_log(taskfile, task, log_dir, node):
     else:
         print(f"no output recorded yet for task {task!r} ({tasklog.log_path(log_dir, task)})",
               file=sys.stderr)
+
+
+# -- history --fleet, logs --fleet: the fleet database (fleetquery) ---------------------------
+
+def _check_fleet_options(args):
+    if getattr(args, "fleet", False):
+        if getattr(args, "follow", False):
+            raise TorchcoreError("--follow reads this node's log as it grows; the fleet database "
+                                 "holds each run's tail once it ended: leave out --follow or --fleet")
+        if getattr(args, "node_name", None) or getattr(args, "node_ip", None):
+            raise TorchcoreError("with --fleet, name the node with --node NAME "
+                                 "(--node-name and --node-ip act as a node on this machine)")
+        return
+    for option, value in (("--node", getattr(args, "node", None)),
+                          ("--database", getattr(args, "database", None)),
+                          ("--json", getattr(args, "json", False) and hasattr(args, "follow"))):
+        if value:
+            raise TorchcoreError(f"{option} reads the fleet database: add --fleet")
+
+
+def _fleet_file(args):
+    """(the task file or None, its timezone): the fleet commands run from any machine, with a
+    task file that may be absent, another version or invalid; it only names tasks and the zone."""
+    path = common.task_file_path(args)
+    try:
+        taskfile = config.load(path)
+    except ConfigError:
+        taskfile = None
+    return taskfile, _zone(config.peek_settings(path).timezone)
+
+
+def fleet_history(args):
+    from torchcore import fleetquery
+
+    if args.task is not None:
+        _check_task_name(args.task)
+    taskfile, tz = _fleet_file(args)
+    with common.fleet_database(args) as conn:
+        runs = fleetquery.history(conn, task=args.task, node=args.node, since=args.since,
+                                  failed=args.failed, limit=args.limit, tz=tz)
+        now = fleetquery.db_now(conn)
+    if not runs and args.task is not None and taskfile is not None and \
+            args.task not in taskfile.index:
+        raise TorchcoreError(f"no task {args.task!r} in {taskfile.path} and no runs of it in the "
+                             f"fleet database{common.did_you_mean(args.task, taskfile.index)}")
+    if args.json:
+        print(json.dumps(runs, indent=2))
+    elif not runs:
+        filtered = args.task or args.node or args.since is not None or args.failed
+        print("no matching runs in the fleet database" if filtered
+              else "no runs in the fleet database yet")
+    else:
+        print(format_table(["RUN", "TASK", "WHEN", "DURATION", "RESULT", "NODE"],
+                           [_fleet_row(run, now) for run in runs]))
+    return common.EXIT_OK
+
+
+def _fleet_row(run, now):
+    from torchcore import fleetquery
+
+    when = next((t for t in (run["started"], run["scheduled"], run["ended"]) if t), None)
+    when = now if when is None else datetime.datetime.fromisoformat(when).timestamp()
+    return [run["run_id"], run["task"], format_relative(when, now),
+            _format_seconds(run["duration"]), fleetquery.result_text(run), run["node"]]
+
+
+def fleet_logs(args):
+    from torchcore import fleetquery
+
+    _check_task_name(args.task)
+    taskfile, tz = _fleet_file(args)
+    with common.fleet_database(args) as conn:
+        if args.run is not None:
+            found = fleetquery.run(conn, args.node, args.run, task=args.task, tz=tz)
+        else:
+            found = fleetquery.last_run_with_output(conn, args.task, args.node, tz=tz)
+    on = f" on {args.node}" if args.node else ""
+    if found is None:
+        what = f"run {args.run} of {args.task!r}" if args.run is not None else \
+            f"stored output of {args.task!r}"
+        unknown = taskfile is not None and args.task not in taskfile.index
+        hint = (f"; {taskfile.path} has no task {args.task!r}"
+                f"{common.did_you_mean(args.task, taskfile.index)}") if unknown else ""
+        raise TorchcoreError(f"no {what}{on} in the fleet database{hint}")
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return common.EXIT_OK
+    print(f"run {found['run_id']} of {found['task']!r} on {found['node']}, "
+          f"{found['started'] or found['scheduled']}: {fleetquery.result_text(found)}",
+          file=sys.stderr)
+    output = found["output"] or ""
+    lines = output.splitlines()
+    if args.lines:
+        lines = lines[-args.lines:]
+    for line in lines:
+        print(shown(line))
+    if not lines:
+        print(f"run {found['run_id']} of {found['task']!r} on {found['node']} stored no output "
+              "(it printed nothing)", file=sys.stderr)
+        return common.EXIT_ERROR
+    return common.EXIT_OK
