@@ -82,7 +82,8 @@ MIGRATIONS = (
         )""",
         f"CREATE INDEX runs_at ON {SCHEMA}.runs (at)",
         f"CREATE INDEX runs_task_at ON {SCHEMA}.runs (task, at)",
-        f"CREATE INDEX runs_failed ON {SCHEMA}.runs (at) WHERE failed",
+        f"CREATE INDEX runs_failed ON {SCHEMA}.runs (at) WHERE failed",     # history --failed
+        f"CREATE INDEX runs_node_failed ON {SCHEMA}.runs (node, at) WHERE failed",  # fleet status
     )),
 )
 CODE_VERSION = MIGRATIONS[-1][0]

@@ -87,7 +87,7 @@ WITH n AS (
     WHERE state = 'up' AND file_digest IS NOT NULL
     GROUP BY file_digest ORDER BY count(*) DESC, max(file_since) DESC NULLS LAST, file_digest
     LIMIT 1
-), failed AS (        -- runs_failed; an index on runs (node, at) WHERE failed would make it index-only
+), failed AS (        -- runs_node_failed: per node, the failures of the last day, read from the index
     SELECT node, count(*) AS failed FROM {S}.runs
     WHERE failed AND at > now() - interval '{RECENT}' GROUP BY node
 )
