@@ -164,3 +164,20 @@ def test_stopping_ends_the_follows_promptly(site):
     sock.close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", site.port), timeout=2)
+
+
+def test_a_follow_that_fails_ends_its_stream_only(site):
+    def broken(task, lines, run_id, sleep=None):
+        yield "one line"
+        raise OSError("the log's disk went away")
+
+    site.backend.follow = broken
+    sock = socket.create_connection(("127.0.0.1", site.port), timeout=10)
+    sock.sendall(b"GET /api/v1/tasks/chatty/log/follow HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    got = b""
+    while chunk := sock.recv(65536):        # the line, then the stream's end
+        got += chunk
+    sock.close()
+    assert got.startswith(b"HTTP/1.1 200") and b"data: one line" in got
+    assert site.server.service.followers == 0
+    assert get(site.base + "api/v1/status")[0] == 200

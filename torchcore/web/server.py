@@ -17,11 +17,9 @@ api.py's handlers know nothing of aiohttp: a ``Request`` in, ``(status, body)`` 
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -36,6 +34,8 @@ except ImportError:         # main() says what to install
 
 from torchcore.errors import TorchcoreError
 from torchcore.web import api as api_mod
+from torchcore.web.settings import loopback_address as _loopback_address
+from torchcore.web.settings import loopback_host as _loopback_host
 from torchcore.web.settings import parse_listen
 
 log = logging.getLogger("torchcore.web")
@@ -63,7 +63,8 @@ SECURITY_HEADERS = (
 
 
 class Service:
-    """What the requests share: the backend, the API, the metrics, the static files."""
+    """What the requests share: the backend, the API, the metrics, the static files, the count
+    of follows; ``loopback`` and ``connections`` (the _Connections) are set when it serves."""
 
     def __init__(self, backend):
         from torchcore.web.metrics import Metrics
@@ -74,8 +75,6 @@ class Service:
         self.static = load_static()
         self.followers = 0
         self.stopping = asyncio.Event()
-        self.loopback = False
-        self.connections = None     # the _Connections
 
 
 def load_static():
@@ -256,6 +255,8 @@ async def follow(service, request, stream):
                 with connections.deadline(connection, WRITE_DEADLINE):
                     await response.write(data)
                 quiet = loop.time()
+            if isinstance(idle, Exception):
+                raise idle
             if request.transport is None or request.transport.is_closing():
                 break           # the client went
             if idle:
@@ -263,6 +264,8 @@ async def follow(service, request, stream):
                     await asyncio.wait_for(service.stopping.wait(), FOLLOW_POLL)
     except ConnectionError:
         pass
+    except Exception:       # the stream's 200 went out already: it ends here
+        log.exception("http: a follow of %s failed", request.raw_path)
     finally:
         service.followers -= 1
         with contextlib.suppress(ValueError):       # still in a worker (the service stops)
@@ -271,22 +274,25 @@ async def follow(service, request, stream):
 
 
 def _take(lines, most):
-    """In a worker: up to ``most`` lines of a follow, and whether it has nothing more now."""
+    """In a worker: up to ``most`` lines of a follow, and True when it has nothing more now
+    (False: more to come at once; an exception: what ended it, after the lines read before)."""
     got = []
-    for line in lines:
-        if line is None:
-            return got, True
-        got.append(line)
-        if len(got) >= most:
-            return got, False
+    try:
+        for line in lines:
+            if line is None:
+                return got, True
+            got.append(line)
+            if len(got) >= most:
+                return got, False
+    except Exception as exc:
+        return got, exc
     return got, True
 
 
 # -- connections -----------------------------------------------------------------------------------
 
 class _ConnectionLog(logging.LoggerAdapter):
-    """aiohttp's own words about a connection (a request it could not parse, a client gone): a
-    line in the debug log, not a traceback in the daemon's log."""
+    """aiohttp's words on a connection (a request it refused, ...): debug lines, no traceback."""
 
     def exception(self, msg, *args, exc_info=None, **kw):
         self.debug(f"http: {msg}: %s", *args, exc_info)
@@ -373,24 +379,6 @@ class _Connections(web.Server if web is not None else object):
             yield
         finally:
             self.disarm(handler)
-
-
-def _loopback_address(text):
-    try:
-        return ipaddress.ip_address(text).is_loopback
-    except ValueError:
-        return text == "localhost"
-
-
-_HOST = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[^:\[\]@/\s]+))(?::[0-9]{0,5})?")
-
-
-def _loopback_host(header):
-    """Whether a Host header is a loopback name of this machine, with or without a port
-    (``localhost:9177``, ``127.0.0.1``, ``[::1]:80``); anything else in it (``127.0.0.1:80@evil``,
-    ``[::1]evil``) is not a Host header's form, and no."""
-    match = _HOST.fullmatch(header.strip())
-    return match is not None and _loopback_address(match["v6"] or match["name"].lower().rstrip("."))
 
 
 # -- serving ---------------------------------------------------------------------------------------
