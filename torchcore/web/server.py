@@ -566,13 +566,13 @@ async def _serve(args, backend, sock, listen, early):
             if http is not None and http.listen is not None and http.listen != listen:
                 finish(0, f"settings.http.listen is now {http.listen}; exiting to be started there")
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, finish)
     def hangup():
         task = loop.create_task(reload())
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, finish)
     loop.add_signal_handler(signal.SIGHUP, hangup)
     loop.add_reader(args.parent_fd, parent)
     if early & {signal.SIGTERM, signal.SIGINT}:
