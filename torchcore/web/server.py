@@ -7,28 +7,35 @@ Started by the supervisor (services.py) as ``python -m torchcore.web --taskfile 
 - SIGHUP: read the task file again (base path, token file, tasks);
 - end of file on ``--parent-fd``: the supervisor is gone, exit.
 
-The HTTP stack is the standard library's ``ThreadingHTTPServer`` (a thread per connection;
-the request line and headers parsed by ``http.server``): the service reads SQLite and a
-unix socket, so it needs no event loop, and the daemon's install stays free of a web
-framework.  Only prometheus-client is added, by the ``torchcore[http]`` extra.
+The HTTP stack is aiohttp's server (it parses requests and their framing) on one asyncio loop: a
+log follow is a coroutine, not a thread.  What blocks (SQLite reads, the control socket, the task
+file, making JSON and the metrics page) runs on the loop's default executor, WORKERS threads (this
+is not the supervisor, which has no threads): a slow query holds a worker, never the loop.
+api.py's handlers know nothing of aiohttp: a ``Request`` in, ``(status, body)`` or a ``Stream`` out.
 """
 
-import ipaddress
+import asyncio
+import contextlib
+import functools
 import json
 import logging
 import os
-import re
-import selectors
 import signal
 import socket
 import sys
 import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs, urlsplit
+
+try:
+    from aiohttp import HttpVersion10, HttpVersion11, web
+except ImportError:         # main() says what to install
+    web = None
 
 from torchcore.errors import TorchcoreError
 from torchcore.web import api as api_mod
+from torchcore.web.settings import loopback_address as _loopback_address
+from torchcore.web.settings import loopback_host as _loopback_host
 from torchcore.web.settings import parse_listen
 
 log = logging.getLogger("torchcore.web")
@@ -37,12 +44,17 @@ STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
 MAX_BODY = 64 << 10
-MAX_FOLLOWERS = 32          # log follows streaming at once (each holds a thread)
-MAX_CONNECTIONS = 128       # connections open at once (each holds a thread); beyond: 503
+MAX_FOLLOWERS = 32          # log follows streaming at once
+MAX_CONNECTIONS = 128       # connections open at once; beyond: 503
+WORKERS = 8                 # threads for the blocking work (reads, control requests)
 REQUEST_DEADLINE = 20.0     # seconds to send a whole request (line, headers, body), or to idle
+WRITE_DEADLINE = 60.0       # seconds an answer (or one event of a follow) may take to be taken
 FOLLOW_POLL = 0.5           # seconds between looks at a followed log
+FOLLOW_BATCH = 1000         # lines of a follow read in one go
 HEARTBEAT = 15.0            # seconds between keep-alive comments on a quiet follow
+STOP_WAIT = 2.0             # seconds the answers under way get when the service stops
 SECURITY_HEADERS = (
+    ("Server", "torchcore"),
     ("X-Content-Type-Options", "nosniff"),
     ("Referrer-Policy", "no-referrer"),
     ("X-Frame-Options", "DENY"),
@@ -51,7 +63,8 @@ SECURITY_HEADERS = (
 
 
 class Service:
-    """What the handler threads share: the backend, the API, the metrics, the static files."""
+    """What the requests share: the backend, the API, the metrics, the static files, the count
+    of follows; ``loopback`` and ``connections`` (the _Connections) are set when it serves."""
 
     def __init__(self, backend):
         from torchcore.web.metrics import Metrics
@@ -60,8 +73,8 @@ class Service:
         self.api = api_mod.Api(backend)
         self.metrics = Metrics(backend)
         self.static = load_static()
-        self.stopping = threading.Event()
-        self.followers = threading.BoundedSemaphore(MAX_FOLLOWERS)
+        self.followers = 0
+        self.stopping = asyncio.Event()
 
 
 def load_static():
@@ -75,265 +88,234 @@ def load_static():
     return files
 
 
-class Handler(BaseHTTPRequestHandler):
-    server_version = "torchcore"
-    sys_version = ""
-    protocol_version = "HTTP/1.1"
-    timeout = 60                # an idle or stalled connection is dropped
-    disable_nagle_algorithm = True      # headers and body are two writes: no 40 ms wait for an ACK
-
-    @property
-    def service(self):
-        return self.server.service
-
-    def log_message(self, format, *args):
-        log.debug("http: %s %s", self.address_string(), format % args)
-
-    def handle_one_request(self):
-        """One request, which must arrive whole within REQUEST_DEADLINE (a client sending a byte
-        now and then would otherwise hold its thread for ever: the socket's timeout is per read)."""
-        self.server.watch(self.connection)
-        try:
-            super().handle_one_request()
-        finally:
-            self.server.unwatch(self.connection)
-
-    def do_GET(self):
-        self.dispatch("GET")
-
-    def do_HEAD(self):
-        self.dispatch("HEAD")
-
-    def do_POST(self):
-        self.dispatch("POST")
-
-    def do_OTHER(self):
-        """Any other method: 405 with the ones the resource takes (not http.server's 501 page)."""
-        self.dispatch(self.command)
-
-    def __getattr__(self, name):        # http.server looks up do_<METHOD>: every method has one
-        if name.startswith("do_"):
-            return self.do_OTHER
-        raise AttributeError(name)
-
-    def dispatch(self, method):
-        head = method == "HEAD"
-        try:
-            self.route(method)
-        except api_mod.HttpError as exc:
-            self.send_json(exc.status, {"error": exc.message} if exc.message else None, exc.headers,
-                           head=head)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except TorchcoreError as exc:     # the records could not be read, ...
-            log.warning("http: %s %s: %s", method, self.path, exc)
-            self.send_json(503, {"error": str(exc)}, head=head)
-        except Exception:
-            log.exception("http: %s %s failed", method, self.path)
-            self.send_json(500, {"error": "internal error; the service's log says more"}, head=head)
-
-    def route(self, method):
-        self.drain_body()       # first: whatever is refused below, the next request starts clean
-        self.server.unwatch(self.connection)        # all of it came in time
-        if self.server.loopback and not _loopback_host(self.headers.get("Host", "")):
-            # a page elsewhere that rebinds its own name to 127.0.0.1 gets nothing from here
-            raise api_mod.HttpError(403, "this service answers to a loopback Host only "
-                                         "(localhost, 127.0.0.1, [::1])")
-        url = urlsplit(self.path)
-        base = self.service.backend.base_path
-        if url.path + "/" == base:
-            raise api_mod.HttpError(308, "", [("Location", base)])
-        if not url.path.startswith(base):
-            raise api_mod.HttpError(404, f"no such resource: {url.path} (the base path is {base})")
-        path = url.path[len(base):]
-        if path.startswith(("api/", "metrics")) and \
-                self.headers.get("Sec-Fetch-Site", "").strip().lower() in ("cross-site", "same-site"):
-            # a browser says another site's page sent it: the dashboard's own requests are
-            # same-origin, so nothing that page can start (a log follow held open, a
-            # 10,000-run history, a POST) reaches the routes
-            raise api_mod.HttpError(403, "not from another site's page (Sec-Fetch-Site)")
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        if path.startswith(("api/", "metrics")) and self.service.backend.auth == "all":
-            # settings.http.auth: all: nothing of the records without the token (the
-            # dashboard's own files, the same for everyone, come without it and ask for it)
-            self.service.api.authorize(api_mod.Request(method, path, {}, headers),
-                                       "this service needs its token for every request "
-                                       "(settings.http.auth: all)")
-        if path == "metrics" and method in ("GET", "HEAD"):
-            body, kind = self.service.metrics.exposition(self.headers.get("Accept"))
-            return self.send(200, kind, body, head=method == "HEAD")
-        if path in ("metrics", "api/v1/openapi.json") and method not in ("GET", "HEAD"):
-            raise api_mod.HttpError(405, f"/{path} takes GET", [("Allow", "GET, HEAD")])
-        if path == "api/v1/openapi.json":
-            from torchcore.web.openapi import document
-
-            return self.send_json(200, document(self.service.api, base), head=method == "HEAD")
-        if not path.startswith("api/"):
-            return self.send_static(path, method)
-        try:
-            query = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query),
-                             max_num_fields=32)
-        except ValueError as exc:
-            raise api_mod.HttpError(400, f"bad query string: {exc}") from None
-        request = api_mod.Request(method="GET" if method == "HEAD" else method, path=path,
-                                  query=query, headers=headers)
-        status, body = self.service.api.handle(request)
-        if isinstance(body, api_mod.Stream):
-            if method == "HEAD":
-                return self.send(200, "text/event-stream; charset=utf-8", b"", head=True)
-            return self.stream(body)
-        self.send_json(status, body, head=method == "HEAD")
-
-    def drain_body(self):
-        """Read and drop a request's body, whatever the method: left unread, a body would be
-        parsed as the next request on the connection (a request smuggled past a proxy).  A
-        body this server cannot delimit (chunked, a bad or repeated Content-Length) ends the
-        connection."""
-        lengths = self.headers.get_all("Content-Length") or ["0"]
-        length = lengths[0].strip()
-        if self.headers.get("Transfer-Encoding") is not None:
-            self.close_connection = True
-            raise api_mod.HttpError(411, "send a request body with Content-Length, not "
-                                         "Transfer-Encoding")
-        if len(lengths) > 1 or not length.isascii() or not length.isdigit():
-            self.close_connection = True
-            raise api_mod.HttpError(400, "bad Content-Length")
-        if int(length) > MAX_BODY:
-            self.close_connection = True
-            raise api_mod.HttpError(413, f"a request body of at most {MAX_BODY} bytes")
-        if int(length):
-            self.rfile.read(int(length))
-
-    def send_static(self, path, method):
-        if method not in ("GET", "HEAD"):
-            raise api_mod.HttpError(405, "the dashboard's pages take GET", [("Allow", "GET, HEAD")])
-        name = "index.html" if path == "" else path.removeprefix("static/")
-        if name == path and path != "":
-            raise api_mod.HttpError(404, f"no such resource: /{path}")
-        found = self.service.static.get(name)
-        if found is None:
-            raise api_mod.HttpError(404, f"no such resource: /{path}")
-        kind, body = found
-        self.send(200, kind, body, head=method == "HEAD", cache="no-cache")
-
-    def send_json(self, status, body, headers=(), head=False):
-        data = b"" if body is None else json.dumps(body, indent=1).encode() + b"\n"
-        self.send(status, "application/json", data, headers, head=head)
-
-    def send(self, status, kind, data, headers=(), head=False, cache="no-store"):
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", cache)
-        for name, value in SECURITY_HEADERS + tuple(headers):
-            self.send_header(name, value)
-        self.end_headers()
-        if not head:
-            self.wfile.write(data)
-
-    def stream(self, body):
-        """Server-sent events: one ``data:`` event per log line, until the client goes."""
-        service = self.service
-        if not service.followers.acquire(blocking=False):
-            raise api_mod.HttpError(503, f"{MAX_FOLLOWERS} logs are followed already; try later")
-        try:
-            self.close_connection = True
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.send_header("Cache-Control", "no-store")
-            for name, value in SECURITY_HEADERS:
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.flush()
-            quiet = [time.monotonic()]
-
-            def sleep(seconds):
-                if service.stopping.wait(FOLLOW_POLL):
-                    raise _Done()
-                if time.monotonic() - quiet[0] >= HEARTBEAT:
-                    self.wfile.write(b": still here\n\n")
-                    self.wfile.flush()
-                    quiet[0] = time.monotonic()
-
-            for line in body.lines(sleep):
-                self.wfile.write(b"data: " + line.encode("utf-8", "replace") + b"\n\n")
-                self.wfile.flush()
-                quiet[0] = time.monotonic()
-        except (_Done, BrokenPipeError, ConnectionResetError, TimeoutError):
-            pass
-        finally:
-            service.followers.release()
+class _Unframed(api_mod.HttpError):
+    """A request whose body this server cannot delimit: answered, then the connection ends."""
 
 
-class _Done(Exception):
-    """The service stops: end a follow."""
+# -- a request -------------------------------------------------------------------------------------
+
+async def respond(service, request):
+    """aiohttp's handler for every request: the answer, written here (so that the deadline of the
+    connection's next request starts once it is taken), or the follow's stream, ended."""
+    method = request.method
+    close = False
+    try:
+        answer = await route(service, request)
+        if isinstance(answer, web.StreamResponse):
+            return answer
+    except api_mod.HttpError as exc:
+        close = isinstance(exc, _Unframed)
+        answer = _json(exc.status, {"error": exc.message} if exc.message else None, exc.headers)
+    except TorchcoreError as exc:     # the records could not be read, ...
+        log.warning("http: %s %s: %s", method, request.raw_path, exc)
+        answer = _json(503, {"error": str(exc)})
+    except ConnectionError:
+        raise
+    except Exception:
+        log.exception("http: %s %s failed", method, request.raw_path)
+        answer = _json(500, {"error": "internal error; the service's log says more"})
+    status, kind, data, headers, cache = answer
+    log.debug("http: %s %s %s: %d", request.remote, method, request.raw_path, status)
+    response = web.Response(status=status, body=data, headers=[      # aiohttp: no body to a HEAD
+        ("Content-Type", kind), ("Cache-Control", cache), *SECURITY_HEADERS, *headers])
+    if close:
+        response.force_close()
+    connections = service.connections
+    with connections.deadline(request.protocol, WRITE_DEADLINE):
+        await response.prepare(request)
+        await response.write_eof()
+    connections.arm(request.protocol, REQUEST_DEADLINE)      # for the next one
+    return response
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64
+async def route(service, request):
+    """The answer: (status, content type, bytes, headers, cache) or the ended follow."""
+    await drain_body(request)   # first: whatever is refused below, the next request starts clean
+    service.connections.disarm(request.protocol)        # all of it came in time
+    method = request.method
+    if service.loopback and not _loopback_host(request.headers.get("Host", "")):
+        # a page elsewhere that rebinds its own name to 127.0.0.1 gets nothing from here
+        raise api_mod.HttpError(403, "this service answers to a loopback Host only "
+                                     "(localhost, 127.0.0.1, [::1])")
+    url = urlsplit(request.raw_path)
+    backend = service.backend
+    base = backend.base_path
+    if url.path + "/" == base:
+        raise api_mod.HttpError(308, "", [("Location", base)])
+    if not url.path.startswith(base):
+        raise api_mod.HttpError(404, f"no such resource: {url.path} (the base path is {base})")
+    path = url.path[len(base):]
+    if path.startswith(("api/", "metrics")) and \
+            request.headers.get("Sec-Fetch-Site", "").strip().lower() in ("cross-site", "same-site"):
+        # a browser says another site's page sent it: the dashboard's own requests are
+        # same-origin, so nothing that page can start (a log follow held open, a
+        # 10,000-run history, a POST) reaches the routes
+        raise api_mod.HttpError(403, "not from another site's page (Sec-Fetch-Site)")
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    if path.startswith(("api/", "metrics")) and backend.auth == "all":
+        # settings.http.auth: all: nothing of the records without the token (the
+        # dashboard's own files, the same for everyone, come without it and ask for it)
+        service.api.authorize(api_mod.Request(method, path, {}, headers),
+                              "this service needs its token for every request "
+                              "(settings.http.auth: all)")
+    if path in ("metrics", "api/v1/openapi.json") and method not in ("GET", "HEAD"):
+        raise api_mod.HttpError(405, f"/{path} takes GET", [("Allow", "GET, HEAD")])
+    if path == "metrics":
+        body, kind = await _blocking(service.metrics.exposition, request.headers.get("Accept"))
+        return 200, kind, body, (), "no-store"
+    if path == "api/v1/openapi.json":
+        from torchcore.web.openapi import document
 
-    def __init__(self, address, service):
-        host, port = address
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.service = service
-        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self.deadlines = {}         # socket -> monotonic time its request must have arrived by
-        self.deadlines_lock = threading.Lock()
-        super().__init__((host, port), Handler)
-        self.loopback = _loopback_address(self.server_address[0])
+        return await _blocking(lambda: _json(200, document(service.api, base)))
+    if not path.startswith("api/"):
+        return _static(service, path, method)
+    try:
+        query = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query),
+                         max_num_fields=32)
+    except ValueError as exc:
+        raise api_mod.HttpError(400, f"bad query string: {exc}") from None
+    call = api_mod.Request(method="GET" if method == "HEAD" else method, path=path, query=query,
+                           headers=headers)
+    answer = await _blocking(_api_answer, service.api, call)
+    if isinstance(answer, api_mod.Stream):
+        if method == "HEAD":
+            return 200, "text/event-stream; charset=utf-8", b"", (), "no-store"
+        return await follow(service, request, answer)
+    return answer
 
-    def process_request(self, request, client_address):
-        """A thread for the connection, while fewer than MAX_CONNECTIONS are open; beyond that a
-        503 written from here and the connection closed, so that clients holding connections
-        open (slowloris) cannot use up the process's threads and file descriptors."""
-        if not self.slots.acquire(blocking=False):
-            try:
-                request.setblocking(False)
-                request.send(_BUSY)
-                request.recv(65536)     # what came already: closed unread, it would reset the
-            except OSError:             # connection before the client reads the 503
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.slots.release()
-            raise
 
-    def watch(self, sock):
-        with self.deadlines_lock:
-            self.deadlines[sock] = time.monotonic() + REQUEST_DEADLINE
+def _api_answer(api, call):
+    """In a worker: the handler's answer, its JSON made there too (a 10,000-run history)."""
+    status, body = api.handle(call)
+    return body if isinstance(body, api_mod.Stream) else _json(status, body)
 
-    def unwatch(self, sock):
-        with self.deadlines_lock:
-            self.deadlines.pop(sock, None)
 
-    def service_actions(self):
-        """serve_forever's hook, at least every poll interval: end the connections whose
-        request is late (the read waiting in their thread returns; the thread ends)."""
-        now = time.monotonic()
-        with self.deadlines_lock:
-            late = [sock for sock, deadline in self.deadlines.items() if deadline <= now]
-            for sock in late:
-                del self.deadlines[sock]
-        for sock in late:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+def _blocking(function, *args):
+    """``function(*args)`` on the loop's default executor (WORKERS threads)."""
+    return asyncio.get_running_loop().run_in_executor(None, function, *args)
 
-    def handle_error(self, request, client_address):
-        """A connection that failed outside the routes (ended while its request was read, ...):
-        a line in the debug log, not a traceback on the daemon's log."""
-        log.debug("http: connection from %s ended: %s", client_address[0], sys.exc_info()[1])
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
+def _json(status, body, headers=()):
+    data = b"" if body is None else json.dumps(body, indent=1).encode() + b"\n"
+    return status, "application/json", data, tuple(headers), "no-store"
+
+
+async def drain_body(request):
+    """Read and drop a request's body, whatever the method: left unread, a body would be parsed
+    as the next request on the connection (a request smuggled past a proxy).  A body this server
+    will not delimit (chunked, a bad or repeated Content-Length) ends the connection; aiohttp's
+    parser refuses the malformed ones (400) before they come here."""
+    lengths = request.headers.getall("Content-Length", ["0"])
+    length = lengths[0].strip()
+    if request.headers.get("Transfer-Encoding") is not None:
+        raise _Unframed(411, "send a request body with Content-Length, not Transfer-Encoding")
+    if len(lengths) > 1 or not length.isascii() or not length.isdigit():
+        raise _Unframed(400, "bad Content-Length")
+    if int(length) > MAX_BODY:
+        raise _Unframed(413, f"a request body of at most {MAX_BODY} bytes")
+    if int(length):
+        await request.read()
+
+
+def _static(service, path, method):
+    if method not in ("GET", "HEAD"):
+        raise api_mod.HttpError(405, "the dashboard's pages take GET", [("Allow", "GET, HEAD")])
+    name = "index.html" if path == "" else path.removeprefix("static/")
+    found = service.static.get(name) if name != path or path == "" else None
+    if found is None:
+        raise api_mod.HttpError(404, f"no such resource: /{path}")
+    kind, body = found
+    return 200, kind, body, (), "no-cache"
+
+
+async def follow(service, request, stream):
+    """Server-sent events: one ``data:`` event per log line, until the client goes or the service
+    stops.  A coroutine, not a thread: between looks at the file (a worker reads what is new,
+    without waiting) it waits on the loop."""
+    if service.followers >= MAX_FOLLOWERS:
+        raise api_mod.HttpError(503, f"{MAX_FOLLOWERS} logs are followed already; try later")
+    service.followers += 1
+    lines = stream.lines(None)      # None: it yields None when there is nothing new (store.py)
+    connections, connection = service.connections, request.protocol
+    loop = asyncio.get_running_loop()
+    response = web.StreamResponse(status=200, headers=[
+        ("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-store"),
+        *SECURITY_HEADERS])
+    response.force_close()
+    try:
+        with connections.deadline(connection, WRITE_DEADLINE):
+            await response.prepare(request)
+        quiet = loop.time()
+        while not service.stopping.is_set():
+            got, idle = await _blocking(_take, lines, FOLLOW_BATCH)
+            data = b"".join(b"data: " + line.encode("utf-8", "replace") + b"\n\n" for line in got)
+            if not data and loop.time() - quiet >= HEARTBEAT:
+                data = b": still here\n\n"
+            if data:
+                with connections.deadline(connection, WRITE_DEADLINE):
+                    await response.write(data)
+                quiet = loop.time()
+            if isinstance(idle, Exception):
+                raise idle
+            if request.transport is None or request.transport.is_closing():
+                break           # the client went
+            if idle:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(service.stopping.wait(), FOLLOW_POLL)
+    except ConnectionError:
+        pass
+    except Exception:       # the stream's 200 went out already: it ends here
+        log.exception("http: a follow of %s failed", request.raw_path)
+    finally:
+        service.followers -= 1
+        with contextlib.suppress(ValueError):       # still in a worker (the service stops)
+            lines.close()
+    return response
+
+
+def _take(lines, most):
+    """In a worker: up to ``most`` lines of a follow, and True when it has nothing more now
+    (False: more to come at once; an exception: what ended it, after the lines read before)."""
+    got = []
+    try:
+        for line in lines:
+            if line is None:
+                return got, True
+            got.append(line)
+            if len(got) >= most:
+                return got, False
+    except Exception as exc:
+        return got, exc
+    return got, True
+
+
+# -- connections -----------------------------------------------------------------------------------
+
+class _ConnectionLog(logging.LoggerAdapter):
+    """aiohttp's words on a connection (a request it refused, ...): debug lines, no traceback."""
+
+    def exception(self, msg, *args, exc_info=None, **kw):
+        self.debug(f"http: {msg}: %s", *args, exc_info)
+
+
+class _Busy(asyncio.Protocol):
+    """A connection beyond MAX_CONNECTIONS: a 503, then closed (what it sent is read and dropped
+    meanwhile, so that the close does not reset the connection before the client reads)."""
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(_BUSY)
+        transport.write_eof()
+        self.timer = asyncio.get_running_loop().call_later(1.0, transport.abort)
+
+    def data_received(self, data):
+        pass
+
+    def eof_received(self):
+        self.transport.close()
+
+    def connection_lost(self, exc):
+        self.timer.cancel()
 
 
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -341,40 +323,146 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\
          b'{"error": "too many open connections; try later"}\n')
 
 
-def _loopback_address(text):
+class _Connections(web.Server if web is not None else object):
+    """aiohttp's low-level server with two bounds on connections: at most MAX_CONNECTIONS open
+    (beyond that each new one gets _Busy's 503), so clients holding connections open (slowloris)
+    cannot use up the process's file descriptors; and a deadline for each request to arrive
+    whole, from the connection's opening or its last answer (a client sending a byte now and
+    then would otherwise hold its connection for ever)."""
+
+    def __init__(self, handler, **kwargs):
+        super().__init__(handler, request_factory=self.request, **kwargs)
+        self.timers = {}        # RequestHandler -> the TimerHandle that ends it
+
+    def request(self, message, payload, protocol, writer, task):
+        """aiohttp's request, except for a request its parser refused (a repeated
+        Content-Length, ...): aiohttp answers that one (400, the connection closed) for a
+        stand-in request of HTTP/1.0, which here says HTTP/1.1 like every other answer."""
+        if message.method == "UNKNOWN" and message.version == HttpVersion10:
+            message = message._replace(version=HttpVersion11)
+        return web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop())
+
+    def __call__(self):
+        if len(self.timers) >= MAX_CONNECTIONS:
+            return _Busy()
+        return super().__call__()
+
+    def connection_made(self, handler, transport):
+        super().connection_made(handler, transport)
+        self.timers[handler] = None
+        self.arm(handler, REQUEST_DEADLINE)
+
+    def connection_lost(self, handler, exc=None):
+        super().connection_lost(handler, exc)
+        timer = self.timers.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+
+    def arm(self, handler, seconds):
+        """End the connection in ``seconds`` unless disarmed (or armed again) before."""
+        if handler not in self.timers:
+            return      # gone already
+        self.disarm(handler)
+        self.timers[handler] = asyncio.get_running_loop().call_later(seconds, handler.force_close)
+
+    def disarm(self, handler):
+        timer = self.timers.get(handler)
+        if timer is not None:
+            timer.cancel()
+            self.timers[handler] = None
+
+    @contextlib.contextmanager
+    def deadline(self, handler, seconds):
+        """``with``: armed for the block, disarmed after it."""
+        self.arm(handler, seconds)
+        try:
+            yield
+        finally:
+            self.disarm(handler)
+
+
+# -- serving ---------------------------------------------------------------------------------------
+
+def listen_socket(address):
+    """The listening socket, bound to exactly the address given (a name: its IPv4 address)."""
+    host, port = address
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        return ipaddress.ip_address(text).is_loopback
-    except ValueError:
-        return text == "localhost"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(64)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
-_HOST = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[^:\[\]@/\s]+))(?::[0-9]{0,5})?")
+class Running:
+    """A service serving on the running loop: ``server_address``, ``close()``."""
+
+    async def start(self, backend, sock):
+        self.loop = asyncio.get_running_loop()
+        self.service = service = Service(backend)
+        self.server_address = sock.getsockname()[:2]
+        service.loopback = _loopback_address(self.server_address[0])
+        service.connections = _Connections(
+            functools.partial(respond, service), access_log=None,
+            logger=_ConnectionLog(logging.getLogger("torchcore.web.connection"), {}))
+        self.runner = web.ServerRunner(service.connections, shutdown_timeout=STOP_WAIT)
+        await self.runner.setup()
+        await web.SockSite(self.runner, sock, backlog=64).start()
+        self.closed = asyncio.Event()
+        return self
+
+    async def close(self):
+        """Stop listening, end the follows, give the answers under way STOP_WAIT seconds."""
+        self.service.stopping.set()
+        try:
+            await self.runner.cleanup()
+        finally:
+            self.closed.set()
 
 
-def _loopback_host(header):
-    """Whether a Host header is a loopback name of this machine, with or without a port
-    (``localhost:9177``, ``127.0.0.1``, ``[::1]:80``); anything else in it (``127.0.0.1:80@evil``,
-    ``[::1]evil``) is not a Host header's form, and no."""
-    match = _HOST.fullmatch(header.strip())
-    if match is None:
-        return False
-    return _loopback_address(match["v6"] or match["name"].lower().rstrip("."))
+def serve(backend, address, poll_interval=None):
+    """Serve on a loop of its own in a thread (tests, the benchmark) until ``stop()``; returns
+    (server, thread), ``server.server_address`` the address bound.  ``poll_interval`` is not
+    used (kept for callers written for the former server)."""
+    if web is None:
+        raise ImportError("No module named 'aiohttp'")
+    sock = listen_socket(address)
+    started, box = threading.Event(), {}
 
+    def run():
+        loop = _new_loop()
+        try:
+            box["server"] = loop.run_until_complete(Running().start(backend, sock))
+        except BaseException as exc:
+            box["error"] = exc
+        started.set()
+        if "server" in box:
+            loop.run_until_complete(box["server"].closed.wait())
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
 
-def serve(backend, address, poll_interval=0.5):
-    """Serve until ``stop()`` (which waits up to ``poll_interval``); returns (server, thread)."""
-    server = Server(address, Service(backend))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": poll_interval},
-                              name="http", daemon=True)
+    thread = threading.Thread(target=run, name="http", daemon=True)
     thread.start()
-    return server, thread
+    started.wait()
+    if "error" in box:
+        raise box["error"]
+    return box["server"], thread
+
+
+def _new_loop():
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.set_default_executor(ThreadPoolExecutor(WORKERS, thread_name_prefix="http"))
+    return loop
 
 
 def stop(server, thread):
-    server.service.stopping.set()
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    asyncio.run_coroutine_threadsafe(server.close(), server.loop).result(STOP_WAIT + 10)
+    thread.join(10)
 
 
 # -- the process ------------------------------------------------------------------------------------
@@ -412,51 +500,87 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.taskfile)
     services.set_title("http")
-    signals = {}
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
+    early = set()       # signals that came while the task file loads: handled once serving
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda n, f: signals.__setitem__(n, True))
+        signal.signal(signum, lambda n, f: early.add(n))
     from torchcore.web.store import Backend
 
+    listen = args.listen
     try:
+        if web is None:
+            raise ImportError("No module named 'aiohttp'")
         backend = Backend(args.taskfile, args.state_dir, args.node)
         http = backend.taskfile.settings.http
         listen = args.listen or (http.listen if http else None)
         if listen is None:
             raise TorchcoreError("no address to listen on: set settings.http.listen or pass --listen")
-        address = parse_listen(listen)
-        server, thread = serve(backend, address)
+        sock = listen_socket(parse_listen(listen))
     except (TorchcoreError, ValueError) as exc:
         log.error("http: %s", exc)
         return 2
     except ImportError as exc:
-        log.error("http: %s: the HTTP service needs prometheus-client: pip install 'torchcore[http]'",
-                  exc)
-        return 2
+        return _missing(exc)
     except OSError as exc:
         log.error("http: cannot listen on %s: %s", listen, exc.strerror or exc)
         return 2
-    log.info("http: serving on %s (base path %s)", listen, backend.base_path)
-    selector = selectors.DefaultSelector()
-    selector.register(wake_r, selectors.EVENT_READ)
-    selector.register(args.parent_fd, selectors.EVENT_READ)
+    loop = _new_loop()
     try:
-        while True:
-            for key, _ in selector.select():
-                if key.fd == args.parent_fd and services.parent_gone(args.parent_fd):
-                    log.info("http: the supervisor is gone; stopping")
-                    return 0
-                if key.fd == wake_r:
-                    os.read(wake_r, 512)
-            if signals.pop(signal.SIGTERM, None) or signals.pop(signal.SIGINT, None):
-                return 0
-            if signals.pop(signal.SIGHUP, None) and backend.reload() and args.listen is None:
-                http = backend.taskfile.settings.http
-                if http is not None and http.listen is not None and http.listen != listen:
-                    log.info("http: settings.http.listen is now %s; exiting to be started there",
-                             http.listen)
-                    return 0
+        return loop.run_until_complete(_serve(args, backend, sock, listen, early))
+    except ImportError as exc:     # prometheus-client, imported by the Service
+        return _missing(exc)
     finally:
-        stop(server, thread)
+        loop.close()
+
+
+def _missing(exc):
+    log.error("http: %s: the HTTP service needs aiohttp and prometheus-client: "
+              "pip install 'torchcore[http]'", exc)
+    return 2
+
+
+async def _serve(args, backend, sock, listen, early):
+    """Serve until SIGTERM, the supervisor's end or a new ``listen``; the exit status."""
+    from torchcore import services
+
+    loop = asyncio.get_running_loop()
+    running = await Running().start(backend, sock)
+    log.info("http: serving on %s (base path %s)", listen, backend.base_path)
+    done = loop.create_future()
+    reloading, tasks = asyncio.Lock(), set()
+
+    def finish(code=0, why=None):
+        if why:
+            log.info("http: %s", why)
+        if not done.done():
+            done.set_result(code)
+
+    def parent():
+        if services.parent_gone(args.parent_fd):
+            finish(0, "the supervisor is gone; stopping")
+
+    async def reload():
+        async with reloading:
+            if not await loop.run_in_executor(None, backend.reload) or args.listen is not None:
+                return
+            http = backend.taskfile.settings.http
+            if http is not None and http.listen is not None and http.listen != listen:
+                finish(0, f"settings.http.listen is now {http.listen}; exiting to be started there")
+
+    def hangup():
+        task = loop.create_task(reload())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, finish)
+    loop.add_signal_handler(signal.SIGHUP, hangup)
+    loop.add_reader(args.parent_fd, parent)
+    if early & {signal.SIGTERM, signal.SIGINT}:
+        finish()
+    elif signal.SIGHUP in early:
+        hangup()
+    try:
+        return await done
+    finally:
+        loop.remove_reader(args.parent_fd)
+        await running.close()

@@ -76,6 +76,25 @@ def parse_listen(text):
     return host, int(port)
 
 
+def loopback_address(text):
+    """Whether an address (or ``localhost``) is this machine's loopback."""
+    try:
+        return ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        return text == "localhost"
+
+
+_HOST = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[^:\[\]@/\s]+))(?::[0-9]{0,5})?")
+
+
+def loopback_host(header):
+    """Whether a Host header is a loopback name of this machine, with or without a port
+    (``localhost:9177``, ``127.0.0.1``, ``[::1]:80``); anything else in it (``127.0.0.1:80@evil``,
+    ``[::1]evil``) is not a Host header's form, and no."""
+    match = _HOST.fullmatch(header.strip())
+    return match is not None and loopback_address(match["v6"] or match["name"].lower().rstrip("."))
+
+
 def parse_base_path(text):
     """``/cron`` or ``/cron/`` -> ``/cron/``; ValueError for anything a URL path cannot hold."""
     path = str(text).strip()

@@ -1,10 +1,10 @@
 """What the HTTP service reads: the task file, the records (read-only), the daemon's live state.
 
-One ``Backend`` per ``torchcore: http`` process, shared by its request threads:
+One ``Backend`` per ``torchcore: http`` process, shared by its worker threads:
 
 - the task file, loaded at start and again on SIGHUP (``reload``); a file that no longer
   validates keeps the last good one, as the supervisor does;
-- the records database, opened read-only (``mode=ro``), one connection per thread; the
+- the records database, opened read-only (``mode=ro``), one connection per worker thread; the
   service never writes to it;
 - the supervisor's ``status`` reply over the control socket, kept for a second, so that
   any number of scrapes and page loads cost the supervisor at most one request a second;
@@ -38,6 +38,7 @@ LIVE_TTL = 1.0          # seconds a status reply of the supervisor is reused
 ROWS_TTL = 1.0          # seconds the task rows (status of every task) are reused
 METRICS_TTL = 2.0       # seconds the records' aggregates are reused
 CONTROL_TIMEOUT = 5.0
+FOLLOW_POLL = 0.5       # seconds between looks at a followed log (with a ``sleep``)
 NEXT_RUNS = 5           # next run times shown for one task
 COST_FACTOR = 10        # a cached value is kept at least this many times as long as it took
 
@@ -163,10 +164,28 @@ class Backend:
         return [history_cmd.shown(line) for line in
                 tasklog.read_log(self.log_dir, task, lines=lines, run_id=run_id)]
 
-    def follow(self, task, lines, run_id, sleep):
-        """The task's log lines, then new ones as they come (``sleep`` paces and may raise)."""
-        for line in tasklog.follow_log(self.log_dir, task, lines=lines, run_id=run_id, sleep=sleep):
+    def follow(self, task, lines, run_id, sleep=None):
+        """The task's log lines, then new ones as they come, as ``tasklog.follow_log`` reads
+        them.  When there is nothing new it calls ``sleep(FOLLOW_POLL)`` (which paces it and may
+        raise) or, without a ``sleep``, yields None: its caller waits as it likes and asks
+        again (the server waits on its event loop, so a quiet follow holds no thread)."""
+        follower = tasklog._Follower(tasklog.log_path(self.log_dir, task), run_id)
+        if follower.f is None:
+            first = tasklog.read_log(self.log_dir, task, lines, run_id)
+        else:
+            first = follower.initial(self.log_dir, task, lines)
+        for line in first:
             yield history_cmd.shown(line)
+        while True:
+            got = follower.poll()
+            for line in got:
+                yield history_cmd.shown(line)
+            if got:
+                continue
+            if sleep is None:
+                yield None
+            else:
+                sleep(FOLLOW_POLL)
 
     # -- the daemon -----------------------------------------------------------------------------
 
