@@ -1,0 +1,408 @@
+"""Reading the fleet database: the nodes and their states, the fleet history, a run's stored
+output, and the tasks of a file across the nodes (``fleet status``, ``fleet tasks``,
+``history --fleet``, ``logs --fleet`` and the web pages).
+
+Pure reads over a psycopg connection (fleetdb.connect): nothing is printed or written.  Every
+"now" is the database's ``now()``, the fleet's one clock, never this machine's: a laptop with a
+wrong clock sees the same states as any node.  Times come back as ISO 8601 strings with their
+offset, in ``tz`` (a tzinfo; None: this machine's zone), as ``history --json`` writes them.
+
+A node's state, from its last heartbeat (``last_seen``) and its heartbeat interval:
+
+- ``stopped``: it stopped cleanly after its last heartbeat (``stopped >= last_seen``);
+- ``up``: heard within LATE_AFTER heartbeats; ``late``: within DOWN_AFTER; ``down``: beyond.
+
+``since`` is when that state began, as well as the registry knows it: up since the daemon
+started, late or down since the heartbeat that did not come, stopped since the stop.
+A node is ``drifted`` when its task file's digest differs from the one most up nodes run (on a
+tie, the newer file); a stopped node is never drifted (it runs nothing).
+"""
+
+import datetime
+import ipaddress
+
+from torchcore import fleetdb
+from torchcore.fleetspec import DOWN_AFTER, LATE_AFTER
+from torchcore.node import Node
+from torchcore.runrecord import RunRecord
+
+S = fleetdb.SCHEMA
+CLOCK_TOLERANCE = 1.0       # seconds: a node whose clock is further off is flagged
+RECENT = "1 day"            # the window of failed_24h and task_view
+MAX_LIMIT = 1_000_000       # the largest history limit asked for at once (0: all)
+STATES = ("up", "late", "down", "stopped")
+
+
+class QueryError(fleetdb.FleetError):
+    """A question the fleet database cannot answer as asked (unknown node, bad limit)."""
+
+
+# ---- times ---------------------------------------------------------------------------------
+
+def iso(epoch, tz=None, timespec="milliseconds"):
+    """Epoch seconds as ISO 8601 with the offset of ``tz`` (None: local), or None."""
+    if epoch is None:
+        return None
+    when = datetime.datetime.fromtimestamp(epoch, tz) if tz else \
+        datetime.datetime.fromtimestamp(epoch).astimezone()
+    return when.isoformat(timespec=timespec)
+
+
+def _epoch(column):
+    return f"extract(epoch FROM {column})::float8"
+
+
+# ---- nodes ---------------------------------------------------------------------------------
+
+def state_sql(age, heartbeat, stopped, last_seen):
+    """The SQL CASE of a node's state (the one rule; ``classify`` is it in Python)."""
+    return (f"CASE WHEN {stopped} IS NOT NULL AND {stopped} >= {last_seen} THEN 'stopped' "
+            f"WHEN {age} <= {heartbeat} * {LATE_AFTER} THEN 'up' "
+            f"WHEN {age} <= {heartbeat} * {DOWN_AFTER} THEN 'late' ELSE 'down' END")
+
+
+def classify(heartbeat, age, stopped=False):
+    """A node's state: ``age`` seconds since its last heartbeat, ``stopped`` when it stopped
+    cleanly after it.  The same rule as state_sql.
+
+    >>> classify(5, 10), classify(5, 10.5), classify(5, 30.5), classify(5, 99, stopped=True)
+    ('up', 'late', 'down', 'stopped')
+    """
+    if stopped:
+        return "stopped"
+    if age <= heartbeat * LATE_AFTER:
+        return "up"
+    if age <= heartbeat * DOWN_AFTER:
+        return "late"
+    return "down"
+
+
+_NODES_SQL = f"""
+WITH n AS (
+    SELECT *, extract(epoch FROM now() - last_seen)::float8 AS age FROM {S}.nodes
+), c AS (
+    SELECT n.*, {state_sql("age", "heartbeat", "stopped", "last_seen")} AS state FROM n
+), majority AS (
+    SELECT file_digest, min(file_since) AS since FROM c
+    WHERE state = 'up' AND file_digest IS NOT NULL
+    GROUP BY file_digest ORDER BY count(*) DESC, max(file_since) DESC NULLS LAST, file_digest
+    LIMIT 1
+), failed AS (
+    SELECT node, count(*) AS failed FROM {S}.runs
+    WHERE failed AND at > now() - interval '{RECENT}' GROUP BY node
+)
+SELECT c.name, c.hostname, c.addresses, c.version, c.pid, {_epoch("c.started")},
+       {_epoch("c.last_seen")}, c.heartbeat, c.age, c.state,
+       CASE c.state
+           WHEN 'stopped' THEN {_epoch("c.stopped")}
+           WHEN 'up' THEN {_epoch("coalesce(c.started, c.registered)")}
+           WHEN 'late' THEN {_epoch(f"c.last_seen + c.heartbeat * {LATE_AFTER} * interval '1 second'")}
+           ELSE {_epoch(f"c.last_seen + c.heartbeat * {DOWN_AFTER} * interval '1 second'")}
+       END,
+       c.clock_offset, c.file_path, c.file_digest, c.file_commit, {_epoch("c.file_since")},
+       c.state <> 'stopped' AND c.file_digest IS DISTINCT FROM m.file_digest
+           AND m.file_digest IS NOT NULL,
+       {_epoch("greatest(c.file_since, m.since)")},
+       c.running, coalesce(f.failed, 0), c.waiting, c.started_runs, c.failed_runs,
+       c.skipped_runs, c.missed_runs, {_epoch("now()")}
+FROM c LEFT JOIN majority m ON true LEFT JOIN failed f ON f.node = c.name
+ORDER BY c.name
+"""
+
+_NODE_FIELDS = ("name", "hostname", "addresses", "version", "pid", "started", "last_seen",
+                "heartbeat", "age", "state", "since", "clock_offset", "file_path", "file_digest",
+                "file_commit", "file_since", "drifted", "drifted_since", "running", "failed_24h",
+                "waiting", "started_runs", "failed_runs", "skipped_runs", "missed_runs", "now")
+_NODE_TIMES = ("started", "last_seen", "since", "file_since", "drifted_since", "now")
+
+
+def nodes(conn, tz=None):
+    """Every registered node as a dict, by name (one statement, whatever the fleet's size).
+
+    Fields: name, hostname, addresses (list of str), version, pid, started, last_seen,
+    heartbeat (s), age (s since last_seen), state (STATES), since, clock_offset (s, the node's
+    clock minus the database's), clock_flagged, file_path, file_digest, file_commit,
+    file_since, drifted, drifted_since (None unless drifted), running, failed_24h (failed runs
+    in the fleet history of the last day), waiting (records not yet shipped), the node's
+    counts since its start (started_runs, failed_runs, skipped_runs, missed_runs), and now
+    (the database's, at which the states hold).  Times are ISO 8601 strings.
+    """
+    with conn.cursor() as cur:
+        cur.execute(_NODES_SQL)
+        rows = cur.fetchall()
+    result = []
+    for row in rows:
+        node = dict(zip(_NODE_FIELDS, row))
+        node["addresses"] = list(node["addresses"] or [])
+        node["heartbeat"] = _number(node["heartbeat"])
+        node["age"] = round(node["age"], 3)
+        offset = node["clock_offset"]
+        node["clock_offset"] = None if offset is None else round(float(offset), 3)
+        node["clock_flagged"] = offset is not None and abs(offset) > CLOCK_TOLERANCE
+        if not node["drifted"]:
+            node["drifted_since"] = None
+        for key in _NODE_TIMES:
+            node[key] = iso(node[key], tz, "seconds")
+        result.append(node)
+    return result
+
+
+def _number(value):
+    value = float(value)
+    return int(value) if value.is_integer() else round(value, 3)
+
+
+def node_names(conn):
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT name FROM {S}.nodes ORDER BY name")
+        return [row[0] for row in cur.fetchall()]
+
+
+# ---- history -------------------------------------------------------------------------------
+
+_RUN_COLUMNS = ("node", "run_id", "task", "scheduled", "started", "ended", "exit_code", "signal",
+                "timed_out", "skipped", "missed", "manual", "pid", "peak_rss", "error", "stopped")
+_RUN_SELECT = ", ".join(f"{_epoch(c)} AS {c}" if c in ("scheduled", "started", "ended") else c
+                        for c in _RUN_COLUMNS)
+
+
+def _record(row):
+    """(node, RunRecord) of a selected row (RunRecord.node: the fleet node's name)."""
+    fields = dict(zip(_RUN_COLUMNS, row))
+    if fields["scheduled"] is not None:
+        fields["scheduled"] = int(fields["scheduled"])
+    return RunRecord(**fields)
+
+
+def run_fields(record, tz=None):
+    """A run as the JSON object of ``history --json`` (the same fields; node: the fleet's)."""
+    return {
+        "task": record.task, "run_id": record.run_id, "node": record.node,
+        "scheduled": iso(record.scheduled, tz, "seconds"), "started": iso(record.started, tz),
+        "ended": iso(record.ended, tz), "exit_code": record.exit_code, "signal": record.signal,
+        "timed_out": record.timed_out, "skipped": record.skipped is not None,
+        "skip_reason": record.skipped, "missed": record.missed,
+        "duration": None if record.duration is None else round(record.duration, 3),
+        "manual": record.manual, "pid": record.pid, "peak_rss": record.peak_rss,
+        "error": record.error, "stopped": record.stopped, "failed": record.failed,
+    }
+
+
+def result_text(run):
+    """A run dict's (run_fields) outcome in a few words, as ``history`` says it."""
+    record = RunRecord(run["run_id"], run["task"], run["node"], None,
+                       ended=0.0 if run["ended"] is not None else None,
+                       exit_code=run["exit_code"], signal=run["signal"],
+                       timed_out=run["timed_out"], skipped=run["skip_reason"],
+                       missed=run["missed"], manual=run["manual"], pid=run["pid"],
+                       error=run["error"], stopped=run["stopped"])
+    return record.describe() + (" (manual)" if record.manual else "")
+
+
+def _when(since):
+    """``since`` (epoch seconds, or an aware datetime) as an aware datetime."""
+    if isinstance(since, datetime.datetime):
+        return since
+    return datetime.datetime.fromtimestamp(float(since), datetime.timezone.utc)
+
+
+def check_limit(limit):
+    """The LIMIT for ``limit`` (None or 0: all); QueryError beyond MAX_LIMIT or below 0."""
+    if limit is None or limit == 0:
+        return None
+    if not isinstance(limit, int) or limit < 0 or limit > MAX_LIMIT:
+        raise QueryError(f"--limit: expected 0 (all) to {MAX_LIMIT:,} runs, got {limit}")
+    return limit
+
+
+def history(conn, task=None, node=None, since=None, failed=False, limit=50, tz=None):
+    """Runs of the fleet history newest first, as dicts with ``history --json``'s fields.
+
+    ``since``: epoch seconds or an aware datetime; ``limit`` None or 0: all.  QueryError for a
+    ``node`` that is neither registered nor in the history, or a limit out of range.
+    """
+    limit = check_limit(limit)
+    where, params = [], []
+    if task is not None:
+        where.append("task = %s")
+        params.append(task)
+    if node is not None:
+        where.append("node = %s")
+        params.append(node)
+    if since is not None:
+        where.append("at >= %s")
+        params.append(_when(since))
+    if failed:
+        where.append("failed")
+    sql = f"SELECT {_RUN_SELECT} FROM {S}.runs"
+    sql += (" WHERE " + " AND ".join(where) if where else "")
+    sql += " ORDER BY at DESC, node, run_id DESC"
+    if limit is not None:
+        sql += " LIMIT %s"
+        params.append(limit)
+    with conn.cursor() as cur:
+        cur.execute(sql, params)
+        rows = cur.fetchall()
+    if not rows and node is not None:
+        check_node(conn, node)
+    return [run_fields(_record(row), tz) for row in rows]
+
+
+def check_node(conn, node):
+    """QueryError unless ``node`` is registered or has runs in the fleet history."""
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT EXISTS (SELECT 1 FROM {S}.nodes WHERE name = %s) "
+                    f"OR EXISTS (SELECT 1 FROM {S}.runs WHERE node = %s)", (node, node))
+        if cur.fetchone()[0]:
+            return
+    names = node_names(conn)
+    import difflib
+    close = difflib.get_close_matches(node, names, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else \
+        (f"; the nodes are {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}"
+         if names else "; no node has registered yet")
+    raise QueryError(f"no node {node!r} in the fleet database{hint}")
+
+
+def run(conn, node, run_id, task=None, tz=None):
+    """One run with its stored output tail (``output``: text, or None when none was stored),
+    or None when there is no such run.  ``node`` None: the one run ``run_id`` of ``task``
+    across the fleet (QueryError naming the nodes when several have one)."""
+    where, params = ["run_id = %s"], [run_id]
+    if node is not None:
+        where.append("node = %s")
+        params.append(node)
+    if task is not None:
+        where.append("task = %s")
+        params.append(task)
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT {_RUN_SELECT}, output FROM {S}.runs WHERE {' AND '.join(where)} "
+                    "ORDER BY node LIMIT 21", params)
+        rows = cur.fetchall()
+    if not rows:
+        if node is not None:
+            check_node(conn, node)
+        return None
+    if len(rows) > 1:
+        names = [row[0] for row in rows]
+        raise QueryError(f"run {run_id}{f' of {task!r}' if task else ''} is on several nodes "
+                         f"({', '.join(names[:20])}{' ...' if len(names) > 20 else ''}): "
+                         "name one with --node")
+    result = run_fields(_record(rows[0][:-1]), tz)
+    result["output"] = rows[0][-1]
+    return result
+
+
+def last_run_with_output(conn, task, node=None, tz=None):
+    """The newest run of ``task`` (on ``node``) with output stored, as ``run`` returns it."""
+    sql = f"SELECT node, run_id FROM {S}.runs WHERE task = %s AND output IS NOT NULL"
+    params = [task]
+    if node is not None:
+        sql += " AND node = %s"
+        params.append(node)
+    with conn.cursor() as cur:
+        cur.execute(sql + " ORDER BY at DESC, run_id DESC LIMIT 1", params)
+        row = cur.fetchone()
+    if row is None:
+        if node is not None:
+            check_node(conn, node)
+        return None
+    return run(conn, row[0], row[1], tz=tz)
+
+
+# ---- the tasks of a file across the fleet --------------------------------------------------
+
+_RECENT_SQL = f"""
+WITH recent AS (
+    SELECT * FROM {S}.runs WHERE at > now() - interval '{RECENT}'
+), last AS (
+    SELECT DISTINCT ON (node, task) {_RUN_SELECT}, {_epoch("at")} AS at FROM recent
+    ORDER BY node, task, at DESC, run_id DESC
+), counts AS (
+    SELECT node, task, count(*) FILTER (WHERE started IS NOT NULL) AS runs,
+           count(*) FILTER (WHERE failed) AS failures,
+           (array_agg(failed ORDER BY at DESC, run_id DESC)
+               FILTER (WHERE ended IS NOT NULL AND skipped IS NULL AND NOT missed))[1]
+               AS last_failed
+    FROM recent GROUP BY node, task
+)
+SELECT last.*, counts.runs, counts.failures, counts.last_failed
+FROM last JOIN counts USING (node, task) ORDER BY task, node
+"""
+
+
+def _node_of(row):
+    """The node.Node a registered node's row matches ``ips``/``hosts`` as."""
+    addresses = []
+    for text in row["addresses"]:
+        try:
+            address = ipaddress.ip_interface(str(text).split("%", 1)[0]).ip
+        except ValueError:
+            continue
+        if address not in addresses:
+            addresses.append(address)
+    return Node(addresses=tuple(addresses), hostname=row["hostname"] or row["name"])
+
+
+def task_view(conn, taskfile, tz=None):
+    """The tasks of ``taskfile`` across the fleet, and what is wrong.
+
+    ``{"file", "digest", "nodes_on_file", "tasks": [...], "problems": [...]}``; per task: name,
+    enabled, targets, should (the registered nodes its ips/hosts select, as ``Task.runs_on``
+    decides on every node), ran (per node that ran it in the last day: node, last_at,
+    last_result, failed (whether its last finished run failed; None: none finished), runs,
+    failures) and problems.  A
+    problem: ``{"kind": "orphan"|"failing"|"drift", "task"?, "node"?, "text", ...}``: orphan,
+    an enabled task whose targets select no registered node; failing, a task whose last run
+    failed on some nodes and not on others (``failing``, ``ok``); drift, a node that ran tasks
+    in the last day that the file no longer has (``tasks``).
+    """
+    from torchcore import textfmt
+
+    registered = nodes(conn, tz)
+    with conn.cursor() as cur:
+        cur.execute(_RECENT_SQL)
+        recent = cur.fetchall()
+    machines = [(row["name"], _node_of(row)) for row in registered]
+    ran_by_task = {}
+    for row in recent:
+        record = _record(row[:len(_RUN_COLUMNS)])
+        at, runs, failures, last_failed = row[len(_RUN_COLUMNS):]
+        fields = run_fields(record, tz)
+        ran_by_task.setdefault(record.task, []).append({
+            "node": record.node, "last_at": iso(at, tz), "last_run": record.run_id,
+            "last_result": result_text(fields), "failed": last_failed, "runs": runs,
+            "failures": failures})
+    tasks, problems = [], []
+    for task in taskfile.tasks:
+        should = [name for name, machine in machines if task.runs_on(machine)]
+        ran = ran_by_task.get(task.name, [])
+        found = []
+        if task.enabled and not should:
+            found.append({"kind": "orphan", "task": task.name,
+                          "text": f"{task.name}: its targets ({textfmt.targets_text(task)}) "
+                                  "select no registered node"})
+        failing = sorted(r["node"] for r in ran if r["failed"] is True)
+        ok = sorted(r["node"] for r in ran if r["failed"] is False)
+        if failing and ok:
+            found.append({"kind": "failing", "task": task.name, "failing": failing, "ok": ok,
+                          "text": f"{task.name}: fails on {', '.join(failing)}, "
+                                  f"not on {', '.join(ok)}"})
+        problems.extend(found)
+        tasks.append({"name": task.name, "enabled": task.enabled,
+                      "targets": textfmt.targets_text(task), "should": should, "ran": ran,
+                      "problems": [p["kind"] for p in found]})
+    known = set(taskfile.index)
+    gone = {}
+    for name, entries in ran_by_task.items():
+        if name not in known:
+            for entry in entries:
+                gone.setdefault(entry["node"], []).append(name)
+    for node in sorted(gone):
+        names = sorted(gone[node])
+        problems.append({"kind": "drift", "node": node, "tasks": names,
+                         "text": f"{node} ran {', '.join(names)} in the last day; "
+                                 f"{taskfile.path} no longer has {'it' if len(names) == 1 else 'them'}"})
+    on_file = [n["name"] for n in registered if n["file_digest"] == taskfile.digest]
+    return {"file": taskfile.path, "digest": taskfile.digest, "nodes_on_file": on_file,
+            "nodes": len(registered), "tasks": tasks, "problems": problems}
