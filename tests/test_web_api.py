@@ -428,7 +428,7 @@ def test_fleet_routes_without_settings_fleet_say_what_to_add(site):
         assert "torchcore fleet init" in body["error"] and site.backend.path in body["error"]
     assert get_json(site.base + "api/v1/fleet/history?limit=0")[0] == 404
     assert get_json(site.base + "api/v1/fleet/history?host=web-1")[0] == 400   # unknown: 400
-    assert site.backend.fleet is None
+    assert site.backend.fleet is None and get_json(site.base + "api/v1/status")[1]["fleet"] is None
 
 
 def test_openapi_covers_every_route_and_matches_answers(site):

@@ -1,9 +1,11 @@
 """The dashboard of a running daemon in a real browser: Debian's chromium, headless, driven by
 selenium through /usr/bin/chromedriver.  One browser for the module, and a daemon per test (the
-second with settings.http.auth: all); screenshots of each page go to the test's tmp dir.  Skipped when chromium or its driver is not installed
-(tests/setup-system.sh installs both)."""
+second with settings.http.auth: all, the last with settings.fleet on a throw-away PostgreSQL);
+screenshots of each page go to the test's tmp dir.  Skipped when chromium or its driver is not
+installed (tests/setup-system.sh installs both)."""
 
 import os
+import re
 import shutil
 import tempfile
 
@@ -186,3 +188,103 @@ def test_dashboard_under_auth_all(tmp_path, browser):
         assert TOKEN not in driver.current_url and TOKEN not in daemon.log
     finally:
         daemon.kill()
+
+
+def test_the_fleet_view_without_the_fleet_says_how_to_set_it_up(site):
+    daemon, driver = site
+    driver.get(daemon.base + "#/fleet")
+    text = until(driver, lambda d: d.find_element(By.ID, "fleet-not-set-up").text, what="the page")
+    assert "The fleet is not set up" in text and "torchcore fleet init" in text
+    assert "database: postgresql://" in text
+    shot(driver, "fleet-not-set-up")
+    driver.get(daemon.base + "#/task/bad")
+    until(driver, lambda d: "The fleet is not set up" in d.find_element(By.ID, "task-fleet").text,
+          what="the task page's fleet part")
+    if "browser" in driver.log_types:       # no request bound to fail (a 404) was sent
+        assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+FLEET_BODY = """tasks:
+  - name: backup
+    schedule: "0 0 3 * * *"
+    command: "echo backup"
+"""
+
+
+def test_the_fleet_view(tmp_path, browser, pg):
+    """Three nodes in the fleet database (one down, one drifted with its clock off), their runs:
+    the Fleet view shows each node's state, drift, clock and counts, the fleet history filtered
+    by node and failed, a run's stored output; the task's page which nodes ran it, how it went."""
+    import fleetrows
+
+    from torchcore import config
+
+    driver = browser
+    driver.shots = str(tmp_path)
+    conn = fleetrows.init(pg.url)
+    daemon = WebDaemon(tmp_path, FLEET_BODY, settings=f"  fleet:\n    database: {pg.url}\n")
+    digest = config.load(daemon.path).digest      # the file this daemon runs: the fleet's own
+    fleetrows.add_node(conn, "web-1", digest=digest, file_age=600, clock_offset=0.004, running=1,
+                       heartbeat=60, addresses=("10.0.0.1",))
+    fleetrows.add_node(conn, "web-2", digest="0ld" * 8, file_age=7200, clock_offset=2.5,
+                       heartbeat=60, addresses=("10.0.0.2",))
+    fleetrows.add_node(conn, "web-3", digest=digest, age=900, heartbeat=60, addresses=("10.0.0.3",))
+    fleetrows.add_run(conn, "web-1", 11, "backup", age=600, output="backup done\n")
+    fleetrows.add_run(conn, "web-2", 21, "backup", age=500, exit_code=2, output="disk full\n")
+    fleetrows.add_run(conn, "web-3", 31, "backup", age=4000, output="backup done\n")
+    try:
+        daemon.start()
+        driver.get(daemon.base + "#/fleet")
+
+        def cell(node, kind):
+            return driver.find_element(By.CSS_SELECTOR, f'#fleet-nodes-table tr[data-node="{node}"] .{kind}')
+
+        until(driver, lambda d: cell("web-3", "node-state").text.startswith("down"), what="web-3 down")
+        assert cell("web-1", "node-state").text.startswith("up")
+        assert cell("web-2", "node-state").text.startswith("up")
+        assert re.search(r"drifted for 1[01]m", cell("web-2", "node-file").text)
+        assert "drifted" not in cell("web-1", "node-file").text
+        assert cell("web-1", "node-file").text.startswith(digest[:12])
+        assert "+2.500s" in cell("web-2", "node-clock").text and \
+            "off by more than 1 s" in cell("web-2", "node-clock").text
+        assert "failed" in cell("web-2", "node-clock").get_attribute("class")
+        assert "off" not in cell("web-1", "node-clock").text
+        assert cell("web-1", "node-running").text == "1" and cell("web-2", "node-failed").text == "1"
+        summary = driver.find_element(By.ID, "fleet-summary").text
+        assert "1 down" in summary and "1 drifted" in summary and "clock more than 1 s off" in summary
+        assert pg.url in summary
+        shot(driver, "fleet")
+
+        def history_rows(d):
+            return [(r.get_attribute("data-node"), r.get_attribute("data-run"))
+                    for r in d.find_elements(By.CSS_SELECTOR, "#fleet-history tbody tr")]
+
+        until(driver, lambda d: {("web-1", "11"), ("web-2", "21"), ("web-3", "31")} <= set(history_rows(d)),
+              what="the fleet history")
+        from selenium.webdriver.support.select import Select
+        Select(driver.find_element(By.ID, "fh-node")).select_by_value("web-2")
+        driver.find_element(By.CSS_SELECTOR, "#fleet-filters button[type=submit]").click()
+        until(driver, lambda d: history_rows(d) == [("web-2", "21")], what="web-2's runs only")
+        Select(driver.find_element(By.ID, "fh-node")).select_by_value("")
+        driver.find_element(By.ID, "fh-failed").click()
+        driver.find_element(By.CSS_SELECTOR, "#fleet-filters button[type=submit]").click()
+        until(driver, lambda d: history_rows(d) == [("web-2", "21")], what="the failed runs only")
+        driver.find_element(By.CSS_SELECTOR, '#fleet-history tr[data-run="21"]').click()
+        until(driver, lambda d: "disk full" in d.find_element(By.ID, "fleet-output").text,
+              what="the run's stored output")
+        shot(driver, "fleet-history-failed")
+
+        driver.get(daemon.base + "#/task/backup")
+
+        def result(node):
+            return driver.find_element(By.CSS_SELECTOR,
+                                       f'#task-fleet-table tr[data-node="{node}"] .fleet-result')
+
+        until(driver, lambda d: result("web-2").text == "exit 2", what="web-2's result on the task page")
+        assert "failed" in result("web-2").get_attribute("class")
+        assert result("web-1").text == "ok" and result("web-3").text == "ok"
+        assert "fails on web-2, not on web-1, web-3" in driver.find_element(By.ID, "task-fleet").text
+        shot(driver, "task-backup-fleet")
+    finally:
+        daemon.kill()
+        conn.close()

@@ -127,6 +127,8 @@ def test_nodes_with_state_drift_and_clock_offset(fleet_site):
                               "clock_flagged": 1}
     assert body["ok"] is False and body["database"] == fleet_site.pg.url
     assert body["now"].endswith("+00:00")       # the task file's zone (UTC)
+    status, local = fleet_site.get("api/v1/status")     # says the fleet is set up (and where)
+    assert status == 200 and local["fleet"] == {"database": fleet_site.pg.url}
 
 
 def test_fleet_history_and_its_filters(fleet_site):

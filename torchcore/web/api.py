@@ -134,9 +134,11 @@ class Api:
         states = {}
         for task in document["tasks"]:
             states[task["state"]] = states.get(task["state"], 0) + 1
+        fleet = self.backend.fleet      # whether the fleet pages have a database (not asked)
         return 200, {"daemon": document["daemon"], "file_errors": document["file_errors"],
                      "tasks": len(document["tasks"]), "states": states,
-                     "running": sum(len(t["running"]) for t in document["tasks"])}
+                     "running": sum(len(t["running"]) for t in document["tasks"]),
+                     "fleet": None if fleet is None else {"database": fleet.shown}}
 
     def tasks(self, request):
         """The tasks' status rows, filtered by a search text and a state, a page at a time."""

@@ -66,8 +66,11 @@ STATUS = {"type": "object", "properties": {
                "required": ["running", "answering"]},
     "file_errors": {"type": "array", "items": {"type": "string"}},
     "tasks": {"type": "integer"}, "running": {"type": "integer"},
-    "states": {"type": "object", "additionalProperties": {"type": "integer"}}},
-    "required": ["daemon", "tasks", "states", "running"]}
+    "states": {"type": "object", "additionalProperties": {"type": "integer"}},
+    "fleet": {"type": ["object", "null"], "description": "with settings.fleet, the fleet "
+              "database of the fleet routes (its URL without a password); null without",
+              "properties": {"database": {"type": "string"}}}},
+    "required": ["daemon", "tasks", "states", "running", "fleet"]}
 
 _TEXT = {"type": ["string", "null"]}
 FLEET_NODE = {
