@@ -192,6 +192,8 @@ def test_dashboard_under_auth_all(tmp_path, browser):
 
 def test_the_fleet_view_without_the_fleet_says_how_to_set_it_up(site):
     daemon, driver = site
+    if "browser" in driver.log_types:
+        driver.get_log("browser")           # what the tests before logged
     driver.get(daemon.base + "#/fleet")
     text = until(driver, lambda d: d.find_element(By.ID, "fleet-not-set-up").text, what="the page")
     assert "The fleet is not set up" in text and "torchcore fleet init" in text
@@ -209,6 +211,19 @@ FLEET_BODY = """tasks:
     schedule: "0 0 3 * * *"
     command: "echo backup"
 """
+
+
+def cells(driver, table):
+    """{data-node: {class: (text, classes)}} of a table's rows, read at one moment (the page
+    redraws its tables every few seconds: elements found one by one may be gone by the next)."""
+    return driver.execute_script("""
+        const out = {};
+        for (const tr of document.querySelectorAll(arguments[0] + ' tbody tr[data-node]')) {
+          const row = out[tr.dataset.node] = {};
+          for (const td of tr.querySelectorAll('td')) for (const name of td.classList)
+            row[name] = [td.innerText, td.className];
+        }
+        return out;""", table)
 
 
 def test_the_fleet_view(tmp_path, browser, pg):
@@ -236,20 +251,17 @@ def test_the_fleet_view(tmp_path, browser, pg):
         daemon.start()
         driver.get(daemon.base + "#/fleet")
 
-        def cell(node, kind):
-            return driver.find_element(By.CSS_SELECTOR, f'#fleet-nodes-table tr[data-node="{node}"] .{kind}')
-
-        until(driver, lambda d: cell("web-3", "node-state").text.startswith("down"), what="web-3 down")
-        assert cell("web-1", "node-state").text.startswith("up")
-        assert cell("web-2", "node-state").text.startswith("up")
-        assert re.search(r"drifted for 1[01]m", cell("web-2", "node-file").text)
-        assert "drifted" not in cell("web-1", "node-file").text
-        assert cell("web-1", "node-file").text.startswith(digest[:12])
-        assert "+2.500s" in cell("web-2", "node-clock").text and \
-            "off by more than 1 s" in cell("web-2", "node-clock").text
-        assert "failed" in cell("web-2", "node-clock").get_attribute("class")
-        assert "off" not in cell("web-1", "node-clock").text
-        assert cell("web-1", "node-running").text == "1" and cell("web-2", "node-failed").text == "1"
+        shown = until(driver, lambda d: (lambda n: n["web-3"]["node-state"][0].startswith("down") and n)(
+            cells(d, "#fleet-nodes-table")), what="web-3 down")
+        assert shown["web-1"]["node-state"][0].startswith("up")
+        assert shown["web-2"]["node-state"][0].startswith("up")
+        assert re.search(r"drifted for 1[01]m", shown["web-2"]["node-file"][0])
+        assert "drifted" not in shown["web-1"]["node-file"][0]
+        assert shown["web-1"]["node-file"][0].startswith(digest[:12])
+        text, classes = shown["web-2"]["node-clock"]
+        assert "+2.500s" in text and "off by more than 1 s" in text and "failed" in classes
+        assert "off" not in shown["web-1"]["node-clock"][0]
+        assert shown["web-1"]["node-running"][0] == "1" and shown["web-2"]["node-failed"][0] == "1"
         summary = driver.find_element(By.ID, "fleet-summary").text
         assert "1 down" in summary and "1 drifted" in summary and "clock more than 1 s off" in summary
         assert pg.url in summary
@@ -269,20 +281,18 @@ def test_the_fleet_view(tmp_path, browser, pg):
         driver.find_element(By.ID, "fh-failed").click()
         driver.find_element(By.CSS_SELECTOR, "#fleet-filters button[type=submit]").click()
         until(driver, lambda d: history_rows(d) == [("web-2", "21")], what="the failed runs only")
-        driver.find_element(By.CSS_SELECTOR, '#fleet-history tr[data-run="21"]').click()
+        until(driver, lambda d: d.find_element(By.CSS_SELECTOR, '#fleet-history tr[data-run="21"]').click()
+              or True, what="a click on the run")
         until(driver, lambda d: "disk full" in d.find_element(By.ID, "fleet-output").text,
               what="the run's stored output")
         shot(driver, "fleet-history-failed")
 
         driver.get(daemon.base + "#/task/backup")
 
-        def result(node):
-            return driver.find_element(By.CSS_SELECTOR,
-                                       f'#task-fleet-table tr[data-node="{node}"] .fleet-result')
-
-        until(driver, lambda d: result("web-2").text == "exit 2", what="web-2's result on the task page")
-        assert "failed" in result("web-2").get_attribute("class")
-        assert result("web-1").text == "ok" and result("web-3").text == "ok"
+        shown = until(driver, lambda d: (lambda n: n["web-2"]["fleet-result"][0] == "exit 2" and n)(
+            cells(d, "#task-fleet-table")), what="web-2's result on the task page")
+        assert "failed" in shown["web-2"]["fleet-result"][1]
+        assert shown["web-1"]["fleet-result"][0] == "ok" and shown["web-3"]["fleet-result"][0] == "ok"
         assert "fails on web-2, not on web-1, web-3" in driver.find_element(By.ID, "task-fleet").text
         shot(driver, "task-backup-fleet")
     finally:
