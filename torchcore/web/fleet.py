@@ -125,6 +125,7 @@ class FleetReader:
             try:
                 value = read(conn)
             except fleetquery.QueryError:
+                self._answered()        # a question it answered no to: it is there
                 raise
             except pg.Error as exc:
                 if conn.closed or conn.broken:
