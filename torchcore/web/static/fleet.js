@@ -45,7 +45,10 @@ async function fleetDatabase() {
 
 async function fleetPage() {
   let database;
-  try { database = await fleetDatabase(); } catch (e) { show(h("h2", {}, "Fleet"), message(e.message, true)); return null; }
+  try { database = await fleetDatabase(); } catch (e) {
+    if (!asking) show(h("h2", {}, "Fleet"), message(e.message, true));     // else: the token form
+    return null;
+  }
   if (!database) {
     show(h("h2", {}, "Fleet"), notSetUp());
     // set up by a reload later: the next refresh finds it and shows the fleet
