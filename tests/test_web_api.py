@@ -417,6 +417,20 @@ def test_metrics_parse_and_agree_with_history(site):
         {"backup", "report", "idle"}
 
 
+def test_fleet_routes_without_settings_fleet_say_what_to_add(site):
+    """No settings.fleet: every fleet route is a 404 saying so and what to add, whatever its
+    values (an unknown parameter is still a 400); nothing connects."""
+    for route in ("api/v1/fleet/nodes", "api/v1/fleet/tasks", "api/v1/fleet/history?node=web-1",
+                  "api/v1/fleet/runs/web-1/1"):
+        status, body = get_json(site.base + route)
+        assert status == 404, (route, body)
+        assert body["error"].startswith("the fleet is not set up: add settings.fleet.database")
+        assert "torchcore fleet init" in body["error"] and site.backend.path in body["error"]
+    assert get_json(site.base + "api/v1/fleet/history?limit=0")[0] == 404
+    assert get_json(site.base + "api/v1/fleet/history?host=web-1")[0] == 400   # unknown: 400
+    assert site.backend.fleet is None and get_json(site.base + "api/v1/status")[1]["fleet"] is None
+
+
 def test_openapi_covers_every_route_and_matches_answers(site):
     jsonschema = pytest.importorskip("jsonschema")
     status, spec = get_json(site.base + "api/v1/openapi.json")

@@ -1,9 +1,11 @@
 """The dashboard of a running daemon in a real browser: Debian's chromium, headless, driven by
 selenium through /usr/bin/chromedriver.  One browser for the module, and a daemon per test (the
-second with settings.http.auth: all); screenshots of each page go to the test's tmp dir.  Skipped when chromium or its driver is not installed
-(tests/setup-system.sh installs both)."""
+second with settings.http.auth: all, the last with settings.fleet on a throw-away PostgreSQL);
+screenshots of each page go to the test's tmp dir.  Skipped when chromium or its driver is not
+installed (tests/setup-system.sh installs both)."""
 
 import os
+import re
 import shutil
 import tempfile
 
@@ -186,3 +188,113 @@ def test_dashboard_under_auth_all(tmp_path, browser):
         assert TOKEN not in driver.current_url and TOKEN not in daemon.log
     finally:
         daemon.kill()
+
+
+def test_the_fleet_view_without_the_fleet_says_how_to_set_it_up(site):
+    daemon, driver = site
+    if "browser" in driver.log_types:
+        driver.get_log("browser")           # what the tests before logged
+    driver.get(daemon.base + "#/fleet")
+    text = until(driver, lambda d: d.find_element(By.ID, "fleet-not-set-up").text, what="the page")
+    assert "The fleet is not set up" in text and "torchcore fleet init" in text
+    assert "database: postgresql://" in text
+    shot(driver, "fleet-not-set-up")
+    driver.get(daemon.base + "#/task/bad")
+    until(driver, lambda d: "The fleet is not set up" in d.find_element(By.ID, "task-fleet").text,
+          what="the task page's fleet part")
+    if "browser" in driver.log_types:       # no request bound to fail (a 404) was sent
+        assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+FLEET_BODY = """tasks:
+  - name: backup
+    schedule: "0 0 3 * * *"
+    command: "echo backup"
+"""
+
+
+def cells(driver, table):
+    """{data-node: {class: (text, classes)}} of a table's rows, read at one moment (the page
+    redraws its tables every few seconds: elements found one by one may be gone by the next)."""
+    return driver.execute_script("""
+        const out = {};
+        for (const tr of document.querySelectorAll(arguments[0] + ' tbody tr[data-node]')) {
+          const row = out[tr.dataset.node] = {};
+          for (const td of tr.querySelectorAll('td')) for (const name of td.classList)
+            row[name] = [td.innerText, td.className];
+        }
+        return out;""", table)
+
+
+def test_the_fleet_view(tmp_path, browser, pg):
+    """Three nodes in the fleet database (one down, one drifted with its clock off), their runs:
+    the Fleet view shows each node's state, drift, clock and counts, the fleet history filtered
+    by node and failed, a run's stored output; the task's page which nodes ran it, how it went."""
+    import fleetrows
+
+    from torchcore import config
+
+    driver = browser
+    driver.shots = str(tmp_path)
+    conn = fleetrows.init(pg.url)
+    daemon = WebDaemon(tmp_path, FLEET_BODY, settings=f"  fleet:\n    database: {pg.url}\n")
+    digest = config.load(daemon.path).digest      # the file this daemon runs: the fleet's own
+    fleetrows.add_node(conn, "web-1", digest=digest, file_age=600, clock_offset=0.004, running=1,
+                       heartbeat=60, addresses=("10.0.0.1",))
+    fleetrows.add_node(conn, "web-2", digest="0ld" * 8, file_age=7200, clock_offset=2.5,
+                       heartbeat=60, addresses=("10.0.0.2",))
+    fleetrows.add_node(conn, "web-3", digest=digest, age=900, heartbeat=60, addresses=("10.0.0.3",))
+    fleetrows.add_run(conn, "web-1", 11, "backup", age=600, output="backup done\n")
+    fleetrows.add_run(conn, "web-2", 21, "backup", age=500, exit_code=2, output="disk full\n")
+    fleetrows.add_run(conn, "web-3", 31, "backup", age=4000, output="backup done\n")
+    try:
+        daemon.start()
+        driver.get(daemon.base + "#/fleet")
+
+        shown = until(driver, lambda d: (lambda n: n["web-3"]["node-state"][0].startswith("down") and n)(
+            cells(d, "#fleet-nodes-table")), what="web-3 down")
+        assert shown["web-1"]["node-state"][0].startswith("up")
+        assert shown["web-2"]["node-state"][0].startswith("up")
+        assert re.search(r"drifted for 1[01]m", shown["web-2"]["node-file"][0])
+        assert "drifted" not in shown["web-1"]["node-file"][0]
+        assert shown["web-1"]["node-file"][0].startswith(digest[:12])
+        text, classes = shown["web-2"]["node-clock"]
+        assert "+2.500s" in text and "off by more than 1 s" in text and "failed" in classes
+        assert "off" not in shown["web-1"]["node-clock"][0]
+        assert shown["web-1"]["node-running"][0] == "1" and shown["web-2"]["node-failed"][0] == "1"
+        summary = driver.find_element(By.ID, "fleet-summary").text
+        assert "1 down" in summary and "1 drifted" in summary and "clock more than 1 s off" in summary
+        assert pg.url in summary
+        shot(driver, "fleet")
+
+        def history_rows(d):
+            return [(r.get_attribute("data-node"), r.get_attribute("data-run"))
+                    for r in d.find_elements(By.CSS_SELECTOR, "#fleet-history tbody tr")]
+
+        until(driver, lambda d: {("web-1", "11"), ("web-2", "21"), ("web-3", "31")} <= set(history_rows(d)),
+              what="the fleet history")
+        from selenium.webdriver.support.select import Select
+        Select(driver.find_element(By.ID, "fh-node")).select_by_value("web-2")
+        driver.find_element(By.CSS_SELECTOR, "#fleet-filters button[type=submit]").click()
+        until(driver, lambda d: history_rows(d) == [("web-2", "21")], what="web-2's runs only")
+        Select(driver.find_element(By.ID, "fh-node")).select_by_value("")
+        driver.find_element(By.ID, "fh-failed").click()
+        driver.find_element(By.CSS_SELECTOR, "#fleet-filters button[type=submit]").click()
+        until(driver, lambda d: history_rows(d) == [("web-2", "21")], what="the failed runs only")
+        until(driver, lambda d: d.find_element(By.CSS_SELECTOR, '#fleet-history tr[data-run="21"]').click()
+              or True, what="a click on the run")
+        until(driver, lambda d: "disk full" in d.find_element(By.ID, "fleet-output").text,
+              what="the run's stored output")
+        shot(driver, "fleet-history-failed")
+
+        driver.get(daemon.base + "#/task/backup")
+
+        shown = until(driver, lambda d: (lambda n: n["web-2"]["fleet-result"][0] == "exit 2" and n)(
+            cells(d, "#task-fleet-table")), what="web-2's result on the task page")
+        assert "failed" in shown["web-2"]["fleet-result"][1]
+        assert shown["web-1"]["fleet-result"][0] == "ok" and shown["web-3"]["fleet-result"][0] == "ok"
+        assert "fails on web-2, not on web-1, web-3" in driver.find_element(By.ID, "task-fleet").text
+        shot(driver, "task-backup-fleet")
+    finally:
+        daemon.kill()
+        conn.close()

@@ -1,6 +1,7 @@
 """schemathesis against the API's own OpenAPI document: generated requests (good and bad) to every
-operation of a served records database; no answer is a 500, each matches its documented schema,
-status code and content type."""
+operation of a served records database (the fleet routes: without settings.fleet, then with a
+fleet database on a throw-away PostgreSQL); no answer is a 500, each matches its documented
+schema, status code and content type."""
 
 import os
 import time
@@ -54,6 +55,39 @@ def served(tmp_path_factory):
     srv, thread = server.serve(backend, ("127.0.0.1", 0), poll_interval=0.05)
     yield f"http://127.0.0.1:{srv.server_address[1]}"
     server.stop(srv, thread)
+
+
+@pytest.fixture(scope="module")
+def fleet_served(tmp_path_factory, pg_server):
+    """The same, with settings.fleet on a PostgreSQL database holding three nodes and their runs."""
+    import fleetrows
+
+    directory = tmp_path_factory.mktemp("fleet-schema")
+    url = pg_server.create_db(f"schema_fleet_{os.getpid()}")
+    conn = fleetrows.init(url)
+    for number, name in enumerate(("web-1", "web-2", "web-3")):
+        fleetrows.add_node(conn, name, age=[0, 0, 90][number], digest=["a", "b", "a"][number],
+                           clock_offset=[0, 2.5, None][number])
+        fleetrows.add_run(conn, name, 1, "backup", output="done\n")
+        fleetrows.add_run(conn, name, 2, "report", exit_code=3, age=30)
+    conn.close()
+    (directory / "tasks.yaml").write_text(TASKS.replace("tasks:\n", f"  fleet:\n    database: {url}\n"
+                                                                     "tasks:\n", 1))
+    (directory / "token").write_text("schema-test-token-0123456789\n")
+    os.chmod(directory / "token", 0o600)
+    backend = Backend(str(directory / "tasks.yaml"))
+    backend.live = lambda: None
+    srv, thread = server.serve(backend, ("127.0.0.1", 0), poll_interval=0.05)
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    server.stop(srv, thread)
+    backend.fleet.close()
+
+
+@schema.include(path_regex="^/api/v1/fleet/").parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_every_fleet_operation_answers_as_its_openapi_document_says(case, fleet_served):
+    case.call_and_validate(base_url=fleet_served,
+                           excluded_checks=[schemathesis.checks.negative_data_rejection])
 
 
 @schema.exclude(path="/api/v1/tasks/{name}/log/follow").parametrize()

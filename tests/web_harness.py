@@ -20,16 +20,18 @@ def free_port():
 
 
 class WebDaemon(Daemon):
-    """``torchcore start --foreground`` with settings.http on a free port (and a 0600 token)."""
+    """``torchcore start --foreground`` with settings.http on a free port (and a 0600 token);
+    ``settings``: more of the settings mapping (indented two spaces), e.g. ``fleet``."""
 
-    def __init__(self, directory, body, base_path="/", auth=None):
+    def __init__(self, directory, body, base_path="/", auth=None, settings=""):
         self.port = free_port()
         token = os.path.join(str(directory), "token")
         with open(token, "w") as handle:
             handle.write(TOKEN + "\n")
         os.chmod(token, 0o600)
         settings = (f"  http:\n    listen: 127.0.0.1:{self.port}\n    token_file: token\n"
-                    f"    base_path: {base_path}\n" + (f"    auth: {auth}\n" if auth else ""))
+                    f"    base_path: {base_path}\n" + (f"    auth: {auth}\n" if auth else "")
+                    + settings)
         super().__init__(directory, body, settings)
         self.base = f"http://127.0.0.1:{self.port}{base_path}"
 

@@ -6,14 +6,23 @@ read-only routes need nothing (unless ``settings.http.auth: all``: then the serv
 token of every request, see server.py); the state-changing ones (POST) need
 ``Authorization: Bearer <token>``, compared in constant time.  The document at
 ``/api/v1/openapi.json`` (openapi.py) describes exactly these routes.
+
+The fleet routes (``/api/v1/fleet/...``) read the fleet database (web/fleet.py) when the task
+file has ``settings.fleet``, and answer 404 saying what to add without it; a database that
+cannot answer is a 503 naming it (without its password), never a wait beyond fleet.py's bounds.
 """
 
 import hmac
 import re
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
+from torchcore import fleetquery, fleetspec
 from torchcore.commands import common
+from torchcore.commands import history as history_cmd
 from torchcore.errors import DaemonError
+from torchcore.fleetdb import FleetError
+from torchcore.web.fleet import not_set_up
 
 MAX_LIMIT = 10_000          # runs one history request may return
 MAX_LOG_LINES = 10_000
@@ -67,6 +76,12 @@ class Api:
             ("GET", r"api/v1/history", self.history, ("task", "limit", "since", "failed")),
             ("GET", r"api/v1/runs/(?P<run_id>[0-9]{1,18})", self.run, ()),
             ("GET", r"api/v1/runs/(?P<run_id>[0-9]{1,18})/log", self.run_log, ("lines",)),
+            ("GET", r"api/v1/fleet/nodes", self.fleet_nodes, ()),
+            ("GET", r"api/v1/fleet/tasks", self.fleet_tasks, ("task",)),
+            ("GET", r"api/v1/fleet/history", self.fleet_history,
+             ("task", "node", "limit", "since", "failed")),
+            ("GET", r"api/v1/fleet/runs/(?P<node>[^/]{1,200})/(?P<run_id>[^/]{1,40})",
+             self.fleet_run, ()),
             ("POST", rf"api/v1/tasks/(?P<name>{_NAME})/run", self.run_now, ()),
             ("POST", rf"api/v1/tasks/(?P<name>{_NAME})/enable", self.enable, ()),
             ("POST", rf"api/v1/tasks/(?P<name>{_NAME})/disable", self.disable, ()),
@@ -119,9 +134,11 @@ class Api:
         states = {}
         for task in document["tasks"]:
             states[task["state"]] = states.get(task["state"], 0) + 1
+        fleet = self.backend.fleet      # whether the fleet pages have a database (not asked)
         return 200, {"daemon": document["daemon"], "file_errors": document["file_errors"],
                      "tasks": len(document["tasks"]), "states": states,
-                     "running": sum(len(t["running"]) for t in document["tasks"])}
+                     "running": sum(len(t["running"]) for t in document["tasks"]),
+                     "fleet": None if fleet is None else {"database": fleet.shown}}
 
     def tasks(self, request):
         """The tasks' status rows, filtered by a search text and a state, a page at a time."""
@@ -158,18 +175,7 @@ class Api:
         return 200, Stream(lambda sleep: self.backend.follow(name, lines, run_id, sleep))
 
     def history(self, request):
-        task = request.one("task")
-        if task is not None and not re.fullmatch(_NAME, task):
-            raise HttpError(400, f"task: {task[:80]!r} is not a task name")
-        limit = _int(request, "limit", 50, 1, MAX_LIMIT)
-        since = request.one("since")
-        if since is not None:
-            try:
-                since = common.parse_since(since)
-            except Exception as exc:
-                raise HttpError(400, f"since: {exc}") from None
-        failed = _bool(request, "failed")
-        return 200, self.backend.history(task=task, limit=limit, since=since, failed=failed)
+        return 200, self.backend.history(**_history_filters(request))
 
     def run(self, request):
         run_id = int(request.params["run_id"])
@@ -186,6 +192,83 @@ class Api:
         lines = _int(request, "lines", MAX_LOG_LINES, 1, MAX_LOG_LINES)
         return 200, {"task": found["task"], "run_id": run_id,
                      "lines": self.backend.log_lines(found["task"], lines, run_id)}
+
+    # -- the fleet (settings.fleet: web/fleet.py) -------------------------------------------------
+
+    def fleet_nodes(self, request):
+        """The nodes as ``fleet status --json`` shows them."""
+        fleet = self.fleet()
+        nodes = self.fleet_read(lambda: fleet.nodes(self.backend.tz))
+        counts = {state: sum(1 for n in nodes if n["state"] == state) for state in fleetquery.STATES}
+        counts["drifted"] = sum(1 for n in nodes if n["drifted"])
+        counts["clock_flagged"] = sum(1 for n in nodes if n["clock_flagged"])
+        return 200, {"database": fleet.shown, "now": nodes[0]["now"] if nodes else None,
+                     "nodes": nodes, "counts": counts,
+                     "ok": not (counts["down"] or counts["drifted"])}
+
+    def fleet_tasks(self, request):
+        """The daemon's task file across the fleet, as ``fleet tasks --json`` shows it; ``task``:
+        that task's row and problems only."""
+        fleet = self.fleet()
+        name = request.one("task")
+        taskfile = self.backend.taskfile
+        if name is not None and name not in taskfile.index:
+            raise self.no_task(name)
+        view = dict(self.fleet_read(lambda: fleet.task_view(taskfile, self.backend.tz)),
+                    database=fleet.shown)
+        if name is not None:
+            view["tasks"] = [t for t in view["tasks"] if t["name"] == name]
+            view["problems"] = [p for p in view["problems"] if p.get("task") == name]
+        return 200, view
+
+    def fleet_history(self, request):
+        fleet = self.fleet()
+        node = request.one("node")
+        if node is not None:
+            _check_node(node)
+        filters = _history_filters(request)
+        if filters["since"] is not None:
+            try:        # the database compares times: a year it can hold, or a 400
+                filters["since"] = datetime.fromtimestamp(filters["since"], timezone.utc)
+            except (OverflowError, OSError, ValueError):
+                raise HttpError(400, f"since: {request.one('since')[:40]!r} is out of range") \
+                    from None
+        return 200, self.fleet_read(lambda: fleet.history(tz=self.backend.tz, node=node,
+                                                          **filters))
+
+    def fleet_run(self, request):
+        """One run of one node, with the output tail the fleet database stored: ``output`` as
+        stored (None: none), ``lines`` its lines escaped as ``logs`` does."""
+        fleet = self.fleet()
+        node = _check_node(request.params["node"])
+        text = request.params["run_id"]
+        if not text.isascii() or not text.isdigit() or len(text) > 18:
+            raise HttpError(400, f"run_id: expected a whole number, got {text[:40]!r}")
+        run_id = int(text)
+        found = self.fleet_read(lambda: fleet.run(node, run_id, self.backend.tz))
+        if found is None:
+            raise HttpError(404, f"no run {run_id} of node {node!r} in the fleet database")
+        output = found["output"]
+        found["lines"] = [history_cmd.shown(line) for line in (output or "").splitlines()]
+        return 200, found
+
+    def fleet(self):
+        """The fleet database's reader, or 404 saying what to add to the task file."""
+        reader = self.backend.fleet
+        if reader is None:
+            raise HttpError(404, not_set_up(self.backend.path))
+        return reader
+
+    @staticmethod
+    def fleet_read(read):
+        """``read()``; an unknown node is a 404 with fleetquery's words, a database that cannot
+        answer a 503 naming it (redacted) and why."""
+        try:
+            return read()
+        except fleetquery.QueryError as exc:
+            raise HttpError(404, str(exc)) from None
+        except FleetError as exc:
+            raise HttpError(503, str(exc)) from None
 
     # -- acting -----------------------------------------------------------------------------------
 
@@ -227,6 +310,30 @@ class Api:
     def no_task(self, name):
         return HttpError(404, f"no task {name!r} in {self.backend.path}"
                               f"{common.did_you_mean(name, self.backend.tasks)}")
+
+
+def _history_filters(request):
+    """task, limit, since (epoch seconds), failed of a history request (its and the fleet's)."""
+    task = request.one("task")
+    if task is not None and not re.fullmatch(_NAME, task):
+        raise HttpError(400, f"task: {task[:80]!r} is not a task name")
+    limit = _int(request, "limit", 50, 1, MAX_LIMIT)
+    since = request.one("since")
+    if since is not None:
+        try:
+            since = common.parse_since(since)
+        except Exception as exc:
+            raise HttpError(400, f"since: {exc}") from None
+    failed = _bool(request, "failed")
+    return {"task": task, "limit": limit, "since": since, "failed": failed}
+
+
+def _check_node(node):
+    try:
+        return fleetspec.check_node_name(node)
+    except fleetspec.FleetSpecError:
+        raise HttpError(400, f"node: {node[:80]!r} is not a node name (1-63 letters, digits, "
+                             "'.', '_' or '-', starting with a letter or digit)") from None
 
 
 def _int(request, name, default, minimum, maximum):

@@ -66,8 +66,70 @@ STATUS = {"type": "object", "properties": {
                "required": ["running", "answering"]},
     "file_errors": {"type": "array", "items": {"type": "string"}},
     "tasks": {"type": "integer"}, "running": {"type": "integer"},
-    "states": {"type": "object", "additionalProperties": {"type": "integer"}}},
-    "required": ["daemon", "tasks", "states", "running"]}
+    "states": {"type": "object", "additionalProperties": {"type": "integer"}},
+    "fleet": {"type": ["object", "null"], "description": "with settings.fleet, the fleet "
+              "database of the fleet routes (its URL without a password); null without",
+              "properties": {"database": {"type": "string"}}}},
+    "required": ["daemon", "tasks", "states", "running", "fleet"]}
+
+_TEXT = {"type": ["string", "null"]}
+FLEET_NODE = {
+    "type": "object", "description": "A node of the fleet, as `torchcore fleet status --json` shows it",
+    "properties": {
+        "name": {"type": "string"}, "hostname": {"type": "string"},
+        "addresses": {"type": "array", "items": {"type": "string"}}, "version": {"type": "string"},
+        "pid": _INT, "started": _TIME, "last_seen": _TIME,
+        "heartbeat": {"type": "number", "description": "seconds between heartbeats"},
+        "age": {"type": "number", "description": "seconds since the last heartbeat"},
+        "state": {"type": "string", "enum": ["up", "late", "down", "stopped"]},
+        "since": _TIME, "clock_offset": {"type": ["number", "null"],
+                                         "description": "the node's clock minus the database's, "
+                                                        "seconds"},
+        "clock_flagged": {"type": "boolean", "description": "the clock is more than 1 s off"},
+        "file_path": _TEXT, "file_digest": _TEXT, "file_commit": _TEXT, "file_since": _TIME,
+        "drifted": {"type": "boolean", "description": "runs another task file than most up nodes"},
+        "drifted_since": _TIME, "running": {"type": "integer"},
+        "failed_24h": {"type": "integer"}, "waiting": {"type": "integer"},
+        "started_runs": {"type": "integer"}, "failed_runs": {"type": "integer"},
+        "skipped_runs": {"type": "integer"}, "missed_runs": {"type": "integer"}, "now": _TIME},
+    "required": ["name", "hostname", "addresses", "version", "state", "since", "clock_offset",
+                 "clock_flagged", "file_digest", "file_commit", "drifted", "drifted_since",
+                 "running", "failed_24h", "now"],
+}
+FLEET_NODES = {"type": "object", "properties": {
+    "database": {"type": "string", "description": "the fleet database's URL, without a password"},
+    "now": _TIME, "nodes": {"type": "array", "items": FLEET_NODE},
+    "counts": {"type": "object", "additionalProperties": {"type": "integer"},
+               "description": "nodes up, late, down, stopped, drifted, clock_flagged"},
+    "ok": {"type": "boolean", "description": "no node down or drifted"}},
+    "required": ["database", "now", "nodes", "counts", "ok"]}
+FLEET_TASKS = {"type": "object", "properties": {
+    "database": {"type": "string"}, "file": {"type": "string"}, "digest": {"type": "string"},
+    "nodes_on_file": {"type": "array", "items": {"type": "string"}},
+    "nodes": {"type": "integer", "description": "how many nodes are registered"},
+    "tasks": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string"}, "enabled": {"type": "boolean"}, "targets": {"type": "string"},
+        "should": {"type": "array", "items": {"type": "string"},
+                   "description": "the registered nodes its targets select"},
+        "ran": {"type": "array", "description": "the nodes that ran it in the last day",
+                "items": {"type": "object", "properties": {
+                    "node": {"type": "string"}, "last_at": _TIME, "last_run": {"type": "integer"},
+                    "last_result": {"type": "string"}, "failed": {"type": ["boolean", "null"]},
+                    "runs": {"type": "integer"}, "failures": {"type": "integer"}},
+                    "required": ["node", "last_at", "last_run", "last_result", "failed", "runs",
+                                 "failures"]}},
+        "problems": {"type": "array", "items": {"type": "string"}}},
+        "required": ["name", "enabled", "targets", "should", "ran", "problems"]}},
+    "problems": {"type": "array", "items": {"type": "object", "properties": {
+        "kind": {"type": "string", "enum": ["orphan", "failing", "drift"]},
+        "text": {"type": "string"}}, "required": ["kind", "text"]}}},
+    "required": ["database", "file", "digest", "nodes_on_file", "tasks", "problems"]}
+FLEET_RUN = {"allOf": [RUN, {"type": "object", "properties": {
+    "output": {"type": ["string", "null"], "description": "the stored tail of its output, as "
+                                                          "stored (null: none)"},
+    "lines": {"type": "array", "items": {"type": "string"},
+              "description": "its lines, control characters escaped as `logs` does"}},
+    "required": ["output", "lines"]}]}
 
 
 def _param(name, description, schema, where="query", required=False):
@@ -83,6 +145,16 @@ _LINES = _param("lines", "how many of the last lines", {"type": "integer", "mini
                 "maximum": 10_000})
 _RUN_FILTER = _param("run", "only the lines of this run", {"type": "integer", "minimum": 1,
                      "maximum": 999_999_999_999_999_999})
+_NODE_NAME = _param("node", "the node's name in the fleet", {
+    "type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"}, "path")
+_HISTORY_FILTERS = [
+    _param("task", "only this task", _TASK_NAME["schema"]),
+    _param("limit", "at most this many (default 50)", {"type": "integer", "minimum": 1,
+                                                      "maximum": 10_000}),
+    _param("since", "a duration (90m, 2h, 1d, 1w), today, yesterday, or an ISO date "
+                    "or time (2026-11-24, 2026-11-24T15:30)",
+           {"type": "string", "pattern": "^(today|yesterday|[1-9][0-9]{0,3}[smhdw])$"}),
+    _param("failed", "only failed runs", {"type": "boolean"})]
 
 
 def _ok(description, schema, status="200"):
@@ -95,11 +167,15 @@ def _errors(*codes):
              "403": "state-changing calls are off (no usable token_file); on any route, a "
                     "browser's request from another site's page, or a Host not loopback",
              "404": "no such task or run", "409": "the daemon refused (its reason)",
-             "503": "the daemon or the records cannot be reached"}
+             "503": "the daemon or the records cannot be reached",
+             "fleet404": "the fleet is not set up (no settings.fleet: the message says what to "
+                         "add), or no such node, run or task",
+             "fleet503": "the fleet database cannot answer now (the message names it, without "
+                         "its password, and says why)"}
     out = {}
     for code in codes:
         content = {} if code == "401" else {"content": {"application/json": {"schema": _ERROR}}}
-        out[code] = {"description": words[code], **content}
+        out[code.removeprefix("fleet")] = {"description": words[code], **content}
     return out
 
 
@@ -137,14 +213,7 @@ def document(api, base_path="/"):
                           **_errors("400", "404", "503")}}},
         "/api/v1/history": {"get": {
             "summary": "Runs, skips and misses, newest first (the filters of `torchcore history`)",
-            "parameters": [
-                _param("task", "only this task", _TASK_NAME["schema"]),
-                _param("limit", "at most this many (default 50)", {"type": "integer", "minimum": 1,
-                                                                  "maximum": 10_000}),
-                _param("since", "a duration (90m, 2h, 1d, 1w), today, yesterday, or an ISO date "
-                                "or time (2026-11-24, 2026-11-24T15:30)",
-                       {"type": "string", "pattern": "^(today|yesterday|[1-9][0-9]{0,3}[smhdw])$"}),
-                _param("failed", "only failed runs", {"type": "boolean"})],
+            "parameters": _HISTORY_FILTERS,
             "responses": {**_ok("runs", {"type": "array", "items": RUN}),
                           **_errors("400", "503")}}},
         "/api/v1/runs/{run_id}": {"get": {
@@ -153,6 +222,27 @@ def document(api, base_path="/"):
         "/api/v1/runs/{run_id}/log": {"get": {
             "summary": "What one run printed", "parameters": [_RUN_ID, _LINES],
             "responses": {**_ok("its log lines", LOG), **_errors("400", "404", "503")}}},
+        "/api/v1/fleet/nodes": {"get": {
+            "summary": "The fleet's nodes: state, drift, clock offset (as `fleet status --json`)",
+            "responses": {**_ok("the nodes", FLEET_NODES), **_errors("fleet404", "fleet503")}}},
+        "/api/v1/fleet/tasks": {"get": {
+            "summary": "The daemon's task file across the fleet: per task the nodes that should "
+                       "run it and those that ran it in the last day, and the problems (as "
+                       "`fleet tasks --json`)",
+            "parameters": [_param("task", "only this task (of the task file)",
+                                  _TASK_NAME["schema"])],
+            "responses": {**_ok("the tasks across the fleet", FLEET_TASKS),
+                          **_errors("400", "fleet404", "fleet503")}}},
+        "/api/v1/fleet/history": {"get": {
+            "summary": "Runs, skips and misses of every node, newest first (`history --fleet`)",
+            "parameters": [*_HISTORY_FILTERS,
+                           _param("node", "only this node", _NODE_NAME["schema"])],
+            "responses": {**_ok("runs", {"type": "array", "items": RUN}),
+                          **_errors("400", "fleet404", "fleet503")}}},
+        "/api/v1/fleet/runs/{node}/{run_id}": {"get": {
+            "summary": "One run of one node, with the tail of its output the fleet database "
+                       "stored", "parameters": [_NODE_NAME, _RUN_ID],
+            "responses": {**_ok("the run", FLEET_RUN), **_errors("400", "fleet404", "fleet503")}}},
         "/api/v1/tasks/{name}/run": {"post": {
             "summary": "Start a run now (counts against the limits, recorded as manual)",
             "parameters": [_TASK_NAME], **act,
@@ -181,8 +271,10 @@ def document(api, base_path="/"):
     return {
         "openapi": "3.1.0",
         "info": {"title": "torchcore", "version": __version__,
-                 "description": "The JSON API of one torchcore node. Times are ISO 8601 with "
-                                "their UTC offset; runs have the fields of `history --json`. The "
+                 "description": "The JSON API of one torchcore node (and, with "
+                                "settings.fleet, of the fleet database: /api/v1/fleet/). Times are "
+                                "ISO 8601 with their UTC offset; runs have the fields of "
+                                "`history --json`. The "
                                 "actions (POST) need the token; with `settings.http.auth: all`, "
                                 "every route does (and this document), answering 401 without "
                                 "it."},

@@ -8,7 +8,8 @@ One ``Backend`` per ``torchcore: http`` process, shared by its worker threads:
   service never writes to it;
 - the supervisor's ``status`` reply over the control socket, kept for a second, so that
   any number of scrapes and page loads cost the supervisor at most one request a second;
-- the aggregates behind ``/metrics``, from the records, kept for a few seconds.
+- the aggregates behind ``/metrics``, from the records, kept for a few seconds;
+- with ``settings.fleet``, the fleet database for the fleet pages (fleet.py's FleetReader).
 
 The JSON shapes are the commands' own: ``history --json`` (commands/history.py, run_json) and
 ``status --json`` (commands/status.py, status_json), so a script moves between the two freely.
@@ -30,6 +31,7 @@ from torchcore.control import ControlClient, socket_path
 from torchcore.describe import describe_schedule
 from torchcore.errors import ConfigError, DaemonError
 from torchcore.node import Node
+from torchcore.web import fleet
 from torchcore.web.settings import TokenError, read_token
 
 log = logging.getLogger("torchcore.web")
@@ -107,6 +109,8 @@ class Backend:
             self.base_path = http.base_path if http else "/"
             self.token_file = http.token_file if http else None
             self._cache.clear()
+        # settings.fleet: the fleet pages' database (connected on the first fleet request)
+        self.fleet = fleet.reader_for(taskfile, getattr(self, "fleet", None))
         auth = http.auth if http else "changes"
         refused = "every request is refused" if auth == "all" else "state-changing calls are off"
         self.token, self.token_error = None, None

@@ -49,7 +49,9 @@ async function api(path, options) {
   try { body = await response.json(); } catch (e) { body = null; }
   if (!response.ok) {
     const message = (body && body.error) || (response.status === 401 ? "wrong or missing token" : response.statusText);
-    throw new Error(`${response.status}: ${message}`);
+    const error = new Error(`${response.status}: ${message}`);
+    error.status = response.status;
+    throw error;
   }
   return body;
 }
@@ -205,13 +207,16 @@ async function taskPage(name) {
   const runs = h("div", {});
   const note = h("div", {});
   const pre = h("pre", { class: "log", id: "log" });
+  const fleet = h("div", { id: "task-fleet" });
   const followBox = h("input", { type: "checkbox", id: "follow" });
   followBox.addEventListener("change", () => followLog(name, pre, followBox.checked));
   show(h("h2", {}, name), note, top, h("h3", {}, "Recent runs"), runs,
+    h("h3", {}, "Across the fleet"), fleet,
     h("h3", {}, "Log ", h("label", { class: "muted" }, followBox, " follow")), pre);
   let logPath = `tasks/${encodeURIComponent(name)}/log?lines=200`;
   const pick = (path) => { logPath = path; showLog(pre, path); };
   const render = async () => {
+    taskFleet(name, fleet);     // not waited for: the fleet database never holds this page up
     let task, history;
     try {
       [task, history] = await Promise.all([api(`tasks/${encodeURIComponent(name)}`),
@@ -404,13 +409,7 @@ async function historyPage() {
   return render;
 }
 
-// -- fleet -----------------------------------------------------------------------------------
-
-async function fleetPage() {
-  show(h("h2", {}, "Fleet"), message("The fleet is not set up: this node runs its own share of the task file. " +
-    "Nodes, drift and fleet history appear here once torchcore runs with a fleet backend."));
-  return null;
-}
+// The Fleet view and a task's nodes: fleet.js (fleetPage, taskFleet).
 
 // -- routing ---------------------------------------------------------------------------------
 
