@@ -253,3 +253,19 @@ def test_a_password_that_stops_working_is_logged_once_and_runs_go_on(pg, daemons
     assert "fleet database refusing this node since" in status(node).stdout
     assert pgserver.PASSWORD not in node.log and "Traceback" not in node.log
     assert node.stop() == 0
+
+
+def test_a_schema_dropped_at_runtime_is_logged_once_and_retried(pg, daemons):
+    init(pg.url)
+    node = daemons(HELLO.format(node="s"), fleet_settings(pg.url)).start("--node-name", "s")
+    wait_for(lambda: len(pg_runs(pg.url, "s")) >= 3, 15, "shipping")
+    assert json.loads(status(node, "--json").stdout)["fleet"]["state"] == "up"
+    pg.server.psql_as_super("DROP SCHEMA torchcore CASCADE", db=pg.name)
+    node.wait_log("lacks torchcore's schema", 10)
+    time.sleep(3.5)                             # tries at 1 and 2 s: the schema still missing
+    assert node.log.count("lacks torchcore's schema") == 1 and "Traceback" not in node.log
+    assert "fleet database schema not usable since" in status(node).stdout
+    init(pg.url)                                # `fleet init` again: shipping goes on
+    node.wait_log("as s again after", 15)
+    wait_for(lambda: len(pg_runs(pg.url, "s")) >= 3, 10, "runs shipped after the schema is back")
+    assert node.stop() == 0

@@ -127,7 +127,8 @@ def test_a_run_s_output_tail_is_its_last_bytes_on_a_utf8_boundary(lines, tail, m
             logs[run_id].write(stream, text.encode() + b"\n")
         for log in logs.values():
             log.close()
-        got = fleetstore.outputs(tmp, "job", {1: time.time() - 5, 2: time.time() - 5}, tail)
+        now = time.time()
+        got = fleetstore.outputs(tmp, "job", {1: (now - 5, now), 2: (now - 5, now)}, tail)
         for run_id in (1, 2):
             printed = "\n".join(text for rid, _, text in lines if rid == run_id)
             expected = printed.replace("\x00", "\ufffd")
@@ -135,6 +136,25 @@ def test_a_run_s_output_tail_is_its_last_bytes_on_a_utf8_boundary(lines, tail, m
             assert len(got[run_id].encode()) <= tail
             assert expected.endswith(got[run_id])
             assert len(got[run_id].encode()) > tail - 4 or got[run_id] == expected
+
+
+def test_a_backlog_s_output_is_read_from_its_time_window_not_the_whole_log(tmp_path):
+    """Runs shipped long after they ended (an outage): their lines are found by their stamps,
+    in rotated files too, reading about their own window, not everything printed since."""
+    clock = [1_800_000_000.0]
+    for run_id in range(1, 2001):       # a run a second, about 400 KB of log in all, rotated
+        log = tasklog.TaskLog(str(tmp_path), "job", run_id, 150_000, 5, clock=lambda: clock[0])
+        log.write("out", f"run {run_id} says\n".encode() + b"x" * 100 + b"\n")
+        log.close()
+        clock[0] += 1
+    assert len(tasklog.log_files(str(tmp_path), "job")) >= 3
+    started = 1_800_000_000.0 + 699         # run 700
+    for run_id in (700, 1999):
+        at = 1_800_000_000.0 + run_id - 1
+        got = fleetstore.outputs(str(tmp_path), "job", {run_id: (at, at + 0.5)}, 1000,
+                                 scan_limit=128 << 10)
+        assert got == {run_id: f"run {run_id} says\n" + "x" * 100}
+    assert fleetstore.outputs(str(tmp_path), "job", {5000: (started, started)}, 1000) == {5000: ""}
 
 
 def test_tail_of_cuts_on_a_character_boundary():

@@ -160,6 +160,7 @@ class Agent:
         self.backoff = RETRY_FIRST
         self.next_try = self.next_beat = self.next_save = 0.0
         self.saved_waiting = None
+        self.saved = None           # the state last kept for status
         self.live = {}
         self.digest = self.commit = None
         self.git_asked = (None, float("-inf"))     # (digest, monotonic) of the last ask
@@ -220,11 +221,13 @@ class Agent:
     def _runtime_error(self, exc):
         from torchcore import fleetdb
 
+        diag = getattr(exc, "diag", None)       # the server's words, without the statement
+        said = fleetdb.describe(getattr(diag, "message_primary", None) or exc, self.url)
         if fleetdb._sqlstate(exc) in _SCHEMA_STATES:
             return fleetdb.SchemaError(f"the fleet database {self.shown} lacks torchcore's schema "
-                                       f"({fleetdb.describe(exc, self.url)}): run "
-                                       f"`{fleetdb.INIT_HINT}`")
-        return fleetdb.classify(exc, self.url, "write to")
+                                       f"({said}): run `{fleetdb.INIT_HINT}`")
+        kind = type(fleetdb.classify(exc, self.url))
+        return kind(f"cannot write to the fleet database {self.shown}: {said}")
 
     def _failed(self, error):
         """The database failed (a FleetError): try again after the backoff."""
@@ -344,7 +347,8 @@ class Agent:
         ended = {}
         for record in records:
             if record.finished:
-                ended.setdefault(record.task, {})[record.run_id] = record.started or record.ended
+                ended.setdefault(record.task, {})[record.run_id] = (
+                    record.started or record.ended, record.ended)
         outputs = {}
         for task, runs in ended.items():
             outputs.update(fleetstore.outputs(self.settings.log_dir, task, runs,
@@ -371,9 +375,11 @@ class Agent:
         """Keep the state, and how many records wait, for ``status`` (none while the agent
         keeps up: what the supervisor wrote since its last look ships at the next, POLL later)."""
         waiting = 0 if self.state == UP and self.caught_up else self.store.waiting()
-        self.store.save_state({"state": self.state, "since": self.since, "waiting": waiting,
-                               "error": self.error, "database": self.shown, "node": self.node,
-                               "at": self.clock()})
+        state = {"state": self.state, "since": self.since, "waiting": waiting, "error": self.error,
+                 "database": self.shown, "node": self.node}
+        if state != self.saved:         # an idle node writes nothing
+            self.store.save_state({**state, "at": self.clock()})
+            self.saved = state
         self.saved_waiting = waiting
         self.next_save = self.monotonic() + self.fleet.heartbeat
 
@@ -534,6 +540,7 @@ def _loop(agent, args, services, wake_r):
                             agent.store.path)
                 agent.store.close()
                 agent.store = fleetstore.Store(agent.store.path)
+                agent.saved = None
             wait = agent.step()
         except Exception as exc:    # the records database locked, a full disk: tried again
             said = _warn_once_a_minute(f"{type(exc).__name__}: {exc}", said)

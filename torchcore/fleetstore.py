@@ -170,21 +170,25 @@ class Store:
 
 def outputs(log_dir, task, runs, tail, scan_limit=SCAN_LIMIT):
     """``{run_id: text}``: the last ``tail`` bytes of the output of each run of ``task`` in
-    ``runs`` (``{run_id: epoch it started}``), read back from the end of its log files (the
-    current one, then the rotated ones) until every run's start is passed, or ``scan_limit``
-    bytes.  A run whose lines are not found (it printed nothing, or they rotated away) has ''.
-    torchcore's own lines (a timeout, a limit) are marked ``[torchcore]`` as in notifications."""
+    ``runs`` (``{run_id: (epoch it started, epoch it ended)}``), from its log files (the current
+    one, then the rotated ones).  Lines are stamped in time order, so only the runs' time window
+    is read: its end found by a binary search on the stamps, then read back to its start (at most
+    ``scan_limit`` bytes): a backlog shipped long after costs what its own runs printed.  A run
+    whose lines are not found (it printed nothing, or they rotated away) has ''.  torchcore's own
+    lines (a timeout, a limit, the run's end) are marked ``[torchcore]`` as in notifications."""
     if not runs or tail <= 0:
         return {run_id: "" for run_id in runs}
     wanted = {str(run_id).encode(): run_id for run_id in runs}
-    oldest = min(runs.values()) - STAMP_SLACK
+    oldest = min(start for start, _ in runs.values()) - STAMP_SLACK
+    newest = max(end for _, end in runs.values()) + STAMP_SLACK
     found = {run_id: [] for run_id in runs}
     size = {run_id: 0 for run_id in runs}
     budget = scan_limit
     for path in reversed(tasklog.log_files(log_dir, task)):
         try:
             with open(path, "rb") as f:
-                budget, passed = _scan(f, wanted, found, size, tail, oldest, budget)
+                budget, passed = _scan(f, _offset_after(f, newest), wanted, found, size, tail,
+                                       oldest, budget)
         except OSError:
             continue
         if passed or budget <= 0:
@@ -192,10 +196,25 @@ def outputs(log_dir, task, runs, tail, scan_limit=SCAN_LIMIT):
     return {run_id: _tail_text(found[run_id], tail) for run_id in runs}
 
 
-def _scan(f, wanted, found, size, tail, oldest, budget):
-    """Read ``f`` backwards, collecting the wanted runs' lines (newest first) until ``tail``
-    bytes of each; returns (budget left, whether a line older than ``oldest`` was met)."""
-    pos, rest = os.fstat(f.fileno()).st_size, b""
+def _offset_after(f, when, close_enough=64 << 10):
+    """An offset of ``f`` at or after the end of its lines stamped up to ``when`` (within
+    ``close_enough`` bytes after it): a binary search on the stamps of whole lines."""
+    low, high = 0, os.fstat(f.fileno()).st_size
+    while high - low > close_enough:
+        middle = (low + high) // 2
+        f.seek(middle)
+        f.readline()                        # the rest of a line cut in the middle
+        if _stamp(f.readline()) > when:     # +inf past the end: look lower
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def _scan(f, pos, wanted, found, size, tail, oldest, budget):
+    """Read ``f`` backwards from ``pos``, collecting the wanted runs' lines (newest first) until
+    ``tail`` bytes of each; returns (budget left, whether a line older than ``oldest`` was met)."""
+    rest = b""
     while pos > 0 and budget > 0:
         step = min(64 << 10, pos, budget)
         pos -= step
