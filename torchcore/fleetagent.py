@@ -119,18 +119,23 @@ def connect(url):
 
 
 def git_commit(path):
-    """The commit of the file's version in HEAD when it is in a git work tree, else None."""
+    """The commit of the file's version in HEAD when it is in a git work tree (``<commit>-dirty``
+    when the file differs from it, as ``git describe --dirty`` says), else None."""
     directory, name = os.path.split(os.path.abspath(path))
-    try:
-        done = subprocess.run(["git", "-C", directory, "log", "-1", "--format=%H", "--", name],
-                              check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=5,
+
+    def git(*argv):
+        return subprocess.run(["git", "-C", directory, *argv, "--", name], check=False,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=5,
                               env={**os.environ, "GIT_OPTIONAL_LOCKS": "0",
                                    "GIT_TERMINAL_PROMPT": "0"})
+    try:
+        done = git("log", "-1", "--format=%H")
+        commit = done.stdout.strip()
+        if done.returncode != 0 or len(commit) < 40:
+            return None
+        return commit + ("-dirty" if git("diff", "--quiet", "HEAD").returncode == 1 else "")
     except (OSError, subprocess.SubprocessError):
         return None
-    commit = done.stdout.strip()
-    return commit if done.returncode == 0 and len(commit) >= 40 else None
 
 
 def ask_daemon(state_dir):
@@ -399,10 +404,11 @@ class Agent:
                     pass
                 self.heartbeat(stopped=True)
                 self.state, self.since, self.error = STOPPED, self.clock(), None
-            except (_Expired, pg.Error) as exc:
-                log.warning("fleet agent: stopped before all was shipped (%s); the rest ships "
-                            "at the next start", "out of time" if isinstance(exc, _Expired)
-                            else " ".join(str(exc).split()))
+            except _Expired:
+                log.warning("fleet agent: out of time to ship all before stopping; the rest "
+                            "ships at the next start")
+            except pg.Error as exc:     # the database went away meanwhile: said as always
+                self._failed(self._runtime_error(exc))
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, previous)
