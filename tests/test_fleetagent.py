@@ -278,3 +278,13 @@ def test_a_schema_dropped_at_runtime_is_logged_once_and_retried(pg, daemons):
     node.wait_log("as s again after", 15)
     wait_for(lambda: len(pg_runs(pg.url, "s")) >= 3, 10, "runs shipped after the schema is back")
     assert node.stop() == 0
+
+
+def test_two_daemons_with_one_node_name_are_told_so(pg, daemons):
+    init(pg.url)
+    one = daemons(HELLO.format(node="one"), fleet_settings(pg.url)).start("--node-name", "twin")
+    wait_for(lambda: node_row(pg.url, "twin"), 10, "the first one's registration")
+    other = daemons(HELLO.format(node="other"), fleet_settings(pg.url)).start("--node-name", "twin")
+    wait_for(lambda: "reports as node twin too" in one.log + other.log, 10, "the warning")
+    assert f"pid {one.proc.pid}" in other.log or f"pid {other.proc.pid}" in one.log
+    assert one.stop() == 0 and other.stop() == 0

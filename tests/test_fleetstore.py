@@ -9,7 +9,7 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchcore import fleetagent, fleetstore, notifystore, records, tasklog
+from torchcore import fleetagent, fleetrows, fleetstore, notifystore, records, tasklog
 from torchcore.notifier import Batch as NotifyBatch
 from torchcore.runrecord import RunRecord
 
@@ -187,15 +187,15 @@ def test_the_state_status_shows(tmp_path):
 
 def test_the_row_shipped_of_a_record():
     failed = RunRecord(7, "job", "host", 100, 101.5, 102.0, 3, error="bad\x00byte")
-    row = dict(zip(fleetagent._RUN_COLUMNS, fleetagent.run_row("web-1", failed, "tail")))
+    row = dict(zip(fleetrows._RUN_COLUMNS, fleetrows.run_row("web-1", failed, "tail")))
     assert (row["node"], row["run_id"], row["failed"], row["at"], row["output"]) == (
         "web-1", 7, True, 101.5, "tail")
     assert row["error"] == "bad\ufffdbyte"
     skipped = RunRecord(8, "job", "host", 100, skipped="max 1 reached")
-    row = dict(zip(fleetagent._RUN_COLUMNS, fleetagent.run_row("web-1", skipped, None)))
+    row = dict(zip(fleetrows._RUN_COLUMNS, fleetrows.run_row("web-1", skipped, None)))
     assert (row["failed"], row["at"], row["skipped"]) == (False, 100, "max 1 reached")
     stopped = RunRecord(9, "job", "host", 100, 101.0, 102.0, None, signal=15, stopped="shutdown")
-    assert dict(zip(fleetagent._RUN_COLUMNS, fleetagent.run_row("n", stopped, "")))["failed"] is False
+    assert dict(zip(fleetrows._RUN_COLUMNS, fleetrows.run_row("n", stopped, "")))["failed"] is False
 
 
 def test_the_agent_runs_only_with_settings_fleet():

@@ -13,7 +13,8 @@ torchcore's version, the supervisor's pid and start, ``last_seen`` (the database
 the clock offset (this node's clock minus the database's, measured around a round trip), the
 task file's version (its sha256, and the git commit of the file when it is in a git work tree,
 asked of ``git`` here), the daemon's counts (asked on the control socket, as ``status --active``
-does) and the runs still waiting.  A clean stop sets ``stopped``.
+does) and the runs still waiting.  A clean stop sets ``stopped``.  What is written, and the
+connection, are fleetrows.py's.
 
 With the database down, unreachable or refusing, the node schedules and runs as before: the
 agent tries again after 1 s, doubling to 30 s, logs once per change of state (never per try, the
@@ -33,18 +34,15 @@ import os
 import select
 import signal
 import socket
-import subprocess
 import sys
 import time
 
-from torchcore import __version__, fleetspec, fleetstore, paths
+from torchcore import __version__, fleetrows, fleetspec, fleetstore, paths
 
 log = logging.getLogger("torchcore")
 
 POLL = 0.5                  # seconds between looks at the journal
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0      # the backoff between tries of a database that failed
-CONNECT_TIMEOUT = 3         # seconds (libpq's connect_timeout unless the URL sets one)
-CONTROL_TIMEOUT = 2.0       # seconds the daemon's control socket gets to answer a heartbeat's ask
 GIT_EVERY = 60.0            # seconds between asks of git for the task file's commit
 BATCHES_PER_PASS = 20       # then the loop looks at its signals and its parent again
 LOAD_RETRY = 30.0
@@ -54,107 +52,18 @@ STARTING, UP, UNREACHABLE, REFUSED, SCHEMA, STOPPED = (
     "starting", "up", "unreachable", "refused", "schema", "stopped")
 _SCHEMA_STATES = ("42P01", "3F000", "42703", "42883")   # no such table, schema, column, function
 
-_RUN_COLUMNS = ("node", "run_id", "task", "scheduled", "started", "ended", "exit_code", "signal",
-                "timed_out", "skipped", "missed", "manual", "pid", "peak_rss", "error", "stopped",
-                "failed", "at", "output")
-_TIMES = ("scheduled", "started", "ended", "at")
-_FINAL = "({0}.ended IS NOT NULL OR {0}.skipped IS NOT NULL OR {0}.missed)"
-UPSERT_RUNS = (
-    "INSERT INTO torchcore.runs ({}) VALUES ({}) ON CONFLICT (node, run_id) DO UPDATE SET {},"
-    " output = coalesce(nullif(EXCLUDED.output, ''), torchcore.runs.output), shipped = now()"
-    " WHERE NOT ({} AND NOT {})"     # a final row is never replaced by an earlier state
-).format(", ".join(_RUN_COLUMNS),
-         ", ".join("to_timestamp(%s::float8)" if c in _TIMES else "%s" for c in _RUN_COLUMNS),
-         ", ".join(f"{c} = EXCLUDED.{c}" for c in _RUN_COLUMNS[2:-1]),
-         _FINAL.format("torchcore.runs"), _FINAL.format("EXCLUDED"))
-_NODE_COLUMNS = ("name", "hostname", "addresses", "version", "pid", "started", "heartbeat",
-                 "clock_offset", "file_path", "file_digest", "file_commit", "running",
-                 "started_runs", "failed_runs", "skipped_runs", "missed_runs", "waiting")
-HEARTBEAT = (
-    "INSERT INTO torchcore.nodes ({}, last_seen, file_since, stopped) VALUES ({}, now(), now(),"
-    " CASE WHEN %s THEN now() END) ON CONFLICT (name) DO UPDATE SET {}, last_seen = now(),"
-    " file_since = CASE WHEN torchcore.nodes.file_digest IS DISTINCT FROM EXCLUDED.file_digest"
-    " THEN now() ELSE torchcore.nodes.file_since END, stopped = EXCLUDED.stopped"
-).format(", ".join(_NODE_COLUMNS),
-         ", ".join({"addresses": "%s::text[]", "started": "to_timestamp(%s::float8)"}.get(c, "%s")
-                   for c in _NODE_COLUMNS),
-         ", ".join(f"{c} = EXCLUDED.{c}" for c in _NODE_COLUMNS[1:]))
-
-
 def wanted(taskfile, node=None, options=None):
     """The supervisor runs the agent when the task file has ``settings.fleet``."""
     return getattr(taskfile.settings, "fleet", None) is not None
-
-
-def run_row(node, record, output):
-    """The parameters of UPSERT_RUNS for ``record`` (output: of an ended run, else None)."""
-    clean = fleetstore.clean
-    at = next((t for t in (record.started, record.scheduled, record.ended) if t is not None),
-              time.time())
-    return (node, record.run_id, clean(record.task), record.scheduled, record.started,
-            record.ended, record.exit_code, record.signal, bool(record.timed_out),
-            clean(record.skipped), bool(record.missed), bool(record.manual), record.pid,
-            record.peak_rss, clean(record.error), clean(record.stopped), bool(record.failed), at,
-            output)
-
-
-def connect(url):
-    """A connection for the agent: autocommit, TCP keepalives and a user timeout, so that a
-    database gone silent is noticed in seconds; FleetRefused or FleetUnreachable on failure."""
-    from torchcore import fleetdb
-
-    pg = fleetdb.psycopg()
-    kwargs = {"autocommit": True, "application_name": "torchcore fleet agent", "keepalives": 1,
-              "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
-              "tcp_user_timeout": 10_000}
-    if "connect_timeout" not in str(url):
-        kwargs["connect_timeout"] = CONNECT_TIMEOUT
-    try:
-        return pg.connect(url, **kwargs)
-    except pg.Error as exc:
-        raise fleetdb.classify(exc, url) from None
-    except (OSError, ValueError) as exc:
-        raise fleetdb.FleetUnreachable(f"cannot connect to the fleet database "
-                                       f"{fleetspec.redact(url)}: {fleetdb.describe(exc, url)}") from None
-
-
-def git_commit(path):
-    """The commit of the file's version in HEAD when it is in a git work tree (``<commit>-dirty``
-    when the file differs from it, as ``git describe --dirty`` says), else None."""
-    directory, name = os.path.split(os.path.abspath(path))
-
-    def git(*argv):
-        return subprocess.run(["git", "-C", directory, *argv, "--", name], check=False,
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=5,
-                              env={**os.environ, "GIT_OPTIONAL_LOCKS": "0",
-                                   "GIT_TERMINAL_PROMPT": "0"})
-    try:
-        done = git("log", "-1", "--format=%H")
-        commit = done.stdout.strip()
-        if done.returncode != 0 or len(commit) < 40:
-            return None
-        return commit + ("-dirty" if git("diff", "--quiet", "HEAD").returncode == 1 else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def ask_daemon(state_dir):
-    """The daemon's live state (its control socket's ``status``, active tasks only), or None."""
-    from torchcore.control import ControlClient
-
-    try:
-        return ControlClient(paths.control_socket(state_dir), timeout=CONTROL_TIMEOUT).request(
-            "status", active=True)
-    except Exception:
-        return None
 
 
 class Agent:
     """Registers, heartbeats and ships (see the module's docstring).  ``settings``: the task
     file's Settings; ``control()``: the daemon's live status or None; ``clock``: epoch seconds."""
 
-    def __init__(self, store, settings, node, url, *, control=lambda: None, connect=connect,
-                 clock=time.time, monotonic=time.monotonic, stopping=lambda: False):
+    def __init__(self, store, settings, node, url, *, control=lambda: None,
+                 connect=fleetrows.connect, clock=time.time, monotonic=time.monotonic,
+                 stopping=lambda: False):
         self.store = store
         self.control = control
         self.connect = connect
@@ -171,6 +80,7 @@ class Agent:
         self.git_asked = (None, float("-inf"))     # (digest, monotonic) of the last ask
         self.shipped = 0
         self.caught_up = False      # the last look at the journal found nothing left
+        self.twin_said = False      # another daemon reporting as this node was said
         self.configure(settings, node, url)
 
     def configure(self, settings, node, url):
@@ -283,18 +193,35 @@ class Agent:
         stats = self.live.get("stats", {})
         running = 0 if stopped else sum(len(t.get("running", ())) for t in
                                         self.live.get("tasks", {}).values())
+        hostname, pid = socket.gethostname(), self.live.get("pid") or os.getppid()
         with self.conn.transaction():
             before = self.clock()
-            row = self.conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+            row = self.conn.execute(fleetrows.CLOCK_AND_ROW,
+                                    (2 * self.fleet.heartbeat, self.node)).fetchone()
             offset = (before + self.clock()) / 2 - row[0]
-            self.conn.execute(HEARTBEAT, (
-                self.node, socket.gethostname(), self.addresses(), __version__,
-                self.live.get("pid") or os.getppid(), self.live.get("started") or _parent_started(),
+            if row[1] is not None:
+                self._check_twin(row[1:], hostname, pid)
+            self.conn.execute(fleetrows.HEARTBEAT, (
+                self.node, hostname, self.addresses(), __version__,
+                pid, self.live.get("started") or _parent_started(),
                 float(self.fleet.heartbeat), offset, self.settings.path, digest, commit, running,
                 stats.get("started", 0), stats.get("failed", 0), stats.get("skipped", 0),
                 stats.get("missed", 0), waiting, stopped))
         self.digest = digest
         self.next_beat = self.monotonic() + self.fleet.heartbeat
+
+    def _check_twin(self, row, hostname, pid):
+        """Warn (once) when another daemon, alive, reports as this node: two daemons with one
+        name would write each other's runs under the same (node, run_id)."""
+        their_host, their_pid, fresh = row
+        if self.twin_said or not fresh or (their_host, their_pid) == (hostname, pid):
+            return
+        if their_host == hostname and not _alive(their_pid):
+            return      # this daemon's predecessor, killed: not another one
+        self.twin_said = True
+        log.error("fleet agent: another daemon (pid %s on %s) reports as node %s too; their "
+                  "runs would overwrite each other's in the fleet history: give each its own "
+                  "--node-name or fleet.node", their_pid, their_host, self.node)
 
     def addresses(self):
         node = self.live.get("node")
@@ -314,7 +241,7 @@ class Agent:
         digest = self.live.get("digest") or taskset.digest(self.settings.path)
         asked_digest, asked_at = self.git_asked
         if digest != asked_digest or self.monotonic() - asked_at >= GIT_EVERY:
-            self.commit = git_commit(self.settings.path)
+            self.commit = fleetrows.git_commit(self.settings.path)
             self.git_asked = (digest, self.monotonic())
         return digest, self.commit
 
@@ -348,7 +275,7 @@ class Agent:
         return True
 
     def rows(self, records):
-        """UPSERT_RUNS's parameters, each ended run with its output's tail."""
+        """The upsert's parameters (fleetrows.run_row), each ended run with its output's tail."""
         ended = {}
         for record in records:
             if record.finished:
@@ -358,7 +285,8 @@ class Agent:
         for task, runs in ended.items():
             outputs.update(fleetstore.outputs(self.settings.log_dir, task, runs,
                                               self.fleet.output_tail))
-        return [run_row(self.node, record, outputs.get(record.run_id)) for record in records]
+        return [fleetrows.run_row(self.node, record, outputs.get(record.run_id))
+                for record in records]
 
     def write(self, rows):
         """One transaction; a row the database will not take (a value out of its range) is
@@ -366,12 +294,12 @@ class Agent:
         pg = _pg()
         try:
             with self.conn.transaction(), self.conn.cursor() as cur:
-                cur.executemany(UPSERT_RUNS, rows)
+                cur.executemany(fleetrows.UPSERT_RUNS, rows)
         except (pg.DataError, pg.IntegrityError):
             for row in rows:
                 try:
                     with self.conn.transaction(), self.conn.cursor() as cur:
-                        cur.execute(UPSERT_RUNS, row)
+                        cur.execute(fleetrows.UPSERT_RUNS, row)
                 except (pg.DataError, pg.IntegrityError) as exc:
                     log.error("fleet agent: run %s of %s cannot be stored in the fleet database "
                               "(left out): %s", row[1], row[2], " ".join(str(exc).split()))
@@ -432,6 +360,16 @@ def _pg():
     return fleetdb.psycopg()
 
 
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _parent_started():
     try:
         import psutil
@@ -484,7 +422,7 @@ def main(argv=None):
         log.error("fleet agent: cannot start: %s", exc)
         return 1
     agent = Agent(store, settings, node, fleetspec.database_url(settings.fleet, os.environ),
-                  control=lambda: ask_daemon(args.state_dir),
+                  control=lambda: fleetrows.ask_daemon(args.state_dir),
                   stopping=lambda: _Flags.stop or _Flags.reload)
     log.info("fleet agent: started as node %s, fleet database %s", node, agent.shown)
     try:
