@@ -66,8 +66,9 @@ def connect(url):
 
     pg = fleetdb.psycopg()
     kwargs = {"autocommit": True, "application_name": "torchcore fleet agent", "keepalives": 1,
-              "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
-              "tcp_user_timeout": 10_000}
+              "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+    if pg.pq.version() >= 120000:           # libpq 12 has it; an older one refuses the option
+        kwargs["tcp_user_timeout"] = 10_000
     if "connect_timeout" not in str(url):
         kwargs["connect_timeout"] = CONNECT_TIMEOUT
     try:
