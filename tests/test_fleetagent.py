@@ -12,6 +12,8 @@ import time
 import psutil
 import pytest
 from daemon_harness import wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from torchcore import __version__, fleetdb
 
@@ -288,3 +290,55 @@ def test_two_daemons_with_one_node_name_are_told_so(pg, daemons):
     wait_for(lambda: "reports as node twin too" in one.log + other.log, 10, "the warning")
     assert f"pid {one.proc.pid}" in other.log or f"pid {other.proc.pid}" in one.log
     assert one.stop() == 0 and other.stop() == 0
+
+
+def test_a_reloaded_file_is_a_heartbeat_at_once(pg, daemons):
+    init(pg.url)
+    node = daemons(HELLO.format(node="h"), fleet_settings(pg.url, heartbeat="1h")).start(
+        "--node-name", "h")
+    first = wait_for(lambda: node_row(pg.url, "h"), 10, "the registration")
+    node.write(HELLO.format(node="h, edited"), fleet_settings(pg.url, heartbeat="1h"))
+    node.wait_log("reloaded (file changed)", 10)
+    now = wait_for(lambda: (r := node_row(pg.url, "h"))["file_digest"] != first["file_digest"] and r,
+                   5, "the new digest without waiting an hour")
+    assert now["last_seen"] > first["last_seen"] and now["file_since"] > first["file_since"]
+    assert now["heartbeat"] == 3600
+    assert node.stop() == 0
+
+
+RUN_FATES = st.dictionaries(st.integers(1, 6), st.tuples(
+    st.sampled_from(["end", "skip", "running"]), st.integers(0, 3), st.integers(0, 2)), min_size=1)
+
+
+@settings(derandomize=True, max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(RUN_FATES, st.randoms(use_true_random=False))
+def test_shipping_in_any_order_and_any_number_of_times_stores_each_run_once_final(pg, fates, rnd):
+    """The upsert's promise, on a real database: whatever order a run's states arrive in and
+    however often (an agent killed between its two commits, a restart), its one row ends as the
+    run ended (ended with its output, skipped) or, still running, started."""
+    from torchcore.fleetrows import UPSERT_RUNS, run_row
+    from torchcore.runrecord import RunRecord
+
+    if not getattr(pg, "migrated", False):
+        init(pg.url)
+        pg.migrated = True
+    states = {"running": lambda i: RunRecord(i, "t", "n", 100, 101.0, pid=7),
+              "end": lambda i: RunRecord(i, "t", "n", 100, 101.0, 102.0, 1, pid=7),
+              "skip": lambda i: RunRecord(i, "t", "n", 100, skipped="max 1 reached")}
+    rows = []
+    for run_id, (fate, starts, again) in fates.items():
+        shipped = [fate] * (1 + again) + (["running"] * starts if fate != "skip" else [])
+        rows += [run_row("n", states[kind](run_id), "out" if kind == "end" else None)
+                 for kind in shipped]
+    rnd.shuffle(rows)
+    with fleetdb.connect(pg.url) as conn:
+        conn.execute("DELETE FROM torchcore.runs")
+        with conn.cursor() as cur:
+            for row in rows:
+                cur.execute(UPSERT_RUNS, row)
+        stored = {r[0]: r[1:] for r in conn.execute(
+            "SELECT run_id, ended IS NOT NULL, skipped, exit_code, output FROM torchcore.runs")}
+    expected = {"end": (True, None, 1, "out"), "skip": (False, "max 1 reached", None, None),
+                "running": (False, None, None, None)}
+    assert stored == {run_id: expected[fate] for run_id, (fate, _, _) in fates.items()}
