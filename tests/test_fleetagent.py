@@ -1,6 +1,8 @@
 """The fleet agent on real daemons and a real PostgreSQL (tests/pgserver.py): the registry and its
-heartbeat, the history of three nodes on one machine, a database stopped for 30 s under load with
-a node restarted meanwhile, a database down at start, a password that stops working."""
+heartbeat (a reload is one at once, a killed daemon's row goes stale, two daemons with one name are
+told), the history of three nodes on one machine, a database stopped for 30 s under load with a
+node restarted meanwhile, a database down at start, a password that stops working, a schema
+dropped, and the upsert's promise over generated orders of shipping."""
 
 import hashlib
 import json
