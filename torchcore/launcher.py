@@ -313,7 +313,10 @@ def serve(sock, report_fd):
             if key.data == "signal":
                 _drain(wake_r)
                 continue
-            data = sock.recv(65536)
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:    # closed with our answers unread (it was stopping)
+                data = b""
             if not data:
                 return          # the supervisor hung up: its executors go on by themselves
             *lines, buffer = (buffer + data).split(b"\n")

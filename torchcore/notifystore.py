@@ -10,9 +10,9 @@
 - ``meta``'s ``notify_cursor``: the last entry of the records' ``changes`` journal whose events
   are queued.  A first start puts it FIRST_LOOKBACK before its own start: a node that gets a
   notify target does not announce its whole history, only what the daemon did as it started.
-  Queuing a batch, moving the cursor and dropping the journal entries happen in one
-  transaction, so a notifier killed at any point derives each event exactly once and sends
-  it at least once.
+  Queuing a batch, moving the cursor and dropping the journal entries every reader has
+  passed (records.trim_journal: the fleet agent reads it too) happen in one transaction, so
+  a notifier killed at any point derives each event exactly once and sends it at least once.
 
 Targets are stored by key (a hash of the kind and URL), never by URL: the URL is looked up in
 the task file when a message is sent, so secrets stay out of the database.  Transactions are
@@ -221,7 +221,7 @@ class Store:
                               [(task, int(failing)) for task, failing in batch.failing.items()])
         if cursor is not None:
             self.conn.execute("UPDATE meta SET value = ? WHERE key = 'notify_cursor'", (str(cursor),))
-            self.conn.execute("DELETE FROM changes WHERE seq <= ?", (cursor,))
+            records.trim_journal(self.conn)    # up to the lowest reader's cursor
 
     # -- delivering -----------------------------------------------------------------------------
 

@@ -67,9 +67,10 @@ CREATE INDEX IF NOT EXISTS runs_failed ON runs (at) WHERE {failed};
 """
 
 # Every write of a run row, in order (ended: an end, skip or miss; else a start; written: when,
-# epoch seconds), added by a trigger in the writer's transaction: the notifier follows it with a
-# cursor (notifystore.py).  AUTOINCREMENT: a deleted number never comes back.  Pruned by
-# ``written`` with the runs, from its oldest end (seq and written grow together), never scanned.
+# epoch seconds), added by a trigger in the writer's transaction: the notifier and the fleet agent
+# follow it, each with its cursor (notifystore.py, fleetstore.py).  AUTOINCREMENT: a deleted number
+# never comes back.  Pruned by ``written`` with the runs, from its oldest end (seq and written
+# grow together), never scanned.
 _JOURNAL = (
     ("CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
      " run_id INTEGER NOT NULL, ended INTEGER NOT NULL,"
@@ -78,6 +79,13 @@ _JOURNAL = (
      " INSERT INTO changes (run_id, ended) VALUES (NEW.run_id,"
      " NEW.ended IS NOT NULL OR NEW.skipped IS NOT NULL OR NEW.missed != 0); END"),
 )
+
+# The meta keys of the journal's readers' cursors (each the last entry it is done with): the
+# notifier's (notifystore.py) and the fleet agent's (fleetstore.py).  An entry is dropped once
+# every reader this database has is past it (trim_journal), never before.
+JOURNAL_CURSORS = ("notify_cursor", "fleet_cursor")
+_TRIM_JOURNAL = ("DELETE FROM changes WHERE seq <= (SELECT min(CAST(value AS INTEGER)) FROM meta"
+                 " WHERE key IN ({}))".format(", ".join("?" * len(JOURNAL_CURSORS))))
 
 _PRUNE_JOURNAL = ("DELETE FROM changes WHERE seq < coalesce((SELECT seq FROM changes"
                   " WHERE written >= ? ORDER BY seq LIMIT 1), (SELECT max(seq) + 1 FROM changes))")
@@ -149,6 +157,14 @@ def connect(path, busy_timeout):
         conn.close()
         raise
     return conn
+
+
+def trim_journal(conn):
+    """Drop the journal entries every reader has passed (up to the lowest cursor in ``meta`` of
+    the readers this database has; none without a reader).  Called by a reader in the
+    transaction that moves its cursor: with two readers, neither drops what the other has not
+    read yet."""
+    return conn.execute(_TRIM_JOURNAL, JOURNAL_CURSORS).rowcount
 
 
 def _create_private(path):

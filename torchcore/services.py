@@ -51,6 +51,7 @@ class Spec:
 REGISTRY = {spec.name: spec for spec in (
     Spec("notifier", "torchcore.notifier"),     # alerts, webhooks, pings (docs/notifications.md)
     Spec("http", "torchcore.web"),               # metrics, API, dashboard (docs/http.md)
+    Spec("fleet", "torchcore.fleetagent"),       # registry, heartbeat, history (docs/fleet.md)
 )}
 
 

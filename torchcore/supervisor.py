@@ -183,6 +183,8 @@ class Supervisor:
         self.reloader.cancel("torchcore stopped before the reload was done")
         if self.control is not None:
             self.control.close()
+        if self.records is not None:
+            self.records.flush()    # the last ends, for the fleet agent to ship as it stops
         self.services.stop()
         self.launchers.stop()
         if self.records is not None:

@@ -7,7 +7,7 @@ import sys
 import time
 from datetime import datetime
 
-from torchcore import config, jobspec, notifystore, paths, records
+from torchcore import config, fleetstore, jobspec, notifystore, paths, records
 from torchcore.commands import common
 from torchcore.commands.common import control_request, find_daemon, not_running, print_json
 from torchcore.errors import ConfigError, TorchcoreError
@@ -51,12 +51,14 @@ def cmd_status(args):
     now = time.time()
     rows = [task_status(task, node, live, last.get(task.name), now) for task in tasks]
     notifications = notifystore.overview_in(found.settings.state_dir)
+    fleet = fleetstore.state_in(found.settings.state_dir)
     if args.json:
         print_json({**status_json(found, live, digest, problems, rows),
-                    "notifications": _notifications_json(notifications)})
+                    "notifications": _notifications_json(notifications),
+                    "fleet": _fleet_json(fleet)})
     else:
         print(_daemon_text(live, found, digest, now))
-        for line in notifystore.summary(notifications):
+        for line in notifystore.summary(notifications) + fleetstore.summary(fleet, bool(live)):
             print(line)
         if problems:
             print("the task file on disk is invalid (the daemon runs its last valid version):")
@@ -235,6 +237,15 @@ def _task_json(row):
 def _notifications_json(overview):
     return {"states": overview["states"],
             "rejected_by": [{**r, "at": iso(r["at"])} for r in overview["rejected_by"]]}
+
+
+def _fleet_json(state):
+    """The fleet agent's state (fleetstore.py): state, since, waiting, error, database, node."""
+    if not state:
+        return None
+    return {"state": state.get("state"), "since": iso(state.get("since")),
+            "waiting": state.get("waiting", 0), "error": state.get("error"),
+            "database": state.get("database"), "node": state.get("node"), "at": iso(state.get("at"))}
 
 
 def iso(epoch):
