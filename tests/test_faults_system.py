@@ -232,6 +232,27 @@ def test_the_log_dir_renamed_or_removed_under_a_running_daemon(daemons, figures,
     figures.add(faults=2)
 
 
+def test_the_services_follow_the_daemon_log_when_logrotate_moves_it(daemons, figures):
+    """A service (here the notifier) logs into the daemon's file through its own watched handler:
+    after logrotate moves torchcore.log away, its lines go to the new file with the supervisor's,
+    not to the moved one."""
+    d = daemons('tasks:\n  - {name: quiet, schedule: "@yearly", command: "true",\n'
+                '     notify: [{webhook: "http://127.0.0.1:9/hook"}]}\n', cls=Detached).start()
+    d.wait_log("notifier: started")
+    for round_ in range(2):
+        before = d.log.count("task file re-read")
+        os.rename(d.log_path, f"{d.log_path}.{round_ + 1}")      # logrotate's default: move
+        os.kill(d.pid, signal.SIGHUP)
+        wait_for(lambda: "notifier: task file re-read" in d.log, 15,
+                 "the notifier's line in the new daemon log", lambda: d.log)
+        assert "reloaded (SIGHUP)" in d.log
+        time.sleep(0.5)     # a line wrongly sent to the moved file would be there by now
+        with open(f"{d.log_path}.{round_ + 1}") as moved:
+            assert moved.read().count("task file re-read") == before
+    assert d.stop() == 0
+    figures.add(faults=2)
+
+
 @pytest.mark.slow
 def test_the_records_database_removed_under_a_running_daemon_is_recreated(daemons, figures):
     d = daemons("tasks:\n" + EVERY).start()

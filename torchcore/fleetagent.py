@@ -46,7 +46,6 @@ RETRY_FIRST, RETRY_MAX = 1.0, 30.0      # the backoff between tries of a databas
 GIT_EVERY = 60.0            # seconds between asks of git for the task file's commit
 BATCHES_PER_PASS = 20       # then the loop looks at its signals and its parent again
 LOAD_RETRY = 30.0
-LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"   # as the daemon's own log (its stderr is that)
 
 STARTING, UP, UNREACHABLE, REFUSED, SCHEMA, STOPPED = (
     "starting", "up", "unreachable", "refused", "schema", "stopped")
@@ -407,7 +406,7 @@ def main(argv=None):
     args = services.child_args(argv, "torchcore's fleet agent", extra=lambda parser: parser.add_argument(
         "--node-name", default=None, help="this node's name in the fleet (start's --node-name)"))
     services.set_title("fleet agent")
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    services.setup_logging(args)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 
-from torchcore import daemonlog, notifyrules, notifyspec, paths, tasklog
+from torchcore import notifyrules, notifyspec, paths, tasklog
 from torchcore.notifystore import DROPPED, EXPIRED, KEEP_DONE, REJECTED, SENT, Store
 
 # The supervisor imports this module for wanted(): what sends (the HTTP client, Apprise) is
@@ -321,7 +321,7 @@ def main(argv=None):
 
     args = services.child_args(argv, "torchcore's notifier service")
     services.set_title("notifier")
-    daemonlog.log_to_stderr()      # its stderr is the daemon's log
+    services.setup_logging(args)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

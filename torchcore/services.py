@@ -156,6 +156,8 @@ class Services:
             argv = [sys.executable, "-m", spec.module,
                     "--taskfile", task_file_path(self.taskfile), "--state-dir", self.state_dir,
                     "--node", self.node_name, "--parent-fd", str(read_end)]
+            if self.stderr is not None and self.stderr != os.devnull:
+                argv += ["--log-file", self.stderr]     # followed across logrotate's moves
             argv += _option_args(self.options.get(spec.name))
             service.proc = subprocess.Popen(argv, pass_fds=(read_end,), stdin=subprocess.DEVNULL,
                                             stdout=err, stderr=err, close_fds=True)
@@ -321,9 +323,35 @@ def child_args(argv=None, description=None, extra=None):
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--node", required=True)
     parser.add_argument("--parent-fd", type=int, required=True)
+    parser.add_argument("--log-file", default=None)
     if extra is not None:
         extra(parser)
     return parser.parse_args(argv)
+
+
+def setup_logging(args):
+    """A service's log: the daemon's log file (``--log-file``: the daemon is in the background),
+    written through daemonlog's handler, which follows it when logrotate moves it, as the
+    supervisor's own lines do; else stderr (the foreground's).  Lines in the daemon's format.
+    Its stderr stays on the file the supervisor opened, for what Python itself prints there."""
+    import logging
+
+    from torchcore import daemonlog
+
+    handler = None
+    if getattr(args, "log_file", None):
+        try:
+            from torchcore.safepaths import log_file_handler
+            handler = log_file_handler(args.log_file)
+        except Exception:
+            handler = None
+    if handler is None:
+        daemonlog.log_to_stderr()
+        return
+    handler.setFormatter(daemonlog.Formatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
 
 
 def parent_gone(fd):

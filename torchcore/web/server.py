@@ -477,28 +477,28 @@ def parse_args(argv):
     return services.child_args(argv, "torchcore's HTTP service (started by the daemon)", extra)
 
 
-def setup_logging(taskfile):
-    """The daemon's own log: its stderr in the foreground; when the daemon went to the background
-    (our stderr is /dev/null) the file it writes, log_dir/torchcore.log."""
-    handler = None
-    try:
-        if os.path.samestat(os.fstat(2), os.stat(os.devnull)):
-            from torchcore import config
-            from torchcore.safepaths import log_file_handler
+def setup_logging(args):
+    """The daemon's own log (services.setup_logging): ``--log-file`` when the daemon is in the
+    background; without it, when our stderr is /dev/null, the file the daemon writes,
+    log_dir/torchcore.log; else stderr."""
+    from torchcore import services
 
-            path = os.path.join(config.load_settings(taskfile).log_dir, "torchcore.log")
-            handler = log_file_handler(path)
-    except Exception:
-        handler = None      # stderr, then
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        handlers=[handler] if handler else None)
+    if not getattr(args, "log_file", None):
+        try:
+            if os.path.samestat(os.fstat(2), os.stat(os.devnull)):
+                from torchcore import config
+                args.log_file = os.path.join(config.load_settings(args.taskfile).log_dir,
+                                             "torchcore.log")
+        except Exception:
+            pass
+    services.setup_logging(args)
 
 
 def main(argv=None):
     from torchcore import services
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging(args.taskfile)
+    setup_logging(args)
     services.set_title("http")
     early = set()       # signals that came while the task file loads: handled once serving
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
