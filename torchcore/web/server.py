@@ -363,7 +363,7 @@ class _Connections(web.Server if web is not None else object):
         if handler not in self.timers:
             return      # gone already
         self.disarm(handler)
-        self.timers[handler] = asyncio.get_running_loop().call_later(seconds, handler.force_close)
+        self.timers[handler] = asyncio.get_running_loop().call_later(seconds, _cut, handler)
 
     def disarm(self, handler):
         timer = self.timers.get(handler)
@@ -379,6 +379,17 @@ class _Connections(web.Server if web is not None else object):
             yield
         finally:
             self.disarm(handler)
+
+
+def _cut(handler):
+    """End a connection whose deadline passed.  aiohttp's force_close closes the transport,
+    which waits until what is buffered has been sent: for ever to a client that does not read
+    (the answer, or a follow's events, would stay, and the follow's place with them).  The
+    transport is aborted: what it still holds is dropped."""
+    transport = handler.transport
+    handler.force_close()
+    if transport is not None:
+        transport.abort()
 
 
 # -- serving ---------------------------------------------------------------------------------------
