@@ -11,7 +11,11 @@ touch it), and a fleet request waits a bounded time whatever the database does:
   that vanished mid-answer is noticed by TCP within TCP_TIMEOUT (tcp_user_timeout, keepalives);
 - waiting for the connection another request uses: at most BUSY_WAIT seconds;
 - after a failed connect, requests for the next RETRY_AFTER seconds are answered at once with
-  the same error (a database that is down costs one attempt per RETRY_AFTER, not one per page).
+  the same error (a database that is down costs one attempt per RETRY_AFTER, not one per page);
+- whatever the server does, a request's reads end within READ_DEADLINE seconds: past it a
+  watchdog shuts the connection's socket down.  The server's own bounds cannot end a read whose
+  server process stopped (SIGSTOP, a hung disk) while its kernel still acknowledges, nor one
+  held by a pooler waiting for a server (where ``SET statement_timeout`` does not stay).
 
 Every failure is a FleetError whose message names the database by ``fleetspec.redact`` (the
 password, if any, never shows); the service logs the database going away and coming back,
@@ -20,6 +24,7 @@ once each, never per request.
 
 import logging
 import os
+import socket
 import threading
 import time
 
@@ -32,6 +37,7 @@ STATEMENT_TIMEOUT = 5       # seconds
 TCP_TIMEOUT = 5             # seconds: unacknowledged data, or a silent peer (keepalives)
 BUSY_WAIT = 3.0             # seconds a request waits for the connection another one uses
 RETRY_AFTER = 2.0           # seconds between connection attempts while the database is down
+READ_DEADLINE = 10.0        # seconds a request's reads may take, whatever the server does
 VIEW_TTL = 2.0              # seconds a task file's view across the fleet is reused
 EXAMPLE_URL = "postgresql://torchcore@db.internal/torchcore"
 
@@ -122,12 +128,23 @@ class FleetReader:
         for attempt in (1, 2):
             kept = self._conn is not None
             conn = self._connection()
+            cut = []
+            watchdog = threading.Timer(READ_DEADLINE, _cut, (conn, cut))
+            watchdog.daemon = True
+            watchdog.start()
             try:
                 value = read(conn)
             except fleetquery.QueryError:
                 self._answered()        # a question it answered no to: it is there
                 raise
             except pg.Error as exc:
+                if cut:
+                    self._drop()
+                    error = fleetdb.FleetUnreachable(
+                        f"the fleet database {self.shown} did not answer within "
+                        f"{READ_DEADLINE:g}s; its connection was cut")
+                    self._failed(error)
+                    raise error from None
                 if conn.closed or conn.broken:
                     self._drop()
                     if kept and attempt == 1:
@@ -135,6 +152,8 @@ class FleetReader:
                 error = fleetdb.classify(exc, self.url, "read")
                 self._failed(error)
                 raise error from None
+            finally:
+                watchdog.cancel()
             self._answered()
             return value
 
@@ -199,3 +218,18 @@ class FleetReader:
                 self._drop()
             finally:
                 self._lock.release()
+
+
+def _cut(conn, cut):
+    """The watchdog's end of a read past READ_DEADLINE (in its own thread): the connection's
+    socket shut down, so that the read waiting on it fails at once (the connection is dropped)."""
+    cut.append(True)
+    try:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+    except Exception:       # closed already
+        return
+    with sock:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
