@@ -353,3 +353,42 @@ def test_fleet_status_over_a_thousand_nodes_is_one_statement_using_the_indexes(c
     assert runs and all(kind != "Seq Scan" and index in ("runs_failed", "runs_node_failed")
                         for kind, _, index in runs), \
         scans
+
+
+# Times PostgreSQL holds and Python's datetime does not (years 1-9999): what a node whose clock
+# is far off, or a hand-written row, can put there
+_FAR_TIMES = st.one_of(
+    st.sampled_from(["infinity", "-infinity", "4713-01-01 BC", "294276-12-31"]),
+    st.integers(10_000, 294_275).map(lambda year: f"{year}-06-15 12:00:00+00"),
+    st.integers(1, 4_712).map(lambda year: f"{year:04d}-06-15 12:00:00+00 BC"))
+
+
+@settings(derandomize=True, max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(started=_FAR_TIMES, ended=_FAR_TIMES, scheduled=_FAR_TIMES)
+def test_times_out_of_pythons_range_are_shown_at_its_bounds(conn, tmp_path, started, ended,
+                                                           scheduled):
+    """A run and a node with times beyond year 9999 (or before year 1, or infinite): every read
+    answers, with the times at the nearest bound Python holds, in strict JSON (no NaN)."""
+    with conn.transaction():
+        conn.execute(f"DELETE FROM {fleetrows.S}.runs")
+        conn.execute(f"DELETE FROM {fleetrows.S}.nodes")
+        fleetrows.add_node(conn, "web-1")
+        conn.execute(f"UPDATE {fleetrows.S}.nodes SET started = %s, file_since = %s",
+                     (started, ended))
+        conn.execute(f"INSERT INTO {fleetrows.S}.runs (node, run_id, task, scheduled, started, "
+                     "ended, exit_code, at) VALUES ('web-1', 1, 'backup', %s, %s, %s, 0, now())",
+                     (scheduled, started, ended))
+    path = tmp_path / "tasks.yaml"
+    path.write_text("tasks:\n  - {name: backup, schedule: '@daily', command: 'true'}\n")
+    answers = [fleetquery.history(conn, tz=UTC), fleetquery.run(conn, "web-1", 1, tz=UTC),
+               fleetquery.nodes(conn, UTC), fleetquery.task_view(conn, config.load(str(path)), UTC)]
+
+    def no_constant(name):
+        raise AssertionError(f"{name} in the JSON")
+
+    json.loads(json.dumps(answers), parse_constant=no_constant)
+    [run] = answers[0]
+    for key in ("scheduled", "started", "ended"):
+        assert run[key][:4] in ("0001", "9999"), run
+    assert answers[2][0]["started"][:4] in ("0001", "9999")

@@ -39,10 +39,24 @@ class QueryError(fleetdb.FleetError):
 
 # ---- times ---------------------------------------------------------------------------------
 
+# The epoch seconds Python's datetime holds in any zone (years 1-9999, a day from each end):
+# PostgreSQL holds years up to 294276 and 'infinity', which a node whose clock is far off (or a
+# row written by hand) may put in the fleet database
+_EARLIEST = datetime.datetime(1, 1, 2, tzinfo=datetime.timezone.utc).timestamp()
+_LATEST = datetime.datetime(9999, 12, 30, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def bounded(epoch):
+    """``epoch`` (seconds, None passes) within the years Python can show, at the nearest bound."""
+    return None if epoch is None else min(max(float(epoch), _EARLIEST), _LATEST)
+
+
 def iso(epoch, tz=None, timespec="milliseconds"):
-    """Epoch seconds as ISO 8601 with the offset of ``tz`` (None: local), or None."""
+    """Epoch seconds as ISO 8601 with the offset of ``tz`` (None: local), or None; a time
+    beyond the years 1-9999 is shown at the nearest of them."""
     if epoch is None:
         return None
+    epoch = bounded(epoch)
     when = datetime.datetime.fromtimestamp(epoch, tz) if tz else \
         datetime.datetime.fromtimestamp(epoch).astimezone()
     return when.isoformat(timespec=timespec)
@@ -176,6 +190,8 @@ _RUN_SELECT = ", ".join(f"{_epoch(c)} AS {c}" if c in ("scheduled", "started", "
 def _record(row):
     """(node, RunRecord) of a selected row (RunRecord.node: the fleet node's name)."""
     fields = dict(zip(_RUN_COLUMNS, row))
+    for key in ("scheduled", "started", "ended"):
+        fields[key] = bounded(fields[key])
     if fields["scheduled"] is not None:
         fields["scheduled"] = int(fields["scheduled"])
     return RunRecord(**fields)
