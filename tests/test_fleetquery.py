@@ -392,3 +392,25 @@ def test_times_out_of_pythons_range_are_shown_at_its_bounds(conn, tmp_path, star
     for key in ("scheduled", "started", "ended"):
         assert run[key][:4] in ("0001", "9999"), run
     assert answers[2][0]["started"][:4] in ("0001", "9999")
+
+
+@settings(derandomize=True, max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offset=st.sampled_from(["NaN", "Infinity", "-Infinity", "0.5", "3"]),
+       heartbeat=st.sampled_from(["NaN", "Infinity", "5"]))
+def test_a_node_s_numbers_are_json_numbers_or_null(conn, offset, heartbeat):
+    """NaN and Infinity, which a real column holds, come back as None (JSON has no such
+    number: the dashboard's parser refuses the whole answer)."""
+    with conn.transaction():
+        conn.execute(f"DELETE FROM {fleetrows.S}.nodes")
+        fleetrows.add_node(conn, "web-1")
+        conn.execute(f"UPDATE {fleetrows.S}.nodes SET clock_offset = %s::real, "
+                     "heartbeat = %s::real", (offset, heartbeat))
+    [node] = fleetquery.nodes(conn, UTC)
+
+    def no_constant(name):
+        raise AssertionError(f"{name} in the JSON")
+
+    json.loads(json.dumps(node), parse_constant=no_constant)
+    assert node["clock_offset"] == ({"0.5": 0.5, "3": 3.0}.get(offset))
+    assert node["heartbeat"] == (5 if heartbeat == "5" else None)

@@ -20,6 +20,7 @@ tie, the newer file); a stopped node is never drifted (it runs nothing).
 
 import datetime
 import ipaddress
+import math
 
 from torchcore import fleetdb
 from torchcore.fleetspec import DOWN_AFTER, LATE_AFTER
@@ -151,6 +152,8 @@ def nodes(conn, tz=None):
         node["heartbeat"] = _number(node["heartbeat"])
         node["age"] = round(node["age"], 3)
         offset = node["clock_offset"]
+        if offset is not None and not math.isfinite(offset):
+            offset = None       # a real column holds NaN and Infinity, which JSON cannot
         node["clock_offset"] = None if offset is None else round(float(offset), 3)
         node["clock_flagged"] = offset is not None and abs(offset) > CLOCK_TOLERANCE
         if not node["drifted"]:
@@ -163,6 +166,8 @@ def nodes(conn, tz=None):
 
 def _number(value):
     value = float(value)
+    if not math.isfinite(value):
+        return None         # NaN or Infinity in a real column: no number JSON can carry
     return int(value) if value.is_integer() else round(value, 3)
 
 
