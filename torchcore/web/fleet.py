@@ -128,17 +128,17 @@ class FleetReader:
         for attempt in (1, 2):
             kept = self._conn is not None
             conn = self._connection()
-            cut = []
-            watchdog = threading.Timer(READ_DEADLINE, _cut, (conn, cut))
-            watchdog.daemon = True
-            watchdog.start()
+            watchdog = _Watchdog(conn, READ_DEADLINE)
             try:
-                value = read(conn)
+                try:
+                    value = read(conn)
+                finally:
+                    watchdog.done()     # before the connection may be closed below
             except fleetquery.QueryError:
                 self._answered()        # a question it answered no to: it is there
                 raise
             except pg.Error as exc:
-                if cut:
+                if watchdog.fired:
                     self._drop()
                     error = fleetdb.FleetUnreachable(
                         f"the fleet database {self.shown} did not answer within "
@@ -152,8 +152,6 @@ class FleetReader:
                 error = fleetdb.classify(exc, self.url, "read")
                 self._failed(error)
                 raise error from None
-            finally:
-                watchdog.cancel()
             self._answered()
             return value
 
@@ -220,16 +218,34 @@ class FleetReader:
                 self._lock.release()
 
 
-def _cut(conn, cut):
-    """The watchdog's end of a read past READ_DEADLINE (in its own thread): the connection's
-    socket shut down, so that the read waiting on it fails at once (the connection is dropped)."""
-    cut.append(True)
-    try:
-        sock = socket.socket(fileno=os.dup(conn.fileno()))
-    except Exception:       # closed already
-        return
-    with sock:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+class _Watchdog:
+    """Past ``seconds``, the connection's socket shut down (from the timer's thread), so that
+    the read waiting on it fails at once; ``fired`` says it did.  ``done()`` ends the watch, and
+    once it returns the socket is never touched (its descriptor may be another's after a close)."""
+
+    def __init__(self, conn, seconds):
+        self.conn, self.fired = conn, False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def done(self):
+        with self._lock:
+            self._timer.cancel()
+            self.conn = None
+
+    def _cut(self):
+        with self._lock:
+            if self.conn is None:
+                return
+            self.fired = True
+            try:
+                sock = socket.socket(fileno=os.dup(self.conn.fileno()))
+            except Exception:       # closed already
+                return
+            with sock:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
