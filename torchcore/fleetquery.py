@@ -342,7 +342,7 @@ def last_run_with_output(conn, task, node=None, tz=None):
 
 _RECENT_SQL = f"""
 WITH recent AS (
-    SELECT * FROM {S}.runs WHERE at > now() - interval '{RECENT}'
+    SELECT * FROM {S}.runs WHERE at > now() - interval '{RECENT}' {{task}}
 ), last AS (
     SELECT DISTINCT ON (node, task) {_RUN_SELECT}, {_epoch("at")} AS at FROM recent
     ORDER BY node, task, at DESC, run_id DESC
@@ -372,8 +372,10 @@ def _node_of(row):
     return Node(addresses=tuple(addresses), hostname=row["hostname"] or row["name"])
 
 
-def task_view(conn, taskfile, tz=None):
-    """The tasks of ``taskfile`` across the fleet, and what is wrong.
+def task_view(conn, taskfile, tz=None, task=None):
+    """The tasks of ``taskfile`` across the fleet, and what is wrong; ``task``: that task of the
+    file only (its runs alone are read, through the index on (task, at): a task's page at a
+    fleet of many runs a day), without the drift problems, which are the whole file's.
 
     ``{"file", "digest", "nodes_on_file" (the nodes that run this very file), "nodes" (how many
     are registered), "now", "tasks": [...], "problems": [...]}``; per task: name,
@@ -389,9 +391,13 @@ def task_view(conn, taskfile, tz=None):
     """
     from torchcore import textfmt
 
+    only = task
     registered = nodes(conn, tz)
     with conn.cursor() as cur:
-        cur.execute(_RECENT_SQL)
+        if only is None:
+            cur.execute(_RECENT_SQL.format(task=""))
+        else:
+            cur.execute(_RECENT_SQL.format(task="AND task = %s"), (only,))
         recent = cur.fetchall()
     machines = [(row["name"], _node_of(row), Node(addresses=(), hostname=row["name"]))
                 for row in registered]
@@ -405,7 +411,7 @@ def task_view(conn, taskfile, tz=None):
             "last_result": result_text(fields), "failed": last_failed, "runs": runs,
             "failures": failures})
     tasks, problems = [], []
-    for task in taskfile.tasks:
+    for task in (taskfile.tasks if only is None else [taskfile.index[only]]):
         should = [name for name, machine, named in machines
                   if task.runs_on(machine) or (task.hosts and task.runs_on(named))]
         ran = ran_by_task.get(task.name, [])

@@ -98,14 +98,14 @@ class FleetReader:
     def run(self, node, run_id, tz=None):
         return self.query(lambda conn: fleetquery.run(conn, node, run_id, tz=tz))
 
-    def task_view(self, taskfile, tz=None):
-        """fleetquery.task_view of the file, reused for VIEW_TTL seconds (every open task page
-        asks for it; at 10,000 tasks it takes a moment to make)."""
-        key = (taskfile.digest, str(tz))
+    def task_view(self, taskfile, tz=None, task=None):
+        """fleetquery.task_view of the file (``task``: of that task only, as a task's page asks),
+        reused for VIEW_TTL seconds (every open task page asks for it again)."""
+        key = (taskfile.digest, str(tz), task)
         hit = self._views.get(key)
         if hit is not None and time.monotonic() - hit[0] < VIEW_TTL:
             return hit[1]
-        view = self.query(lambda conn: fleetquery.task_view(conn, taskfile, tz))
+        view = self.query(lambda conn: fleetquery.task_view(conn, taskfile, tz, task))
         self._views = {key: (time.monotonic(), view)}
         return view
 
