@@ -220,3 +220,29 @@ def test_a_client_that_does_not_read_is_cut_off_at_the_write_deadline(site, monk
         big.close()
         for sock in readers:
             sock.close()
+
+
+def _raw_get(port, target):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    got = b""
+    while chunk := sock.recv(65536):
+        got += chunk
+    sock.close()
+    return int(got.split(b" ", 2)[1]), got.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize("target, status", [
+    (b"//metrics/api/v1/status", 404),          # not the API: a path, whatever urlsplit says
+    (b"//localhost/api/v1/tasks/chatty/log", 404),
+    (b"//api/v1/status", 404),
+    (b"/api/v1/status", 200),
+    (b"/api/v1/status?", 200),
+    (b"http://localhost/api/v1/status", 200),   # the absolute form a proxy is sent
+])
+def test_a_path_that_starts_with_two_slashes_is_a_path(site, target, status):
+    """A proxy that lets only /metrics through (nginx's location /metrics, which matches
+    //metrics/... with its slashes merged and passes the target on as it came) must not open
+    the API: //metrics/api/v1/... is the path /metrics/api/v1/..., not host 'metrics'."""
+    got, body = _raw_get(site.port, target)
+    assert got == status, body
