@@ -346,7 +346,10 @@ def test_a_server_process_that_stopped_answering_is_a_bounded_503(fleet_site, mo
         first = threading.Thread(target=lambda: answers.append(
             (fleet_site.get("api/v1/fleet/history"), fleet_site.took)))
         first.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while not fleet_site.backend.fleet._lock.locked():     # the first holds the connection
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         status, body = fleet_site.get("api/v1/fleet/nodes")       # waits for the connection
         assert status == 200 and fleet_site.took < 2.0 + 1.5, (body, fleet_site.took)
         first.join(30)
