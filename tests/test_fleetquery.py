@@ -281,6 +281,36 @@ def test_task_view_finds_orphans_failures_on_some_nodes_and_drift(conn, tmp_path
     assert json.loads(json.dumps(view)) == view
 
 
+def test_task_view_of_one_task_reads_its_runs_alone(conn, tmp_path):
+    """A task's page asks for its task only: the same row and problems as in the whole view,
+    its runs read through the index on (task, at) (at 200,000 runs a day, the whole day's runs
+    take longer than the service's statement_timeout to read)."""
+    path = tmp_path / "tasks.yaml"
+    path.write_text(_FILE)
+    taskfile = config.load(str(path))
+    _three_nodes(conn)
+    conn.execute(f"""INSERT INTO {fleetrows.S}.runs (node, run_id, task, started, ended,
+                         exit_code, at)
+                     SELECT 'web-' || (g % 3 + 1), 1000 + g, 'other-' || (g % 200),
+                            now() - g * interval '1 second', now() - g * interval '1 second',
+                            0, now() - g * interval '1 second'
+                     FROM generate_series(1, 50000) g""")
+    conn.execute(f"ANALYZE {fleetrows.S}.runs")
+    whole = fleetquery.task_view(conn, taskfile, UTC)
+    for name in ("backup", "report", "db-vacuum"):
+        one = fleetquery.task_view(conn, taskfile, UTC, task=name)
+        assert one["tasks"] == [t for t in whole["tasks"] if t["name"] == name]
+        assert one["problems"] == [p for p in whole["problems"] if p.get("task") == name]
+        assert {k: v for k, v in one.items() if k not in ("tasks", "problems", "now")} == \
+            {k: v for k, v in whole.items() if k not in ("tasks", "problems", "now")}
+    sql = fleetquery._RECENT_SQL.format(task="AND task = 'report'")
+    [[plan]] = conn.execute("EXPLAIN (FORMAT JSON) " + sql).fetchone()
+    steps = _plan_nodes(plan["Plan"], [])
+    kinds = [s["Node Type"] for s in steps if s.get("Relation Name") == "runs"]
+    indexes = {s["Index Name"] for s in steps if "Index Name" in s}
+    assert kinds and "Seq Scan" not in kinds and indexes == {"runs_task_at"}, (kinds, indexes)
+
+
 def test_task_view_without_problems_and_the_nodes_on_this_file(conn, tmp_path):
     path = tmp_path / "tasks.yaml"
     path.write_text("tasks:\n  - name: backup\n    command: echo\n    schedule: '@daily'\n")
@@ -353,3 +383,64 @@ def test_fleet_status_over_a_thousand_nodes_is_one_statement_using_the_indexes(c
     assert runs and all(kind != "Seq Scan" and index in ("runs_failed", "runs_node_failed")
                         for kind, _, index in runs), \
         scans
+
+
+# Times PostgreSQL holds and Python's datetime does not (years 1-9999): what a node whose clock
+# is far off, or a hand-written row, can put there
+_FAR_TIMES = st.one_of(
+    st.sampled_from(["infinity", "-infinity", "4713-01-01 BC", "294276-12-31"]),
+    st.integers(10_000, 294_275).map(lambda year: f"{year}-06-15 12:00:00+00"),
+    st.integers(1, 4_712).map(lambda year: f"{year:04d}-06-15 12:00:00+00 BC"))
+
+
+@settings(derandomize=True, max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(started=_FAR_TIMES, ended=_FAR_TIMES, scheduled=_FAR_TIMES)
+def test_times_out_of_pythons_range_are_shown_at_its_bounds(conn, tmp_path, started, ended,
+                                                           scheduled):
+    """A run and a node with times beyond year 9999 (or before year 1, or infinite): every read
+    answers, with the times at the nearest bound Python holds, in strict JSON (no NaN)."""
+    with conn.transaction():
+        conn.execute(f"DELETE FROM {fleetrows.S}.runs")
+        conn.execute(f"DELETE FROM {fleetrows.S}.nodes")
+        fleetrows.add_node(conn, "web-1")
+        conn.execute(f"UPDATE {fleetrows.S}.nodes SET started = %s, file_since = %s",
+                     (started, ended))
+        conn.execute(f"INSERT INTO {fleetrows.S}.runs (node, run_id, task, scheduled, started, "
+                     "ended, exit_code, at) VALUES ('web-1', 1, 'backup', %s, %s, %s, 0, now())",
+                     (scheduled, started, ended))
+    path = tmp_path / "tasks.yaml"
+    path.write_text("tasks:\n  - {name: backup, schedule: '@daily', command: 'true'}\n")
+    answers = [fleetquery.history(conn, tz=UTC), fleetquery.run(conn, "web-1", 1, tz=UTC),
+               fleetquery.nodes(conn, UTC), fleetquery.task_view(conn, config.load(str(path)), UTC)]
+
+    def no_constant(name):
+        raise AssertionError(f"{name} in the JSON")
+
+    json.loads(json.dumps(answers), parse_constant=no_constant)
+    [run] = answers[0]
+    for key in ("scheduled", "started", "ended"):
+        assert run[key][:4] in ("0001", "9999"), run
+    assert answers[2][0]["started"][:4] in ("0001", "9999")
+
+
+@settings(derandomize=True, max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offset=st.sampled_from(["NaN", "Infinity", "-Infinity", "0.5", "3"]),
+       heartbeat=st.sampled_from(["NaN", "Infinity", "5"]))
+def test_a_node_s_numbers_are_json_numbers_or_null(conn, offset, heartbeat):
+    """NaN and Infinity, which a real column holds, come back as None (JSON has no such
+    number: the dashboard's parser refuses the whole answer)."""
+    with conn.transaction():
+        conn.execute(f"DELETE FROM {fleetrows.S}.nodes")
+        fleetrows.add_node(conn, "web-1")
+        conn.execute(f"UPDATE {fleetrows.S}.nodes SET clock_offset = %s::real, "
+                     "heartbeat = %s::real", (offset, heartbeat))
+    [node] = fleetquery.nodes(conn, UTC)
+
+    def no_constant(name):
+        raise AssertionError(f"{name} in the JSON")
+
+    json.loads(json.dumps(node), parse_constant=no_constant)
+    assert node["clock_offset"] == ({"0.5": 0.5, "3": 3.0}.get(offset))
+    assert node["heartbeat"] == (5 if heartbeat == "5" else None)

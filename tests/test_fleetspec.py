@@ -32,6 +32,35 @@ def test_redact_hides_a_password_in_key_value_form_and_in_the_query(secret):
     assert fleetspec.password_in(f"host=db password={secret}") == secret
 
 
+# URLs as $TORCHCORE_DATABASE_URL may hold them (a secret is allowed there) that libpq refuses,
+# quoting what it could not read: {0} is the secret as written in the URL
+_LIBPQ_REFUSES = [
+    "postgresql://tc:{0}@[db.internal/fleet",               # unparseable: quoted whole
+    "postgresql://tc:{0}%ZZ@db.internal/fleet",             # a bad escape: the token quoted
+    "postgresql://tc@db.internal/fleet?sslpassword={0}&bogus=1",
+    "postgresql://tc@db.internal/fleet?pass%77ord={0}&bogus=1",   # libpq decodes keys too
+    "host=db.internal sslpassword={0} bogus=1",
+    "host=db.internal password='{0}' bogus=1",
+]
+
+
+@settings(derandomize=True, max_examples=100, deadline=None)
+@given(SECRET, st.sampled_from(_LIBPQ_REFUSES))
+def test_no_secret_of_a_url_shows_in_its_redacted_form_nor_in_libpq_s_errors(secret, form):
+    """redact hides sslpassword (the client key's passphrase) and a percent-encoded password
+    key; fleetdb.describe scrubs what libpq quotes back (a whole unparseable URL, a token)."""
+    psycopg = pytest.importorskip("psycopg")
+    from torchcore import fleetdb
+
+    secret = f"SEKRET{secret}"          # a marker no message holds by chance
+    url = form.format(urllib.parse.quote(secret, safe="") if "://" in form else secret)
+    with pytest.raises(psycopg.Error) as refused:
+        psycopg.conninfo.conninfo_to_dict(url)
+    for shown in (fleetspec.redact(url), fleetdb.describe(refused.value, url),
+                  str(fleetdb.classify(refused.value, url))):
+        assert "SEKRET" not in shown, (url, shown)
+
+
 @pytest.mark.parametrize("url", ["postgresql://tc:pw@db/x", "postgres://tc@db/x?password=pw",
                                  "host=db password=pw dbname=x"])
 def test_a_password_in_the_task_file_is_refused_at_its_line(tmp_path, url):

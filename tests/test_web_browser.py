@@ -206,6 +206,18 @@ def test_the_fleet_view_without_the_fleet_says_how_to_set_it_up(site):
         assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
 
 
+def test_a_link_to_a_task_whose_name_is_not_utf8_says_so(site):
+    """#/task/%E0 (a broken link, a name cut mid-character): the task page says there is no
+    such task, instead of the page staying at Loading... (decodeURIComponent throws)."""
+    daemon, driver = site
+    driver.get(daemon.base + "#/task/%E0%A4")
+    text = until(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#main .message.error").text,
+                 what="the task page's error")
+    assert "404" in text, text
+    driver.get(daemon.base + "#/")
+    until(driver, lambda d: state_of(d, "bad"), what="the task list after it")
+
+
 FLEET_BODY = """tasks:
   - name: backup
     schedule: "0 0 3 * * *"

@@ -323,3 +323,39 @@ def test_a_reload_that_adds_the_fleet_connects_it(tmp_path, pg):
         assert site.get("api/v1/fleet/nodes")[0] == 404
     finally:
         site.stop()
+
+
+def test_a_server_process_that_stopped_answering_is_a_bounded_503(fleet_site, monkeypatch):
+    """The backend serving the service's connection stops (SIGSTOP: its kernel still acknowledges,
+    so neither TCP's bounds nor the server's statement_timeout end the read): the request is a
+    503 within READ_DEADLINE, and a request that waited for the connection meanwhile is
+    answered on a new one."""
+    import signal
+    import threading
+
+    import psycopg
+
+    monkeypatch.setattr(web_fleet, "READ_DEADLINE", 2.0, raising=False)
+    assert fleet_site.get("api/v1/fleet/nodes")[0] == 200        # the connection is kept
+    with psycopg.connect(fleet_site.pg.url, autocommit=True) as conn:
+        pid, = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND "
+                            "application_name = 'torchcore: http'", (fleet_site.pg.name,)).fetchone()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        answers = []
+        first = threading.Thread(target=lambda: answers.append(
+            (fleet_site.get("api/v1/fleet/history"), fleet_site.took)))
+        first.start()
+        deadline = time.monotonic() + 10
+        while not fleet_site.backend.fleet._lock.locked():     # the first holds the connection
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        status, body = fleet_site.get("api/v1/fleet/nodes")       # waits for the connection
+        assert status == 200 and fleet_site.took < 2.0 + 1.5, (body, fleet_site.took)
+        first.join(30)
+        ((status, body), took), = answers
+        assert status == 503 and took < 2.0 + 1.5, (body, took)
+        assert body["error"] == (f"the fleet database {fleet_site.pg.url} did not answer within "
+                                 "2s; its connection was cut")
+    finally:
+        os.kill(pid, signal.SIGCONT)

@@ -181,3 +181,68 @@ def test_a_follow_that_fails_ends_its_stream_only(site):
     assert got.startswith(b"HTTP/1.1 200") and b"data: one line" in got
     assert site.server.service.followers == 0
     assert get(site.base + "api/v1/status")[0] == 200
+
+
+def test_a_client_that_does_not_read_is_cut_off_at_the_write_deadline(site, monkeypatch):
+    """A follow and a big answer to clients that never read: once an answer (or an event) has
+    waited WRITE_DEADLINE to be taken, the connection ends, the follow's place is free again,
+    and what was waiting to be sent is dropped (a close would wait for it for ever).  The
+    answers are larger than the kernel's socket buffers take (4 MiB), so some wait in the
+    service's own."""
+    monkeypatch.setattr(server, "WRITE_DEADLINE", 1.0)
+    monkeypatch.setattr(server, "REQUEST_DEADLINE", 120.0)     # not what ends them
+    line = b"y" * 1200 + b"\n"
+    big = tasklog.TaskLog(site.backend.log_dir, "chatty", 2, 1 << 30, 1)     # not rotated
+    big.write("stdout", line * 10000)                           # a 12 MB answer of log lines
+    readers = []
+    for path in (b"/api/v1/tasks/chatty/log/follow?lines=1", b"/api/v1/tasks/chatty/log?lines=10000"):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", site.port))
+        sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        readers.append(sock)
+    try:
+        deadline = time.monotonic() + 20
+        while site.server.service.followers == 0:
+            assert time.monotonic() < deadline, "the follow did not start"
+            time.sleep(0.05)
+        for _ in range(12):         # the followed log grows by 12 MB
+            big.write("stdout", line * 800)
+            time.sleep(0.05)
+        connections = site.server.service.connections.timers
+        deadline = time.monotonic() + 30
+        while site.server.service.followers or connections:
+            assert time.monotonic() < deadline, (site.server.service.followers, len(connections))
+            time.sleep(0.1)
+        status, _, took = get(site.base + "api/v1/status")
+        assert status == 200 and took < 3.0
+    finally:
+        big.close()
+        for sock in readers:
+            sock.close()
+
+
+def _raw_get(port, target):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    got = b""
+    while chunk := sock.recv(65536):
+        got += chunk
+    sock.close()
+    return int(got.split(b" ", 2)[1]), got.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize("target, status", [
+    (b"//metrics/api/v1/status", 404),          # not the API: a path, whatever urlsplit says
+    (b"//localhost/api/v1/tasks/chatty/log", 404),
+    (b"//api/v1/status", 404),
+    (b"/api/v1/status", 200),
+    (b"/api/v1/status?", 200),
+    (b"http://localhost/api/v1/status", 200),   # the absolute form a proxy is sent
+])
+def test_a_path_that_starts_with_two_slashes_is_a_path(site, target, status):
+    """A proxy that lets only /metrics through (nginx's location /metrics, which matches
+    //metrics/... with its slashes merged and passes the target on as it came) must not open
+    the API: //metrics/api/v1/... is the path /metrics/api/v1/..., not host 'metrics'."""
+    got, body = _raw_get(site.port, target)
+    assert got == status, body

@@ -115,13 +115,13 @@ def psycopg():
 
 
 def describe(exc, url=None):
-    """One line for a psycopg (or socket) error, without the password."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    """One line for a psycopg (or socket) error, without the password (nor an ``sslpassword``,
+    nor a URL libpq could not parse, which it quotes whole)."""
+    text = str(exc)
     if url is not None:
-        secret = fleetspec.password_in(url)
-        if secret:
+        for secret in fleetspec.secrets_in(url):
             text = text.replace(secret, "***")
-    return text
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def _sqlstate(exc):

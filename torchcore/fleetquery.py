@@ -20,6 +20,7 @@ tie, the newer file); a stopped node is never drifted (it runs nothing).
 
 import datetime
 import ipaddress
+import math
 
 from torchcore import fleetdb
 from torchcore.fleetspec import DOWN_AFTER, LATE_AFTER
@@ -39,10 +40,24 @@ class QueryError(fleetdb.FleetError):
 
 # ---- times ---------------------------------------------------------------------------------
 
+# The epoch seconds Python's datetime holds in any zone (years 1-9999, a day from each end):
+# PostgreSQL holds years up to 294276 and 'infinity', which a node whose clock is far off (or a
+# row written by hand) may put in the fleet database
+_EARLIEST = datetime.datetime(1, 1, 2, tzinfo=datetime.timezone.utc).timestamp()
+_LATEST = datetime.datetime(9999, 12, 30, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def bounded(epoch):
+    """``epoch`` (seconds, None passes) within the years Python can show, at the nearest bound."""
+    return None if epoch is None else min(max(float(epoch), _EARLIEST), _LATEST)
+
+
 def iso(epoch, tz=None, timespec="milliseconds"):
-    """Epoch seconds as ISO 8601 with the offset of ``tz`` (None: local), or None."""
+    """Epoch seconds as ISO 8601 with the offset of ``tz`` (None: local), or None; a time
+    beyond the years 1-9999 is shown at the nearest of them."""
     if epoch is None:
         return None
+    epoch = bounded(epoch)
     when = datetime.datetime.fromtimestamp(epoch, tz) if tz else \
         datetime.datetime.fromtimestamp(epoch).astimezone()
     return when.isoformat(timespec=timespec)
@@ -137,6 +152,8 @@ def nodes(conn, tz=None):
         node["heartbeat"] = _number(node["heartbeat"])
         node["age"] = round(node["age"], 3)
         offset = node["clock_offset"]
+        if offset is not None and not math.isfinite(offset):
+            offset = None       # a real column holds NaN and Infinity, which JSON cannot
         node["clock_offset"] = None if offset is None else round(float(offset), 3)
         node["clock_flagged"] = offset is not None and abs(offset) > CLOCK_TOLERANCE
         if not node["drifted"]:
@@ -149,6 +166,8 @@ def nodes(conn, tz=None):
 
 def _number(value):
     value = float(value)
+    if not math.isfinite(value):
+        return None         # NaN or Infinity in a real column: no number JSON can carry
     return int(value) if value.is_integer() else round(value, 3)
 
 
@@ -176,6 +195,8 @@ _RUN_SELECT = ", ".join(f"{_epoch(c)} AS {c}" if c in ("scheduled", "started", "
 def _record(row):
     """(node, RunRecord) of a selected row (RunRecord.node: the fleet node's name)."""
     fields = dict(zip(_RUN_COLUMNS, row))
+    for key in ("scheduled", "started", "ended"):
+        fields[key] = bounded(fields[key])
     if fields["scheduled"] is not None:
         fields["scheduled"] = int(fields["scheduled"])
     return RunRecord(**fields)
@@ -321,7 +342,7 @@ def last_run_with_output(conn, task, node=None, tz=None):
 
 _RECENT_SQL = f"""
 WITH recent AS (
-    SELECT * FROM {S}.runs WHERE at > now() - interval '{RECENT}'
+    SELECT * FROM {S}.runs WHERE at > now() - interval '{RECENT}' {{task}}
 ), last AS (
     SELECT DISTINCT ON (node, task) {_RUN_SELECT}, {_epoch("at")} AS at FROM recent
     ORDER BY node, task, at DESC, run_id DESC
@@ -351,8 +372,10 @@ def _node_of(row):
     return Node(addresses=tuple(addresses), hostname=row["hostname"] or row["name"])
 
 
-def task_view(conn, taskfile, tz=None):
-    """The tasks of ``taskfile`` across the fleet, and what is wrong.
+def task_view(conn, taskfile, tz=None, task=None):
+    """The tasks of ``taskfile`` across the fleet, and what is wrong; ``task``: that task of the
+    file only (its runs alone are read, through the index on (task, at): a task's page at a
+    fleet of many runs a day), without the drift problems, which are the whole file's.
 
     ``{"file", "digest", "nodes_on_file" (the nodes that run this very file), "nodes" (how many
     are registered), "now", "tasks": [...], "problems": [...]}``; per task: name,
@@ -368,9 +391,13 @@ def task_view(conn, taskfile, tz=None):
     """
     from torchcore import textfmt
 
+    only = task
     registered = nodes(conn, tz)
     with conn.cursor() as cur:
-        cur.execute(_RECENT_SQL)
+        if only is None:
+            cur.execute(_RECENT_SQL.format(task=""))
+        else:
+            cur.execute(_RECENT_SQL.format(task="AND task = %s"), (only,))
         recent = cur.fetchall()
     machines = [(row["name"], _node_of(row), Node(addresses=(), hostname=row["name"]))
                 for row in registered]
@@ -384,7 +411,7 @@ def task_view(conn, taskfile, tz=None):
             "last_result": result_text(fields), "failed": last_failed, "runs": runs,
             "failures": failures})
     tasks, problems = [], []
-    for task in taskfile.tasks:
+    for task in (taskfile.tasks if only is None else [taskfile.index[only]]):
         should = [name for name, machine, named in machines
                   if task.runs_on(machine) or (task.hosts and task.runs_on(named))]
         ran = ran_by_task.get(task.name, [])

@@ -30,6 +30,8 @@ LATE_AFTER = 2          # heartbeats missed before a node is late
 DOWN_AFTER = 6          # ... and down
 _FIELDS = ("database", "node", "heartbeat", "output_tail")
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_SECRET_KEYS = ("password", "sslpassword")     # libpq's parameters whose values are secrets
+_KEYWORD_SECRET = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 _KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
@@ -61,10 +63,52 @@ def redact(url):
             userinfo, _, hostport = netloc.rpartition("@")
             user, sep, _ = userinfo.partition(":")
             netloc = f"{user}{':***' if sep else ''}@{hostport}"
-        query = "&".join(("password=***" if pair.lower().startswith("password=") else pair)
-                         for pair in parts.query.split("&")) if parts.query else ""
+        query = "&".join(_redact_pair(pair) for pair in parts.query.split("&")) \
+            if parts.query else ""
         return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    return _KEYWORD_PASSWORD.sub(lambda m: m.group(1) + "***", text)
+    return _KEYWORD_SECRET.sub(lambda m: m.group(1) + "***", text)
+
+
+def _secret_key(key):
+    """Whether a URL query's ``key`` (as written: libpq decodes %XX in keys too) names a secret."""
+    return urllib.parse.unquote(key).strip().lower() in _SECRET_KEYS
+
+
+def _redact_pair(pair):
+    key, sep, _ = pair.partition("=")
+    return f"{key}=***" if sep and _secret_key(key) else pair
+
+
+def secrets_in(url):
+    """Every form in which a secret of ``url`` (its password, an ``sslpassword``) may be quoted
+    back by libpq or the server, as written and decoded, longest first: what ``redact`` hides,
+    for scrubbing error text.  A URL that cannot be parsed counts as a secret itself (libpq
+    quotes the whole of it in its complaint)."""
+    text = str(url)
+    found = set()
+    if "://" in text:
+        rest = text.split("://", 1)[1]
+        authority = rest.split("/", 1)[0]
+        if "@" in authority:        # libpq ends the user info at the first "@", urlsplit at the last
+            for userinfo in (authority.rpartition("@")[0], authority.partition("@")[0]):
+                found.add(userinfo.partition(":")[2])
+        query = rest.partition("?")[2].partition("#")[0]
+        for pair in query.split("&"):
+            key, sep, value = pair.partition("=")
+            if sep and _secret_key(key):
+                found.add(value)
+        try:
+            urllib.parse.urlsplit(text)
+        except ValueError:
+            found.add(text)
+    else:
+        for match in _KEYWORD_SECRET.finditer(text):
+            value = match.group(2)
+            found.add(value)
+            found.add(value.strip("'"))
+            found.add(re.sub(r"\\(.)", r"\1", value.strip("'")))
+    found |= {urllib.parse.unquote(secret) for secret in found}
+    return sorted((secret for secret in found if secret), key=len, reverse=True)
 
 
 def password_in(url):

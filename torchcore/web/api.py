@@ -214,11 +214,8 @@ class Api:
         taskfile = self.backend.taskfile
         if name is not None and name not in taskfile.index:
             raise self.no_task(name)
-        view = dict(self.fleet_read(lambda: fleet.task_view(taskfile, self.backend.tz)),
+        view = dict(self.fleet_read(lambda: fleet.task_view(taskfile, self.backend.tz, name)),
                     database=fleet.shown)
-        if name is not None:
-            view["tasks"] = [t for t in view["tasks"] if t["name"] == name]
-            view["problems"] = [p for p in view["problems"] if p.get("task") == name]
         return 200, view
 
     def fleet_history(self, request):

@@ -11,7 +11,11 @@ touch it), and a fleet request waits a bounded time whatever the database does:
   that vanished mid-answer is noticed by TCP within TCP_TIMEOUT (tcp_user_timeout, keepalives);
 - waiting for the connection another request uses: at most BUSY_WAIT seconds;
 - after a failed connect, requests for the next RETRY_AFTER seconds are answered at once with
-  the same error (a database that is down costs one attempt per RETRY_AFTER, not one per page).
+  the same error (a database that is down costs one attempt per RETRY_AFTER, not one per page);
+- whatever the server does, a request's reads end within READ_DEADLINE seconds: past it a
+  watchdog shuts the connection's socket down.  The server's own bounds cannot end a read whose
+  server process stopped (SIGSTOP, a hung disk) while its kernel still acknowledges, nor one
+  held by a pooler waiting for a server (where ``SET statement_timeout`` does not stay).
 
 Every failure is a FleetError whose message names the database by ``fleetspec.redact`` (the
 password, if any, never shows); the service logs the database going away and coming back,
@@ -20,6 +24,7 @@ once each, never per request.
 
 import logging
 import os
+import socket
 import threading
 import time
 
@@ -32,6 +37,7 @@ STATEMENT_TIMEOUT = 5       # seconds
 TCP_TIMEOUT = 5             # seconds: unacknowledged data, or a silent peer (keepalives)
 BUSY_WAIT = 3.0             # seconds a request waits for the connection another one uses
 RETRY_AFTER = 2.0           # seconds between connection attempts while the database is down
+READ_DEADLINE = 10.0        # seconds a request's reads may take, whatever the server does
 VIEW_TTL = 2.0              # seconds a task file's view across the fleet is reused
 EXAMPLE_URL = "postgresql://torchcore@db.internal/torchcore"
 
@@ -92,14 +98,14 @@ class FleetReader:
     def run(self, node, run_id, tz=None):
         return self.query(lambda conn: fleetquery.run(conn, node, run_id, tz=tz))
 
-    def task_view(self, taskfile, tz=None):
-        """fleetquery.task_view of the file, reused for VIEW_TTL seconds (every open task page
-        asks for it; at 10,000 tasks it takes a moment to make)."""
-        key = (taskfile.digest, str(tz))
+    def task_view(self, taskfile, tz=None, task=None):
+        """fleetquery.task_view of the file (``task``: of that task only, as a task's page asks),
+        reused for VIEW_TTL seconds (every open task page asks for it again)."""
+        key = (taskfile.digest, str(tz), task)
         hit = self._views.get(key)
         if hit is not None and time.monotonic() - hit[0] < VIEW_TTL:
             return hit[1]
-        view = self.query(lambda conn: fleetquery.task_view(conn, taskfile, tz))
+        view = self.query(lambda conn: fleetquery.task_view(conn, taskfile, tz, task))
         self._views = {key: (time.monotonic(), view)}
         return view
 
@@ -122,12 +128,23 @@ class FleetReader:
         for attempt in (1, 2):
             kept = self._conn is not None
             conn = self._connection()
+            watchdog = _Watchdog(conn, READ_DEADLINE)
             try:
-                value = read(conn)
+                try:
+                    value = read(conn)
+                finally:
+                    watchdog.done()     # before the connection may be closed below
             except fleetquery.QueryError:
                 self._answered()        # a question it answered no to: it is there
                 raise
             except pg.Error as exc:
+                if watchdog.fired:
+                    self._drop()
+                    error = fleetdb.FleetUnreachable(
+                        f"the fleet database {self.shown} did not answer within "
+                        f"{READ_DEADLINE:g}s; its connection was cut")
+                    self._failed(error)
+                    raise error from None
                 if conn.closed or conn.broken:
                     self._drop()
                     if kept and attempt == 1:
@@ -199,3 +216,36 @@ class FleetReader:
                 self._drop()
             finally:
                 self._lock.release()
+
+
+class _Watchdog:
+    """Past ``seconds``, the connection's socket shut down (from the timer's thread), so that
+    the read waiting on it fails at once; ``fired`` says it did.  ``done()`` ends the watch, and
+    once it returns the socket is never touched (its descriptor may be another's after a close)."""
+
+    def __init__(self, conn, seconds):
+        self.conn, self.fired = conn, False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def done(self):
+        with self._lock:
+            self._timer.cancel()
+            self.conn = None
+
+    def _cut(self):
+        with self._lock:
+            if self.conn is None:
+                return
+            self.fired = True
+            try:
+                sock = socket.socket(fileno=os.dup(self.conn.fileno()))
+            except Exception:       # closed already
+                return
+            with sock:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

@@ -25,7 +25,7 @@ import socket
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 try:
     from aiohttp import HttpVersion10, HttpVersion11, web
@@ -137,7 +137,10 @@ async def route(service, request):
         # a page elsewhere that rebinds its own name to 127.0.0.1 gets nothing from here
         raise api_mod.HttpError(403, "this service answers to a loopback Host only "
                                      "(localhost, 127.0.0.1, [::1])")
-    url = urlsplit(request.raw_path)
+    raw = request.raw_path      # "//metrics/api/..." is a path, not urlsplit's host "metrics" and
+    # path /api/... (the API past a proxy that passes only /metrics on); urlsplit: http://host/path
+    url = SplitResult("", "", *raw.partition("#")[0].partition("?")[::2], "") \
+        if raw.startswith("/") else urlsplit(raw)
     backend = service.backend
     base = backend.base_path
     if url.path + "/" == base:
@@ -363,7 +366,7 @@ class _Connections(web.Server if web is not None else object):
         if handler not in self.timers:
             return      # gone already
         self.disarm(handler)
-        self.timers[handler] = asyncio.get_running_loop().call_later(seconds, handler.force_close)
+        self.timers[handler] = asyncio.get_running_loop().call_later(seconds, _cut, handler)
 
     def disarm(self, handler):
         timer = self.timers.get(handler)
@@ -379,6 +382,14 @@ class _Connections(web.Server if web is not None else object):
             yield
         finally:
             self.disarm(handler)
+
+
+def _cut(handler):
+    """End a connection past its deadline, dropping what it buffers (a close waits for ever)."""
+    transport = handler.transport
+    handler.force_close()
+    if transport is not None:
+        transport.abort()
 
 
 # -- serving ---------------------------------------------------------------------------------------

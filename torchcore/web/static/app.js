@@ -415,6 +415,11 @@ async function historyPage() {
 
 let refresh = () => {};
 
+// A name from the URL; a broken escape (%E0) is kept as written: the page then says no such task.
+function decoded(text) {
+  try { return decodeURIComponent(text); } catch (e) { return text; }
+}
+
 async function route() {
   asking = false;           // a page refused without the token asks for it again
   clearInterval(timer);
@@ -423,7 +428,7 @@ async function route() {
   const [page, ...rest] = hash.split("/");
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.nav === (page || "tasks"));
   let again;
-  if (page === "task" && rest.length) again = await taskPage(decodeURIComponent(rest.join("/")));
+  if (page === "task" && rest.length) again = await taskPage(decoded(rest.join("/")));
   else if (page === "timeline") again = await timelinePage();
   else if (page === "history") again = await historyPage();
   else if (page === "fleet") again = await fleetPage();
