@@ -62,7 +62,8 @@ def test_no_secret_of_a_url_shows_in_its_redacted_form_nor_in_libpq_s_errors(sec
 
 
 @pytest.mark.parametrize("url", ["postgresql://tc:pw@db/x", "postgres://tc@db/x?password=pw",
-                                 "host=db password=pw dbname=x"])
+                                 "host=db password=pw dbname=x", "postgresql://tc@db/x?sslpassword=pw",
+                                 "postgresql://tc@db/x?pass%77ord=pw", "host=db sslpassword=pw"])
 def test_a_password_in_the_task_file_is_refused_at_its_line(tmp_path, url):
     path = tmp_path / "tasks.yaml"
     path.write_text(f"settings:\n  fleet:\n    database: \"{url}\"\ntasks: []\n")

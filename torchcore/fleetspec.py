@@ -145,10 +145,10 @@ def check_url(text):
     elif "=" not in text:
         raise FleetSpecError("expected a libpq URL like postgresql://torchcore@db.internal/torchcore "
                              "or key=value pairs like 'host=db.internal dbname=torchcore'")
-    if password_in(text):
+    if password_in(text) or secrets_in(text):     # a password, or an sslpassword, in any form
         raise FleetSpecError("the URL holds a password; the task file is read by every node and "
                              "kept in git: remove it and use PGPASSWORD, PGPASSFILE or ~/.pgpass "
-                             "where the daemon runs")
+                             "(and the key's own file for sslpassword) where the daemon runs")
     return text
 
 
