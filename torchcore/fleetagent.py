@@ -17,10 +17,15 @@ does) and the runs still waiting.  A clean stop sets ``stopped``.  What is writt
 connection, are fleetrows.py's.
 
 With the database down, unreachable or refusing, the node schedules and runs as before: the
-agent tries again after 1 s, doubling to 30 s, logs once per change of state (never per try, the
-URL only through fleetspec.redact), keeps its state in the records database for ``status``, and
-ships the backlog in order once the database is back.  A schema dropped or older than the code is
-a state like the others: logged once, tried again.
+agent tries again after 1 s, doubling; a database that cannot be reached is tried at least every
+RETRY_UNREACHABLE seconds (a try that fails costs one refused or timed-out connect, and the backlog
+ships within seconds of the database's return), one that answers but refuses the node or lacks
+the schema up to every RETRY_MAX seconds (each try costs the server a backend and a login, and
+someone has to act); each wait is shortened by up to a fifth at random, so that a fleet that lost
+its database at one moment does not come back in one burst.  It logs once per change of state
+(never per try, the URL only through fleetspec.redact), keeps its state in the records database
+for ``status``, and ships the backlog in order once the database is back.  A schema dropped or
+older than the code is a state like the others: logged once, tried again.
 
 It runs as ``python -m torchcore.fleetagent`` with the services' arguments (services.py) and
 ``--node-name NAME`` when ``start`` had it: SIGTERM ships what is left for up to
@@ -43,6 +48,8 @@ log = logging.getLogger("torchcore")
 
 POLL = 0.5                  # seconds between looks at the journal
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0      # the backoff between tries of a database that failed
+RETRY_UNREACHABLE = 4.0     # its cap while the database cannot be reached at all
+RETRY_JITTER = 0.2          # each wait is shortened by up to this fraction, at random
 GIT_EVERY = 60.0            # seconds between asks of git for the task file's commit
 BATCHES_PER_PASS = 20       # then the loop looks at its signals and its parent again
 LOAD_RETRY = 30.0
@@ -63,12 +70,13 @@ class Agent:
 
     def __init__(self, store, settings, node, url, *, control=lambda: None,
                  connect=fleetrows.connect, clock=time.time, monotonic=time.monotonic,
-                 stopping=lambda: False):
+                 stopping=lambda: False, jitter=None):
         self.store = store
         self.control = control
         self.connect = connect
         self.clock, self.monotonic = clock, monotonic
         self.stopping = stopping
+        self.jitter = jitter if jitter is not None else _jitter
         self.conn = None
         self.state, self.since, self.error = STARTING, clock(), None
         self.backoff = RETRY_FIRST
@@ -152,8 +160,10 @@ class Agent:
         self.caught_up = False
         kind = SCHEMA if isinstance(error, fleetdb.SchemaError) else \
             REFUSED if isinstance(error, fleetdb.FleetRefused) else UNREACHABLE
-        self.next_try = self.monotonic() + self.backoff
-        self.backoff = min(RETRY_MAX, self.backoff * 2)
+        cap = RETRY_UNREACHABLE if kind == UNREACHABLE else RETRY_MAX
+        wait = min(cap, self.backoff)
+        self.next_try = self.monotonic() + wait * (1.0 - RETRY_JITTER * self.jitter())
+        self.backoff = min(cap, wait * 2)
         self._set_state(kind, str(error))
 
     def _set_state(self, kind, error):
@@ -167,8 +177,9 @@ class Agent:
                          f" again{after}" if after else "",
                          f", {waiting} records waiting" if waiting else "")
             else:
-                log.warning("fleet agent: %s (runs go on; trying again with a backoff up to "
-                            "%.0fs; the records wait here)", error, RETRY_MAX)
+                log.warning("fleet agent: %s (runs go on; trying again at least every %.0fs; the "
+                            "records wait here)", error,
+                            RETRY_UNREACHABLE if kind == UNREACHABLE else RETRY_MAX)
             self.state, self.since = kind, now
         self.error = error
         self.next_save = 0.0
@@ -353,6 +364,12 @@ class _Expired(BaseException):
 
 def _expired(signum, frame):
     raise _Expired()
+
+
+def _jitter():
+    """A number in [0, 1): how much of RETRY_JITTER a wait loses."""
+    import random
+    return random.random()
 
 
 def _pg():
