@@ -261,3 +261,32 @@ def test_a_refusing_database_backs_off_to_30s():
     agent.monotonic.now = agent.next_try
     agent.step()                    # the server went away too: back to a short wait at once
     assert agent.next_try - agent.monotonic.now == fleetagent.RETRY_UNREACHABLE
+
+
+def test_the_agent_s_file_digest_is_the_loader_s(tmp_path):
+    from torchcore import taskset
+
+    path = tmp_path / "tasks.yaml"
+    path.write_text("tasks: []\n")
+    assert fleetagent.file_digest(str(path)) == taskset.digest(str(path)) is not None
+    assert fleetagent.file_digest(str(tmp_path / "none.yaml")) is None
+
+
+def test_the_agent_process_loads_psycopg_without_python_s_openssl(tmp_path):
+    """~5 MB of the agent's resident memory (docs/fleet.md): psycopg works, the file's digest is
+    the same, and neither ssl nor _hashlib (nor the system's libcrypto) is loaded."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "tasks.yaml"
+    path.write_text("tasks: []\n")
+    code = ("import sys; from torchcore import fleetagent; fleetagent._without_python_ssl(); "
+            "import psycopg, hashlib; from torchcore import config, fleetrows; "
+            f"print(fleetagent.file_digest({str(path)!r}), hashlib.sha256(b'x').hexdigest(), "
+            "sys.modules.get('ssl'), sys.modules.get('_hashlib'), "
+            "'libcrypto.so' in open('/proc/self/maps').read().replace('libcrypto-', ''))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    from torchcore import taskset
+    import hashlib
+    assert out.stdout.split() == [taskset.digest(str(path)), hashlib.sha256(b"x").hexdigest(),
+                                  "None", "None", "False"], out.stderr

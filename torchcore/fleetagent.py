@@ -247,9 +247,7 @@ class Agent:
 
     def file_version(self):
         """(sha256, git commit or None) of the task file the daemon runs."""
-        from torchcore import taskset
-
-        digest = self.live.get("digest") or taskset.digest(self.settings.path)
+        digest = self.live.get("digest") or file_digest(self.settings.path)
         asked_digest, asked_at = self.git_asked
         if digest != asked_digest or self.monotonic() - asked_at >= GIT_EVERY:
             self.commit = fleetrows.git_commit(self.settings.path)
@@ -258,9 +256,7 @@ class Agent:
 
     def file_changed(self):
         """After SIGHUP: heartbeat at once if the file is another one than the last heartbeat's."""
-        from torchcore import taskset
-
-        if taskset.digest(self.settings.path) != self.digest:
+        if file_digest(self.settings.path) != self.digest:
             self.live.pop("digest", None)
             self.next_beat = 0.0
 
@@ -366,6 +362,20 @@ def _expired(signum, frame):
     raise _Expired()
 
 
+def file_digest(path):
+    """taskset.digest (the sha256 of at most the loader's limit of the file, None if unreadable),
+    without taskset's imports: the agent needs neither the task loader nor the file watch."""
+    import hashlib
+
+    from torchcore.yamlread import MAX_FILE_BYTES
+
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.sha256(handle.read(MAX_FILE_BYTES + 1)).hexdigest()
+    except OSError:
+        return None
+
+
 def _jitter():
     """A number in [0, 1): how much of RETRY_JITTER a wait loses."""
     import random
@@ -419,6 +429,7 @@ def _handle(signum, frame):
 
 
 def main(argv=None):
+    _without_python_ssl()
     from torchcore import services
 
     args = services.child_args(argv, "torchcore's fleet agent", extra=lambda parser: parser.add_argument(
@@ -448,6 +459,18 @@ def main(argv=None):
         agent.close()
         agent.store.close()
     return 0
+
+
+def _without_python_ssl():
+    """Keep Python's OpenSSL bindings (and the system's libssl and libcrypto with them, ~5 MB
+    resident) out of this process: psycopg imports asyncio, which imports ssl when it can, though
+    the agent's connection is synchronous and its TLS is libpq's own (sslmode and the certificates
+    in the URL work as written); hashlib uses OpenSSL when it can, for the file's sha256 that its
+    built-in implementation computes the same.  A None in sys.modules makes the import fail,
+    which asyncio and hashlib expect and handle."""
+    for name in ("ssl", "_hashlib"):
+        if name not in sys.modules:
+            sys.modules[name] = None
 
 
 def _load(path):
