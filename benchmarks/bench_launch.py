@@ -12,6 +12,9 @@ Systems:
              its default ThreadPoolExecutor (10 threads) running each command with subprocess
   torchcore+http  torchcore with its HTTP service (``--http``), while a client scrapes ``/metrics``
              10 times a second and another follows a task's log (not in the default systems)
+  torchcore+fleet  torchcore with ``settings.fleet`` (its fleet agent shipping every run) to the
+             database at ``$TORCHCORE_DATABASE_URL``, its schema applied (not in the default
+             systems; bench_fleet.py runs it on a throw-away PostgreSQL)
 Every command is ``/bin/sh -c 'date +%s.%N\\ <task> >> <file>'``: the task records its own start
 time; lateness = that time minus the second it was due for.  Missed = due seconds with no run,
 doubled = due seconds with more than one.  CPU = the scheduling process's own user+system time
@@ -140,10 +143,19 @@ def summarize(runs, expected, first, last):
 
 def start_system(system, tasks, workdir):
     """Start one system on ``tasks``; returns (stop function, psutil.Process, db path or None)."""
-    if system in ("torchcore", "torchcore+http"):
+    if system in ("torchcore", "torchcore+http", "torchcore+fleet"):
         path = os.path.join(workdir, "tasks.yaml")
         benchlib.write_taskfile(path, [(n, cron_seconds(s) + " * * * * *", c) for n, s, c in tasks])
         if system == "torchcore":
+            daemon = benchlib.Daemon(path)
+            return daemon.stop, daemon.process, os.path.join(daemon.state_dir, "torchcore.db")
+        if system == "torchcore+fleet":
+            url = os.environ.get("TORCHCORE_DATABASE_URL")
+            if not url:
+                raise SystemExit("torchcore+fleet needs $TORCHCORE_DATABASE_URL (bench_fleet.py sets it)")
+            benchlib.write_taskfile(path, [(n, cron_seconds(s) + " * * * * *", c) for n, s, c in tasks],
+                                    settings=["  fleet:", f"    database: '{url}'",
+                                              "    node: bench-launch"])
             daemon = benchlib.Daemon(path)
             return daemon.stop, daemon.process, os.path.join(daemon.state_dir, "torchcore.db")
         port = _free_port()
@@ -333,7 +345,7 @@ def print_scenario(key, title, results):
             print(f"    note: {problem}")
         if r["recorded_not_run"]:
             print(f"    note: {r['recorded_not_run']} due runs recorded as skipped or missed")
-    for name in ("torchcore", "torchcore+http"):
+    for name in ("torchcore", "torchcore+http", "torchcore+fleet"):
         tc = results.get(name)
         if not tc or "p99" not in tc:
             continue

@@ -18,11 +18,12 @@ TORCHCORE = [sys.executable, "-m", "torchcore"]
 READY_LINE = "torchcore started"
 
 
-def write_taskfile(path, tasks, max_running=5000, misfire_grace=60, watch=False):
-    """Write a task file; ``tasks`` is a list of (name, schedule, command) triples."""
+def write_taskfile(path, tasks, max_running=5000, misfire_grace=60, watch=False, settings=()):
+    """Write a task file; ``tasks`` is a list of (name, schedule, command) triples; ``settings``:
+    more lines of the settings block (indented two spaces)."""
     lines = ["settings:", "  timezone: UTC", f"  max_running: {max_running}",
              f"  misfire_grace: {misfire_grace}", f"  watch: {'true' if watch else 'false'}",
-             "tasks:"]
+             *settings, "tasks:"]
     for name, schedule, command in tasks:
         lines += [f"  - name: {name}", f"    schedule: {_quote(schedule)}",
                   f"    command: {_quote(command)}", "    max: 1"]

@@ -234,6 +234,32 @@ def _outage_under_load(pg, daemons, figures):
     figures.add(faults=2, runs=total, lost=0, doubled=len(keys) - len(set(keys)))
 
 
+@pytest.mark.slow
+def test_after_a_long_outage_the_agent_is_back_within_seconds(pg, daemons):
+    """The backoff of an unreachable database stops at RETRY_UNREACHABLE (4 s), not 30 s: after
+    an outage long enough to reach that cap, the agent reconnects within the cap plus a margin
+    for a loaded 2-core machine (connect, schema check and registration take ~0.1 s idle)."""
+    from torchcore import fleetagent
+    init(pg.url)
+    node = daemons(HELLO.format(node="back"), fleet_settings(pg.url)).start("--node-name", "back")
+    wait_for(lambda: len(pg_runs(pg.url, "back")) >= 3, 15, "shipping")
+    pg.server.stop()
+    try:
+        node.wait_log("(runs go on; trying again at least every 4s", 15)
+        time.sleep(20)                  # tries at 1, 2, 4, then every 4 s: the cap is reached
+        assert node.log.count("(runs go on;") == 1
+    finally:
+        pg.server.start_again()
+    back = time.monotonic()
+    node.wait_log("as back again after", fleetagent.RETRY_UNREACHABLE + 6)
+    took = time.monotonic() - back
+    assert took <= fleetagent.RETRY_UNREACHABLE + 4, took
+    wait_for(lambda: "up to date" in status(node).stdout, 10, "the backlog shipped")
+    assert node.stop() == 0
+    assert_same_history(pg.url, node, "back")
+    assert node.log.count("(runs go on;") == 1 and "Traceback" not in node.log
+
+
 def test_a_database_down_at_start_warns_and_ships_once_it_is_up(pg, daemons):
     init(pg.url)
     pg.server.stop()

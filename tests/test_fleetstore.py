@@ -2,6 +2,7 @@
 by the notifier and the agent, the first start's history, a run's output tail from its task log,
 the state `status` shows, and the rows the agent ships."""
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -9,7 +10,7 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchcore import fleetagent, fleetrows, fleetstore, notifystore, records, tasklog
+from torchcore import fleetagent, fleetdb, fleetrows, fleetspec, fleetstore, notifystore, records, tasklog
 from torchcore.notifier import Batch as NotifyBatch
 from torchcore.runrecord import RunRecord
 
@@ -206,3 +207,86 @@ def test_the_agent_runs_only_with_settings_fleet():
     assert not fleetagent.wanted(without)
     with_fleet = config.loads("settings:\n  fleet:\n    database: postgresql://tc@db/tc\ntasks: []\n")
     assert fleetagent.wanted(with_fleet)
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class _NoStore:
+    def waiting(self):
+        return 0
+
+    def save_state(self, state):
+        pass
+
+
+def _retrying_agent(error, jitter=lambda: 0.0):
+    """An Agent whose every connect fails with ``error``; the waits between its tries."""
+    from torchcore import taskspec
+
+    def connect(url):
+        raise error
+    clock = _Clock()
+    settings = taskspec.default_settings("tasks.yaml")
+    settings = dataclasses.replace(settings, fleet=fleetspec.FleetSettings(database="postgresql://db/x"))
+    agent = fleetagent.Agent(_NoStore(), settings, "n", "postgresql://db/x", connect=connect,
+                             clock=clock, monotonic=clock, jitter=jitter)
+    waits = []
+    for _ in range(12):
+        agent.step()
+        waits.append(agent.next_try - clock.now)
+        clock.now = agent.next_try
+    return agent, waits
+
+
+def test_an_unreachable_database_is_tried_at_least_every_few_seconds(caplog):
+    agent, waits = _retrying_agent(fleetdb.FleetUnreachable("cannot connect: refused"))
+    assert waits == [1.0, 2.0] + [fleetagent.RETRY_UNREACHABLE] * 10
+    assert agent.state == fleetagent.UNREACHABLE
+    assert caplog.text.count("cannot connect: refused") == 1        # once per state change
+    _, jittered = _retrying_agent(fleetdb.FleetUnreachable("x"), jitter=lambda: 0.999)
+    assert all(0.8 * w <= j <= w for w, j in zip(waits, jittered))
+
+
+def test_a_refusing_database_backs_off_to_30s():
+    agent, waits = _retrying_agent(fleetdb.FleetRefused("password authentication failed"))
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0] + [fleetagent.RETRY_MAX] * 7
+    assert agent.state == fleetagent.REFUSED
+    agent.connect = lambda url: (_ for _ in ()).throw(fleetdb.FleetUnreachable("gone"))
+    agent.monotonic.now = agent.next_try
+    agent.step()                    # the server went away too: back to a short wait at once
+    assert agent.next_try - agent.monotonic.now == fleetagent.RETRY_UNREACHABLE
+
+
+def test_the_agent_s_file_digest_is_the_loader_s(tmp_path):
+    from torchcore import taskset
+
+    path = tmp_path / "tasks.yaml"
+    path.write_text("tasks: []\n")
+    assert fleetagent.file_digest(str(path)) == taskset.digest(str(path)) is not None
+    assert fleetagent.file_digest(str(tmp_path / "none.yaml")) is None
+
+
+def test_the_agent_process_loads_psycopg_without_python_s_openssl(tmp_path):
+    """~5 MB of the agent's resident memory (docs/fleet.md): psycopg works, the file's digest is
+    the same, and neither ssl nor _hashlib (nor the system's libcrypto) is loaded."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "tasks.yaml"
+    path.write_text("tasks: []\n")
+    code = ("import sys; from torchcore import fleetagent; fleetagent._without_python_ssl(); "
+            "import psycopg, hashlib; from torchcore import config, fleetrows; "
+            f"print(fleetagent.file_digest({str(path)!r}), hashlib.sha256(b'x').hexdigest(), "
+            "sys.modules.get('ssl'), sys.modules.get('_hashlib'), "
+            "'libcrypto.so' in open('/proc/self/maps').read().replace('libcrypto-', ''))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    from torchcore import taskset
+    import hashlib
+    assert out.stdout.split() == [taskset.digest(str(path)), hashlib.sha256(b"x").hexdigest(),
+                                  "None", "None", "False"], out.stderr

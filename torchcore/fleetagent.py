@@ -17,10 +17,15 @@ does) and the runs still waiting.  A clean stop sets ``stopped``.  What is writt
 connection, are fleetrows.py's.
 
 With the database down, unreachable or refusing, the node schedules and runs as before: the
-agent tries again after 1 s, doubling to 30 s, logs once per change of state (never per try, the
-URL only through fleetspec.redact), keeps its state in the records database for ``status``, and
-ships the backlog in order once the database is back.  A schema dropped or older than the code is
-a state like the others: logged once, tried again.
+agent tries again after 1 s, doubling; a database that cannot be reached is tried at least every
+RETRY_UNREACHABLE seconds (a try that fails costs one refused or timed-out connect, and the backlog
+ships within seconds of the database's return), one that answers but refuses the node or lacks
+the schema up to every RETRY_MAX seconds (each try costs the server a backend and a login, and
+someone has to act); each wait is shortened by up to a fifth at random, so that a fleet that lost
+its database at one moment does not come back in one burst.  It logs once per change of state
+(never per try, the URL only through fleetspec.redact), keeps its state in the records database
+for ``status``, and ships the backlog in order once the database is back.  A schema dropped or
+older than the code is a state like the others: logged once, tried again.
 
 It runs as ``python -m torchcore.fleetagent`` with the services' arguments (services.py) and
 ``--node-name NAME`` when ``start`` had it: SIGTERM ships what is left for up to
@@ -43,6 +48,8 @@ log = logging.getLogger("torchcore")
 
 POLL = 0.5                  # seconds between looks at the journal
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0      # the backoff between tries of a database that failed
+RETRY_UNREACHABLE = 4.0     # its cap while the database cannot be reached at all
+RETRY_JITTER = 0.2          # each wait is shortened by up to this fraction, at random
 GIT_EVERY = 60.0            # seconds between asks of git for the task file's commit
 BATCHES_PER_PASS = 20       # then the loop looks at its signals and its parent again
 LOAD_RETRY = 30.0
@@ -62,12 +69,13 @@ class Agent:
 
     def __init__(self, store, settings, node, url, *, control=lambda: None,
                  connect=fleetrows.connect, clock=time.time, monotonic=time.monotonic,
-                 stopping=lambda: False):
+                 stopping=lambda: False, jitter=None):
         self.store = store
         self.control = control
         self.connect = connect
         self.clock, self.monotonic = clock, monotonic
         self.stopping = stopping
+        self.jitter = jitter if jitter is not None else _jitter
         self.conn = None
         self.state, self.since, self.error = STARTING, clock(), None
         self.backoff = RETRY_FIRST
@@ -151,8 +159,10 @@ class Agent:
         self.caught_up = False
         kind = SCHEMA if isinstance(error, fleetdb.SchemaError) else \
             REFUSED if isinstance(error, fleetdb.FleetRefused) else UNREACHABLE
-        self.next_try = self.monotonic() + self.backoff
-        self.backoff = min(RETRY_MAX, self.backoff * 2)
+        cap = RETRY_UNREACHABLE if kind == UNREACHABLE else RETRY_MAX
+        wait = min(cap, self.backoff)
+        self.next_try = self.monotonic() + wait * (1.0 - RETRY_JITTER * self.jitter())
+        self.backoff = min(cap, wait * 2)
         self._set_state(kind, str(error))
 
     def _set_state(self, kind, error):
@@ -166,8 +176,9 @@ class Agent:
                          f" again{after}" if after else "",
                          f", {waiting} records waiting" if waiting else "")
             else:
-                log.warning("fleet agent: %s (runs go on; trying again with a backoff up to "
-                            "%.0fs; the records wait here)", error, RETRY_MAX)
+                log.warning("fleet agent: %s (runs go on; trying again at least every %.0fs; the "
+                            "records wait here)", error,
+                            RETRY_UNREACHABLE if kind == UNREACHABLE else RETRY_MAX)
             self.state, self.since = kind, now
         self.error = error
         self.next_save = 0.0
@@ -235,9 +246,7 @@ class Agent:
 
     def file_version(self):
         """(sha256, git commit or None) of the task file the daemon runs."""
-        from torchcore import taskset
-
-        digest = self.live.get("digest") or taskset.digest(self.settings.path)
+        digest = self.live.get("digest") or file_digest(self.settings.path)
         asked_digest, asked_at = self.git_asked
         if digest != asked_digest or self.monotonic() - asked_at >= GIT_EVERY:
             self.commit = fleetrows.git_commit(self.settings.path)
@@ -246,9 +255,7 @@ class Agent:
 
     def file_changed(self):
         """After SIGHUP: heartbeat at once if the file is another one than the last heartbeat's."""
-        from torchcore import taskset
-
-        if taskset.digest(self.settings.path) != self.digest:
+        if file_digest(self.settings.path) != self.digest:
             self.live.pop("digest", None)
             self.next_beat = 0.0
 
@@ -354,6 +361,26 @@ def _expired(signum, frame):
     raise _Expired()
 
 
+def file_digest(path):
+    """taskset.digest (the sha256 of at most the loader's limit of the file, None if unreadable),
+    without taskset's imports: the agent needs neither the task loader nor the file watch."""
+    import hashlib
+
+    from torchcore.yamlread import MAX_FILE_BYTES
+
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.sha256(handle.read(MAX_FILE_BYTES + 1)).hexdigest()
+    except OSError:
+        return None
+
+
+def _jitter():
+    """A number in [0, 1): how much of RETRY_JITTER a wait loses."""
+    import random
+    return random.random()
+
+
 def _pg():
     from torchcore import fleetdb
     return fleetdb.psycopg()
@@ -401,6 +428,7 @@ def _handle(signum, frame):
 
 
 def main(argv=None):
+    _without_python_ssl()
     from torchcore import services
 
     args = services.child_args(argv, "torchcore's fleet agent", extra=lambda parser: parser.add_argument(
@@ -430,6 +458,18 @@ def main(argv=None):
         agent.close()
         agent.store.close()
     return 0
+
+
+def _without_python_ssl():
+    """Keep Python's OpenSSL bindings (and the system's libssl and libcrypto with them, ~5 MB
+    resident) out of this process: psycopg imports asyncio, which imports ssl when it can, though
+    the agent's connection is synchronous and its TLS is libpq's own (sslmode and the certificates
+    in the URL work as written); hashlib uses OpenSSL when it can, for the file's sha256 that its
+    built-in implementation computes the same.  A None in sys.modules makes the import fail,
+    which asyncio and hashlib expect and handle."""
+    for name in ("ssl", "_hashlib"):
+        if name not in sys.modules:
+            sys.modules[name] = None
 
 
 def _load(path):

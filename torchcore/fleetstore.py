@@ -69,6 +69,9 @@ def _identity(path):
     return (st.st_dev, st.st_ino)
 
 
+CACHE_KIB = 256     # the agent's page cache (SQLite's default is 2 MiB: a resident cost when idle)
+
+
 class Store:
     """The agent's cursor, backfill and state on a connection of its own; transactions are short
     (the supervisor writes the same file and waits at most half a second for it)."""
@@ -76,6 +79,7 @@ class Store:
     def __init__(self, path, busy_timeout=5.0):
         self.path = path
         self.conn = records.connect(path, busy_timeout)
+        self.conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")     # it reads each page once
         self.identity = _identity(path)
         self._transaction(self._first_start)
 

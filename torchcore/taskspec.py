@@ -9,10 +9,13 @@ import fnmatch
 import os
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torchcore import paths
 from torchcore.paths import DEFAULT_SHELL
-from torchcore.schedule import Schedule
+
+if TYPE_CHECKING:       # the schedule's C core is loaded by what builds tasks, not by reading settings
+    from torchcore.schedule import Schedule
 
 DEFAULT_STATE_DIR = ".torchcore"
 # A name is a file name in log_dir and a word on command lines: no leading '.' or '-'.
@@ -38,7 +41,7 @@ class Task:
     command: str | tuple
     type: str = "common"
     schedule_text: str | None = None
-    schedule: Schedule | None = field(default=None, compare=False)
+    schedule: "Schedule | None" = field(default=None, compare=False)
     max: int = 1
     ips: tuple = ()
     hosts: tuple = ()

@@ -21,7 +21,6 @@ import yaml
 
 from torchcore import fleetspec, notifyspec, paths
 from torchcore.errors import ConfigError
-from torchcore.schedule import Schedule, ScheduleError, check_zone
 from torchcore.taskspec import NAME_RE, RESERVED_NAMES, Limits, Settings, Task, TaskFile, default_settings
 from torchcore.units import shown
 from torchcore.web import settings as http_settings
@@ -176,7 +175,7 @@ class Loader:
         """A validated IANA zone name (``Europe/Berlin``, ``UTC``)."""
         name = want_word(node, "an IANA time zone name like Europe/Berlin or UTC")
         if name not in self.zones:
-            self.zones[name] = check_zone(name)
+            self.zones[name] = _check_zone(name)
         if self.zones[name] is None:
             raise Bad(f"unknown time zone {name!r}{suggest_zone(name)}", node)
         return name
@@ -257,6 +256,7 @@ class Loader:
                                           "(e.g. '0 30 2 * * *'), or set type: daemon")
             return
         values["schedule_text"] = text
+        from torchcore.schedule import ScheduleError    # the C core: not for settings_only
         try:
             values["schedule"] = self.schedule(text, tz)
         except ScheduleError as exc:
@@ -277,6 +277,7 @@ class Loader:
         key = (text, tz)
         schedule = self.schedules.get(key)
         if schedule is None:
+            from torchcore.schedule import Schedule
             zone = self.zones.get(tz) if tz else None
             schedule = self.schedules[key] = Schedule(text, zone or tz)
         return schedule
@@ -455,3 +456,12 @@ SETTINGS_FIELDS = {
     "http": http_settings.parse,
     "fleet": fleetspec.parse,
 }
+
+
+def _check_zone(name):
+    """schedule.check_zone, without loading the schedule's C core: reading the settings alone (the
+    fleet agent, `stop`, `status`) needs no schedule."""
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        return None
