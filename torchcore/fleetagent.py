@@ -104,7 +104,10 @@ class Agent:
             try:
                 if self.monotonic() >= self.next_beat:
                     self.heartbeat()
-                more = self.ship(BATCHES_PER_PASS)
+                more = self.ship(BATCHES_PER_PASS if self.state == UP else 1)
+                if self.state != UP:    # up once the database took a batch, not the heartbeat
+                    self.backoff = RETRY_FIRST  # alone: a revoked INSERT or a dropped runs table
+                    self._set_state(UP, None)   # is one state, backing off, said once
             except pg.Error as exc:
                 self._failed(self._runtime_error(exc))
         if self.monotonic() >= self.next_save:
@@ -122,15 +125,11 @@ class Agent:
         try:
             self.conn = self.connect(self.url)
             fleetdb.check_schema(self.conn, self.url)
-            self.heartbeat()        # the registration
+            self.heartbeat()        # the registration; up once a batch is shipped (step)
         except fleetdb.FleetError as exc:
             self._failed(exc)
-            return
         except pg.Error as exc:
             self._failed(self._runtime_error(exc))
-            return
-        self.backoff = RETRY_FIRST
-        self._set_state(UP, None)
 
     def _runtime_error(self, exc):
         from torchcore import fleetdb
