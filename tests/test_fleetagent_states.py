@@ -69,7 +69,8 @@ def test_a_database_that_takes_the_heartbeat_but_not_the_runs_is_one_state(pg, t
     pg.server.psql_as_super(mend.format(role=role), db=pg.name)
     agent.monotonic.now = agent.next_try
     agent.step()
-    assert agent.state == fleetagent.UP and "shipping to" in caplog.text
+    assert agent.state == fleetagent.UP
+    assert "as n1 again after" in caplog.text and "3 records waiting" in caplog.text   # the backlog
     with fleetdb.connect(pg.url) as conn:
         assert conn.execute("SELECT count(*) FROM torchcore.runs").fetchone()[0] == 3
     agent.close()

@@ -104,10 +104,11 @@ class Agent:
             try:
                 if self.monotonic() >= self.next_beat:
                     self.heartbeat()
-                more = self.ship(BATCHES_PER_PASS if self.state == UP else 1)
-                if self.state != UP:    # up once the database took a batch, not the heartbeat
-                    self.backoff = RETRY_FIRST  # alone: a revoked INSERT or a dropped runs table
-                    self._set_state(UP, None)   # is one state, backing off, said once
+                if self.state == UP:
+                    more = self.ship(BATCHES_PER_PASS)
+                else:       # up once the database took a batch, not on the heartbeat alone: a
+                    more = self.ship(1, written=self._up)  # revoked INSERT or a dropped runs
+                    self._up()                              # table is one state, said once
             except pg.Error as exc:
                 self._failed(self._runtime_error(exc))
         if self.monotonic() >= self.next_save:
@@ -130,6 +131,11 @@ class Agent:
             self._failed(exc)
         except pg.Error as exc:
             self._failed(self._runtime_error(exc))
+
+    def _up(self):
+        if self.state != UP:
+            self.backoff = RETRY_FIRST
+            self._set_state(UP, None)
 
     def _runtime_error(self, exc):
         from torchcore import fleetdb
@@ -253,8 +259,9 @@ class Agent:
 
     # -- the history ----------------------------------------------------------------------------
 
-    def ship(self, batches):
-        """Ship up to ``batches`` batches; True if more may wait."""
+    def ship(self, batches, written=None):
+        """Ship up to ``batches`` batches; True if more may wait.  ``written()``: called once the
+        first batch is in PostgreSQL, before the cursor passes it (while it still counts as waiting)."""
         for _ in range(batches):
             if self.stopping():
                 return True
@@ -268,6 +275,9 @@ class Agent:
             rows = self.rows(batch.records)
             if rows:
                 self.write(rows)
+            if written is not None:
+                written()
+                written = None
             self.store.commit(batch)
             self.shipped += len(rows)
         return True
