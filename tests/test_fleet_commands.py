@@ -330,3 +330,15 @@ def test_control_characters_from_the_database_are_escaped_not_sent(fleet, capsys
                  ["logs", "backup", "--fleet", "--run", "1"], ["history", "--fleet", "--node", "x"]):
         _, out, err = _run(fleet, capsys, *argv)
         assert not _CONTROL.search(out + err), (argv, out + err)
+
+
+def test_logs_fleet_splits_lines_as_a_local_log_does(fleet, capsys):
+    """Only a newline ends a line of output: a carriage return, a form feed or a file separator
+    is a character of the line, shown escaped as `logs` shows it in a local log."""
+    _healthy(fleet)
+    fleetrows.add_run(fleet, "web-1", 7, "backup", output="a\rb\x0cc\x1cd\x85e\u2028f\nlast\n")
+    code, out, _ = _run(fleet, capsys, "logs", "backup", "--fleet", "--run", "7", "--node", "web-1")
+    assert code == 0 and out == "a\\x0db\\x0cc\\x1cd\x85e\u2028f\nlast\n"
+    code, out, _ = _run(fleet, capsys, "logs", "backup", "--fleet", "--run", "7", "--node", "web-1",
+                        "-n", "1")
+    assert out == "last\n"

@@ -360,7 +360,9 @@ def fleet_logs(args):
                     f"{found['started'] or found['scheduled']}: {fleetquery.result_text(found)}"),
           file=sys.stderr)
     output = found["output"] or ""
-    lines = output.splitlines()
+    lines = output.split("\n")     # only a newline ends a line, as in a local log (not \r, \f ...)
+    if lines[-1] == "":
+        lines.pop()
     if args.lines:
         lines = lines[-args.lines:]
     for line in lines:
