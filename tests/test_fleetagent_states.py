@@ -75,3 +75,38 @@ def test_a_database_that_takes_the_heartbeat_but_not_the_runs_is_one_state(pg, t
         assert conn.execute("SELECT count(*) FROM torchcore.runs").fetchone()[0] == 3
     agent.close()
     agent.store.close()
+
+
+def test_a_second_daemon_with_the_node_s_name_ships_nothing_over_the_first_s_runs(pg, tmp_path,
+                                                                                   caplog):
+    """Both alive, one name: the one that finds the other's row heartbeating is refused (its
+    records wait, status says why), so the first one's history is not overwritten; once the
+    first stops, the second ships."""
+    with fleetdb.connect(pg.url) as conn:
+        fleetdb.migrate(conn, pg.url)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    import os
+    first, second = _agent(tmp_path / "one", pg.url), _agent(tmp_path / "two", pg.url)
+    first.control = lambda: {"pid": os.getpid()}
+    second.control = lambda: {"pid": os.getppid()}          # another live process
+    with records.Records(str(tmp_path / "two" / "torchcore.db")) as store:
+        for run_id in range(1, 4):
+            store.add(RunRecord(run_id, "other", "n", 100, 101.0, 102.0, 9))
+        store.flush()
+    caplog.set_level(logging.INFO, logger="torchcore")
+    first.step()
+    assert first.state == fleetagent.UP
+    _tries(second, 4)
+    assert second.state == fleetagent.REFUSED and "reports as node n1 too" in second.error
+    assert caplog.text.count("reports as node n1 too") == 1
+    with fleetdb.connect(pg.url) as conn:
+        assert conn.execute("SELECT DISTINCT task FROM torchcore.runs").fetchall() == [("t",)]
+        assert conn.execute("SELECT pid FROM torchcore.nodes").fetchall() == [(os.getpid(),)]
+    first.finish(1.0)                                       # a clean stop: the name is free
+    second.monotonic.now = second.next_try
+    second.step()
+    assert second.state == fleetagent.UP
+    for agent in (first, second):
+        agent.close()
+        agent.store.close()

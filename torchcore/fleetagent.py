@@ -79,7 +79,6 @@ class Agent:
         self.git_asked = (None, float("-inf"))     # (digest, monotonic) of the last ask
         self.shipped = 0
         self.caught_up = False      # the last look at the journal found nothing left
-        self.twin_said = False      # another daemon reporting as this node was said
         self.configure(settings, node, url)
 
     def configure(self, settings, node, url):
@@ -100,6 +99,8 @@ class Agent:
             self._open()
         more = False
         if self.conn is not None:
+            from torchcore import fleetdb
+
             pg = _pg()
             try:
                 if self.monotonic() >= self.next_beat:
@@ -111,6 +112,8 @@ class Agent:
                     self._up()                              # table is one state, said once
             except pg.Error as exc:
                 self._failed(self._runtime_error(exc))
+            except fleetdb.FleetRefused as exc:     # another daemon as this node (_check_twin)
+                self._failed(exc)
         if self.monotonic() >= self.next_save:
             self.save()
         if more:
@@ -215,17 +218,21 @@ class Agent:
         self.next_beat = self.monotonic() + self.fleet.heartbeat
 
     def _check_twin(self, row, hostname, pid):
-        """Warn (once) when another daemon, alive, reports as this node: two daemons with one
-        name would write each other's runs under the same (node, run_id)."""
+        """FleetRefused when another daemon, alive, reports as this node: two daemons with one
+        name would overwrite each other's runs under the same (node, run_id), so the one that
+        finds the other's row heartbeating writes nothing (its records wait, the state says why)
+        until that one stops or goes quiet."""
+        from torchcore import fleetdb
+
         their_host, their_pid, fresh = row
-        if self.twin_said or not fresh or (their_host, their_pid) == (hostname, pid):
+        if not fresh or (their_host, their_pid) == (hostname, pid):
             return
         if their_host == hostname and not _alive(their_pid):
             return      # this daemon's predecessor, killed: not another one
-        self.twin_said = True
-        log.error("fleet agent: another daemon (pid %s on %s) reports as node %s too; their "
-                  "runs would overwrite each other's in the fleet history: give each its own "
-                  "--node-name or fleet.node", their_pid, their_host, self.node)
+        raise fleetdb.FleetRefused(
+            f"another daemon (pid {their_pid} on {their_host}) reports as node {self.node} too; "
+            "their runs would overwrite each other's in the fleet history, so this one ships "
+            "nothing: give each its own --node-name or fleet.node")
 
     def addresses(self):
         node = self.live.get("node")
@@ -329,6 +336,8 @@ class Agent:
     def finish(self, budget):
         """SIGTERM: ship what is left for up to ``budget`` seconds, then the last heartbeat
         (``stopped``); a database not connected now is not waited for."""
+        from torchcore import fleetdb
+
         pg = _pg() if self.conn is not None else None
         deadline = self.monotonic() + budget
         self.stopping = lambda: False       # stopping is what this does now
@@ -345,6 +354,8 @@ class Agent:
                             "ships at the next start")
             except pg.Error as exc:     # the database went away meanwhile: said as always
                 self._failed(self._runtime_error(exc))
+            except fleetdb.FleetRefused as exc:     # another daemon as this node
+                self._failed(exc)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, previous)
