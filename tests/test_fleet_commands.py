@@ -10,6 +10,8 @@ import sys
 import fleetrows
 import pgserver
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from torchcore.commands import main
 from torchcore.commands.history import run_json
@@ -301,3 +303,42 @@ def test_an_unreachable_database_from_the_command_line(tmp_path):
                                         "postgresql://torchcore:***@127.0.0.1:")
         assert result.stderr.count("\n") == 1 and "hunter2" not in result.stderr
         assert "Traceback" not in result.stderr
+
+
+# ---- what other nodes wrote is shown, never obeyed ---------------------------------------------
+
+_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")      # every control character but newline
+_HOSTILE = st.text(st.characters(max_codepoint=0xa0, blacklist_characters="\x00"), min_size=1,
+                   max_size=8).map(lambda text: "n" + text)
+
+
+@settings(derandomize=True, max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_HOSTILE, _HOSTILE, _HOSTILE)
+def test_control_characters_from_the_database_are_escaped_not_sent(fleet, capsys, node, task, text):
+    """The fleet database is written by every node (and anyone with its password): a node name,
+    task name, version or error holding an escape sequence, a bell or a carriage return is printed
+    escaped by every fleet command, never sent to the terminal."""
+    fleet.execute("DELETE FROM torchcore.nodes; DELETE FROM torchcore.runs")
+    fleetrows.add_node(fleet, node, addresses=[text], version=text, commit=text, digest="d2")
+    fleetrows.add_node(fleet, "web-1", digest="d1")
+    fleetrows.add_run(fleet, node, 1, "backup", exit_code=1, error=text, output="x")
+    fleetrows.add_run(fleet, node, 2, task, skipped=text)
+    fleetrows.add_run(fleet, "web-1", 1, "backup", exit_code=0)
+    for argv in (["fleet", "status"], ["fleet", "tasks"], ["history", "--fleet"],
+                 ["logs", "backup", "--fleet", "--run", "1", "--node", node],
+                 ["logs", "backup", "--fleet", "--run", "1"], ["history", "--fleet", "--node", "x"]):
+        _, out, err = _run(fleet, capsys, *argv)
+        assert not _CONTROL.search(out + err), (argv, out + err)
+
+
+def test_logs_fleet_splits_lines_as_a_local_log_does(fleet, capsys):
+    """Only a newline ends a line of output: a carriage return, a form feed or a file separator
+    is a character of the line, shown escaped as `logs` shows it in a local log."""
+    _healthy(fleet)
+    fleetrows.add_run(fleet, "web-1", 7, "backup", output="a\rb\x0cc\x1cd\x85e\u2028f\nlast\n")
+    code, out, _ = _run(fleet, capsys, "logs", "backup", "--fleet", "--run", "7", "--node", "web-1")
+    assert code == 0 and out == "a\\x0db\\x0cc\\x1cd\x85e\u2028f\nlast\n"
+    code, out, _ = _run(fleet, capsys, "logs", "backup", "--fleet", "--run", "7", "--node", "web-1",
+                        "-n", "1")
+    assert out == "last\n"

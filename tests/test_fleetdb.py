@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from torchcore import fleetdb
 
@@ -102,3 +104,34 @@ def test_an_unreachable_database_is_one_line(tmp_path):
     init = _init(url)
     assert init.returncode == 1 and "cannot connect to the fleet database" in init.stderr
     assert len(init.stderr.strip().splitlines()) == 1 and "Traceback" not in init.stderr
+
+
+def _libpq_keywords():
+    import psycopg
+    return {option.keyword.decode() for option in psycopg.pq.Conninfo.get_defaults()}
+
+
+@settings(derandomize=True, max_examples=60, deadline=None)
+@given(st.one_of(
+    st.from_regex(r"[a-z_]{3,14}", fullmatch=True).map(lambda key: f"?{key}=1"),     # a typo
+    st.tuples(st.sampled_from(["sslmode", "channel_binding", "gssencmode", "target_session_attrs"]),
+              st.from_regex(r"[a-z]{1,9}", fullmatch=True)).map(lambda kv: f"?{kv[0]}={kv[1]}x"),
+    st.sampled_from(["[::1", ":port"]).map(lambda host: f"@{host}")))
+def test_a_url_libpq_cannot_use_is_refused_not_unreachable(mistake):
+    """An unknown option, a value libpq does not know, a broken host: no try will ever connect,
+    so it is said as the login refused (start: exit 78), not as a database that is away."""
+    if mistake.startswith("?") and mistake[1:].split("=")[0] in _libpq_keywords():
+        return
+    url = f"postgresql://tc@127.0.0.1:1/fleet{mistake}" if mistake.startswith("?") else \
+        f"postgresql://tc{mistake}/fleet"
+    with pytest.raises(fleetdb.FleetError) as error:
+        fleetdb.connect(url, timeout=1)
+    assert isinstance(error.value, fleetdb.FleetRefused), str(error.value)
+
+
+def test_start_refuses_a_url_libpq_cannot_use_with_exit_78(tmp_path):
+    from pgserver import free_port
+    result = _start(tmp_path, f"postgresql://tc@127.0.0.1:{free_port()}/fleet?sslmod=require")
+    assert result.returncode == 78, result.stderr
+    assert 'invalid URI query parameter: "sslmod"' in result.stderr
+    assert "starting anyway" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

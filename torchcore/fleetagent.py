@@ -87,7 +87,6 @@ class Agent:
         self.git_asked = (None, float("-inf"))     # (digest, monotonic) of the last ask
         self.shipped = 0
         self.caught_up = False      # the last look at the journal found nothing left
-        self.twin_said = False      # another daemon reporting as this node was said
         self.configure(settings, node, url)
 
     def configure(self, settings, node, url):
@@ -108,13 +107,21 @@ class Agent:
             self._open()
         more = False
         if self.conn is not None:
+            from torchcore import fleetdb
+
             pg = _pg()
             try:
                 if self.monotonic() >= self.next_beat:
                     self.heartbeat()
-                more = self.ship(BATCHES_PER_PASS)
+                if self.state == UP:
+                    more = self.ship(BATCHES_PER_PASS)
+                else:       # up once the database took a batch, not on the heartbeat alone: a
+                    more = self.ship(1, written=self._up)  # revoked INSERT or a dropped runs
+                    self._up()                              # table is one state, said once
             except pg.Error as exc:
                 self._failed(self._runtime_error(exc))
+            except fleetdb.FleetRefused as exc:     # another daemon as this node (_check_twin)
+                self._failed(exc)
         if self.monotonic() >= self.next_save:
             self.save()
         if more:
@@ -130,15 +137,16 @@ class Agent:
         try:
             self.conn = self.connect(self.url)
             fleetdb.check_schema(self.conn, self.url)
-            self.heartbeat()        # the registration
+            self.heartbeat()        # the registration; up once a batch is shipped (step)
         except fleetdb.FleetError as exc:
             self._failed(exc)
-            return
         except pg.Error as exc:
             self._failed(self._runtime_error(exc))
-            return
-        self.backoff = RETRY_FIRST
-        self._set_state(UP, None)
+
+    def _up(self):
+        if self.state != UP:
+            self.backoff = RETRY_FIRST
+            self._set_state(UP, None)
 
     def _runtime_error(self, exc):
         from torchcore import fleetdb
@@ -221,17 +229,21 @@ class Agent:
         self.next_beat = self.monotonic() + self.fleet.heartbeat
 
     def _check_twin(self, row, hostname, pid):
-        """Warn (once) when another daemon, alive, reports as this node: two daemons with one
-        name would write each other's runs under the same (node, run_id)."""
+        """FleetRefused when another daemon, alive, reports as this node: two daemons with one
+        name would overwrite each other's runs under the same (node, run_id), so the one that
+        finds the other's row heartbeating writes nothing (its records wait, the state says why)
+        until that one stops or goes quiet."""
+        from torchcore import fleetdb
+
         their_host, their_pid, fresh = row
-        if self.twin_said or not fresh or (their_host, their_pid) == (hostname, pid):
+        if not fresh or (their_host, their_pid) == (hostname, pid):
             return
         if their_host == hostname and not _alive(their_pid):
             return      # this daemon's predecessor, killed: not another one
-        self.twin_said = True
-        log.error("fleet agent: another daemon (pid %s on %s) reports as node %s too; their "
-                  "runs would overwrite each other's in the fleet history: give each its own "
-                  "--node-name or fleet.node", their_pid, their_host, self.node)
+        raise fleetdb.FleetRefused(
+            f"another daemon (pid {their_pid} on {their_host}) reports as node {self.node} too; "
+            "their runs would overwrite each other's in the fleet history, so this one ships "
+            "nothing: give each its own --node-name or fleet.node")
 
     def addresses(self):
         node = self.live.get("node")
@@ -261,8 +273,9 @@ class Agent:
 
     # -- the history ----------------------------------------------------------------------------
 
-    def ship(self, batches):
-        """Ship up to ``batches`` batches; True if more may wait."""
+    def ship(self, batches, written=None):
+        """Ship up to ``batches`` batches; True if more may wait.  ``written()``: called once the
+        first batch is in PostgreSQL, before the cursor passes it (while it still counts as waiting)."""
         for _ in range(batches):
             if self.stopping():
                 return True
@@ -276,6 +289,9 @@ class Agent:
             rows = self.rows(batch.records)
             if rows:
                 self.write(rows)
+            if written is not None:
+                written()
+                written = None
             self.store.commit(batch)
             self.shipped += len(rows)
         return True
@@ -327,6 +343,8 @@ class Agent:
     def finish(self, budget):
         """SIGTERM: ship what is left for up to ``budget`` seconds, then the last heartbeat
         (``stopped``); a database not connected now is not waited for."""
+        from torchcore import fleetdb
+
         pg = _pg() if self.conn is not None else None
         deadline = self.monotonic() + budget
         self.stopping = lambda: False       # stopping is what this does now
@@ -343,6 +361,8 @@ class Agent:
                             "ships at the next start")
             except pg.Error as exc:     # the database went away meanwhile: said as always
                 self._failed(self._runtime_error(exc))
+            except fleetdb.FleetRefused as exc:     # another daemon as this node
+                self._failed(exc)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, previous)

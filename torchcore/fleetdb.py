@@ -18,6 +18,7 @@ psycopg is imported on first use only (``pip install 'torchcore[fleet]'``): a ta
 ``fleetspec.redact`` and any password scrubbed from what the server or libpq said.
 """
 
+import re
 import socket
 
 from torchcore import __version__, fleetspec
@@ -134,6 +135,9 @@ def _sqlstate(exc):
 _REFUSED = ("28", "3D", "42")
 _REFUSED_WORDS = ("authentication failed", "password", "no pg_hba.conf entry", "does not exist",
                   "permission denied", "not permitted to log in", "certificate")
+# libpq cannot use the URL as written (psycopg's ProgrammingError: an unknown option, a broken URI;
+# or a value libpq does not take): no try will ever connect, so it is a no, not an outage
+_UNUSABLE = re.compile(r"\binvalid (?:[a-z_]+ value\b|integer value|connection option|URI)")
 
 
 def classify(exc, url, doing="connect to"):
@@ -141,7 +145,9 @@ def classify(exc, url, doing="connect to"):
     where = fleetspec.redact(url)
     state = _sqlstate(exc) or ""
     said = str(exc).lower()
-    refused = state[:2] in _REFUSED or (not state and any(w in said for w in _REFUSED_WORDS))
+    refused = state[:2] in _REFUSED or (not state and (
+        any(w in said for w in _REFUSED_WORDS) or isinstance(exc, psycopg().ProgrammingError)
+        or _UNUSABLE.search(str(exc)) is not None))
     kind = FleetRefused if refused else FleetUnreachable
     return kind(f"cannot {doing} the fleet database {where}: {describe(exc, url)}")
 

@@ -26,6 +26,7 @@ from torchcore import fleetdb
 from torchcore.fleetspec import DOWN_AFTER, LATE_AFTER
 from torchcore.node import Node
 from torchcore.runrecord import RunRecord
+from torchcore.textfmt import printable
 
 S = fleetdb.SCHEMA
 CLOCK_TOLERANCE = 1.0       # seconds: a node whose clock is further off is flagged
@@ -283,7 +284,7 @@ def check_node(conn, node):
                     f"OR EXISTS (SELECT 1 FROM {S}.runs WHERE node = %s)", (node, node))
         if cur.fetchone()[0]:
             return
-    names = node_names(conn)
+    names = [printable(name) for name in node_names(conn)]
     import difflib
     close = difflib.get_close_matches(node, names, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else \
@@ -312,7 +313,7 @@ def run(conn, node, run_id, task=None, tz=None):
             check_node(conn, node)
         return None
     if len(rows) > 1:
-        names = [row[0] for row in rows]
+        names = [printable(row[0]) for row in rows]
         raise QueryError(f"run {run_id}{f' of {task!r}' if task else ''} is on several nodes "
                          f"({', '.join(names[:20])}{' ...' if len(names) > 20 else ''}): "
                          "name one with --node")

@@ -7,6 +7,7 @@ skipped, missed) is never replaced by an earlier state of the run, and an empty 
 replaces one already stored.  The heartbeat keeps ``file_since`` unless the digest changed.
 """
 
+import logging
 import os
 import subprocess
 import time
@@ -65,6 +66,9 @@ def connect(url):
     from torchcore import fleetdb
 
     pg = fleetdb.psycopg()
+    # psycopg's own warning when a failed batch aborts its pipeline: the agent says each failure
+    # once itself (its log is the daemon's), not once per try
+    logging.getLogger("psycopg").setLevel(logging.ERROR)
     kwargs = {"autocommit": True, "application_name": "torchcore fleet agent", "keepalives": 1,
               "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
     if pg.pq.version() >= 120000:           # libpq 12 has it; an older one refuses the option

@@ -24,6 +24,19 @@ _COLOURS = [(re.compile(r"(ok|exit 0)\b"), GREEN),          # the first that mat
             (re.compile(r"(skipped|missed|never ran|not on this node|disabled|stopped)"), YELLOW)]
 
 
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]}
+
+
+def printable(text):
+    """``text`` with its control characters (C0, DEL, C1: a newline, an escape sequence, a bell)
+    written as ``\\xNN``: text from elsewhere (the fleet database) shown, never obeyed.
+
+    >>> printable("web-1\\x1b]0;pwned\\x07")
+    'web-1\\\\x1b]0;pwned\\\\x07'
+    """
+    return str(text).translate(_CONTROLS)
+
+
 def colour_wanted(stream=None):
     """Colour only on a terminal, and never with NO_COLOR set to anything but ""."""
     stream = stream or sys.stdout
@@ -44,7 +57,8 @@ def _isatty(stream):
 
 
 def format_table(headers, rows, width=AUTO, colour=AUTO):
-    """Return the rows as text columns aligned under the headers (no trailing spaces).
+    """Return the rows as text columns aligned under the headers (no trailing spaces); a
+    control character in a cell is shown escaped (``printable``).
 
     ``width``: the widest a line may be (None: no limit; AUTO: the terminal's, if any);
     ``colour``: whether to colour result words (AUTO: on a terminal without NO_COLOR).
@@ -59,7 +73,7 @@ def format_table(headers, rows, width=AUTO, colour=AUTO):
     """
     width = terminal_width() if width is AUTO else width
     colour = colour_wanted() if colour is AUTO else colour
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c).rstrip() for c in r]
+    cells = [[str(h) for h in headers]] + [["" if c is None else printable(c).rstrip() for c in r]
                                            for r in rows]
     widths = fit_widths([max(len(row[i]) for row in cells) for i in range(len(headers))],
                         [len(str(h)) for h in headers], width)

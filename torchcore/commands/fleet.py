@@ -10,7 +10,7 @@ import datetime
 from torchcore import config, fleetdb, fleetspec
 from torchcore.commands import common
 from torchcore.errors import TorchcoreError
-from torchcore.textfmt import format_table
+from torchcore.textfmt import format_table, printable
 from torchcore.units import format_duration
 
 SHOWN_NAMES = 3         # node names listed in a cell before "+N more"
@@ -172,7 +172,7 @@ def cmd_tasks(args):
         if view["problems"]:
             print("problems:")
             for problem in view["problems"]:
-                print(f"  {problem['kind']}: {problem['text']}")
+                print(f"  {problem['kind']}: {printable(problem['text'])}")
     return common.EXIT_ERROR if view["problems"] else common.EXIT_OK
 
 

@@ -11,7 +11,7 @@ import time
 from torchcore import config, records, tasklog
 from torchcore.commands import common
 from torchcore.errors import ConfigError, TorchcoreError
-from torchcore.textfmt import format_relative, format_table
+from torchcore.textfmt import format_relative, format_table, printable
 from torchcore.units import format_duration
 
 _TASK_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -356,17 +356,19 @@ def fleet_logs(args):
     if args.json:
         print(json.dumps(found, indent=2))
         return common.EXIT_OK
-    print(f"run {found['run_id']} of {found['task']!r} on {found['node']}, "
-          f"{found['started'] or found['scheduled']}: {fleetquery.result_text(found)}",
+    print(printable(f"run {found['run_id']} of {found['task']!r} on {found['node']}, "
+                    f"{found['started'] or found['scheduled']}: {fleetquery.result_text(found)}"),
           file=sys.stderr)
     output = found["output"] or ""
-    lines = output.splitlines()
+    lines = output.split("\n")     # only a newline ends a line, as in a local log (not \r, \f ...)
+    if lines[-1] == "":
+        lines.pop()
     if args.lines:
         lines = lines[-args.lines:]
     for line in lines:
         print(shown(line))
     if not lines:
-        print(f"run {found['run_id']} of {found['task']!r} on {found['node']} stored no output "
-              "(it printed nothing)", file=sys.stderr)
+        print(f"run {found['run_id']} of {found['task']!r} on {printable(found['node'])} stored "
+              "no output (it printed nothing)", file=sys.stderr)
         return common.EXIT_ERROR
     return common.EXIT_OK
