@@ -182,7 +182,7 @@ class Agent:
                 waiting = self.store.waiting()
                 log.info("fleet agent: shipping to %s as %s%s%s", self.shown, self.node,
                          f" again{after}" if after else "",
-                         f", {waiting} records waiting" if waiting else "")
+                         f", {waiting} record{'s' if waiting != 1 else ''} waiting" if waiting else "")
             else:
                 log.warning("fleet agent: %s (runs go on; trying again at least every %.0fs; the "
                             "records wait here)", error,
