@@ -115,3 +115,10 @@ def test_a_file_without_fleet_loads_nothing_of_psycopg(tmp_path):
             f"config.load({str(path)!r}); print('psycopg' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("hostname", ["bad host", "-lead", "x" * 70, "h\u00e9te", "a/b"])
+def test_a_hostname_that_makes_no_node_name_says_what_to_set(hostname):
+    with pytest.raises(fleetspec.FleetSpecError, match="set settings.fleet.node or start with --node-name"):
+        fleetspec.node_name(None, hostname)
+    assert fleetspec.node_name(None, hostname, override="n1") == "n1"

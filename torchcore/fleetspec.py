@@ -171,7 +171,11 @@ def node_name(fleet, hostname, override=None):
         return check_node_name(override)
     if fleet is not None and fleet.node:
         return fleet.node
-    return short_hostname(hostname)
+    try:
+        return check_node_name(short_hostname(hostname))
+    except FleetSpecError as exc:
+        raise FleetSpecError(f"this node's hostname does not make a node name ({exc}): set "
+                             "settings.fleet.node or start with --node-name") from None
 
 
 def database_url(fleet, environ):

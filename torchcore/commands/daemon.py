@@ -73,7 +73,7 @@ def cmd_start(args):
     if found.pid is not None:   # refuse at once (whatever pidfile it holds); it would fail later
         raise AlreadyRunning(found.pid, found.pidfile, found.socket if found.info else None)
     refuse_if_served(taskfile.settings.state_dir)   # serving, but did not answer the ping
-    check_fleet(taskfile)
+    check_fleet(taskfile, node, getattr(args, "node_name", None))
     if args.foreground:
         setup_logging(None)
         with Pidfile(pidfile_path):
@@ -108,16 +108,21 @@ def check_pidfile_dir(path, args):
                           "(create it, or pass --create-dirs)")
 
 
-def check_fleet(taskfile):
+def check_fleet(taskfile, node, node_name=None):
     """With ``settings.fleet``: the database's schema checked before the daemon starts.  A schema
     missing, older or newer than the code, a refused login or no psycopg is a configuration error
-    (exit 78, with what to do); a database that cannot be reached now is only a warning: the
+    (exit 78, with what to do), as is a hostname that makes no node name when neither
+    fleet.node nor --node-name names one; a database that cannot be reached now is only a warning: the
     daemon starts, schedules as always, and its fleet agent keeps trying."""
     fleet = taskfile.settings.fleet
     if fleet is None:
         return
     from torchcore import fleetdb, fleetspec
 
+    try:
+        fleetspec.node_name(fleet, node.hostname, override=node_name)
+    except fleetspec.FleetSpecError as exc:
+        raise ConfigError(f"{taskfile.path}:{fleet.line}: settings: fleet: {exc}") from None
     url = fleetspec.database_url(fleet, os.environ)
     try:
         fleetdb.open_checked(url, timeout=3).close()
