@@ -1,17 +1,318 @@
 """The seam for running with other nodes: the supervisor asks before every launch.
 
-A node that reads the shared task file alone needs no coordination: every node
-runs its own share, decided by the task's `ips`/`hosts`.  A cluster backend
-(one eligible node per scheduled second) implements the same two methods.
+A node that reads the shared task file alone needs no coordination: every node runs its own
+share, decided by the task's `ips`/`hosts`.  ``LocalCoordinator`` always says yes.
+
+``FleetCoordinator`` (with ``settings.fleet``) says yes at once to `run: each` tasks too; a
+`run: once` run starts only with a claim won in the fleet database (claims.py).  The claims are
+made by a child process, ``torchcore: fleet claims`` (claimer.py), over a non-blocking socket
+in the supervisor's selector, so the loop never waits on the network:
+
+- ``ahead(second, tasks)``: the starter is preparing ``second``; its `once` tasks are sent to
+  be claimed, batched (the look-ahead prepares such seconds ``takeover`` + 1 s ahead);
+- the answers come back: a won claim is prepared at once (``Starter.prepare_claimed``), a claim
+  won late (an expired one taken over) is started at once (``Starter.start_claimed``); a start
+  whose claim was taken over before it was confirmed is stopped (``Starter.stop_claimed``);
+- ``claim(task, second)`` at the tick: True (won: the start is confirmed), False (lost: another
+  node runs it; nothing recorded), or the reason the second is skipped (no answer by the
+  tick: "fleet database unreachable" — `once` tasks fail closed);
+- ``env(task, second)``: ``TORCHCORE_FENCE`` and ``TORCHCORE_SCHEDULED_AT`` for a won run.
 """
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+
+log = logging.getLogger("torchcore")
+
+ASKED, LOST, DECIDED, SKIPPED, LATE_ASK = "asked", "lost", "decided", "skipped", "late-ask"
+KEEP = 120              # seconds a second's claim state is kept after it
+RESTART_FIRST, RESTART_MAX = 1.0, 30.0
+MAX_PENDING = 1 << 20   # bytes waiting for the claimer; beyond, it is stuck: restarted
 
 
 class LocalCoordinator:
     """Always yes: this node runs every due run of its own tasks."""
 
     def claim(self, task, second):
-        """May this node start ``task`` for the scheduled ``second``?"""
+        """May this node start ``task`` for the scheduled ``second``?  True; False (another
+        node runs it); or a text: the reason the second is skipped."""
         return True
 
     def release(self, task, second):
         """The run for ``second`` has ended (nothing to do locally)."""
+
+    def ahead(self, second, tasks):
+        """``tasks`` (`run: once`) are due at ``second``, which is being prepared."""
+
+    def env(self, task, second):
+        """Variables the run of ``task`` for ``second`` gets on top of its own."""
+        return ()
+
+    def use(self, settings, once):
+        """The settings in force, and the names of the node's `run: once` tasks."""
+
+    def attach(self, selector, starter):
+        """The supervisor's selector, and the starter to hand won claims to."""
+
+    def exited(self, pid, status):
+        """Reaping: True if ``pid`` was the coordinator's child."""
+        return False
+
+    def close(self):
+        """At shutdown."""
+
+
+class FleetCoordinator(LocalCoordinator):
+    """Claims for `run: once` tasks through the claimer child (see the module docstring)."""
+
+    def __init__(self, clock, node_name, stderr=None, argv=None):
+        self.clock = clock
+        self.node_name = node_name
+        self.stderr = stderr            # a path the claimer's stderr (its log) goes to
+        self.argv = argv or [sys.executable, "-m", "torchcore.claimer"]
+        self.hello = None               # what the claimer is told: url, node, takeover, lease
+        self.once = set()
+        self.selector = self.starter = None
+        self.proc = self.sock = None
+        self.pending = b""              # bytes not yet taken by the socket
+        self.buffer = b""
+        self.restart_at = 0.0           # monotonic
+        self.backoff = RESTART_FIRST
+        self.state = {}                 # (name, second) -> ASKED, LOST, DECIDED, SKIPPED, LATE_ASK
+        self.fences = {}                # (name, second) -> fence of a won claim
+        self.start_by = {}              # (name, second) of a claim taken over -> when it was won
+        self.db_down = None
+
+    # ---- the supervisor's side ---------------------------------------------------------------
+
+    def use(self, settings, once):
+        from torchcore import fleetspec
+
+        fleet = settings.fleet
+        self.once = set(once)
+        if fleet is None:
+            self.hello = None
+            return
+        hello = {"url": fleetspec.database_url(fleet, os.environ), "node": self.node_name,
+                 "takeover": fleet.takeover, "lease": fleet.lease}
+        if hello != self.hello:
+            self.hello = hello
+            if self.proc is not None:
+                self._send({"hello": hello})
+        if self.once and self.proc is None:
+            self._start()           # connected before the first claim is due
+
+    def attach(self, selector, starter):
+        self.selector, self.starter = selector, starter
+
+    def ahead(self, second, tasks):
+        asked = []
+        for task in tasks:
+            key = (task.name, second)
+            if key not in self.state:
+                self.state[key] = ASKED
+                asked.append(task)
+        if asked:
+            self._ask(second, asked, now=False)
+        self._forget(second)
+
+    def claim(self, task, second):
+        if task.run != "once" or second is None:
+            return True             # each, and manual runs: this node's own business
+        from torchcore import claims
+
+        key = (task.name, second)
+        state = self.state.get(key)
+        if key in self.fences and state is None:
+            if self.clock.time() > self.start_by.pop(key, second) + claims.FIRE_WINDOW:
+                return False        # too late to start: the claim expires, someone takes it over
+            self.state[key] = DECIDED
+            self._send({"start": [[task.name, second, self.fences[key]]]})
+            return True
+        if state == DECIDED:
+            return True             # a start tried again (its fork failed)
+        if state == ASKED and self.hello is not None:
+            self.state[key] = SKIPPED
+            return claims.UNREACHABLE
+        if state is None and self.hello is not None:
+            self.state[key] = LATE_ASK  # not asked ahead (a start, a reload): asked now
+            self._ask(second, [task], now=True)
+        return False
+
+    def env(self, task, second):
+        fence = self.fences.get((task.name, second))
+        if fence is None:
+            return ()
+        return (("TORCHCORE_FENCE", str(fence)), ("TORCHCORE_SCHEDULED_AT", str(second)))
+
+    def exited(self, pid, status):
+        if self.proc is None or pid != self.proc.pid:
+            return False
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        log.error("fleet claims process (pid %d) ended (status %s); restarting it in %.0fs",
+                  pid, self.proc.returncode, self.backoff)
+        self._drop()
+        self.restart_at = self.clock.monotonic() + self.backoff
+        self.backoff = min(RESTART_MAX, self.backoff * 2)
+        return True
+
+    def close(self):
+        proc = self.proc
+        self._drop()
+        if proc is None:
+            return
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        except (OSError, ChildProcessError):
+            pass
+
+    # ---- the claimer child ------------------------------------------------------------------
+
+    def _ask(self, second, tasks, now):
+        self._send({"claim": second, "now": now, "tasks": [
+            [task.name, [str(network) for network in task.ips], list(task.hosts)]
+            for task in tasks]})
+
+    def _start(self):
+        if self.hello is None or self.selector is None:
+            return False
+        if self.clock.monotonic() < self.restart_at:
+            return False
+        parent, child = socket.socketpair()
+        err = None
+        try:
+            if self.stderr is not None:
+                err = os.open(self.stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                              0o600)
+            self.proc = subprocess.Popen(self.argv, stdin=child.fileno(), stdout=subprocess.DEVNULL,
+                                         stderr=err, close_fds=True)
+        except Exception as exc:
+            parent.close()
+            log.error("cannot start the fleet claims process: %s: %s", type(exc).__name__, exc)
+            self.restart_at = self.clock.monotonic() + self.backoff
+            return False
+        finally:
+            child.close()
+            if err is not None:
+                os.close(err)
+        parent.setblocking(False)
+        self.sock = parent
+        self.started_at = self.clock.monotonic()
+        self.selector.register(parent, selectors.EVENT_READ, self._ready)
+        self.pending = self.buffer = b""
+        log.info("fleet claims process started, pid %d", self.proc.pid)
+        self._send({"hello": self.hello})
+        return True
+
+    def _drop(self):
+        if self.sock is not None:
+            try:
+                self.selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+            self.sock.close()
+        self.sock = self.proc = None
+        self.pending = self.buffer = b""
+
+    def _send(self, message):
+        from torchcore import claims
+
+        if self.proc is None and not self._start():
+            return
+        if self.sock is None:
+            return          # it closed its end: its exit is reaped, and it is started again
+        self.pending += claims.encode(message)
+        self._flush()
+
+    def _flush(self):
+        try:
+            sent = self.sock.send(self.pending)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return          # it is gone: its exit is reaped and it is started again
+        self.pending = self.pending[sent:]
+        if len(self.pending) > MAX_PENDING:
+            log.error("the fleet claims process does not read its claims; restarting it")
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.pending = b""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.pending else 0)
+        self.selector.modify(self.sock, events, self._ready)
+
+    def _ready(self, key=None, mask=selectors.EVENT_READ):
+        if mask & selectors.EVENT_WRITE and self.pending:
+            self._flush()
+        if not mask & selectors.EVENT_READ or self.sock is None:
+            return
+        from torchcore import claims
+
+        chunks = []
+        while True:
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                if self.selector is not None and self.sock is not None:
+                    self.selector.unregister(self.sock)     # its exit is reaped
+                    self.sock.close()
+                    self.sock = None
+                break
+            chunks.append(chunk)
+        messages, self.buffer = claims.decode_lines(self.buffer, b"".join(chunks))
+        for message in messages:
+            self._answer(message)
+
+    def _answer(self, message):
+        if "won" in message:
+            late = bool(message.get("late"))
+            for name, second, fence in message["won"]:
+                self._won(name, int(second), int(fence), late)
+            for name, second in message.get("lost") or ():
+                if self.state.get((name, second)) in (ASKED, LATE_ASK):
+                    self.state[(name, second)] = LOST
+        elif "revoked" in message:
+            for name, second, fence in message["revoked"]:
+                if self.fences.get((name, second)) == fence:
+                    self.starter.stop_claimed(name, int(second))
+        elif message.get("db") == "down":
+            self.db_down = message.get("error")
+        elif message.get("db") == "up":
+            self.db_down = None
+
+    def _won(self, name, second, fence, late):
+        key = (name, second)
+        state = self.state.get(key)
+        if state == SKIPPED and not late:
+            return          # answered after its tick: it expires unstarted, and is taken over
+        if name not in self.once:
+            return          # no longer a `once` task of this node (a reload)
+        self.fences[key] = fence
+        self.state.pop(key, None)
+        if late:        # taken over: it expires 1 s after the takeover, not after its second
+            self.start_by[key] = self.clock.time()
+        if late or state == LATE_ASK or second <= self.clock.time():
+            self.starter.start_claimed(name, second)
+        else:
+            self.starter.prepare_claimed(name, second)
+
+    def _forget(self, now):
+        if len(self.state) < 256:
+            return
+        old = [key for key in self.state if key[1] < now - KEEP]
+        for key in old:
+            del self.state[key]
+        for key in [key for key in self.fences if key[1] < now - KEEP]:
+            del self.fences[key]
+            self.start_by.pop(key, None)

@@ -6,7 +6,9 @@ Everything torchcore keeps there lives in the schema ``torchcore``:
 - ``nodes``: the node registry, one row per node, written by each node's fleet agent at every
   heartbeat (fleetagent.py) and read by ``fleet status``;
 - ``runs``: the fleet history, every run record of every node with the tail of its output, keyed
-  on (node, run_id) so that shipping a record twice writes it once.
+  on (node, run_id) so that shipping a record twice writes it once;
+- ``claims``: who runs each second of a ``run: once`` task, keyed on (task, second, slot), with
+  its fencing token (claims.py).
 
 ``torchcore fleet init`` applies the migrations a database lacks, in order, each in its own
 transaction, under a session advisory lock: fifty nodes running it at once migrate once, the
@@ -83,6 +85,24 @@ MIGRATIONS = (
         f"CREATE INDEX runs_at ON {SCHEMA}.runs (at)",
         f"CREATE INDEX runs_task_at ON {SCHEMA}.runs (task, at)",
         f"CREATE INDEX runs_failed ON {SCHEMA}.runs (at) WHERE failed",
+    )),
+    (3, "run: once claims", (
+        f"""CREATE TABLE {SCHEMA}.claims (
+            task text NOT NULL,
+            second bigint NOT NULL,             -- the scheduled second, epoch seconds
+            slot integer NOT NULL DEFAULT 0,
+            fence bigint NOT NULL,              -- second * 1000 + takeovers: the fencing token
+            node text NOT NULL,                 -- who holds it
+            claimed timestamptz NOT NULL DEFAULT now(),
+            expires timestamptz NOT NULL,       -- not started by then: another node may take it
+            started timestamptz,                -- its run started (or was decided) on ``node``
+            lease_until timestamptz,
+            ended timestamptz,
+            takeovers integer NOT NULL DEFAULT 0,
+            PRIMARY KEY (task, second, slot)
+        )""",
+        f"CREATE INDEX claims_unstarted ON {SCHEMA}.claims (expires) WHERE started IS NULL",
+        f"CREATE INDEX claims_task_second ON {SCHEMA}.claims (task, second DESC)",
     )),
 )
 CODE_VERSION = MIGRATIONS[-1][0]

@@ -25,6 +25,7 @@ from torchcore.schedule import Schedule
 
 TIMED, REBOOT, DAEMON = 0, 1, 2     # a record's kind: on the planner's table, @reboot, daemon
 MARSHAL_VERSION = 2                 # no references: the bytes depend on the values alone
+_RUN_ONCE = marshal.dumps("once", MARSHAL_VERSION)[1:]     # how a record ends for `run: once`
 
 
 def record(task):
@@ -100,6 +101,7 @@ class TaskTable(Mapping):
         self._decoded = {}
         self.reboot = set()
         self.daemons = set()
+        self.once = set()       # `run: once` tasks: claimed in the fleet database (claims.py)
         for name, data in (records or {}).items():
             self.put(name, data)
 
@@ -118,6 +120,10 @@ class TaskTable(Mapping):
             self.reboot.add(name)
         elif kind == DAEMON:
             self.daemons.add(name)
+        if data.endswith(_RUN_ONCE):    # the record's last field, read without decoding it
+            self.once.add(name)
+        else:
+            self.once.discard(name)
 
     def __getitem__(self, name):
         task = self._decoded.get(name)

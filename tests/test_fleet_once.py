@@ -1,0 +1,251 @@
+"""`run: once` against a real PostgreSQL (tests/pgserver.py): the claim statements raced from many
+connections, the claims process on its own, and several real daemons on one machine as separate
+nodes (``--node-name``, ``--node-ip``, own state dirs), each scheduled second counted from the
+commands' own output (``TORCHCORE_SCHEDULED_AT``, ``TORCHCORE_FENCE``).
+
+The node registry (``nodes``) is written here, as the fleet agent would: the contract is the
+table.  The nodes' heartbeats are set an hour apart, so a killed node stays "live" (and
+preferred for its share of the seconds) for the whole test: the others must take over."""
+
+import collections
+import concurrent.futures
+import os
+import signal
+import socket
+import time
+
+import pytest
+from daemon_harness import wait_for
+
+from torchcore import claimer, claims, fleetdb
+
+pytestmark = pytest.mark.process
+
+
+@pytest.fixture
+def fleet(pg):
+    with fleetdb.connect(pg.url) as conn:
+        fleetdb.migrate(conn, pg.url)
+    return pg
+
+
+def _nodes(url, count):
+    with fleetdb.connect(url) as conn:
+        for number in range(1, count + 1):
+            conn.execute(f"""INSERT INTO {fleetdb.SCHEMA}.nodes (name, hostname, addresses,
+                version, heartbeat, last_seen) VALUES (%s, %s, %s, 'test', 3600, now())""",
+                         (f"n{number}", f"n{number}", [f"10.0.0.{number}"]))
+
+
+def _claim(url, node, keys):
+    with fleetdb.connect(url) as conn:
+        return conn.execute(claims.CLAIM, {"node": node, **claims.columns(keys)}).fetchall()
+
+
+# ---- the statements ---------------------------------------------------------------------------
+
+def test_one_node_wins_each_claim_raced_from_many_connections_and_fences_increase(fleet):
+    now = int(time.time())
+    keys = [("report", now + 10 + s) for s in range(20)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda n: _claim(fleet.url, f"n{n}", keys), range(8)))
+    winners = collections.Counter((task, second) for rows in results for task, second, _ in rows)
+    assert winners == collections.Counter(keys)        # every key won, each by one node only
+    fences = sorted((second, fence) for rows in results for _, second, fence in rows)
+    assert [fence for _, fence in fences] == [claims.first_fence(second) for second, _ in fences]
+    with fleetdb.connect(fleet.url) as conn:        # not expired yet: nothing to take over
+        assert conn.execute(claims.TAKE_OVER, {"node": "n9", **claims.columns(keys)}).fetchall() == []
+        past = [("late", now - 5)]
+        conn.execute(claims.CLAIM, {"node": "n1", **claims.columns(past)})
+        taken = conn.execute(claims.TAKE_OVER, {"node": "n2", **claims.columns(past)}).fetchall()
+        assert taken == [("late", now - 5, claims.first_fence(now - 5) + 1)]
+        # the first holder's start is refused (its fence is stale); the taker's is confirmed
+        start = {"lease": 15, **claims.columns(past)}
+        assert conn.execute(claims.START, {**start, "node": "n1",
+                                           "fences": [claims.first_fence(now - 5)]}).fetchall() == []
+        assert conn.execute(claims.START, {**start, "node": "n2",
+                                           "fences": [taken[0][2]]}).fetchall() == [("late", now - 5)]
+        assert conn.execute(claims.TAKE_OVER, {"node": "n3", **claims.columns(past)}).fetchall() == []
+
+
+# ---- the claims process on its own --------------------------------------------------------------
+
+def _claimer(url, node, takeover=0.5):
+    ours, theirs = socket.socketpair()
+    proc = claimer.Claimer(theirs)
+    proc.handle({"hello": {"url": url, "node": node, "takeover": takeover, "lease": 15}})
+    ours.settimeout(5)
+    return proc, ours
+
+
+def _read(sock, proc, until):
+    """Drive the claimer until a message with ``until`` comes back; that message."""
+    deadline = time.monotonic() + 5
+    buffer = b""
+    sock.setblocking(False)
+    while time.monotonic() < deadline:
+        proc.due()
+        try:
+            buffer += sock.recv(65536)
+        except BlockingIOError:
+            pass
+        messages, rest = claims.decode_lines(b"", buffer)
+        for message in messages:
+            if until in message:
+                return message
+        time.sleep(0.01)
+    raise AssertionError(f"no {until!r} message")
+
+
+def test_the_preferred_node_claims_at_once_the_others_at_the_takeover_time(fleet):
+    _nodes(fleet.url, 2)
+    second = int(time.time()) + 3
+    names = ["n1", "n2"]
+    task = next(f"t{i}" for i in range(100) if claims.preferred(f"t{i}", second, names) == "n2")
+    n1, sock1 = _claimer(fleet.url, "n1")
+    n2, sock2 = _claimer(fleet.url, "n2")
+    request = {"claim": second, "tasks": [[task, ["10.0.0.0/24"], []]]}
+    assert n1.handle(request) == []             # not preferred: waits until second - takeover
+    assert n1.waiting == {(task, second): second - 0.5}
+    assert n2.handle(request) == [(task, second)]
+    n2.attempt([(task, second)])
+    assert _read(sock2, n2, "won")["won"] == [[task, second, claims.first_fence(second)]]
+    started = time.time()
+    answer = _read(sock1, n1, "won")
+    assert answer["won"] == [] and answer["lost"] == [[task, second]]
+    assert time.time() >= second - 0.5 - 0.05 and time.time() - started < 3
+
+
+def test_an_expired_claim_is_taken_over_late_and_the_stale_start_revoked(fleet):
+    second = int(time.time()) + 1
+    n1, sock1 = _claimer(fleet.url, "n1")
+    n2, sock2 = _claimer(fleet.url, "n2")
+    n1.attempt([("job", second)])
+    assert _read(sock1, n1, "won")["won"] == [["job", second, claims.first_fence(second)]]
+    n2.attempt([("job", second)])
+    assert _read(sock2, n2, "won")["lost"] == [["job", second]]
+    # n1 never starts it: from second + 1 s, n2 takes it over with the next token
+    answer = _read(sock2, n2, "won")
+    assert answer == {"won": [["job", second, claims.first_fence(second) + 1]], "lost": [],
+                      "late": True}
+    assert time.time() >= second + claims.EXPIRE_AFTER
+    n1.handle({"start": [["job", second, claims.first_fence(second)]]})     # too late
+    assert _read(sock1, n1, "revoked")["revoked"] == [["job", second, claims.first_fence(second)]]
+
+
+def test_an_unreachable_database_answers_nothing_and_says_so_once(tmp_path):
+    from pgserver import free_port
+    proc, sock = _claimer(f"postgresql://tc@127.0.0.1:{free_port()}/x", "n1")
+    second = int(time.time()) + 2
+    proc.attempt([("job", second)])
+    message = _read(sock, proc, "db")
+    assert message["db"] == "down" and "cannot connect to the fleet database" in message["error"]
+    proc.attempt([("job", second)])
+    sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        sock.recv(100)          # nothing more: no answer, and "down" said once
+
+
+# ---- real daemons as nodes ----------------------------------------------------------------------
+
+TASKS = """\
+tasks:
+  - name: tick
+    schedule: "* * * * * *"
+    run: once
+    ips: [10.0.0.0/24]
+    command: echo "$TORCHCORE_SCHEDULED_AT $TORCHCORE_FENCE {node}" >> {out}; sleep 0.4
+  - name: each
+    schedule: "* * * * * *"
+    command: echo "{node}" >> {each}
+"""
+
+
+def _fleet_daemons(daemons, url, tmp_path, count):
+    found = []
+    for number in range(1, count + 1):
+        node = f"n{number}"
+        body = TASKS.format(node=node, out=tmp_path / "once.txt", each=tmp_path / "each.txt")
+        daemon = daemons(body, settings=f"  fleet:\n    database: {url}\n")
+        found.append(daemon.start("--node-name", node, "--node-ip", f"10.0.0.{number}"))
+    return found
+
+
+def _once_runs(tmp_path):
+    """(second, fence, node) of every once-run, from the commands' own output."""
+    path = tmp_path / "once.txt"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        second, fence, node = line.split()
+        rows.append((int(second), int(fence), node))
+    return rows
+
+
+@pytest.mark.slow
+def test_three_nodes_run_every_second_once_and_a_node_killed_mid_run_costs_no_second(
+        fleet, daemons, tmp_path, figures):
+    _nodes(fleet.url, 3)
+    nodes = _fleet_daemons(daemons, fleet.url, tmp_path, 3)
+    wait_for(lambda: len(_once_runs(tmp_path)) >= 3, 15, "the first once-runs")
+    first = min(second for second, _, _ in _once_runs(tmp_path))
+    time.sleep(9)
+    # kill -9 node 1 while its run is under way (each run sleeps 0.4 s after its line)
+    wait_for(lambda: any(n == "n1" and s >= int(time.time()) - 1
+                         for s, _, n in _once_runs(tmp_path)), 10, "a run of n1")
+    nodes[0].proc.send_signal(signal.SIGKILL)
+    nodes[0].proc.wait()
+    killed = time.time()
+    time.sleep(10)
+    last = int(time.time()) - 2         # the seconds whose runs have surely started
+    for daemon in nodes[1:]:
+        daemon.stop()
+    runs = [row for row in _once_runs(tmp_path) if first <= row[0] <= last]
+    per_second = collections.Counter(second for second, _, _ in runs)
+    doubled = [s for s, count in per_second.items() if count > 1]
+    missed = [s for s in range(first, last + 1) if s not in per_second]
+    figures.add(faults=1, runs=last - first + 1, lost=len(missed), doubled=len(doubled))
+    assert not doubled, doubled
+    assert not missed, (missed, killed)
+    assert {node for second, _, node in runs if second < killed - 1} == {"n1", "n2", "n3"}
+    assert {node for second, _, node in runs if second > killed + 1} <= {"n2", "n3"}
+    fences = [fence for _, fence, _ in sorted(runs)]
+    assert fences == sorted(set(fences))            # strictly increasing over the seconds
+    assert all(claims.fence_second(fence) == second for second, fence, _ in runs)
+    each = (tmp_path / "each.txt").read_text().split()
+    assert {"n1", "n2", "n3"} <= set(each)
+
+
+@pytest.mark.slow
+def test_with_the_database_stopped_once_tasks_are_skipped_with_the_reason_each_tasks_go_on(
+        fleet, daemons, tmp_path, figures):
+    _nodes(fleet.url, 2)
+    nodes = _fleet_daemons(daemons, fleet.url, tmp_path, 2)
+    wait_for(lambda: len(_once_runs(tmp_path)) >= 2, 15, "the first once-runs")
+    fleet.server.stop()
+    stopped = time.time()
+    try:
+        time.sleep(5)
+        each_during = len((tmp_path / "each.txt").read_text().split())
+        time.sleep(1)
+        assert len((tmp_path / "each.txt").read_text().split()) > each_during    # each goes on
+    finally:
+        fleet.server.start_again()
+    back = time.time()
+    wait_for(lambda: any(s > back for s, _, _ in _once_runs(tmp_path)), 15, "once-runs again")
+    time.sleep(1)
+    for daemon in nodes:
+        daemon.stop()
+    runs = _once_runs(tmp_path)
+    during = [s for s, _, _ in runs if stopped + 1 < s < back - 1]
+    assert during == []
+    per_second = collections.Counter(s for s, _, _ in runs)
+    assert [s for s, c in per_second.items() if c > 1] == []
+    skipped = {r["scheduled"] for d in nodes for r in d.runs("tick")
+               if r["skipped"] == claims.UNREACHABLE}
+    quiet = range(int(stopped) + 1, int(back))
+    assert set(quiet) <= skipped | set(per_second)      # every second not run is recorded
+    assert all(f"skipped: {claims.UNREACHABLE}" in d.log for d in nodes)
+    assert sum("the fleet database is reachable again" in d.log for d in nodes) == 2
+    figures.add(faults=1, runs=len(quiet), doubled=0)
