@@ -129,7 +129,7 @@ def test_an_expired_claim_is_taken_over_late_and_the_stale_start_revoked(fleet):
     assert answer == {"won": [["job", second, claims.first_fence(second) + 1]], "lost": [],
                       "late": True}
     assert time.time() >= second + claims.EXPIRE_AFTER
-    n1.handle({"start": [["job", second, claims.first_fence(second)]]})     # too late
+    n1.handle({"start": [["job", second, claims.first_fence(second), None, 1]]})   # too late
     assert _read(sock1, n1, "revoked")["revoked"] == [["job", second, claims.first_fence(second)]]
 
 
@@ -153,6 +153,7 @@ tasks:
   - name: tick
     schedule: "* * * * * *"
     run: once
+    max: 3                  # a second taken over late may overlap the next one's run
     ips: [10.0.0.0/24]
     command: echo "$TORCHCORE_SCHEDULED_AT $TORCHCORE_FENCE {node}" >> {out}; sleep 0.4
   - name: each
@@ -249,3 +250,85 @@ def test_with_the_database_stopped_once_tasks_are_skipped_with_the_reason_each_t
     assert all(f"skipped: {claims.UNREACHABLE}" in d.log for d in nodes)
     assert sum("the fleet database is reachable again" in d.log for d in nodes) == 2
     figures.add(faults=1, runs=len(quiet), doubled=0)
+
+
+# ---- fleet-wide max and leases -----------------------------------------------------------------
+
+MAX_TASKS = """\
+tasks:
+  - name: one
+    schedule: "* * * * * *"
+    run: once
+    command: echo "s $(date +%s.%N) $TORCHCORE_SCHEDULED_AT"  >> {out}; sleep 1.3; echo "e $(date +%s.%N) $TORCHCORE_SCHEDULED_AT" >> {out}
+  - name: two
+    schedule: "*/2 * * * * *"
+    run: once
+    max: 2
+    command: echo "s $(date +%s.%N) $TORCHCORE_SCHEDULED_AT"  >> {two}; sleep 3; echo "e $(date +%s.%N) $TORCHCORE_SCHEDULED_AT" >> {two}
+"""
+
+
+def _most_at_once(path):
+    """The most runs under way at one moment, from their own start and end stamps (those not
+    ended count until the end), and the seconds they ran for."""
+    events, seconds = [], []
+    for line in path.read_text().splitlines():
+        kind, at, second = line.split()
+        events.append((float(at), 1 if kind == "s" else -1))
+        if kind == "s":
+            seconds.append(int(second))
+    running = most = 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):     # an end before a start
+        running += step
+        most = max(most, running)
+    return most, seconds
+
+
+@pytest.mark.slow
+def test_fleet_max_holds_across_nodes_and_full_seconds_are_skipped_with_the_reason(
+        fleet, daemons, tmp_path, figures):
+    _nodes(fleet.url, 2)
+    nodes = []
+    for number in (1, 2):
+        body = MAX_TASKS.format(out=tmp_path / "one.txt", two=tmp_path / "two.txt")
+        daemon = daemons(body, settings=f"  fleet:\n    database: {fleet.url}\n")
+        nodes.append(daemon.start("--node-name", f"n{number}", "--node-ip", f"10.0.0.{number}"))
+    time.sleep(14)
+    for daemon in nodes:
+        daemon.stop()
+    most, seconds = _most_at_once(tmp_path / "one.txt")
+    assert most == 1 and len(seconds) >= 4              # max 1: never two at once, fleet-wide
+    assert len(seconds) == len(set(seconds))
+    skipped = {r["scheduled"] for d in nodes for r in d.runs("one")
+               if r["skipped"] == "fleet max 1 reached"}
+    assert len(skipped) >= 4 and not skipped & set(seconds)
+    most, seconds = _most_at_once(tmp_path / "two.txt")
+    assert most == 2 and len(seconds) == len(set(seconds)) >= 4     # max 2: two at once, no more
+    steady = sorted(seconds)[2:]        # (a second run late at the start holds a slot longer)
+    assert all(b - a == 2 for a, b in zip(steady, steady[1:]))      # then none skipped
+    figures.add(runs=len(seconds) + len(skipped), doubled=0)
+
+
+@pytest.mark.slow
+def test_a_node_that_cannot_renew_its_lease_stops_its_run_before_the_lease_ends(
+        fleet, daemons, tmp_path):
+    _nodes(fleet.url, 1)
+    body = ("tasks:\n  - name: long\n    schedule: '*/30 * * * * *'\n    run: once\n"
+            "    kill_grace: 1s\n    command: echo started >> {out}; sleep 60\n"
+            "  - name: first\n    schedule: '@reboot'\n    command: 'true'\n")
+    daemon = daemons(body.format(out=tmp_path / "long.txt"),
+                     settings=f"  fleet:\n    database: {fleet.url}\n    lease: 6s\n")
+    daemon.start("--node-name", "n1", "--node-ip", "10.0.0.1")
+    wait_for(lambda: (tmp_path / "long.txt").exists(), 35, "the long run")
+    time.sleep(2.5)     # its lease renewed at least once (every 2 s)
+    fleet.server.stop()
+    stopped = time.time()
+    try:
+        run = wait_for(lambda: [r for r in daemon.runs("long") if r["ended"]], 12, "its end")[0]
+    finally:
+        fleet.server.start_again()
+    # the lease ran at most 6 s past the last renewal, before the database stopped
+    assert run["ended"] - stopped < 6
+    assert run["stopped"] == "its fleet lease could not be kept"
+    assert "cannot renew the lease of 1 run(s)" in daemon.log
+    daemon.stop()

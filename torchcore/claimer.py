@@ -13,8 +13,17 @@ From S + 1 s, the claims of its batches still not started are looked at again ev
 (until S + 10 s) and taken over when expired.  With the database unreachable nothing is
 answered: the supervisor skips those seconds ("fleet database unreachable").  After an outage
 no second that passed during it is taken over (its winner may have run it unconfirmed); the
-starts not confirmed are confirmed first on reconnecting.  End of file on the socket (the
-supervisor gone, even by SIGKILL) ends the process; so does SIGTERM.
+starts not confirmed are confirmed first on reconnecting.
+
+Fleet-wide ``max``: a won claim takes a free slot of its task SLOT_AHEAD before its second (none
+free: the second is skipped, "fleet max N reached"); the start holds the slot for ``lease``,
+renewed every third of it; the end frees it.  A node that cannot renew stops its runs before the
+lease ends: TERM ``kill_grace`` + 1 s before it (at once if that is past), KILL 0.5 s before it;
+a renewal refused (the lease is gone: the node was stopped past it) is a KILL at once.  When the
+supervisor is gone (end of file; even by SIGKILL) the runs go on in their executors: this process
+holds their leases while their process groups live, frees each slot when its group is gone (or
+stops them when it cannot renew), then exits.  SIGTERM: the messages already sent are handled,
+then it exits.
 """
 
 import logging
@@ -36,6 +45,23 @@ RECONNECT_EVERY = 0.5       # seconds between connection attempts while down
 LIVE_EVERY = 2.0            # the live nodes are read again this often
 PRUNE_EVERY = 600.0
 KEEP_SECONDS = 7 * 86400    # ended claims kept a week (``fleet tasks``: who ran the last one)
+KILL_BEFORE = 0.5           # a run that cannot renew is killed this long before its lease ends
+TERM_MARGIN = 1.0           # ... and sent TERM this long plus its kill_grace before
+
+
+class Held:
+    """A running once-run's lease, as this node knows it (local clock)."""
+
+    __slots__ = ("name", "second", "fence", "pgid", "kill_grace", "lease_end", "termed", "confirmed")
+
+    def __init__(self, name, second, fence, pgid, kill_grace, lease_end):
+        self.name, self.second, self.fence = name, int(second), int(fence)
+        self.pgid, self.kill_grace, self.lease_end = pgid, float(kill_grace or 0), lease_end
+        self.termed = self.confirmed = False
+
+    @property
+    def item(self):
+        return [self.name, self.second, self.fence]
 
 
 class Claimer:
@@ -52,7 +78,14 @@ class Claimer:
         self.live_at = -1e9
         self.waiting = {}               # (name, second) -> when to try (not preferred)
         self.rechecks = {}              # (name, second) -> (next look, give up after)
-        self.unconfirmed = []           # [name, second, fence] whose start is not confirmed
+        self.unconfirmed = []           # Held whose start is not confirmed yet
+        self.slots_due = {}             # (name, second) -> [fence, max, when]: a slot to take
+        self.made = set()               # tasks whose slot rows exist
+        self.held = {}                  # (name, second) -> Held: runs under a lease
+        self.unreleased = []            # [name, fence] of ended runs whose slot is not freed yet
+        self.maxes = {}                 # name -> max, from the claims asked
+        self.renew_at = 0.0
+        self.orphaned = False           # the supervisor is gone: watch the runs' groups
         self.pruned_at = clock()
         self.buffer = b""
         self.stop = False
@@ -60,23 +93,62 @@ class Claimer:
     # ---- the loop ---------------------------------------------------------------------------
 
     def run(self):
-        while not self.stop:
-            readable, _, _ = select.select([self.sock], [], [], self.timeout())
-            if readable:
-                chunk = self.sock.recv(1 << 16)
-                if not chunk:
-                    return          # the supervisor is gone
-                messages, self.buffer = claims.decode_lines(self.buffer, chunk)
-                now_keys = []
-                for message in messages:
-                    now_keys += self.handle(message)
-                if now_keys:
-                    self.attempt(now_keys)
+        while True:
+            readable, _, _ = select.select([] if self.orphaned else [self.sock], [], [],
+                                           self.timeout())
+            if readable or self.stop:
+                self.read()
+            if self.stop:
+                return
             self.due()
+            if self.orphaned and not self.held:
+                return
+
+    def read(self):
+        try:
+            chunk = self.sock.recv(1 << 16) if not self.stop else self._drain()
+        except OSError:
+            chunk = b""
+        if not chunk:
+            if not self.stop:
+                self.orphaned = True    # the supervisor is gone; its runs go on, nothing new
+                self.waiting.clear()    # is claimed (a claim won now would never start)
+                self.rechecks.clear()
+                self.slots_due.clear()
+                log.info("fleet claims: the supervisor is gone; holding the leases of %d "
+                         "running run(s) until they end", len(self.held))
+            return
+        messages, self.buffer = claims.decode_lines(self.buffer, chunk)
+        now_keys = []
+        for message in messages:
+            now_keys += self.handle(message)
+        if now_keys:
+            self.attempt(now_keys)
+
+    def _drain(self):
+        """What the supervisor sent before SIGTERM (the ends of its last runs)."""
+        self.sock.setblocking(False)
+        chunks = []
+        while True:
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except (BlockingIOError, OSError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks) or b"\n"
 
     def timeout(self):
         times = list(self.waiting.values()) + [at for at, _ in self.rechecks.values()]
-        if self.unconfirmed or (self.down and (self.waiting or self.rechecks)):
+        times += [due[2] for due in self.slots_due.values()]
+        if self.held:
+            times.append(self.renew_at)
+            for held in self.held.values():
+                times.append(held.lease_end - KILL_BEFORE)
+                if not held.termed:
+                    times.append(held.lease_end - held.kill_grace - TERM_MARGIN)
+        if self.unconfirmed or self.unreleased or (self.down and (self.waiting or self.rechecks)):
             times.append(self.next_connect)
         nearest = min(times, default=self.clock() + 1.0)
         return min(1.0, max(0.0, nearest - self.clock()))
@@ -85,14 +157,37 @@ class Claimer:
         """One message from the supervisor; returns the keys to try at once."""
         if "hello" in message:
             hello = message["hello"]
+            if self.url is not None and hello["url"] != self.url:
+                self.lost(RuntimeError("the fleet database URL changed"))
             self.url, self.node = hello["url"], hello["node"]
             self.takeover, self.lease = float(hello["takeover"]), float(hello["lease"])
             return []
         if "start" in message:
-            self.unconfirmed += [list(item) for item in message["start"]]
+            for name, second, fence, pgid, kill_grace in message["start"]:
+                held = Held(name, second, fence, pgid, kill_grace,
+                            self.clock() + claims.EXPIRE_AFTER)  # until confirmed: the slot's hold
+                self.held[(name, int(second))] = held
+                self.unconfirmed.append(held)
             self.confirm()
             return []
+        if "hold" in message:       # runs started before this process (a restart): renewed
+            helds = []
+            for name, second, fence, pgid, kill_grace in message["hold"]:
+                held = Held(name, second, fence, pgid, kill_grace, self.clock() + self.lease / 3)
+                held.confirmed = True
+                self.held[(name, int(second))] = held
+                helds.append(held)
+            self.renew(helds)
+            return []
+        if "end" in message:
+            for name, second, fence in message["end"]:
+                self.held.pop((name, int(second)), None)
+                self.unreleased.append([name, int(fence)])
+            self.release()
+            return []
         if "claim" in message:
+            for task in message.get("tasks") or ():
+                self.maxes[task[0]] = int(task[3]) if len(task) > 3 else 1
             return self.plan(int(message["claim"]), message.get("tasks") or [],
                              bool(message.get("now")))
         return []
@@ -102,7 +197,7 @@ class Claimer:
         until ``takeover`` before the second."""
         live = self.live_nodes()
         at_once = []
-        for name, ips, hosts in tasks:
+        for name, ips, hosts, *_ in tasks:
             key = (name, second)
             names = claims.pool(ips, hosts, live)
             if self.node not in names:
@@ -120,14 +215,63 @@ class Claimer:
             del self.waiting[key]
         if ready:
             self.attempt(ready)
+        slots = [key for key, due in self.slots_due.items() if due[2] <= now]
+        if slots:
+            self.take_slots(slots)
         looks = [key for key, (at, _) in self.rechecks.items() if at <= now]
         if looks:
             self.recheck(looks)
-        if self.unconfirmed and self.conn is None and now >= self.next_connect:
+        if (self.unconfirmed or self.unreleased) and self.conn is None and now >= self.next_connect:
             self.confirm()
+            self.release()
+        if self.held:
+            self.tend_leases()
         if now - self.pruned_at > PRUNE_EVERY and self.conn is not None:
             self.pruned_at = now
             self.execute(claims.PRUNE, {"keep": KEEP_SECONDS})
+
+    def tend_leases(self):
+        """Renew every lease/3; stop what cannot be renewed before its lease ends."""
+        if self.orphaned:
+            for key, held in list(self.held.items()):
+                if held.pgid is None or not _group_alive(held.pgid):
+                    del self.held[key]
+                    self.unreleased.append([held.name, held.fence])
+            self.release()
+        now = self.clock()
+        if now >= self.renew_at and any(h.confirmed for h in self.held.values()):
+            self.renew_at = now + self.lease / 3
+            self.renew([h for h in self.held.values() if h.confirmed])
+        now = self.clock()
+        term, kill = [], []
+        for key, held in list(self.held.items()):
+            if now >= held.lease_end - KILL_BEFORE:
+                kill.append(held)
+                del self.held[key]
+            elif not held.termed and now >= held.lease_end - held.kill_grace - TERM_MARGIN:
+                held.termed = True
+                term.append(held)
+        if term:
+            log.warning("fleet claims: cannot renew the lease of %d run(s); stopping them before "
+                        "it ends", len(term))
+            self.stop_runs(term, kill=False)
+        if kill:
+            log.warning("fleet claims: the lease of %d run(s) ends unrenewed; killing them",
+                        len(kill))
+            self.stop_runs(kill, kill=True)
+
+    def stop_runs(self, helds, kill):
+        """TERM (or KILL) runs whose lease cannot be kept: through the supervisor, or, when it
+        is gone, to their process groups here."""
+        if not self.orphaned:
+            self.send({"stop": [held.item for held in helds], "kill": kill})
+            return
+        for held in helds:
+            if held.pgid is not None:
+                try:
+                    os.killpg(held.pgid, signal.SIGKILL if kill else signal.SIGTERM)
+                except OSError:
+                    pass
 
     # ---- the statements ---------------------------------------------------------------------
 
@@ -147,6 +291,33 @@ class Claimer:
                    "late": False})
         for key in keys:
             self.rechecks[key] = (key[1] + claims.EXPIRE_AFTER + 0.1, key[1] + claims.RECHECK_FOR)
+        for key, fence in won.items():
+            self.slots_due[key] = [fence, self.maxes.get(key[0], 1), key[1] - claims.SLOT_AHEAD]
+
+    def take_slots(self, keys):
+        """Take a free slot for each won claim in ``keys``: answer slots and full (a full one
+        is decided: skipped everywhere, never taken over)."""
+        slots, full = [], []
+        now = self.clock()
+        for key in keys:
+            fence, most, when = self.slots_due.pop(key)
+            name, second = key
+            if when and now > second + claims.FIRE_WINDOW:
+                continue        # its tick is over (the database was away): not worth a slot
+            if name not in self.made:
+                if self.execute(claims.MAKE_SLOTS, {"task": name, "max": most}) is None:
+                    return
+                self.made.add(name)
+            rows = self.execute(claims.TAKE_SLOT, {"task": name, "second": second, "fence": fence,
+                                                   "node": self.node, "max": most})
+            if rows is None:
+                return          # unanswered: the supervisor fails it closed
+            if rows:
+                slots.append([name, second, fence, rows[0][0]])
+            else:
+                self.execute(claims.DECIDED, {"task": name, "second": second, "fence": fence})
+                full.append([name, second, fence])
+        self.send({"slots": slots, "full": full})
 
     def recheck(self, keys):
         """Take over the expired claims among ``keys``; look again in a second at those still
@@ -157,6 +328,9 @@ class Claimer:
         if rows:
             self.send({"won": [[task, int(second), int(fence)] for task, second, fence in rows],
                        "lost": [], "late": True})
+            for task, second, fence in rows:
+                self.slots_due[(task, int(second))] = [int(fence), self.maxes.get(task, 1), 0]
+            self.take_slots([(task, int(second)) for task, second, _ in rows])
         still = self.execute(claims.OPEN, claims.columns(keys))
         if still is None:
             return
@@ -168,23 +342,57 @@ class Claimer:
                 self.rechecks[key] = (now + 1.0, give_up)
 
     def confirm(self):
-        """The starts not confirmed yet; those whose claim is no longer this node's are revoked
-        (taken over after it expired: the supervisor stops them)."""
+        """The starts not confirmed yet, then their leases; those whose claim is no longer this
+        node's are revoked (taken over after it expired: the supervisor stops them)."""
         pending, self.unconfirmed = self.unconfirmed, []
         if not pending:
             return
         rows = self.execute(claims.START, {
-            "node": self.node, "lease": self.lease, **claims.columns([(t, s) for t, s, _ in pending]),
-            "fences": [int(fence) for _, _, fence in pending]})
+            "node": self.node, **claims.columns([(h.name, h.second) for h in pending]),
+            "fences": [h.fence for h in pending]})
         if rows is None:
             self.unconfirmed = pending + self.unconfirmed
             return
         confirmed = {(task, int(second)) for task, second in rows}
-        revoked = [item for item in pending if (item[0], int(item[1])) not in confirmed]
+        revoked = [h for h in pending if (h.name, h.second) not in confirmed]
+        for held in revoked:
+            self.held.pop((held.name, held.second), None)
         if revoked:
             log.warning("fleet claims: %d run(s) started after their claim was taken over; "
                         "stopping them", len(revoked))
-            self.send({"revoked": revoked})
+            self.send({"revoked": [held.item for held in revoked]})
+        self.renew([h for h in pending if (h.name, h.second) in confirmed])
+
+    def renew(self, helds):
+        """Renew the leases of ``helds``; a lease refused (it had ended) is a KILL at once."""
+        if not helds:
+            return
+        sent = self.clock()
+        rows = self.execute(claims.RENEW, {
+            "node": self.node, "lease": self.lease, "tasks": [h.name for h in helds],
+            "fences": [h.fence for h in helds]})
+        if rows is None:
+            return
+        renewed = {(task, int(fence)) for task, fence in rows}
+        gone = []
+        for held in helds:
+            if (held.name, held.fence) in renewed:
+                held.confirmed, held.termed = True, False
+                held.lease_end = sent + self.lease
+            elif self.held.pop((held.name, held.second), None) is not None:
+                gone.append(held)
+        if gone:
+            log.warning("fleet claims: the lease of %d run(s) ended before it was renewed "
+                        "(this node was stopped or cut off); killing them", len(gone))
+            self.stop_runs(gone, kill=True)
+
+    def release(self):
+        """Free the slots of ended runs (tried again while the database is away)."""
+        pending, self.unreleased = self.unreleased, []
+        if pending and self.execute(claims.RELEASE, {
+                "node": self.node, "tasks": [name for name, _ in pending],
+                "fences": [fence for _, fence in pending]}) is None:
+            self.unreleased = pending + self.unreleased
 
     def live_nodes(self):
         if self.clock() - self.live_at >= LIVE_EVERY:
@@ -221,8 +429,6 @@ class Claimer:
             log.info("fleet claims: the fleet database is reachable again")
             self.send({"db": "up"})
             self.down = None
-            if self.unconfirmed:
-                self.confirm()
         return True
 
     def lost(self, exc):
@@ -246,10 +452,22 @@ class Claimer:
         self.down = text
 
     def send(self, message):
+        if self.orphaned:
+            return
         try:
             self.sock.sendall(claims.encode(message))
         except OSError:
-            self.stop = True
+            self.orphaned = True
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _connect(url):
@@ -265,15 +483,16 @@ def main(argv=None):
 
     services.set_title("fleet claims")
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # the supervisor's terminal's ^C is its own
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sock = socket.socket(fileno=os.dup(0))
     os.close(0)
-    try:
-        Claimer(sock).run()
-    except KeyboardInterrupt:
-        pass
+    claimer = Claimer(sock)
+
+    def stop(*_):
+        claimer.stop = True
+    signal.signal(signal.SIGTERM, stop)
+    claimer.run()
     return 0
 
 

@@ -126,13 +126,50 @@ OPEN = f"""SELECT c.task, c.second FROM {SCHEMA}.claims AS c
     WHERE c.started IS NULL"""
 
 # The winner's runs started: a row back for each claim still its own (else it was taken over).
-START = f"""UPDATE {SCHEMA}.claims AS c SET started = now(),
-        lease_until = now() + make_interval(secs => %(lease)s)
+START = f"""UPDATE {SCHEMA}.claims AS c SET started = now()
     FROM unnest(%(tasks)s::text[], %(seconds)s::bigint[], %(fences)s::bigint[])
       AS k(task, second, fence)
     WHERE c.task = k.task AND c.second = k.second AND c.slot = {SLOT} AND c.fence = k.fence
       AND c.node = %(node)s AND c.started IS NULL
     RETURNING c.task, c.second"""
+
+# A claim decided without a run (its task's fleet max reached): never taken over.
+DECIDED = f"""UPDATE {SCHEMA}.claims SET started = now(), ended = now()
+    WHERE task = %(task)s AND second = %(second)s AND slot = {SLOT} AND fence = %(fence)s"""
+
+# ---- fleet-wide max: slots 0 .. max-1 per task, each held by one run under a lease -------------
+#
+# A won claim takes a free slot SLOT_AHEAD before its second, held until FIRE_WINDOW after it
+# (or freed at once when its node does not start it); the start holds it for ``lease``, renewed every third of it; the end frees it.  A slot whose lease has
+# passed is free, whoever held it.  No free slot: the second is skipped, "fleet max N reached".
+
+SLOT_AHEAD = 0.25       # seconds before its second a won claim takes its slot
+
+MAKE_SLOTS = f"""INSERT INTO {SCHEMA}.slots (task, slot)
+    SELECT %(task)s, n FROM generate_series(0, %(max)s - 1) AS n ON CONFLICT DO NOTHING"""
+
+TAKE_SLOT = f"""UPDATE {SCHEMA}.slots SET second = %(second)s, fence = %(fence)s, node = %(node)s,
+        lease_until = greatest(to_timestamp(%(second)s), now()) + interval '{FIRE_WINDOW:g} second'
+    WHERE task = %(task)s AND slot = (
+        SELECT slot FROM {SCHEMA}.slots WHERE task = %(task)s AND slot < %(max)s
+          AND (lease_until IS NULL OR lease_until < now())
+        ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING slot"""
+
+# Leases renewed (at a start, then every lease/3): a row back for each one still held.
+RENEW = f"""UPDATE {SCHEMA}.slots AS s SET lease_until = now() + make_interval(secs => %(lease)s)
+    FROM unnest(%(tasks)s::text[], %(fences)s::bigint[]) AS k(task, fence)
+    WHERE s.task = k.task AND s.fence = k.fence AND s.node = %(node)s AND s.lease_until > now()
+    RETURNING s.task, s.fence"""
+
+RELEASE = f"""WITH freed AS (
+        UPDATE {SCHEMA}.slots AS s SET lease_until = NULL
+        FROM unnest(%(tasks)s::text[], %(fences)s::bigint[]) AS k(task, fence)
+        WHERE s.task = k.task AND s.fence = k.fence AND s.node = %(node)s RETURNING s.task)
+    UPDATE {SCHEMA}.claims AS c SET ended = now()
+    FROM unnest(%(tasks)s::text[], %(fences)s::bigint[]) AS k(task, fence)
+    WHERE c.task = k.task AND c.second = k.fence / {FENCE_STEP} AND c.slot = {SLOT}
+      AND c.fence = k.fence"""
 
 LIVE_NODES = f"""SELECT name, hostname, addresses FROM {SCHEMA}.nodes
     WHERE stopped IS NULL AND last_seen > now() - make_interval(secs => 2 * heartbeat)"""
@@ -150,11 +187,16 @@ def columns(keys):
 # ---- the messages between the supervisor and its claimer (JSON lines) ------------------------
 #
 # supervisor -> claimer: {"hello": {"url", "node", "takeover", "lease"}}
-#                        {"claim": second, "tasks": [[name, ips, hosts], ...], "now": bool}
-#                        {"start": [[name, second, fence], ...]}
+#                        {"claim": second, "tasks": [[name, ips, hosts, max], ...], "now": bool}
+#                        {"start": [[name, second, fence, pgid, kill_grace], ...]}
+#                        {"hold": [[name, second, fence, pgid, kill_grace], ...]}  (a restart)
+#                        {"end": [[name, second, fence], ...]}
 # claimer -> supervisor: {"won": [[name, second, fence], ...], "lost": [[name, second], ...],
 #                         "late": bool}              (late: taken over after its second)
-#                        {"revoked": [[name, second, fence], ...]}
+#                        {"slots": [[name, second, fence, slot], ...],
+#                         "full": [[name, second, fence], ...]}    (fleet max reached)
+#                        {"revoked": [[name, second, fence], ...]}  (taken over before its start)
+#                        {"stop": [[name, second, fence], ...], "kill": bool}  (its lease ends)
 #                        {"db": "up" | "down", "error": text}
 
 def encode(message):

@@ -16,7 +16,10 @@ in the supervisor's selector, so the loop never waits on the network:
 - ``claim(task, second)`` at the tick: True (won: the start is confirmed), False (lost: another
   node runs it; nothing recorded), or the reason the second is skipped (no answer by the
   tick: "fleet database unreachable" — `once` tasks fail closed);
-- ``env(task, second)``: ``TORCHCORE_FENCE`` and ``TORCHCORE_SCHEDULED_AT`` for a won run.
+- ``env(task, second)``: ``TORCHCORE_FENCE`` and ``TORCHCORE_SCHEDULED_AT`` for a won run;
+- ``started(run)`` and ``ended(run)``: the run holds its slot of the task's fleet-wide ``max``
+  under a lease the claimer renews; a claim won without a free slot is skipped, "fleet max N
+  reached"; a lease that cannot be renewed stops the run first (``Starter.stop_claimed``).
 """
 
 import logging
@@ -29,7 +32,7 @@ import sys
 
 log = logging.getLogger("torchcore")
 
-ASKED, LOST, DECIDED, SKIPPED, LATE_ASK = "asked", "lost", "decided", "skipped", "late-ask"
+ASKED, LOST, SKIPPED, LATE_ASK = "asked", "lost", "skipped", "late-ask"
 KEEP = 120              # seconds a second's claim state is kept after it
 RESTART_FIRST, RESTART_MAX = 1.0, 30.0
 MAX_PENDING = 1 << 20   # bytes waiting for the claimer; beyond, it is stuck: restarted
@@ -63,8 +66,24 @@ class LocalCoordinator:
         """Reaping: True if ``pid`` was the coordinator's child."""
         return False
 
+    def started(self, run):
+        """``run`` started (its claim, if any, is confirmed and its lease held)."""
+
+    def ended(self, run):
+        """``run`` ended, or never started (its slot is freed)."""
+
     def close(self):
         """At shutdown."""
+
+
+class _Won:
+    """A claim this node won: its token, then its slot (or full), then its start."""
+
+    __slots__ = ("fence", "slot", "full", "late_at", "start_now", "started")
+
+    def __init__(self, fence, late_at=None, start_now=False):
+        self.fence, self.late_at, self.start_now = fence, late_at, start_now
+        self.slot, self.full, self.started = None, False, False
 
 
 class FleetCoordinator(LocalCoordinator):
@@ -83,9 +102,8 @@ class FleetCoordinator(LocalCoordinator):
         self.buffer = b""
         self.restart_at = 0.0           # monotonic
         self.backoff = RESTART_FIRST
-        self.state = {}                 # (name, second) -> ASKED, LOST, DECIDED, SKIPPED, LATE_ASK
-        self.fences = {}                # (name, second) -> fence of a won claim
-        self.start_by = {}              # (name, second) of a claim taken over -> when it was won
+        self.state = {}                 # (name, second) -> ASKED, LOST, SKIPPED, LATE_ASK
+        self.won = {}                   # (name, second) -> _Won
         self.db_down = None
 
     # ---- the supervisor's side ---------------------------------------------------------------
@@ -127,15 +145,22 @@ class FleetCoordinator(LocalCoordinator):
         from torchcore import claims
 
         key = (task.name, second)
-        state = self.state.get(key)
-        if key in self.fences and state is None:
-            if self.clock.time() > self.start_by.pop(key, second) + claims.FIRE_WINDOW:
+        won = self.won.get(key)
+        if won is not None:
+            if won.started:
+                return True         # a start tried again (its fork failed)
+            if won.full:
+                del self.won[key]
+                return f"fleet max {task.max} reached"
+            if won.slot is None:    # no slot answered by the tick
+                self._drop_won(key)
+                self.state[key] = SKIPPED
+                return claims.UNREACHABLE
+            if self.clock.time() > (won.late_at or second) + claims.FIRE_WINDOW:
+                self._drop_won(key)
                 return False        # too late to start: the claim expires, someone takes it over
-            self.state[key] = DECIDED
-            self._send({"start": [[task.name, second, self.fences[key]]]})
             return True
-        if state == DECIDED:
-            return True             # a start tried again (its fork failed)
+        state = self.state.get(key)
         if state == ASKED and self.hello is not None:
             self.state[key] = SKIPPED
             return claims.UNREACHABLE
@@ -145,10 +170,31 @@ class FleetCoordinator(LocalCoordinator):
         return False
 
     def env(self, task, second):
-        fence = self.fences.get((task.name, second))
-        if fence is None:
+        won = self.won.get((task.name, second))
+        if won is None:
             return ()
-        return (("TORCHCORE_FENCE", str(fence)), ("TORCHCORE_SCHEDULED_AT", str(second)))
+        return (("TORCHCORE_FENCE", str(won.fence)), ("TORCHCORE_SCHEDULED_AT", str(second)))
+
+    def started(self, run):
+        won = self.won.get((run.task.name, run.scheduled))
+        if won is not None and not won.started and run.task.run == "once":
+            won.started = True
+            self._send({"start": [self._hold(run, won)]})
+
+    def ended(self, run):
+        key = (run.task.name, run.scheduled)
+        won = self.won.get(key)
+        if won is not None and won.started:
+            del self.won[key]
+            self._send({"end": [[run.task.name, run.scheduled, won.fence]]})
+
+    def _drop_won(self, key):
+        """A won claim this node does not start: its slot (if it took one) freed at once."""
+        won = self.won.pop(key)
+        self._send({"end": [[key[0], key[1], won.fence]]})
+
+    def _hold(self, run, won):
+        return [run.task.name, run.scheduled, won.fence, run.pgid, run.task.kill_grace]
 
     def exited(self, pid, status):
         if self.proc is None or pid != self.proc.pid:
@@ -179,7 +225,7 @@ class FleetCoordinator(LocalCoordinator):
 
     def _ask(self, second, tasks, now):
         self._send({"claim": second, "now": now, "tasks": [
-            [task.name, [str(network) for network in task.ips], list(task.hosts)]
+            [task.name, [str(network) for network in task.ips], list(task.hosts), task.max]
             for task in tasks]})
 
     def _start(self):
@@ -211,6 +257,10 @@ class FleetCoordinator(LocalCoordinator):
         self.pending = self.buffer = b""
         log.info("fleet claims process started, pid %d", self.proc.pid)
         self._send({"hello": self.hello})
+        held = [self._hold(run, won) for run in self.starter.table
+                if (won := self.won.get((run.task.name, run.scheduled))) and won.started]
+        if held:                    # a restart: the leases of the runs under way
+            self._send({"hold": held})
         return True
 
     def _drop(self):
@@ -275,44 +325,58 @@ class FleetCoordinator(LocalCoordinator):
             self._answer(message)
 
     def _answer(self, message):
+        now = self.clock.time()
         if "won" in message:
             late = bool(message.get("late"))
             for name, second, fence in message["won"]:
-                self._won(name, int(second), int(fence), late)
+                self._won(name, int(second), int(fence), late, now)
             for name, second in message.get("lost") or ():
                 if self.state.get((name, second)) in (ASKED, LATE_ASK):
                     self.state[(name, second)] = LOST
-        elif "revoked" in message:
-            for name, second, fence in message["revoked"]:
-                if self.fences.get((name, second)) == fence:
-                    self.starter.stop_claimed(name, int(second))
+        elif "slots" in message:
+            for name, second, fence, slot in message["slots"]:
+                self._slot(name, int(second), int(fence), slot)
+            for name, second, fence in message.get("full") or ():
+                self._slot(name, int(second), int(fence), None)
+        elif "stop" in message or "revoked" in message:
+            signum = signal.SIGKILL if message.get("kill") else signal.SIGTERM
+            for name, second, fence in message.get("stop") or message.get("revoked"):
+                won = self.won.get((name, int(second)))
+                if won is not None and won.fence == fence:
+                    self.starter.stop_claimed(name, int(second), signum)
         elif message.get("db") == "down":
             self.db_down = message.get("error")
         elif message.get("db") == "up":
             self.db_down = None
 
-    def _won(self, name, second, fence, late):
+    def _won(self, name, second, fence, late, now):
         key = (name, second)
         state = self.state.get(key)
-        if state == SKIPPED and not late:
-            return          # answered after its tick: it expires unstarted, and is taken over
-        if name not in self.once:
-            return          # no longer a `once` task of this node (a reload)
-        self.fences[key] = fence
+        if (state == SKIPPED and not late) or name not in self.once:
+            # answered after its tick (it expires unstarted and is taken over), or no longer a
+            # `once` task of this node (a reload): the slot it may take is freed at once
+            self._send({"end": [[name, second, fence]]})
+            return
         self.state.pop(key, None)
-        if late:        # taken over: it expires 1 s after the takeover, not after its second
-            self.start_by[key] = self.clock.time()
-        if late or state == LATE_ASK or second <= self.clock.time():
-            self.starter.start_claimed(name, second)
-        else:
+        start_now = late or state == LATE_ASK or second <= now
+        self.won[key] = _Won(fence, now if late else None, start_now)
+        if not start_now:
             self.starter.prepare_claimed(name, second)
 
-    def _forget(self, now):
-        if len(self.state) < 256:
+    def _slot(self, name, second, fence, slot):
+        won = self.won.get((name, second))
+        if won is None or won.fence != fence:
+            if slot is not None:
+                self._send({"end": [[name, second, fence]]})
             return
-        old = [key for key in self.state if key[1] < now - KEEP]
-        for key in old:
+        won.slot, won.full = slot, slot is None
+        if won.start_now:
+            self.starter.start_claimed(name, second)
+
+    def _forget(self, now):
+        if len(self.state) + len(self.won) < 256:
+            return
+        for key in [key for key in self.state if key[1] < now - KEEP]:
             del self.state[key]
-        for key in [key for key in self.fences if key[1] < now - KEEP]:
-            del self.fences[key]
-            self.start_by.pop(key, None)
+        for key in [key for key, won in self.won.items() if key[1] < now - KEEP and not won.started]:
+            del self.won[key]

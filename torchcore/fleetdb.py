@@ -8,7 +8,8 @@ Everything torchcore keeps there lives in the schema ``torchcore``:
 - ``runs``: the fleet history, every run record of every node with the tail of its output, keyed
   on (node, run_id) so that shipping a record twice writes it once;
 - ``claims``: who runs each second of a ``run: once`` task, keyed on (task, second, slot), with
-  its fencing token (claims.py).
+  its fencing token (claims.py);
+- ``slots``: a `run: once` task's fleet-wide ``max``, one row per slot, held under a lease.
 
 ``torchcore fleet init`` applies the migrations a database lacks, in order, each in its own
 transaction, under a session advisory lock: fifty nodes running it at once migrate once, the
@@ -103,6 +104,17 @@ MIGRATIONS = (
         )""",
         f"CREATE INDEX claims_unstarted ON {SCHEMA}.claims (expires) WHERE started IS NULL",
         f"CREATE INDEX claims_task_second ON {SCHEMA}.claims (task, second DESC)",
+    )),
+    (4, "run: once fleet-wide max", (
+        f"""CREATE TABLE {SCHEMA}.slots (
+            task text NOT NULL,
+            slot integer NOT NULL,              -- 0 .. max-1
+            second bigint,                      -- the run holding it: its second and token
+            fence bigint,
+            node text,
+            lease_until timestamptz,            -- free when NULL or past
+            PRIMARY KEY (task, slot)
+        )""",
     )),
 )
 CODE_VERSION = MIGRATIONS[-1][0]

@@ -173,6 +173,7 @@ class Starter:
             return None
         run = Run(run_id, task, second, manual, None, self.clock.time(), launcher=self.launchers.handed_to)
         self.table.add(run)
+        self.coordinator.started(run)
         self.skipped_last.pop(task.name, None)
         self.stats.started += 1
         self.ledger.started(run)
@@ -252,11 +253,12 @@ class Starter:
                 self.clock.time() - second <= self.settings.misfire_grace:
             self._contained(f"starting {name}", self.launch, task, second)
 
-    def stop_claimed(self, name, second):
-        """A `run: once` run whose claim was taken over before its start was confirmed: TERM."""
+    def stop_claimed(self, name, second, signum):
+        """A `run: once` run whose lease cannot be kept (or whose claim was taken over before
+        its start was confirmed): TERM, or KILL when its lease is about to end."""
         for run in self.table.of_task(name):
             if run.scheduled == second:
-                self.signal_run(run, signal.SIGTERM, "its fleet claim was taken over")
+                self.signal_run(run, signum, "its fleet lease could not be kept")
 
     def _prepare(self, task, second):
         try:
@@ -285,6 +287,7 @@ class Starter:
             return False
         # Waiting at the gate (its group known), the command is starting right now.
         self.table.fire(run, self.clock.time())     # PREPARED -> RUNNING or STARTING
+        self.coordinator.started(run)
         self.skipped_last.pop(task.name, None)
         self.stats.started += 1
         return True
@@ -342,6 +345,7 @@ class Starter:
         run = self.table.forget(run_id)
         if run is None:
             return
+        self.coordinator.ended(run)
         self.ledger.fork_failed(run, error)
         self._retry_later(run.task, run.scheduled, run.manual)
 

@@ -285,6 +285,8 @@ class Supervisor:
     def _executor_exited(self, run_id, status):
         self.read_reports()    # its last report may still sit in the pipe
         run = self.table.forget(run_id)
+        if run is not None:
+            self.coordinator.ended(run)     # a `run: once` run's slot is free (coordinator.py)
         if run is not None and run.adopted:
             result = adopt.close(self.records, run, self.clock.time())
             if run.task.type == "daemon":
