@@ -332,3 +332,38 @@ def test_a_node_that_cannot_renew_its_lease_stops_its_run_before_the_lease_ends(
     assert run["stopped"] == "its fleet lease could not be kept"
     assert "cannot renew the lease of 1 run(s)" in daemon.log
     daemon.stop()
+
+
+def test_with_its_supervisor_gone_the_claims_process_holds_the_lease_until_the_run_ends(fleet):
+    import subprocess
+    second = int(time.time()) + 1
+    proc, sock = _claimer(fleet.url, "n1")
+    proc.handle({"claim": second, "tasks": [["job", [], [], 1]], "now": True})
+    proc.attempt([("job", second)])
+    proc.slots_due[("job", second)][2] = 0          # its slot now, not 0.25 s before
+    assert _read(sock, proc, "slots")["slots"] == [["job", second, claims.first_fence(second), 0]]
+    command = subprocess.Popen(["sh", "-c", "sleep 1.5 & exit 0"], start_new_session=True)
+    command.wait()              # its group lives on in the sleep (reaped by init, as a run's
+    #                             command by its executor)
+    proc.handle({"start": [["job", second, claims.first_fence(second), command.pid, 1]]})
+    assert proc.held[("job", second)].confirmed
+
+    def lease():
+        with fleetdb.connect(fleet.url) as conn:
+            return conn.execute(f"SELECT lease_until > now() FROM {fleetdb.SCHEMA}.slots "
+                                "WHERE task = 'job'").fetchone()[0]
+    assert lease()
+    sock.close()                # the supervisor is gone (killed): the run goes on
+    started = time.monotonic()
+    proc.run()                  # returns once the run's process group is gone
+    assert 1.0 < time.monotonic() - started < 4
+    assert lease() is None      # its slot freed: another node may start the next run
+    # a restarted claims process is handed the leases of the runs under way, and renews them
+    again, sock2 = _claimer(fleet.url, "n1")
+    again.attempt([("job", second + 5)])
+    again.slots_due[("job", second + 5)][2] = 0
+    fence = claims.first_fence(second + 5)
+    assert _read(sock2, again, "slots")["slots"] == [["job", second + 5, fence, 0]]
+    third, _ = _claimer(fleet.url, "n1")
+    third.handle({"hold": [["job", second + 5, fence, None, 1]]})
+    assert third.held[("job", second + 5)].confirmed and lease()
