@@ -153,7 +153,8 @@ tasks:
   - name: tick
     schedule: "* * * * * *"
     run: once
-    max: 3                  # a second taken over late may overlap the next one's run
+    max: 10                 # a second taken over late (or ending late under load) may
+                            # overlap the next one's run: the fleet max is tested below
     ips: [10.0.0.0/24]
     command: echo "$TORCHCORE_SCHEDULED_AT $TORCHCORE_FENCE {node}" >> {out}; sleep 0.4
   - name: each
@@ -191,14 +192,14 @@ def test_three_nodes_run_every_second_once_and_a_node_killed_mid_run_costs_no_se
     nodes = _fleet_daemons(daemons, fleet.url, tmp_path, 3)
     wait_for(lambda: len(_once_runs(tmp_path)) >= 3, 15, "the first once-runs")
     first = min(second for second, _, _ in _once_runs(tmp_path))
-    time.sleep(9)
+    time.sleep(7)
     # kill -9 node 1 while its run is under way (each run sleeps 0.4 s after its line)
     wait_for(lambda: any(n == "n1" and s >= int(time.time()) - 1
                          for s, _, n in _once_runs(tmp_path)), 10, "a run of n1")
     nodes[0].proc.send_signal(signal.SIGKILL)
     nodes[0].proc.wait()
     killed = time.time()
-    time.sleep(10)
+    time.sleep(8)
     last = int(time.time()) - 2         # the seconds whose runs have surely started
     for daemon in nodes[1:]:
         daemon.stop()
@@ -293,7 +294,7 @@ def test_fleet_max_holds_across_nodes_and_full_seconds_are_skipped_with_the_reas
         body = MAX_TASKS.format(out=tmp_path / "one.txt", two=tmp_path / "two.txt")
         daemon = daemons(body, settings=f"  fleet:\n    database: {fleet.url}\n")
         nodes.append(daemon.start("--node-name", f"n{number}", "--node-ip", f"10.0.0.{number}"))
-    time.sleep(14)
+    time.sleep(12)
     for daemon in nodes:
         daemon.stop()
     most, seconds = _most_at_once(tmp_path / "one.txt")
@@ -313,18 +314,19 @@ def test_fleet_max_holds_across_nodes_and_full_seconds_are_skipped_with_the_reas
 def test_a_node_that_cannot_renew_its_lease_stops_its_run_before_the_lease_ends(
         fleet, daemons, tmp_path):
     _nodes(fleet.url, 1)
-    body = ("tasks:\n  - name: long\n    schedule: '*/30 * * * * *'\n    run: once\n"
-            "    kill_grace: 1s\n    command: echo started >> {out}; sleep 60\n"
-            "  - name: first\n    schedule: '@reboot'\n    command: 'true'\n")
+    body = ("tasks:\n  - name: long\n    schedule: '* * * * * *'\n    run: once\n"
+            "    kill_grace: 1s\n    command: echo started >> {out}; sleep 60\n")
     daemon = daemons(body.format(out=tmp_path / "long.txt"),
                      settings=f"  fleet:\n    database: {fleet.url}\n    lease: 6s\n")
     daemon.start("--node-name", "n1", "--node-ip", "10.0.0.1")
-    wait_for(lambda: (tmp_path / "long.txt").exists(), 35, "the long run")
+    wait_for(lambda: (tmp_path / "long.txt").exists(), 15, "the long run")
     time.sleep(2.5)     # its lease renewed at least once (every 2 s)
     fleet.server.stop()
     stopped = time.time()
     try:
-        run = wait_for(lambda: [r for r in daemon.runs("long") if r["ended"]], 12, "its end")[0]
+        run = wait_for(lambda: [r for r in daemon.runs("long") if r["ended"] and r["started"]],
+                       12, "its end")[0]
+        assert (tmp_path / "long.txt").read_text() == "started\n"    # max 1: one run all along
     finally:
         fleet.server.start_again()
     # the lease ran at most 6 s past the last renewal, before the database stopped
@@ -356,7 +358,7 @@ def test_with_its_supervisor_gone_the_claims_process_holds_the_lease_until_the_r
     sock.close()                # the supervisor is gone (killed): the run goes on
     started = time.monotonic()
     proc.run()                  # returns once the run's process group is gone
-    assert 1.0 < time.monotonic() - started < 4
+    assert 1.0 < time.monotonic() - started < 8     # (the sleep reaped by init meanwhile)
     assert lease() is None      # its slot freed: another node may start the next run
     # a restarted claims process is handed the leases of the runs under way, and renews them
     again, sock2 = _claimer(fleet.url, "n1")
@@ -367,3 +369,116 @@ def test_with_its_supervisor_gone_the_claims_process_holds_the_lease_until_the_r
     third, _ = _claimer(fleet.url, "n1")
     third.handle({"hold": [["job", second + 5, fence, None, 1]]})
     assert third.held[("job", second + 5)].confirmed and lease()
+
+
+# ---- a singleton daemon ------------------------------------------------------------------------
+
+SINGLETON = """\
+tasks:
+  - name: single
+    type: daemon
+    run: once
+    kill_grace: 1s
+    command: >-
+      trap 'echo "e $(date +%s.%N) {node} $TORCHCORE_FENCE" >> {out}; exit 0' TERM;
+      echo "s $(date +%s.%N) {node} $TORCHCORE_FENCE" >> {out};
+      while true; do sleep 0.1; done
+"""
+
+
+def _stamps(path):
+    """[(kind, at, node, fence)] of the daemon's instances, in time order."""
+    if not path.exists():
+        return []
+    rows = [line.split() for line in path.read_text().splitlines()]
+    return sorted((kind, float(at), node, int(fence)) for kind, at, node, fence in rows)
+
+
+def _kill_node(daemon):
+    """The node dies: its supervisor and every process under it (the daemon's command too)."""
+    import psutil
+    root = psutil.Process(daemon.proc.pid)
+    for proc in [root] + root.children(recursive=True):
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    daemon.proc.wait()
+
+
+@pytest.mark.slow
+def test_a_once_daemon_runs_on_one_node_and_moves_within_lease_and_2s(fleet, daemons, tmp_path):
+    _nodes(fleet.url, 3)
+    out = tmp_path / "stamps.txt"
+    nodes = {}
+    for number in (1, 2, 3):
+        daemon = daemons(SINGLETON.format(node=f"n{number}", out=out),
+                         settings=f"  fleet:\n    database: {fleet.url}\n    lease: 6s\n")
+        nodes[f"n{number}"] = daemon.start("--node-name", f"n{number}", "--node-ip",
+                                           f"10.0.0.{number}")
+    first = wait_for(lambda: [s for s in _stamps(out) if s[0] == "s"], 15, "an instance")[0]
+    time.sleep(2)
+    assert [s for s in _stamps(out) if s[0] == "s"] == [first]        # one instance, not three
+    _kill_node(nodes[first[2]])                                        # its node dies
+    killed = time.time()
+    second = wait_for(lambda: [s for s in _stamps(out) if s[0] == "s" and s[1] > killed], 12,
+                      "the instance to move")[0]
+    assert second[2] != first[2] and second[1] - killed <= 6 + 2       # within lease + 2 s
+    stopped = time.time()                                              # a clean stop hands it
+    nodes[second[2]].stop()                                            # over at once
+    third = wait_for(lambda: [s for s in _stamps(out) if s[0] == "s" and s[1] > stopped], 10,
+                     "the instance to move again")[0]
+    assert third[2] not in (first[2], second[2]) and third[1] - stopped < 2.5
+    time.sleep(1)
+    for daemon in nodes.values():
+        if daemon.proc.poll() is None:
+            daemon.stop()
+    stamps = _stamps(out)
+    # never two instances at once: each start after the previous one's end (or its node's death)
+    ends = {fence: at for kind, at, _, fence in stamps if kind == "e"}
+    ends[first[3]] = killed
+    starts = [(at, fence) for kind, at, _, fence in stamps if kind == "s"]
+    assert len(starts) == 3
+    assert all(ends[prev] <= at for (_, prev), (at, _) in zip(starts, starts[1:]))
+    assert [fence for _, fence in starts] == sorted(fence for _, fence in starts)   # tokens grow
+
+
+def test_a_renewed_lease_never_stops_its_run_and_an_unrenewed_one_stops_it_before_it_ends(fleet):
+    """The claims process on a fake clock (the database's is real): a run far longer than a
+    third of its lease, with kill_grace 10 s and lease 15 s, is never stopped while renewals
+    work; when they fail, TERM comes at once (kill_grace does not fit in what is left) and KILL
+    0.5 s before the lease ends."""
+    clock = [1000.0]
+    ours, theirs = socket.socketpair()
+    proc = claimer.Claimer(theirs, clock=lambda: clock[0])
+    proc.handle({"hello": {"url": fleet.url, "node": "n1", "takeover": 0.5, "lease": 15}})
+    second = int(time.time()) + 30
+    proc.attempt([("job", second)])
+    proc.take_slots([("job", second)])
+    fence = claims.first_fence(second)
+    proc.handle({"start": [["job", second, fence, None, 10, None]]})
+    ours.setblocking(False)
+
+    def messages():
+        try:
+            return claims.decode_lines(b"", ours.recv(65536))[0]
+        except BlockingIOError:
+            return []
+    assert [m for m in messages() if "slots" in m][0]["slots"] == [["job", second, fence, 0]]
+    while clock[0] < 1060:              # a minute of renewals: never stopped
+        clock[0] += 0.5
+        proc.due()
+    assert not [m for m in messages() if "stop" in m]
+    renewed = proc.held[("job", second)].lease_end
+    assert renewed > 1060
+    proc.lost(RuntimeError("the database went away"))        # from now on it cannot renew
+    proc._connect = lambda url: (_ for _ in ()).throw(RuntimeError("down"))
+    stops = []
+    while clock[0] < renewed + 1 and ("job", second) in proc.held or not stops:
+        clock[0] += 0.25
+        proc.due()
+        stops += [(clock[0], m["kill"]) for m in messages() if "stop" in m]
+    assert [kill for _, kill in stops] == [False, True]
+    term_at, kill_at = (at for at, _ in stops)
+    assert term_at <= renewed - 15 + 15 / 3 + 1.0 + 0.25     # at the first failed renewal
+    assert renewed - 0.5 <= kill_at <= renewed - 0.25         # before the lease ends

@@ -26,11 +26,13 @@ def test_run_once_and_each_load_and_survive_the_compact_record(tmp_path):
     _, load = _load(tmp_path, FLEET + "tasks:\n"
                     "  - {name: a, schedule: '* * * * * *', command: 'true', run: once}\n"
                     "  - {name: b, schedule: '* * * * * *', command: 'true', run: each}\n"
-                    "  - {name: c, schedule: '* * * * * *', command: 'true'}\n")
+                    "  - {name: c, schedule: '* * * * * *', command: 'true'}\n"
+                    "  - {name: d, type: daemon, command: 'sleep 9', run: once}\n")
     tasks = load().tasks
-    assert [t.run for t in tasks] == ["once", "each", "each"]
+    assert [t.run for t in tasks] == ["once", "each", "each", "once"]
     table = tasktable.TaskTable.of_tasks(tasks)
-    assert [table[t.name].run for t in tasks] == ["once", "each", "each"]
+    assert [table[t.name].run for t in tasks] == ["once", "each", "each", "once"]
+    assert table.once == {"a", "d"} and table.daemons == {"d"}
     assert table["a"] == tasks[0]
     assert tasktable.record(tasks[0]) != tasktable.record(tasks[1].__class__(
         **{**{f: getattr(tasks[0], f) for f in tasks[0].__slots__}, "run": "each"}))
@@ -47,8 +49,6 @@ def test_run_once_without_settings_fleet_is_an_error_at_its_line_naming_the_sett
 @pytest.mark.parametrize("task, problem", [
     ("{name: x, schedule: '* * * * * *', command: 'true', run: twice}",
      ":5: task 'x': run: expected each or once, got 'twice'"),
-    ("{name: x, type: daemon, command: 'true', run: once}",
-     ":5: task 'x': run: once is for scheduled tasks"),
     ("{name: x, schedule: '@reboot', command: 'true', run: once}",
      ":5: task 'x': run: once cannot be used with @reboot"),
 ])

@@ -18,7 +18,8 @@ starts not confirmed are confirmed first on reconnecting.
 Fleet-wide ``max``: a won claim takes a free slot of its task SLOT_AHEAD before its second (none
 free: the second is skipped, "fleet max N reached"); the start holds the slot for ``lease``,
 renewed every third of it; the end frees it.  A node that cannot renew stops its runs before the
-lease ends: TERM ``kill_grace`` + 1 s before it (at once if that is past), KILL 0.5 s before it;
+lease ends: once a renewal has failed, TERM ``kill_grace`` + 1 s before the end (at once if that
+is past), KILL 0.5 s before it;
 a renewal refused (the lease is gone: the node was stopped past it) is a KILL at once.  When the
 supervisor is gone (end of file; even by SIGKILL) the runs go on in their executors: this process
 holds their leases while their process groups live, frees each slot when its group is gone (or
@@ -45,6 +46,8 @@ RECONNECT_EVERY = 0.5       # seconds between connection attempts while down
 LIVE_EVERY = 2.0            # the live nodes are read again this often
 PRUNE_EVERY = 600.0
 KEEP_SECONDS = 7 * 86400    # ended claims kept a week (``fleet tasks``: who ran the last one)
+DAEMON_EVERY = 1.0          # seconds between looks for a free slot of a `run: once` daemon
+RENEW_RETRY = 1.0           # seconds between renewals while they fail
 KILL_BEFORE = 0.5           # a run that cannot renew is killed this long before its lease ends
 TERM_MARGIN = 1.0           # ... and sent TERM this long plus its kill_grace before
 
@@ -52,12 +55,21 @@ TERM_MARGIN = 1.0           # ... and sent TERM this long plus its kill_grace be
 class Held:
     """A running once-run's lease, as this node knows it (local clock)."""
 
-    __slots__ = ("name", "second", "fence", "pgid", "kill_grace", "lease_end", "termed", "confirmed")
+    __slots__ = ("name", "second", "fence", "pgid", "pid", "kill_grace", "lease_end", "termed",
+                 "confirmed", "failing")
 
-    def __init__(self, name, second, fence, pgid, kill_grace, lease_end):
-        self.name, self.second, self.fence = name, int(second), int(fence)
-        self.pgid, self.kill_grace, self.lease_end = pgid, float(kill_grace or 0), lease_end
-        self.termed = self.confirmed = False
+    def __init__(self, name, second, fence, pgid, kill_grace, lease_end, pid=None):
+        self.name, self.second, self.fence = name, int(second), int(fence)   # second < 0: a
+        self.pgid, self.pid = pgid, pid             # daemon's slot (-1 - slot); pgid: the
+        self.kill_grace, self.lease_end = float(kill_grace or 0), lease_end  # command's group,
+        self.termed = self.confirmed = False        # pid: its executor's (either may be None)
+        self.failing = False        # its last confirmation or renewal could not be made
+
+    def alive(self):
+        """Is the run still under way (its command's group, else its executor)?"""
+        if self.pgid is not None:
+            return _alive(os.killpg, self.pgid)
+        return self.pid is not None and _alive(os.kill, self.pid)
 
     @property
     def item(self):
@@ -86,16 +98,19 @@ class Claimer:
         self.maxes = {}                 # name -> max, from the claims asked
         self.renew_at = 0.0
         self.orphaned = False           # the supervisor is gone: watch the runs' groups
+        self.daemons = {}               # name -> (ips, hosts, max, kill_grace): once daemons
+        self.daemons_at = 0.0           # the next look for a free daemon slot
         self.pruned_at = clock()
         self.buffer = b""
         self.stop = False
+        self.wake = []                  # the signal wakeup pipe's read end (main sets it)
 
     # ---- the loop ---------------------------------------------------------------------------
 
     def run(self):
         while True:
-            readable, _, _ = select.select([] if self.orphaned else [self.sock], [], [],
-                                           self.timeout())
+            readable, _, _ = select.select(([] if self.orphaned else [self.sock]) + self.wake,
+                                           [], [], self.timeout())
             if readable or self.stop:
                 self.read()
             if self.stop:
@@ -142,11 +157,13 @@ class Claimer:
     def timeout(self):
         times = list(self.waiting.values()) + [at for at, _ in self.rechecks.values()]
         times += [due[2] for due in self.slots_due.values()]
+        if self.daemons and not self.orphaned:
+            times.append(self.daemons_at)
         if self.held:
             times.append(self.renew_at)
             for held in self.held.values():
                 times.append(held.lease_end - KILL_BEFORE)
-                if not held.termed:
+                if held.failing and not held.termed:
                     times.append(held.lease_end - held.kill_grace - TERM_MARGIN)
         if self.unconfirmed or self.unreleased or (self.down and (self.waiting or self.rechecks)):
             times.append(self.next_connect)
@@ -163,21 +180,30 @@ class Claimer:
             self.takeover, self.lease = float(hello["takeover"]), float(hello["lease"])
             return []
         if "start" in message:
-            for name, second, fence, pgid, kill_grace in message["start"]:
+            for name, second, fence, pgid, kill_grace, *pid in message["start"]:
                 held = Held(name, second, fence, pgid, kill_grace,
-                            self.clock() + claims.EXPIRE_AFTER)  # until confirmed: the slot's hold
+                            self.clock() + claims.EXPIRE_AFTER, *pid)  # until confirmed: the hold
                 self.held[(name, int(second))] = held
                 self.unconfirmed.append(held)
             self.confirm()
             return []
-        if "hold" in message:       # runs started before this process (a restart): renewed
-            helds = []
-            for name, second, fence, pgid, kill_grace in message["hold"]:
-                held = Held(name, second, fence, pgid, kill_grace, self.clock() + self.lease / 3)
+        if "hold" in message:       # what a run is now (its group, its executor), or the runs
+            helds = []              # started before this process (a restart): renewed
+            for name, second, fence, pgid, kill_grace, *pid in message["hold"]:
+                known = self.held.get((name, int(second)))
+                if known is not None and known.fence == int(fence):
+                    known.pgid, known.pid = pgid, (pid or [known.pid])[0]
+                    continue
+                held = Held(name, second, fence, pgid, kill_grace, self.clock() + self.lease / 3,
+                            *pid)
                 held.confirmed = True
                 self.held[(name, int(second))] = held
                 helds.append(held)
             self.renew(helds)
+            return []
+        if "daemons" in message:    # the node's `run: once` daemon tasks (after each load)
+            self.daemons = {name: (ips, hosts, int(most), kill_grace)
+                            for name, ips, hosts, most, kill_grace in message["daemons"]}
             return []
         if "end" in message:
             for name, second, fence in message["end"]:
@@ -224,6 +250,9 @@ class Claimer:
         if (self.unconfirmed or self.unreleased) and self.conn is None and now >= self.next_connect:
             self.confirm()
             self.release()
+        if self.daemons and not self.orphaned and now >= self.daemons_at:
+            self.daemons_at = now + DAEMON_EVERY
+            self.take_daemon_slots()
         if self.held:
             self.tend_leases()
         if now - self.pruned_at > PRUNE_EVERY and self.conn is not None:
@@ -234,21 +263,22 @@ class Claimer:
         """Renew every lease/3; stop what cannot be renewed before its lease ends."""
         if self.orphaned:
             for key, held in list(self.held.items()):
-                if held.pgid is None or not _group_alive(held.pgid):
+                if not held.alive():
                     del self.held[key]
                     self.unreleased.append([held.name, held.fence])
             self.release()
         now = self.clock()
         if now >= self.renew_at and any(h.confirmed for h in self.held.values()):
-            self.renew_at = now + self.lease / 3
-            self.renew([h for h in self.held.values() if h.confirmed])
+            done = self.renew([h for h in self.held.values() if h.confirmed])
+            self.renew_at = now + (self.lease / 3 if done else RENEW_RETRY)
         now = self.clock()
         term, kill = [], []
         for key, held in list(self.held.items()):
             if now >= held.lease_end - KILL_BEFORE:
                 kill.append(held)
                 del self.held[key]
-            elif not held.termed and now >= held.lease_end - held.kill_grace - TERM_MARGIN:
+            elif held.failing and not held.termed and \
+                    now >= held.lease_end - held.kill_grace - TERM_MARGIN:
                 held.termed = True
                 term.append(held)
         if term:
@@ -267,11 +297,14 @@ class Claimer:
             self.send({"stop": [held.item for held in helds], "kill": kill})
             return
         for held in helds:
-            if held.pgid is not None:
-                try:
-                    os.killpg(held.pgid, signal.SIGKILL if kill else signal.SIGTERM)
-                except OSError:
-                    pass
+            signum = signal.SIGKILL if kill else signal.SIGTERM
+            try:
+                if held.pgid is not None:
+                    os.killpg(held.pgid, signum)
+                if held.pid is not None and (kill or held.pgid is None):
+                    os.kill(held.pid, signum)
+            except OSError:
+                pass
 
     # ---- the statements ---------------------------------------------------------------------
 
@@ -319,6 +352,37 @@ class Claimer:
                 full.append([name, second, fence])
         self.send({"slots": slots, "full": full})
 
+    def take_daemon_slots(self):
+        """A free slot of each `run: once` daemon this node runs fewer than its share of
+        (max over the live nodes it may run on, rounded up): the node preferred for the task
+        takes a free slot at once, the others when it has been free a second."""
+        live = self.live_nodes()
+        found = []
+        for name, (ips, hosts, most, kill_grace) in self.daemons.items():
+            mine = sum(1 for key in self.held if key[0] == name and key[1] < 0)
+            names = claims.pool(ips, hosts, live)
+            if self.node not in names:
+                names.append(self.node)
+            if mine >= min(most, -(-most // len(names))):
+                continue
+            if name not in self.made:
+                if self.execute(claims.MAKE_SLOTS, {"task": name, "max": most}) is None:
+                    return
+                self.made.add(name)
+            sent = self.clock()
+            wait = 0.0 if claims.preferred(name, 0, names) == self.node else DAEMON_EVERY
+            rows = self.execute(claims.TAKE_DAEMON_SLOT, {
+                "task": name, "max": most, "node": self.node, "lease": self.lease, "wait": wait})
+            if rows is None:
+                return
+            for slot, fence in rows:
+                held = Held(name, -1 - slot, fence, None, kill_grace, sent + self.lease)
+                held.confirmed = True
+                self.held[(name, held.second)] = held
+                found.append(held.item)
+        if found:
+            self.send({"daemon": found})
+
     def recheck(self, keys):
         """Take over the expired claims among ``keys``; look again in a second at those still
         open (until RECHECK_FOR after their second)."""
@@ -351,6 +415,8 @@ class Claimer:
             "node": self.node, **claims.columns([(h.name, h.second) for h in pending]),
             "fences": [h.fence for h in pending]})
         if rows is None:
+            for held in pending:
+                held.failing = True
             self.unconfirmed = pending + self.unconfirmed
             return
         confirmed = {(task, int(second)) for task, second in rows}
@@ -364,20 +430,23 @@ class Claimer:
         self.renew([h for h in pending if (h.name, h.second) in confirmed])
 
     def renew(self, helds):
-        """Renew the leases of ``helds``; a lease refused (it had ended) is a KILL at once."""
+        """Renew the leases of ``helds``; a lease refused (it had ended) is a KILL at once.
+        False when the database could not be asked."""
         if not helds:
-            return
+            return True
         sent = self.clock()
         rows = self.execute(claims.RENEW, {
             "node": self.node, "lease": self.lease, "tasks": [h.name for h in helds],
             "fences": [h.fence for h in helds]})
         if rows is None:
-            return
+            for held in helds:
+                held.failing = True
+            return False
         renewed = {(task, int(fence)) for task, fence in rows}
         gone = []
         for held in helds:
             if (held.name, held.fence) in renewed:
-                held.confirmed, held.termed = True, False
+                held.confirmed, held.termed, held.failing = True, False, False
                 held.lease_end = sent + self.lease
             elif self.held.pop((held.name, held.second), None) is not None:
                 gone.append(held)
@@ -385,6 +454,7 @@ class Claimer:
             log.warning("fleet claims: the lease of %d run(s) ended before it was renewed "
                         "(this node was stopped or cut off); killing them", len(gone))
             self.stop_runs(gone, kill=True)
+        return True
 
     def release(self):
         """Free the slots of ended runs (tried again while the database is away)."""
@@ -460,9 +530,9 @@ class Claimer:
             self.orphaned = True
 
 
-def _group_alive(pgid):
+def _alive(kill, pid):
     try:
-        os.killpg(pgid, 0)
+        kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:
@@ -491,6 +561,9 @@ def main(argv=None):
 
     def stop(*_):
         claimer.stop = True
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)     # SIGTERM ends the select at once
+    claimer.wake = [wake_r]
     signal.signal(signal.SIGTERM, stop)
     claimer.run()
     return 0

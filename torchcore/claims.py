@@ -22,6 +22,10 @@ it claims.  The winner runs the second; the others do nothing (and record nothin
   is still its own, or hands the token to a store that refuses any token lower than the
   highest it has seen.
 
+A `run: once` *daemon* has no seconds: its ``max`` slots (``torchcore.slots``) are taken by
+the nodes, each at most its share, each instance running in a slot held under the lease; a
+node that dies loses its slots when their leases end, and another node takes them.
+
 This module is the pure part (the choice of the preferred node, eligibility, the statements, the
 messages between the supervisor and its claimer); claimer.py is the process that talks to the
 database, coordinator.py the supervisor's side.  It imports neither psycopg nor the supervisor.
@@ -156,6 +160,17 @@ TAKE_SLOT = f"""UPDATE {SCHEMA}.slots SET second = %(second)s, fence = %(fence)s
         ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED)
     RETURNING slot"""
 
+# A `run: once` daemon's slot: taken for ``lease`` at once (its instance starts now); the
+# fencing token is the database's clock in milliseconds, so it grows with each holder.
+TAKE_DAEMON_SLOT = f"""UPDATE {SCHEMA}.slots SET second = NULL, node = %(node)s,
+        fence = (extract(epoch FROM clock_timestamp()) * 1000)::bigint,
+        lease_until = now() + make_interval(secs => %(lease)s)
+    WHERE task = %(task)s AND slot = (
+        SELECT slot FROM {SCHEMA}.slots WHERE task = %(task)s AND slot < %(max)s
+          AND (lease_until IS NULL OR lease_until < now() - make_interval(secs => %(wait)s))
+        ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING slot, fence"""
+
 # Leases renewed (at a start, then every lease/3): a row back for each one still held.
 RENEW = f"""UPDATE {SCHEMA}.slots AS s SET lease_until = now() + make_interval(secs => %(lease)s)
     FROM unnest(%(tasks)s::text[], %(fences)s::bigint[]) AS k(task, fence)
@@ -188,8 +203,11 @@ def columns(keys):
 #
 # supervisor -> claimer: {"hello": {"url", "node", "takeover", "lease"}}
 #                        {"claim": second, "tasks": [[name, ips, hosts, max], ...], "now": bool}
-#                        {"start": [[name, second, fence, pgid, kill_grace], ...]}
-#                        {"hold": [[name, second, fence, pgid, kill_grace], ...]}  (a restart)
+#                        {"start": [[name, second, fence, pgid, kill_grace, pid], ...]}
+#                        {"hold": [[name, second, fence, pgid, kill_grace, pid], ...]}
+#                                    (what a run is now, or the runs of a restart)
+#                        {"daemons": [[name, ips, hosts, max, kill_grace], ...]}
+#                                    (second < 0 in the others: a daemon's slot, -1 - slot)
 #                        {"end": [[name, second, fence], ...]}
 # claimer -> supervisor: {"won": [[name, second, fence], ...], "lost": [[name, second], ...],
 #                         "late": bool}              (late: taken over after its second)
@@ -197,6 +215,7 @@ def columns(keys):
 #                         "full": [[name, second, fence], ...]}    (fleet max reached)
 #                        {"revoked": [[name, second, fence], ...]}  (taken over before its start)
 #                        {"stop": [[name, second, fence], ...], "kill": bool}  (its lease ends)
+#                        {"daemon": [[name, -1 - slot, fence], ...]}   (a daemon slot taken)
 #                        {"db": "up" | "down", "error": text}
 
 def encode(message):

@@ -19,7 +19,10 @@ in the supervisor's selector, so the loop never waits on the network:
 - ``env(task, second)``: ``TORCHCORE_FENCE`` and ``TORCHCORE_SCHEDULED_AT`` for a won run;
 - ``started(run)`` and ``ended(run)``: the run holds its slot of the task's fleet-wide ``max``
   under a lease the claimer renews; a claim won without a free slot is skipped, "fleet max N
-  reached"; a lease that cannot be renewed stops the run first (``Starter.stop_claimed``).
+  reached"; a lease that cannot be renewed stops the run first (``Starter.stop_claimed``);
+- a `run: once` daemon starts (``claim(task, None)``) only in a slot the claimer took for this
+  node (it says so: ``Starter.tend_daemons`` then starts it); a crashed instance restarts in the
+  same slot, a stopped one frees it.
 """
 
 import logging
@@ -29,6 +32,8 @@ import signal
 import socket
 import subprocess
 import sys
+
+from torchcore.states import RunState
 
 log = logging.getLogger("torchcore")
 
@@ -56,8 +61,9 @@ class LocalCoordinator:
         """Variables the run of ``task`` for ``second`` gets on top of its own."""
         return ()
 
-    def use(self, settings, once):
-        """The settings in force, and the names of the node's `run: once` tasks."""
+    def use(self, settings, tasks):
+        """The settings and the node's tasks in force (a TaskTable: ``once`` names its
+        `run: once` tasks, ``daemons`` its daemon tasks)."""
 
     def attach(self, selector, starter):
         """The supervisor's selector, and the starter to hand won claims to."""
@@ -104,15 +110,27 @@ class FleetCoordinator(LocalCoordinator):
         self.backoff = RESTART_FIRST
         self.state = {}                 # (name, second) -> ASKED, LOST, SKIPPED, LATE_ASK
         self.won = {}                   # (name, second) -> _Won
+        self.daemon_specs = []          # what the claimer is told of the `run: once` daemons
+        self.daemon_slots = {}          # name -> {fence: [-1 - slot, run id or None]}
+        self.daemon_pick = None         # (name, fence) the daemon run being started takes
         self.db_down = None
 
     # ---- the supervisor's side ---------------------------------------------------------------
 
-    def use(self, settings, once):
+    def use(self, settings, tasks):
         from torchcore import fleetspec
 
         fleet = settings.fleet
-        self.once = set(once)
+        self.once = set(getattr(tasks, "once", ()))
+        daemons = sorted(self.once & set(getattr(tasks, "daemons", ())))
+        self.daemon_specs = [[name, [str(n) for n in tasks[name].ips], list(tasks[name].hosts),
+                              tasks[name].max, tasks[name].kill_grace] for name in daemons]
+        for name in [name for name in self.daemon_slots if name not in daemons]:
+            slots = self.daemon_slots[name]     # no longer here: a slot is freed when its
+            for fence, (second, run_id) in list(slots.items()):     # instance has ended
+                if run_id is None:
+                    del slots[fence]
+                    self._send({"end": [[name, second, fence]]})
         if fleet is None:
             self.hello = None
             return
@@ -124,6 +142,8 @@ class FleetCoordinator(LocalCoordinator):
                 self._send({"hello": hello})
         if self.once and self.proc is None:
             self._start()           # connected before the first claim is due
+        elif self.proc is not None:
+            self._send({"daemons": self.daemon_specs})
 
     def attach(self, selector, starter):
         self.selector, self.starter = selector, starter
@@ -140,6 +160,8 @@ class FleetCoordinator(LocalCoordinator):
         self._forget(second)
 
     def claim(self, task, second):
+        if task.run == "once" and task.type == "daemon":
+            return self._daemon_slot(task)
         if task.run != "once" or second is None:
             return True             # each, and manual runs: this node's own business
         from torchcore import claims
@@ -169,19 +191,56 @@ class FleetCoordinator(LocalCoordinator):
             self._ask(second, [task], now=True)
         return False
 
+    def _daemon_slot(self, task):
+        """A `run: once` daemon starts only in a slot this node holds and no run of it uses."""
+        for fence, (_, run_id) in self.daemon_slots.get(task.name, {}).items():
+            if run_id is None:
+                self.daemon_pick = (task.name, fence)
+                return True
+        return False
+
     def env(self, task, second):
+        if self.daemon_pick and self.daemon_pick[0] == task.name and second is None:
+            return (("TORCHCORE_FENCE", str(self.daemon_pick[1])),)
         won = self.won.get((task.name, second))
         if won is None:
             return ()
         return (("TORCHCORE_FENCE", str(won.fence)), ("TORCHCORE_SCHEDULED_AT", str(second)))
 
     def started(self, run):
+        if run.task.run != "once" or run.state == RunState.PREPARED:
+            return
+        if run.task.type == "daemon":
+            self._daemon_started(run)
+            return
         won = self.won.get((run.task.name, run.scheduled))
-        if won is not None and not won.started and run.task.run == "once":
+        if won is not None:         # the start confirmed; later, what the run is now
+            self._send({"hold" if won.started else "start": [self._hold(run, won)]})
             won.started = True
-            self._send({"start": [self._hold(run, won)]})
+
+    def _daemon_started(self, run):
+        slots = self.daemon_slots.get(run.task.name, {})
+        fence = next((f for f, (_, r) in slots.items() if r == run.run_id), None)
+        if fence is None and self.daemon_pick and self.daemon_pick[0] == run.task.name \
+                and self.daemon_pick[1] in slots and slots[self.daemon_pick[1]][1] is None:
+            fence = self.daemon_pick[1]
+            slots[fence][1] = run.run_id
+        self.daemon_pick = None
+        if fence is not None:
+            self._send({"hold": [[run.task.name, slots[fence][0], fence, run.pgid,
+                                  run.task.kill_grace, run.executor_pid]]})
 
     def ended(self, run):
+        if run.task.run == "once" and run.task.type == "daemon":
+            slots = self.daemon_slots.get(run.task.name, {})
+            for fence, entry in list(slots.items()):
+                if entry[1] == run.run_id:
+                    if self.starter.stopping_now or run.task.name not in self.once:
+                        del slots[fence]            # a clean stop hands it over at once
+                        self._send({"end": [[run.task.name, entry[0], fence]]})
+                    else:
+                        entry[1] = None             # restarted here, in the same slot
+            return
         key = (run.task.name, run.scheduled)
         won = self.won.get(key)
         if won is not None and won.started:
@@ -194,7 +253,8 @@ class FleetCoordinator(LocalCoordinator):
         self._send({"end": [[key[0], key[1], won.fence]]})
 
     def _hold(self, run, won):
-        return [run.task.name, run.scheduled, won.fence, run.pgid, run.task.kill_grace]
+        return [run.task.name, run.scheduled, won.fence, run.pgid, run.task.kill_grace,
+                run.executor_pid]
 
     def exited(self, pid, status):
         if self.proc is None or pid != self.proc.pid:
@@ -208,18 +268,19 @@ class FleetCoordinator(LocalCoordinator):
         return True
 
     def close(self):
+        """SIGTERM (it handles what was sent, the ends of the last runs, then exits), then the
+        socket closed."""
         proc = self.proc
+        if proc is not None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            except (OSError, ChildProcessError):
+                pass
         self._drop()
-        if proc is None:
-            return
-        try:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(2)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        except (OSError, ChildProcessError):
-            pass
 
     # ---- the claimer child ------------------------------------------------------------------
 
@@ -259,8 +320,15 @@ class FleetCoordinator(LocalCoordinator):
         self._send({"hello": self.hello})
         held = [self._hold(run, won) for run in self.starter.table
                 if (won := self.won.get((run.task.name, run.scheduled))) and won.started]
+        for run in self.starter.table:
+            for fence, (second, run_id) in self.daemon_slots.get(run.task.name, {}).items():
+                if run_id == run.run_id:
+                    held.append([run.task.name, second, fence, run.pgid, run.task.kill_grace,
+                                 run.executor_pid])
         if held:                    # a restart: the leases of the runs under way
             self._send({"hold": held})
+        if self.daemon_specs:
+            self._send({"daemons": self.daemon_specs})
         return True
 
     def _drop(self):
@@ -341,13 +409,34 @@ class FleetCoordinator(LocalCoordinator):
         elif "stop" in message or "revoked" in message:
             signum = signal.SIGKILL if message.get("kill") else signal.SIGTERM
             for name, second, fence in message.get("stop") or message.get("revoked"):
+                if second < 0:
+                    self._daemon_lost(name, fence, signum)
+                    continue
                 won = self.won.get((name, int(second)))
                 if won is not None and won.fence == fence:
                     self.starter.stop_claimed(name, int(second), signum)
+        elif "daemon" in message:
+            for name, second, fence in message["daemon"]:
+                if name in self.once:
+                    self.daemon_slots.setdefault(name, {})[fence] = [second, None]
+                else:
+                    self._send({"end": [[name, second, fence]]})
+            self.starter.tend_daemons()
         elif message.get("db") == "down":
             self.db_down = message.get("error")
         elif message.get("db") == "up":
             self.db_down = None
+
+    def _daemon_lost(self, name, fence, signum):
+        """A daemon's slot whose lease cannot be kept: its instance stopped, the slot gone."""
+        entry = self.daemon_slots.get(name, {}).get(fence)
+        if entry is None:
+            return
+        if signum == signal.SIGKILL or entry[1] is None:
+            del self.daemon_slots[name][fence]
+        run = self.starter.table.get(entry[1]) if entry[1] is not None else None
+        if run is not None:
+            self.starter.signal_run(run, signum, "its fleet lease could not be kept")
 
     def _won(self, name, second, fence, late, now):
         key = (name, second)

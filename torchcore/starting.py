@@ -60,7 +60,7 @@ class Starter:
         self.tasks = tasks
         self.settings = settings
         once = getattr(tasks, "once", ())
-        self.coordinator.use(settings, once)
+        self.coordinator.use(settings, tasks)
         self.ahead.claim_lead = settings.fleet.takeover + CLAIM_LEAD if once and settings.fleet \
             else 0.0
         self.ahead.once = once
@@ -202,6 +202,7 @@ class Starter:
         """The executor of ``run`` exists now (STARTING or PREPARED, pid known)."""
         if not self.table.forked(run, pid):
             return
+        self.coordinator.started(run)       # its executor's pid (for a `run: once` lease)
         if run.launcher is not None:
             self.ledger.started(run)         # again, now with the pid a new supervisor looks for
         if run.pending_signal is not None:

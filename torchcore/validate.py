@@ -271,9 +271,6 @@ class Loader:
             self.problem(node, where, "run: once needs settings.fleet (the fleet database in which "
                                       "the nodes claim each run): add settings: fleet: database: "
                                       "postgresql://..., or use run: each")
-        elif kind == "daemon":
-            self.problem(node, where, "run: once is for scheduled tasks; a daemon task runs on "
-                                      "every node it targets (use run: each)")
         elif str(values.get("schedule", "")).strip().lower() == "@reboot":
             self.problem(node, where, "run: once cannot be used with @reboot (each node boots on "
                                       "its own); use run: each")
