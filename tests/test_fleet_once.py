@@ -54,18 +54,17 @@ def test_one_node_wins_each_claim_raced_from_many_connections_and_fences_increas
     fences = sorted((second, fence) for rows in results for _, second, fence in rows)
     assert [fence for _, fence in fences] == [claims.first_fence(second) for second, _ in fences]
     with fleetdb.connect(fleet.url) as conn:        # not expired yet: nothing to take over
-        assert conn.execute(claims.TAKE_OVER, {"node": "n9", **claims.columns(keys)}).fetchall() == []
+        def run(sql, node, keys, **more):
+            return conn.execute(sql, {"node": node, **claims.columns(keys), **more}).fetchall()
+        assert run(claims.TAKE_OVER, "n9", keys) == []
         past = [("late", now - 5)]
-        conn.execute(claims.CLAIM, {"node": "n1", **claims.columns(past)})
-        taken = conn.execute(claims.TAKE_OVER, {"node": "n2", **claims.columns(past)}).fetchall()
+        run(claims.CLAIM, "n1", past)
+        taken = run(claims.TAKE_OVER, "n2", past)
         assert taken == [("late", now - 5, claims.first_fence(now - 5) + 1)]
         # the first holder's start is refused (its fence is stale); the taker's is confirmed
-        start = {"lease": 15, **claims.columns(past)}
-        assert conn.execute(claims.START, {**start, "node": "n1",
-                                           "fences": [claims.first_fence(now - 5)]}).fetchall() == []
-        assert conn.execute(claims.START, {**start, "node": "n2",
-                                           "fences": [taken[0][2]]}).fetchall() == [("late", now - 5)]
-        assert conn.execute(claims.TAKE_OVER, {"node": "n3", **claims.columns(past)}).fetchall() == []
+        assert run(claims.START, "n1", past, fences=[claims.first_fence(now - 5)]) == []
+        assert run(claims.START, "n2", past, fences=[taken[0][2]]) == [("late", now - 5)]
+        assert run(claims.TAKE_OVER, "n3", past) == []
 
 
 # ---- the claims process on its own --------------------------------------------------------------
@@ -260,12 +259,16 @@ tasks:
   - name: one
     schedule: "* * * * * *"
     run: once
-    command: echo "s $(date +%s.%N) $TORCHCORE_SCHEDULED_AT"  >> {out}; sleep 1.3; echo "e $(date +%s.%N) $TORCHCORE_SCHEDULED_AT" >> {out}
+    command: >-
+      echo "s $(date +%s.%N) $TORCHCORE_SCHEDULED_AT" >> {out}; sleep 1.3;
+      echo "e $(date +%s.%N) $TORCHCORE_SCHEDULED_AT" >> {out}
   - name: two
     schedule: "*/2 * * * * *"
     run: once
     max: 2
-    command: echo "s $(date +%s.%N) $TORCHCORE_SCHEDULED_AT"  >> {two}; sleep 3; echo "e $(date +%s.%N) $TORCHCORE_SCHEDULED_AT" >> {two}
+    command: >-
+      echo "s $(date +%s.%N) $TORCHCORE_SCHEDULED_AT" >> {two}; sleep 3;
+      echo "e $(date +%s.%N) $TORCHCORE_SCHEDULED_AT" >> {two}
 """
 
 

@@ -116,8 +116,9 @@ def test_the_seconds_spread_over_the_pool(count, task, start):
     assert all(abs(n - seconds / count) < 0.25 * seconds / count for n in share.values()), share
 
 
-NETWORKS = st.lists(st.builds(lambda a, p: str(ipaddress.ip_network(f"10.{a}.0.0/{p}", strict=False)),
-                              st.integers(0, 3), st.sampled_from([8, 16, 24, 32])), max_size=3)
+NETWORKS = st.lists(st.builds(
+    lambda a, p: str(ipaddress.ip_network(f"10.{a}.0.0/{p}", strict=False)),
+    st.integers(0, 3), st.sampled_from([8, 16, 24, 32])), max_size=3)
 HOSTS = st.lists(st.sampled_from(["web-*", "db1", "n?", "*.example.com"]), max_size=2)
 
 

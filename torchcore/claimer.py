@@ -172,13 +172,11 @@ class Claimer:
 
     def handle(self, message):
         """One message from the supervisor; returns the keys to try at once."""
-        if "hello" in message:
-            hello = message["hello"]
-            if self.url is not None and hello["url"] != self.url:
-                self.lost(RuntimeError("the fleet database URL changed"))
-            self.url, self.node = hello["url"], hello["node"]
-            self.takeover, self.lease = float(hello["takeover"]), float(hello["lease"])
-            return []
+        if "claim" in message:
+            for task in message.get("tasks") or ():
+                self.maxes[task[0]] = int(task[3]) if len(task) > 3 else 1
+            return self.plan(int(message["claim"]), message.get("tasks") or [],
+                             bool(message.get("now")))
         if "start" in message:
             for name, second, fence, pgid, kill_grace, *pid in message["start"]:
                 held = Held(name, second, fence, pgid, kill_grace,
@@ -186,37 +184,40 @@ class Claimer:
                 self.held[(name, int(second))] = held
                 self.unconfirmed.append(held)
             self.confirm()
-            return []
-        if "hold" in message:       # what a run is now (its group, its executor), or the runs
-            helds = []              # started before this process (a restart): renewed
-            for name, second, fence, pgid, kill_grace, *pid in message["hold"]:
-                known = self.held.get((name, int(second)))
-                if known is not None and known.fence == int(fence):
-                    known.pgid, known.pid = pgid, (pid or [known.pid])[0]
-                    continue
-                held = Held(name, second, fence, pgid, kill_grace, self.clock() + self.lease / 3,
-                            *pid)
-                held.confirmed = True
-                self.held[(name, int(second))] = held
-                helds.append(held)
-            self.renew(helds)
-            return []
-        if "daemons" in message:    # the node's `run: once` daemon tasks (after each load)
-            self.daemons = {name: (ips, hosts, int(most), kill_grace)
-                            for name, ips, hosts, most, kill_grace in message["daemons"]}
-            return []
-        if "end" in message:
+        elif "hold" in message:
+            self.hold(message["hold"])
+        elif "end" in message:
             for name, second, fence in message["end"]:
                 self.held.pop((name, int(second)), None)
                 self.unreleased.append([name, int(fence)])
             self.release()
-            return []
-        if "claim" in message:
-            for task in message.get("tasks") or ():
-                self.maxes[task[0]] = int(task[3]) if len(task) > 3 else 1
-            return self.plan(int(message["claim"]), message.get("tasks") or [],
-                             bool(message.get("now")))
+        elif "daemons" in message:  # the node's `run: once` daemon tasks (after each load)
+            self.daemons = {name: (ips, hosts, int(most), kill_grace)
+                            for name, ips, hosts, most, kill_grace in message["daemons"]}
+        elif "hello" in message:
+            self.hello(message["hello"])
         return []
+
+    def hello(self, hello):
+        if self.url is not None and hello["url"] != self.url:
+            self.lost(RuntimeError("the fleet database URL changed"))
+        self.url, self.node = hello["url"], hello["node"]
+        self.takeover, self.lease = float(hello["takeover"]), float(hello["lease"])
+
+    def hold(self, items):
+        """What runs are now (their group, their executor), or the runs started before this
+        process (a restart): renewed."""
+        helds = []
+        for name, second, fence, pgid, kill_grace, *pid in items:
+            known = self.held.get((name, int(second)))
+            if known is not None and known.fence == int(fence):
+                known.pgid, known.pid = pgid, (pid or [known.pid])[0]
+                continue
+            held = Held(name, second, fence, pgid, kill_grace, self.clock() + self.lease / 3, *pid)
+            held.confirmed = True
+            self.held[(name, int(second))] = held
+            helds.append(held)
+        self.renew(helds)
 
     def plan(self, second, tasks, now):
         """The keys of this node's preferred claims (all of them with ``now``); the others wait

@@ -144,8 +144,9 @@ DECIDED = f"""UPDATE {SCHEMA}.claims SET started = now(), ended = now()
 # ---- fleet-wide max: slots 0 .. max-1 per task, each held by one run under a lease -------------
 #
 # A won claim takes a free slot SLOT_AHEAD before its second, held until FIRE_WINDOW after it
-# (or freed at once when its node does not start it); the start holds it for ``lease``, renewed every third of it; the end frees it.  A slot whose lease has
-# passed is free, whoever held it.  No free slot: the second is skipped, "fleet max N reached".
+# (or freed at once when its node does not start it); the start holds it for ``lease``, renewed
+# every third of it; the end frees it.  A slot whose lease has passed is free, whoever held it.
+# No free slot: the second is skipped, "fleet max N reached".
 
 SLOT_AHEAD = 0.25       # seconds before its second a won claim takes its slot
 

@@ -318,6 +318,13 @@ class FleetCoordinator(LocalCoordinator):
         self.pending = self.buffer = b""
         log.info("fleet claims process started, pid %d", self.proc.pid)
         self._send({"hello": self.hello})
+        self._tell_leases()
+        if self.daemon_specs:
+            self._send({"daemons": self.daemon_specs})
+        return True
+
+    def _tell_leases(self):
+        """A (re)started claims process is told the leases of the runs under way."""
         held = [self._hold(run, won) for run in self.starter.table
                 if (won := self.won.get((run.task.name, run.scheduled))) and won.started]
         for run in self.starter.table:
@@ -325,11 +332,8 @@ class FleetCoordinator(LocalCoordinator):
                 if run_id == run.run_id:
                     held.append([run.task.name, second, fence, run.pgid, run.task.kill_grace,
                                  run.executor_pid])
-        if held:                    # a restart: the leases of the runs under way
+        if held:
             self._send({"hold": held})
-        if self.daemon_specs:
-            self._send({"daemons": self.daemon_specs})
-        return True
 
     def _drop(self):
         if self.sock is not None:
@@ -467,5 +471,6 @@ class FleetCoordinator(LocalCoordinator):
             return
         for key in [key for key in self.state if key[1] < now - KEEP]:
             del self.state[key]
-        for key in [key for key, won in self.won.items() if key[1] < now - KEEP and not won.started]:
-            del self.won[key]
+        for key, won in list(self.won.items()):
+            if key[1] < now - KEEP and not won.started:
+                del self.won[key]
