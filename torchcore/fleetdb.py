@@ -6,7 +6,10 @@ Everything torchcore keeps there lives in the schema ``torchcore``:
 - ``nodes``: the node registry, one row per node, written by each node's fleet agent at every
   heartbeat (fleetagent.py) and read by ``fleet status``;
 - ``runs``: the fleet history, every run record of every node with the tail of its output, keyed
-  on (node, run_id) so that shipping a record twice writes it once.
+  on (node, run_id) so that shipping a record twice writes it once;
+- ``claims``: who runs each second of a ``run: once`` task, keyed on (task, second, slot), with
+  its fencing token (claims.py);
+- ``slots``: a `run: once` task's fleet-wide ``max``, one row per slot, held under a lease.
 
 ``torchcore fleet init`` applies the migrations a database lacks, in order, each in its own
 transaction, under a session advisory lock: fifty nodes running it at once migrate once, the
@@ -85,6 +88,35 @@ MIGRATIONS = (
         f"CREATE INDEX runs_task_at ON {SCHEMA}.runs (task, at)",
         f"CREATE INDEX runs_failed ON {SCHEMA}.runs (at) WHERE failed",     # history --failed
         f"CREATE INDEX runs_node_failed ON {SCHEMA}.runs (node, at) WHERE failed",  # fleet status
+    )),
+    (3, "run: once claims", (
+        f"""CREATE TABLE {SCHEMA}.claims (
+            task text NOT NULL,
+            second bigint NOT NULL,             -- the scheduled second, epoch seconds
+            slot integer NOT NULL DEFAULT 0,
+            fence bigint NOT NULL,              -- second * 1000 + takeovers: the fencing token
+            node text NOT NULL,                 -- who holds it
+            claimed timestamptz NOT NULL DEFAULT now(),
+            expires timestamptz NOT NULL,       -- not started by then: another node may take it
+            started timestamptz,                -- its run started (or was decided) on ``node``
+            lease_until timestamptz,
+            ended timestamptz,
+            takeovers integer NOT NULL DEFAULT 0,
+            PRIMARY KEY (task, second, slot)
+        )""",
+        f"CREATE INDEX claims_unstarted ON {SCHEMA}.claims (expires) WHERE started IS NULL",
+        f"CREATE INDEX claims_task_second ON {SCHEMA}.claims (task, second DESC)",
+    )),
+    (4, "run: once fleet-wide max", (
+        f"""CREATE TABLE {SCHEMA}.slots (
+            task text NOT NULL,
+            slot integer NOT NULL,              -- 0 .. max-1
+            second bigint,                      -- the run holding it: its second and token
+            fence bigint,
+            node text,
+            lease_until timestamptz,            -- free when NULL or past
+            PRIMARY KEY (task, slot)
+        )""",
     )),
 )
 CODE_VERSION = MIGRATIONS[-1][0]

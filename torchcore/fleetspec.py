@@ -8,6 +8,8 @@
         node: web-1            # default: the short hostname; unique per node
         heartbeat: 5s          # "late" after 2 missed heartbeats, "down" after 6
         output_tail: 64K        # how much of each run's output the fleet history keeps
+        takeover: 0.5s         # `run: once`: the other nodes claim a second this long before it
+        lease: 15s             # `run: once`: a running run's lease, renewed every third of it
 
 ``$TORCHCORE_DATABASE_URL`` replaces ``database`` and ``--node-name`` replaces ``node`` (both
 where the daemon or a command runs).  The password comes from where libpq looks for it
@@ -28,7 +30,13 @@ DEFAULT_OUTPUT_TAIL = 64 << 10
 MAX_OUTPUT_TAIL = 1 << 20
 LATE_AFTER = 2          # heartbeats missed before a node is late
 DOWN_AFTER = 6          # ... and down
-_FIELDS = ("database", "node", "heartbeat", "output_tail")
+DEFAULT_TAKEOVER = 0.5  # seconds before a `run: once` second the nodes not preferred claim it
+MAX_TAKEOVER = 3.0
+DEFAULT_LEASE = 15      # seconds a running `run: once` run holds its claim without a renewal
+MIN_LEASE = 6           # renewed every third: at least 2 s between renewals
+MAX_LEASE = 3600
+_FIELDS = ("database", "node", "heartbeat", "output_tail", "takeover", "lease")
+_SECONDS = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*(ms|s)?")
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _SECRET_KEYS = ("password", "sslpassword")     # libpq's parameters whose values are secrets
 _KEYWORD_SECRET = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
@@ -41,6 +49,8 @@ class FleetSettings:
     node: str | None = None             # None: the short hostname
     heartbeat: int = DEFAULT_HEARTBEAT  # seconds
     output_tail: int = DEFAULT_OUTPUT_TAIL  # bytes
+    takeover: float = DEFAULT_TAKEOVER  # seconds (see claims.py)
+    lease: int = DEFAULT_LEASE          # seconds
     line: int = 0                       # the line of the first field of ``fleet`` (for errors)
 
 
@@ -219,6 +229,12 @@ def parse(loader, node):
                 values["output_tail"] = yamlread.want_size(value)
                 if values["output_tail"] > MAX_OUTPUT_TAIL:
                     raise yamlread.Bad(f"at most {MAX_OUTPUT_TAIL >> 20}MiB", value)
+            elif key == "takeover":
+                values["takeover"] = _seconds(value, 0.1, MAX_TAKEOVER)
+            elif key == "lease":
+                values["lease"] = yamlread.want_duration(value, MIN_LEASE)
+                if values["lease"] > MAX_LEASE:
+                    raise yamlread.Bad("at most 1h", value)
         except yamlread.Bad as bad:
             loader.problem(bad.node or value, where, f"{key}: {bad}")
     if "database" not in values:
@@ -227,6 +243,22 @@ def parse(loader, node):
                            "like postgresql://torchcore@db.internal/torchcore")
         return None
     return FleetSettings(**values)
+
+
+def _seconds(node, minimum, maximum):
+    """Seconds, fractions allowed, from ``0.5``, ``0.5s`` or ``500ms``, within the bounds."""
+    import yaml
+
+    from torchcore import yamlread
+
+    text = node.value.strip().lower() if isinstance(node, yaml.ScalarNode) else None
+    match = _SECONDS.fullmatch(text) if text else None
+    if match is None:
+        raise yamlread.Bad(f"expected seconds like 0.5s or 500ms, {yamlread.got(node)}", node)
+    value = float(match.group(1)) / (1000 if match.group(2) == "ms" else 1)
+    if not minimum <= value <= maximum:
+        raise yamlread.Bad(f"expected {minimum:g}s to {maximum:g}s, got {node.value}", node)
+    return value
 
 
 def _checked(check, text, node):

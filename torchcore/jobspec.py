@@ -70,10 +70,12 @@ class Job:
 
     @classmethod
     def for_task(cls, task, settings, run_id=0, scheduled=None, manual=False, db_path="", node="",
-                 prepared=False, hold_until=None):
-        """The job for one run of a config.Task under the file's settings."""
+                 prepared=False, hold_until=None, extra_env=()):
+        """The job for one run of a config.Task under the file's settings (``extra_env``: what
+        torchcore adds to the task's env, e.g. the fencing token of a `run: once` run)."""
         return cls(
-            run_id=run_id, name=task.name, argv=tuple(task.argv(settings.shell)), env=task.env,
+            run_id=run_id, name=task.name, argv=tuple(task.argv(settings.shell)),
+            env=task.env + tuple(extra_env) if extra_env else task.env,
             cwd=task.cwd, user=task.user, group=task.group,
             inherit_env=getattr(task, "inherit_env", False), timeout=task.timeout,
             kill_grace=task.kill_grace, memory=task.limits.memory, cpu=task.limits.cpu,

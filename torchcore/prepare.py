@@ -46,6 +46,8 @@ class Lookahead:
                                     # keys: the look-ahead also asks whether a name is among them)
         self._start_cost = START_COST   # measured on the bursts seen (see hold_until)
         self._bursts = {}           # second -> Burst
+        self.once = ()              # names of `run: once` tasks: their seconds are claimed ...
+        self.claim_lead = 0.0       # ... this long ahead at least (coordinator.py)
 
     def seconds(self, launchers):
         """The seconds to prepare now, in order (each one counted prepared as it is yielded);
@@ -141,4 +143,8 @@ class Lookahead:
                 self._start_cost = min(max(measured, 0.75 * self._start_cost, 0.0002), 0.02)
 
     def _lead(self, second, launchers):
-        return max(PREPARE_LEAD, len(self.due_at(second)) * PREPARE_COST / launchers)
+        due = self.due_at(second)
+        lead = max(PREPARE_LEAD, len(due) * PREPARE_COST / launchers)
+        if self.claim_lead and not self.once.isdisjoint(due):
+            lead = max(lead, self.claim_lead)
+        return lead

@@ -78,10 +78,11 @@ class RunTable:
     def prepared_by(self, launcher):
         return [run for run in self.prepared_ids.values() if run.launcher is launcher]
 
-    def limit_reason(self, task, max_running):
-        """Why one more run of ``task`` may not start now, or None."""
+    def limit_reason(self, task, max_running, own_max=True):
+        """Why one more run of ``task`` may not start now, or None (``own_max`` False: the
+        task's ``max`` is counted elsewhere, across the fleet for a `run: once` task)."""
         running = len(self._by_task.get(task.name, ()))
-        if running >= task.max:
+        if own_max and running >= task.max:
             return f"max {task.max} reached"
         if max_running is not None and len(self._runs) >= max_running:
             return f"max_running {max_running} reached"

@@ -20,6 +20,7 @@ import signal
 import threading
 
 from torchcore import jobspec, prepare, records, wire
+from torchcore.claims import CLAIM_LEAD
 from torchcore.errors import TorchcoreError
 from torchcore.launcher import JobTooLarge
 from torchcore.runs import Run
@@ -52,11 +53,17 @@ class Starter:
         self.settings = None
         self.report_w = None        # the report pipe, for an executor forked here (set at start)
         self.retry = []             # (name, second) whose fork failed: tried again next tick
+        self.stopping_now = False   # a shutdown began: claims won now start nothing
 
     def use(self, tasks, settings):
         """The tasks and settings runs start with from now on."""
         self.tasks = tasks
         self.settings = settings
+        once = getattr(tasks, "once", ())
+        self.coordinator.use(settings, tasks)
+        self.ahead.claim_lead = settings.fleet.takeover + CLAIM_LEAD if once and settings.fleet \
+            else 0.0
+        self.ahead.once = once
 
     @property
     def records(self):
@@ -138,12 +145,12 @@ class Starter:
     # ---- launching ------------------------------------------------------------------------
 
     def launch(self, task, second, manual=False):
-        """Start one run of ``task`` unless a limit forbids it; returns the Run or None."""
-        reason = self.table.limit_reason(task, self.settings.max_running)
-        if reason:
-            self.ledger.skipped(task, second, reason, manual)
-            return None
-        if not self.coordinator.claim(task, second):
+        """Start one run of ``task`` unless the coordinator or a limit forbids it; returns the
+        Run or None."""
+        reason = self._refusal(task, second)
+        if reason is not None:
+            if reason:
+                self.ledger.skipped(task, second, reason, manual)
             return None
         try:
             run_id = self.records.allocate_run_id()
@@ -152,7 +159,8 @@ class Starter:
             self._retry_later(task, second, manual)
             return None
         job = jobspec.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
-                                   manual=manual, db_path=self.db_path, node=self.node_name)
+                                   manual=manual, db_path=self.db_path, node=self.node_name,
+                                   extra_env=self.coordinator.env(task, second))
         try:
             pid = self.fork(job)
         except JobTooLarge as exc:
@@ -165,12 +173,23 @@ class Starter:
             return None
         run = Run(run_id, task, second, manual, None, self.clock.time(), launcher=self.launchers.handed_to)
         self.table.add(run)
+        self.coordinator.started(run)
         self.skipped_last.pop(task.name, None)
         self.stats.started += 1
         self.ledger.started(run)
         if pid is not None:
             self._forked(run, pid)
         return run
+
+    def _refusal(self, task, second):
+        """None if a run of ``task`` for ``second`` may start now; else why not: a text to
+        record as a skip, or "" (another node runs it: nothing to record).  The coordinator is
+        asked first: a `run: once` second is the business of the node that won its claim (and
+        its ``max`` counts across the fleet, not here)."""
+        verdict = self.coordinator.claim(task, second)
+        if verdict is not True:
+            return verdict or ""
+        return self.table.limit_reason(task, self.settings.max_running, task.run != "once")
 
     def _refuse(self, task, second, manual, run_id, reason):
         """A run that cannot be handed to a launcher: recorded at once as failed (exit 126, as
@@ -183,6 +202,7 @@ class Starter:
         """The executor of ``run`` exists now (STARTING or PREPARED, pid known)."""
         if not self.table.forked(run, pid):
             return
+        self.coordinator.started(run)       # its executor's pid (for a `run: once` lease)
         if run.launcher is not None:
             self.ledger.started(run)         # again, now with the pid a new supervisor looks for
         if run.pending_signal is not None:
@@ -203,22 +223,51 @@ class Starter:
         find due is cancelled (its go pipe closed) and leaves no trace.  Which seconds,
         when, and how long a burst's executors hold back: see prepare.py.
         """
-        if not self.launchers:
+        once = getattr(self.tasks, "once", ())     # `run: once` tasks: claimed first (coordinator.py)
+        if not self.launchers and not once:
             return
-        for second in self.ahead.seconds(len(self.launchers)):
-            for name in self.ahead.due_at(second):
+        for second in self.ahead.seconds(max(1, len(self.launchers))):
+            names = self.ahead.due_at(second)
+            if once and not once.isdisjoint(names):
+                self.coordinator.ahead(second, [self.tasks[n] for n in names if n in once])
+            if not self.launchers:
+                continue
+            for name in names:
                 task = self.tasks.get(name)
                 if len(self.table.prepared) >= prepare.MAX_PREPARED or task is None:
                     break
-                if (name, second) not in self.table.prepared:
+                if name not in once and (name, second) not in self.table.prepared:
                     self._prepare(task, second)
+
+    def prepare_claimed(self, name, second):
+        """The coordinator won the claim of a `run: once` second still ahead: prepare its run."""
+        task = self.tasks.get(name)
+        if task is not None and self.launchers and (name, second) not in self.table.prepared \
+                and len(self.table.prepared) < prepare.MAX_PREPARED:
+            self._contained(f"preparing {name}", self._prepare, task, second)
+
+    def start_claimed(self, name, second):
+        """The coordinator won a claim after its second (an expired one taken over, or one asked
+        at the tick): start it now, unless misfire_grace is over."""
+        task = self.tasks.get(name)
+        if task is not None and not self.stopping_now and \
+                self.clock.time() - second <= self.settings.misfire_grace:
+            self._contained(f"starting {name}", self.launch, task, second)
+
+    def stop_claimed(self, name, second, signum):
+        """A `run: once` run whose lease cannot be kept (or whose claim was taken over before
+        its start was confirmed): TERM, or KILL when its lease is about to end."""
+        for run in self.table.of_task(name):
+            if run.scheduled == second:
+                self.signal_run(run, signum, "its fleet lease could not be kept")
 
     def _prepare(self, task, second):
         try:
             run_id = self.records.allocate_run_id()
             job = jobspec.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
                                        db_path=self.db_path, node=self.node_name, prepared=True,
-                                       hold_until=self.ahead.hold_until(task.name, second))
+                                       hold_until=self.ahead.hold_until(task.name, second),
+                                       extra_env=self.coordinator.env(task, second))
             self.fork(job)
         except (OSError, TorchcoreError):
             return          # the tick launches it the ordinary way (or refuses it)
@@ -231,14 +280,15 @@ class Starter:
         then told go, and its start recorded), False if a limit says no (it is cancelled)."""
         self.table.leave_prepared(run.run_id)
         task = run.task
-        reason = self.table.limit_reason(task, self.settings.max_running)
-        if reason or not self.coordinator.claim(task, run.scheduled):
+        reason = self._refusal(task, run.scheduled)
+        if reason is not None:
             self._cancel(run)
             if reason:
                 self.ledger.skipped(task, run.scheduled, reason, False)
             return False
         # Waiting at the gate (its group known), the command is starting right now.
         self.table.fire(run, self.clock.time())     # PREPARED -> RUNNING or STARTING
+        self.coordinator.started(run)
         self.skipped_last.pop(task.name, None)
         self.stats.started += 1
         return True
@@ -296,6 +346,7 @@ class Starter:
         run = self.table.forget(run_id)
         if run is None:
             return
+        self.coordinator.ended(run)
         self.ledger.fork_failed(run, error)
         self._retry_later(run.task, run.scheduled, run.manual)
 

@@ -20,7 +20,7 @@ import signal
 
 from torchcore import adopt, loadchild, paths, prepare, records, reloading, safepaths, taskset
 from torchcore.control import ControlServer
-from torchcore.coordinator import LocalCoordinator
+from torchcore.coordinator import FleetCoordinator
 from torchcore.daemons import Daemons
 from torchcore.launcher import LauncherPool
 from torchcore.ledger import Ledger
@@ -57,7 +57,9 @@ class Supervisor:
         self.node_name = node.hostname
         self.system = system or System(clock)     # fork, kill, waitpid, launchers, clocks
         self.clock = self.system.clock
-        self.coordinator = coordinator or LocalCoordinator()
+        self.coordinator = coordinator or FleetCoordinator(   # `run: once` claims (coordinator.py)
+            self.clock, _fleet_name(self.settings, node, service_options),
+            service_stderr or helper_stderr)
         self.on_ready = on_ready
         self.ready = False
         self.planner = Planner(self.settings.misfire_grace)
@@ -133,6 +135,7 @@ class Supervisor:
         self.ledger.records = self.records
         self.starter.report_w = self.report_w
         self.launchers.start(self.selector, self.report_w, self.system.launcher_count)
+        self.coordinator.attach(self.selector, self.starter)
         self._apply(self.taskfile, None, first=True)
         self.services.apply(self.taskfile, self.node)
         self.adopt_previous_executors()
@@ -187,6 +190,7 @@ class Supervisor:
             self.records.flush()    # the last ends, for the fleet agent to ship as it stops
         self.services.stop()
         self.launchers.stop()
+        self.coordinator.close()        # after the launchers: its wait holds nothing unread
         if self.records is not None:
             self.records.close()
         self.filewatch.stop()
@@ -263,7 +267,7 @@ class Supervisor:
             pid, status = self.system.waitpid()
             if pid == 0:
                 return
-            if self.services.exited(pid, status):
+            if self.services.exited(pid, status) or self.coordinator.exited(pid, status):
                 continue
             launcher = self.launchers.find(pid)
             if launcher is not None:
@@ -283,6 +287,8 @@ class Supervisor:
     def _executor_exited(self, run_id, status):
         self.read_reports()    # its last report may still sit in the pipe
         run = self.table.forget(run_id)
+        if run is not None:
+            self.coordinator.ended(run)     # a `run: once` run's slot is free (coordinator.py)
         if run is not None and run.adopted:
             result = adopt.close(self.records, run, self.clock.time())
             if run.task.type == "daemon":
@@ -348,7 +354,7 @@ class Supervisor:
 
     def begin_shutdown(self, reason):
         """No new runs; ask every run to stop; KILL what is left after shutdown_grace."""
-        self.stopping = True
+        self.stopping = self.starter.stopping_now = True
         self.reloader.cancel("torchcore is stopping; the reload was not applied")
         self.starter.cancel_prepared()
         self.shutdown_deadline = self.clock.monotonic() + self.settings.shutdown_grace
@@ -492,6 +498,15 @@ class Supervisor:
 
     def _set_title(self):
         self.title.show(self.settings.path, len(self.tasks), len(self.table), self.stopping)
+
+
+def _fleet_name(settings, node, options):
+    """This node's name in the fleet: ``--node-name`` (a start option), ``fleet.node``, or the
+    short hostname."""
+    from torchcore import fleetspec
+
+    override = (options or {}).get("fleet") or [None, None]
+    return fleetspec.node_name(settings.fleet, node.hostname, override[-1])
 
 
 def _record_signal(signum, frame):

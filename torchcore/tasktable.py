@@ -25,6 +25,7 @@ from torchcore.schedule import Schedule
 
 TIMED, REBOOT, DAEMON = 0, 1, 2     # a record's kind: on the planner's table, @reboot, daemon
 MARSHAL_VERSION = 2                 # no references: the bytes depend on the values alone
+_RUN_ONCE = marshal.dumps("once", MARSHAL_VERSION)[1:]     # how a record ends for `run: once`
 
 
 def record(task):
@@ -41,7 +42,7 @@ def record(task):
     fields = (task.description, task.command, task.type, task.schedule_text, task.max,
               tuple(str(network) for network in task.ips), task.hosts, task.timeout,
               task.kill_grace, task.env, task.cwd, task.user, task.group, task.inherit_env,
-              task.timezone, (limits.memory, limits.cpu, limits.nofile))
+              task.timezone, (limits.memory, limits.cpu, limits.nofile), task.run)
     return marshal.dumps((kind, spec, fields), MARSHAL_VERSION)
 
 
@@ -59,7 +60,7 @@ def decode(name, data):
     return Task(name=name, description=f[0], command=f[1], type=f[2], schedule_text=f[3],
                 schedule=schedule, max=f[4], ips=tuple(_network(text) for text in f[5]),
                 hosts=f[6], timeout=f[7], kill_grace=f[8], env=f[9], cwd=f[10], user=f[11],
-                group=f[12], inherit_env=f[13], timezone=f[14], limits=Limits(*f[15]))
+                group=f[12], inherit_env=f[13], timezone=f[14], limits=Limits(*f[15]), run=f[16])
 
 
 def schedule_of(data):
@@ -100,6 +101,7 @@ class TaskTable(Mapping):
         self._decoded = {}
         self.reboot = set()
         self.daemons = set()
+        self.once = set()       # `run: once` tasks: claimed in the fleet database (claims.py)
         for name, data in (records or {}).items():
             self.put(name, data)
 
@@ -118,6 +120,10 @@ class TaskTable(Mapping):
             self.reboot.add(name)
         elif kind == DAEMON:
             self.daemons.add(name)
+        if data.endswith(_RUN_ONCE):    # the record's last field, read without decoding it
+            self.once.add(name)
+        else:
+            self.once.discard(name)
 
     def __getitem__(self, name):
         task = self._decoded.get(name)

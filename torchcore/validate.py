@@ -21,7 +21,7 @@ import yaml
 
 from torchcore import fleetspec, notifyspec, paths
 from torchcore.errors import ConfigError
-from torchcore.taskspec import NAME_RE, RESERVED_NAMES, Limits, Settings, Task, TaskFile, default_settings
+from torchcore.taskspec import NAME_RE, RESERVED_NAMES, RUN_MODES, Limits, Settings, Task, TaskFile, default_settings
 from torchcore.units import shown
 from torchcore.web import settings as http_settings
 from torchcore.yamlread import (
@@ -240,6 +240,8 @@ class Loader:
         elif "command" in values:
             self.job_size(command[1], values, settings, where)
         kind = values.get("type", "common")
+        if values.get("run") == "once":
+            self.run_once(pairs["run"][1], kind, values, settings, where)
         text = values.pop("schedule", None)
         tz = values.setdefault("timezone", settings.timezone)
         if "type" in pairs and "type" not in values and pairs["type"][1].tag != NULL:
@@ -262,6 +264,16 @@ class Loader:
         except ScheduleError as exc:
             message = str(exc).removeprefix("schedule: ")
             self.problem(pairs["schedule"][1], where, f"schedule: {message}")
+
+    def run_once(self, node, kind, values, settings, where):
+        """``run: once`` needs the fleet database, a schedule, and not @reboot."""
+        if settings.fleet is None:
+            self.problem(node, where, "run: once needs settings.fleet (the fleet database in which "
+                                      "the nodes claim each run): add settings: fleet: database: "
+                                      "postgresql://..., or use run: each")
+        elif str(values.get("schedule", "")).strip().lower() == "@reboot":
+            self.problem(node, where, "run: once cannot be used with @reboot (each node boots on "
+                                      "its own); use run: each")
 
     def job_size(self, node, values, settings, where):
         """The command and env, as the launcher is sent them, within MAX_JOB_TEXT."""
@@ -329,6 +341,13 @@ def _type(loader, node):
     value = want_str(node, "common or daemon")
     if value not in TASK_TYPES:
         raise Bad(f"expected common or daemon, got {value!r}{suggest(value, TASK_TYPES)}", node)
+    return value
+
+
+def _run(loader, node):
+    value = want_str(node, "each or once")
+    if value not in RUN_MODES:
+        raise Bad(f"expected each or once, got {value!r}{suggest(value, RUN_MODES)}", node)
     return value
 
 
@@ -421,6 +440,7 @@ TASK_FIELDS = {
     "description": lambda loader, node: want_str(node),
     "command": _command,
     "type": _type,
+    "run": _run,
     "schedule": lambda loader, node: want_str(node, "a schedule like '0 30 2 * * *' or '@every 10s'"),
     "max": lambda loader, node: want_int(node, 1),
     "ips": _ips,
