@@ -83,13 +83,13 @@ class Wakeups:
         COALESCE ago, so it is busy with events (a burst's reports and launchers' answers, one
         by one); those coming in the rest of COALESCE are read together by the next pass, a
         nap away, unless a signal or a control request comes first.  Never past ``timeout``:
-        a second's work, a boundary and a reload's next slice are not delayed.  Returns what
-        is left of ``timeout``."""
+        a second's work, a boundary and a reload (its stream, its slices) are not delayed.
+        Returns what is left of ``timeout``."""
         sup = self.sup
         mono = sup.clock.monotonic()
         slept_at, self._slept_at = self._slept_at, mono
-        if slept_at is None or sup.stopping:
-            return timeout
+        if slept_at is None or sup.stopping or sup.reloader.current is not None:
+            return timeout      # a reload's stream is read as it comes: no nap holds it up
         gap = slept_at + COALESCE - mono
         if gap <= 0 or timeout <= gap:
             return timeout
