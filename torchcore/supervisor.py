@@ -152,8 +152,9 @@ class Supervisor:
             self.reloader.prepare_spare()   # the first reload starts at once
         if self.on_ready is not None:
             self.on_ready()
-        log.info("torchcore started: %s, %d tasks on this node (%s), pid %d",
-                 self.settings.path, len(self.tasks), self.node_name, os.getpid())
+        log.info("torchcore started: %s, %d tasks on this node (%s), pid %d%s",
+                 self.settings.path, len(self.tasks), self.node_name, os.getpid(),
+                 "; the file was read from the load cache" if self.taskfile.cached else "")
 
     def adopt_previous_executors(self):
         """Take over the runs a killed supervisor left behind (see adopt.py)."""
