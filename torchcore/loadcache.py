@@ -102,15 +102,16 @@ def lookup(state_dir, cache_key):
     finally:
         os.close(fd)
     body = b"".join(chunks)
-    if len(body) < len(MAGIC) + 8 + _SUM or not body.startswith(MAGIC) or \
-            hashlib.sha256(body[:-_SUM]).digest() != body[-_SUM:]:
-        return None
     start = len(MAGIC) + 8
+    if len(body) < start + _SUM or not body.startswith(MAGIC):
+        return None
     size = int.from_bytes(body[len(MAGIC):start], "big")
     try:
         head = json.loads(body[start:start + size])
         if head["key"].encode() != cache_key or not head["verdict"].get("ok"):
-            return None
+            return None         # another file's (the usual miss: the file changed)
+        if hashlib.sha256(body[:-_SUM]).digest() != body[-_SUM:]:
+            return None         # not whole
         return head["verdict"], head["checks"], body[start + size:-_SUM]
     except (ValueError, KeyError, TypeError, AttributeError):
         return None

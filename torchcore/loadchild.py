@@ -321,8 +321,9 @@ def load_for_node(path, node, stderr=None):
         raise
     finally:
         os.close(fd)
-        try:
-            status = os.waitpid(pid, 0)[1]
+        whole = failure is None and stream.ended    # the child may still keep it (loadcache):
+        try:                                        # reaped when it ends, not waited for
+            status = os.waitpid(pid, os.WNOHANG if whole else 0)[1]
         except ChildProcessError:
             pass
     if failure is not None:
