@@ -27,7 +27,7 @@ from torchcore.prepare import EARLY_WAKE
 
 MAX_SLEEP = 10.0            # the longest sleep: a wall-clock step no timerfd heard is seen by then
 STEP_TOLERANCE = 0.5        # wall and monotonic time parting by more: the wall clock was stepped
-COALESCE = 0.02             # a pass comes no sooner than this after the one before (a nap
+COALESCE = 0.05             # a pass comes no sooner than this after the one before (a nap
                             # between): the reports and answers of a burst are read in batches
 
 
