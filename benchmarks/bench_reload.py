@@ -7,10 +7,13 @@ file changes (one idle task's command) and ``torchcore reload`` is timed.  Print
 - the every-second task's lateness (its start time past its second) p50 / p99 / max over the
   seconds around the reload, and the seconds with no run (missed or coalesced) or two;
 - the reload command's answer time against the child's parse time (from the daemon's log), and
-  how long after the daemon got the request it had the file applied.
+  how long after the daemon got the request it had the file applied;
+- before that, start to ready (exec of ``torchcore start --foreground`` to its ready line),
+  cold (no load cache: the file parsed) and warm (a restart of the unchanged file, streamed
+  from ``state_dir/load.cache``), interleaved, best of ``--starts`` each.
 
 Targets (issue 15, at 100,000 tasks): lateness p99 under 20 ms, no coalesced seconds, the
-answer within the parse time + 1 s.
+answer within the parse time + 1 s; start to ready at most 3 s.
 
 Usage: python benchmarks/bench_reload.py [--quick] [--tasks N] [--reloads N]
 """
@@ -59,10 +62,38 @@ def ticks(path):
         return [float(line) for line in handle if line.strip()]
 
 
-def run(count, reloads):
+def starts(path, count, rounds):
+    """Start to ready, cold and warm (see the module docstring), best of ``rounds`` each."""
+    cache = os.path.join(os.path.dirname(path), ".torchcore", "load.cache")
+    cold, warm = [], []
+    for _ in range(rounds):
+        for figures in (cold, warm):
+            if figures is cold and os.path.exists(cache):
+                os.unlink(cache)
+            daemon = benchlib.Daemon(path)
+            daemon.stop()
+            with open(daemon.stderr_path, encoding="utf-8", errors="replace") as handle:
+                cached = "read from the load cache" in handle.read()
+            if cached == (figures is warm):
+                figures.append(daemon.ready_after)
+    for name, figures in (("cold (parsed)", cold), ("warm (unchanged file, load cache)", warm)):
+        if not figures:
+            print(f"  start to ready at {count:,} tasks, {name}: no such start seen")
+            continue
+        best = min(figures)
+        print(f"  start to ready at {count:,} tasks, {name}: {best:.2f} s (best of "
+              f"{len(figures)}: {', '.join(f'{x:.2f}' for x in figures)}; target <= 3 s: "
+              f"{'MET' if best <= 3 else 'NOT MET'})")
+    if os.path.exists(cache):
+        os.unlink(cache)        # the reload below starts cold, as before the cache
+
+
+def run(count, reloads, rounds):
     with tempfile.TemporaryDirectory(prefix="tc-reload-") as tmp:
         path = os.path.join(tmp, "tasks.yaml")
         write_file(path, count)
+        if rounds:
+            starts(path, count, rounds)
         daemon = benchlib.Daemon(path)
         try:
             time.sleep(BEFORE)
@@ -87,7 +118,7 @@ def run(count, reloads):
     late = [min(per_second[s]) for s in window if s in per_second]
     missing = [s for s in window if s not in per_second]
     doubled = [s for s in window if len(per_second.get(s, ())) > 1]
-    print(f"  {count:,} tasks, ready in {daemon.ready_after:.1f} s; {reloads} reload(s) of a "
+    print(f"  {count:,} tasks, ready in {daemon.ready_after:.1f} s (cold); {reloads} reload(s) of a "
           f"one-line change, {len(window)} seconds watched")
     print(f"  every-second task lateness: p50 {benchlib.percentile(late, 0.5) * 1000:.1f} ms, "
           f"p99 {benchlib.percentile(late, 0.99) * 1000:.1f} ms, max {max(late) * 1000:.1f} ms; "
@@ -114,11 +145,14 @@ def main():
     parser.add_argument("--quick", action="store_true", help="20,000 tasks, one reload")
     parser.add_argument("--tasks", type=int, default=None)
     parser.add_argument("--reloads", type=int, default=None)
+    parser.add_argument("--starts", type=int, default=None,
+                        help="cold and warm starts measured first, each (default 2; quick 1)")
     args = parser.parse_args()
     count = args.tasks or (20_000 if args.quick else 100_000)
     reloads = args.reloads or (1 if args.quick else 3)
     print(f"bench_reload {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {benchlib.machine()}")
-    return run(count, reloads)
+    rounds = args.starts if args.starts is not None else (1 if args.quick else 2)
+    return run(count, reloads, rounds)
 
 
 if __name__ == "__main__":

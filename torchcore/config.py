@@ -13,6 +13,7 @@ import grp
 import hashlib
 import os
 import pwd
+from types import SimpleNamespace
 
 from torchcore.errors import ConfigError
 from torchcore.taskspec import (
@@ -31,15 +32,20 @@ __all__ = [
 
 def load(path):
     """Read and validate the task file at ``path``; ConfigError lists every problem found."""
+    return loads(read_file(path), path)
+
+
+def read_file(path):
+    """The task file's bytes (within the loading budget's size, and one more byte); ConfigError
+    saying why it cannot be read."""
     try:
-        data = read_bytes(path)
+        return read_bytes(path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such task file (give one with -c FILE or $TORCHCORE_TASKS)") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, not a task file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the task file: {exc.strerror}") from None
-    return loads(data, path)
 
 
 def loads(text, path="tasks.yaml"):
@@ -115,20 +121,28 @@ def peek_settings(path):
 def node_problems(taskfile, node, euid=None):
     """Problems that only show on ``node``: for each enabled task that runs here, an unknown user or
     group, or a user/group switch that needs root while torchcore does not run as root."""
+    switches = [(task.line, task.name, task.user, task.group)
+                for task in taskfile.local_tasks(node) if task.user or task.group]
+    return switch_problems(taskfile.path, switches, taskfile.settings, node, euid)
+
+
+def switch_problems(path, switches, settings, node, euid=None):
+    """node_problems of a file at ``path`` with ``settings`` whose node's tasks switch user or
+    group as ``switches``, (line, name, user, group) each (the load cache checks again)."""
     euid = os.geteuid() if euid is None else euid
     me = _user_name(euid)
     problems = []
-    for task in taskfile.local_tasks(node):
-        where = f"{taskfile.path}:{task.line}: task '{task.name}': "
-        if task.user:
-            problem = _user_problem(task.user, euid, me, node)
+    for line, name, user, group in switches:
+        where = f"{path}:{line}: task '{name}': "
+        if user:
+            problem = _user_problem(user, euid, me, node)
             if problem:
                 problems.append(f"{where}user: {problem}")
-        if task.group:
-            problem = _group_problem(task.group, euid, node)
+        if group:
+            problem = _group_problem(group, euid, node)
             if problem:
                 problems.append(f"{where}group: {problem}")
-    token = http_settings.token_problem(taskfile)
+    token = http_settings.token_problem(SimpleNamespace(path=path, settings=settings))
     if token:
         problems.append(token)
     return problems

@@ -43,9 +43,11 @@ class Job:
         ("prepared", False),            # forked ahead of its second: waits for go on its go pipe
         ("hold_until", None),           # in a burst: wrap up (log, report, exit) no earlier than this
     )
-    __slots__ = tuple(name for name, _ in FIELDS)
+    __slots__ = tuple(name for name, _ in FIELDS) + ("_frame",)
+    RUN_FIELDS = ("run_id", "scheduled", "manual", "prepared", "hold_until")   # the rest: the task's
 
     def __init__(self, **fields):
+        object.__setattr__(self, "_frame", None)
         for required in ("run_id", "name", "argv"):
             if required not in fields:
                 raise TypeError(f"Job needs {required}")
@@ -87,6 +89,15 @@ class Job:
     def to_json(self):
         return json.dumps(self.fields(), separators=(",", ":"))
 
+    def line(self):
+        """The job as the launcher's wire line (JSON object and newline, bytes): the same object
+        as ``to_json``; a job made by a ``JobMaker`` reuses its task's part, encoded once."""
+        if self._frame is None:
+            return (self.to_json() + "\n").encode()
+        own = json.dumps({name: getattr(self, name) for name in self.RUN_FIELDS},
+                         separators=(",", ":"))
+        return self._frame + own[1:].encode() + b"\n"
+
     @classmethod
     def from_json(cls, text):
         return cls.from_fields(json.loads(text))
@@ -97,6 +108,36 @@ class Job:
         fields["argv"] = tuple(fields["argv"])
         fields["env"] = tuple(tuple(pair) for pair in fields["env"])
         return cls(**fields)
+
+
+class JobMaker:
+    """The jobs of one task's runs under one set of settings: the task's part of every job
+    (command, env, limits, paths) made once, and encoded once, for all of its runs (the
+    supervisor keeps one per task starting; see Starter)."""
+
+    __slots__ = ("task", "settings", "_fixed", "_frame")
+
+    def __init__(self, task, settings, db_path="", node=""):
+        self.task, self.settings = task, settings
+        job = Job.for_task(task, settings, db_path=db_path, node=node)
+        self._fixed = {name: getattr(job, name) for name, _ in Job.FIELDS
+                       if name not in Job.RUN_FIELDS}
+        text = json.dumps(self._fixed, separators=(",", ":"))
+        self._frame = (text[:-1] + ",").encode() if self._fixed else b"{"
+
+    def job(self, run_id, scheduled=None, manual=False, prepared=False, hold_until=None):
+        """The Job of one run: equal to ``Job.for_task`` with the same arguments."""
+        job = Job.__new__(Job)
+        put = object.__setattr__
+        for name, value in self._fixed.items():
+            put(job, name, value)
+        put(job, "run_id", run_id)
+        put(job, "scheduled", scheduled)
+        put(job, "manual", manual)
+        put(job, "prepared", prepared)
+        put(job, "hold_until", hold_until)
+        put(job, "_frame", self._frame)
+        return job
 
 
 def task_environment(job, user_entry=None):

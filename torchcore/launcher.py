@@ -85,7 +85,7 @@ class Launcher:
 
     def submit(self, job):
         """Queue one job (see ``dead`` afterwards); JobTooLarge if it cannot be framed."""
-        line = wire.encode_job(job.fields())
+        line = job.line()
         if len(line) > LINE_LIMIT:
             raise JobTooLarge(f"its job message is {len(line)} bytes, over the launcher's limit "
                               f"of {LINE_LIMIT} bytes (the command or env is too long)")
@@ -144,6 +144,8 @@ class Launcher:
             if not chunk:
                 return None
             chunks.append(chunk)
+            if len(chunk) < 65536:      # all there was: what comes later wakes the loop again
+                break
         *lines, self.buffer = (self.buffer + b"".join(chunks)).split(b"\n")
         return [answer for answer in map(wire.decode_answer, lines) if answer is not None]
 

@@ -28,6 +28,8 @@ import struct
 import sys
 import time
 
+from torchcore import loadcache
+
 INLINE_BYTES = 32 << 10     # a file this small is loaded in the process that asks: a child
                             # would cost more than its parse (a few ms) and its garbage
 HEADER = struct.Struct(">cI")
@@ -60,15 +62,16 @@ def _node(text):
                 hostname=fields["hostname"])
 
 
-def verdict_of(path, node):
-    """(verdict dict, TaskFile or None): load and check the file as a reload does."""
+def verdict_of(path, node, data=None, started=None):
+    """(verdict dict, TaskFile or None): load and check the file as a reload does (``data``:
+    its bytes, read already)."""
     from torchcore import config
     from torchcore.errors import ConfigError
 
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     taskfile, problems = None, []
     try:
-        taskfile = config.load(path)
+        taskfile = config.load(path) if data is None else config.loads(data, path)
         problems = config.node_problems(taskfile, node)
         if problems:
             raise ConfigError(problems)
@@ -120,14 +123,66 @@ def main(argv):
             if not os.read(0, 1):
                 return 0            # not needed after all (the supervisor stops)
         path, node = argv[0], _node(argv[1])
-        verdict, taskfile = verdict_of(path, node)
-        frames = stream_frames(taskfile, node, verdict) if taskfile is not None else \
+        started = time.perf_counter()
+        data, state_dir = _read_for_cache(path)
+        cache_key = None if state_dir is None else loadcache.key(data, path, argv[1])
+        if cache_key is not None and _from_cache(out, path, node, state_dir, cache_key, started):
+            return 0
+        verdict, taskfile = verdict_of(path, node, data, started)
+        frames = list(stream_frames(taskfile, node, verdict)) if taskfile is not None else \
             [frame(VERDICT, json.dumps(verdict).encode())]
-        for data in frames:
-            _write_all(out, data)
+        for chunk in frames:
+            _write_all(out, chunk)
+        if cache_key is not None and taskfile is not None \
+                and taskfile.settings.state_dir == state_dir:
+            _hang_up(out)           # the load is over for the supervisor: keep it, off its clock
+            kept = json.loads(frames[0][HEADER.size:])
+            kept.pop("parse", None)
+            loadcache.store(state_dir, cache_key, kept, frames[1:],
+                            loadcache.checks_of(taskfile, node))
     except BrokenPipeError:
         return 1        # the supervisor gave this load up
     return 0
+
+
+def _read_for_cache(path):
+    """(the file's bytes, the state_dir its settings name) for a file big enough for the load
+    cache; (bytes or None, None) otherwise (None: unreadable, the load says why)."""
+    from torchcore import config
+    from torchcore.errors import ConfigError
+
+    try:
+        data = config.read_file(path)
+    except ConfigError:
+        return None, None
+    if len(data) <= loadcache.CACHE_MIN_BYTES or len(data) > config.MAX_FILE_BYTES:
+        return data, None
+    return data, config.peek_settings(path).state_dir
+
+
+def _from_cache(out, path, node, state_dir, cache_key, started):
+    """Stream the load kept for ``cache_key`` if it is there and still holds; False if not."""
+    hit = loadcache.lookup(state_dir, cache_key)
+    if hit is None:
+        return False
+    verdict, checks, rest = hit
+    try:
+        settings = settings_of(verdict)
+    except Exception:
+        return False
+    if not loadcache.still_valid(path, settings, checks, node):
+        return False
+    verdict = {**verdict, "parse": time.perf_counter() - started, "cached": True}
+    _write_all(out, frame(VERDICT, json.dumps(verdict).encode()))
+    _write_all(out, rest)
+    return True
+
+
+def _hang_up(fd):
+    """Close our end of the stream (the reader sees its end) and keep the descriptor number."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _write_all(fd, data):
@@ -266,8 +321,9 @@ def load_for_node(path, node, stderr=None):
         raise
     finally:
         os.close(fd)
-        try:
-            status = os.waitpid(pid, 0)[1]
+        whole = failure is None and stream.ended    # the child may still keep it (loadcache):
+        try:                                        # reaped when it ends, not waited for
+            status = os.waitpid(pid, os.WNOHANG if whole else 0)[1]
         except ChildProcessError:
             pass
     if failure is not None:
@@ -314,8 +370,10 @@ class Collector:
 
     def loaded(self, path):
         from torchcore.tasktable import Loaded
-        return Loaded(path, settings_of(self.verdict), self.verdict["digest"], self.table,
-                      self.others, self.verdict.get("notifier", False))
+        loaded = Loaded(path, settings_of(self.verdict), self.verdict["digest"], self.table,
+                        self.others, self.verdict.get("notifier", False))
+        loaded.cached = bool(self.verdict.get("cached"))
+        return loaded
 
 
 def settings_of(verdict):

@@ -9,6 +9,7 @@ import os
 
 RECORDS_DB = "torchcore.db"         # run records (SQLite, with its -wal and -shm)
 CONTROL_SOCKET = "control.sock"     # the daemon's control socket
+LOAD_CACHE = "load.cache"           # the last big task file accepted, as loaded (loadcache.py)
 PIDFILE = "torchcore.pid"           # the pidfile unless settings.pidfile says otherwise
 LOG_DIR = "logs"                    # log_dir unless settings.log_dir says otherwise
 DAEMON_LOG = "torchcore.log"        # the daemon's own log in log_dir (no task may be so named)

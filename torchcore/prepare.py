@@ -48,11 +48,16 @@ class Lookahead:
         self._bursts = {}           # second -> Burst
         self.once = ()              # names of `run: once` tasks: their seconds are claimed ...
         self.claim_lead = 0.0       # ... this long ahead at least (coordinator.py)
+        self._quiet = None          # (wall, launchers, until) of a look that found nothing to
+                                    # prepare before ``until``: another finds nothing either
 
     def seconds(self, launchers):
         """The seconds to prepare now, in order (each one counted prepared as it is yielded);
         sets ``next_at``.  ``launchers``: how many fork the runs."""
         wall = self.clock.time()
+        if self._quiet is not None and self._quiet[0] <= wall < self._quiet[2] \
+                and self._quiet[1] == launchers:
+            return      # a pass woken by a report, an answer, a request: nothing new in sight
         first = max(self.prepared_for + 1, int(wall) + 1)
         upto = None
         self.next_at = float("inf")
@@ -62,13 +67,18 @@ class Lookahead:
                 upto = second
             elif self.due_at(second):       # a second with nothing due needs no wake
                 self.next_at = min(self.next_at, start_at)
+        busy = self.planner.next_busy(int(wall) + LOOKAHEAD)
+        comes_in = float("inf") if busy is None else busy - LOOKAHEAD   # a busy second enters
         if self.next_at == float("inf"):    # none due in sight: look again when one comes in
-            busy = self.planner.next_busy(int(wall) + LOOKAHEAD)
-            self.next_at = float("inf") if busy is None else busy - LOOKAHEAD
+            self.next_at = comes_in
+        self._quiet = None
         for second in range(first, (upto or 0) + 1):
             self.prepared_for = second
             self._learn_start_cost()
             yield second
+        # Until a second due comes near or enters the window, whatever wakes the loop (a
+        # report, an answer, a request), another look finds nothing to prepare.
+        self._quiet = (wall, launchers, min(self.next_at, comes_in))
         for second in [s for s in self._due_names if s <= self.prepared_for]:
             del self._due_names[second]
 
@@ -89,6 +99,7 @@ class Lookahead:
     def forget_due(self):
         """The schedule changed: the names due are asked again."""
         self._due_names.clear()
+        self._quiet = None
 
     def hold_until(self, name, second):
         """When the executor of a run in a burst may wrap up (log, report, exit), or None.

@@ -54,6 +54,7 @@ class Reload:
         self.problems = None            # rejected: the messages
         self.ready = False              # accepted and compared: apply it
         self.parse_time = None          # the child's own figure (its verdict says)
+        self.cached = False             # the child found the file in the load cache (unchanged)
         self.settings = self.digest = None
         self.notifier = False           # the node's tasks ask for the notifier (see Loaded)
         self.table = tasktable.TaskTable()
@@ -136,6 +137,7 @@ class Reload:
     def _take(self, kind, value):
         if kind == VERDICT:
             self.parse_time = value.get("parse")
+            self.cached = bool(value.get("cached"))
             if not value.get("ok"):
                 self.problems = [str(problem) for problem in value.get("problems") or ()] or \
                     [f"{self.path}: rejected"]
@@ -215,7 +217,8 @@ class Reload:
         """What the log says of the time a reload in a child took."""
         if self.pid is None or self.parse_time is None:
             return ""
-        return (f"; parsed in {self.parse_time:.2f}s, applied "
+        how = "read from the load cache" if self.cached else "parsed"
+        return (f"; {how} in {self.parse_time:.2f}s, applied "
                 f"{clock.monotonic() - self.started:.2f}s after the request")
 
     def counts(self):

@@ -28,6 +28,8 @@ from torchcore.states import RunState
 
 log = logging.getLogger("torchcore")
 
+MAKERS_KEPT = 4096          # tasks whose job part is kept (those starting often); then made anew
+
 
 class Starter:
     """Starts, prepares, fires, cancels and signals the runs of one supervisor."""
@@ -54,6 +56,7 @@ class Starter:
         self.report_w = None        # the report pipe, for an executor forked here (set at start)
         self.retry = []             # (name, second) whose fork failed: tried again next tick
         self.stopping_now = False   # a shutdown began: claims won now start nothing
+        self._makers = {}           # name -> jobspec.JobMaker of its Task under these settings
 
     def use(self, tasks, settings):
         """The tasks and settings runs start with from now on."""
@@ -64,6 +67,25 @@ class Starter:
         self.ahead.claim_lead = settings.fleet.takeover + CLAIM_LEAD if once and settings.fleet \
             else 0.0
         self.ahead.once = once
+        self._makers.clear()
+
+    def _job(self, task, run_id, scheduled, manual=False, prepared=False, hold_until=None):
+        """The Job of one run of ``task``: its task's part made once for all of its runs (as
+        long as the Task and the settings are the same objects), the run's own added; a run
+        the coordinator adds variables to (a ``run: once`` run's fence) is made whole."""
+        extra_env = self.coordinator.env(task, scheduled)
+        if extra_env:
+            return jobspec.Job.for_task(task, self.settings, run_id=run_id, scheduled=scheduled,
+                                        manual=manual, db_path=self.db_path, node=self.node_name,
+                                        prepared=prepared, hold_until=hold_until,
+                                        extra_env=extra_env)
+        maker = self._makers.get(task.name)
+        if maker is None or maker.task is not task or maker.settings is not self.settings:
+            if len(self._makers) >= MAKERS_KEPT:
+                self._makers.clear()
+            maker = self._makers[task.name] = jobspec.JobMaker(
+                task, self.settings, db_path=self.db_path, node=self.node_name)
+        return maker.job(run_id, scheduled, manual, prepared, hold_until)
 
     @property
     def records(self):
@@ -158,9 +180,7 @@ class Starter:
             log.error("cannot number a run of %s: %s; retrying next second", task.name, exc)
             self._retry_later(task, second, manual)
             return None
-        job = jobspec.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
-                                   manual=manual, db_path=self.db_path, node=self.node_name,
-                                   extra_env=self.coordinator.env(task, second))
+        job = self._job(task, run_id, second, manual)
         try:
             pid = self.fork(job)
         except JobTooLarge as exc:
@@ -264,10 +284,8 @@ class Starter:
     def _prepare(self, task, second):
         try:
             run_id = self.records.allocate_run_id()
-            job = jobspec.Job.for_task(task, self.settings, run_id=run_id, scheduled=second,
-                                       db_path=self.db_path, node=self.node_name, prepared=True,
-                                       hold_until=self.ahead.hold_until(task.name, second),
-                                       extra_env=self.coordinator.env(task, second))
+            job = self._job(task, run_id, second, prepared=True,
+                            hold_until=self.ahead.hold_until(task.name, second))
             self.fork(job)
         except (OSError, TorchcoreError):
             return          # the tick launches it the ordinary way (or refuses it)

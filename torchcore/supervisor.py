@@ -18,7 +18,7 @@ import os
 import selectors
 import signal
 
-from torchcore import adopt, loadchild, paths, prepare, records, reloading, safepaths, taskset
+from torchcore import adopt, loadchild, paths, prepare, records, reloading, safepaths, taskset, wire
 from torchcore.control import ControlServer
 from torchcore.coordinator import FleetCoordinator
 from torchcore.daemons import Daemons
@@ -37,6 +37,9 @@ from torchcore.wakeups import Wakeups
 from torchcore.watch import ClockWatch, FileWatch
 
 log = logging.getLogger("torchcore")
+
+FLUSH_EVERY = 1.0           # seconds between two writes of the records (each is a transaction)
+REPORT_READ = 65536         # bytes asked of the report pipe at once
 
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup",
            signal.SIGUSR2: "usr2", signal.SIGCHLD: "chld"}
@@ -69,8 +72,7 @@ class Supervisor:
         self.ledger = Ledger(self.node_name, self.clock)  # records and counts (see ledger.py)
         self.launchers = LauncherPool(  # the processes that fork executors (see launcher.py)
             self.system, helper_stderr, self.clock, self.ledger.contain,   # stderr: a path or None
-            lambda launcher, answers: self.starter.launcher_answers(launcher, answers),
-            self._launcher_died)
+            self._launcher_answers, self._launcher_died)
         self.ahead = prepare.Lookahead(self.planner, self.clock, self.system.cores)  # prepare.py
         self.starter = Starter(     # starts, prepares, fires and signals runs (see starting.py)
             self.table, self.ledger, self.launchers, self.system, self.coordinator, self.ahead,
@@ -94,6 +96,8 @@ class Supervisor:
         self.file_signature = None
         self.skipped_last = self.ledger.skipped_last   # name -> reason, while skipped
         self._report_buffer = b""
+        self._reports_read = False       # the report pipe was read after the answers at hand came
+        self.flush_at = 0.0              # monotonic: the records are written no earlier (FLUSH_EVERY)
         self.title = SupervisorTitle(self.system.set_title)    # what ps shows (proctitle.py)
         self.wakeups = Wakeups(self)     # when the loop wakes, what it passes (see wakeups.py)
         self.filewatch = FileWatch(self.settings.path, self.clock)
@@ -151,8 +155,9 @@ class Supervisor:
             self.reloader.prepare_spare()   # the first reload starts at once
         if self.on_ready is not None:
             self.on_ready()
-        log.info("torchcore started: %s, %d tasks on this node (%s), pid %d",
-                 self.settings.path, len(self.tasks), self.node_name, os.getpid())
+        log.info("torchcore started: %s, %d tasks on this node (%s), pid %d%s",
+                 self.settings.path, len(self.tasks), self.node_name, os.getpid(),
+                 "; the file was read from the load cache" if self.taskfile.cached else "")
 
     def adopt_previous_executors(self):
         """Take over the runs a killed supervisor left behind (see adopt.py)."""
@@ -211,7 +216,7 @@ class Supervisor:
 
     def loop_once(self):
         """One pass: wait, read events, reap, then act on the current second."""
-        for key, mask in self.selector.select(self._sleep_time()):
+        for key, mask in self.selector.select(self.wakeups.nap(self._sleep_time())):
             key.data(key, mask)
         self.wakeups.passes += 1
         self.reap()
@@ -237,6 +242,10 @@ class Supervisor:
         wait, reload = self.wakeups.sleep_time(), self.reloader.wait(self.clock.time())
         return wait if reload is None else min(wait, reload)    # a reload's slices to do
 
+    def nap_fds(self):
+        """What ends a nap between two busy passes (see Wakeups.nap): a signal, a request."""
+        return [self._wake_r] + ([self.control.fileno()] if self.control is not None else [])
+
     def tick(self, now):
         """Launch what the planner says is due at ``now`` (and log what the clock did)."""
         plan = self.planner.advance(now)
@@ -251,12 +260,12 @@ class Supervisor:
     def read_reports(self, key=None, mask=None):
         while True:
             try:
-                chunk = os.read(self.report_r, 65536)
+                chunk = os.read(self.report_r, REPORT_READ)
             except BlockingIOError:
                 break
-            if not chunk:
-                break
             self._report_buffer += chunk
+            if len(chunk) < REPORT_READ:    # the pipe is empty (or closed): what comes later
+                break                       # wakes the loop again
         *lines, self._report_buffer = self._report_buffer.split(b"\n")
         for line in lines:
             self.starter.report(line, self.stopping)
@@ -284,8 +293,20 @@ class Supervisor:
         if self.starter.launcher_died(launcher) and not self.stopping:
             self.launchers.start_missing()
 
+    def _launcher_answers(self, launcher, answers):
+        """A launcher's answers: the report pipe read once for all the exits among them (an
+        executor's last report is in the pipe before its launcher sees it exit)."""
+        if any(type(answer) is wire.Exited for answer in answers):
+            self.read_reports()
+            self._reports_read = True
+        try:
+            self.starter.launcher_answers(launcher, answers)
+        finally:
+            self._reports_read = False
+
     def _executor_exited(self, run_id, status):
-        self.read_reports()    # its last report may still sit in the pipe
+        if not self._reports_read:
+            self.read_reports()    # its last report may still sit in the pipe
         run = self.table.forget(run_id)
         if run is not None:
             self.coordinator.ended(run)     # a `run: once` run's slot is free (coordinator.py)
@@ -487,8 +508,10 @@ class Supervisor:
         if not self.stopping:
             self.services.tend()
             self.ledger.planned(self.planner.watermark)     # written with the records
-        if not self.ahead.in_burst():
-            self.records.flush()
+        if self.records.pending and not self.ahead.in_burst() and \
+                self.clock.monotonic() >= self.flush_at:
+            if self.records.flush():    # one transaction for what came since the last
+                self.flush_at = self.clock.monotonic() + FLUSH_EVERY
         self._set_title()
         if self.control is not None:
             self.control.reap_idle(self.clock.monotonic())

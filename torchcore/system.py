@@ -7,6 +7,8 @@ through a ``System``, so the tests give it one whose children are make-believe
 """
 
 import os
+import select
+import time
 
 import psutil
 import setproctitle
@@ -24,6 +26,19 @@ class System:
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
             (os.cpu_count() or 1)
         self.launcher_count = max(1, min(4, os.cpu_count() or 1))  # one per core, four at most
+
+    def nap(self, seconds, wake_fds):
+        """Sleep ``seconds`` unless one of ``wake_fds`` becomes readable first (a signal, a
+        control request); returns the seconds slept.  Only on the real clock: on another
+        (a test's), time passes as that clock says, so a nap is none."""
+        if type(self.clock) is not SystemClock or seconds <= 0:
+            return 0.0
+        began = time.monotonic()
+        try:
+            select.select(wake_fds, [], [], seconds)
+        except (OSError, ValueError):
+            pass
+        return time.monotonic() - began
 
     def fork_executor(self, job, report_w):
         """Fork ``job``'s executor here (no launcher takes it); returns its pid."""

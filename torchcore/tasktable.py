@@ -207,6 +207,7 @@ class Loaded:
         self.table = table
         self.others = others or {}      # name -> why it does not run here
         self.notifier = notifier        # a task of the node names a notify target or a ping
+        self.cached = False             # streamed from the load cache (loadcache.py), not parsed
 
     @classmethod
     def of_taskfile(cls, taskfile, node):

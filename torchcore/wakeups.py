@@ -14,6 +14,11 @@ Waking, the loop passes the quiet seconds it slept through in one step (Planner.
 as if it had ticked each one; a wall-clock step shows as the wall and monotonic clocks parting,
 and then only the seconds before the step are passed so the planner sees the step as it always
 did.  Daemon tasks are tended when a run came or went, a reload happened, or a backoff ran out.
+
+A busy loop (a burst's reports and launchers' answers arriving one by one) naps between passes
+that come less than COALESCE apart, so each pass reads a batch of them: the CPU a run costs the
+supervisor is then mostly its own work, not that of a pass for each message.  A signal or a
+control request ends a nap; no nap goes past the next second's work or a boundary.
 """
 
 import math
@@ -22,6 +27,8 @@ from torchcore.prepare import EARLY_WAKE
 
 MAX_SLEEP = 10.0            # the longest sleep: a wall-clock step no timerfd heard is seen by then
 STEP_TOLERANCE = 0.5        # wall and monotonic time parting by more: the wall clock was stepped
+COALESCE = 0.05             # a pass comes no sooner than this after the one before (a nap
+                            # between): the reports and answers of a burst are read in batches
 
 
 class Wakeups:
@@ -33,6 +40,7 @@ class Wakeups:
         self.last_pass = None       # (wall, monotonic) at the last pass: steps show in them
         self._tend_mark = None      # what tend_daemons last saw (see tend)
         self._tend_at = 0.0         # monotonic: a daemon's backoff or retry is due
+        self._slept_at = None       # monotonic: when the loop last went to sleep
 
     def started(self):
         clock = self.sup.clock
@@ -54,7 +62,10 @@ class Wakeups:
         if sup.launchers and wall < sup.ahead.next_at:
             wait = min(wait, sup.ahead.next_at - wall)
         control = sup.control
-        if sup.table.followed or sup.records.pending or sup.filewatch.polling or (
+        if sup.records.pending:     # written at flush_at (or each second, while held back)
+            flush_in = sup.flush_at - mono
+            wait = min(wait, flush_in if flush_in > 0 else every_second)
+        if sup.table.followed or sup.filewatch.polling or (
                 control is not None and (control.connections
                                          or control.accept_paused_until is not None)):
             wait = min(wait, every_second)
@@ -66,6 +77,24 @@ class Wakeups:
             deadlines.append(sup.launchers.retry_at)
         wait = min(wait, min(deadlines) - mono)
         return max(0.0, min(wait, MAX_SLEEP))
+
+    def nap(self, timeout):
+        """Before sleeping ``timeout`` on the selector: the loop went to sleep less than
+        COALESCE ago, so it is busy with events (a burst's reports and launchers' answers, one
+        by one); those coming in the rest of COALESCE are read together by the next pass, a
+        nap away, unless a signal or a control request comes first.  Never past ``timeout``:
+        a second's work, a boundary and a reload (its stream, its slices) are not delayed.
+        Returns what is left of ``timeout``."""
+        sup = self.sup
+        mono = sup.clock.monotonic()
+        slept_at, self._slept_at = self._slept_at, mono
+        if slept_at is None or sup.stopping or sup.reloader.current is not None:
+            return timeout      # a reload's stream is read as it comes: no nap holds it up
+        gap = slept_at + COALESCE - mono
+        if gap <= 0 or timeout <= gap:
+            return timeout
+        slept = sup.system.nap(gap, sup.nap_fds())
+        return max(0.0, timeout - slept)
 
     def next_second(self, wall):
         """The next second the planner has work for (with a retry waiting: the next second)."""

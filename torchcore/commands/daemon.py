@@ -202,6 +202,10 @@ def setup_logging(path):
         prepare_log_dir(os.path.dirname(path))
         handler = log_file_handler(path)
     handler.setFormatter(daemonlog.Formatter())
+    # The format shows no caller, thread or process: each record need not look them up (the
+    # supervisor logs a line for each run that ends; see "Optimization" in logging's HOWTO).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
