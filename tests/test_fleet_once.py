@@ -191,7 +191,9 @@ def test_three_nodes_run_every_second_once_and_a_node_killed_mid_run_costs_no_se
     nodes = _fleet_daemons(daemons, fleet.url, tmp_path, 3)
     wait_for(lambda: len(_once_runs(tmp_path)) >= 3, 15, "the first once-runs")
     first = min(second for second, _, _ in _once_runs(tmp_path))
-    time.sleep(7)
+    # the seconds spread over all three (rendezvous hashing): each has run some before the kill
+    wait_for(lambda: {n for _, _, n in _once_runs(tmp_path)} == {"n1", "n2", "n3"}, 20,
+             "runs on every node")
     # kill -9 node 1 while its run is under way (each run sleeps 0.4 s after its line)
     wait_for(lambda: any(n == "n1" and s >= int(time.time()) - 1
                          for s, _, n in _once_runs(tmp_path)), 10, "a run of n1")
