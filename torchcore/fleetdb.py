@@ -6,7 +6,9 @@ Everything torchcore keeps there lives in the schema ``torchcore``:
 - ``nodes``: the node registry, one row per node, written by each node's fleet agent at every
   heartbeat (fleetagent.py) and read by ``fleet status``;
 - ``runs``: the fleet history, every run record of every node with the tail of its output, keyed
-  on (node, run_id) so that shipping a record twice writes it once.
+  on (node, run_id) so that shipping a record twice writes it once;
+- ``task_hours``: per task, node and hour, what ``fleet tasks`` shows of the runs (their count,
+  failures, the latest run), kept by triggers on ``runs`` as rows arrive (fleetsummary.py).
 
 ``torchcore fleet init`` applies the migrations a database lacks, in order, each in its own
 transaction, under a session advisory lock: fifty nodes running it at once migrate once, the
@@ -20,7 +22,7 @@ psycopg is imported on first use only (``pip install 'torchcore[fleet]'``): a ta
 
 import socket
 
-from torchcore import __version__, fleetspec
+from torchcore import __version__, fleetspec, fleetsummary
 from torchcore.errors import TorchcoreError
 
 SCHEMA = "torchcore"
@@ -84,6 +86,7 @@ MIGRATIONS = (
         f"CREATE INDEX runs_task_at ON {SCHEMA}.runs (task, at)",
         f"CREATE INDEX runs_failed ON {SCHEMA}.runs (at) WHERE failed",     # history --failed
         f"CREATE INDEX runs_node_failed ON {SCHEMA}.runs (node, at) WHERE failed",  # fleet status
+        *fleetsummary.STATEMENTS,       # task_hours, kept by triggers on runs: fleet tasks
     )),
 )
 CODE_VERSION = MIGRATIONS[-1][0]
