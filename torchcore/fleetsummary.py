@@ -18,8 +18,8 @@ state) and changes nothing; otherwise the row's contribution before the change i
 its contribution after it put in, so a run is counted once in ``runs`` when its row first has
 ``started`` and once in ``failures`` when it first is final and failed.  The latest run is
 replaced by a row at least as late, so the state of the same run shipped again is refreshed.
-A row that moves to another hour (``at`` changed) and rows deleted make their hours counted
-again from ``runs`` (``recount_hour``, through the index on (task, at)); a truncate empties it.
+A row whose ``at`` changes (a start, then a failed fork: the due time is its ``at`` then) and
+rows deleted make their hours counted again from ``runs`` (``recount_hour``, through the index on (task, at)); a truncate empties it.
 """
 
 S = "torchcore"
@@ -75,12 +75,17 @@ BEGIN
         IF {FINAL.format("OLD")} THEN
             RETURN NULL;    -- a final row shipped again: counted when it became final
         END IF;
-        IF OLD.task = NEW.task AND OLD.node = NEW.node
-                AND {HOUR.format("OLD")} = {HOUR.format("NEW")} THEN
+        IF (OLD.task, OLD.node, OLD.at) IS DISTINCT FROM (NEW.task, NEW.node, NEW.at) THEN
+            -- moved (a start, then a failed fork: due time, not start time): its old hour
+            -- counted again, which counts the row as it is now if it stayed in that hour
+            PERFORM {S}.recount_hour(OLD.task, OLD.node, {HOUR.format("OLD")});
+            IF OLD.task = NEW.task AND OLD.node = NEW.node
+                    AND {HOUR.format("OLD")} = {HOUR.format("NEW")} THEN
+                RETURN NULL;
+            END IF;
+        ELSE
             was_started := (OLD.started IS NOT NULL)::int;
             was_failed := OLD.failed::int;
-        ELSE
-            PERFORM {S}.recount_hour(OLD.task, OLD.node, {HOUR.format("OLD")});
         END IF;
     END IF;
     {_ADD};
