@@ -401,16 +401,18 @@ def _matcher(registered):
 
 def task_view(conn, taskfile, tz=None, task=None):
     """The tasks of ``taskfile`` across the fleet, and what is wrong; ``task``: that task of the
-    file only (its runs alone are read, through the index on (task, at): a task's page at a
-    fleet of many runs a day), without the drift problems, which are the whole file's.
+    file only (its summary rows alone are read, through their key), without the drift
+    problems, which are the whole file's.  The runs of the last day are read from their summary,
+    torchcore.task_hours (fleetsummary.py): the hours from the one holding now - 1 day.
 
     ``{"file", "digest", "nodes_on_file" (the nodes that run this very file), "nodes" (how many
     are registered), "now", "tasks": [...], "problems": [...]}``; per task: name,
     enabled, targets, should (the registered nodes its ips/hosts select, as ``Task.runs_on``
     decides on every node: ``hosts`` matched against the node's hostname or its name, which
-    stands for the hostname of a daemon started with ``--node-name``), ran (per node that ran it in the last day: node, last_at,
-    last_result, failed (whether its last finished run failed; None: none finished), runs,
-    failures) and problems.  A
+    stands for the hostname of a daemon started with ``--node-name``; tasks with the same
+    targets matched once), ran (per node that ran it in the last day: node, last_at, last_run,
+    last_result (of its latest run, as its row is now), failed (whether its last finished run
+    failed; None: none finished), runs (that started), failures) and problems.  A
     problem: ``{"kind": "orphan"|"failing"|"drift", "task"?, "node"?, "text", ...}``: orphan,
     an enabled task whose targets select no registered node; failing, a task whose last run
     failed on some nodes and not on others (``failing``, ``ok``); drift, a node that ran tasks
