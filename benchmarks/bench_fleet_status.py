@@ -129,7 +129,7 @@ def time_tasks(conn, url, nodes, directory):
 
     def command():
         result = subprocess.run(argv, env=env, capture_output=True, text=True)
-        if result.returncode not in (0, 1):
+        if result.returncode not in (0, 1) or result.stderr or "problems:" not in result.stdout:
             raise SystemExit(f"fleet tasks failed: {result.stderr}")
 
     heartbeat(conn)
