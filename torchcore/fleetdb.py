@@ -7,6 +7,8 @@ Everything torchcore keeps there lives in the schema ``torchcore``:
   heartbeat (fleetagent.py) and read by ``fleet status``;
 - ``runs``: the fleet history, every run record of every node with the tail of its output, keyed
   on (node, run_id) so that shipping a record twice writes it once;
+- ``task_hours``: per task, node and hour, what ``fleet tasks`` shows of the runs (their count,
+  failures, the latest run), kept by triggers on ``runs`` as rows arrive (fleetsummary.py).
 - ``claims``: who runs each second of a ``run: once`` task, keyed on (task, second, slot), with
   its fencing token (claims.py);
 - ``slots``: a `run: once` task's fleet-wide ``max``, one row per slot, held under a lease.
@@ -24,7 +26,7 @@ psycopg is imported on first use only (``pip install 'torchcore[fleet]'``): a ta
 import re
 import socket
 
-from torchcore import __version__, fleetspec
+from torchcore import __version__, fleetspec, fleetsummary
 from torchcore.errors import TorchcoreError
 
 SCHEMA = "torchcore"
@@ -88,6 +90,7 @@ MIGRATIONS = (
         f"CREATE INDEX runs_task_at ON {SCHEMA}.runs (task, at)",
         f"CREATE INDEX runs_failed ON {SCHEMA}.runs (at) WHERE failed",     # history --failed
         f"CREATE INDEX runs_node_failed ON {SCHEMA}.runs (node, at) WHERE failed",  # fleet status
+        *fleetsummary.STATEMENTS,       # task_hours, kept by triggers on runs: fleet tasks
     )),
     (3, "run: once claims", (
         f"""CREATE TABLE {SCHEMA}.claims (

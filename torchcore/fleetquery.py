@@ -22,7 +22,7 @@ import datetime
 import ipaddress
 import math
 
-from torchcore import fleetdb
+from torchcore import fleetdb, fleetsummary
 from torchcore.fleetspec import DOWN_AFTER, LATE_AFTER
 from torchcore.node import Node
 from torchcore.runrecord import RunRecord
@@ -341,23 +341,22 @@ def last_run_with_output(conn, task, node=None, tz=None):
 
 # ---- the tasks of a file across the fleet --------------------------------------------------
 
-_RECENT_SQL = f"""
-WITH recent AS (
-    SELECT * FROM {S}.runs WHERE at > now() - interval '{RECENT}' {{task}}
-), last AS (
-    SELECT DISTINCT ON (node, task) {_RUN_SELECT}, {_epoch("at")} AS at FROM recent
-    ORDER BY node, task, at DESC, run_id DESC
-), counts AS (
-    SELECT node, task, count(*) FILTER (WHERE started IS NOT NULL) AS runs,
-           count(*) FILTER (WHERE failed) AS failures,
-           (array_agg(failed ORDER BY at DESC, run_id DESC)
-               FILTER (WHERE ended IS NOT NULL AND skipped IS NULL AND NOT missed))[1]
-               AS last_failed
-    FROM recent GROUP BY node, task
-)
-SELECT last.*, counts.runs, counts.failures, counts.last_failed
-FROM last JOIN counts USING (node, task) ORDER BY task, node
-"""
+# What ``fleet tasks`` shows of the last day's runs is read from torchcore.task_hours, which
+# triggers on torchcore.runs keep as rows arrive (fleetsummary.py), never from the runs themselves
+_RECENT_SQL = fleetsummary.READ_SQL
+
+
+def _ran_entry(row, tz):
+    """A node's entry in a task's ``ran`` from a row of _RECENT_SQL."""
+    fields = dict(zip(fleetsummary.LAST_FIELDS, row))
+    run = {"run_id": fields["run_id"], "task": fields["task"], "node": fields["node"],
+           "ended": "" if fields["ended"] else None, "skip_reason": fields["skipped"],
+           **{key: fields[key] for key in ("exit_code", "signal", "timed_out", "missed",
+                                           "manual", "pid", "error", "stopped")}}
+    return {"node": fields["node"], "last_at": iso(fields["at"], tz),
+            "last_run": fields["run_id"], "last_result": result_text(run),
+            "failed": fields["last_failed"], "runs": fields["runs"],
+            "failures": fields["failures"]}
 
 
 def _node_of(row):
@@ -373,18 +372,48 @@ def _node_of(row):
     return Node(addresses=tuple(addresses), hostname=row["hostname"] or row["name"])
 
 
+def should_run(task, machines):
+    """The names of ``machines`` ((name, its Node, a Node named by the name alone)) that
+    ``task`` should run on, as ``Task.runs_on`` decides on every node: ``hosts`` matched
+    against the node's hostname or its name (the hostname of a daemon started with
+    ``--node-name``)."""
+    return [name for name, machine, named in machines
+            if task.runs_on(machine) or (task.hosts and task.runs_on(named))]
+
+
+def _matcher(registered):
+    """``should_run`` over the registered nodes, for a task: the tasks of a file share a few
+    target sets (most have none: every node), so each distinct set (ips, hosts) is matched
+    against the nodes once, not once per task (10,000 tasks x 1,000 nodes: seconds)."""
+    machines = [(row["name"], _node_of(row), Node(addresses=(), hostname=row["name"]))
+                for row in registered]
+    everyone = [name for name, _, _ in machines]
+    known = {}
+
+    def should_of(task):
+        if not task.ips and not task.hosts:
+            return list(everyone)
+        key = (task.ips, task.hosts)
+        if key not in known:
+            known[key] = should_run(task, machines)
+        return list(known[key])
+    return should_of
+
+
 def task_view(conn, taskfile, tz=None, task=None):
     """The tasks of ``taskfile`` across the fleet, and what is wrong; ``task``: that task of the
-    file only (its runs alone are read, through the index on (task, at): a task's page at a
-    fleet of many runs a day), without the drift problems, which are the whole file's.
+    file only (its summary rows alone are read, through their key), without the drift
+    problems, which are the whole file's.  The runs of the last day are read from their summary,
+    torchcore.task_hours (fleetsummary.py): the hours from the one holding now - 1 day.
 
     ``{"file", "digest", "nodes_on_file" (the nodes that run this very file), "nodes" (how many
     are registered), "now", "tasks": [...], "problems": [...]}``; per task: name,
     enabled, targets, should (the registered nodes its ips/hosts select, as ``Task.runs_on``
     decides on every node: ``hosts`` matched against the node's hostname or its name, which
-    stands for the hostname of a daemon started with ``--node-name``), ran (per node that ran it in the last day: node, last_at,
-    last_result, failed (whether its last finished run failed; None: none finished), runs,
-    failures) and problems.  A
+    stands for the hostname of a daemon started with ``--node-name``; tasks with the same
+    targets matched once), ran (per node that ran it in the last day: node, last_at, last_run,
+    last_result (of its latest run, as its row is now), failed (whether its last finished run
+    failed; None: none finished), runs (that started), failures) and problems.  A
     problem: ``{"kind": "orphan"|"failing"|"drift", "task"?, "node"?, "text", ...}``: orphan,
     an enabled task whose targets select no registered node; failing, a task whose last run
     failed on some nodes and not on others (``failing``, ``ok``); drift, a node that ran tasks
@@ -400,21 +429,13 @@ def task_view(conn, taskfile, tz=None, task=None):
         else:
             cur.execute(_RECENT_SQL.format(task="AND task = %s"), (only,))
         recent = cur.fetchall()
-    machines = [(row["name"], _node_of(row), Node(addresses=(), hostname=row["name"]))
-                for row in registered]
+    should_of = _matcher(registered)
     ran_by_task = {}
     for row in recent:
-        record = _record(row[:len(_RUN_COLUMNS)])
-        at, runs, failures, last_failed = row[len(_RUN_COLUMNS):]
-        fields = run_fields(record, tz)
-        ran_by_task.setdefault(record.task, []).append({
-            "node": record.node, "last_at": iso(at, tz), "last_run": record.run_id,
-            "last_result": result_text(fields), "failed": last_failed, "runs": runs,
-            "failures": failures})
+        ran_by_task.setdefault(row[1], []).append(_ran_entry(row, tz))
     tasks, problems = [], []
     for task in (taskfile.tasks if only is None else [taskfile.index[only]]):
-        should = [name for name, machine, named in machines
-                  if task.runs_on(machine) or (task.hosts and task.runs_on(named))]
+        should = should_of(task)
         ran = ran_by_task.get(task.name, [])
         found = []
         if task.enabled and not should:
