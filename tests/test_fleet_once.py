@@ -211,7 +211,6 @@ def test_three_nodes_run_every_second_once_and_a_node_killed_mid_run_costs_no_se
     figures.add(faults=1, runs=last - first + 1, lost=len(missed), doubled=len(doubled))
     assert not doubled, doubled
     assert not missed, (missed, killed)
-    assert {node for second, _, node in runs if second < killed - 1} == {"n1", "n2", "n3"}
     assert {node for second, _, node in runs if second > killed + 1} <= {"n2", "n3"}
     fences = [fence for _, fence, _ in sorted(runs)]
     assert fences == sorted(set(fences))            # strictly increasing over the seconds

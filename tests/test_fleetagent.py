@@ -60,10 +60,10 @@ def pg_runs(url, node):
     """{run_id: row dict} of a node in the fleet history."""
     with fleetdb.connect(url) as conn:
         cur = conn.execute("SELECT run_id, task, extract(epoch FROM ended), exit_code, skipped, "
-                           "missed, manual, failed, output FROM torchcore.runs WHERE node = %s",
-                           (node,))
+                           "missed, manual, failed, output, stopped FROM torchcore.runs "
+                           "WHERE node = %s", (node,))
         return {row[0]: dict(zip(("run_id", "task", "ended", "exit_code", "skipped", "missed",
-                                  "manual", "failed", "output"), row)) for row in cur}
+                                  "manual", "failed", "output", "stopped"), row)) for row in cur}
 
 
 def pg_keys(url):
@@ -86,6 +86,7 @@ def assert_same_history(url, daemon, node):
                 bool(got["manual"])) == (row["task"], row["exit_code"], row["skipped"],
                                          bool(row["missed"]), bool(row["manual"])), run_id
         assert (got["ended"] is None) == (row["ended"] is None), run_id
+        assert got["stopped"] == row["stopped"], run_id
         if row["ended"] is not None:
             assert abs(float(got["ended"]) - row["ended"]) < 0.01
     return local, shipped
