@@ -78,6 +78,19 @@ def figures(request):
     return row
 
 
+def pytest_sessionfinish(session):
+    """Under pytest-xdist, a worker hands its figures to the controller (pytest_testnodedown)."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["figures"] = {name: dataclasses.asdict(row) for name, row in _ROWS.items()}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    for name, row in (getattr(node, "workeroutput", None) or {}).get("figures", {}).items():
+        _ROWS.setdefault(name, Figures()).add(**row)
+
+
 def pytest_terminal_summary(terminalreporter):
     if not _ROWS:
         return
