@@ -371,7 +371,9 @@ def test_status_history_and_records_show_the_commands_pid(site):
         running = json.loads(tc(site, "status", "--json").stdout)["tasks"][0]["running"]
         history = json.loads(tc(site, "history", "--json").stdout)
         return running and history and history[0]["pid"] and (running[0]["pid"], history[0]["pid"])
-    assert wait_for(shown, 10, "the run in status and history") == (pid, pid)
+    # the record has its executor's pid until the command's is known and written (within a second)
+    wait_for(lambda: shown() == (pid, pid), 10, "the command's pid in status and history",
+             lambda: shown())
     running = json.loads(tc(site, "status", "--json").stdout)["tasks"][0]["running"][0]
     assert psutil.Process(pid).ppid() == running["executor_pid"]    # only where asked for
     assert f"running (pid {pid})" in tc(site, "history").stdout
