@@ -54,13 +54,6 @@ class Batch:
         return self.cursor is not None or self.backfill is not None
 
 
-def _run(row):
-    record = RunRecord(*row)
-    record.timed_out, record.missed, record.manual = (
-        bool(record.timed_out), bool(record.missed), bool(record.manual))
-    return record
-
-
 def _identity(path):
     try:
         st = os.stat(path)
@@ -129,7 +122,7 @@ class Store:
         if done is not None:
             rows = self.conn.execute(_HISTORY, (done, limit)).fetchall()
             if rows:
-                return Batch([_run(row) for row in rows], backfill=rows[-1][0])
+                return Batch([records.record_of(row) for row in rows], backfill=rows[-1][0])
             self._transaction(lambda: self.conn.execute("DELETE FROM meta WHERE key = ?", (BACKFILL,)))
         rows = self.conn.execute(_JOURNAL, (self.cursor(), limit)).fetchall()
         if not rows:
@@ -139,7 +132,7 @@ class Store:
             if row[1] is not None:          # None: the run was pruned meanwhile
                 latest.pop(row[1], None)
                 latest[row[1]] = row[1:]    # in the order of each run's last entry
-        return Batch([_run(row) for row in latest.values()], cursor=rows[-1][0])
+        return Batch([records.record_of(row) for row in latest.values()], cursor=rows[-1][0])
 
     def commit(self, batch):
         """After the batch's PostgreSQL transaction committed: move the cursor (or the backfill)

@@ -94,13 +94,6 @@ class Message:
         return {name: getattr(self, name) for name in self.__slots__ if name != "body"}
 
 
-def _run(row):
-    record = RunRecord(*row)
-    record.timed_out, record.missed, record.manual = (
-        bool(record.timed_out), bool(record.missed), bool(record.manual))
-    return record
-
-
 def _identity(path):
     try:
         st = os.stat(path)
@@ -167,7 +160,8 @@ class Store:
         in order, each with the run's row as it is now (None: pruned away).  ``ended``: the
         write was an end, a skip or a miss (else a start); ``written``: when (epoch)."""
         rows = self.conn.execute(_CHANGES, (self.cursor(), limit)).fetchall()
-        return [(row[0], bool(row[1]), row[2], _run(row[3:]) if row[3] is not None else None)
+        return [(row[0], bool(row[1]), row[2],
+                 records.record_of(row[3:]) if row[3] is not None else None)
                 for row in rows]
 
     def replaced(self):

@@ -125,8 +125,9 @@ def _row(record):
     return tuple(values)
 
 
-def _record(row):
-    """A RunRecord from a row selected with _SELECT."""
+def record_of(row):
+    """A RunRecord from a row of the runs table's columns in RunRecord's order (_SELECT's;
+    the notifier and the fleet agent select them so too)."""
     record = RunRecord(*row)
     record.timed_out, record.missed, record.manual = (
         bool(record.timed_out), bool(record.missed), bool(record.manual))
@@ -440,12 +441,12 @@ class Records:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(int(limit))
-        return [_record(row) for row in self._read(sql, params)]
+        return [record_of(row) for row in self._read(sql, params)]
 
     def unfinished(self):
         """Runs that started and have no end yet (their executor may outlive a supervisor)."""
         sql = _SELECT + " WHERE ended IS NULL AND started IS NOT NULL AND skipped IS NULL"
-        return [_record(row) for row in self._read(sql + " ORDER BY run_id", [])]
+        return [record_of(row) for row in self._read(sql + " ORDER BY run_id", [])]
 
     def last_results(self):
         """The latest finished run of every task: {task: RunRecord}.
@@ -462,7 +463,7 @@ class Records:
             SELECT {", ".join("r." + c for c in _COLUMNS)} FROM tasks JOIN runs r
             ON r.run_id = (SELECT run_id FROM runs WHERE task = tasks.name AND ended IS NOT NULL
                            ORDER BY at DESC, run_id DESC LIMIT 1)"""
-        return {record.task: record for record in map(_record, self._read(sql, ()))}
+        return {record.task: record for record in map(record_of, self._read(sql, ()))}
 
     def _read(self, sql, params):
         self._check_process()

@@ -162,7 +162,7 @@ class Backend:
         if reader is None:
             return None
         rows = reader._read(records._SELECT + " WHERE run_id = ?", (run_id,))
-        return history_cmd.run_json(records._record(rows[0]), self.tz) if rows else None
+        return history_cmd.run_json(records.record_of(rows[0]), self.tz) if rows else None
 
     def log_lines(self, task, lines, run_id=None):
         return [history_cmd.shown(line) for line in
