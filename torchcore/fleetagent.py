@@ -521,7 +521,7 @@ def _first_load(args, services, wake_r):
         _Flags.reload = False
         readable, _, _ = select.select([args.parent_fd, wake_r], [], [], LOAD_RETRY)
         if wake_r in readable:
-            _drain(wake_r)
+            services.drain(wake_r)
         if args.parent_fd in readable and services.parent_gone(args.parent_fd):
             return None
     return None
@@ -546,10 +546,10 @@ def _loop(agent, args, services, wake_r):
                 agent.saved = None
             wait = agent.step()
         except Exception as exc:    # the records database locked, a full disk: tried again
-            said = _warn_once_a_minute(f"{type(exc).__name__}: {exc}", said)
+            said = services.warn_once_a_minute("fleet agent", f"{type(exc).__name__}: {exc}", said)
         readable, _, _ = select.select([args.parent_fd, wake_r], [], [], wait)
         if wake_r in readable:
-            _drain(wake_r)
+            services.drain(wake_r)
         if args.parent_fd in readable and services.parent_gone(args.parent_fd):
             log.info("fleet agent: the supervisor is gone; exiting")
             return
@@ -571,19 +571,8 @@ def _reload(agent, args):
     agent.file_changed()
 
 
-def _warn_once_a_minute(problem, said):
-    if problem != said[0] or time.monotonic() - said[1] >= 60:
-        log.warning("fleet agent: %s (will retry)", problem)
-        return (problem, time.monotonic())
-    return said
 
 
-def _drain(fd):
-    try:
-        while os.read(fd, 512):
-            pass
-    except OSError:
-        pass
 
 
 if __name__ == "__main__":

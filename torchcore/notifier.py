@@ -363,7 +363,7 @@ def _first_load(args, config, services, wake_r):
         _Flags.reload = False
         readable, _, _ = select.select([args.parent_fd, wake_r], [], [], LOAD_RETRY)
         if wake_r in readable:
-            _drain(wake_r)
+            services.drain(wake_r)
         if args.parent_fd in readable and services.parent_gone(args.parent_fd):
             return None
     return None
@@ -389,21 +389,15 @@ def _loop(notifier, args, config, services, wake_r):
                 last_prune = time.monotonic()
                 notifier.prune()
         except Exception as exc:    # a locked database, a full disk: tried again next time
-            said = _warn_once_a_minute(f"{type(exc).__name__}: {exc}", said)
+            said = services.warn_once_a_minute("notifier", f"{type(exc).__name__}: {exc}", said)
         readable, _, _ = select.select([args.parent_fd, wake_r], [], [], POLL)
         if wake_r in readable:
-            _drain(wake_r)
+            services.drain(wake_r)
         if args.parent_fd in readable and services.parent_gone(args.parent_fd):
             log.info("notifier: the supervisor is gone; exiting")
             return
 
 
-def _warn_once_a_minute(problem, said):
-    """Log ``problem`` unless it was logged less than a minute ago; returns what to pass next."""
-    if problem != said[0] or time.monotonic() - said[1] >= 60:
-        log.warning("notifier: %s (will retry)", problem)
-        return (problem, time.monotonic())
-    return said
 
 
 def _reload(notifier, path, config):
@@ -414,12 +408,6 @@ def _reload(notifier, path, config):
         log.error("notifier: cannot re-read the task file (keeping the one before): %s", exc)
 
 
-def _drain(fd):
-    try:
-        while os.read(fd, 512):
-            pass
-    except OSError:
-        pass
 
 
 def _run_and_exit():

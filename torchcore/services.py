@@ -369,6 +369,24 @@ def parent_gone(fd):
         return True
 
 
+def drain(fd):
+    """Empty a non-blocking wake-up pipe (the signal handlers' bytes)."""
+    try:
+        while os.read(fd, 512):
+            pass
+    except OSError:
+        pass
+
+
+def warn_once_a_minute(name, problem, said):
+    """Log a service's ``problem`` unless it was logged less than a minute ago; ``said`` is what
+    the last call returned ((None, 0.0) at first); returns what to pass next."""
+    if problem != said[0] or time.monotonic() - said[1] >= 60:
+        log.warning("%s: %s (will retry)", name, problem)
+        return (problem, time.monotonic())
+    return said
+
+
 def set_title(name):
     """``torchcore: <name>`` in ps."""
     try:
