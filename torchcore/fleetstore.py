@@ -54,13 +54,6 @@ class Batch:
         return self.cursor is not None or self.backfill is not None
 
 
-def _identity(path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
 
 CACHE_KIB = 256     # the agent's page cache (SQLite's default is 2 MiB: a resident cost when idle)
 
@@ -73,7 +66,7 @@ class Store:
         self.path = path
         self.conn = records.connect(path, busy_timeout)
         self.conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")     # it reads each page once
-        self.identity = _identity(path)
+        self.identity = records.file_identity(path)
         self._transaction(self._first_start)
 
     def close(self):
@@ -81,7 +74,7 @@ class Store:
 
     def replaced(self):
         """True if the database file is not the one opened (removed, or put back from a backup)."""
-        return _identity(self.path) not in (self.identity, None)
+        return records.file_identity(self.path) not in (self.identity, None, False)
 
     def _transaction(self, work, *args):
         self.conn.execute("BEGIN IMMEDIATE")

@@ -22,7 +22,6 @@ short (the supervisor writes the same file, and waits at most half a second for 
 import dataclasses
 import json
 import logging
-import os
 import sqlite3
 import time
 
@@ -94,13 +93,6 @@ class Message:
         return {name: getattr(self, name) for name in self.__slots__ if name != "body"}
 
 
-def _identity(path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
 
 class Store:
     """The notifier's tables on a connection of its own (see the module's docstring)."""
@@ -110,7 +102,7 @@ class Store:
         self.clock = clock
         self.conn = records.connect(path, busy_timeout)
         self.conn.execute("PRAGMA secure_delete = ON")     # a finished message's output is gone
-        self.identity = _identity(path)
+        self.identity = records.file_identity(path)
         self._transaction(self._create)
 
     def close(self):
@@ -167,7 +159,7 @@ class Store:
     def replaced(self):
         """True if the database file is not the one opened (removed, or put back from a
         backup): then the notifier opens it again."""
-        return _identity(self.path) not in (self.identity, None)
+        return records.file_identity(self.path) not in (self.identity, None, False)
 
     def window(self, task, target, event):
         row = self.conn.execute("SELECT sent_at, held, since, last FROM notify_windows WHERE task = ?"

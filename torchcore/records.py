@@ -269,7 +269,7 @@ class Records:
         self.path = path
         self._busy_timeout = busy_timeout
         self._conn = connect(path, busy_timeout)
-        self._identity = _file_identity(path)
+        self._identity = file_identity(path)
         self.recreated = 0                  # times the file was found gone and made again
         self._pid = os.getpid()
         self._buffer = OrderedDict()        # run_id -> row tuple; a later add replaces the row
@@ -378,7 +378,7 @@ class Records:
     def _recreate_if_gone(self):
         """The file at ``path`` is not the one we opened (removed, with its -wal and -shm, or
         replaced): open (create) it again.  Run ids go on after every id handed out so far."""
-        identity = _file_identity(self.path)
+        identity = file_identity(self.path)
         if identity == self._identity or identity is False:
             return
         log.warning("records: %s was removed or replaced while in use; creating it again "
@@ -392,7 +392,7 @@ class Records:
             self._identity = ()     # matches no file: tried again at the next flush
             log.warning("records: %s", exc)
             return
-        self._identity = _file_identity(self.path)
+        self._identity = file_identity(self.path)
         self.recreated += 1
         floor = max(self._id_limit, (self._spare_block or 0) + self._id_block)
         try:
@@ -516,7 +516,7 @@ class Records:
             raise RecordsError(f"the records database {self.path} is closed")
 
 
-def _file_identity(path):
+def file_identity(path):
     """(device, inode) of the file at ``path``; None when there is none; False when unknown."""
     try:
         st = os.stat(path)
