@@ -205,16 +205,7 @@ def _record(row):
 
 def run_fields(record, tz=None):
     """A run as the JSON object of ``history --json`` (the same fields; node: the fleet's)."""
-    return {
-        "task": record.task, "run_id": record.run_id, "node": record.node,
-        "scheduled": iso(record.scheduled, tz, "seconds"), "started": iso(record.started, tz),
-        "ended": iso(record.ended, tz), "exit_code": record.exit_code, "signal": record.signal,
-        "timed_out": record.timed_out, "skipped": record.skipped is not None,
-        "skip_reason": record.skipped, "missed": record.missed,
-        "duration": None if record.duration is None else round(record.duration, 3),
-        "manual": record.manual, "pid": record.pid, "peak_rss": record.peak_rss,
-        "error": record.error, "stopped": record.stopped, "failed": record.failed,
-    }
+    return record.as_json(lambda epoch, timespec: iso(epoch, tz, timespec))
 
 
 def result_text(run):
