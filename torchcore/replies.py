@@ -63,6 +63,9 @@ class Replies:
         slot = sup.daemons.get(name)
         if slot is not None:
             entry["daemon"] = slot.status(sup.clock.monotonic())
+        holders = sup.coordinator.holders(name)     # `run: once`: who runs it (holders.py)
+        if holders is not None:
+            entry["once"] = holders
         return entry
 
     def control_run(self, request):

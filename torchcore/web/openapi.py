@@ -103,6 +103,20 @@ FLEET_NODES = {"type": "object", "properties": {
                "description": "nodes up, late, down, stopped, drifted, clock_flagged"},
     "ok": {"type": "boolean", "description": "no node down or drifted"}},
     "required": ["database", "now", "nodes", "counts", "ok"]}
+FLEET_ONCE = {"type": "object", "description": "a `run: once` task: who runs it", "properties": {
+    "last": {"oneOf": [{"type": "null"}, {
+        "type": "object", "description": "the last second that started, and its node",
+        "properties": {"second": _TIME, "fence": {"type": "integer"}, "node": {"type": "string"},
+                       "started": _TIME}, "required": ["second", "fence", "node", "started"]}]},
+    "slots": {"type": "array", "description": "the slots of its fleet-wide max held now",
+              "items": {"type": "object", "properties": {
+                  "slot": {"type": "integer"}, "node": {"type": "string"},
+                  "fence": {"type": ["integer", "null"]},
+                  "second": {**_TIME, "description": "the run's second (null: a daemon's "
+                                                     "instance)"},
+                  "lease_until": _TIME},
+                  "required": ["slot", "node", "fence", "second", "lease_until"]}}},
+    "required": ["last", "slots"]}
 FLEET_TASKS = {"type": "object", "properties": {
     "database": {"type": "string"}, "file": {"type": "string"}, "digest": {"type": "string"},
     "nodes_on_file": {"type": "array", "items": {"type": "string"}},
@@ -118,8 +132,10 @@ FLEET_TASKS = {"type": "object", "properties": {
                     "runs": {"type": "integer"}, "failures": {"type": "integer"}},
                     "required": ["node", "last_at", "last_run", "last_result", "failed", "runs",
                                  "failures"]}},
+        "run": {"type": "string", "enum": ["each", "once"]},
+        "once": {"oneOf": [{"type": "null"}, FLEET_ONCE]},
         "problems": {"type": "array", "items": {"type": "string"}}},
-        "required": ["name", "enabled", "targets", "should", "ran", "problems"]}},
+        "required": ["name", "enabled", "targets", "should", "ran", "run", "once", "problems"]}},
     "problems": {"type": "array", "items": {"type": "object", "properties": {
         "kind": {"type": "string", "enum": ["orphan", "failing", "drift"]},
         "text": {"type": "string"}}, "required": ["kind", "text"]}}},
