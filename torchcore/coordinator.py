@@ -46,6 +46,8 @@ MAX_PENDING = 1 << 20   # bytes waiting for the claimer; beyond, it is stuck: re
 class LocalCoordinator:
     """Always yes: this node runs every due run of its own tasks."""
 
+    once = frozenset()      # the names of the node's `run: once` tasks (none without a fleet)
+
     def claim(self, task, second):
         """May this node start ``task`` for the scheduled ``second``?  True; False (another
         node runs it); or a text: the reason the second is skipped."""

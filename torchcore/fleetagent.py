@@ -24,8 +24,9 @@ the schema up to every RETRY_MAX seconds (each try costs the server a backend an
 someone has to act); each wait is shortened by up to a fifth at random, so that a fleet that lost
 its database at one moment does not come back in one burst.  It logs once per change of state
 (never per try, the URL only through fleetspec.redact), keeps its state (with the clock offset,
-to 0.1 s) in the records database for ``status``, and ships the backlog in order once the database is back.  A schema dropped or
-older than the code is a state like the others: logged once, tried again.
+to 0.1 s) in the records database for ``status``, and ships the backlog in order once the
+database is back.  A schema dropped or older than the code is a state like the others: logged
+once, tried again.
 
 It runs as ``python -m torchcore.fleetagent`` with the services' arguments (services.py) and
 ``--node-name NAME`` when ``start`` had it: SIGTERM ships what is left for up to

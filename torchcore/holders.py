@@ -34,7 +34,8 @@ CROSS JOIN LATERAL (
 WHERE c.ended IS NULL OR c.ended > c.started
 UNION ALL
 SELECT s.task, s.second, s.fence, s.node, extract(epoch FROM c.started)::float8, s.slot,
-       extract(epoch FROM s.lease_until)::float8, coalesce(s.lease_until > now(), false)
+       extract(epoch FROM s.lease_until)::float8,
+       coalesce(s.lease_until > now() AND (s.second IS NULL OR c.started IS NOT NULL), false)
 FROM {SCHEMA}.slots AS s
 LEFT JOIN {SCHEMA}.claims AS c
   ON c.task = s.task AND c.second = s.second AND c.slot = {SLOT} AND c.fence = s.fence
@@ -44,7 +45,8 @@ WHERE s.task = ANY(%(tasks)s::text[]) AND s.node IS NOT NULL"""
 def collect(rows):
     """``{task: {"last": [second, fence, node, started] | None, "slots": [[slot, node, fence,
     second, lease_until], ...]}}`` of HOLDERS' rows (times in epoch seconds; a daemon's slot
-    has no second): the newest second that started, and the slots held now."""
+    has no second): the newest second that started, and the slots held now (a scheduled run's
+    once it has started: not the slot a claim takes just before its second)."""
     found = {}
     for task, second, fence, node, started, slot, lease_until, held in rows:
         entry = found.setdefault(task, {"last": None, "slots": []})
@@ -84,8 +86,8 @@ def lines(name, holders, me=None, today=None):
     found = []
     last = holders.get("last")
     if last:
-        found.append(f"{name}: last second {_clock(last['second'], today)} ran on "
-                     f"{node(last['node'])} (fence {last['fence']})")
+        found.append(f"{name}: last second {_clock(last['second'], today)} (fence "
+                     f"{last['fence']}) ran on {node(last['node'])}")
     for slot in holders.get("slots") or ():
         running = f", running second {_clock(slot['second'], today)}" if slot["second"] else ""
         until = f", lease until {_clock(slot['lease_until'], today)}" if slot["lease_until"] else ""

@@ -321,9 +321,8 @@ def _once_text(rows, me):
         return []
     read = [entry["as_of"] for _, entry in once if entry["as_of"]]
     today = datetime.now().astimezone().date()
-    when = f"as the fleet database said at {read[0][11:19]}" if read else \
-        "this node's own (the fleet database not read yet)"
-    lines = ["", f"run: once, {when}:"]
+    when = f"the fleet database at {read[0][11:19]}" if read else "the fleet database not read yet"
+    lines = ["", f"run: once ({when}; this node's own runs and slots since):"]
     for name, entry in once:
         lines += ["  " + line for line in holders.lines(name, entry, me, today)]
     return lines
