@@ -35,7 +35,7 @@ import socket
 import sys
 import time
 
-from torchcore import claims
+from torchcore import claims, holders
 
 log = logging.getLogger("torchcore")
 
@@ -102,6 +102,7 @@ class Claimer:
         self.daemons_at = 0.0           # the next look for a free daemon slot
         self.pruned_at = clock()
         self.buffer = b""
+        self.holders = holders.Reporter()   # read every few seconds for status (holders.py)
         self.stop = False
         self.wake = []                  # the signal wakeup pipe's read end (main sets it)
 
@@ -196,6 +197,8 @@ class Claimer:
                             for name, ips, hosts, most, kill_grace in message["daemons"]}
         elif "hello" in message:
             self.hello(message["hello"])
+        elif "watch" in message:    # the node's `run: once` tasks, whose holders status shows
+            self.holders.watch = [str(name) for name in message["watch"]]
         return []
 
     def hello(self, hello):
@@ -256,6 +259,7 @@ class Claimer:
             self.take_daemon_slots()
         if self.held:
             self.tend_leases()
+        self.holders.tend(self, now)
         if now - self.pruned_at > PRUNE_EVERY and self.conn is not None:
             self.pruned_at = now
             self.execute(claims.PRUNE, {"keep": KEEP_SECONDS})

@@ -210,6 +210,8 @@ def columns(keys):
 #                        {"daemons": [[name, ips, hosts, max, kill_grace], ...]}
 #                                    (second < 0 in the others: a daemon's slot, -1 - slot)
 #                        {"end": [[name, second, fence], ...]}
+#                        {"watch": [name, ...]}     (the node's `once` tasks: their holders are
+#                                    read every few seconds for status, holders.py)
 # claimer -> supervisor: {"won": [[name, second, fence], ...], "lost": [[name, second], ...],
 #                         "late": bool}              (late: taken over after its second)
 #                        {"slots": [[name, second, fence, slot], ...],
@@ -218,6 +220,9 @@ def columns(keys):
 #                        {"stop": [[name, second, fence], ...], "kill": bool}  (its lease ends)
 #                        {"daemon": [[name, -1 - slot, fence], ...]}   (a daemon slot taken)
 #                        {"db": "up" | "down", "error": text}
+#                        {"holding": {"at": epoch, "tasks": {name: {"last": [second, fence,
+#                                    node, started] | null, "slots": [[slot, node, fence, second,
+#                                    lease_until], ...]}}}}     (holders.collect)
 
 def encode(message):
     return (json.dumps(message, separators=(",", ":")) + "\n").encode()

@@ -46,6 +46,8 @@ MAX_PENDING = 1 << 20   # bytes waiting for the claimer; beyond, it is stuck: re
 class LocalCoordinator:
     """Always yes: this node runs every due run of its own tasks."""
 
+    once = frozenset()      # the names of the node's `run: once` tasks (none without a fleet)
+
     def claim(self, task, second):
         """May this node start ``task`` for the scheduled ``second``?  True; False (another
         node runs it); or a text: the reason the second is skipped."""
@@ -81,6 +83,11 @@ class LocalCoordinator:
     def close(self):
         """At shutdown."""
 
+    def holders(self, name):
+        """Who runs the `run: once` task ``name`` across the fleet, for ``status`` (None: not
+        a `once` task here)."""
+        return None
+
 
 class _Won:
     """A claim this node won: its token, then its slot (or full), then its start."""
@@ -114,6 +121,8 @@ class FleetCoordinator(LocalCoordinator):
         self.daemon_slots = {}          # name -> {fence: [-1 - slot, run id or None]}
         self.daemon_pick = None         # (name, fence) the daemon run being started takes
         self.db_down = None
+        from torchcore import holders
+        self.known = holders.Known()    # the holders of the `once` tasks, for status
 
     # ---- the supervisor's side ---------------------------------------------------------------
 
@@ -144,6 +153,7 @@ class FleetCoordinator(LocalCoordinator):
             self._start()           # connected before the first claim is due
         elif self.proc is not None:
             self._send({"daemons": self.daemon_specs})
+            self._send({"watch": sorted(self.once)})
 
     def attach(self, selector, starter):
         self.selector, self.starter = selector, starter
@@ -216,6 +226,9 @@ class FleetCoordinator(LocalCoordinator):
         won = self.won.get((run.task.name, run.scheduled))
         if won is not None:         # the start confirmed; later, what the run is now
             self._send({"hold" if won.started else "start": [self._hold(run, won)]})
+            if not won.started:
+                self.known.ran(run.task.name, run.scheduled, won.fence, self.node_name,
+                               self.clock.time())
             won.started = True
 
     def _daemon_started(self, run):
@@ -321,6 +334,7 @@ class FleetCoordinator(LocalCoordinator):
         self._tell_leases()
         if self.daemon_specs:
             self._send({"daemons": self.daemon_specs})
+        self._send({"watch": sorted(self.once)})
         return True
 
     def _tell_leases(self):
@@ -430,6 +444,17 @@ class FleetCoordinator(LocalCoordinator):
             self.db_down = message.get("error")
         elif message.get("db") == "up":
             self.db_down = None
+        elif "holding" in message:
+            self.known.reported(message["holding"])
+
+    def holders(self, name):
+        """The holders of ``name`` as the claims process last read them, with this node's own
+        starts and daemon slots since: holders.Known.of, and ``at``, when it was read."""
+        if name not in self.once or self.hello is None:
+            return None
+        own = {-1 - second: fence for fence, (second, _) in self.daemon_slots.get(name, {}).items()}
+        entry, at = self.known.of(name, self.node_name, own)
+        return {**entry, "at": at}
 
     def _daemon_lost(self, name, fence, signum):
         """A daemon's slot whose lease cannot be kept: its instance stopped, the slot gone."""

@@ -23,9 +23,10 @@ ships within seconds of the database's return), one that answers but refuses the
 the schema up to every RETRY_MAX seconds (each try costs the server a backend and a login, and
 someone has to act); each wait is shortened by up to a fifth at random, so that a fleet that lost
 its database at one moment does not come back in one burst.  It logs once per change of state
-(never per try, the URL only through fleetspec.redact), keeps its state in the records database
-for ``status``, and ships the backlog in order once the database is back.  A schema dropped or
-older than the code is a state like the others: logged once, tried again.
+(never per try, the URL only through fleetspec.redact), keeps its state (with the clock offset,
+to 0.1 s) in the records database for ``status``, and ships the backlog in order once the
+database is back.  A schema dropped or older than the code is a state like the others: logged
+once, tried again.
 
 It runs as ``python -m torchcore.fleetagent`` with the services' arguments (services.py) and
 ``--node-name NAME`` when ``start`` had it: SIGTERM ships what is left for up to
@@ -82,6 +83,7 @@ class Agent:
         self.next_try = self.next_beat = self.next_save = 0.0
         self.saved_waiting = None
         self.saved = None           # the state last kept for status
+        self.offset = None          # this clock minus the database's, at the last heartbeat
         self.live = {}
         self.digest = self.commit = None
         self.git_asked = (None, float("-inf"))     # (digest, monotonic) of the last ask
@@ -216,7 +218,7 @@ class Agent:
             before = self.clock()
             row = self.conn.execute(fleetrows.CLOCK_AND_ROW,
                                     (2 * self.fleet.heartbeat, self.node)).fetchone()
-            offset = (before + self.clock()) / 2 - row[0]
+            offset = self.offset = (before + self.clock()) / 2 - row[0]
             if row[1] is not None:
                 self._check_twin(row[1:], hostname, pid)
             self.conn.execute(fleetrows.HEARTBEAT, (
@@ -331,7 +333,8 @@ class Agent:
         keeps up: what the supervisor wrote since its last look ships at the next, POLL later)."""
         waiting = 0 if self.state == UP and self.caught_up else self.store.waiting()
         state = {"state": self.state, "since": self.since, "waiting": waiting, "error": self.error,
-                 "database": self.shown, "node": self.node}
+                 "database": self.shown, "node": self.node,      # the offset to 0.1 s: written
+                 "clock_offset": None if self.offset is None else round(self.offset, 1)}  # seldom
         if state != self.saved:         # an idle node writes nothing
             self.store.save_state({**state, "at": self.clock()})
             self.saved = state

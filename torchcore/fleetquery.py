@@ -22,14 +22,13 @@ import datetime
 import ipaddress
 import math
 
-from torchcore import fleetdb, fleetsummary
-from torchcore.fleetspec import DOWN_AFTER, LATE_AFTER
+from torchcore import fleetdb, fleetsummary, holders
+from torchcore.fleetspec import CLOCK_TOLERANCE, DOWN_AFTER, LATE_AFTER
 from torchcore.node import Node
 from torchcore.runrecord import RunRecord
 from torchcore.textfmt import printable
 
 S = fleetdb.SCHEMA
-CLOCK_TOLERANCE = 1.0       # seconds: a node whose clock is further off is flagged
 RECENT = "1 day"            # the window of failed_24h and task_view
 MAX_LIMIT = 1_000_000       # the largest history limit asked for at once (0: all)
 STATES = ("up", "late", "down", "stopped")
@@ -205,16 +204,7 @@ def _record(row):
 
 def run_fields(record, tz=None):
     """A run as the JSON object of ``history --json`` (the same fields; node: the fleet's)."""
-    return {
-        "task": record.task, "run_id": record.run_id, "node": record.node,
-        "scheduled": iso(record.scheduled, tz, "seconds"), "started": iso(record.started, tz),
-        "ended": iso(record.ended, tz), "exit_code": record.exit_code, "signal": record.signal,
-        "timed_out": record.timed_out, "skipped": record.skipped is not None,
-        "skip_reason": record.skipped, "missed": record.missed,
-        "duration": None if record.duration is None else round(record.duration, 3),
-        "manual": record.manual, "pid": record.pid, "peak_rss": record.peak_rss,
-        "error": record.error, "stopped": record.stopped, "failed": record.failed,
-    }
+    return record.as_json(lambda epoch, timespec: iso(epoch, tz, timespec))
 
 
 def result_text(run):
@@ -413,7 +403,8 @@ def task_view(conn, taskfile, tz=None, task=None):
     stands for the hostname of a daemon started with ``--node-name``; tasks with the same
     targets matched once), ran (per node that ran it in the last day: node, last_at, last_run,
     last_result (of its latest run, as its row is now), failed (whether its last finished run
-    failed; None: none finished), runs (that started), failures) and problems.  A
+    failed; None: none finished), runs (that started), failures), run (``each`` or ``once``),
+    once (for a `run: once` task, who runs it: holders.as_json; else None) and problems.  A
     problem: ``{"kind": "orphan"|"failing"|"drift", "task"?, "node"?, "text", ...}``: orphan,
     an enabled task whose targets select no registered node; failing, a task whose last run
     failed on some nodes and not on others (``failing``, ``ok``); drift, a node that ran tasks
@@ -430,11 +421,13 @@ def task_view(conn, taskfile, tz=None, task=None):
             cur.execute(_RECENT_SQL.format(task="AND task = %s"), (only,))
         recent = cur.fetchall()
     should_of = _matcher(registered)
+    chosen = taskfile.tasks if only is None else [taskfile.index[only]]
+    once = holders_of(conn, [task.name for task in chosen if task.run == "once"])
     ran_by_task = {}
     for row in recent:
         ran_by_task.setdefault(row[1], []).append(_ran_entry(row, tz))
     tasks, problems = [], []
-    for task in (taskfile.tasks if only is None else [taskfile.index[only]]):
+    for task in chosen:
         should = should_of(task)
         ran = ran_by_task.get(task.name, [])
         found = []
@@ -451,6 +444,9 @@ def task_view(conn, taskfile, tz=None, task=None):
         problems.extend(found)
         tasks.append({"name": task.name, "enabled": task.enabled,
                       "targets": textfmt.targets_text(task), "should": should, "ran": ran,
+                      "run": task.run, "once": holders.as_json(
+                          once.get(task.name), lambda epoch, spec: iso(epoch, tz, spec))
+                      if task.run == "once" else None,
                       "problems": [p["kind"] for p in found]})
     known = set(taskfile.index)
     gone = {}
@@ -467,3 +463,12 @@ def task_view(conn, taskfile, tz=None, task=None):
     return {"file": taskfile.path, "digest": taskfile.digest, "nodes_on_file": on_file,
             "nodes": len(registered), "now": iso(db_now(conn), tz, "seconds"), "tasks": tasks,
             "problems": problems}
+
+
+def holders_of(conn, names):
+    """holders.collect for the `run: once` tasks ``names`` (one statement; none: no query)."""
+    if not names:
+        return {}
+    with conn.cursor() as cur:
+        cur.execute(holders.HOLDERS, {"tasks": list(names)})
+        return holders.collect(cur.fetchall())

@@ -30,6 +30,7 @@ DEFAULT_OUTPUT_TAIL = 64 << 10
 MAX_OUTPUT_TAIL = 1 << 20
 LATE_AFTER = 2          # heartbeats missed before a node is late
 DOWN_AFTER = 6          # ... and down
+CLOCK_TOLERANCE = 1.0   # seconds a node's clock may be off the database's before a warning
 DEFAULT_TAKEOVER = 0.5  # seconds before a `run: once` second the nodes not preferred claim it
 MAX_TAKEOVER = 3.0
 DEFAULT_LEASE = 15      # seconds a running `run: once` run holds its claim without a renewal

@@ -14,7 +14,8 @@ Everything is in the records database (SQLite stays the source of truth and the 
   Gone once the history is shipped.
 - ``meta``'s ``fleet_state``: JSON with the agent's state (``up``, ``unreachable``, ``refused``,
   ``schema``, ``starting``, ``stopped``), since when, how many records wait, the last error
-  (already without secrets) and the database's redacted URL: what ``status`` shows.
+  (already without secrets), the database's redacted URL and the clock offset at the last
+  heartbeat (this node's clock minus the database's, to 0.1 s): what ``status`` shows.
 
 A batch holds each run once, as its row is now (a start and an end of one run in the same batch
 ship one row, the end); shipping the current row of every journal entry, in journal order, makes
@@ -30,6 +31,7 @@ import sqlite3
 import time
 
 from torchcore import paths, records, tasklog
+from torchcore.fleetspec import CLOCK_TOLERANCE
 from torchcore.runrecord import RunRecord
 
 CURSOR, BACKFILL, STATE = "fleet_cursor", "fleet_backfill", "fleet_state"
@@ -294,9 +296,25 @@ STATE_WORDS = {
 
 def summary(state, live=True):
     """Lines for ``status``: "fleet: shipping to URL as NODE, up to date" when all is well,
-    "fleet database unreachable since HH:MM:SS, N records waiting" (and the error) when not."""
+    "fleet database unreachable since HH:MM:SS, N records waiting" (and the error) when not;
+    and a warning when this node's clock is more than CLOCK_TOLERANCE off the database's."""
     if not state:
         return []
+    clock = clock_warning(state) if live else None
+    return _summary(state, live) + ([clock] if clock else [])
+
+
+def clock_warning(state):
+    """"warning: this node's clock is 1.8 s ahead of ...", or None within the tolerance."""
+    offset = state.get("clock_offset")
+    if not isinstance(offset, (int, float)) or abs(offset) <= CLOCK_TOLERANCE:
+        return None
+    return (f"warning: this node's clock is {abs(offset):.1f} s "
+            f"{'ahead of' if offset > 0 else 'behind'} the fleet database's (`run: once` claims "
+            "and leases are timed by the database's clock): keep its time in sync")
+
+
+def _summary(state, live):
     waiting = int(state.get("waiting") or 0)
     pending = f"{waiting} record{'s' if waiting != 1 else ''} waiting"
     what = state.get("state")

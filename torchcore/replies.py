@@ -25,15 +25,15 @@ class Replies:
         """The daemon's live state; the CLI adds next runs and history from the file and db.
 
         ``{"cmd": "status", "active": true}`` (the HTTP service, every second or so) lists only
-        the tasks with something live (runs, a skip, a daemon slot, a disable): a task missing
-        there is idle.  At 10,000 tasks the full answer takes the loop about 40 ms to make; this
-        one, a few runs' worth.
+        the tasks with something live (runs, a skip, a daemon slot, a disable, `run: once`
+        holders): a task missing there is idle.  At 10,000 tasks the full answer takes the loop
+        about 40 ms to make; this one, a few runs' worth.
         """
         sup = self.sup
         names = sup.tasks
         if request.get("active"):
             names = ({run.task.name for run in sup.table} | set(sup.skipped_last) | set(sup.daemons)
-                     | self.disabled) & sup.tasks.keys()
+                     | self.disabled | sup.coordinator.once) & sup.tasks.keys()
         when, ok, message = sup.last_reload or (None, None, None)
         return {
             "pid": os.getpid(), "pidfile": sup.pidfile,
@@ -63,6 +63,9 @@ class Replies:
         slot = sup.daemons.get(name)
         if slot is not None:
             entry["daemon"] = slot.status(sup.clock.monotonic())
+        holders = sup.coordinator.holders(name)     # `run: once`: who runs it (holders.py)
+        if holders is not None:
+            entry["once"] = holders
         return entry
 
     def control_run(self, request):

@@ -109,3 +109,17 @@ class RunRecord:
         if self.ended is None:
             return "running" if self.pid is None else f"running (pid {self.pid})"
         return self.result.describe()
+
+    def as_json(self, iso):
+        """The JSON object of ``history --json`` (local and fleet alike); ``iso(epoch, timespec)``
+        writes a time (None for None): the fleet's also clamps years beyond 1-9999."""
+        return {
+            "task": self.task, "run_id": self.run_id, "node": self.node,
+            "scheduled": iso(self.scheduled, "seconds"),
+            "started": iso(self.started, "milliseconds"), "ended": iso(self.ended, "milliseconds"),
+            "exit_code": self.exit_code, "signal": self.signal, "timed_out": self.timed_out,
+            "skipped": self.skipped is not None, "skip_reason": self.skipped, "missed": self.missed,
+            "duration": None if self.duration is None else round(self.duration, 3),
+            "manual": self.manual, "pid": self.pid, "peak_rss": self.peak_rss,
+            "error": self.error, "stopped": self.stopped, "failed": self.failed,
+        }

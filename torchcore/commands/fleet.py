@@ -38,7 +38,9 @@ def register(subparsers):
     tasks = sub.add_parser(
         "tasks", help="every task of the file across the fleet, and what is wrong",
         description="Per task of the task file: the registered nodes it should run on, the "
-                    "nodes that ran it in the last day with their last result, and problems: "
+                    "nodes that ran it in the last day with their last result, for a `run: "
+                    "once` task the node that ran its last second and the holder of each of its "
+                    "slots, and problems: "
                     "targets that select no registered node (orphan), a task failing on some "
                     "nodes only, a node running tasks the file no longer has (drift). Exit 1 "
                     "when there are problems.")
@@ -169,6 +171,15 @@ def cmd_tasks(args):
               if view["tasks"] else f"{taskfile.path}: no tasks")
         print(f"{view['nodes']} node(s) registered, {len(view['nodes_on_file'])} running this "
               f"file ({taskfile.digest[:12]})")
+        once = [task for task in view["tasks"] if task["once"] is not None]
+        if once:
+            from torchcore import holders
+
+            today = datetime.datetime.fromisoformat(view["now"]).date()
+            print("run: once:")
+            for task in once:
+                for line in holders.lines(task["name"], task["once"], today=today):
+                    print(f"  {printable(line)}")
         if view["problems"]:
             print("problems:")
             for problem in view["problems"]:

@@ -176,16 +176,7 @@ def _iso(epoch, tz, timespec="milliseconds"):
 
 def run_json(run, tz=None):
     """A run as the JSON object of ``history --json`` (times as ISO-8601 with offset)."""
-    return {
-        "task": run.task, "run_id": run.run_id, "node": run.node,
-        "scheduled": _iso(run.scheduled, tz, "seconds"), "started": _iso(run.started, tz),
-        "ended": _iso(run.ended, tz), "exit_code": run.exit_code, "signal": run.signal,
-        "timed_out": run.timed_out, "skipped": run.skipped is not None,
-        "skip_reason": run.skipped, "missed": run.missed,
-        "duration": None if run.duration is None else round(run.duration, 3),
-        "manual": run.manual, "pid": run.pid, "peak_rss": run.peak_rss,
-        "error": run.error, "stopped": run.stopped, "failed": run.failed,
-    }
+    return run.as_json(lambda epoch, timespec: _iso(epoch, tz, timespec))
 
 
 def _run_row(run, now):

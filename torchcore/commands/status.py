@@ -7,7 +7,7 @@ import sys
 import time
 from datetime import datetime
 
-from torchcore import config, fleetstore, jobspec, notifystore, paths, records
+from torchcore import config, fleetstore, holders, jobspec, notifystore, paths, records
 from torchcore.commands import common
 from torchcore.commands.common import control_request, find_daemon, not_running, print_json
 from torchcore.errors import ConfigError, TorchcoreError
@@ -65,6 +65,8 @@ def cmd_status(args):
             print("\n".join("  " + problem for problem in problems))
         print()
         print(_tasks_text(rows, now))
+        for line in _once_text(rows, (fleet or {}).get("node")):
+            print(line)
     if live:
         return common.EXIT_OK
     return common.EXIT_ERROR if found.pid is not None else common.EXIT_NOT_RUNNING
@@ -156,6 +158,8 @@ def task_status(task, node, live, last, now):
            "last": _last_json(last), "state": _health(task, node, entry, last)}
     if "daemon" in entry:
         row["daemon"] = entry["daemon"]
+    if "once" in entry:
+        row["once"] = entry["once"]
     return row
 
 
@@ -231,6 +235,10 @@ def _task_json(row):
             "last_exit": end and {"exit_code": end.get("exit_code"), "signal": end.get("signal"),
                                   "timed_out": bool(end.get("timed_out")),
                                   "ended": iso(end.get("ended"))}}
+    once = row.get("once")
+    if once is not None:        # `run: once`: who ran the last second, who holds the slots
+        out["once"] = {**holders.as_json(once, lambda epoch, timespec: iso(epoch)),
+                       "as_of": iso(once.get("at"))}
     return out
 
 
@@ -240,12 +248,15 @@ def _notifications_json(overview):
 
 
 def _fleet_json(state):
-    """The fleet agent's state (fleetstore.py): state, since, waiting, error, database, node."""
+    """The fleet agent's state (fleetstore.py): state, since, waiting, error, database, node,
+    the clock offset at its last heartbeat and whether it is beyond the tolerance."""
     if not state:
         return None
     return {"state": state.get("state"), "since": iso(state.get("since")),
             "waiting": state.get("waiting", 0), "error": state.get("error"),
-            "database": state.get("database"), "node": state.get("node"), "at": iso(state.get("at"))}
+            "database": state.get("database"), "node": state.get("node"), "at": iso(state.get("at")),
+            "clock_offset": state.get("clock_offset"),
+            "clock_flagged": fleetstore.clock_warning(state) is not None}
 
 
 def iso(epoch):
@@ -301,6 +312,20 @@ def _tasks_text(rows, now):
                       _last_text(row["last"], now), _state_text(row)])
     return format_table(["NAME", "TYPE", "SCHEDULE", "NEXT RUN", "RUNNING", "LAST RESULT", "STATE"],
                         table)
+
+
+def _once_text(rows, me):
+    """The holders of the `run: once` tasks, as the claims process last read them."""
+    once = [(row["name"], _task_json(row)["once"]) for row in rows if row.get("once")]
+    if not once:
+        return []
+    read = [entry["as_of"] for _, entry in once if entry["as_of"]]
+    today = datetime.now().astimezone().date()
+    when = f"the fleet database at {read[0][11:19]}" if read else "the fleet database not read yet"
+    lines = ["", f"run: once ({when}; this node's own runs and slots since):"]
+    for name, entry in once:
+        lines += ["  " + line for line in holders.lines(name, entry, me, today)]
+    return lines
 
 
 def _last_text(last, now):

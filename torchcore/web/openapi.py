@@ -28,6 +28,20 @@ RUN = {
                  "signal", "timed_out", "skipped", "skip_reason", "missed", "duration", "manual",
                  "pid", "peak_rss", "error", "stopped", "failed"],
 }
+ONCE = {"type": "object", "description": "a `run: once` task: who runs it", "properties": {
+    "last": {"oneOf": [{"type": "null"}, {
+        "type": "object", "description": "the last second that started, and its node",
+        "properties": {"second": _TIME, "fence": {"type": "integer"}, "node": {"type": "string"},
+                       "started": _TIME}, "required": ["second", "fence", "node", "started"]}]},
+    "slots": {"type": "array", "description": "the slots of its fleet-wide max held now",
+              "items": {"type": "object", "properties": {
+                  "slot": {"type": "integer"}, "node": {"type": "string"},
+                  "fence": {"type": ["integer", "null"]},
+                  "second": {**_TIME, "description": "the run's second (null: a daemon's "
+                                                     "instance)"},
+                  "lease_until": _TIME},
+                  "required": ["slot", "node", "fence", "second", "lease_until"]}}},
+    "required": ["last", "slots"]}
 TASK = {
     "type": "object",
     "description": "A task as `torchcore status --json` shows it, with its schedule in words",
@@ -47,6 +61,9 @@ TASK = {
             "stopped": {"type": ["string", "null"]}, "failed": {"type": "boolean"},
             "result": {"type": "string"}}},
         "daemon": {"type": "object"},
+        "once": {**ONCE, "description": "a `run: once` task: who runs it, as the claims process "
+                                        "last read it (as_of), with this node's own runs since",
+                 "properties": {**ONCE["properties"], "as_of": _TIME}},
         "disabled_until_reload": {"type": "boolean"},
     },
     "required": ["name", "type", "schedule", "description", "next_run", "state", "running", "last"],
@@ -118,8 +135,10 @@ FLEET_TASKS = {"type": "object", "properties": {
                     "runs": {"type": "integer"}, "failures": {"type": "integer"}},
                     "required": ["node", "last_at", "last_run", "last_result", "failed", "runs",
                                  "failures"]}},
+        "run": {"type": "string", "enum": ["each", "once"]},
+        "once": {"oneOf": [{"type": "null"}, ONCE]},
         "problems": {"type": "array", "items": {"type": "string"}}},
-        "required": ["name", "enabled", "targets", "should", "ran", "problems"]}},
+        "required": ["name", "enabled", "targets", "should", "ran", "run", "once", "problems"]}},
     "problems": {"type": "array", "items": {"type": "object", "properties": {
         "kind": {"type": "string", "enum": ["orphan", "failing", "drift"]},
         "text": {"type": "string"}}, "required": ["kind", "text"]}}},

@@ -150,6 +150,17 @@ async function showRun(box, node, runId) {
 
 // -- a task's page: the nodes that ran it ----------------------------------------------------
 
+// A `run: once` task: the node that ran its last second, and who holds each of its slots.
+function onceHolders(once) {
+  const parts = [];
+  if (once.last) parts.push(`its last second, ${clock(once.last.second)}, ran on ${once.last.node} (fence ${once.last.fence})`);
+  for (const s of once.slots) {
+    parts.push(`slot ${s.slot} is held by ${s.node}` + (s.second ? ` (second ${clock(s.second)})` : "")
+      + (s.lease_until ? `, lease until ${clock(s.lease_until)}` : ""));
+  }
+  return h("p", { id: "task-fleet-once" }, `Run once: ${parts.length ? parts.join("; ") : "no run and no slot held yet"}.`);
+}
+
 async function taskFleet(name, box) {
   let view;
   try {
@@ -174,6 +185,7 @@ async function taskFleet(name, box) {
   box.replaceChildren(
     h("p", { class: "muted" }, task.should.length ? `Should run on ${task.should.length} of ${view.nodes} registered node(s) (${task.targets}).`
       : `Its targets (${task.targets}) select none of the ${view.nodes} registered node(s).`),
+    task.once ? onceHolders(task.once) : null,
     ...view.problems.map((p) => message(p.text, true)),
     rows.length ? h("table", { id: "task-fleet-table" },
       h("thead", {}, h("tr", {}, ["Node", "Last result", "When", "Runs (1 day)", "Failures"].map((c) => h("th", {}, c)))),
