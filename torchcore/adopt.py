@@ -1,8 +1,10 @@
 """Taking over the runs a killed supervisor left behind, so none runs twice at once.
 
 A new supervisor finds them among the records without an end: a run whose executor still
-lives (told by its process title) is adopted, a run like any other followed by its executor's
-pid (see take_over); one whose executor is gone is closed as lost.
+lives is adopted, a run like any other followed by its executor's pid (see take_over); one
+whose executor is gone is closed as lost.  The executor is looked for at the pid on record,
+and, when there is none (the supervisor was killed before its launcher answered with the pid)
+or it is another process's now, by its title and its daemon's mark (procscan.py).
 """
 
 import dataclasses
@@ -48,8 +50,10 @@ def survivors(db, system, tasks, clock):
     """The unfinished runs whose executor still lives, as adopted Runs (RUNNING); the records
     of those whose executor is gone are closed as lost."""
     found = []
-    for record in db.unfinished():
-        pid = system.executor_of(record.pid, record.task, record.run_id)
+    unfinished = db.unfinished()
+    alive = system.executors_of(unfinished) if unfinished else {}
+    for record in unfinished:
+        pid = alive.get(record.run_id)
         if pid:
             found.append(_adopted(record, pid, system, tasks, clock))
         else:
