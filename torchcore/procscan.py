@@ -73,8 +73,8 @@ def match(wanted, procs, mark, uid, unmarked=False):
     """{run id: pid} for the runs of ``wanted`` ({run id: (task, recorded start)}) whose executor
     is among ``procs``: titled as that run, of user ``uid``, holding ``mark`` (or, with
     ``unmarked``, holding none), started no earlier than EARLIEST before its recorded start.
-    Of several (a command forked by the executor has its title until it execs), the one
-    whose parent is not among them, then the oldest."""
+    Of several (a command forked by the executor has its title until it execs), one holding
+    the mark, then one whose parent is not among them, then the oldest."""
     found = {}
     for proc in procs:
         named = parse_title(proc.title)
@@ -91,7 +91,7 @@ def match(wanted, procs, mark, uid, unmarked=False):
     chosen = {}
     for run_id, procs in found.items():
         pids = {proc.pid for proc in procs}
-        best = min(procs, key=lambda p: (p.ppid in pids, p.created, p.pid))
+        best = min(procs, key=lambda p: (mark not in p.marks, p.ppid in pids, p.created, p.pid))
         chosen[run_id] = best.pid
     return chosen
 
