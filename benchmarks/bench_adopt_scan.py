@@ -52,7 +52,7 @@ def main():
             times = []
             for _ in range(args.repeats):
                 began = time.perf_counter()
-                found = procscan.find([record], mark)
+                found, _ = procscan.find([record], mark)
                 times.append((time.perf_counter() - began) * 1000)
                 assert found == {run_id: executor.pid}, found
             seen = sum(name.isdigit() for name in os.listdir("/proc"))

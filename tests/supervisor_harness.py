@@ -67,10 +67,10 @@ class FakeSystem(System):
     def command_group(self, executor_pid):
         return self.group
 
-    def executors_of(self, records):
+    def executors_of(self, records, strays=False):
         alive = {r.run_id: r.pid for r in records if r.pid and self.alive}
         return {**alive, **{run_id: pid for run_id, pid in self.found.items()
-                            if run_id in {r.run_id for r in records}}}
+                            if run_id in {r.run_id for r in records}}}, {}
 
 
 class FakeLauncher:

@@ -132,3 +132,24 @@ def test_a_process_that_cannot_be_read_whole_is_passed_over(monkeypatch):
 def test_an_executor_started_long_before_its_record_is_not_its_run_s(created, taken):
     procs = [Proc(500, 1, UID, executor_title("a", 7), frozenset({OURS}), created)]
     assert match({7: ("a", T0)}, procs, OURS, UID) == ({7: 500} if taken else {})
+
+
+def test_run_ids_not_given_back_tell_a_supervisor_killed_since_its_last_clean_stop(tmp_path):
+    from torchcore import records
+
+    path = str(tmp_path / "torchcore.db")
+    with records.Records(path) as db:
+        assert not db.ids_not_given_back()                  # a first start
+        for _ in range(3):
+            db.add(records.RunRecord(run_id=db.allocate_run_id(), task="t", node="n",
+                                     scheduled=None, started=T0))
+    with records.Records(path) as db:                       # stopped cleanly: ids given back
+        assert not db.ids_not_given_back()
+        assert db.recorded([1, 3, 4, 99]) == {1, 3} and db.recorded([]) == set()
+        db.add(records.RunRecord(run_id=db.allocate_run_id(), task="t", node="n",
+                                 scheduled=None, started=T0))
+        db.allocate_run_id()                                # handed out, its start never written
+        db.flush()
+        killed = records.Records(path)                      # read while the block is still held
+        assert killed.ids_not_given_back()
+        killed.close()

@@ -96,8 +96,10 @@ def match(wanted, procs, mark, uid, unmarked=False):
     return chosen
 
 
-def find(records, mark, uid=None):
-    """{run id: executor pid} for the open ``records`` (RunRecords) whose executor lives."""
+def find(records, mark, uid=None, strays=False):
+    """({run id: executor pid} for the open ``records`` (RunRecords) whose executor lives,
+    {run id: Proc} of this daemon's other live executors): the second looked for only with
+    ``strays`` (runs whose start may not have reached the records), in the same pass."""
     uid = os.geteuid() if uid is None else uid
     wanted = {r.run_id: (r.task, r.started) for r in records}
     found = {}
@@ -107,14 +109,21 @@ def find(records, mark, uid=None):
             found.update(match({record.run_id: wanted[record.run_id]}, procs, mark, uid,
                                unmarked=True))
     rest = {run_id: item for run_id, item in wanted.items() if run_id not in found}
-    if rest:
-        found.update(match(rest, scan(rest), mark, uid))
-    return found
+    others = {}
+    if rest or strays:
+        procs = scan(None if strays else rest)
+        found.update(match(rest, procs, mark, uid))
+        if strays:
+            named = {proc.pid: parse_title(proc.title) for proc in procs}
+            unknown = {run_id: (task, None) for task, run_id in named.values() if run_id not in wanted}
+            by_pid = {proc.pid: proc for proc in procs}
+            others = {run_id: by_pid[pid] for run_id, pid in match(unknown, procs, mark, uid).items()}
+    return found, others
 
 
 def scan(wanted):
-    """The processes titled as an executor of one of ``wanted``'s run ids, read (one pass over
-    /proc; another user's, or one that ends meanwhile, passed over)."""
+    """The processes titled as an executor of one of ``wanted``'s run ids (None: of any run),
+    read (one pass over /proc; another user's, or one that ends meanwhile, passed over)."""
     procs = []
     try:
         names = os.listdir("/proc")
@@ -127,7 +136,7 @@ def scan(wanted):
         if title is None:
             continue
         named = parse_title(title)
-        if named is not None and named[1] in wanted:
+        if named is not None and (wanted is None or named[1] in wanted):
             proc = read(int(name), title)
             if proc is not None:
                 procs.append(proc)

@@ -162,7 +162,7 @@ class Supervisor:
     def adopt_previous_executors(self):
         """Take over the runs a killed supervisor left behind (see adopt.py)."""
         adopt.take_over(self.records, self.system, self.tasks, self.clock, self.table,
-                        self.starter.signal_run)
+                        self.starter.signal_run, self.node_name)
 
     def _open(self):
         safepaths.secure_dir(self.settings.state_dir, safepaths.STATE_DIR_MODE,

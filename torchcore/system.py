@@ -95,11 +95,12 @@ class System:
             os.close(self.mark_fd)
             self.mark_fd = None
 
-    def executors_of(self, records):
-        """{run id: pid} of the open runs' ``records`` whose executor still lives, found at
-        their recorded pid or, failing that, by their title and this daemon's mark."""
+    def executors_of(self, records, strays=False):
+        """({run id: pid} of the open runs' ``records`` whose executor still lives, found at
+        their recorded pid or, failing that, by their title and this daemon's mark; {run id:
+        procscan.Proc} of this daemon's executors of other runs, looked for with ``strays``)."""
         mark = procscan.mark_of(self.mark_fd) if self.mark_fd is not None else None
-        return procscan.find(records, mark)
+        return procscan.find(records, mark, strays=strays)
 
     def command_group(self, executor_pid):
         """The process group of an executor's command (its child in a group of its own), or None."""
