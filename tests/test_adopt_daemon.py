@@ -10,7 +10,6 @@ session's tests on the machine never share a title with ours.
 """
 
 import os
-import signal
 import sqlite3
 import subprocess
 import sys

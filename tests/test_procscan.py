@@ -14,12 +14,12 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from supervisor_harness import T0
 
-from torchcore import procscan
+from torchcore import procscan, records
 from torchcore.procscan import EARLIEST, Proc, executor_title, match, parse_title
 
 OURS, OTHER_DAEMON, UID, OTHER_UID = (8, 100), (8, 200), 1000, 1001
-T0 = 1_767_225_600.0
 DECOYS = ["foreign", "other_user", "unmarked", "too_old", "other_task", "forked_child"]
 
 
@@ -135,8 +135,6 @@ def test_an_executor_started_long_before_its_record_is_not_its_run_s(created, ta
 
 
 def test_run_ids_not_given_back_tell_a_supervisor_killed_since_its_last_clean_stop(tmp_path):
-    from torchcore import records
-
     path = str(tmp_path / "torchcore.db")
     with records.Records(path) as db:
         assert not db.ids_not_given_back()                  # a first start
@@ -153,3 +151,41 @@ def test_run_ids_not_given_back_tell_a_supervisor_killed_since_its_last_clean_st
         killed = records.Records(path)                      # read while the block is still held
         assert killed.ids_not_given_back()
         killed.close()
+
+
+def _stray(sup, name, created, pid=5151):
+    """An executor of run ``name`` the killed supervisor left without any record of its start."""
+    run_id = sup.records.allocate_run_id()          # handed out, never given back
+    sup.system.strays[run_id] = Proc(pid, 1, UID, executor_title(name, run_id),
+                                     frozenset({OURS}), created)
+    return run_id
+
+
+def test_an_executor_of_a_run_without_any_record_is_adopted_with_its_start_written(make):
+    sup = make("""tasks:
+  - {name: every, schedule: "* * * * * *", command: "true"}
+  - {name: d, type: daemon, command: "sleep 100"}
+""")
+    every = _stray(sup, "every", T0 - 10.4, pid=5151)
+    daemon = _stray(sup, "d", T0 - 3.2, pid=5252)
+    done = _stray(sup, "every", T0 - 20, pid=5353)
+    sup.records.add(records.RunRecord(run_id=done, task="every", node="n", scheduled=T0 - 20,
+                                      started=T0 - 20, ended=T0 - 19, exit_code=0))
+    sup.records.flush()
+    sup.adopt_previous_executors()
+    assert sup.table.get(every).executor_pid == 5151 and sup.table.get(every).scheduled == T0 - 10
+    assert sup.table.get(daemon).executor_pid == 5252 and sup.table.get(daemon).scheduled is None
+    assert sup.table.get(done) is None                      # its end is on record already
+    rows = {r.run_id: r for r in sup.records.query()}
+    assert rows[every].pid == 5151 and rows[every].ended is None and rows[every].started == T0 - 10.4
+    assert rows[daemon].scheduled is None and rows[daemon].ended is None
+    sup.second(2)
+    assert sup.system.killed == [] and sup.system.forked == []  # neither stopped nor doubled
+    assert sup.stats.skipped == 2                           # every: max 1, its adopted run counts
+
+
+def test_without_ids_held_back_no_executor_of_an_unrecorded_run_is_looked_for(make):
+    sup = make('tasks:\n  - {name: d, type: daemon, command: "sleep 100"}\n')
+    sup.system.strays[77] = Proc(5151, 1, UID, executor_title("d", 77), frozenset({OURS}), T0)
+    sup.adopt_previous_executors()                          # a first start: every id given back
+    assert sup.table.get(77) is None

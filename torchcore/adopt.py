@@ -4,7 +4,8 @@ A new supervisor finds them among the records without an end: a run whose execut
 lives is adopted, a run like any other followed by its executor's pid (see take_over); one
 whose executor is gone is closed as lost.  The executor is looked for at the pid on record,
 and, when there is none (the supervisor was killed before its launcher answered with the pid)
-or it is another process's now, by its title and its daemon's mark (procscan.py).
+or it is another process's now, by its title and its daemon's mark (procscan.py); so is one
+whose run has no record at all (its start was still buffered), after a supervisor was killed.
 """
 
 import dataclasses

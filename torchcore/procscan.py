@@ -15,7 +15,8 @@ A new supervisor looks for the executor of each open run (``find``): at the reco
 first (the executor's own, or the command's whose parent is the executor), then, for the runs
 not found there, by one pass over /proc.  That pass reads each process's command line only,
 and looks further (owner, descriptors, start time) at the few titled as one of those runs; it
-is made only when some open run was not found at its pid.  A process is an open run's
+is made only when some open run was not found at its pid, or when the supervisor asks for its
+executors of runs with no record at all (``strays``: run ids were not given back, adopt.py).  A process is an open run's
 executor when its title names that run, it belongs to this user, it holds this daemon's mark,
 and it started no earlier than EARLIEST before its record's start (a prepared run's executor
 is forked ahead of its start; process start times are coarse).  At the recorded pid, an
