@@ -189,3 +189,17 @@ def test_without_ids_held_back_no_executor_of_an_unrecorded_run_is_looked_for(ma
     sup.system.strays[77] = Proc(5151, 1, UID, executor_title("d", 77), frozenset({OURS}), T0)
     sup.adopt_previous_executors()                          # a first start: every id given back
     assert sup.table.get(77) is None
+
+
+def test_the_scan_for_strays_takes_this_daemon_s_executors_of_unknown_runs_only(monkeypatch):
+    """Another daemon's executor titled with the same run id (another task) hides nothing."""
+    procs = [Proc(601, 1, UID, executor_title("theirs", 5), frozenset({OTHER_DAEMON}), T0),
+             Proc(600, 1, UID, executor_title("mine", 5), frozenset({OURS}), T0),
+             Proc(602, 600, UID, executor_title("mine", 5), frozenset({OURS}), T0),
+             Proc(603, 1, OTHER_UID, executor_title("x", 6), frozenset({OURS}), T0),
+             Proc(604, 1, UID, executor_title("open", 7), frozenset({OURS}), T0)]
+    for order in (procs, procs[::-1]):
+        monkeypatch.setattr(procscan, "scan", lambda wanted, order=order: list(order))
+        record = records.RunRecord(run_id=7, task="open", node="n", scheduled=None, started=T0)
+        found, strays = procscan.find([record], OURS, uid=UID, strays=True)
+        assert found == {7: 604} and {k: v.pid for k, v in strays.items()} == {5: 600}

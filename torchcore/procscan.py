@@ -115,10 +115,11 @@ def find(records, mark, uid=None, strays=False):
         procs = scan(None if strays else rest)
         found.update(match(rest, procs, mark, uid))
         if strays:
-            named = {proc.pid: parse_title(proc.title) for proc in procs}
-            unknown = {run_id: (task, None) for task, run_id in named.values() if run_id not in wanted}
-            by_pid = {proc.pid: proc for proc in procs}
-            others = {run_id: by_pid[pid] for run_id, pid in match(unknown, procs, mark, uid).items()}
+            ours = [proc for proc in procs if proc.uid == uid and mark in proc.marks]
+            unknown = {run_id: (task, None) for task, run_id in
+                       (parse_title(proc.title) for proc in ours) if run_id not in wanted}
+            by_pid = {proc.pid: proc for proc in ours}
+            others = {run_id: by_pid[pid] for run_id, pid in match(unknown, ours, mark, uid).items()}
     return found, others
 
 
