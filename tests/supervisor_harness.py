@@ -36,6 +36,8 @@ class FakeSystem(System):
         self.submitted = []         # (job, wall time) of each job handed to a launcher
         self.alive = True           # what is_executor says of every pid
         self.group = None           # what command_group says of every pid
+        self.found = {}             # run id -> pid: executors found by their title and mark
+        self.strays = {}            # run id -> procscan.Proc: this daemon's executors of other runs
         self.title = None           # the process title the supervisor set
         self._next_pid = 100000
 
@@ -65,6 +67,12 @@ class FakeSystem(System):
 
     def command_group(self, executor_pid):
         return self.group
+
+    def executors_of(self, records, strays=False):
+        alive = {r.run_id: r.pid for r in records if r.pid and self.alive}
+        return {**alive, **{run_id: pid for run_id, pid in self.found.items()
+                            if run_id in {r.run_id for r in records}}}, \
+            (dict(self.strays) if strays else {})
 
 
 class FakeLauncher:

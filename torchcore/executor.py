@@ -35,16 +35,18 @@ AT_GATE = object()          # a prepared run's command waits at the gate for its
 STOP_REQUESTED = "stop requested"   # why a run ended that a TERM or INT to its executor stopped
 
 
-def execute(job, report_fd, go_fd=None):
+def execute(job, report_fd, go_fd=None, mark_fd=None):
     """The child's whole life: run ``job`` and ``os._exit``.  Never returns.
 
     A prepared job comes with ``go_fd``, the read end of its go pipe: one byte means
     start, end of file (or nothing until its second plus GO_WAIT) means cancelled.
+    ``mark_fd``: its daemon's state directory, held open to the end, so a supervisor
+    started after its own was killed finds this executor (procscan.py).
     """
     code = 70
     executor = None
     try:
-        _become_executor(job, report_fd, go_fd)
+        _become_executor(job, report_fd, go_fd, mark_fd)
         executor = Executor(job, report_fd, go_fd=go_fd)
         code = executor.run()
     except BaseException as exc:   # the child must never unwind into the supervisor's code
@@ -58,7 +60,7 @@ def execute(job, report_fd, go_fd=None):
         os._exit(code)
 
 
-def _become_executor(job, report_fd, go_fd=None):
+def _become_executor(job, report_fd, go_fd=None, mark_fd=None):
     _default_signals()
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)   # a dead supervisor shows as EPIPE (Popen and
                                                     # posix_spawn give the command the default)
@@ -68,7 +70,7 @@ def _become_executor(job, report_fd, go_fd=None):
     signal.signal(signal.SIGINT, _request_stop)
     signal.set_wakeup_fd(-1)
     low = 3
-    for keep in sorted(fd for fd in (report_fd, go_fd) if fd is not None):
+    for keep in sorted(fd for fd in (report_fd, go_fd, mark_fd) if fd is not None):
         os.closerange(low, keep)
         os.set_inheritable(keep, False)             # a command never holds these
         low = keep + 1

@@ -49,21 +49,22 @@ class JobTooLarge(TorchcoreError):
 class Launcher:
     """The supervisor's handle on one launcher process."""
 
-    def __init__(self, report_fd, stderr=None):
+    def __init__(self, report_fd, stderr=None, mark_fd=None):
         """Start one launcher.  ``stderr``: a path its stderr (and its executors') goes to,
         appended (the daemon's log, or os.devnull); None: the supervisor's own.  A daemon
         passes one: its own stderr is the start-up pipe until it is ready, and a helper
-        keeping that pipe would get EPIPE once the starting command has exited."""
+        keeping that pipe would get EPIPE once the starting command has exited.
+        ``mark_fd``: the daemon's state directory, open; its executors hold it (procscan.py)."""
         # The supervisor's side only: the launcher process stays without it (see proctitle).
         import subprocess
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         err = None if stderr is None else _open_stderr(stderr)
+        fds = (theirs.fileno(), report_fd) + (() if mark_fd is None else (mark_fd,))
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "torchcore.launcher", str(theirs.fileno()), str(report_fd)],
-                pass_fds=(theirs.fileno(), report_fd), stdin=subprocess.DEVNULL, stderr=err,
-                close_fds=True)
+                [sys.executable, "-m", "torchcore.launcher", *map(str, fds)],
+                pass_fds=fds, stdin=subprocess.DEVNULL, stderr=err, close_fds=True)
         except BaseException:
             ours.close()
             raise
@@ -291,8 +292,9 @@ def _open_stderr(path):
 
 # ---- the launcher process ----------------------------------------------------------------
 
-def serve(sock, report_fd):
-    """Fork an executor for each job line; answer forked/fork_failed/exited lines."""
+def serve(sock, report_fd, mark_fd=None):
+    """Fork an executor for each job line; answer forked/fork_failed/exited lines.
+    ``mark_fd``: the daemon's mark, kept open by every executor (see procscan.py)."""
     from torchcore import executor, jobspec
 
     gc.freeze()     # what exists now is never scanned again, here or in the executors
@@ -342,13 +344,13 @@ def serve(sock, report_fd):
                     queue.append(job)
         for _ in range(min(len(queue), FORKS_PER_PASS)):
             job = queue.popleft()
-            _launch(executor, job, sock, report_fd, children, gates)
+            _launch(executor, job, sock, report_fd, children, gates, mark_fd)
             if job.run_id in early:
                 _open_gates(gates, [job.run_id], early.pop(job.run_id))
         _reap(sock, children, gates)
 
 
-def _launch(executor, job, sock, report_fd, children, gates):
+def _launch(executor, job, sock, report_fd, children, gates, mark_fd=None):
     go_r = go_w = None
     try:
         if job.prepared:
@@ -362,7 +364,7 @@ def _launch(executor, job, sock, report_fd, children, gates):
         return
     if pid == 0:
         # The executor closes every other descriptor (other runs' go pipes included).
-        executor.execute(job, report_fd, go_r)          # never returns
+        executor.execute(job, report_fd, go_r, mark_fd)     # never returns
     if go_r is not None:
         os.close(go_r)
         gates[job.run_id] = go_w
@@ -425,7 +427,10 @@ def main(argv):
     proctitle.set_title("torchcore: launcher")
     sock = socket.socket(fileno=int(argv[0]))
     sock.setblocking(False)
-    serve(sock, int(argv[1]))
+    mark_fd = int(argv[2]) if len(argv) > 2 else None
+    if mark_fd is not None:
+        os.set_inheritable(mark_fd, False)      # kept across fork, never across an exec
+    serve(sock, int(argv[1]), mark_fd)
     return 0
 
 

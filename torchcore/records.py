@@ -448,6 +448,19 @@ class Records:
         sql = _SELECT + " WHERE ended IS NULL AND started IS NOT NULL AND skipped IS NULL"
         return [record_of(row) for row in self._read(sql + " ORDER BY run_id", [])]
 
+    def ids_not_given_back(self):
+        """Run ids were handed out past the last record and not given back (a supervisor was
+        killed since, most likely): some may belong to runs whose start never reached here."""
+        given, used = self._read("SELECT (SELECT CAST(value AS INTEGER) FROM meta WHERE key = "
+                                 "'next_run_id'), (SELECT max(run_id) FROM runs)", ())[0]
+        return given is not None and given > (used or 0) + 1
+
+    def recorded(self, run_ids):
+        """Those of ``run_ids`` that have a record."""
+        ids = list(run_ids)
+        sql = f"SELECT run_id FROM runs WHERE run_id IN ({', '.join('?' * len(ids))})"
+        return {row[0] for row in self._read(sql, ids)} if ids else set()
+
     def last_results(self):
         """The latest finished run of every task: {task: RunRecord}.
 

@@ -162,11 +162,12 @@ class Supervisor:
     def adopt_previous_executors(self):
         """Take over the runs a killed supervisor left behind (see adopt.py)."""
         adopt.take_over(self.records, self.system, self.tasks, self.clock, self.table,
-                        self.starter.signal_run)
+                        self.starter.signal_run, self.node_name)
 
     def _open(self):
         safepaths.secure_dir(self.settings.state_dir, safepaths.STATE_DIR_MODE,
                              what="state directory", private=True)
+        self.system.hold_mark(self.settings.state_dir)   # every executor holds it (procscan.py)
         self.selector = selectors.DefaultSelector()
         self.control = ControlServer(   # first: refused if another daemon serves this state_dir
             paths.control_socket(self.settings.state_dir), self.replies)
@@ -196,6 +197,7 @@ class Supervisor:
         self.services.stop()
         self.launchers.stop()
         self.coordinator.close()        # after the launchers: its wait holds nothing unread
+        self.system.release_mark()
         if self.records is not None:
             self.records.close()
         self.filewatch.stop()

@@ -1,7 +1,7 @@
 """What the supervisor asks of the operating system, behind one object tests can replace.
 
 Forking an executor, signalling and reaping processes, starting launchers, telling a live
-executor by its title, the clocks and the core count: the supervisor makes these calls only
+executor by its title (and finding one by its title and mark: procscan.py), the clocks and the core count: the supervisor makes these calls only
 through a ``System``, so the tests give it one whose children are make-believe
 (tests/supervisor_harness.py) and drive the real decisions on a fake clock.
 """
@@ -13,7 +13,7 @@ import time
 import psutil
 import setproctitle
 
-from torchcore import executor, loadchild
+from torchcore import executor, loadchild, procscan
 from torchcore.clock import SystemClock
 from torchcore.launcher import Launcher
 
@@ -44,7 +44,7 @@ class System:
         """Fork ``job``'s executor here (no launcher takes it); returns its pid."""
         pid = os.fork()
         if pid == 0:
-            executor.execute(job, report_w)
+            executor.execute(job, report_w, mark_fd=self.mark_fd)
         return pid
 
     def kill(self, pid, signum):
@@ -68,7 +68,7 @@ class System:
         return loadchild.spawn(path, node, stderr, spare)
 
     def start_launcher(self, report_w, stderr):
-        return Launcher(report_w, stderr=stderr)
+        return Launcher(report_w, stderr=stderr, mark_fd=self.mark_fd)
 
     def set_title(self, title):
         setproctitle.setproctitle(title)
@@ -83,17 +83,24 @@ class System:
         except psutil.Error:
             return False
 
-    def executor_of(self, pid, task, run_id):
-        """The live executor of a run recorded with ``pid``: its command's (its child) or its own."""
-        if not pid:
-            return None
-        if self.is_executor(pid, task, run_id):
-            return pid
-        try:
-            parent = psutil.Process(pid).ppid()
-        except psutil.Error:
-            return None
-        return parent if self.is_executor(parent, task, run_id) else None
+    mark_fd = None      # the state directory, open: every executor holds it (see procscan)
+
+    def hold_mark(self, state_dir):
+        """Open the daemon's mark, handed to every launcher and executor from now on."""
+        self.release_mark()
+        self.mark_fd = procscan.open_mark(state_dir)
+
+    def release_mark(self):
+        if self.mark_fd is not None:
+            os.close(self.mark_fd)
+            self.mark_fd = None
+
+    def executors_of(self, records, strays=False):
+        """({run id: pid} of the open runs' ``records`` whose executor still lives, found at
+        their recorded pid or, failing that, by their title and this daemon's mark; {run id:
+        procscan.Proc} of this daemon's executors of other runs, looked for with ``strays``)."""
+        mark = procscan.mark_of(self.mark_fd) if self.mark_fd is not None else None
+        return procscan.find(records, mark, strays=strays)
 
     def command_group(self, executor_pid):
         """The process group of an executor's command (its child in a group of its own), or None."""
