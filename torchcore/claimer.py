@@ -35,7 +35,7 @@ import socket
 import sys
 import time
 
-from torchcore import claims
+from torchcore import claimloss, claims
 
 log = logging.getLogger("torchcore")
 
@@ -100,6 +100,7 @@ class Claimer:
         self.orphaned = False           # the supervisor is gone: watch the runs' groups
         self.daemons = {}               # name -> (ips, hosts, max, kill_grace): once daemons
         self.daemons_at = 0.0           # the next look for a free daemon slot
+        self.losses = claimloss.LossWatch(clock)    # lost runs of its `once` tasks
         self.pruned_at = clock()
         self.buffer = b""
         self.stop = False
@@ -159,6 +160,8 @@ class Claimer:
         times += [due[2] for due in self.slots_due.values()]
         if self.daemons and not self.orphaned:
             times.append(self.daemons_at)
+        if self.losses.tasks and not self.orphaned:
+            times.append(self.losses.at)
         if self.held:
             times.append(self.renew_at)
             for held in self.held.values():
@@ -194,6 +197,9 @@ class Claimer:
         elif "daemons" in message:  # the node's `run: once` daemon tasks (after each load)
             self.daemons = {name: (ips, hosts, int(most), kill_grace)
                             for name, ips, hosts, most, kill_grace in message["daemons"]}
+        elif "once" in message:     # the node's common `run: once` tasks (after each load)
+            self.losses.use(message["once"])
+            self.maxes.update((name, int(most)) for name, most, _ in message["once"])
         elif "hello" in message:
             self.hello(message["hello"])
         return []
@@ -251,6 +257,8 @@ class Claimer:
         if (self.unconfirmed or self.unreleased) and self.conn is None and now >= self.next_connect:
             self.confirm()
             self.release()
+        if not self.orphaned and self.losses.due(now):
+            self.take_late(self.losses.look(self))
         if self.daemons and not self.orphaned and now >= self.daemons_at:
             self.daemons_at = now + DAEMON_EVERY
             self.take_daemon_slots()
@@ -390,12 +398,7 @@ class Claimer:
         rows = self.execute(claims.TAKE_OVER, {"node": self.node, **claims.columns(keys)})
         if rows is None:
             return
-        if rows:
-            self.send({"won": [[task, int(second), int(fence)] for task, second, fence in rows],
-                       "lost": [], "late": True})
-            for task, second, fence in rows:
-                self.slots_due[(task, int(second))] = [int(fence), self.maxes.get(task, 1), 0]
-            self.take_slots([(task, int(second)) for task, second, _ in rows])
+        self.take_late(rows)
         still = self.execute(claims.OPEN, claims.columns(keys))
         if still is None:
             return
@@ -405,6 +408,16 @@ class Claimer:
             _, give_up = self.rechecks.pop(key)
             if key in still and now + 1 < give_up:
                 self.rechecks[key] = (now + 1.0, give_up)
+
+    def take_late(self, rows):
+        """Claims won after their second (taken over, or lost runs re-run): answered, and
+        their slots taken at once."""
+        if rows:
+            self.send({"won": [[task, int(second), int(fence)] for task, second, fence in rows],
+                       "lost": [], "late": True})
+            for task, second, fence in rows:
+                self.slots_due[(task, int(second))] = [int(fence), self.maxes.get(task, 1), 0]
+            self.take_slots([(task, int(second)) for task, second, _ in rows])
 
     def confirm(self):
         """The starts not confirmed yet, then their leases; those whose claim is no longer this

@@ -210,6 +210,8 @@ def columns(keys):
 #                        {"daemons": [[name, ips, hosts, max, kill_grace], ...]}
 #                                    (second < 0 in the others: a daemon's slot, -1 - slot)
 #                        {"end": [[name, second, fence], ...]}
+#                        {"once": [[name, max, grace], ...]}     (common `once` tasks: their lost
+#                                    runs are looked for; grace: on_node_loss: rerun's, or null)
 # claimer -> supervisor: {"won": [[name, second, fence], ...], "lost": [[name, second], ...],
 #                         "late": bool}              (late: taken over after its second)
 #                        {"slots": [[name, second, fence, slot], ...],

@@ -111,6 +111,7 @@ class FleetCoordinator(LocalCoordinator):
         self.state = {}                 # (name, second) -> ASKED, LOST, SKIPPED, LATE_ASK
         self.won = {}                   # (name, second) -> _Won
         self.daemon_specs = []          # what the claimer is told of the `run: once` daemons
+        self.once_specs = []            # ... and of the other `run: once` tasks (claimloss.py)
         self.daemon_slots = {}          # name -> {fence: [-1 - slot, run id or None]}
         self.daemon_pick = None         # (name, fence) the daemon run being started takes
         self.db_down = None
@@ -125,6 +126,9 @@ class FleetCoordinator(LocalCoordinator):
         daemons = sorted(self.once & set(getattr(tasks, "daemons", ())))
         self.daemon_specs = [[name, [str(n) for n in tasks[name].ips], list(tasks[name].hosts),
                               tasks[name].max, tasks[name].kill_grace] for name in daemons]
+        self.once_specs = [[name, tasks[name].max, settings.misfire_grace
+                            if tasks[name].on_node_loss == "rerun" else None]
+                           for name in sorted(self.once - set(daemons))]
         for name in [name for name in self.daemon_slots if name not in daemons]:
             slots = self.daemon_slots[name]     # no longer here: a slot is freed when its
             for fence, (second, run_id) in list(slots.items()):     # instance has ended
@@ -144,6 +148,7 @@ class FleetCoordinator(LocalCoordinator):
             self._start()           # connected before the first claim is due
         elif self.proc is not None:
             self._send({"daemons": self.daemon_specs})
+            self._send({"once": self.once_specs})
 
     def attach(self, selector, starter):
         self.selector, self.starter = selector, starter
@@ -321,6 +326,8 @@ class FleetCoordinator(LocalCoordinator):
         self._tell_leases()
         if self.daemon_specs:
             self._send({"daemons": self.daemon_specs})
+        if self.once_specs:
+            self._send({"once": self.once_specs})
         return True
 
     def _tell_leases(self):
