@@ -210,3 +210,51 @@ def test_the_claims_process_records_a_lost_run_and_takes_its_rerun_with_a_slot(f
     assert messages[0] == {"won": [["job", now - 3, fence + 1]], "lost": [], "late": True}
     assert messages[1] == {"slots": [["job", now - 3, fence + 1, 0]], "full": []}
     assert not proc.losses.due(time.time()) and proc.losses.at <= time.time() + 5 + 0.1
+
+
+# ---- real daemons as nodes: a node dies mid-run -----------------------------------------------
+
+RERUN = """\
+tasks:
+  - name: report
+    schedule: "*/15 * * * * *"
+    run: once
+    on_node_loss: rerun
+    ips: [10.0.0.0/24]
+    command: echo "$TORCHCORE_SCHEDULED_AT $TORCHCORE_FENCE {node}" >> {out}; sleep 60
+"""
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_run_has_its_run_recorded_lost_and_rerun_once_on_another(
+        fleet, daemons, tmp_path):
+    from daemon_harness import wait_for
+    from test_fleet_once import _kill_node, _nodes
+
+    _nodes(fleet.url, 2)
+    out = tmp_path / "runs.txt"
+    nodes = {}
+    for number in (1, 2):
+        daemon = daemons(RERUN.format(node=f"n{number}", out=out),
+                         settings=f"  misfire_grace: 1m\n  fleet:\n    database: {fleet.url}\n"
+                                  "    lease: 6s\n")
+        nodes[f"n{number}"] = daemon.start("--node-name", f"n{number}", "--node-ip",
+                                           f"10.0.0.{number}")
+
+    def lines():
+        return [line.split() for line in out.read_text().splitlines()] if out.exists() else []
+    [(second, fence, node)] = wait_for(lines, 25, "the first run")
+    _kill_node(nodes[node])                 # supervisor, claims process, executors, command
+    killed = time.time()
+    other = "n2" if node == "n1" else "n1"
+    rerun = wait_for(lambda: lines()[1:], 6 + 5, "the rerun")[0]
+    assert time.time() - killed <= 6 + 3            # within the lease and a look
+    assert rerun == [second, str(int(fence) + 1), other]    # same second, next token
+    time.sleep(2)
+    nodes[other].stop()
+    assert [line for line in lines() if line[0] == second] == [[second, fence, node], rerun]
+    with fleetdb.connect(fleet.url) as conn:
+        assert conn.execute(f"SELECT lost_node, lost_fence, node, reruns FROM {S}.claims "
+                            "WHERE task = 'report' AND second = %s", (int(second),)).fetchone() \
+            == (node, int(fence), other, 1)
+    assert "is lost: its lease ended unrenewed; re-running it here" in nodes[other].log
