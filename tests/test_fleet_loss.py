@@ -258,3 +258,60 @@ def test_a_node_killed_mid_run_has_its_run_recorded_lost_and_rerun_once_on_anoth
                             "WHERE task = 'report' AND second = %s", (int(second),)).fetchone() \
             == (node, int(fence), other, 1)
     assert "is lost: its lease ended unrenewed; re-running it here" in nodes[other].log
+
+
+# ---- a node starting: no false "unreachable" ---------------------------------------------------
+
+EVERY_SECOND = """\
+tasks:
+  - name: tick
+    schedule: "* * * * * *"
+    run: once
+    command: echo "$TORCHCORE_SCHEDULED_AT" >> {out}
+"""
+
+
+@pytest.mark.slow
+def test_a_node_starting_alone_skips_no_second_as_unreachable_while_its_claims_process_connects(
+        fleet, daemons, tmp_path):
+    out = tmp_path / "ticks.txt"
+    daemon = daemons(EVERY_SECOND.format(out=out),
+                     settings=f"  fleet:\n    database: {fleet.url}\n").start("--node-name", "n1")
+    started = time.time()
+    time.sleep(5)
+    daemon.stop()
+    runs = daemon.runs("tick")
+    assert [r for r in runs if r["skipped"]] == []
+    ran = {int(line) for line in out.read_text().split()}
+    first = min(r["scheduled"] for r in runs)
+    assert first <= started + 2.5          # its first seconds are run (late, if need be) ...
+    assert set(range(first, int(started) + 4)) <= ran      # ... none missed from the first on
+
+
+def test_before_the_claims_process_first_answers_a_tick_waits_then_runs_late_or_skips():
+    import types
+    from torchcore import coordinator
+
+    clock = types.SimpleNamespace(time=time.time, monotonic=time.monotonic)
+    started = []
+    starter = types.SimpleNamespace(start_claimed=lambda name, second: started.append(
+        (name, second, fleet_.claim(task, second))), prepare_claimed=lambda *a: None)
+    fleet_ = coordinator.FleetCoordinator(clock, "n1")
+    fleet_.attach(None, starter)
+    fleet_.hello = {"url": "postgresql://x", "node": "n1", "takeover": 0.5, "lease": 15}
+    fleet_.once = {"job"}
+    task = types.SimpleNamespace(name="job", run="once", type="common", max=1, ips=(), hosts=())
+    now = int(time.time())
+    for second in (now - 1, now):
+        fleet_.ahead(second, [task])
+        assert fleet_.claim(task, second) is False          # no answer yet: waited for
+    fleet_._answer({"won": [["job", now - 1, 7]], "lost": [["job", now]], "late": False})
+    fleet_._answer({"slots": [["job", now - 1, 7, 0]], "full": []})
+    assert started == [("job", now - 1, True)]              # won: started now, late
+    fleet_.ahead(now + 1, [task])
+    fleet_.connected = False                                # (a restarted claims process)
+    assert fleet_.claim(task, now + 1) is False
+    fleet_._answer({"db": "down", "error": "refused"})      # unreachable: skipped after all
+    assert started[1:] == [("job", now + 1, claims.UNREACHABLE)]
+    fleet_.ahead(now + 2, [task])
+    assert fleet_.claim(task, now + 2) == claims.UNREACHABLE    # connected (down): at once

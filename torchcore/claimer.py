@@ -85,6 +85,7 @@ class Claimer:
         self.takeover, self.lease = 0.5, 15
         self.conn = None
         self.down = None                # the error, while the database cannot be used
+        self.up_once = False            # connected once: the supervisor was told "db"
         self.next_connect = 0.0
         self.live = []                  # (name, hostname, addresses) of the live nodes
         self.live_at = -1e9
@@ -319,9 +320,11 @@ class Claimer:
 
     def attempt(self, keys):
         """Claim ``keys`` in one statement; answer won and lost.  A second already past its fire
-        window is not tried (the supervisor has skipped it)."""
+        window is not tried (the supervisor has skipped it), unless this process has not been
+        connected yet (the supervisor waits for its answer: a claim won late is run late)."""
         now = self.clock()
-        keys = [key for key in keys if now < key[1] + claims.FIRE_WINDOW]
+        keys = [key for key in keys if now < key[1] + (
+            claims.FIRE_WINDOW if self.up_once else claims.RECHECK_FOR)]
         if not keys:
             return
         rows = self.execute(claims.CLAIM, {"node": self.node, **claims.columns(keys)})
@@ -333,8 +336,10 @@ class Claimer:
                    "late": False})
         for key in keys:
             self.rechecks[key] = (key[1] + claims.EXPIRE_AFTER + 0.1, key[1] + claims.RECHECK_FOR)
-        for key, fence in won.items():
-            self.slots_due[key] = [fence, self.maxes.get(key[0], 1), key[1] - claims.SLOT_AHEAD]
+        now = self.clock()
+        for key, fence in won.items():      # (a second already past: its slot at once)
+            self.slots_due[key] = [fence, self.maxes.get(key[0], 1),
+                                   key[1] - claims.SLOT_AHEAD if key[1] > now else 0]
 
     def take_slots(self, keys):
         """Take a free slot for each won claim in ``keys``: answer slots and full (a full one
@@ -509,10 +514,11 @@ class Claimer:
             self.next_connect = self.clock() + RECONNECT_EVERY
             self.lost(exc)
             return False
-        if self.down is not None:
-            log.info("fleet claims: the fleet database is reachable again")
+        if self.down is not None or not self.up_once:
+            if self.down is not None:
+                log.info("fleet claims: the fleet database is reachable again")
             self.send({"db": "up"})
-            self.down = None
+            self.down, self.up_once = None, True
         return True
 
     def lost(self, exc):
@@ -533,7 +539,7 @@ class Claimer:
         if self.down is None:
             log.error("fleet claims: %s; `run: once` tasks are skipped until it is back", text)
             self.send({"db": "down", "error": text})
-        self.down = text
+        self.down, self.up_once = text, True
 
     def send(self, message):
         if self.orphaned:

@@ -109,7 +109,7 @@ SCHEMA = "torchcore"
 # One statement for a batch of claims; a row comes back for each one this node won.
 CLAIM = f"""INSERT INTO {SCHEMA}.claims (task, second, slot, fence, node, expires)
     SELECT k.task, k.second, {SLOT}, k.second * {FENCE_STEP}, %(node)s,
-           to_timestamp(k.second) + interval '{EXPIRE_AFTER:g} second'
+           greatest(to_timestamp(k.second), now()) + interval '{EXPIRE_AFTER:g} second'
     FROM unnest(%(tasks)s::text[], %(seconds)s::bigint[]) AS k(task, second)
     ON CONFLICT (task, second, slot) DO NOTHING
     RETURNING task, second, fence"""
@@ -219,7 +219,8 @@ def columns(keys):
 #                        {"revoked": [[name, second, fence], ...]}  (taken over before its start)
 #                        {"stop": [[name, second, fence], ...], "kill": bool}  (its lease ends)
 #                        {"daemon": [[name, -1 - slot, fence], ...]}   (a daemon slot taken)
-#                        {"db": "up" | "down", "error": text}
+#                        {"db": "up" | "down", "error": text}   (also at the first connection:
+#                                    until then a second without an answer is not skipped)
 
 def encode(message):
     return (json.dumps(message, separators=(",", ":")) + "\n").encode()

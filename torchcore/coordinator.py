@@ -38,6 +38,7 @@ from torchcore.states import RunState
 log = logging.getLogger("torchcore")
 
 ASKED, LOST, SKIPPED, LATE_ASK = "asked", "lost", "skipped", "late-ask"
+STARTING = "starting"   # its tick came before the claims process first reached the database
 KEEP = 120              # seconds a second's claim state is kept after it
 RESTART_FIRST, RESTART_MAX = 1.0, 30.0
 MAX_PENDING = 1 << 20   # bytes waiting for the claimer; beyond, it is stuck: restarted
@@ -115,6 +116,7 @@ class FleetCoordinator(LocalCoordinator):
         self.daemon_slots = {}          # name -> {fence: [-1 - slot, run id or None]}
         self.daemon_pick = None         # (name, fence) the daemon run being started takes
         self.db_down = None
+        self.connected = False          # the claims process said "db" (up or down) once
 
     # ---- the supervisor's side ---------------------------------------------------------------
 
@@ -188,6 +190,9 @@ class FleetCoordinator(LocalCoordinator):
                 return False        # too late to start: the claim expires, someone takes it over
             return True
         state = self.state.get(key)
+        if state == ASKED and self.hello is not None and not self.connected:
+            self.state[key] = STARTING  # the claims process is starting: its answer is
+            return False                # waited for (a won claim starts late), not a skip
         if state == ASKED and self.hello is not None:
             self.state[key] = SKIPPED
             return claims.UNREACHABLE
@@ -319,6 +324,7 @@ class FleetCoordinator(LocalCoordinator):
         parent.setblocking(False)
         self.sock = parent
         self.started_at = self.clock.monotonic()
+        self.connected = False
         self.selector.register(parent, selectors.EVENT_READ, self._ready)
         self.pending = self.buffer = b""
         log.info("fleet claims process started, pid %d", self.proc.pid)
@@ -410,7 +416,7 @@ class FleetCoordinator(LocalCoordinator):
             for name, second, fence in message["won"]:
                 self._won(name, int(second), int(fence), late, now)
             for name, second in message.get("lost") or ():
-                if self.state.get((name, second)) in (ASKED, LATE_ASK):
+                if self.state.get((name, second)) in (ASKED, LATE_ASK, STARTING):
                     self.state[(name, second)] = LOST
         elif "slots" in message:
             for name, second, fence, slot in message["slots"]:
@@ -435,8 +441,19 @@ class FleetCoordinator(LocalCoordinator):
             self.starter.tend_daemons()
         elif message.get("db") == "down":
             self.db_down = message.get("error")
+            self._connected()
         elif message.get("db") == "up":
             self.db_down = None
+            self._connected()
+
+    def _connected(self):
+        """The claims process has reached the database, or found it unreachable: the seconds
+        whose tick came before are answered, or (unreachable) now skipped with the reason."""
+        self.connected = True
+        for key in [key for key, state in self.state.items() if state == STARTING]:
+            if self.db_down is not None:
+                self.state[key] = ASKED
+                self.starter.start_claimed(*key)    # refused: recorded as unreachable
 
     def _daemon_lost(self, name, fence, signum):
         """A daemon's slot whose lease cannot be kept: its instance stopped, the slot gone."""
@@ -458,8 +475,8 @@ class FleetCoordinator(LocalCoordinator):
             self._send({"end": [[name, second, fence]]})
             return
         self.state.pop(key, None)
-        start_now = late or state == LATE_ASK or second <= now
-        self.won[key] = _Won(fence, now if late else None, start_now)
+        start_now = late or state in (LATE_ASK, STARTING) or second <= now
+        self.won[key] = _Won(fence, now if start_now else None, start_now)
         if not start_now:
             self.starter.prepare_claimed(name, second)
 
