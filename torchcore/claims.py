@@ -109,7 +109,7 @@ SCHEMA = "torchcore"
 # One statement for a batch of claims; a row comes back for each one this node won.
 CLAIM = f"""INSERT INTO {SCHEMA}.claims (task, second, slot, fence, node, expires)
     SELECT k.task, k.second, {SLOT}, k.second * {FENCE_STEP}, %(node)s,
-           greatest(to_timestamp(k.second), now()) + interval '{EXPIRE_AFTER:g} second'
+           to_timestamp(k.second) + interval '{EXPIRE_AFTER:g} second'
     FROM unnest(%(tasks)s::text[], %(seconds)s::bigint[]) AS k(task, second)
     ON CONFLICT (task, second, slot) DO NOTHING
     RETURNING task, second, fence"""
