@@ -35,7 +35,7 @@ import socket
 import sys
 import time
 
-from torchcore import claimloss, claims
+from torchcore import claimloss, claims, standby
 
 log = logging.getLogger("torchcore")
 
@@ -46,7 +46,6 @@ RECONNECT_EVERY = 0.5       # seconds between connection attempts while down
 LIVE_EVERY = 2.0            # the live nodes are read again this often
 PRUNE_EVERY = 600.0
 KEEP_SECONDS = 7 * 86400    # ended claims kept a week (``fleet tasks``: who ran the last one)
-DAEMON_EVERY = 1.0          # seconds between looks for a free slot of a `run: once` daemon
 RENEW_RETRY = 1.0           # seconds between renewals while they fail
 KILL_BEFORE = 0.5           # a run that cannot renew is killed this long before its lease ends
 TERM_MARGIN = 1.0           # ... and sent TERM this long plus its kill_grace before
@@ -100,7 +99,7 @@ class Claimer:
         self.renew_at = 0.0
         self.orphaned = False           # the supervisor is gone: watch the runs' groups
         self.daemons = {}               # name -> (ips, hosts, max, kill_grace): once daemons
-        self.daemons_at = 0.0           # the next look for a free daemon slot
+        self.standby = standby.DaemonSlots(clock)   # when to look for a free daemon slot
         self.losses = claimloss.LossWatch(clock)    # lost runs of its `once` tasks
         self.pruned_at = clock()
         self.buffer = b""
@@ -111,9 +110,10 @@ class Claimer:
 
     def run(self):
         while True:
-            readable, _, _ = select.select(([] if self.orphaned else [self.sock]) + self.wake,
-                                           [], [], self.timeout())
-            if readable or self.stop:
+            listen = self.standby.fds(self) if self.daemons and not self.orphaned else []
+            readable, _, _ = select.select(([] if self.orphaned else [self.sock]) + self.wake
+                                           + listen, [], [], self.timeout())
+            if self.sock in readable or self.stop:
                 self.read()
             if self.stop:
                 return
@@ -160,7 +160,7 @@ class Claimer:
         times = list(self.waiting.values()) + [at for at, _ in self.rechecks.values()]
         times += [due[2] for due in self.slots_due.values()]
         if self.daemons and not self.orphaned:
-            times.append(self.daemons_at)
+            times.append(self.standby.at)
         if self.losses.tasks and not self.orphaned:
             times.append(self.losses.at)
         if self.held:
@@ -198,6 +198,7 @@ class Claimer:
         elif "daemons" in message:  # the node's `run: once` daemon tasks (after each load)
             self.daemons = {name: (ips, hosts, int(most), kill_grace)
                             for name, ips, hosts, most, kill_grace in message["daemons"]}
+            self.standby.changed()
         elif "once" in message:     # the node's common `run: once` tasks (after each load)
             self.losses.use(message["once"])
             self.maxes.update((name, int(most)) for name, most, _ in message["once"])
@@ -260,14 +261,17 @@ class Claimer:
             self.release()
         if not self.orphaned and self.losses.due(now):
             self.take_late(self.losses.look(self))
-        if self.daemons and not self.orphaned and now >= self.daemons_at:
-            self.daemons_at = now + DAEMON_EVERY
-            self.take_daemon_slots()
+        if self.daemons and not self.orphaned:
+            self.standby.drain(self)
+            if self.clock() >= self.standby.at:
+                self.standby.look(self)
         if self.held:
             self.tend_leases()
         if now - self.pruned_at > PRUNE_EVERY and self.conn is not None:
             self.pruned_at = now
             self.execute(claims.PRUNE, {"keep": KEEP_SECONDS})
+        if self.daemons and not self.orphaned:
+            self.standby.drain(self)    # a NOTIFY read with the answers above: no select sees it
 
     def tend_leases(self):
         """Renew every lease/3; stop what cannot be renewed before its lease ends."""
@@ -365,37 +369,6 @@ class Claimer:
                 self.execute(claims.DECIDED, {"task": name, "second": second, "fence": fence})
                 full.append([name, second, fence])
         self.send({"slots": slots, "full": full})
-
-    def take_daemon_slots(self):
-        """A free slot of each `run: once` daemon this node runs fewer than its share of
-        (max over the live nodes it may run on, rounded up): the node preferred for the task
-        takes a free slot at once, the others when it has been free a second."""
-        live = self.live_nodes()
-        found = []
-        for name, (ips, hosts, most, kill_grace) in self.daemons.items():
-            mine = sum(1 for key in self.held if key[0] == name and key[1] < 0)
-            names = claims.pool(ips, hosts, live)
-            if self.node not in names:
-                names.append(self.node)
-            if mine >= min(most, -(-most // len(names))):
-                continue
-            if name not in self.made:
-                if self.execute(claims.MAKE_SLOTS, {"task": name, "max": most}) is None:
-                    return
-                self.made.add(name)
-            sent = self.clock()
-            wait = 0.0 if claims.preferred(name, 0, names) == self.node else DAEMON_EVERY
-            rows = self.execute(claims.TAKE_DAEMON_SLOT, {
-                "task": name, "max": most, "node": self.node, "lease": self.lease, "wait": wait})
-            if rows is None:
-                return
-            for slot, fence in rows:
-                held = Held(name, -1 - slot, fence, None, kill_grace, sent + self.lease)
-                held.confirmed = True
-                self.held[(name, held.second)] = held
-                found.append(held.item)
-        if found:
-            self.send({"daemon": found})
 
     def recheck(self, keys):
         """Take over the expired claims among ``keys``; look again in a second at those still

@@ -162,15 +162,25 @@ TAKE_SLOT = f"""UPDATE {SCHEMA}.slots SET second = %(second)s, fence = %(fence)s
     RETURNING slot"""
 
 # A `run: once` daemon's slot: taken for ``lease`` at once (its instance starts now); the
-# fencing token is the database's clock in milliseconds, so it grows with each holder.
-TAKE_DAEMON_SLOT = f"""UPDATE {SCHEMA}.slots SET second = NULL, node = %(node)s,
-        fence = (extract(epoch FROM clock_timestamp()) * 1000)::bigint,
-        lease_until = now() + make_interval(secs => %(lease)s)
-    WHERE task = %(task)s AND slot = (
-        SELECT slot FROM {SCHEMA}.slots WHERE task = %(task)s AND slot < %(max)s
-          AND (lease_until IS NULL OR lease_until < now() - make_interval(secs => %(wait)s))
-        ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED)
-    RETURNING slot, fence"""
+# fencing token is the database's clock in milliseconds, so it grows with each holder.  None
+# taken: one row (NULL, NULL, seconds) says when the earliest slot of another node can be
+# taken (its lease end + wait; standby.py looks again then).
+TAKE_DAEMON_SLOT = f"""WITH taken AS (
+        UPDATE {SCHEMA}.slots SET second = NULL, node = %(node)s,
+            fence = (extract(epoch FROM clock_timestamp()) * 1000)::bigint,
+            lease_until = now() + make_interval(secs => %(lease)s)
+        WHERE task = %(task)s AND slot = (
+            SELECT slot FROM {SCHEMA}.slots WHERE task = %(task)s AND slot < %(max)s
+              AND (lease_until IS NULL OR lease_until < now() - make_interval(secs => %(wait)s))
+            ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED)
+        RETURNING slot, fence)
+    SELECT slot, fence, NULL::float8 FROM taken
+    UNION ALL
+    SELECT NULL, NULL, extract(epoch FROM min(coalesce(lease_until, now())
+                                              + make_interval(secs => %(wait)s)) - now())::float8
+    FROM {SCHEMA}.slots WHERE task = %(task)s AND slot < %(max)s
+      AND (node IS DISTINCT FROM %(node)s OR lease_until IS NULL OR lease_until < now())
+      AND NOT EXISTS (SELECT 1 FROM taken)"""
 
 # Leases renewed (at a start, then every lease/3): a row back for each one still held.
 RENEW = f"""UPDATE {SCHEMA}.slots AS s SET lease_until = now() + make_interval(secs => %(lease)s)
@@ -178,14 +188,18 @@ RENEW = f"""UPDATE {SCHEMA}.slots AS s SET lease_until = now() + make_interval(s
     WHERE s.task = k.task AND s.fence = k.fence AND s.node = %(node)s AND s.lease_until > now()
     RETURNING s.task, s.fence"""
 
+# (a daemon's slot freed, by a clean stop: the standbys are told at once, standby.py)
 RELEASE = f"""WITH freed AS (
         UPDATE {SCHEMA}.slots AS s SET lease_until = NULL
         FROM unnest(%(tasks)s::text[], %(fences)s::bigint[]) AS k(task, fence)
-        WHERE s.task = k.task AND s.fence = k.fence AND s.node = %(node)s RETURNING s.task)
-    UPDATE {SCHEMA}.claims AS c SET ended = now()
-    FROM unnest(%(tasks)s::text[], %(fences)s::bigint[]) AS k(task, fence)
-    WHERE c.task = k.task AND c.second = k.fence / {FENCE_STEP} AND c.slot = {SLOT}
-      AND c.fence = k.fence"""
+        WHERE s.task = k.task AND s.fence = k.fence AND s.node = %(node)s
+        RETURNING s.task, s.second),
+    ended AS (
+        UPDATE {SCHEMA}.claims AS c SET ended = now()
+        FROM unnest(%(tasks)s::text[], %(fences)s::bigint[]) AS k(task, fence)
+        WHERE c.task = k.task AND c.second = k.fence / {FENCE_STEP} AND c.slot = {SLOT}
+          AND c.fence = k.fence)
+    SELECT pg_notify('torchcore_slots', task) FROM freed WHERE second IS NULL"""
 
 LIVE_NODES = f"""SELECT name, hostname, addresses FROM {SCHEMA}.nodes
     WHERE stopped IS NULL AND last_seen > now() - make_interval(secs => 2 * heartbeat)"""

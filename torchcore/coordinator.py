@@ -245,6 +245,9 @@ class FleetCoordinator(LocalCoordinator):
             slots = self.daemon_slots.get(run.task.name, {})
             for fence, entry in list(slots.items()):
                 if entry[1] == run.run_id:
+                    if self.starter.stopping_now and self.daemon_specs:
+                        self.daemon_specs = []      # stopping: no slot taken again (the
+                        self._send({"daemons": []})     # freed one's NOTIFY wakes it too)
                     if self.starter.stopping_now or run.task.name not in self.once:
                         del slots[fence]            # a clean stop hands it over at once
                         self._send({"end": [[run.task.name, entry[0], fence]]})
@@ -434,7 +437,7 @@ class FleetCoordinator(LocalCoordinator):
                     self.starter.stop_claimed(name, int(second), signum)
         elif "daemon" in message:
             for name, second, fence in message["daemon"]:
-                if name in self.once:
+                if name in self.once and not self.starter.stopping_now:
                     self.daemon_slots.setdefault(name, {})[fence] = [second, None]
                 else:
                     self._send({"end": [[name, second, fence]]})
