@@ -316,3 +316,16 @@ def test_before_the_claims_process_first_answers_a_tick_waits_then_runs_late_or_
     assert started[1:] == [("job", now + 1, claims.UNREACHABLE)]
     fleet_.ahead(now + 2, [task])
     assert fleet_.claim(task, now + 2) == claims.UNREACHABLE    # connected (down): at once
+
+
+def test_a_claim_made_after_its_second_is_not_taken_over_before_it_could_start(fleet):
+    now = int(time.time())
+    with fleetdb.connect(fleet.url) as conn:
+        def run(sql, node, keys):
+            return conn.execute(sql, {"node": node, **claims.columns(keys)}).fetchall()
+        assert run(claims.CLAIM_LATE, "n1", [("job", now - 5)]) == [
+            ("job", now - 5, claims.first_fence(now - 5))]
+        assert run(claims.TAKE_OVER, "n2", [("job", now - 5)]) == []     # 1 s to start
+        time.sleep(claims.EXPIRE_AFTER + 0.1)
+        assert run(claims.TAKE_OVER, "n2", [("job", now - 5)]) == [
+            ("job", now - 5, claims.first_fence(now - 5) + 1)]

@@ -331,7 +331,9 @@ class Claimer:
             claims.FIRE_WINDOW if self.up_once else claims.RECHECK_FOR)]
         if not keys:
             return
-        rows = self.execute(claims.CLAIM, {"node": self.node, **claims.columns(keys)})
+        late = any(second <= now for _, second in keys)
+        rows = self.execute(claims.CLAIM_LATE if late else claims.CLAIM,
+                            {"node": self.node, **claims.columns(keys)})
         if rows is None:
             return          # unanswered: the supervisor fails them closed
         won = {(task, int(second)): int(fence) for task, second, fence in rows}

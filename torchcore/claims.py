@@ -114,6 +114,12 @@ CLAIM = f"""INSERT INTO {SCHEMA}.claims (task, second, slot, fence, node, expire
     ON CONFLICT (task, second, slot) DO NOTHING
     RETURNING task, second, fence"""
 
+# The same for a batch with a second already past (a node starting, a claim asked at its tick):
+# a claim made late expires 1 s after it was made, so no node takes it over while it starts.
+CLAIM_LATE = CLAIM.replace("to_timestamp(k.second) + interval",
+                           "greatest(to_timestamp(k.second), now()) + interval")
+assert CLAIM_LATE != CLAIM
+
 # Claims not started in time, taken over (a new token); the row lock makes one node win each.
 TAKE_OVER = f"""UPDATE {SCHEMA}.claims AS c
     SET node = %(node)s, fence = c.fence + 1, takeovers = c.takeovers + 1, claimed = now(),
