@@ -41,7 +41,8 @@ NEVER = None        # on_node_loss: none (the default): a lost run is recorded, 
 # The claims of ``tasks`` lost now (see the module docstring), recorded by this node, and its
 # reruns taken; a last row (task NULL) gives the seconds until the earliest lease of a started,
 # unended claim of ``tasks`` ends (NULL: none), when the next look is worth making.
-_LOST_WHERE = f"""c.ended IS NULL AND c.lost_fence IS DISTINCT FROM c.fence AND (
+_LOST_WHERE = f"""c.ended IS NULL AND c.lost_fence IS DISTINCT FROM c.fence
+        AND (c.started IS NOT NULL OR c.reruns > 0) AND (     -- (the index claims_open)
             (c.started IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {S}.slots AS s
                 WHERE s.task = c.task AND s.fence = c.fence AND s.node = c.node
                   AND s.lease_until >= now()))
