@@ -38,6 +38,21 @@ def test_run_once_and_each_load_and_survive_the_compact_record(tmp_path):
         **{**{f: getattr(tasks[0], f) for f in tasks[0].__slots__}, "run": "each"}))
 
 
+def test_on_node_loss_loads_on_a_once_task_and_survives_the_compact_record(tmp_path):
+    _, load = _load(tmp_path, FLEET + "tasks:\n"
+                    "  - {name: a, schedule: '* * * * * *', command: 'true', run: once,"
+                    " on_node_loss: rerun}\n"
+                    "  - {name: b, schedule: '* * * * * *', command: 'true', run: once,"
+                    " on_node_loss: none}\n")
+    tasks = load().tasks
+    assert [t.on_node_loss for t in tasks] == ["rerun", "none"]
+    table = tasktable.TaskTable.of_tasks(tasks)
+    assert table["a"] == tasks[0] and table["a"].on_node_loss == "rerun"
+    assert table.once == {"a", "b"}
+    assert tasktable.record(tasks[0]) != tasktable.record(tasks[1].__class__(
+        **{**{f: getattr(tasks[0], f) for f in tasks[0].__slots__}, "on_node_loss": "none"}))
+
+
 def test_run_once_without_settings_fleet_is_an_error_at_its_line_naming_the_setting(tmp_path):
     path, load = _load(tmp_path, "tasks:\n  - name: report\n    schedule: '0 30 2 * * *'\n"
                        "    command: 'true'\n    run: once\n")
@@ -51,6 +66,12 @@ def test_run_once_without_settings_fleet_is_an_error_at_its_line_naming_the_sett
      ":5: task 'x': run: expected each or once, got 'twice'"),
     ("{name: x, schedule: '@reboot', command: 'true', run: once}",
      ":5: task 'x': run: once cannot be used with @reboot"),
+    ("{name: x, schedule: '* * * * * *', command: 'true', on_node_loss: rerun}",
+     ":5: task 'x': on_node_loss: only a run: once task can be re-run on another node"),
+    ("{name: x, type: daemon, command: 'sleep 9', run: once, on_node_loss: rerun}",
+     ":5: task 'x': on_node_loss: a daemon task moves to another node when its node dies"),
+    ("{name: x, schedule: '* * * * * *', command: 'true', run: once, on_node_loss: sometimes}",
+     ":5: task 'x': on_node_loss: expected none or rerun, got 'sometimes'"),
 ])
 def test_bad_run_values_name_file_line_task_and_field(tmp_path, task, problem):
     path, load = _load(tmp_path, FLEET + "tasks:\n  - " + task + "\n")

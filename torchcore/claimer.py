@@ -35,7 +35,7 @@ import socket
 import sys
 import time
 
-from torchcore import claims, holders
+from torchcore import claimloss, claims, holders, standby
 
 log = logging.getLogger("torchcore")
 
@@ -46,7 +46,6 @@ RECONNECT_EVERY = 0.5       # seconds between connection attempts while down
 LIVE_EVERY = 2.0            # the live nodes are read again this often
 PRUNE_EVERY = 600.0
 KEEP_SECONDS = 7 * 86400    # ended claims kept a week (``fleet tasks``: who ran the last one)
-DAEMON_EVERY = 1.0          # seconds between looks for a free slot of a `run: once` daemon
 RENEW_RETRY = 1.0           # seconds between renewals while they fail
 KILL_BEFORE = 0.5           # a run that cannot renew is killed this long before its lease ends
 TERM_MARGIN = 1.0           # ... and sent TERM this long plus its kill_grace before
@@ -85,6 +84,7 @@ class Claimer:
         self.takeover, self.lease = 0.5, 15
         self.conn = None
         self.down = None                # the error, while the database cannot be used
+        self.up_once = False            # connected once: the supervisor was told "db"
         self.next_connect = 0.0
         self.live = []                  # (name, hostname, addresses) of the live nodes
         self.live_at = -1e9
@@ -99,7 +99,8 @@ class Claimer:
         self.renew_at = 0.0
         self.orphaned = False           # the supervisor is gone: watch the runs' groups
         self.daemons = {}               # name -> (ips, hosts, max, kill_grace): once daemons
-        self.daemons_at = 0.0           # the next look for a free daemon slot
+        self.standby = standby.DaemonSlots(clock)   # when to look for a free daemon slot
+        self.losses = claimloss.LossWatch(clock)    # lost runs of its `once` tasks
         self.pruned_at = clock()
         self.buffer = b""
         self.holders = holders.Reporter()   # read every few seconds for status (holders.py)
@@ -110,9 +111,10 @@ class Claimer:
 
     def run(self):
         while True:
-            readable, _, _ = select.select(([] if self.orphaned else [self.sock]) + self.wake,
-                                           [], [], self.timeout())
-            if readable or self.stop:
+            listen = self.standby.fds(self) if self.daemons and not self.orphaned else []
+            readable, _, _ = select.select(([] if self.orphaned else [self.sock]) + self.wake
+                                           + listen, [], [], self.timeout())
+            if self.sock in readable or self.stop:
                 self.read()
             if self.stop:
                 return
@@ -159,7 +161,9 @@ class Claimer:
         times = list(self.waiting.values()) + [at for at, _ in self.rechecks.values()]
         times += [due[2] for due in self.slots_due.values()]
         if self.daemons and not self.orphaned:
-            times.append(self.daemons_at)
+            times.append(self.standby.at)
+        if self.losses.tasks and not self.orphaned:
+            times.append(self.losses.at)
         if self.held:
             times.append(self.renew_at)
             for held in self.held.values():
@@ -195,6 +199,10 @@ class Claimer:
         elif "daemons" in message:  # the node's `run: once` daemon tasks (after each load)
             self.daemons = {name: (ips, hosts, int(most), kill_grace)
                             for name, ips, hosts, most, kill_grace in message["daemons"]}
+            self.standby.changed()
+        elif "once" in message:     # the node's common `run: once` tasks (after each load)
+            self.losses.use(message["once"])
+            self.maxes.update((name, int(most)) for name, most, _ in message["once"])
         elif "hello" in message:
             self.hello(message["hello"])
         elif "watch" in message:    # the node's `run: once` tasks, whose holders status shows
@@ -254,15 +262,20 @@ class Claimer:
         if (self.unconfirmed or self.unreleased) and self.conn is None and now >= self.next_connect:
             self.confirm()
             self.release()
-        if self.daemons and not self.orphaned and now >= self.daemons_at:
-            self.daemons_at = now + DAEMON_EVERY
-            self.take_daemon_slots()
+        if not self.orphaned and self.losses.due(now):
+            self.take_late(self.losses.look(self))
+        if self.daemons and not self.orphaned:
+            self.standby.drain(self)
+            if self.clock() >= self.standby.at:
+                self.standby.look(self)
         if self.held:
             self.tend_leases()
         self.holders.tend(self, now)
         if now - self.pruned_at > PRUNE_EVERY and self.conn is not None:
             self.pruned_at = now
             self.execute(claims.PRUNE, {"keep": KEEP_SECONDS})
+        if self.daemons and not self.orphaned:
+            self.standby.drain(self)    # a NOTIFY read with the answers above: no select sees it
 
     def tend_leases(self):
         """Renew every lease/3; stop what cannot be renewed before its lease ends."""
@@ -315,12 +328,16 @@ class Claimer:
 
     def attempt(self, keys):
         """Claim ``keys`` in one statement; answer won and lost.  A second already past its fire
-        window is not tried (the supervisor has skipped it)."""
+        window is not tried (the supervisor has skipped it), unless this process has not been
+        connected yet (the supervisor waits for its answer: a claim won late is run late)."""
         now = self.clock()
-        keys = [key for key in keys if now < key[1] + claims.FIRE_WINDOW]
+        keys = [key for key in keys if now < key[1] + (
+            claims.FIRE_WINDOW if self.up_once else claims.RECHECK_FOR)]
         if not keys:
             return
-        rows = self.execute(claims.CLAIM, {"node": self.node, **claims.columns(keys)})
+        late = any(second <= now for _, second in keys)
+        rows = self.execute(claims.CLAIM_LATE if late else claims.CLAIM,
+                            {"node": self.node, **claims.columns(keys)})
         if rows is None:
             return          # unanswered: the supervisor fails them closed
         won = {(task, int(second)): int(fence) for task, second, fence in rows}
@@ -329,8 +346,10 @@ class Claimer:
                    "late": False})
         for key in keys:
             self.rechecks[key] = (key[1] + claims.EXPIRE_AFTER + 0.1, key[1] + claims.RECHECK_FOR)
-        for key, fence in won.items():
-            self.slots_due[key] = [fence, self.maxes.get(key[0], 1), key[1] - claims.SLOT_AHEAD]
+        now = self.clock()
+        for key, fence in won.items():      # (a second already past: its slot at once)
+            self.slots_due[key] = [fence, self.maxes.get(key[0], 1),
+                                   key[1] - claims.SLOT_AHEAD if key[1] > now else 0]
 
     def take_slots(self, keys):
         """Take a free slot for each won claim in ``keys``: answer slots and full (a full one
@@ -357,49 +376,13 @@ class Claimer:
                 full.append([name, second, fence])
         self.send({"slots": slots, "full": full})
 
-    def take_daemon_slots(self):
-        """A free slot of each `run: once` daemon this node runs fewer than its share of
-        (max over the live nodes it may run on, rounded up): the node preferred for the task
-        takes a free slot at once, the others when it has been free a second."""
-        live = self.live_nodes()
-        found = []
-        for name, (ips, hosts, most, kill_grace) in self.daemons.items():
-            mine = sum(1 for key in self.held if key[0] == name and key[1] < 0)
-            names = claims.pool(ips, hosts, live)
-            if self.node not in names:
-                names.append(self.node)
-            if mine >= min(most, -(-most // len(names))):
-                continue
-            if name not in self.made:
-                if self.execute(claims.MAKE_SLOTS, {"task": name, "max": most}) is None:
-                    return
-                self.made.add(name)
-            sent = self.clock()
-            wait = 0.0 if claims.preferred(name, 0, names) == self.node else DAEMON_EVERY
-            rows = self.execute(claims.TAKE_DAEMON_SLOT, {
-                "task": name, "max": most, "node": self.node, "lease": self.lease, "wait": wait})
-            if rows is None:
-                return
-            for slot, fence in rows:
-                held = Held(name, -1 - slot, fence, None, kill_grace, sent + self.lease)
-                held.confirmed = True
-                self.held[(name, held.second)] = held
-                found.append(held.item)
-        if found:
-            self.send({"daemon": found})
-
     def recheck(self, keys):
         """Take over the expired claims among ``keys``; look again in a second at those still
         open (until RECHECK_FOR after their second)."""
         rows = self.execute(claims.TAKE_OVER, {"node": self.node, **claims.columns(keys)})
         if rows is None:
             return
-        if rows:
-            self.send({"won": [[task, int(second), int(fence)] for task, second, fence in rows],
-                       "lost": [], "late": True})
-            for task, second, fence in rows:
-                self.slots_due[(task, int(second))] = [int(fence), self.maxes.get(task, 1), 0]
-            self.take_slots([(task, int(second)) for task, second, _ in rows])
+        self.take_late(rows)
         still = self.execute(claims.OPEN, claims.columns(keys))
         if still is None:
             return
@@ -409,6 +392,16 @@ class Claimer:
             _, give_up = self.rechecks.pop(key)
             if key in still and now + 1 < give_up:
                 self.rechecks[key] = (now + 1.0, give_up)
+
+    def take_late(self, rows):
+        """Claims won after their second (taken over, or lost runs re-run): answered, and
+        their slots taken at once."""
+        if rows:
+            self.send({"won": [[task, int(second), int(fence)] for task, second, fence in rows],
+                       "lost": [], "late": True})
+            for task, second, fence in rows:
+                self.slots_due[(task, int(second))] = [int(fence), self.maxes.get(task, 1), 0]
+            self.take_slots([(task, int(second)) for task, second, _ in rows])
 
     def confirm(self):
         """The starts not confirmed yet, then their leases; those whose claim is no longer this
@@ -500,10 +493,11 @@ class Claimer:
             self.next_connect = self.clock() + RECONNECT_EVERY
             self.lost(exc)
             return False
-        if self.down is not None:
-            log.info("fleet claims: the fleet database is reachable again")
+        if self.down is not None or not self.up_once:
+            if self.down is not None:
+                log.info("fleet claims: the fleet database is reachable again")
             self.send({"db": "up"})
-            self.down = None
+            self.down, self.up_once = None, True
         return True
 
     def lost(self, exc):
@@ -524,7 +518,7 @@ class Claimer:
         if self.down is None:
             log.error("fleet claims: %s; `run: once` tasks are skipped until it is back", text)
             self.send({"db": "down", "error": text})
-        self.down = text
+        self.down, self.up_once = text, True
 
     def send(self, message):
         if self.orphaned:

@@ -114,6 +114,12 @@ CLAIM = f"""INSERT INTO {SCHEMA}.claims (task, second, slot, fence, node, expire
     ON CONFLICT (task, second, slot) DO NOTHING
     RETURNING task, second, fence"""
 
+# The same for a batch with a second already past (a node starting, a claim asked at its tick):
+# a claim made late expires 1 s after it was made, so no node takes it over while it starts.
+CLAIM_LATE = CLAIM.replace("to_timestamp(k.second) + interval",
+                           "greatest(to_timestamp(k.second), now()) + interval")
+assert CLAIM_LATE != CLAIM
+
 # Claims not started in time, taken over (a new token); the row lock makes one node win each.
 TAKE_OVER = f"""UPDATE {SCHEMA}.claims AS c
     SET node = %(node)s, fence = c.fence + 1, takeovers = c.takeovers + 1, claimed = now(),
@@ -162,15 +168,25 @@ TAKE_SLOT = f"""UPDATE {SCHEMA}.slots SET second = %(second)s, fence = %(fence)s
     RETURNING slot"""
 
 # A `run: once` daemon's slot: taken for ``lease`` at once (its instance starts now); the
-# fencing token is the database's clock in milliseconds, so it grows with each holder.
-TAKE_DAEMON_SLOT = f"""UPDATE {SCHEMA}.slots SET second = NULL, node = %(node)s,
-        fence = (extract(epoch FROM clock_timestamp()) * 1000)::bigint,
-        lease_until = now() + make_interval(secs => %(lease)s)
-    WHERE task = %(task)s AND slot = (
-        SELECT slot FROM {SCHEMA}.slots WHERE task = %(task)s AND slot < %(max)s
-          AND (lease_until IS NULL OR lease_until < now() - make_interval(secs => %(wait)s))
-        ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED)
-    RETURNING slot, fence"""
+# fencing token is the database's clock in milliseconds, so it grows with each holder.  None
+# taken: one row (NULL, NULL, seconds) says when the earliest slot of another node can be
+# taken (its lease end + wait; standby.py looks again then).
+TAKE_DAEMON_SLOT = f"""WITH taken AS (
+        UPDATE {SCHEMA}.slots SET second = NULL, node = %(node)s,
+            fence = (extract(epoch FROM clock_timestamp()) * 1000)::bigint,
+            lease_until = now() + make_interval(secs => %(lease)s)
+        WHERE task = %(task)s AND slot = (
+            SELECT slot FROM {SCHEMA}.slots WHERE task = %(task)s AND slot < %(max)s
+              AND (lease_until IS NULL OR lease_until < now() - make_interval(secs => %(wait)s))
+            ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED)
+        RETURNING slot, fence)
+    SELECT slot, fence, NULL::float8 FROM taken
+    UNION ALL
+    SELECT NULL, NULL, extract(epoch FROM min(coalesce(lease_until, now())
+                                              + make_interval(secs => %(wait)s)) - now())::float8
+    FROM {SCHEMA}.slots WHERE task = %(task)s AND slot < %(max)s
+      AND (node IS DISTINCT FROM %(node)s OR lease_until IS NULL OR lease_until < now())
+      AND NOT EXISTS (SELECT 1 FROM taken)"""
 
 # Leases renewed (at a start, then every lease/3): a row back for each one still held.
 RENEW = f"""UPDATE {SCHEMA}.slots AS s SET lease_until = now() + make_interval(secs => %(lease)s)
@@ -178,14 +194,18 @@ RENEW = f"""UPDATE {SCHEMA}.slots AS s SET lease_until = now() + make_interval(s
     WHERE s.task = k.task AND s.fence = k.fence AND s.node = %(node)s AND s.lease_until > now()
     RETURNING s.task, s.fence"""
 
+# (a daemon's slot freed, by a clean stop: the standbys are told at once, standby.py)
 RELEASE = f"""WITH freed AS (
         UPDATE {SCHEMA}.slots AS s SET lease_until = NULL
         FROM unnest(%(tasks)s::text[], %(fences)s::bigint[]) AS k(task, fence)
-        WHERE s.task = k.task AND s.fence = k.fence AND s.node = %(node)s RETURNING s.task)
-    UPDATE {SCHEMA}.claims AS c SET ended = now()
-    FROM unnest(%(tasks)s::text[], %(fences)s::bigint[]) AS k(task, fence)
-    WHERE c.task = k.task AND c.second = k.fence / {FENCE_STEP} AND c.slot = {SLOT}
-      AND c.fence = k.fence"""
+        WHERE s.task = k.task AND s.fence = k.fence AND s.node = %(node)s
+        RETURNING s.task, s.second),
+    ended AS (
+        UPDATE {SCHEMA}.claims AS c SET ended = now()
+        FROM unnest(%(tasks)s::text[], %(fences)s::bigint[]) AS k(task, fence)
+        WHERE c.task = k.task AND c.second = k.fence / {FENCE_STEP} AND c.slot = {SLOT}
+          AND c.fence = k.fence)
+    SELECT pg_notify('torchcore_slots', task) FROM freed WHERE second IS NULL"""
 
 LIVE_NODES = f"""SELECT name, hostname, addresses FROM {SCHEMA}.nodes
     WHERE stopped IS NULL AND last_seen > now() - make_interval(secs => 2 * heartbeat)"""
@@ -212,6 +232,8 @@ def columns(keys):
 #                        {"end": [[name, second, fence], ...]}
 #                        {"watch": [name, ...]}     (the node's `once` tasks: their holders are
 #                                    read every few seconds for status, holders.py)
+#                        {"once": [[name, max, grace], ...]}     (common `once` tasks: their lost
+#                                    runs are looked for; grace: on_node_loss: rerun's, or null)
 # claimer -> supervisor: {"won": [[name, second, fence], ...], "lost": [[name, second], ...],
 #                         "late": bool}              (late: taken over after its second)
 #                        {"slots": [[name, second, fence, slot], ...],
@@ -219,7 +241,8 @@ def columns(keys):
 #                        {"revoked": [[name, second, fence], ...]}  (taken over before its start)
 #                        {"stop": [[name, second, fence], ...], "kill": bool}  (its lease ends)
 #                        {"daemon": [[name, -1 - slot, fence], ...]}   (a daemon slot taken)
-#                        {"db": "up" | "down", "error": text}
+#                        {"db": "up" | "down", "error": text}   (also at the first connection:
+#                                    until then a second without an answer is not skipped)
 #                        {"holding": {"at": epoch, "tasks": {name: {"last": [second, fence,
 #                                    node, started] | null, "slots": [[slot, node, fence, second,
 #                                    lease_until], ...]}}}}     (holders.collect)

@@ -38,6 +38,7 @@ from torchcore.states import RunState
 log = logging.getLogger("torchcore")
 
 ASKED, LOST, SKIPPED, LATE_ASK = "asked", "lost", "skipped", "late-ask"
+STARTING = "starting"   # its tick came before the claims process first reached the database
 KEEP = 120              # seconds a second's claim state is kept after it
 RESTART_FIRST, RESTART_MAX = 1.0, 30.0
 MAX_PENDING = 1 << 20   # bytes waiting for the claimer; beyond, it is stuck: restarted
@@ -118,11 +119,13 @@ class FleetCoordinator(LocalCoordinator):
         self.state = {}                 # (name, second) -> ASKED, LOST, SKIPPED, LATE_ASK
         self.won = {}                   # (name, second) -> _Won
         self.daemon_specs = []          # what the claimer is told of the `run: once` daemons
+        self.once_specs = []            # ... and of the other `run: once` tasks (claimloss.py)
         self.daemon_slots = {}          # name -> {fence: [-1 - slot, run id or None]}
         self.daemon_pick = None         # (name, fence) the daemon run being started takes
         self.db_down = None
         from torchcore import holders
         self.known = holders.Known()    # the holders of the `once` tasks, for status
+        self.connected = False          # the claims process said "db" (up or down) once
 
     # ---- the supervisor's side ---------------------------------------------------------------
 
@@ -134,6 +137,9 @@ class FleetCoordinator(LocalCoordinator):
         daemons = sorted(self.once & set(getattr(tasks, "daemons", ())))
         self.daemon_specs = [[name, [str(n) for n in tasks[name].ips], list(tasks[name].hosts),
                               tasks[name].max, tasks[name].kill_grace] for name in daemons]
+        self.once_specs = [[name, tasks[name].max, settings.misfire_grace
+                            if tasks[name].on_node_loss == "rerun" else None]
+                           for name in sorted(self.once - set(daemons))]
         for name in [name for name in self.daemon_slots if name not in daemons]:
             slots = self.daemon_slots[name]     # no longer here: a slot is freed when its
             for fence, (second, run_id) in list(slots.items()):     # instance has ended
@@ -154,6 +160,7 @@ class FleetCoordinator(LocalCoordinator):
         elif self.proc is not None:
             self._send({"daemons": self.daemon_specs})
             self._send({"watch": sorted(self.once)})
+            self._send({"once": self.once_specs})
 
     def attach(self, selector, starter):
         self.selector, self.starter = selector, starter
@@ -193,6 +200,9 @@ class FleetCoordinator(LocalCoordinator):
                 return False        # too late to start: the claim expires, someone takes it over
             return True
         state = self.state.get(key)
+        if state == ASKED and self.hello is not None and not self.connected:
+            self.state[key] = STARTING  # the claims process is starting: its answer is
+            return False                # waited for (a won claim starts late), not a skip
         if state == ASKED and self.hello is not None:
             self.state[key] = SKIPPED
             return claims.UNREACHABLE
@@ -248,6 +258,9 @@ class FleetCoordinator(LocalCoordinator):
             slots = self.daemon_slots.get(run.task.name, {})
             for fence, entry in list(slots.items()):
                 if entry[1] == run.run_id:
+                    if self.starter.stopping_now and self.daemon_specs:
+                        self.daemon_specs = []      # stopping: no slot taken again (the
+                        self._send({"daemons": []})     # freed one's NOTIFY wakes it too)
                     if self.starter.stopping_now or run.task.name not in self.once:
                         del slots[fence]            # a clean stop hands it over at once
                         self._send({"end": [[run.task.name, entry[0], fence]]})
@@ -327,6 +340,7 @@ class FleetCoordinator(LocalCoordinator):
         parent.setblocking(False)
         self.sock = parent
         self.started_at = self.clock.monotonic()
+        self.connected = False
         self.selector.register(parent, selectors.EVENT_READ, self._ready)
         self.pending = self.buffer = b""
         log.info("fleet claims process started, pid %d", self.proc.pid)
@@ -335,6 +349,8 @@ class FleetCoordinator(LocalCoordinator):
         if self.daemon_specs:
             self._send({"daemons": self.daemon_specs})
         self._send({"watch": sorted(self.once)})
+        if self.once_specs:
+            self._send({"once": self.once_specs})
         return True
 
     def _tell_leases(self):
@@ -417,7 +433,7 @@ class FleetCoordinator(LocalCoordinator):
             for name, second, fence in message["won"]:
                 self._won(name, int(second), int(fence), late, now)
             for name, second in message.get("lost") or ():
-                if self.state.get((name, second)) in (ASKED, LATE_ASK):
+                if self.state.get((name, second)) in (ASKED, LATE_ASK, STARTING):
                     self.state[(name, second)] = LOST
         elif "slots" in message:
             for name, second, fence, slot in message["slots"]:
@@ -435,15 +451,17 @@ class FleetCoordinator(LocalCoordinator):
                     self.starter.stop_claimed(name, int(second), signum)
         elif "daemon" in message:
             for name, second, fence in message["daemon"]:
-                if name in self.once:
+                if name in self.once and not self.starter.stopping_now:
                     self.daemon_slots.setdefault(name, {})[fence] = [second, None]
                 else:
                     self._send({"end": [[name, second, fence]]})
             self.starter.tend_daemons()
         elif message.get("db") == "down":
             self.db_down = message.get("error")
+            self._connected()
         elif message.get("db") == "up":
             self.db_down = None
+            self._connected()
         elif "holding" in message:
             self.known.reported(message["holding"])
 
@@ -455,6 +473,15 @@ class FleetCoordinator(LocalCoordinator):
         own = {-1 - second: fence for fence, (second, _) in self.daemon_slots.get(name, {}).items()}
         entry, at = self.known.of(name, self.node_name, own)
         return {**entry, "at": at}
+
+    def _connected(self):
+        """The claims process has reached the database, or found it unreachable: the seconds
+        whose tick came before are answered, or (unreachable) now skipped with the reason."""
+        self.connected = True
+        for key in [key for key, state in self.state.items() if state == STARTING]:
+            if self.db_down is not None:
+                self.state[key] = ASKED
+                self.starter.start_claimed(*key)    # refused: recorded as unreachable
 
     def _daemon_lost(self, name, fence, signum):
         """A daemon's slot whose lease cannot be kept: its instance stopped, the slot gone."""
@@ -476,8 +503,8 @@ class FleetCoordinator(LocalCoordinator):
             self._send({"end": [[name, second, fence]]})
             return
         self.state.pop(key, None)
-        start_now = late or state == LATE_ASK or second <= now
-        self.won[key] = _Won(fence, now if late else None, start_now)
+        start_now = late or state in (LATE_ASK, STARTING) or second <= now
+        self.won[key] = _Won(fence, now if start_now else None, start_now)
         if not start_now:
             self.starter.prepare_claimed(name, second)
 

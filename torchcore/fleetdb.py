@@ -11,7 +11,8 @@ Everything torchcore keeps there lives in the schema ``torchcore``:
   failures, the latest run), kept by triggers on ``runs`` as rows arrive (fleetsummary.py).
 - ``claims``: who runs each second of a ``run: once`` task, keyed on (task, second, slot), with
   its fencing token (claims.py);
-- ``slots``: a `run: once` task's fleet-wide ``max``, one row per slot, held under a lease.
+- ``slots``: a `run: once` task's fleet-wide ``max``, one row per slot, held under a lease;
+  ``claims.lost``: a run whose node stopped renewing its lease, recorded lost (claimloss.py).
 
 ``torchcore fleet init`` applies the migrations a database lacks, in order, each in its own
 transaction, under a session advisory lock: fifty nodes running it at once migrate once, the
@@ -120,6 +121,16 @@ MIGRATIONS = (
             lease_until timestamptz,            -- free when NULL or past
             PRIMARY KEY (task, slot)
         )""",
+    )),
+    (5, "run: once lost runs", (
+        f"""ALTER TABLE {SCHEMA}.claims
+            ADD COLUMN lost timestamptz,        -- its lease passed with the run not ended
+            ADD COLUMN lost_node text,          -- the node and token of the run lost
+            ADD COLUMN lost_fence bigint,
+            ADD COLUMN reruns integer NOT NULL DEFAULT 0     -- on_node_loss: rerun
+        """,
+        f"""CREATE INDEX claims_open ON {SCHEMA}.claims (task) WHERE ended IS NULL
+            AND (started IS NOT NULL OR reruns > 0) AND lost_fence IS DISTINCT FROM fence""",
     )),
 )
 CODE_VERSION = MIGRATIONS[-1][0]

@@ -21,6 +21,7 @@ DEFAULT_STATE_DIR = ".torchcore"
 # A name is a file name in log_dir and a word on command lines: no leading '.' or '-'.
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 RESERVED_NAMES = ("torchcore",)     # log_dir/torchcore.log is the daemon's own log
+NODE_LOSS = ("none", "rerun")       # `on_node_loss:` what a lost `run: once` run gets (claimloss.py)
 RUN_MODES = ("each", "once")        # `run:` every node the task targets, or one of them per second
 
 
@@ -57,6 +58,7 @@ class Task:
     timezone: str | None = None
     limits: Limits = Limits()
     run: str = "each"               # each: on every node it targets; once: on one of them (claims.py)
+    on_node_loss: str = "none"      # run: once: a run lost with its node is re-run once ("rerun")
     # who is told of its runs (None: the settings' notify) and its dead-man ping: the notifier's
     # business, so changing them does not make the task a changed one (a daemon is not restarted)
     notify: tuple | None = field(default=None, compare=False)

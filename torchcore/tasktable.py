@@ -42,7 +42,8 @@ def record(task):
     fields = (task.description, task.command, task.type, task.schedule_text, task.max,
               tuple(str(network) for network in task.ips), task.hosts, task.timeout,
               task.kill_grace, task.env, task.cwd, task.user, task.group, task.inherit_env,
-              task.timezone, (limits.memory, limits.cpu, limits.nofile), task.run)
+              task.timezone, (limits.memory, limits.cpu, limits.nofile), task.on_node_loss,
+              task.run)                 # run last: see _RUN_ONCE
     return marshal.dumps((kind, spec, fields), MARSHAL_VERSION)
 
 
@@ -60,7 +61,8 @@ def decode(name, data):
     return Task(name=name, description=f[0], command=f[1], type=f[2], schedule_text=f[3],
                 schedule=schedule, max=f[4], ips=tuple(_network(text) for text in f[5]),
                 hosts=f[6], timeout=f[7], kill_grace=f[8], env=f[9], cwd=f[10], user=f[11],
-                group=f[12], inherit_env=f[13], timezone=f[14], limits=Limits(*f[15]), run=f[16])
+                group=f[12], inherit_env=f[13], timezone=f[14], limits=Limits(*f[15]),
+                on_node_loss=f[16], run=f[17])
 
 
 def schedule_of(data):

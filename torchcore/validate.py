@@ -21,7 +21,7 @@ import yaml
 
 from torchcore import fleetspec, notifyspec, paths
 from torchcore.errors import ConfigError
-from torchcore.taskspec import NAME_RE, RESERVED_NAMES, RUN_MODES, Limits, Settings, Task, TaskFile, default_settings
+from torchcore.taskspec import NAME_RE, RESERVED_NAMES, NODE_LOSS, RUN_MODES, Limits, Settings, Task, TaskFile, default_settings
 from torchcore.units import shown
 from torchcore.web import settings as http_settings
 from torchcore.yamlread import (
@@ -242,6 +242,8 @@ class Loader:
         kind = values.get("type", "common")
         if values.get("run") == "once":
             self.run_once(pairs["run"][1], kind, values, settings, where)
+        if values.get("on_node_loss", "none") != "none":
+            self.node_loss(pairs["on_node_loss"][1], kind, values, where)
         text = values.pop("schedule", None)
         tz = values.setdefault("timezone", settings.timezone)
         if "type" in pairs and "type" not in values and pairs["type"][1].tag != NULL:
@@ -274,6 +276,15 @@ class Loader:
         elif str(values.get("schedule", "")).strip().lower() == "@reboot":
             self.problem(node, where, "run: once cannot be used with @reboot (each node boots on "
                                       "its own); use run: each")
+
+    def node_loss(self, node, kind, values, where):
+        """``on_node_loss: rerun`` is for a common ``run: once`` task (a daemon moves anyway)."""
+        if kind == "daemon":
+            self.problem(node, where, "on_node_loss: a daemon task moves to another node when "
+                                      "its node dies; on_node_loss is for common run: once tasks")
+        elif values.get("run") != "once":
+            self.problem(node, where, "on_node_loss: only a run: once task can be re-run on "
+                                      "another node (add run: once, or remove on_node_loss)")
 
     def job_size(self, node, values, settings, where):
         """The command and env, as the launcher is sent them, within MAX_JOB_TEXT."""
@@ -348,6 +359,13 @@ def _run(loader, node):
     value = want_str(node, "each or once")
     if value not in RUN_MODES:
         raise Bad(f"expected each or once, got {value!r}{suggest(value, RUN_MODES)}", node)
+    return value
+
+
+def _on_node_loss(loader, node):
+    value = want_str(node, "none or rerun")
+    if value not in NODE_LOSS:
+        raise Bad(f"expected none or rerun, got {value!r}{suggest(value, NODE_LOSS)}", node)
     return value
 
 
@@ -441,6 +459,7 @@ TASK_FIELDS = {
     "command": _command,
     "type": _type,
     "run": _run,
+    "on_node_loss": _on_node_loss,
     "schedule": lambda loader, node: want_str(node, "a schedule like '0 30 2 * * *' or '@every 10s'"),
     "max": lambda loader, node: want_int(node, 1),
     "ips": _ips,

@@ -1,0 +1,331 @@
+"""`run: once` runs whose node died (claimloss.py), against a real PostgreSQL (tests/pgserver.py):
+recorded lost by one node when their lease has passed, their fleet history row closed and kept
+closed, and with ``on_node_loss: rerun`` re-run once, with a new token, within misfire_grace."""
+
+import concurrent.futures
+import socket
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from torchcore import claimer, claimloss, claims, fleetdb, fleetrows
+from torchcore.runrecord import RunRecord
+
+pytestmark = pytest.mark.process
+S = fleetdb.SCHEMA
+
+
+@pytest.fixture
+def fleet(pg):
+    with fleetdb.connect(pg.url) as conn:
+        fleetdb.migrate(conn, pg.url)
+    return pg
+
+
+def _started(conn, node, task, second, lease, run_id=None):
+    """A `once` run of ``node`` started for ``second``: claim, slot (lease seconds from now, may
+    be negative) and, with ``run_id``, its fleet history row as the agent ships it."""
+    fence = claims.first_fence(second)
+    conn.execute(f"""INSERT INTO {S}.claims (task, second, slot, fence, node, expires, started)
+        VALUES (%s, %s, 0, %s, %s, now(), now())""", (task, second, fence, node))
+    conn.execute(f"""INSERT INTO {S}.slots (task, slot, second, fence, node, lease_until)
+        VALUES (%s, (SELECT count(*) FROM {S}.slots WHERE task = %s), %s, %s, %s,
+                now() + make_interval(secs => %s))""", (task, task, second, fence, node, lease))
+    if run_id is not None:
+        _ship(conn, node, RunRecord.of_start(run_id, task, node, second, second + 0.01, False, 99))
+    return fence
+
+
+def _ship(conn, node, record):
+    conn.execute(fleetrows.UPSERT_RUNS, fleetrows.run_row(node, record, None))
+
+
+def _look(url, node, tasks):
+    with fleetdb.connect(url) as conn:
+        names = sorted(tasks)
+        return conn.execute(claimloss.FIND_LOST, {
+            "node": node, "tasks": names, "graces": [tasks[n] for n in names]}).fetchall()
+
+
+def _lost(rows):
+    return [row[:6] for row in rows if row[0] is not None]
+
+
+def test_a_run_whose_lease_passed_is_recorded_lost_once_and_its_history_row_stays_closed(fleet):
+    now = int(time.time())
+    with fleetdb.connect(fleet.url) as conn:
+        dead = _started(conn, "n1", "report", now - 20, -1, run_id=7)      # its lease passed
+        _started(conn, "n2", "report", now - 5, 10, run_id=3)             # renewed: alive
+    # eight nodes look at once: one records it
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(lambda n: _lost(_look(fleet.url, f"n{n + 3}", {"report": None})),
+                              range(8)))
+    assert sorted(map(len, found)) == [0] * 7 + [1]
+    assert sum(found, []) == [("report", now - 20, dead, "n1", dead, False)]
+    assert _lost(_look(fleet.url, "n3", {"report": None})) == []        # recorded once
+    with fleetdb.connect(fleet.url) as conn:
+        row = conn.execute(f"SELECT lost IS NOT NULL, lost_node, lost_fence, node, fence, reruns "
+                           f"FROM {S}.claims WHERE second = %s", (now - 20,)).fetchone()
+        assert row == (True, "n1", dead, "n1", dead, 0)         # not re-run: the default
+        history = f"SELECT ended IS NOT NULL, error, failed FROM {S}.runs WHERE node = %s"
+        closed = conn.execute(history, ("n1",)).fetchone()
+        assert closed[0] and closed[1].startswith("lost: node n1 stopped renewing") and closed[2]
+        assert conn.execute(history, ("n2",)).fetchone() == (False, None, False)
+        # the dead node restarts: its agent ships the start again (it was waiting), then its
+        # own lost record (adopt.py): never "running" again; its own words are kept
+        start = RunRecord.of_start(7, "report", "n1", now - 20, now - 19.99, False, 99)
+        _ship(conn, "n1", start)
+        assert conn.execute(history, ("n1",)).fetchone()[0]
+        _ship(conn, "n1", start.lost(time.time(), "its supervisor and executor stopped"))
+        assert conn.execute(history, ("n1",)).fetchone()[:2] == (
+            True, "lost: its supervisor and executor stopped")
+        # the node's own late release of the claim (it came back) leaves it recorded lost
+        conn.execute(claims.RELEASE, {"node": "n1", "tasks": ["report"], "fences": [dead]})
+        assert conn.execute(f"SELECT lost IS NOT NULL, ended IS NOT NULL FROM {S}.claims "
+                            "WHERE second = %s", (now - 20,)).fetchone() == (True, True)
+
+
+def test_on_node_loss_rerun_runs_a_lost_second_once_more_with_a_higher_token(fleet):
+    now = int(time.time())
+    with fleetdb.connect(fleet.url) as conn:
+        recent = _started(conn, "n1", "job", now - 10, -1)        # within the grace (60 s)
+        old = _started(conn, "n1", "job", now - 100, -1)          # past it: recorded only
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        found = sum(pool.map(lambda n: _lost(_look(fleet.url, f"n{n + 2}", {"job": 60})),
+                             range(4)), [])
+    assert sorted((second, fence, lost, rerun) for _, second, fence, _, lost, rerun in found) == [
+        (now - 100, old, old, False), (now - 10, recent + 1, recent, True)]
+    with fleetdb.connect(fleet.url) as conn:
+        rerunner, started = conn.execute(f"SELECT node, started FROM {S}.claims "
+                                         "WHERE second = %s", (now - 10,)).fetchone()
+        assert rerunner in {"n2", "n3", "n4", "n5"} and started is None
+        # the lost node comes back: its start and renewal are refused (its token is stale)
+        assert conn.execute(claims.START, {"node": "n1", **claims.columns([("job", now - 10)]),
+                                           "fences": [recent]}).fetchall() == []
+        # the rerun started, then lost in turn: recorded, never re-run a second time
+        conn.execute(claims.START, {"node": rerunner, **claims.columns([("job", now - 10)]),
+                                    "fences": [recent + 1]})
+        conn.execute(f"UPDATE {S}.slots SET fence = %s, node = %s, second = %s, "
+                     "lease_until = now() - interval '1 second' WHERE fence = %s",
+                     (recent + 1, rerunner, now - 10, recent))
+    assert _lost(_look(fleet.url, "n5", {"job": 60})) == [
+        ("job", now - 10, recent + 1, rerunner, recent + 1, False)]
+    assert _lost(_look(fleet.url, "n5", {"job": 60})) == []
+
+
+def test_a_rerun_never_started_is_recorded_lost_when_its_claim_expires(fleet):
+    now = int(time.time())
+    with fleetdb.connect(fleet.url) as conn:
+        fence = _started(conn, "n1", "job", now - 5, -1)
+    [(_, _, rerun, _, _, _)] = _lost(_look(fleet.url, "n2", {"job": 60}))
+    assert rerun == fence + 1
+    assert _lost(_look(fleet.url, "n3", {"job": 60})) == []           # not expired yet
+    time.sleep(claims.EXPIRE_AFTER + 0.2)
+    assert _lost(_look(fleet.url, "n3", {"job": 60})) == [
+        ("job", now - 5, rerun, "n2", rerun, False)]
+
+
+def test_the_look_says_when_the_earliest_running_lease_ends(fleet):
+    now = int(time.time())
+    with fleetdb.connect(fleet.url) as conn:
+        _started(conn, "n1", "job", now - 5, 4)
+        _started(conn, "n1", "job", now - 4, 9)
+    [row] = _look(fleet.url, "n2", {"job": None})
+    assert row[:6] == (None,) * 6 and 3 < row[6] <= 4
+
+
+# ---- the rules in Python are the statement's, on generated rows ---------------------------------
+
+_claim = st.fixed_dictionaries({
+    "task": st.sampled_from(["a", "b"]),
+    "offset": st.sampled_from([-200, -50, -5, 5]),      # the second, from now (grace: 30 s)
+    "started": st.booleans(),
+    "ended": st.booleans(),
+    "reruns": st.sampled_from([0, 1]),
+    "lost": st.sampled_from(["no", "this", "older"]),   # lost_fence: none, the fence, an older
+    "expires": st.sampled_from([-5, 5]),
+    "lease": st.sampled_from([None, -5, 5]),            # its slot's lease end, from now
+    "slot_fence": st.booleans(),                        # the slot still has its fence
+    "slot_node": st.booleans(),                         # ... and its node
+})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(_claim, max_size=8, unique_by=lambda c: (c["task"], c["offset"])),
+       graces=st.fixed_dictionaries({"a": st.sampled_from([None, 30]),
+                                     "b": st.sampled_from([None, 30])}))
+def test_the_statement_and_the_python_rules_agree_on_which_claims_are_lost_and_rerun(
+        fleet, rows, graces):
+    base = int(time.time())
+    expected = set()
+    leases = {}
+    with fleetdb.connect(fleet.url) as conn:
+        conn.execute(f"TRUNCATE {S}.claims, {S}.slots")
+        for number, row in enumerate(rows):
+            second = base + row["offset"]
+            fence = claims.first_fence(second) + row["reruns"]
+            lost_fence = {"no": None, "this": fence, "older": fence - 1}[row["lost"]]
+            conn.execute(f"""INSERT INTO {S}.claims (task, second, slot, fence, node, expires,
+                started, ended, reruns, lost_fence) VALUES (%s, %s, 0, %s, 'n1',
+                now() + make_interval(secs => %s), CASE WHEN %s THEN now() END,
+                CASE WHEN %s THEN now() END, %s, %s)""",
+                         (row["task"], second, fence, row["expires"], row["started"],
+                          row["ended"], row["reruns"], lost_fence))
+            if row["lease"] is not None:
+                slot_fence = fence if row["slot_fence"] else fence + 500
+                slot_node = "n1" if row["slot_node"] else "n9"
+                conn.execute(f"""INSERT INTO {S}.slots (task, slot, second, fence, node,
+                    lease_until) VALUES (%s, %s, %s, %s, %s, now() + make_interval(secs => %s))""",
+                             (row["task"], number, second, slot_fence, slot_node, row["lease"]))
+                leases[(row["task"], slot_fence, slot_node)] = row["lease"]
+            claim = {"task": row["task"], "second": row["offset"], "fence": fence,
+                     "node": "n1", "lost_fence": lost_fence, "reruns": row["reruns"],
+                     "started": 0 if row["started"] else None,
+                     "ended": 0 if row["ended"] else None, "expires": row["expires"]}
+            if claimloss.is_lost(claim, leases, 0):
+                expected.add((row["task"], second,
+                              claimloss.may_rerun(claim, graces[row["task"]], 0)))
+    found = _lost(_look(fleet.url, "n2", graces))
+    assert {(task, second, rerun) for task, second, _, _, _, rerun in found} == expected
+
+
+# ---- the claims process looks, and answers a rerun as a late win -------------------------------
+
+def test_the_claims_process_records_a_lost_run_and_takes_its_rerun_with_a_slot(fleet):
+    now = int(time.time())
+    with fleetdb.connect(fleet.url) as conn:
+        fence = _started(conn, "n1", "job", now - 3, -1)
+    ours, theirs = socket.socketpair()
+    proc = claimer.Claimer(theirs)
+    proc.handle({"hello": {"url": fleet.url, "node": "n2", "takeover": 0.5, "lease": 15}})
+    proc.handle({"once": [["job", 1, 60]]})
+    assert proc.losses.due(time.time())
+    ours.settimeout(5)
+    proc.due()
+    buffer = b""
+    while buffer.count(b"\n") < 3:
+        buffer += ours.recv(65536)
+    messages, _ = claims.decode_lines(b"", buffer)
+    assert messages.pop(0) == {"db": "up"}          # its first connection
+    assert messages[0] == {"won": [["job", now - 3, fence + 1]], "lost": [], "late": True}
+    assert messages[1] == {"slots": [["job", now - 3, fence + 1, 0]], "full": []}
+    assert not proc.losses.due(time.time()) and proc.losses.at <= time.time() + 5 + 0.1
+
+
+# ---- real daemons as nodes: a node dies mid-run -----------------------------------------------
+
+RERUN = """\
+tasks:
+  - name: report
+    schedule: "*/15 * * * * *"
+    run: once
+    on_node_loss: rerun
+    ips: [10.0.0.0/24]
+    command: echo "$TORCHCORE_SCHEDULED_AT $TORCHCORE_FENCE {node}" >> {out}; sleep 60
+"""
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_run_has_its_run_recorded_lost_and_rerun_once_on_another(
+        fleet, daemons, tmp_path):
+    from daemon_harness import wait_for
+    from test_fleet_once import _kill_node, _nodes
+
+    _nodes(fleet.url, 2)
+    out = tmp_path / "runs.txt"
+    nodes = {}
+    for number in (1, 2):
+        daemon = daemons(RERUN.format(node=f"n{number}", out=out),
+                         settings=f"  misfire_grace: 1m\n  fleet:\n    database: {fleet.url}\n"
+                                  "    lease: 6s\n")
+        nodes[f"n{number}"] = daemon.start("--node-name", f"n{number}", "--node-ip",
+                                           f"10.0.0.{number}")
+
+    def lines():
+        return [line.split() for line in out.read_text().splitlines()] if out.exists() else []
+    [(second, fence, node)] = wait_for(lines, 25, "the first run")
+    _kill_node(nodes[node])                 # supervisor, claims process, executors, command
+    killed = time.time()
+    other = "n2" if node == "n1" else "n1"
+    rerun = wait_for(lambda: lines()[1:], 6 + 5, "the rerun")[0]
+    assert time.time() - killed <= 6 + 3            # within the lease and a look
+    assert rerun == [second, str(int(fence) + 1), other]    # same second, next token
+    time.sleep(2)
+    nodes[other].stop()
+    assert [line for line in lines() if line[0] == second] == [[second, fence, node], rerun]
+    with fleetdb.connect(fleet.url) as conn:
+        assert conn.execute(f"SELECT lost_node, lost_fence, node, reruns FROM {S}.claims "
+                            "WHERE task = 'report' AND second = %s", (int(second),)).fetchone() \
+            == (node, int(fence), other, 1)
+    assert "is lost: its lease ended unrenewed; re-running it here" in nodes[other].log
+
+
+# ---- a node starting: no false "unreachable" ---------------------------------------------------
+
+EVERY_SECOND = """\
+tasks:
+  - name: tick
+    schedule: "* * * * * *"
+    run: once
+    command: echo "$TORCHCORE_SCHEDULED_AT" >> {out}
+"""
+
+
+@pytest.mark.slow
+def test_a_node_starting_alone_skips_no_second_as_unreachable_while_its_claims_process_connects(
+        fleet, daemons, tmp_path):
+    out = tmp_path / "ticks.txt"
+    daemon = daemons(EVERY_SECOND.format(out=out),
+                     settings=f"  fleet:\n    database: {fleet.url}\n").start("--node-name", "n1")
+    started = time.time()
+    time.sleep(5)
+    daemon.stop()
+    runs = daemon.runs("tick")
+    assert [r for r in runs if r["skipped"]] == []
+    ran = {int(line) for line in out.read_text().split()}
+    first = min(r["scheduled"] for r in runs)
+    assert first <= started + 2.5          # its first seconds are run (late, if need be) ...
+    assert set(range(first, int(started) + 4)) <= ran      # ... none missed from the first on
+
+
+def test_before_the_claims_process_first_answers_a_tick_waits_then_runs_late_or_skips():
+    import types
+    from torchcore import coordinator
+
+    clock = types.SimpleNamespace(time=time.time, monotonic=time.monotonic)
+    started = []
+    starter = types.SimpleNamespace(start_claimed=lambda name, second: started.append(
+        (name, second, fleet_.claim(task, second))), prepare_claimed=lambda *a: None)
+    fleet_ = coordinator.FleetCoordinator(clock, "n1")
+    fleet_.attach(None, starter)
+    fleet_.hello = {"url": "postgresql://x", "node": "n1", "takeover": 0.5, "lease": 15}
+    fleet_.once = {"job"}
+    task = types.SimpleNamespace(name="job", run="once", type="common", max=1, ips=(), hosts=())
+    now = int(time.time())
+    for second in (now - 1, now):
+        fleet_.ahead(second, [task])
+        assert fleet_.claim(task, second) is False          # no answer yet: waited for
+    fleet_._answer({"won": [["job", now - 1, 7]], "lost": [["job", now]], "late": False})
+    fleet_._answer({"slots": [["job", now - 1, 7, 0]], "full": []})
+    assert started == [("job", now - 1, True)]              # won: started now, late
+    fleet_.ahead(now + 1, [task])
+    fleet_.connected = False                                # (a restarted claims process)
+    assert fleet_.claim(task, now + 1) is False
+    fleet_._answer({"db": "down", "error": "refused"})      # unreachable: skipped after all
+    assert started[1:] == [("job", now + 1, claims.UNREACHABLE)]
+    fleet_.ahead(now + 2, [task])
+    assert fleet_.claim(task, now + 2) == claims.UNREACHABLE    # connected (down): at once
+
+
+def test_a_claim_made_after_its_second_is_not_taken_over_before_it_could_start(fleet):
+    now = int(time.time())
+    with fleetdb.connect(fleet.url) as conn:
+        def run(sql, node, keys):
+            return conn.execute(sql, {"node": node, **claims.columns(keys)}).fetchall()
+        assert run(claims.CLAIM_LATE, "n1", [("job", now - 5)]) == [
+            ("job", now - 5, claims.first_fence(now - 5))]
+        assert run(claims.TAKE_OVER, "n2", [("job", now - 5)]) == []     # 1 s to start
+        time.sleep(claims.EXPIRE_AFTER + 0.1)
+        assert run(claims.TAKE_OVER, "n2", [("job", now - 5)]) == [
+            ("job", now - 5, claims.first_fence(now - 5) + 1)]
