@@ -189,3 +189,38 @@ def test_the_scan_reads_the_processes_of_this_user_only_and_survives_their_ends(
         proc.kill()
         proc.wait()
     assert procscan.find([record], mark) == ({}, {})
+
+
+class _BareDaemon(__import__("daemon_harness").Daemon):
+    """A daemon started with an empty environment (``env -i torchcore start``)."""
+
+    def start(self, *extra, wait=True):
+        with open(self.err_path, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "torchcore", "start", "--foreground", "-c", self.path, *extra],
+                stdout=subprocess.DEVNULL, stderr=err, cwd=self.dir, env={})
+        if wait:
+            self.wait_log("torchcore started")
+        return self
+
+
+def test_an_executor_carries_its_whole_title_whatever_the_daemon_s_environment(daemons):
+    """The title is what finds an executor without a pid (and what tells a followed one is still
+    alive): a daemon started with an empty environment, a task name of 64 characters and a run id
+    of 18 digits still gives its executor the whole title, which the scan finds."""
+    name = ("t" + NAME + "x" * 64)[:64]
+    d = daemons(f'tasks:\n  - {{name: {name}, type: daemon, command: "sleep 300"}}\n', cls=_BareDaemon)
+    state = os.path.join(d.dir, "state")
+    os.makedirs(state, mode=0o700)
+    with records.Records(paths.records_db(state)):
+        pass
+    with sqlite3.connect(paths.records_db(state)) as conn:
+        conn.execute("UPDATE meta SET value = '100000000000000000' WHERE key = 'next_run_id'")
+    try:
+        d.start()
+        row = wait_for(lambda: [r for r in started(d.runs(name)) if r["pid"]], 20, "its start")[0]
+        assert row["run_id"] >= 10 ** 17
+        wait_for(lambda: _executors(state, name, row["run_id"]), 10, "its executor by its title")
+        assert d.stop() == 0
+    finally:
+        _kill_holders(state)
