@@ -71,6 +71,26 @@ def test_the_supervisor_adds_its_own_starts_and_slots_to_the_last_report():
                                                                   [1, "n2", 7, None, 60.0]]
 
 
+def test_node_names_from_the_database_are_shown_escaped_and_cut_in_status_and_fleet_tasks():
+    """A node name is whatever a row of the fleet database says: its control characters (an
+    escape sequence, a newline) are written as \\xNN and a long one is cut, in every line."""
+    from torchcore.commands import status
+
+    hostile = "web-1\x1b]0;pwned\x07\nfake line" + "y" * 5000
+    entry = {"last": [100, 100000, hostile, 100.5], "slots": [[0, hostile, 7, None, 200.0]],
+             "at": 150.0}
+    row = {"name": "tick", "type": "common", "schedule": "* * * * * *", "next_run": None,
+           "state": "enabled", "running_runs": [], "last": None, "once": entry}
+    shown = status._once_text([row], me="web-2")
+    shown += holders.lines("tick", holders.as_json(entry, _iso), today=datetime.date(1970, 1, 1))
+    holder_lines = [line for line in shown if "tick:" in line]
+    assert len(holder_lines) == 4
+    for line in holder_lines:
+        assert "\\x1b]0;pwned\\x07\\x0afake line" in line
+        assert not any(ord(ch) < 0x20 or 0x7f <= ord(ch) < 0xa0 for ch in line)
+        assert len(line) < 200
+
+
 def test_the_clock_warning_says_how_far_and_which_way_beyond_one_second():
     assert fleetstore.clock_warning({"clock_offset": 1.0}) is None
     assert fleetstore.clock_warning({"clock_offset": None}) is None

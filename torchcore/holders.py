@@ -18,8 +18,10 @@ This module imports neither psycopg nor the supervisor.
 import datetime
 
 from torchcore.claims import SCHEMA, SLOT
+from torchcore.textfmt import cut, printable
 
 EVERY = 5.0             # seconds between the claims process's reads of the holders
+NODE_SHOWN = 64         # characters of a node name shown (a valid one has 63 at most)
 NEWEST = 8              # started claims read per task (a claim decided "fleet max N reached"
 #                         is started and ended at once: not a run; the slots cover the rest)
 
@@ -80,9 +82,12 @@ def as_json(entry, iso):
 
 def lines(name, holders, me=None, today=None):
     """``status`` and ``fleet tasks``: a line per fact of a task's holders (``as_json``'s form);
-    ``me``: this node's name, said as such; ``today``: the date whose times show without it."""
+    ``me``: this node's name, said as such; ``today``: the date whose times show without it.
+    A node name is what a row of the fleet database says: cut, its control characters escaped."""
     def node(name):
-        return f"{name} (this node)" if me is not None and name == me else name
+        shown = printable(cut(str(name), NODE_SHOWN))
+        return f"{shown} (this node)" if me is not None and name == me else shown
+    name = printable(name)
     found = []
     last = holders.get("last")
     if last:
