@@ -105,7 +105,7 @@ def find(records, mark, uid=None, strays=False):
     wanted = {r.run_id: (r.task, r.started) for r in records}
     found = {}
     for record in records:
-        if record.pid:
+        if isinstance(record.pid, int) and record.pid > 0:    # else (damaged records) by the scan
             procs = [p for p in map(read, _self_and_parent(record.pid)) if p is not None]
             found.update(match({record.run_id: wanted[record.run_id]}, procs, mark, uid,
                                unmarked=True))
