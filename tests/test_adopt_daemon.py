@@ -224,3 +224,39 @@ def test_an_executor_carries_its_whole_title_whatever_the_daemon_s_environment(d
         assert d.stop() == 0
     finally:
         _kill_holders(state)
+
+
+_FAKETIME = [path for pattern in ("/usr/lib/*/faketime/libfaketime.so.1",
+                                  "/usr/lib/faketime/libfaketime.so.1")
+             for path in __import__("glob").glob(pattern)]
+
+
+@pytest.mark.skipif(not _FAKETIME, reason="libfaketime is not installed (Debian package "
+                    "`faketime`; tests/setup-system.sh installs it)")
+def test_an_executor_at_its_recorded_pid_is_adopted_after_the_clock_stepped_back(daemons,
+                                                                                 monkeypatch):
+    """The wall clock 5 minutes ahead while a daemon task's instance starts (its start on record
+    in that time), then set right, then the supervisor killed: the next one adopts the instance
+    at its recorded pid (the process's start time, read in the corrected clock, is 5 minutes
+    "before" its record's) and starts no second one."""
+    name = "s" + NAME
+    d = daemons(f'tasks:\n  - {{name: {name}, type: daemon, command: "sleep 300"}}\n')
+    state = os.path.join(d.dir, "state")
+    monkeypatch.setenv("LD_PRELOAD", _FAKETIME[0])
+    monkeypatch.setenv("FAKETIME", "+300")
+    d.start()
+    try:
+        row = wait_for(lambda: [r for r in started(d.runs(name)) if r["pid"]], 20, "its start")[0]
+        assert row["started"] > time.time() + 200
+        d.proc.kill()                           # kill -9
+        d.proc.wait()
+        monkeypatch.delenv("LD_PRELOAD")
+        monkeypatch.delenv("FAKETIME")
+        d.start()                               # the clock set right
+        d.wait_log("adopted")
+        time.sleep(2)                           # a second instance would start within a second
+        rows = started(d.runs(name))
+        assert [r["run_id"] for r in rows] == [row["run_id"]] and rows[0]["ended"] is None
+        assert d.stop() == 0
+    finally:
+        _kill_holders(state)

@@ -18,8 +18,10 @@ and looks further (owner, descriptors, start time) at the few titled as one of t
 is made only when some open run was not found at its pid, or when the supervisor asks for its
 executors of runs with no record at all (``strays``: run ids were not given back, adopt.py).  A process is an open run's
 executor when its title names that run, it belongs to this user, it holds this daemon's mark,
-and it started no earlier than EARLIEST before its record's start (a prepared run's executor
-is forked ahead of its start; process start times are coarse).  At the recorded pid, an
+and, found by the scan, it started no earlier than EARLIEST before its record's start (a
+prepared run's executor is forked ahead of its start; process start times are coarse).  At
+the recorded pid its start time is not compared: a wall clock set back since the run's start
+would make its executor look older than its record.  At the recorded pid, an
 executor with no mark at all (one started by a torchcore before marks) is taken as before, by
 its title; one with another daemon's mark never is.  ``match`` decides, on what was read.
 """
@@ -106,8 +108,10 @@ def find(records, mark, uid=None, strays=False):
     found = {}
     for record in records:
         if isinstance(record.pid, int) and record.pid > 0:    # else (damaged records) by the scan
+            # No start time check here: the pid and the title (its run id) name the run, and
+            # the wall clock may have been set back since its start was recorded.
             procs = [p for p in map(read, _self_and_parent(record.pid)) if p is not None]
-            found.update(match({record.run_id: wanted[record.run_id]}, procs, mark, uid,
+            found.update(match({record.run_id: (record.task, None)}, procs, mark, uid,
                                unmarked=True))
     rest = {run_id: item for run_id, item in wanted.items() if run_id not in found}
     others = {}
