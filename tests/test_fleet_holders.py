@@ -167,6 +167,21 @@ def test_the_holders_statement_on_postgresql(fleet):
     assert "never" not in found
 
 
+@pytest.mark.process
+def test_the_holders_statement_reads_a_bounded_part_of_a_node_name(fleet):
+    """A row's node name of a megabyte (any writer of the database): the claims process sends
+    the holders to the supervisor every few seconds, so it reads no more of a name than is shown."""
+    huge = "n" * (1 << 20)
+    now = int(time.time())
+    with fleetdb.connect(fleet.url) as conn:
+        _claim(conn, "tick", now - 2, huge, started=0.1)
+        _slot(conn, "single", 0, huge, 1_700_000_000_123)
+        found = fleetquery.holders_of(conn, ["tick", "single"])
+    assert 0 < len(found["tick"]["last"][2]) <= 4 * holders.NODE_SHOWN
+    assert 0 < len(found["single"]["slots"][0][1]) <= 4 * holders.NODE_SHOWN
+    assert len(json.dumps(found)) < 2000
+
+
 _TASKS = """settings:
   timezone: UTC
   fleet:

@@ -3,7 +3,8 @@ slot of its fleet-wide ``max`` (a `once` daemon's instances, the runs under way)
 ``torchcore.claims`` and ``torchcore.slots`` say (claims.py).
 
 One statement, HOLDERS, for a list of tasks, reads at most a few index entries per task (the
-newest started claims, never the week of them) and the task's slot rows:
+newest started claims, never the week of them) and the task's slot rows, of each node name no
+more than is shown (the report goes to the supervisor every EVERY seconds):
 
 - ``fleet tasks`` and the web API's ``/api/v1/fleet/tasks`` read it as they read the rest
   (fleetquery.task_view);
@@ -26,7 +27,7 @@ NEWEST = 8              # started claims read per task (a claim decided "fleet m
 #                         is started and ended at once: not a run; the slots cover the rest)
 
 HOLDERS = f"""
-SELECT k.task, c.second, c.fence, c.node, extract(epoch FROM c.started)::float8,
+SELECT k.task, c.second, c.fence, left(c.node, {NODE_SHOWN + 1}), extract(epoch FROM c.started)::float8,
        NULL::integer, NULL::float8, false
 FROM unnest(%(tasks)s::text[]) AS k(task)
 CROSS JOIN LATERAL (
@@ -35,7 +36,8 @@ CROSS JOIN LATERAL (
     ORDER BY second DESC LIMIT {NEWEST}) AS c
 WHERE c.ended IS NULL OR c.ended > c.started
 UNION ALL
-SELECT s.task, s.second, s.fence, s.node, extract(epoch FROM c.started)::float8, s.slot,
+SELECT s.task, s.second, s.fence, left(s.node, {NODE_SHOWN + 1}),
+       extract(epoch FROM c.started)::float8, s.slot,
        extract(epoch FROM s.lease_until)::float8,
        coalesce(s.lease_until > now() AND (s.second IS NULL OR c.started IS NOT NULL), false)
 FROM {SCHEMA}.slots AS s
