@@ -71,6 +71,16 @@ def test_the_supervisor_adds_its_own_starts_and_slots_to_the_last_report():
                                                                   [1, "n2", 7, None, 60.0]]
 
 
+def test_a_slot_this_node_took_since_the_report_shows_this_node_not_its_former_holder():
+    """The report read slot 0 held by n2 (its lease running out); n2 is gone and this node took
+    the slot since (another fence): status says what this node did as current."""
+    known = holders.Known()
+    known.reported({"at": 50.0, "tasks": {"single": {"last": None,
+                                                     "slots": [[0, "n2", 7, None, 55.0]]}}})
+    assert known.of("single", "n1", {0: 8})[0]["slots"] == [[0, "n1", 8, None, None]]
+    assert known.of("single", "n1", {})[0]["slots"] == [[0, "n2", 7, None, 55.0]]
+
+
 def test_node_names_from_the_database_are_shown_escaped_and_cut_in_status_and_fleet_tasks():
     """A node name is whatever a row of the fleet database says: its control characters (an
     escape sequence, a newline) are written as \\xNN and a long one is cut, in every line."""

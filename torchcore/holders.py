@@ -153,7 +153,9 @@ class Known:
         last, mine = entry.get("last"), self.own.get(name)
         if mine is not None and (last is None or mine[:2] > last[:2]):
             last = mine
-        slots = list(entry.get("slots") or ())
+        # a slot this node holds now under another fence than the report's: taken since
+        slots = [slot for slot in entry.get("slots") or ()
+                 if own_slots.get(slot[0], slot[2]) == slot[2]]
         known = {slot[0] for slot in slots}
         slots += [[slot, node, fence, None, None] for slot, fence in sorted(own_slots.items())
                   if slot not in known]
