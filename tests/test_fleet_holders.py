@@ -101,6 +101,15 @@ def test_node_names_from_the_database_are_shown_escaped_and_cut_in_status_and_fl
         assert len(line) < 200
 
 
+def test_the_fleet_lines_of_status_show_the_database_s_error_text_escaped():
+    """An error the fleet database sent (its text may hold a row's values) is shown, not obeyed."""
+    state = {"state": "refused", "since": 0, "waiting": 0, "database": "postgresql://h/db",
+             "node": "web-1", "error": "ERROR: Key (node)=(x\x1b]0;pwned\x07\ny) exists"}
+    shown = fleetstore.summary(state)
+    assert any("x\\x1b]0;pwned\\x07\\x0ay" in line for line in shown)
+    assert not any(ch in line for line in shown for ch in "\x1b\x07\n")
+
+
 def test_the_clock_warning_says_how_far_and_which_way_beyond_one_second():
     assert fleetstore.clock_warning({"clock_offset": 1.0}) is None
     assert fleetstore.clock_warning({"clock_offset": None}) is None
