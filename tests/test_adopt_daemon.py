@@ -260,3 +260,38 @@ def test_an_executor_at_its_recorded_pid_is_adopted_after_the_clock_stepped_back
         assert d.stop() == 0
     finally:
         _kill_holders(state)
+
+
+def test_a_killed_supervisor_s_late_launcher_forks_an_executor_the_next_one_still_adopts(daemons):
+    """The killed supervisor's launcher is held up (stopped here; a machine short of memory when
+    the OOM killer strikes does it too) with a daemon task's job it read: the next supervisor
+    starts meanwhile, the launcher forks the executor after that, and the task has one instance."""
+    name = "l" + NAME
+    d = daemons('tasks:\n  - {name: idle, schedule: "@daily", command: "true"}\n').start()
+    state = os.path.join(d.dir, "state")
+    flag = os.path.join(d.dir, "finish")
+    launchers = _launchers(d.proc.pid)
+    for launcher in launchers:
+        launcher.suspend()
+    try:
+        d.write(f'tasks:\n  - {{name: {name}, type: daemon, command: "while [ ! -e {flag} ]; do '
+                f'sleep 0.1; done"}}\n')
+        row = wait_for(lambda: started(d.runs(name)), 20, "its start on record")[0]
+        d.proc.kill()                           # kill -9 while its launcher holds the job
+        d.proc.wait()
+        d.start(wait=False)
+        time.sleep(1.5)                         # the next supervisor is starting, or started
+    finally:
+        for launcher in launchers:
+            launcher.resume()                   # it forks the job it holds, then sees the hang-up
+    try:
+        d.wait_log("torchcore started")
+        wait_for(lambda: _executors(state, name, row["run_id"]), 10, "the late executor")
+        time.sleep(3)                           # a second instance would start within a second
+        rows = started(d.runs(name))
+        assert [r["run_id"] for r in rows] == [row["run_id"]]
+        assert "adopted" in d.log
+        open(flag, "w").close()
+        assert d.stop() == 0
+    finally:
+        _kill_holders(state)

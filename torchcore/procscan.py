@@ -30,9 +30,12 @@ import dataclasses
 import os
 import re
 import stat
+import time
 
 import psutil
 
+LAUNCHER = "torchcore: launcher"        # a launcher's title (launcher.py)
+LAUNCHERS_WAIT = 5.0        # seconds a new supervisor waits for a killed one's launchers to end
 EARLIEST = 60.0             # seconds an executor may have started before its run's recorded start
 PREFIX = b"torchcore: "
 _TITLE = re.compile(r"torchcore: (.*) \[run (\d+)\]\Z", re.DOTALL)
@@ -127,6 +130,43 @@ def find(records, mark, uid=None, strays=False):
     return found, others
 
 
+def old_launchers(mark, uid=None):
+    """The pids of a killed supervisor's launchers still alive: titled as a launcher, of this
+    user, holding this daemon's mark, and not this process's own.  A launcher forks the jobs
+    it has read before it sees its supervisor gone: held up (a machine short of memory when
+    the OOM killer strikes), it may fork an executor after the next supervisor has looked."""
+    uid = os.geteuid() if uid is None else uid
+    found = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit() or not _is_launcher(int(name)):
+            continue
+        try:
+            proc = psutil.Process(int(name))
+            with proc.oneshot():
+                ppid, owner = proc.ppid(), proc.uids().effective
+            marks = _marks(int(name))
+        except (psutil.Error, OSError):
+            continue
+        if owner == uid and mark in marks and ppid != os.getpid():
+            found.append(int(name))
+    return found
+
+
+def wait_for_old_launchers(mark, timeout=LAUNCHERS_WAIT, sleep=time.sleep, clock=time.monotonic):
+    """Wait (``timeout`` at most) until no launcher of a killed supervisor is left, so every
+    executor it forks is there to be found; returns the pids of those still left."""
+    deadline = clock() + timeout
+    while True:
+        left = old_launchers(mark)
+        if not left or clock() >= deadline:
+            return left
+        sleep(0.05)
+
+
 def scan(wanted):
     """The processes titled as an executor of one of ``wanted``'s run ids (None: of any run),
     read (one pass over /proc; another user's, or one that ends meanwhile, passed over)."""
@@ -180,6 +220,17 @@ def _title(pid):
     if not data.startswith(PREFIX):
         return None
     return " ".join(part for part in data.decode("utf-8", "replace").split("\0") if part)
+
+
+def _is_launcher(pid):
+    """Is ``pid`` titled as a launcher, or one that has not set its title yet (it has read no
+    job then, but will)?"""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            parts = [part for part in handle.read(4096).split(b"\0") if part]
+    except OSError:
+        return False
+    return parts == [LAUNCHER.encode()] or parts[1:3] == [b"-m", b"torchcore.launcher"]
 
 
 def _marks(pid):
