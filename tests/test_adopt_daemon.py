@@ -189,3 +189,109 @@ def test_the_scan_reads_the_processes_of_this_user_only_and_survives_their_ends(
         proc.kill()
         proc.wait()
     assert procscan.find([record], mark) == ({}, {})
+
+
+class _BareDaemon(__import__("daemon_harness").Daemon):
+    """A daemon started with an empty environment (``env -i torchcore start``)."""
+
+    def start(self, *extra, wait=True):
+        with open(self.err_path, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "torchcore", "start", "--foreground", "-c", self.path, *extra],
+                stdout=subprocess.DEVNULL, stderr=err, cwd=self.dir, env={})
+        if wait:
+            self.wait_log("torchcore started")
+        return self
+
+
+def test_an_executor_carries_its_whole_title_whatever_the_daemon_s_environment(daemons):
+    """The title is what finds an executor without a pid (and what tells a followed one is still
+    alive): a daemon started with an empty environment, a task name of 64 characters and a run id
+    of 18 digits still gives its executor the whole title, which the scan finds."""
+    name = ("t" + NAME + "x" * 64)[:64]
+    d = daemons(f'tasks:\n  - {{name: {name}, type: daemon, command: "sleep 300"}}\n', cls=_BareDaemon)
+    state = os.path.join(d.dir, "state")
+    os.makedirs(state, mode=0o700)
+    with records.Records(paths.records_db(state)):
+        pass
+    with sqlite3.connect(paths.records_db(state)) as conn:
+        conn.execute("UPDATE meta SET value = '100000000000000000' WHERE key = 'next_run_id'")
+    try:
+        d.start()
+        row = wait_for(lambda: [r for r in started(d.runs(name)) if r["pid"]], 20, "its start")[0]
+        assert row["run_id"] >= 10 ** 17
+        wait_for(lambda: _executors(state, name, row["run_id"]), 10, "its executor by its title")
+        assert d.stop() == 0
+    finally:
+        _kill_holders(state)
+
+
+_FAKETIME = [path for pattern in ("/usr/lib/*/faketime/libfaketime.so.1",
+                                  "/usr/lib/faketime/libfaketime.so.1")
+             for path in __import__("glob").glob(pattern)]
+
+
+@pytest.mark.skipif(not _FAKETIME, reason="libfaketime is not installed (Debian package "
+                    "`faketime`; tests/setup-system.sh installs it)")
+def test_an_executor_at_its_recorded_pid_is_adopted_after_the_clock_stepped_back(daemons,
+                                                                                 monkeypatch):
+    """The wall clock 5 minutes ahead while a daemon task's instance starts (its start on record
+    in that time), then set right, then the supervisor killed: the next one adopts the instance
+    at its recorded pid (the process's start time, read in the corrected clock, is 5 minutes
+    "before" its record's) and starts no second one."""
+    name = "s" + NAME
+    d = daemons(f'tasks:\n  - {{name: {name}, type: daemon, command: "sleep 300"}}\n')
+    state = os.path.join(d.dir, "state")
+    monkeypatch.setenv("LD_PRELOAD", _FAKETIME[0])
+    monkeypatch.setenv("FAKETIME", "+300")
+    d.start()
+    try:
+        row = wait_for(lambda: [r for r in started(d.runs(name)) if r["pid"]], 20, "its start")[0]
+        assert row["started"] > time.time() + 200
+        d.proc.kill()                           # kill -9
+        d.proc.wait()
+        monkeypatch.delenv("LD_PRELOAD")
+        monkeypatch.delenv("FAKETIME")
+        d.start()                               # the clock set right
+        d.wait_log("adopted")
+        time.sleep(2)                           # a second instance would start within a second
+        rows = started(d.runs(name))
+        assert [r["run_id"] for r in rows] == [row["run_id"]] and rows[0]["ended"] is None
+        assert d.stop() == 0
+    finally:
+        _kill_holders(state)
+
+
+def test_a_killed_supervisor_s_late_launcher_forks_an_executor_the_next_one_still_adopts(daemons):
+    """The killed supervisor's launcher is held up (stopped here; a machine short of memory when
+    the OOM killer strikes does it too) with a daemon task's job it read: the next supervisor
+    starts meanwhile, the launcher forks the executor after that, and the task has one instance."""
+    name = "l" + NAME
+    d = daemons('tasks:\n  - {name: idle, schedule: "@daily", command: "true"}\n').start()
+    state = os.path.join(d.dir, "state")
+    flag = os.path.join(d.dir, "finish")
+    launchers = _launchers(d.proc.pid)
+    for launcher in launchers:
+        launcher.suspend()
+    try:
+        d.write(f'tasks:\n  - {{name: {name}, type: daemon, command: "while [ ! -e {flag} ]; do '
+                f'sleep 0.1; done"}}\n')
+        row = wait_for(lambda: started(d.runs(name)), 20, "its start on record")[0]
+        d.proc.kill()                           # kill -9 while its launcher holds the job
+        d.proc.wait()
+        d.start(wait=False)
+        time.sleep(1.5)                         # the next supervisor is starting, or started
+    finally:
+        for launcher in launchers:
+            launcher.resume()                   # it forks the job it holds, then sees the hang-up
+    try:
+        d.wait_log("torchcore started")
+        wait_for(lambda: _executors(state, name, row["run_id"]), 10, "the late executor")
+        time.sleep(3)                           # a second instance would start within a second
+        rows = started(d.runs(name))
+        assert [r["run_id"] for r in rows] == [row["run_id"]]
+        assert "adopted" in d.log
+        open(flag, "w").close()
+        assert d.stop() == 0
+    finally:
+        _kill_holders(state)

@@ -71,6 +71,45 @@ def test_the_supervisor_adds_its_own_starts_and_slots_to_the_last_report():
                                                                   [1, "n2", 7, None, 60.0]]
 
 
+def test_a_slot_this_node_took_since_the_report_shows_this_node_not_its_former_holder():
+    """The report read slot 0 held by n2 (its lease running out); n2 is gone and this node took
+    the slot since (another fence): status says what this node did as current."""
+    known = holders.Known()
+    known.reported({"at": 50.0, "tasks": {"single": {"last": None,
+                                                     "slots": [[0, "n2", 7, None, 55.0]]}}})
+    assert known.of("single", "n1", {0: 8})[0]["slots"] == [[0, "n1", 8, None, None]]
+    assert known.of("single", "n1", {})[0]["slots"] == [[0, "n2", 7, None, 55.0]]
+
+
+def test_node_names_from_the_database_are_shown_escaped_and_cut_in_status_and_fleet_tasks():
+    """A node name is whatever a row of the fleet database says: its control characters (an
+    escape sequence, a newline) are written as \\xNN and a long one is cut, in every line."""
+    from torchcore.commands import status
+
+    hostile = "web-1\x1b]0;pwned\x07\nfake line" + "y" * 5000
+    entry = {"last": [100, 100000, hostile, 100.5], "slots": [[0, hostile, 7, None, 200.0]],
+             "at": 150.0}
+    row = {"name": "tick", "type": "common", "schedule": "* * * * * *", "next_run": None,
+           "state": "enabled", "running_runs": [], "last": None, "once": entry}
+    shown = status._once_text([row], me="web-2")
+    shown += holders.lines("tick", holders.as_json(entry, _iso), today=datetime.date(1970, 1, 1))
+    holder_lines = [line for line in shown if "tick:" in line]
+    assert len(holder_lines) == 4
+    for line in holder_lines:
+        assert "\\x1b]0;pwned\\x07\\x0afake line" in line
+        assert not any(ord(ch) < 0x20 or 0x7f <= ord(ch) < 0xa0 for ch in line)
+        assert len(line) < 200
+
+
+def test_the_fleet_lines_of_status_show_the_database_s_error_text_escaped():
+    """An error the fleet database sent (its text may hold a row's values) is shown, not obeyed."""
+    state = {"state": "refused", "since": 0, "waiting": 0, "database": "postgresql://h/db",
+             "node": "web-1", "error": "ERROR: Key (node)=(x\x1b]0;pwned\x07\ny) exists"}
+    shown = fleetstore.summary(state)
+    assert any("x\\x1b]0;pwned\\x07\\x0ay" in line for line in shown)
+    assert not any(ch in line for line in shown for ch in "\x1b\x07\n")
+
+
 def test_the_clock_warning_says_how_far_and_which_way_beyond_one_second():
     assert fleetstore.clock_warning({"clock_offset": 1.0}) is None
     assert fleetstore.clock_warning({"clock_offset": None}) is None
@@ -145,6 +184,21 @@ def test_the_holders_statement_on_postgresql(fleet):
     assert [s[:4] for s in found["single"]["slots"]] == [[0, "n1", 1_700_000_000_123, None]]
     assert found["single"]["slots"][0][4] > time.time() + 5
     assert "never" not in found
+
+
+@pytest.mark.process
+def test_the_holders_statement_reads_a_bounded_part_of_a_node_name(fleet):
+    """A row's node name of a megabyte (any writer of the database): the claims process sends
+    the holders to the supervisor every few seconds, so it reads no more of a name than is shown."""
+    huge = "n" * (1 << 20)
+    now = int(time.time())
+    with fleetdb.connect(fleet.url) as conn:
+        _claim(conn, "tick", now - 2, huge, started=0.1)
+        _slot(conn, "single", 0, huge, 1_700_000_000_123)
+        found = fleetquery.holders_of(conn, ["tick", "single"])
+    assert 0 < len(found["tick"]["last"][2]) <= 4 * holders.NODE_SHOWN
+    assert 0 < len(found["single"]["slots"][0][1]) <= 4 * holders.NODE_SHOWN
+    assert len(json.dumps(found)) < 2000
 
 
 _TASKS = """settings:

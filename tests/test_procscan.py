@@ -203,3 +203,14 @@ def test_the_scan_for_strays_takes_this_daemon_s_executors_of_unknown_runs_only(
         record = records.RunRecord(run_id=7, task="open", node="n", scheduled=None, started=T0)
         found, strays = procscan.find([record], OURS, uid=UID, strays=True)
         assert found == {7: 604} and {k: v.pid for k, v in strays.items()} == {5: 600}
+
+
+@pytest.mark.parametrize("pid", [-5, -1, 2 ** 70])
+def test_a_recorded_pid_no_process_can_have_is_looked_for_by_the_scan_never_a_crash(pid, monkeypatch):
+    """A records database edited or damaged by hand: a start must not fail on its pid."""
+    record = records.RunRecord(run_id=9, task="t", node="n", scheduled=None, started=T0, ended=None,
+                               exit_code=None, signal=None, pid=pid)
+    scanned = []
+    monkeypatch.setattr(procscan, "scan", lambda wanted: scanned.append(wanted) or [])
+    assert procscan.find([record], (1, 2)) == ({}, {})
+    assert scanned == [{9: ("t", T0)}]

@@ -33,6 +33,7 @@ import time
 from torchcore import paths, records, tasklog
 from torchcore.fleetspec import CLOCK_TOLERANCE
 from torchcore.runrecord import RunRecord
+from torchcore.textfmt import printable
 
 CURSOR, BACKFILL, STATE = "fleet_cursor", "fleet_backfill", "fleet_state"
 BATCH = 500                 # runs per PostgreSQL transaction
@@ -297,11 +298,12 @@ STATE_WORDS = {
 def summary(state, live=True):
     """Lines for ``status``: "fleet: shipping to URL as NODE, up to date" when all is well,
     "fleet database unreachable since HH:MM:SS, N records waiting" (and the error) when not;
-    and a warning when this node's clock is more than CLOCK_TOLERANCE off the database's."""
+    and a warning when this node's clock is more than CLOCK_TOLERANCE off the database's.
+    The error is the database's text: its control characters are shown as \\xNN."""
     if not state:
         return []
     clock = clock_warning(state) if live else None
-    return _summary(state, live) + ([clock] if clock else [])
+    return [printable(line) for line in _summary(state, live) + ([clock] if clock else [])]
 
 
 def clock_warning(state):

@@ -3,7 +3,8 @@ slot of its fleet-wide ``max`` (a `once` daemon's instances, the runs under way)
 ``torchcore.claims`` and ``torchcore.slots`` say (claims.py).
 
 One statement, HOLDERS, for a list of tasks, reads at most a few index entries per task (the
-newest started claims, never the week of them) and the task's slot rows:
+newest started claims, never the week of them) and the task's slot rows, of each node name no
+more than is shown (the report goes to the supervisor every EVERY seconds):
 
 - ``fleet tasks`` and the web API's ``/api/v1/fleet/tasks`` read it as they read the rest
   (fleetquery.task_view);
@@ -18,13 +19,15 @@ This module imports neither psycopg nor the supervisor.
 import datetime
 
 from torchcore.claims import SCHEMA, SLOT
+from torchcore.textfmt import cut, printable
 
 EVERY = 5.0             # seconds between the claims process's reads of the holders
+NODE_SHOWN = 64         # characters of a node name shown (a valid one has 63 at most)
 NEWEST = 8              # started claims read per task (a claim decided "fleet max N reached"
 #                         is started and ended at once: not a run; the slots cover the rest)
 
 HOLDERS = f"""
-SELECT k.task, c.second, c.fence, c.node, extract(epoch FROM c.started)::float8,
+SELECT k.task, c.second, c.fence, left(c.node, {NODE_SHOWN + 1}), extract(epoch FROM c.started)::float8,
        NULL::integer, NULL::float8, false
 FROM unnest(%(tasks)s::text[]) AS k(task)
 CROSS JOIN LATERAL (
@@ -33,7 +36,8 @@ CROSS JOIN LATERAL (
     ORDER BY second DESC LIMIT {NEWEST}) AS c
 WHERE c.ended IS NULL OR c.ended > c.started
 UNION ALL
-SELECT s.task, s.second, s.fence, s.node, extract(epoch FROM c.started)::float8, s.slot,
+SELECT s.task, s.second, s.fence, left(s.node, {NODE_SHOWN + 1}),
+       extract(epoch FROM c.started)::float8, s.slot,
        extract(epoch FROM s.lease_until)::float8,
        coalesce(s.lease_until > now() AND (s.second IS NULL OR c.started IS NOT NULL), false)
 FROM {SCHEMA}.slots AS s
@@ -80,9 +84,12 @@ def as_json(entry, iso):
 
 def lines(name, holders, me=None, today=None):
     """``status`` and ``fleet tasks``: a line per fact of a task's holders (``as_json``'s form);
-    ``me``: this node's name, said as such; ``today``: the date whose times show without it."""
+    ``me``: this node's name, said as such; ``today``: the date whose times show without it.
+    A node name is what a row of the fleet database says: cut, its control characters escaped."""
     def node(name):
-        return f"{name} (this node)" if me is not None and name == me else name
+        shown = printable(cut(str(name), NODE_SHOWN))
+        return f"{shown} (this node)" if me is not None and name == me else shown
+    name = printable(name)
     found = []
     last = holders.get("last")
     if last:
@@ -146,7 +153,9 @@ class Known:
         last, mine = entry.get("last"), self.own.get(name)
         if mine is not None and (last is None or mine[:2] > last[:2]):
             last = mine
-        slots = list(entry.get("slots") or ())
+        # a slot this node holds now under another fence than the report's: taken since
+        slots = [slot for slot in entry.get("slots") or ()
+                 if own_slots.get(slot[0], slot[2]) == slot[2]]
         known = {slot[0] for slot in slots}
         slots += [[slot, node, fence, None, None] for slot, fence in sorted(own_slots.items())
                   if slot not in known]

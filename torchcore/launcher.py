@@ -38,6 +38,12 @@ from torchcore import wire
 from torchcore.errors import TorchcoreError
 
 LINE_LIMIT = 1 << 20
+# An executor's title (``torchcore: TASK [run ID]``, up to about 100 bytes) is written over
+# its launcher's command line and environment: setproctitle has no more room than they took,
+# and none at all without an environment.  A daemon started with a small one (``env -i``)
+# would give its executors a cut title, by which no supervisor finds them (procscan.py).
+# The launcher gets this variable (TORCHCORE_*: no command inherits it) to make the room.
+TITLE_ROOM = ("TORCHCORE_TITLE_ROOM", "." * 128)
 FORKS_PER_PASS = 16     # forks between two looks at the socket (where go and cancel arrive)
 GROUP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -64,7 +70,8 @@ class Launcher:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "torchcore.launcher", *map(str, fds)],
-                pass_fds=fds, stdin=subprocess.DEVNULL, stderr=err, close_fds=True)
+                pass_fds=fds, stdin=subprocess.DEVNULL, stderr=err, close_fds=True,
+                env=dict(os.environ, **dict([TITLE_ROOM])))
         except BaseException:
             ours.close()
             raise

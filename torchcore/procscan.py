@@ -18,8 +18,10 @@ and looks further (owner, descriptors, start time) at the few titled as one of t
 is made only when some open run was not found at its pid, or when the supervisor asks for its
 executors of runs with no record at all (``strays``: run ids were not given back, adopt.py).  A process is an open run's
 executor when its title names that run, it belongs to this user, it holds this daemon's mark,
-and it started no earlier than EARLIEST before its record's start (a prepared run's executor
-is forked ahead of its start; process start times are coarse).  At the recorded pid, an
+and, found by the scan, it started no earlier than EARLIEST before its record's start (a
+prepared run's executor is forked ahead of its start; process start times are coarse).  At
+the recorded pid its start time is not compared: a wall clock set back since the run's start
+would make its executor look older than its record.  At the recorded pid, an
 executor with no mark at all (one started by a torchcore before marks) is taken as before, by
 its title; one with another daemon's mark never is.  ``match`` decides, on what was read.
 """
@@ -28,9 +30,12 @@ import dataclasses
 import os
 import re
 import stat
+import time
 
 import psutil
 
+LAUNCHER = "torchcore: launcher"        # a launcher's title (launcher.py)
+LAUNCHERS_WAIT = 5.0        # seconds a new supervisor waits for a killed one's launchers to end
 EARLIEST = 60.0             # seconds an executor may have started before its run's recorded start
 PREFIX = b"torchcore: "
 _TITLE = re.compile(r"torchcore: (.*) \[run (\d+)\]\Z", re.DOTALL)
@@ -105,9 +110,11 @@ def find(records, mark, uid=None, strays=False):
     wanted = {r.run_id: (r.task, r.started) for r in records}
     found = {}
     for record in records:
-        if record.pid:
+        if isinstance(record.pid, int) and record.pid > 0:    # else (damaged records) by the scan
+            # No start time check here: the pid and the title (its run id) name the run, and
+            # the wall clock may have been set back since its start was recorded.
             procs = [p for p in map(read, _self_and_parent(record.pid)) if p is not None]
-            found.update(match({record.run_id: wanted[record.run_id]}, procs, mark, uid,
+            found.update(match({record.run_id: (record.task, None)}, procs, mark, uid,
                                unmarked=True))
     rest = {run_id: item for run_id, item in wanted.items() if run_id not in found}
     others = {}
@@ -121,6 +128,43 @@ def find(records, mark, uid=None, strays=False):
             by_pid = {proc.pid: proc for proc in ours}
             others = {run_id: by_pid[pid] for run_id, pid in match(unknown, ours, mark, uid).items()}
     return found, others
+
+
+def old_launchers(mark, uid=None):
+    """The pids of a killed supervisor's launchers still alive: titled as a launcher, of this
+    user, holding this daemon's mark, and not this process's own.  A launcher forks the jobs
+    it has read before it sees its supervisor gone: held up (a machine short of memory when
+    the OOM killer strikes), it may fork an executor after the next supervisor has looked."""
+    uid = os.geteuid() if uid is None else uid
+    found = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit() or not _is_launcher(int(name)):
+            continue
+        try:
+            proc = psutil.Process(int(name))
+            with proc.oneshot():
+                ppid, owner = proc.ppid(), proc.uids().effective
+            marks = _marks(int(name))
+        except (psutil.Error, OSError):
+            continue
+        if owner == uid and mark in marks and ppid != os.getpid():
+            found.append(int(name))
+    return found
+
+
+def wait_for_old_launchers(mark, timeout=LAUNCHERS_WAIT, sleep=time.sleep, clock=time.monotonic):
+    """Wait (``timeout`` at most) until no launcher of a killed supervisor is left, so every
+    executor it forks is there to be found; returns the pids of those still left."""
+    deadline = clock() + timeout
+    while True:
+        left = old_launchers(mark)
+        if not left or clock() >= deadline:
+            return left
+        sleep(0.05)
 
 
 def scan(wanted):
@@ -176,6 +220,17 @@ def _title(pid):
     if not data.startswith(PREFIX):
         return None
     return " ".join(part for part in data.decode("utf-8", "replace").split("\0") if part)
+
+
+def _is_launcher(pid):
+    """Is ``pid`` titled as a launcher, or one that has not set its title yet (it has read no
+    job then, but will)?"""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            parts = [part for part in handle.read(4096).split(b"\0") if part]
+    except OSError:
+        return False
+    return parts == [LAUNCHER.encode()] or parts[1:3] == [b"-m", b"torchcore.launcher"]
 
 
 def _marks(pid):

@@ -6,6 +6,7 @@ through a ``System``, so the tests give it one whose children are make-believe
 (tests/supervisor_harness.py) and drive the real decisions on a fake clock.
 """
 
+import logging
 import os
 import select
 import time
@@ -16,6 +17,8 @@ import setproctitle
 from torchcore import executor, loadchild, procscan
 from torchcore.clock import SystemClock
 from torchcore.launcher import Launcher
+
+log = logging.getLogger("torchcore")
 
 
 class System:
@@ -100,6 +103,11 @@ class System:
         their recorded pid or, failing that, by their title and this daemon's mark; {run id:
         procscan.Proc} of this daemon's executors of other runs, looked for with ``strays``)."""
         mark = procscan.mark_of(self.mark_fd) if self.mark_fd is not None else None
+        if mark is not None:        # a killed supervisor's launcher may still fork an executor
+            for pid in procscan.wait_for_old_launchers(mark):
+                log.warning("a previous supervisor's launcher (pid %d) still runs after %gs: an "
+                            "executor it forks from now on is not adopted", pid,
+                            procscan.LAUNCHERS_WAIT)
         return procscan.find(records, mark, strays=strays)
 
     def command_group(self, executor_pid):
