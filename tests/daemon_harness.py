@@ -9,6 +9,8 @@ import time
 
 import psutil
 
+# Marks this test process's daemons and, through their environment, their commands.
+SUITE = ("TC_TEST_SUITE", f"{os.getpid()}-{time.time_ns()}")
 SETTINGS = "settings:\n  timezone: UTC\n  state_dir: state\n"
 
 
@@ -30,7 +32,7 @@ class Daemon:
         os.replace(tmp, self.path)
 
     def start(self, *extra, wait=True):
-        env = dict(os.environ, TORCHCORE_NODE_IP="10.9.9.9")
+        env = dict(os.environ, TORCHCORE_NODE_IP="10.9.9.9", **{SUITE[0]: SUITE[1]})
         with open(self.err_path, "ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "torchcore", "start", "--foreground", "-c", self.path, *extra],
@@ -93,9 +95,11 @@ def wait_for(predicate, timeout, message="condition", detail=lambda: ""):
 
 
 def processes_with(marker, env=None):
-    """Live (non-zombie) processes whose command line contains ``marker`` (and, with ``env``
-    a (name, value) pair, whose environment holds it: only this test's, even if another suite
-    runs the same commands on the machine)."""
+    """Live (non-zombie) processes whose command line contains ``marker``, of the daemons this
+    test process started (their commands inherit ``SUITE`` from the daemon's environment), or,
+    with ``env`` a (name, value) pair, whose environment holds that: never another suite's
+    processes running the same commands on the machine."""
+    env = env or SUITE
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         try:
