@@ -169,8 +169,8 @@ class FleetCoordinator(LocalCoordinator):
         key = (task.name, second)
         won = self.won.get(key)
         if won is not None:
-            if won.started:
-                return True         # a start tried again (its fork failed)
+            if won.started:         # started already: an answer after its second started it
+                return False        # before its tick (start_claimed), and the tick comes now
             if won.full:
                 del self.won[key]
                 return f"fleet max {task.max} reached"

@@ -1,0 +1,69 @@
+"""The supervisor's side of `run: once` claims (coordinator.py) on a fake clock, with the claims
+process replaced by the messages it would send: each won claim starts once on this node."""
+
+import types
+
+from torchcore.coordinator import FleetCoordinator
+from torchcore.states import RunState
+
+
+class Clock:
+    def __init__(self, now):
+        self.now = now
+
+    def time(self):
+        return self.now
+
+    def monotonic(self):
+        return self.now
+
+
+class Starter:
+    """Starts what the coordinator hands it, asking the coordinator as the real one does."""
+
+    def __init__(self, coordinator, task):
+        self.coordinator, self.task = coordinator, task
+        self.table, self.runs = [], []
+        self.stopping_now = False
+
+    def launch(self, second):
+        if self.coordinator.claim(self.task, second) is not True:
+            return None
+        run = types.SimpleNamespace(task=self.task, scheduled=second, state=RunState.RUNNING,
+                                    run_id=len(self.runs) + 1, pgid=None, executor_pid=None)
+        self.runs.append(run)
+        self.table.append(run)
+        self.coordinator.started(run)
+        return run
+
+    def start_claimed(self, name, second):
+        self.launch(second)
+
+    def prepare_claimed(self, name, second):
+        pass
+
+
+def _coordinator(now):
+    task = types.SimpleNamespace(name="job", run="once", type="task", max=1, ips=(), hosts=(),
+                                 kill_grace=1)
+    coordinator = FleetCoordinator(Clock(now), "n1")
+    coordinator.once = {"job"}
+    coordinator.hello = {"url": "postgresql://x/y", "node": "n1", "takeover": 0.5, "lease": 15}
+    coordinator.sent = []
+    coordinator._send = coordinator.sent.append        # the claims process, as its messages
+    coordinator.starter = Starter(coordinator, task)
+    return coordinator, task
+
+
+def test_a_claim_answered_after_its_second_but_before_its_tick_starts_once():
+    second = 1000
+    coordinator, task = _coordinator(second - 1.5)
+    coordinator.ahead(second, [task])
+    coordinator.clock.now = second + 0.05           # the answers come late (a busy start-up)
+    coordinator._answer({"won": [["job", second, second * 1000]], "lost": [], "late": False})
+    coordinator._answer({"slots": [["job", second, second * 1000, 0]], "full": []})
+    assert len(coordinator.starter.runs) == 1       # started at once: its second has come
+    assert coordinator.starter.launch(second) is None   # the tick: not a second time
+    assert len(coordinator.starter.runs) == 1
+    assert [m for m in coordinator.sent if "start" in m] == [
+        {"start": [["job", second, second * 1000, None, 1, None]]}]
