@@ -67,3 +67,31 @@ def test_a_claim_answered_after_its_second_but_before_its_tick_starts_once():
     assert len(coordinator.starter.runs) == 1
     assert [m for m in coordinator.sent if "start" in m] == [
         {"start": [["job", second, second * 1000, None, 1, None]]}]
+
+
+def test_a_daemon_stopped_as_its_lease_cannot_be_kept_is_not_restarted_in_that_slot():
+    coordinator, _ = _coordinator(1000.0)
+    task = types.SimpleNamespace(name="single", run="once", type="daemon", max=1, ips=(),
+                                 hosts=(), kill_grace=1)
+    coordinator.once = {"single"}
+    starter = coordinator.starter
+    starter.task, starter.signals = task, []
+    starter.table = Table()
+    starter.tend_daemons = lambda: None
+    starter.signal_run = lambda run, signum, why: starter.signals.append((run.run_id, signum))
+    coordinator._answer({"daemon": [["single", -1, 1234]]})         # a slot taken for it
+    run = starter.launch(None)
+    assert run is not None
+    coordinator._answer({"stop": [["single", -1, 1234]], "kill": False})   # renewals fail
+    assert starter.signals == [(run.run_id, 15)]                    # TERM
+    starter.table.remove(run)
+    coordinator.ended(run)                          # it ended: its slot freed, not used again
+    assert coordinator.sent[-1] == {"end": [["single", -1, 1234]]}
+    assert starter.launch(None) is None
+    coordinator._answer({"stop": [["single", -1, 1234]], "kill": True})    # (nothing left)
+    assert starter.signals == [(run.run_id, 15)]
+
+
+class Table(list):
+    def get(self, run_id):
+        return next((run for run in self if run.run_id == run_id), None)

@@ -113,6 +113,8 @@ class FleetCoordinator(LocalCoordinator):
         self.daemon_specs = []          # what the claimer is told of the `run: once` daemons
         self.daemon_slots = {}          # name -> {fence: [-1 - slot, run id or None]}
         self.daemon_pick = None         # (name, fence) the daemon run being started takes
+        self.daemon_leaving = set()     # fences of instances stopped as their lease cannot be
+        #                                 kept: their slot freed at their end, not restarted in
         self.db_down = None
 
     # ---- the supervisor's side ---------------------------------------------------------------
@@ -235,8 +237,10 @@ class FleetCoordinator(LocalCoordinator):
             slots = self.daemon_slots.get(run.task.name, {})
             for fence, entry in list(slots.items()):
                 if entry[1] == run.run_id:
-                    if self.starter.stopping_now or run.task.name not in self.once:
+                    if self.starter.stopping_now or run.task.name not in self.once or \
+                            fence in self.daemon_leaving:
                         del slots[fence]            # a clean stop hands it over at once
+                        self.daemon_leaving.discard(fence)
                         self._send({"end": [[run.task.name, entry[0], fence]]})
                     else:
                         entry[1] = None             # restarted here, in the same slot
@@ -438,6 +442,9 @@ class FleetCoordinator(LocalCoordinator):
             return
         if signum == signal.SIGKILL or entry[1] is None:
             del self.daemon_slots[name][fence]
+            self.daemon_leaving.discard(fence)
+        else:
+            self.daemon_leaving.add(fence)      # not restarted in a slot it cannot keep
         run = self.starter.table.get(entry[1]) if entry[1] is not None else None
         if run is not None:
             self.starter.signal_run(run, signum, "its fleet lease could not be kept")
