@@ -1,8 +1,11 @@
 """The supervisor's side of `run: once` claims (coordinator.py) on a fake clock, with the claims
-process replaced by the messages it would send: each won claim starts once on this node."""
+process replaced by the messages it would send: each won claim starts once on this node.  And the
+claims process's side of a burst: its statements counted, the database replaced."""
 
+import socket
 import types
 
+from torchcore import claimer, claims
 from torchcore.coordinator import FleetCoordinator
 from torchcore.states import RunState
 
@@ -95,3 +98,25 @@ def test_a_daemon_stopped_as_its_lease_cannot_be_kept_is_not_restarted_in_that_s
 class Table(list):
     def get(self, run_id):
         return next((run for run in self if run.run_id == run_id), None)
+
+
+def test_a_burst_of_starts_then_ends_costs_one_statement_each_not_one_per_run():
+    ours, theirs = socket.socketpair()
+    proc = claimer.Claimer(theirs)
+    proc.handle({"hello": {"url": "postgresql://x/y", "node": "n1", "takeover": 0.5, "lease": 15}})
+    calls = []
+
+    def execute(sql, params):
+        calls.append(sql)
+        if sql == claims.START:
+            return list(zip(params["tasks"], params["seconds"]))
+        if sql == claims.RENEW:
+            return list(zip(params["tasks"], params["fences"]))
+        return []
+    proc.execute = execute
+    runs = [[f"t{i}", 1000, 1000000] for i in range(30)]
+    ours.sendall(b"".join(claims.encode({"start": [run + [None, 1, None]]}) for run in runs) +
+                 b"".join(claims.encode({"end": [run]}) for run in runs))
+    proc.read()
+    assert calls == [claims.START, claims.RENEW, claims.RELEASE]
+    assert proc.held == {} and proc.unreleased == []
