@@ -322,6 +322,10 @@ def _chaos(nodes, files, watch, rng, seed, figures, stopped, pg):
           f"t0 {t0:.2f}; first kill {first.name}, node death {second.name}, sigstop {third.name}")
 
     records = {node.name: node.runs() for node in nodes}
+    with fleetdb.connect(pg.url) as conn:      # what the claims say, for the messages
+        rows = conn.execute(f"SELECT task, second, fence, node, takeovers, started, ended "
+                            f"FROM {fleetdb.SCHEMA}.claims").fetchall()
+    records["claims"] = {(task, second): row for task, second, *row in rows}
     _check_ticks(files, records, events, starts, t0, end, why, figures,
                  {n.name for n in nodes if n.env})
     _check_pairs(files, records, events, starts, t0, end, watch, deaths, why)
@@ -358,8 +362,8 @@ def _excused(second, events, starts, reasons):
 def _skips(records, task):
     """{second: {reason, ...}} of the skipped (or missed) seconds the nodes recorded."""
     found = collections.defaultdict(set)
-    for rows in records.values():
-        for row in rows:
+    for name, rows in records.items():
+        for row in rows if name != "claims" else ():
             if row["task"] == task and row["skipped"] and row["scheduled"] is not None:
                 found[row["scheduled"]].add(row["skipped"])
     return found
@@ -383,7 +387,7 @@ def _check_ticks(files, records, events, starts, t0, end, why, figures, skewed):
     assert not doubled, (f"tick seconds run twice {why}", doubled)
     assert all(claims.fence_second(f) == s for s, f, _ in runs), why
     assert not missed, (f"tick seconds missed with the database up {why}", missed, events,
-                        {s: skips.get(s) for s in missed})
+                        {s: (skips.get(s), records["claims"].get(("tick", s))) for s in missed})
     assert not unrecorded, (f"tick seconds neither run nor recorded as skipped {why}",
                             unrecorded)
     print("tick: seconds not run, by reason:", collections.Counter(
@@ -413,7 +417,8 @@ def _check_pairs(files, records, events, starts, t0, end, watch, deaths, why):
                             unrecorded, events)
     missed = [s for s in window if s not in seconds and "fleet max 2 reached" not in skips[s]
               and not _excused(s, events, starts, skips[s])]
-    assert not missed, (f"pair seconds missed {why}", missed, {s: skips[s] for s in missed})
+    assert not missed, (f"pair seconds missed {why}", missed, events,
+                        {s: (skips[s], records["claims"].get(("pair", s))) for s in missed})
 
 
 def _check_single(files, events, watch, deaths, why, frozen, t0):
@@ -430,6 +435,10 @@ def _check_single(files, events, watch, deaths, why, frozen, t0):
         if e1 > s2:
             assert n1 == frozen and events["sigstop"] < s2 and e1 <= events["sigcont"] + 1, \
                 (f"the singleton ran on two nodes at once {why}", spans, events)
+    # the stopped node, resumed, found its lease gone and killed its instance at once
+    frozen_runs = [e for s, e, n, _ in spans if n == frozen and s < events["sigstop"] < e]
+    assert frozen_runs and events["sigcont"] <= frozen_runs[0] <= events["sigcont"] + 1.5, \
+        (f"the stopped node's instance {why}", spans, events)
     # back within lease + 2 s after each loss
     for what in ("kill node", "sigstop"):
         after = [s for s, *_ in spans if s > events[what]]
