@@ -360,12 +360,18 @@ def _excused(second, events, starts, reasons):
 
 
 def _skips(records, task):
-    """{second: {reason, ...}} of the skipped (or missed) seconds the nodes recorded."""
+    """{second: {reason, ...}} of the skipped (or missed) seconds the nodes recorded, and of the
+    runs stopped before their command could say anything (a run started as the database went
+    away, its claim never confirmed: stopped at once, "its fleet lease could not be kept")."""
     found = collections.defaultdict(set)
     for name, rows in records.items():
         for row in rows if name != "claims" else ():
-            if row["task"] == task and row["skipped"] and row["scheduled"] is not None:
+            if row["task"] != task or row["scheduled"] is None:
+                continue
+            if row["skipped"]:
                 found[row["scheduled"]].add(row["skipped"])
+            elif row["stopped"] and "fleet lease" in row["stopped"]:
+                found[row["scheduled"]].add(f"stopped: {row['stopped']}")
     return found
 
 
