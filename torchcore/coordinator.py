@@ -237,13 +237,15 @@ class FleetCoordinator(LocalCoordinator):
             slots = self.daemon_slots.get(run.task.name, {})
             for fence, entry in list(slots.items()):
                 if entry[1] == run.run_id:
-                    if self.starter.stopping_now or run.task.name not in self.once or \
-                            fence in self.daemon_leaving:
+                    if self.starter.stopping_now or run.task.name not in self.once:
                         del slots[fence]            # a clean stop hands it over at once
-                        self.daemon_leaving.discard(fence)
                         self._send({"end": [[run.task.name, entry[0], fence]]})
                     else:
                         entry[1] = None             # restarted here, in the same slot
+                        if fence in self.daemon_leaving:    # ... unless it was stopped as its
+                            self.daemon_leaving.discard(fence)  # lease cannot be kept: freed
+                            del slots[fence]
+                            self._send({"end": [[run.task.name, entry[0], fence]]})
             return
         key = (run.task.name, run.scheduled)
         won = self.won.get(key)
