@@ -13,15 +13,26 @@
   d  node cost: the agent's idle CPU and RSS over 60 s (targets < 1% of a core, < 40 MB; baseline:
      the supervisor beside it), then bench_launch.py --quick with the fleet off and on in one run
 
+  e  `run: once` launch lateness: 100 tasks every second on 3 real daemons, as `run: once` and
+     as `each` (each task pinned to one node, the same runs per second), p50/p99 of each and the
+     p99 difference (target <= 20 ms); the rows the claims write per fire (pg_stat_user_tables:
+     new rows, and updates, on torchcore.claims and torchcore.slots; target <= 1.05 new rows)
+  f  claims at scale: 1,000 simulated nodes, claims.py's statements (claim, slot, start, renew,
+     release) for 1,000 `once` fires per second in all, each task with a pool of 3 nodes, from 8
+     processes (a connection each): claim p99, the database's CPU, every fire won once and none twice
+  g  failover of a `run: once` daemon after kill -9 of its node (every process of it), 3 nodes,
+     fleet.lease 6 s, 20 trials: p50/p99 (target p99 <= lease + 2 s)
+
 The load generator multiplexes its 1,000 nodes over 4 connections (the throw-away server takes
 300; a real fleet holds one per node): each node's heartbeat and batch is its own transaction, as
 the agent sends it.  Everything runs on this machine, with the database, the daemons and the
 generator sharing its cores: read the figures with the machine line printed first.
 
-Usage: python benchmarks/bench_fleet.py [--quick] [--parts abcd]
+Usage: python benchmarks/bench_fleet.py [--quick] [--parts abcdefg]
 """
 
 import argparse
+import collections
 import dataclasses
 import heapq
 import json
@@ -45,9 +56,11 @@ import pgserver  # noqa: E402
 from torchcore import fleetdb  # noqa: E402
 
 FULL = dict(nodes=10, tasks=10, window=60, outage=60, sim_nodes=1000, sim_runs=200,
-            sim_window=60, idle=60, workers=4)
+            sim_window=60, idle=60, workers=4, once_tasks=100, once_window=30, claim_nodes=1000,
+            claim_tasks=1000, claim_window=30, claim_workers=8, trials=20)
 QUICK = dict(nodes=3, tasks=5, window=8, outage=10, sim_nodes=100, sim_runs=20,
-             sim_window=8, idle=8, workers=2)
+             sim_window=8, idle=8, workers=2, once_tasks=20, once_window=8, claim_nodes=100,
+             claim_tasks=100, claim_window=8, claim_workers=2, trials=3)
 HEARTBEAT = 5
 
 
@@ -359,16 +372,281 @@ def output_example():
         "[torchcore] run ended: ok (exit 0) after 0.01s\n"
 
 
+# ---- run: once (e, f, g) ----------------------------------------------------------------------
+
+def once_node(root, name, ip, url, tasks, lease=None):
+    """A daemon as node ``name`` on the task file ``tasks`` (the lines after ``tasks:``)."""
+    folder = os.path.join(root, name)
+    os.makedirs(folder)
+    path = os.path.join(folder, "tasks.yaml")
+    lines = ["settings:", "  timezone: UTC", "  max_running: 5000", "  watch: false",
+             "  state_dir: state", "  fleet:", f"    database: '{url}'",
+             f"    heartbeat: {HEARTBEAT}s", *([f"    lease: {lease}s"] if lease else []), "tasks:"]
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines + tasks) + "\n")
+    return benchlib.Daemon(path, extra=["--node-name", name, "--node-ip", ip])
+
+
+def lateness(folder, first, last):
+    """started - scheduled of the runs of [first, last] a node started, and its skips by reason."""
+    conn = sqlite3.connect(f"file:{os.path.join(folder, 'state', 'torchcore.db')}?mode=ro", uri=True,
+                           timeout=10)
+    try:
+        late = [row[0] for row in conn.execute(
+            "SELECT started - scheduled FROM runs WHERE scheduled BETWEEN ? AND ? AND started IS "
+            "NOT NULL AND skipped IS NULL AND manual = 0", (first, last))]
+        skips = conn.execute("SELECT skipped, count(*) FROM runs WHERE scheduled BETWEEN ? AND ? "
+                             "AND skipped IS NOT NULL GROUP BY skipped", (first, last)).fetchall()
+    finally:
+        conn.close()
+    return late, dict(skips)
+
+
+WRITES = """SELECT relname, n_tup_ins, n_tup_upd FROM pg_stat_user_tables
+    WHERE schemaname = 'torchcore' AND relname IN ('claims', 'slots', 'runs')"""
+
+
+def writes(conn):
+    return {name: (ins, upd) for name, ins, upd in conn.execute(WRITES)}
+
+
+def part_e(server, cfg, root):
+    """Launch lateness of `once` tasks against the same tasks as `each` (each one pinned to one
+    node by its ips, so that both phases start the same runs per second), and the rows the
+    claims write per fire."""
+    count, window = cfg["once_tasks"], cfg["once_window"]
+    results = {}
+    for run in ("each", "once"):
+        url = server.create_db(f"bench_fleet_late_{run}")
+        with fleetdb.connect(url) as conn:
+            fleetdb.migrate(conn, url)
+        tasks = []
+        for i in range(count):
+            tasks += [f"  - name: t{i}", '    schedule: "* * * * * *"', "    command: 'true'"]
+            tasks += ["    run: once"] if run == "once" else [f"    ips: [10.7.2.{i % 3 + 1}]"]
+        folder = os.path.join(root, f"late-{run}")
+        nodes = [once_node(folder, f"n{k + 1}", f"10.7.2.{k + 1}", url, tasks) for k in range(3)]
+        conn = fleetdb.connect(url)
+        time.sleep(8)                   # past the start-up seconds (registry, connections)
+        first = int(time.time()) + 1
+        before = writes(conn)
+        benchlib.sleep_until(first + window)
+        time.sleep(1.5)                 # the statistics are flushed every second or so
+        after = writes(conn)
+        last = first + window - 1
+        late, skips = [], collections.Counter()
+        for node in nodes:
+            node_late, node_skips = lateness(os.path.dirname(node.taskfile), first, last)
+            late += node_late
+            skips.update(node_skips)
+        delta = {name: (after.get(name, (0, 0))[0] - before.get(name, (0, 0))[0],
+                        after.get(name, (0, 0))[1] - before.get(name, (0, 0))[1])
+                 for name in ("claims", "slots", "runs")}
+        conn.close()
+        for node in nodes:
+            node.stop()
+        results[run] = (late, skips, delta)
+    print(f"\n(e) launch lateness, {count} tasks every second on 3 nodes ({window} s each): `each` "
+          f"(each task pinned to one node by ips) against `run: once` (every node eligible); "
+          f"lateness = started - scheduled as the supervisor records it")
+    p99s = {}
+    for run, (late, skips, delta) in results.items():
+        p50, p99, worst = percentiles(late)
+        p99s[run] = p99
+        print(f"  {run:>4}: {len(late)} runs ({len(late) / window:.0f}/s), p50 {p50 * 1000:.1f} ms, "
+              f"p99 {p99 * 1000:.1f} ms, max {worst * 1000:.0f} ms; skipped: {dict(skips) or 0}")
+    diff = p99s["once"] - p99s["each"]
+    print(f"  p99 once - each: {diff * 1000:+.1f} ms; once / each p99 {benchlib.ratio(p99s['once'], p99s['each'])}"
+          f"; target <= 20 ms: {'MET' if diff <= 0.020 else 'NOT MET'}")
+    late, _, delta = results["once"]
+    fires = count * window              # the (task, second) pairs due in the window, run or not
+    ins = delta["claims"][0] + delta["slots"][0]
+    upd = delta["claims"][1] + delta["slots"][1]
+    each_runs = results["each"][2]["runs"]
+    print(f"  rows written per fire ({fires} (task, second) pairs due in the window; "
+          f"pg_stat_user_tables, claims + slots): new rows "
+          f"(n_tup_ins) {ins / fires:.3f}, updates (n_tup_upd) {upd / fires:.2f}, together "
+          f"{(ins + upd) / fires:.2f}; target <= 1.05 new rows per fire: "
+          f"{'MET' if ins / fires <= 1.05 else 'NOT MET'}")
+    print(f"  for comparison, the fleet agent's rows of torchcore.runs (ins+upd) per fire: once "
+          f"{sum(delta['runs']) / fires:.2f}, each {sum(each_runs) / fires:.2f}")
+
+
+def claim_sim(spec):
+    """Child: ``spec`` = url, nodes (first, count), total nodes, tasks, seconds, t0 (JSON).  Each
+    simulated node runs the claims process's statements for the tasks whose pool (3 nodes) it is
+    in: its preferred claims at S - 1.5 s, the others at S - 0.5 s, a slot for each won claim at
+    S - 0.25 s, the start (START, RENEW) at S and the end (RELEASE) at S + 0.3 s.  Prints one JSON
+    line: claim latencies, the claims won, how late the phases were at most."""
+    from torchcore import claims
+
+    s = json.loads(spec)
+    conn = fleetdb.connect(s["url"])
+    total, tasks = s["total"], s["tasks"]
+    mine = range(s["first"], s["first"] + s["count"])
+    pools = {}                          # node -> [(task, pool)]
+    for t in range(tasks):
+        pool = [f"sim-{(t + k) % total:04d}" for k in range(3)]
+        for name in pool:
+            pools.setdefault(name, []).append((f"task-{t:04d}", pool))
+    names = [f"sim-{i:04d}" for i in mine]
+    if s["first"] == 0:
+        for t in range(tasks):
+            conn.execute(claims.MAKE_SLOTS, {"task": f"task-{t:04d}", "max": 1})
+    latencies, won, late = [], [], 0.0
+    for second in range(s["t0"], s["t0"] + s["seconds"]):
+        got = {}
+        for phase, at in (("preferred", second - 1.5), ("others", second - 0.5),
+                          ("slot", second - 0.25), ("start", second), ("end", second + 0.3)):
+            benchlib.sleep_until(at)
+            late = max(late, time.time() - at)
+            for name in names:
+                if phase in ("preferred", "others"):
+                    keys = [(task, second) for task, pool in pools.get(name, ())
+                            if (claims.preferred(task, second, pool) == name) == (phase == "preferred")]
+                    if not keys:
+                        continue
+                    start = time.perf_counter()
+                    rows = conn.execute(claims.CLAIM, {"node": name, **claims.columns(keys)}).fetchall()
+                    latencies.append(time.perf_counter() - start)
+                    for task, sec, fence in rows:
+                        got.setdefault(name, []).append((task, int(sec), int(fence)))
+                        won.append([task, int(sec), name])
+                elif name in got and phase == "slot":
+                    for task, sec, fence in got[name]:
+                        conn.execute(claims.TAKE_SLOT, {"task": task, "second": sec, "fence": fence,
+                                                        "node": name, "max": 1})
+                elif name in got and phase == "start":
+                    keys = [(task, sec) for task, sec, _ in got[name]]
+                    fences = [fence for _, _, fence in got[name]]
+                    conn.execute(claims.START, {"node": name, **claims.columns(keys), "fences": fences})
+                    conn.execute(claims.RENEW, {"node": name, "lease": 15, "fences": fences,
+                                                "tasks": [task for task, _ in keys]})
+                elif name in got and phase == "end":
+                    conn.execute(claims.RELEASE, {"node": name, "tasks": [t for t, _, _ in got[name]],
+                                                  "fences": [f for _, _, f in got[name]]})
+    print(json.dumps({"claims": latencies, "won": won, "late": late,
+                      "elapsed": time.time() - (s["t0"] - 1.5)}), flush=True)
+
+
+def part_f(server, cfg):
+    url = server.create_db("bench_fleet_claims")
+    with fleetdb.connect(url) as conn:
+        fleetdb.migrate(conn, url)
+    total, tasks, workers, seconds = cfg["claim_nodes"], cfg["claim_tasks"], \
+        cfg["claim_workers"], cfg["claim_window"]
+    cpu0, t = server_cpu(server), time.monotonic()
+    time.sleep(min(10, seconds))
+    idle_cpu = (server_cpu(server) - cpu0) / (time.monotonic() - t)
+    t0 = int(time.time()) + 5
+    procs = []
+    for w in range(workers):
+        first, count = w * total // workers, (w + 1) * total // workers - w * total // workers
+        spec = json.dumps({"url": url, "first": first, "count": count, "total": total,
+                           "tasks": tasks, "seconds": seconds, "t0": t0})
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--claim-sim", spec],
+                                      stdout=subprocess.PIPE, text=True))
+    benchlib.sleep_until(t0 - 1.5)
+    cpu0, t = server_cpu(server), time.monotonic()
+    conn = fleetdb.connect(url)
+    probe = round_trips(conn, seconds - 1, "SELECT 1")
+    db_cpu = (server_cpu(server) - cpu0) / (time.monotonic() - t)
+    results = [json.loads(p.communicate(timeout=seconds + 300)[0].splitlines()[-1]) for p in procs]
+    conn.close()
+    latencies = [x for r in results for x in r["claims"]]
+    won = collections.Counter((task, second) for r in results for task, second, _ in r["won"])
+    doubled = sum(1 for n in won.values() if n > 1)
+    expected = tasks * seconds
+    c50, c99, cmax = percentiles(latencies)
+    s50, s99, _ = percentiles(probe)
+    print(f"\n(f) claims at scale: {total} simulated nodes ({workers} processes, one connection each), "
+          f"{tasks} `once` tasks every second, each with a pool of 3 nodes: {tasks} fires/s, "
+          f"{seconds} s; claims.py's statements (claim, slot, start, renew, release)")
+    print(f"  claim statements: {len(latencies)} ({len(latencies) / seconds:.0f}/s, one per node "
+          f"per phase with keys); p50 {c50 * 1000:.2f} ms, p99 {c99 * 1000:.2f} ms, max "
+          f"{cmax * 1000:.1f} ms; the phases at most {max(r['late'] for r in results) * 1000:.0f} ms late")
+    print(f"  baseline, SELECT 1 meanwhile: p50 {s50 * 1000:.2f} ms, p99 {s99 * 1000:.2f} ms; claim p99 / "
+          f"SELECT 1 p99 {benchlib.ratio(c99, s99)}")
+    print(f"  database CPU (its processes): {db_cpu * 100:.1f}% of a core, over the first "
+          f"{seconds - 1} s; baseline, idle before: {max(0.0, idle_cpu) * 100:.2f}%")
+    elapsed = max(r["elapsed"] for r in results)
+    print(f"  the generator's pace: {expected} fires in {elapsed:.1f} s, {expected / elapsed:.0f} "
+          f"fires/s of the {tasks} asked ({'kept up' if elapsed < seconds + 3 else 'fell behind'})")
+    print(f"  fires won: {len(won)} of {expected}; won twice: {doubled} (target 0: "
+          f"{'MET' if doubled == 0 else 'NOT MET'})")
+
+
+SINGLETON = ["  - name: single", "    type: daemon", "    run: once", "    kill_grace: 1s",
+             "    command: echo \"$(date +%s.%N) {node}\" >> {out}; exec sleep 3600"]
+
+
+def part_g(server, cfg, root):
+    """Failover of a `run: once` daemon: kill -9 of its node (every process of it), the time
+    until another node's instance writes its first line; the killed node started again."""
+    url = server.create_db("bench_fleet_failover")
+    with fleetdb.connect(url) as conn:
+        fleetdb.migrate(conn, url)
+    lease = 6
+    out = os.path.join(root, "failover.txt")
+    folder = os.path.join(root, "failover")
+
+    def stamps():
+        if not os.path.exists(out):
+            return []
+        with open(out) as handle:
+            return [(float(at), node) for at, node in (line.split() for line in handle if line.strip())]
+
+    nodes = {}
+    for k in (1, 2, 3):
+        body = [line.format(node=f"n{k}", out=out) for line in SINGLETON]
+        nodes[f"n{k}"] = once_node(folder, f"n{k}", f"10.7.3.{k}", url, body, lease=lease)
+    wait_until(lambda: stamps(), 30, "the singleton's first start")
+    times = []
+    for _ in range(cfg["trials"]):
+        time.sleep(2)
+        _, holder = stamps()[-1]
+        daemon = nodes[holder]
+        procs = [daemon.process] + daemon.process.children(recursive=True)
+        for proc in procs:
+            try:
+                proc.suspend()
+            except psutil.Error:
+                pass
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        killed = time.time()
+        daemon.proc.wait()
+        wait_until(lambda: stamps()[-1][0] > killed, lease + 30, "the singleton to move")
+        times.append(stamps()[-1][0] - killed)
+        nodes[holder] = benchlib.Daemon(daemon.taskfile, extra=["--node-name", holder, "--node-ip",
+                                                                f"10.7.3.{holder[1:]}"])
+    for daemon in nodes.values():
+        daemon.stop()
+    p50, p99, worst = percentiles(times)
+    print(f"\n(g) failover of a `run: once` daemon, kill -9 of its node (all of its processes), "
+          f"3 nodes, fleet.lease {lease} s, {len(times)} trials (the killed node started again)")
+    print(f"  kill -> the next instance's first line: p50 {p50:.2f} s, p99 {p99:.2f} s, max "
+          f"{worst:.2f} s (min {min(times):.2f} s); target p99 <= lease + 2 s = {lease + 2} s: "
+          f"{'MET' if p99 <= lease + 2 else 'NOT MET'}")
+    print(f"  baseline, the lease itself: {lease} s; p50 / lease {benchlib.ratio(p50, lease)}")
+
+
 # ---- main -------------------------------------------------------------------------------------
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a couple of minutes")
-    parser.add_argument("--parts", default="abcd")
+    parser.add_argument("--parts", default="abcdefg")
     parser.add_argument("--simulate", metavar="SPEC", help=argparse.SUPPRESS)
+    parser.add_argument("--claim-sim", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.simulate:
         return simulate(args.simulate)
+    if args.claim_sim:
+        return claim_sim(args.claim_sim)
     why = pgserver.missing()
     if why:
         sys.exit(f"cannot run: {why}")
@@ -392,6 +670,12 @@ def main():
             part_c(server, cfg)
         if "d" in args.parts:
             part_d(server, cfg, root)
+        if "e" in args.parts:
+            part_e(server, cfg, root)
+        if "f" in args.parts:
+            part_f(server, cfg)
+        if "g" in args.parts:
+            part_g(server, cfg, root)
         print(f"\nload at the end: {os.getloadavg()[0]:.2f}")
     finally:
         for node in nodes:

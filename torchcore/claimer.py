@@ -138,7 +138,7 @@ class Claimer:
             return
         messages, self.buffer = claims.decode_lines(self.buffer, chunk)
         now_keys = []
-        for message in messages:
+        for message in _batched(messages):
             now_keys += self.handle(message)
         if now_keys:
             self.attempt(now_keys)
@@ -527,6 +527,20 @@ class Claimer:
             self.sock.sendall(claims.encode(message))
         except OSError:
             self.orphaned = True
+
+
+def _batched(messages):
+    """``messages`` with each series of "start" (or "end") messages in a row made one: a burst
+    of starts or ends is one statement, not one per run (in order, so a run's start still comes
+    before its end)."""
+    merged = []
+    for message in messages:
+        kind = next(iter(message)) if len(message) == 1 else None
+        if kind in ("start", "end") and merged and list(merged[-1]) == [kind]:
+            merged[-1] = {kind: merged[-1][kind] + message[kind]}
+        else:
+            merged.append(message)
+    return merged
 
 
 def _alive(kill, pid):

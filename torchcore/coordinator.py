@@ -122,6 +122,8 @@ class FleetCoordinator(LocalCoordinator):
         self.once_specs = []            # ... and of the other `run: once` tasks (claimloss.py)
         self.daemon_slots = {}          # name -> {fence: [-1 - slot, run id or None]}
         self.daemon_pick = None         # (name, fence) the daemon run being started takes
+        self.daemon_leaving = set()     # fences of instances stopped as their lease cannot be
+        #                                 kept: their slot freed at their end, not restarted in
         self.db_down = None
         from torchcore import holders
         self.known = holders.Known()    # the holders of the `once` tasks, for status
@@ -186,8 +188,8 @@ class FleetCoordinator(LocalCoordinator):
         key = (task.name, second)
         won = self.won.get(key)
         if won is not None:
-            if won.started:
-                return True         # a start tried again (its fork failed)
+            if won.started:         # started already: an answer after its second started it
+                return False        # before its tick (start_claimed), and the tick comes now
             if won.full:
                 del self.won[key]
                 return f"fleet max {task.max} reached"
@@ -266,6 +268,10 @@ class FleetCoordinator(LocalCoordinator):
                         self._send({"end": [[run.task.name, entry[0], fence]]})
                     else:
                         entry[1] = None             # restarted here, in the same slot
+                        if fence in self.daemon_leaving:    # ... unless it was stopped as its
+                            self.daemon_leaving.discard(fence)  # lease cannot be kept: freed
+                            del slots[fence]
+                            self._send({"end": [[run.task.name, entry[0], fence]]})
             return
         key = (run.task.name, run.scheduled)
         won = self.won.get(key)
@@ -490,6 +496,9 @@ class FleetCoordinator(LocalCoordinator):
             return
         if signum == signal.SIGKILL or entry[1] is None:
             del self.daemon_slots[name][fence]
+            self.daemon_leaving.discard(fence)
+        else:
+            self.daemon_leaving.add(fence)      # not restarted in a slot it cannot keep
         run = self.starter.table.get(entry[1]) if entry[1] is not None else None
         if run is not None:
             self.starter.signal_run(run, signum, "its fleet lease could not be kept")
