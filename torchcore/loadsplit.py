@@ -170,7 +170,10 @@ def _first(path, node, text, tasks_line, settings_w, result_r):
             not _plain_key(pair[0], tasks_line) or not _block_list(pair[1]):
         return None
     sent = pickle.dumps(settings, pickle.HIGHEST_PROTOCOL)
-    _write_all(settings_w, len(sent).to_bytes(8, "big") + sent)
+    try:
+        _write_all(settings_w, len(sent).to_bytes(8, "big") + sent)
+    except OSError:
+        return None                                 # the worker gave its half up
     tasks = _tasks(loader, root, pair, settings)
     if tasks is None:
         return None
