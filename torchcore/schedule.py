@@ -507,6 +507,7 @@ class ScheduleTable:
         self._slots = {}          # key -> slot
         self._keys = []           # slot -> key (None for a free slot)
         self._spec = ffi.new("tc_spec *")
+        self._filled = None       # the _Spec whose values self._spec holds
         self._tick = ffi.new("tc_tick *")
         self._out = ffi.new("const uint32_t **")
         self._count = ffi.new("size_t *")
@@ -523,7 +524,9 @@ class ScheduleTable:
         """Add ``key`` or replace its schedule; touches only that key's slot."""
         if not isinstance(schedule, Schedule):
             raise TypeError(f"expected a Schedule, got {type(schedule).__name__}")
-        self._fill_spec(schedule._spec)
+        if schedule._spec is not self._filled:     # schedules shared by many keys: once
+            self._fill_spec(schedule._spec)
+            self._filled = schedule._spec
         slot = self._slots.get(key)
         if slot is None:
             _check(lib.tc_table_add(self._table, self._spec, self._slot))

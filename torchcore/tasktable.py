@@ -72,10 +72,21 @@ def schedule_of(data):
 
 
 def _schedule(text, zone, spec):
-    tz = _zone(zone) if zone else None
-    if spec is None:
-        return Schedule(text, tz)
-    return Schedule(text, tz, compiled=spec)
+    """The Schedule of a record's fields; one object for the records that share them (a
+    Schedule is immutable, and a fleet's files repeat their schedules)."""
+    key = (text, zone, spec)
+    schedule = _SCHEDULES.get(key)
+    if schedule is None:
+        tz = _zone(zone) if zone else None
+        schedule = Schedule(text, tz) if spec is None else Schedule(text, tz, compiled=spec)
+        if len(_SCHEDULES) >= SCHEDULES_KEPT:
+            _SCHEDULES.clear()
+        _SCHEDULES[key] = schedule
+    return schedule
+
+
+SCHEDULES_KEPT = 4096           # distinct schedules kept built (a dict, emptied when full)
+_SCHEDULES = {}
 
 
 @functools.cache
