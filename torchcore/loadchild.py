@@ -169,7 +169,7 @@ def main(argv):
     try:
         if argv[0] == "--spare":    # ready ahead: its modules loaded, it waits for a byte
             argv = argv[1:]
-            from torchcore import config, tasktable  # noqa: F401 (imported ahead, the point)
+            from torchcore import config, loadsplit, tasktable  # noqa: F401 (ahead: the point)
             if not os.read(0, 1):
                 return 0            # not needed after all (the supervisor stops)
         path, node = argv[0], _node(argv[1])

@@ -132,6 +132,7 @@ def load(path, node, text, min_bytes=SPLIT_MIN_BYTES):
             os.close(result_r)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)                     # the stream is the first half's to write
+            _die_with_parent()
             part = _second(path, node, second, line, indent, settings_r)
             _write_all(result_w, b"" if part is None else part.dump())
             code = 0
@@ -206,6 +207,19 @@ def _second(path, node, text, line, indent, settings_r):
     loader = Loader(path)
     tasks = _tasks(loader, root, (key, value), settings)
     return None if tasks is None else Part.of_tasks(path, settings, tasks, node)
+
+
+def _die_with_parent():
+    """The worker is killed when the loading child dies (a reload given up kills it): its
+    half is of use to nobody else.  Best effort (Linux prctl; nothing elsewhere)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _document(text, path):
