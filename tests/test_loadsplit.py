@@ -60,7 +60,9 @@ BAD_COMMANDS = ["- not a command", "", "{a: 1}"]
 EXTRAS = {"timeout": ["15m", "1h30m"], "max": ["2"], "env": ["{MODE: batch, N: 3}", "\n{f}  A: '1'"],
           "description": ['"multi\n{f}  line"', "|\n{f}  text"], "enabled": ["false"],
           "hosts": ["[other-*]", "['*']"], "ips": ["[10.9.0.0/16]"],
-          "timezone": ["Europe/Paris", "UTC"], "type": ["common"]}
+          "timezone": ["Europe/Paris", "UTC"], "type": ["common"],
+          "notify": ['[{webhook: "https://hooks.example.com/a", on: [failure]}]'],
+          "ping": ["https://hc-ping.com/x"]}
 BAD_EXTRAS = ["bogus: 1", "timeout: 0s", "max: -1", "timezone: Mars/Base", "type: daemon"]
 
 

@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import signal
+from types import SimpleNamespace
 
 import yaml
 
@@ -66,7 +67,8 @@ class Part:
                    switches=[(task.line, task.name, task.user, task.group) for task in local
                              if task.user or task.group],
                    zones={task.timezone for task in taskfile.tasks if task.timezone},
-                   notifier=tasktable.asks_for_notifier(taskfile, node),
+                   notifier=tasktable.asks_for_notifier(    # the node's tasks, found above
+                       SimpleNamespace(tasks=local, settings=settings), None),
                    names=[task.name for task in taskfile.tasks])
 
     def joined(self, other):
