@@ -89,7 +89,7 @@ def _schedule(text, zone, spec):
     return schedule
 
 
-SCHEDULES_KEPT = 4096           # distinct schedules kept built (a dict, emptied when full)
+SCHEDULES_KEPT = 256            # distinct schedules kept built (a dict, emptied when full)
 _SCHEDULES = {}
 
 
