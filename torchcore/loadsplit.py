@@ -119,7 +119,7 @@ def cut(text, min_bytes=SPLIT_MIN_BYTES):
 def load(path, node, text, min_bytes=SPLIT_MIN_BYTES):
     """(settings, Part) of an accepted file whose text ``text`` was loaded in two halves at
     once; None when it was not (the caller loads it in one piece)."""
-    where = cut(text, min_bytes) if (os.cpu_count() or 1) > 1 else None
+    where = cut(text, min_bytes) if _cores() > 1 else None
     if where is None:
         return None
     tasks_line, offset, line, indent = where
@@ -209,6 +209,14 @@ def _second(path, node, text, line, indent, settings_r):
     loader = Loader(path)
     tasks = _tasks(loader, root, (key, value), settings)
     return None if tasks is None else Part.of_tasks(path, settings, tasks, node)
+
+
+def _cores():
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _die_with_parent():
