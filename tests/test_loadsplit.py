@@ -6,7 +6,8 @@ comments and blank lines between and inside items, block scalars (kept, stripped
 quoted strings over several lines, flow and block lists, anchors, aliases and merge keys
 (within an item, across items, from the settings), tags, duplicate names, bad fields.  Each
 is loaded both ways (the split forced at any size) and the verdicts (problems included, in
-order), the streamed frames and the load cache's checks must be equal.
+order), the streamed frames and the load cache's checks must be equal.  And the quick depth
+walk a file without anchors gets (yamlread._deepest) refuses exactly what the budget's walk does.
 """
 
 import ipaddress
@@ -184,3 +185,33 @@ def test_an_alias_across_the_cut_or_a_name_in_both_halves_is_loaded_in_one_piece
         assert loadsplit.load(str(tmp_path / "t.yaml"), NODE, text, 0) is None
         verdict, _, _ = _both(tmp_path, text)
     assert not verdict["ok"] and "duplicate task name" in verdict["problems"][0]
+
+
+@st.composite
+def nested(draw, level=0):
+    """A document of lists and mappings, some of them near MAX_DEPTH deep."""
+    if level > 5 or draw(st.integers(0, 2)) == 0:
+        return draw(st.sampled_from(["1", "x", None, [], {}]))
+    children = [draw(nested(level + 1)) for _ in range(draw(st.integers(0, 3)))]
+    if draw(st.booleans()):
+        return children
+    return {f"k{number}": child for number, child in enumerate(children)}
+
+
+@seed(1517)
+@settings(max_examples=300, deadline=None, database=None)
+@given(nested(), st.sampled_from([0, 30, 60, 61, 62, 63, 64, 65]), st.booleans())
+def test_the_quick_depth_walk_refuses_what_the_budget_refuses(doc, wrap, flow):
+    import yaml
+
+    from torchcore import yamlread
+    from torchcore.errors import ConfigError
+    for number in range(wrap):
+        doc = [doc] if number % 2 else {"a": doc}
+    root = yaml.compose(yaml.safe_dump(doc, default_flow_style=flow), Loader=yaml.CSafeLoader)
+    try:
+        yamlread._budget(root, "f")
+        refused = False
+    except ConfigError:
+        refused = True
+    assert (yamlread._deepest(root) > yamlread.MAX_DEPTH) == refused
