@@ -118,10 +118,10 @@ def load_parts(path, node, data, started=None, split_min=None):
     two halves at once (loadsplit.py) when it can be, in one piece (verdict_of) otherwise:
     the same verdict and tasks either way."""
     from torchcore import loadsplit
+    from torchcore.yamlread import MAX_FILE_BYTES
 
     started = time.perf_counter() if started is None else started
     split_min = loadsplit.SPLIT_MIN_BYTES if split_min is None else split_min
-    from torchcore.yamlread import MAX_FILE_BYTES
     if data is not None and split_min <= len(data) <= MAX_FILE_BYTES:
         try:
             verdict, settings, part = _split_verdict(path, node, data, started, split_min)

@@ -77,7 +77,8 @@ class Part:
                     self.notifier or other.notifier, self.names + other.names)
 
     def checks(self, settings):
-        """loadcache.checks_of, from the parts."""
+        """What the load cache checks again on a hit (loadcache.still_valid): every zone
+        named, and the node's tasks that switch user or group as (line, name, user, group)."""
         return {"zones": sorted(self.zones | {settings.timezone} - {None}),
                 "switches": [tuple(item) for item in self.switches]}
 
