@@ -320,3 +320,20 @@ def _frames_decoded(frames):
     for data in frames:
         stream.feed(data)
     yield from stream.frames()
+
+
+def test_an_unchanged_run_once_task_stays_claimed_after_a_reload(tmp_path):
+    path = tmp_path / "tasks.yaml"
+    text = ("settings:\n  fleet: {database: 'postgresql://tc@db/fleet'}\ntasks:\n"
+            "  - {name: once, schedule: '@daily', command: x, run: once}\n"
+            "  - {name: each, schedule: '@daily', command: y}\n")
+    path.write_text(text)
+    running = tasktable.Loaded.of_taskfile(config.load(str(path)), NODE).table
+    assert running.once == {"once"}
+    path.write_text(text.replace("command: y", "command: z"))
+    reload = reloading.Reload("test", str(path), running, FakeClock(1000.0))
+    verdict, taskfile = loadchild.verdict_of(str(path), NODE)
+    reload.feed_frames(loadchild.stream_frames(taskfile, NODE, verdict))
+    reload.step()
+    assert reload.ready and reload.counts() == {"added": 0, "changed": 1, "removed": 0}
+    assert reload.table.once == {"once"}

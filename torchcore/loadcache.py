@@ -41,17 +41,6 @@ def key(data, path, node_text):
                       sort_keys=True).encode()
 
 
-def checks_of(taskfile, node):
-    """What is checked again on a hit: the zones, and the node's tasks that switch user or group
-    as (line, name, user, group)."""
-    local = taskfile.local_tasks(node)
-    zones = sorted({task.timezone for task in taskfile.tasks if task.timezone}
-                   | {taskfile.settings.timezone} - {None})
-    return {"zones": zones,
-            "switches": [(task.line, task.name, task.user, task.group) for task in local
-                         if task.user or task.group]}
-
-
 def store(state_dir, cache_key, verdict, frames, checks):
     """Keep an accepted load (its verdict, without its timing, and the rest of its frames, as
     streamed); False if it cannot be kept (never raises)."""

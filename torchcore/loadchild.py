@@ -92,21 +92,71 @@ def verdict_of(path, node, data=None, started=None):
 
 def stream_frames(taskfile, node, verdict):
     """The frames of an accepted file, verdict first."""
+    from torchcore.loadsplit import Part
+    return frames_of(verdict, Part.of_tasks(taskfile.path, taskfile.settings, taskfile.tasks,
+                                            node))
+
+
+def frames_of(verdict, part):
+    """The frames of an accepted file's loadsplit.Part, verdict first."""
     from torchcore import tasktable
 
-    local = taskfile.local_tasks(node)
-    here = {task.name for task in local}
-    others = [(task.name, tasktable.not_here(task)) for task in taskfile.tasks
-              if task.name not in here]
+    local, others = part.local, part.others
     counts = {"tasks": len(local), "others": len(others)}
     yield frame(VERDICT, json.dumps({**verdict, **counts}).encode())
     for start in range(0, len(local), BATCH):
-        batch = [(task.name, tasktable.record(task)) for task in local[start:start + BATCH]]
-        yield frame(TASKS, marshal.dumps(batch, tasktable.MARSHAL_VERSION))
+        yield frame(TASKS, marshal.dumps(local[start:start + BATCH], tasktable.MARSHAL_VERSION))
     for start in range(0, len(others), BATCH * 4):
         yield frame(OTHERS, marshal.dumps(others[start:start + BATCH * 4],
                                           tasktable.MARSHAL_VERSION))
     yield frame(END, json.dumps(counts).encode())
+
+
+def load_parts(path, node, data, started=None, split_min=None):
+    """(verdict, settings, loadsplit.Part) of the file whose bytes are ``data`` (None:
+    unreadable); settings and part are None when it is rejected.  A big file is loaded in
+    two halves at once (loadsplit.py) when it can be, in one piece (verdict_of) otherwise:
+    the same verdict and tasks either way."""
+    from torchcore import loadsplit
+    from torchcore.yamlread import MAX_FILE_BYTES
+
+    started = time.perf_counter() if started is None else started
+    split_min = loadsplit.SPLIT_MIN_BYTES if split_min is None else split_min
+    if data is not None and split_min <= len(data) <= MAX_FILE_BYTES:
+        try:
+            verdict, settings, part = _split_verdict(path, node, data, started, split_min)
+        except Exception:   # whatever it is, the one-piece load meets it and says what it is
+            verdict = None
+        if verdict is not None:
+            return verdict, settings, part
+    verdict, taskfile = verdict_of(path, node, data, started)
+    if taskfile is None:
+        return verdict, None, None
+    return verdict, taskfile.settings, loadsplit.Part.of_tasks(
+        taskfile.path, taskfile.settings, taskfile.tasks, node)
+
+
+def _split_verdict(path, node, data, started, split_min):
+    """load_parts' two halves; (None, None, None) when the file is not loaded so."""
+    import hashlib
+
+    from torchcore import config, loadsplit
+
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None, None, None
+    loaded = loadsplit.load(path, node, text, split_min)
+    if loaded is None:
+        return None, None, None
+    settings, part = loaded
+    problems = config.switch_problems(path, part.switches, settings, node)
+    parse = time.perf_counter() - started
+    if problems:
+        return {"ok": False, "problems": list(problems), "parse": parse}, None, None
+    return {"ok": True, "digest": hashlib.sha256(data).hexdigest(), "parse": parse,
+            "settings": base64.b64encode(pickle.dumps(settings)).decode(),
+            "notifier": part.notifier}, settings, part
 
 
 def main(argv):
@@ -119,7 +169,7 @@ def main(argv):
     try:
         if argv[0] == "--spare":    # ready ahead: its modules loaded, it waits for a byte
             argv = argv[1:]
-            from torchcore import config, tasktable  # noqa: F401 (imported ahead, the point)
+            from torchcore import config, loadsplit, tasktable  # noqa: F401 (ahead: the point)
             if not os.read(0, 1):
                 return 0            # not needed after all (the supervisor stops)
         path, node = argv[0], _node(argv[1])
@@ -128,18 +178,16 @@ def main(argv):
         cache_key = None if state_dir is None else loadcache.key(data, path, argv[1])
         if cache_key is not None and _from_cache(out, path, node, state_dir, cache_key, started):
             return 0
-        verdict, taskfile = verdict_of(path, node, data, started)
-        frames = list(stream_frames(taskfile, node, verdict)) if taskfile is not None else \
+        verdict, settings, part = load_parts(path, node, data, started)
+        frames = list(frames_of(verdict, part)) if part is not None else \
             [frame(VERDICT, json.dumps(verdict).encode())]
         for chunk in frames:
             _write_all(out, chunk)
-        if cache_key is not None and taskfile is not None \
-                and taskfile.settings.state_dir == state_dir:
+        if cache_key is not None and part is not None and settings.state_dir == state_dir:
             _hang_up(out)           # the load is over for the supervisor: keep it, off its clock
             kept = json.loads(frames[0][HEADER.size:])
             kept.pop("parse", None)
-            loadcache.store(state_dir, cache_key, kept, frames[1:],
-                            loadcache.checks_of(taskfile, node))
+            loadcache.store(state_dir, cache_key, kept, frames[1:], part.checks(settings))
     except BrokenPipeError:
         return 1        # the supervisor gave this load up
     return 0

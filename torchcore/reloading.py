@@ -163,6 +163,8 @@ class Reload:
                     table.daemons.add(name)
                 elif name in running.reboot:
                     table.reboot.add(name)
+                if name in running.once:        # claimed in the fleet database, as before
+                    table.once.add(name)
             else:
                 table.put(name, data)
                 (self.added if old is None else self.changed).append(name)

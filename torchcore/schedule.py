@@ -169,6 +169,15 @@ def _parse_field(field, text, parts):
         parts[_Spec._fields[field]] |= _range_bits(field, element)
 
 
+@functools.lru_cache(maxsize=4096)
+def _field_parts(field, text):
+    """The (_Spec name, bits) one field's text contributes: the same field texts recur in
+    many different schedules (a fleet's minutes and hours), so each is parsed once."""
+    parts = dict.fromkeys(_Spec._fields, 0)
+    _parse_field(field, text, parts)
+    return tuple((name, bits) for name, bits in parts.items() if bits)
+
+
 _STAR = tuple(sum(1 << value for value in range(spec.lo, spec.hi + 1)) for spec in FIELDS)
 
 
@@ -177,6 +186,8 @@ def _check_days_exist(parts):
     if parts["day_or"] or parts["dom"] & 1:
         return
     first_day = (parts["dom"] & -parts["dom"]).bit_length() - 1
+    if first_day <= 29:
+        return                  # every month has a day 29 (February in a leap year)
     months = [m for m in range(1, 13) if parts["month"] >> m & 1]
     if first_day > max(_DAYS_IN_MONTH[m] for m in months):
         names = ",".join(MONTH_NAMES[m - 1] for m in months)
@@ -192,7 +203,8 @@ def _compile_fields(fields):
                             f"got {len(fields)}")
     parts = dict.fromkeys(_Spec._fields, 0)
     for field, text in enumerate(fields):
-        _parse_field(field, text, parts)
+        for name, bits in _field_parts(field, text):
+            parts[name] |= bits
     if parts["dow"] & 1 << 7:
         parts["dow"] = (parts["dow"] | 1) & 0x7F      # 7 is Sunday too
     parts["day_or"] = not (fields[DOM].startswith("*") or fields[DOW].startswith("*"))
@@ -261,7 +273,7 @@ def _next_bit(mask, start):
 
 
 def _bit_count(mask):
-    return bin(mask).count("1")
+    return mask.bit_count()
 
 
 class _Zone:
@@ -495,6 +507,7 @@ class ScheduleTable:
         self._slots = {}          # key -> slot
         self._keys = []           # slot -> key (None for a free slot)
         self._spec = ffi.new("tc_spec *")
+        self._filled = None       # the _Spec whose values self._spec holds
         self._tick = ffi.new("tc_tick *")
         self._out = ffi.new("const uint32_t **")
         self._count = ffi.new("size_t *")
@@ -511,7 +524,9 @@ class ScheduleTable:
         """Add ``key`` or replace its schedule; touches only that key's slot."""
         if not isinstance(schedule, Schedule):
             raise TypeError(f"expected a Schedule, got {type(schedule).__name__}")
-        self._fill_spec(schedule._spec)
+        if schedule._spec is not self._filled:     # schedules shared by many keys: once
+            self._fill_spec(schedule._spec)
+            self._filled = schedule._spec
         slot = self._slots.get(key)
         if slot is None:
             _check(lib.tc_table_add(self._table, self._spec, self._slot))

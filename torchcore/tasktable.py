@@ -26,6 +26,7 @@ from torchcore.schedule import Schedule
 TIMED, REBOOT, DAEMON = 0, 1, 2     # a record's kind: on the planner's table, @reboot, daemon
 MARSHAL_VERSION = 2                 # no references: the bytes depend on the values alone
 _RUN_ONCE = marshal.dumps("once", MARSHAL_VERSION)[1:]     # how a record ends for `run: once`
+_RECORD_HEAD = marshal.dumps((0, None, None), MARSHAL_VERSION)[:6]     # a tuple of 3, an int
 
 
 def record(task):
@@ -48,7 +49,10 @@ def record(task):
 
 
 def kind_of(data):
-    """The kind of a record (TIMED, REBOOT or DAEMON) without decoding the rest."""
+    """The kind of a record (TIMED, REBOOT or DAEMON) without decoding the rest: a record
+    starts with its tuple of three, then the kind as a 4-byte int (marshal's layout)."""
+    if data[:6] == _RECORD_HEAD and data[7:10] == b"\0\0\0":
+        return data[6]
     return marshal.loads(data)[0]
 
 
@@ -74,10 +78,21 @@ def schedule_of(data):
 
 
 def _schedule(text, zone, spec):
-    tz = _zone(zone) if zone else None
-    if spec is None:
-        return Schedule(text, tz)
-    return Schedule(text, tz, compiled=spec)
+    """The Schedule of a record's fields; one object for the records that share them (a
+    Schedule is immutable, and a fleet's files repeat their schedules)."""
+    key = (text, zone, spec)
+    schedule = _SCHEDULES.get(key)
+    if schedule is None:
+        tz = _zone(zone) if zone else None
+        schedule = Schedule(text, tz) if spec is None else Schedule(text, tz, compiled=spec)
+        if len(_SCHEDULES) >= SCHEDULES_KEPT:
+            _SCHEDULES.clear()
+        _SCHEDULES[key] = schedule
+    return schedule
+
+
+SCHEDULES_KEPT = 256            # distinct schedules kept built (a dict, emptied when full)
+_SCHEDULES = {}
 
 
 @functools.cache

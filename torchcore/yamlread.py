@@ -58,9 +58,45 @@ def document(data, path, text=None):
     if len(data) > MAX_FILE_BYTES:
         raise ConfigError(f"{path}: the file is larger than {MAX_FILE_BYTES >> 20} MiB; "
                           "a task file is at most that")
-    root = _compose(_decode(data, path) if text is None else text, path)
-    _budget(root, path)
+    root, _ = compose_checked(_decode(data, path) if text is None else text, path)
     return root
+
+
+def compose_checked(text, path):
+    """(the node tree of ``text`` within the loading budget, whether an alias shares a
+    collection in it); ConfigError as ``document``."""
+    root = _compose(text, path)
+    if "&" in text or _deepest(root) > MAX_DEPTH:
+        size, own = _budget(root, path)  # anchors (or too deep): measured, refused as written
+        return root, size != own
+    return root, False
+
+
+def _deepest(root):
+    """The height _budget measures, for a document without anchors (so without aliases or
+    sharing: its expanded size is its own, within the budget): the deepest level of a node,
+    the root at 1.  A quick walk of the collections; the budget's own walk measures what
+    an alias can expand, which a file without ``&`` has nothing of."""
+    if root is None or isinstance(root, yaml.ScalarNode):
+        return 1
+    deepest, stack = 1, [(root, 1)]
+    scalar, mapping = yaml.ScalarNode, yaml.MappingNode
+    while stack:
+        node, level = stack.pop()
+        if not node.value:
+            deepest = max(deepest, level)
+            continue
+        deepest = max(deepest, level + 1)
+        below = level + 1
+        if isinstance(node, mapping):
+            for key, value in node.value:
+                if not isinstance(key, scalar):
+                    stack.append((key, below))
+                if not isinstance(value, scalar):
+                    stack.append((value, below))
+        else:
+            stack.extend((child, below) for child in node.value if not isinstance(child, scalar))
+    return deepest
 
 
 def settings_document(path):
@@ -104,7 +140,7 @@ def _children(node):
 
 
 def _budget(root, path):
-    """ConfigError unless the document, with every alias and merge key expanded, has at most
+    """(expanded size, own nodes) of the document; ConfigError unless the document, with every alias and merge key expanded, has at most
     MAX_DEPTH levels and ALIAS_GROWTH times its own nodes plus ALIAS_ALLOWANCE.
 
     Each node is measured once (its expanded size and height are memoized), so a file of
@@ -112,7 +148,7 @@ def _budget(root, path):
     time linear in its own size.  An alias back into a node being measured counts once.
     """
     if root is None:
-        return
+        return 1, 1
     measured = {}           # id(node) -> (expanded size, height, node)
     active = set()
     own = 0                 # nodes as written: every collection and the scalars in it
@@ -143,6 +179,7 @@ def _budget(root, path):
         raise ConfigError(f"{path}:{line_of(culprit[2])}: aliases and merge keys here expand the file "
                           f"to more than {limit:,} YAML nodes ({ALIAS_GROWTH} times its own plus "
                           f"{ALIAS_ALLOWANCE:,}); write the repeated parts out or share less")
+    return measured[id(root)][0] if id(root) in measured else 1, max(own, 1)
 
 
 def _decode(data, path):
