@@ -63,6 +63,10 @@ _ORDERS = {Go: "go", Cancel: "cancel"}
 _ANSWERS = {Forked: "forked", ForkFailed: "fork_failed", Exited: "exited"}
 _REPORTS = {Gate: "gate", Start: "start", End: "end"}
 _REPORT_KINDS = {name: kind for kind, name in _REPORTS.items()}
+# Each report's fields with their defaults ("run", the one without, is checked first).
+_REPORT_FIELDS = {kind: [(name, kind._field_defaults.get(name)) for name in kind._fields]
+                  for kind in _REPORTS}
+_decode = json.JSONDecoder().decode     # json.loads's own, without its per-call checks
 
 
 def fields(message):
@@ -109,15 +113,18 @@ def decode_order(line):
 
 
 def decode_answer(line):
-    """A launcher's answer, or None for a line that is none (dropped)."""
+    """A launcher's answer, or None for a line that is none (dropped): each kind's key with the
+    run id, and its other fields, nothing more."""
     try:
         obj = _object(line)
-        for kind, key in _ANSWERS.items():
-            if key in obj:
-                values = dict(obj)
-                return kind(run=values.pop(key), **values)
-    except (ValueError, TypeError):
-        pass
+    except ValueError:
+        return None
+    for kind, key in _ANSWERS.items():
+        if key in obj:
+            rest = kind._fields[1:]
+            if len(obj) != len(kind._fields) or any(name not in obj for name in rest):
+                return None
+            return kind._make((obj[key], *[obj[name] for name in rest]))
     return None
 
 
@@ -131,11 +138,7 @@ def decode_report(line):
     kind = _REPORT_KINDS.get(obj.get("e"))
     if kind is None:
         return None
-    known = {name: obj[name] for name in kind._fields if name in obj}
-    try:
-        return kind(**known)
-    except TypeError as exc:
-        raise ValueError(f"an incomplete {obj.get('e')} report: {exc}") from None
+    return kind._make([obj.get(name, default) for name, default in _REPORT_FIELDS[kind]])
 
 
 def encode_own_record(record):
@@ -148,7 +151,10 @@ def decode_own_record(text):
 
 
 def _object(line):
-    obj = json.loads(line)
+    """The JSON object of a line (bytes, ours: UTF-8; or text); ValueError if it is none."""
+    if isinstance(line, (bytes, bytearray)):
+        line = line.decode("utf-8", "surrogatepass")
+    obj = _decode(line)
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     return obj
