@@ -67,6 +67,7 @@ _REPORT_KINDS = {name: kind for kind, name in _REPORTS.items()}
 _REPORT_FIELDS = {kind: [(name, kind._field_defaults.get(name)) for name in kind._fields]
                   for kind in _REPORTS}
 _decode = json.JSONDecoder().decode     # json.loads's own, without its per-call checks
+_compact = json.JSONEncoder(separators=(",", ":")).encode    # json.dumps's, made once
 
 
 def fields(message):
@@ -98,7 +99,7 @@ def encode_job(job_fields):
 
 
 def _line(obj):
-    return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+    return (_compact(obj) + "\n").encode()
 
 
 def decode_order(line):
