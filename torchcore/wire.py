@@ -67,6 +67,7 @@ _REPORT_KINDS = {name: kind for kind, name in _REPORTS.items()}
 _REPORT_FIELDS = {kind: [(name, kind._field_defaults.get(name)) for name in kind._fields]
                   for kind in _REPORTS}
 _decode = json.JSONDecoder().decode     # json.loads's own, without its per-call checks
+_raw_decode = json.JSONDecoder().raw_decode
 _compact = json.JSONEncoder(separators=(",", ":")).encode    # json.dumps's, made once
 
 
@@ -155,7 +156,12 @@ def _object(line):
     """The JSON object of a line (bytes, ours: UTF-8; or text); ValueError if it is none."""
     if isinstance(line, (bytes, bytearray)):
         line = line.decode("utf-8", "surrogatepass")
-    obj = _decode(line)
+    try:        # a compact line as encode makes it: no whitespace to look for around it
+        obj, end = _raw_decode(line)
+    except ValueError:
+        end = -1
+    if end != len(line):
+        obj = _decode(line)     # json.loads's rules, and its error
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     return obj
