@@ -63,11 +63,6 @@ _ORDERS = {Go: "go", Cancel: "cancel"}
 _ANSWERS = {Forked: "forked", ForkFailed: "fork_failed", Exited: "exited"}
 _REPORTS = {Gate: "gate", Start: "start", End: "end"}
 _REPORT_KINDS = {name: kind for kind, name in _REPORTS.items()}
-# Each report's fields with their defaults ("run", the one without, is checked first).
-_REPORT_FIELDS = {kind: [(name, kind._field_defaults.get(name)) for name in kind._fields]
-                  for kind in _REPORTS}
-_decode = json.JSONDecoder().decode     # json.loads's own, without its per-call checks
-_raw_decode = json.JSONDecoder().raw_decode
 _compact = json.JSONEncoder(separators=(",", ":")).encode    # json.dumps's, made once
 
 
@@ -115,18 +110,15 @@ def decode_order(line):
 
 
 def decode_answer(line):
-    """A launcher's answer, or None for a line that is none (dropped): each kind's key with the
-    run id, and its other fields, nothing more."""
+    """A launcher's answer, or None for a line that is none (dropped)."""
     try:
         obj = _object(line)
-    except ValueError:
-        return None
-    for kind, key in _ANSWERS.items():
-        if key in obj:
-            rest = kind._fields[1:]
-            if len(obj) != len(kind._fields) or any(name not in obj for name in rest):
-                return None
-            return kind._make((obj[key], *[obj[name] for name in rest]))
+        for kind, key in _ANSWERS.items():
+            if key in obj:
+                values = dict(obj)
+                return kind(run=values.pop(key), **values)
+    except (ValueError, TypeError):
+        pass
     return None
 
 
@@ -140,7 +132,11 @@ def decode_report(line):
     kind = _REPORT_KINDS.get(obj.get("e"))
     if kind is None:
         return None
-    return kind._make([obj.get(name, default) for name, default in _REPORT_FIELDS[kind]])
+    known = {name: obj[name] for name in kind._fields if name in obj}
+    try:
+        return kind(**known)
+    except TypeError as exc:
+        raise ValueError(f"an incomplete {obj.get('e')} report: {exc}") from None
 
 
 def encode_own_record(record):
@@ -153,15 +149,7 @@ def decode_own_record(text):
 
 
 def _object(line):
-    """The JSON object of a line (bytes, ours: UTF-8; or text); ValueError if it is none."""
-    if isinstance(line, (bytes, bytearray)):
-        line = line.decode("utf-8", "surrogatepass")
-    try:        # a compact line as encode makes it: no whitespace to look for around it
-        obj, end = _raw_decode(line)
-    except ValueError:
-        end = -1
-    if end != len(line):
-        obj = _decode(line)     # json.loads's rules, and its error
+    obj = json.loads(line)
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     return obj
