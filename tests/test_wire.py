@@ -125,3 +125,14 @@ def test_wire_imports_nothing_from_the_package():
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module or ".")
     assert imported == {"json", "collections"}
+
+
+def test_an_answer_is_its_key_and_its_fields_nothing_more_nothing_less():
+    assert wire.decode_answer(b'{"forked": 1, "pid": 2}') == wire.Forked(1, 2)
+    assert wire.decode_answer(b'{"pid": 2, "forked": 1}') == wire.Forked(1, 2)
+    assert wire.decode_answer('{"exited": 1, "pid": 2, "status": 9}') == wire.Exited(1, 2, 9)
+    for junk in (b'{"forked": 1, "pid": 2, "x": 3}', b'{"forked": 1, "run": 2}',
+                 b'{"forked": 1, "run": 2, "pid": 3}', b'{"exited": 1, "pid": 2}',
+                 b'{"fork_failed": 1}', b'{"fork_failed": 1, "error": "e", "pid": 2}'):
+        assert wire.decode_answer(junk) is None
+    assert wire.decode_report(b'{"e": "gate", "run": 3, "x": 1}') == wire.Gate(3, None)

@@ -12,6 +12,7 @@ line written afterwards says how many were lost and why.
 import datetime
 import logging
 import logging.handlers
+import math
 import os
 import sys
 
@@ -20,14 +21,44 @@ DIR_MODE = 0o750
 
 class Formatter(logging.Formatter):
     """The lines of the daemon's log and its services': ``2026-12-01T13:05:09.123+01:00 INFO ...``
-    (ISO 8601, local time with its offset, as the records and ``history --json`` write times)."""
+    (ISO 8601, local time with its offset, as the records and ``history --json`` write times).
+
+    The supervisor logs a line for each run that ends: a plain line (no traceback, no stack) is
+    made here directly, with the stamp's date, time and offset worked out once a second, the
+    same text as ``logging.Formatter`` with ``formatTime`` gives (tests/test_daemonlog_format.py).
+    """
 
     def __init__(self):
         super().__init__("%(asctime)s %(levelname)s %(message)s")
+        self._second = None         # the whole second of the stamp kept below
+        self._stamp = ("", "")      # its ISO text to the second, and its offset
 
     def formatTime(self, record, datefmt=None):
-        stamp = datetime.datetime.fromtimestamp(record.created).astimezone()
-        return stamp.isoformat(timespec="milliseconds")
+        whole, micros = _split(record.created)
+        if whole != self._second:
+            text = datetime.datetime.fromtimestamp(whole).astimezone().isoformat()
+            self._stamp, self._second = (text[:19], text[19:]), whole
+        head, offset = self._stamp
+        return f"{head}.{micros // 1000:03d}{offset}"
+
+    def format(self, record):
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record)
+        return f"{record.asctime} {record.levelname} {record.message}"
+
+
+def _split(created):
+    """Epoch seconds as (whole seconds, microseconds), rounded as datetime.fromtimestamp
+    rounds them (to the nearest microsecond, halves to even)."""
+    fraction, whole = math.modf(created)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    elif micros < 0:
+        whole, micros = whole - 1, micros + 1_000_000
+    return int(whole), micros
 
 
 def log_to_stderr(level=logging.INFO):

@@ -16,6 +16,9 @@ import resource
 
 from torchcore import paths
 
+# json.dumps(obj, separators=(",", ":")) without making an encoder for each call (one per run)
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
 USER_PATH = "/usr/local/bin:/usr/bin:/bin"   # PATH of a user: task without inherit_env (as cron)
 
 
@@ -87,15 +90,14 @@ class Job:
             hold_until=hold_until)
 
     def to_json(self):
-        return json.dumps(self.fields(), separators=(",", ":"))
+        return _compact(self.fields())
 
     def line(self):
         """The job as the launcher's wire line (JSON object and newline, bytes): the same object
         as ``to_json``; a job made by a ``JobMaker`` reuses its task's part, encoded once."""
         if self._frame is None:
             return (self.to_json() + "\n").encode()
-        own = json.dumps({name: getattr(self, name) for name in self.RUN_FIELDS},
-                         separators=(",", ":"))
+        own = _compact({name: getattr(self, name) for name in self.RUN_FIELDS})
         return self._frame + own[1:].encode() + b"\n"
 
     @classmethod
@@ -122,7 +124,7 @@ class JobMaker:
         job = Job.for_task(task, settings, db_path=db_path, node=node)
         self._fixed = {name: getattr(job, name) for name, _ in Job.FIELDS
                        if name not in Job.RUN_FIELDS}
-        text = json.dumps(self._fixed, separators=(",", ":"))
+        text = _compact(self._fixed)
         self._frame = (text[:-1] + ",").encode() if self._fixed else b"{"
 
     def job(self, run_id, scheduled=None, manual=False, prepared=False, hold_until=None):

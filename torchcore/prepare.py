@@ -44,6 +44,7 @@ class Lookahead:
         self.next_at = 0.0          # wall time to prepare the next second
         self._due_names = {}        # second -> names due then (planner.peek, in its order, as dict
                                     # keys: the look-ahead also asks whether a name is among them)
+        self._next_gap = {}         # second -> name -> gap to its next run due (see _gaps)
         self._start_cost = START_COST   # measured on the bursts seen (see hold_until)
         self._bursts = {}           # second -> Burst
         self.once = ()              # names of `run: once` tasks: their seconds are claimed ...
@@ -81,6 +82,8 @@ class Lookahead:
         self._quiet = (wall, launchers, min(self.next_at, comes_in))
         for second in [s for s in self._due_names if s <= self.prepared_for]:
             del self._due_names[second]
+        for second in [s for s in self._next_gap if s <= self.prepared_for]:
+            del self._next_gap[second]
 
     def await_boundary(self, boundary):
         """Spin the last moments to the second ``boundary`` (prepared runs wait for it): the
@@ -99,6 +102,7 @@ class Lookahead:
     def forget_due(self):
         """The schedule changed: the names due are asked again."""
         self._due_names.clear()
+        self._next_gap.clear()
         self._quiet = None
 
     def hold_until(self, name, second):
@@ -118,13 +122,24 @@ class Lookahead:
         if due <= self.cores:
             return None
         hold = min(HOLD_MAX, due * self._start_cost / self.cores * HOLD_MARGIN)
-        for gap in range(1, LOOKAHEAD + 1):
-            if name in self.due_at(second + gap):
-                hold = min(hold, gap * HOLD_SHARE)
-                break
-        burst = self._bursts.setdefault(second, Burst(due, second))
+        gap = self._gaps(second).get(name)
+        if gap is not None:
+            hold = min(hold, gap * HOLD_SHARE)
+        burst = self._bursts.get(second)
+        if burst is None:
+            burst = self._bursts[second] = Burst(due, second)
         burst.held_until = max(burst.held_until, second + hold)
         return second + hold
+
+    def _gaps(self, second):
+        """name -> seconds from ``second`` to its next run due within LOOKAHEAD (worked out
+        once for each second of a burst, not for each of its runs)."""
+        gaps = self._next_gap.get(second)
+        if gaps is None:
+            gaps = self._next_gap[second] = {}
+            for gap in range(LOOKAHEAD, 0, -1):
+                gaps.update(dict.fromkeys(self.due_at(second + gap), gap))
+        return gaps
 
     def started(self, second, at):
         """A run of ``second`` reported that its command started at ``at``."""

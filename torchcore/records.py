@@ -22,6 +22,7 @@ leaves a gap (its ids may still be in use by executors it left running).
 """
 
 import logging
+import operator
 import os
 import sqlite3
 import time
@@ -113,14 +114,18 @@ def db_path(state_dir):
     return paths.records_db(state_dir)
 
 
+_VALUES = operator.attrgetter(*_COLUMNS)
+_FLAGS = tuple(_COLUMNS.index(name) for name in ("timed_out", "missed", "manual"))
+
+
 def _row(record):
     """The record as the tuple of the upsert statement (a snapshot: later edits do not leak in)."""
-    values = [getattr(record, name) for name in _COLUMNS]
-    for i, name in enumerate(_COLUMNS):
-        if name in ("timed_out", "missed", "manual"):
-            values[i] = int(bool(values[i]))
-    at = next((t for t in (record.started, record.scheduled, record.ended) if t is not None),
-              None)
+    values = list(_VALUES(record))
+    for i in _FLAGS:
+        values[i] = int(bool(values[i]))
+    at = record.started
+    if at is None:
+        at = record.scheduled if record.scheduled is not None else record.ended
     values.append(time.time() if at is None else at)
     return tuple(values)
 

@@ -63,6 +63,7 @@ _ORDERS = {Go: "go", Cancel: "cancel"}
 _ANSWERS = {Forked: "forked", ForkFailed: "fork_failed", Exited: "exited"}
 _REPORTS = {Gate: "gate", Start: "start", End: "end"}
 _REPORT_KINDS = {name: kind for kind, name in _REPORTS.items()}
+_compact = json.JSONEncoder(separators=(",", ":")).encode    # json.dumps's, made once
 
 
 def fields(message):
@@ -94,7 +95,7 @@ def encode_job(job_fields):
 
 
 def _line(obj):
-    return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+    return (_compact(obj) + "\n").encode()
 
 
 def decode_order(line):
