@@ -1,7 +1,11 @@
 """The notify and ping fields of a task file (torchcore/notifyspec.py), and their errors."""
 
+import json
+
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from torchcore import notifyspec
 from torchcore.yamlread import Bad
@@ -138,3 +142,24 @@ def test_the_notifier_runs_only_for_this_node_s_tasks():
     assert notifyspec.asks_for_notifier(config.loads(text))      # the file as a whole does
     aimed_here = config.loads(text.replace("10.9.9.9", "10.0.0.0/24"))
     assert notifyspec.asks_for_notifier(aimed_here, node)
+
+
+URL_CHARS = "abcxyz019:/@[]%?#.-_~!$&'()*+,;=|\\^`{}<> "
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.sampled_from(["http://", "https://", "json://", "mailto://", ""]),
+       st.text(alphabet=URL_CHARS, max_size=30))
+def test_any_url_in_a_target_is_taken_or_refused_by_name_never_raised(scheme, rest):
+    """Whatever the URL (an unclosed "[" made urlsplit raise ValueError: a traceback), the
+    field is taken or refused with the field's name, and shown_url never raises either."""
+    url = scheme + rest
+    text = json.dumps(url)
+    for item in (f"- webhook: {text}", f"- to: {text}"):
+        try:
+            targets = parse(item)
+        except Bad as exc:
+            assert str(exc).partition(": ")[2].startswith(("webhook:", "to:")), str(exc)
+        else:
+            assert all(isinstance(t.shown, str) for t in targets)
+    assert isinstance(notifyspec.shown_url(url), str)

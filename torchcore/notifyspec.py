@@ -94,7 +94,10 @@ def shown_url(url):
     >>> shown_url("tgram://123456:bottoken/chat")
     'tgram://…'
     """
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return f"{url.partition(':')[0][:20] or '?'}://…"
     if parts.scheme in ("http", "https") and parts.hostname:
         port = f":{parts.port}" if _port(parts) else ""
         rest = "/…" if (parts.path not in ("", "/") or parts.query) else ""
@@ -199,7 +202,10 @@ def _http_url(node, field):
         hint = (" (for an Apprise service use to: instead of webhook:)"
                 if scheme in APPRISE_SCHEMES and field == "webhook" else suggest(scheme, ("http", "https")))
         raise Bad(f"{field}: expected an http:// or https:// URL, got scheme {scheme[:20]!r}{hint}", node)
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:      # "Invalid IPv6 URL": a [ without its ], and the like
+        raise Bad(f"{field}: the URL cannot be read ({exc})", node) from None
     if not parts.hostname:
         raise Bad(f"{field}: the URL names no host ({scheme}://HOST/...)", node)
     try:
