@@ -296,7 +296,8 @@ def test_before_the_claims_process_first_answers_a_tick_waits_then_runs_late_or_
     clock = types.SimpleNamespace(time=time.time, monotonic=time.monotonic)
     started = []
     starter = types.SimpleNamespace(start_claimed=lambda name, second: started.append(
-        (name, second, fleet_.claim(task, second))), prepare_claimed=lambda *a: None)
+        (name, second, fleet_.claim(task, second))), prepare_claimed=lambda *a: None,
+        skip_claimed=lambda name, second, reason: started.append((name, second, reason)))
     fleet_ = coordinator.FleetCoordinator(clock, "n1")
     fleet_.attach(None, starter)
     fleet_.hello = {"url": "postgresql://x", "node": "n1", "takeover": 0.5, "lease": 15}
@@ -318,6 +319,42 @@ def test_before_the_claims_process_first_answers_a_tick_waits_then_runs_late_or_
     assert fleet_.claim(task, now + 2) == claims.UNREACHABLE    # connected (down): at once
 
 
+def test_a_second_waiting_for_a_first_answer_that_never_comes_is_recorded_as_skipped():
+    """A claim asked while the claims process was being restarted never reached it (and one the
+    process drops once connected, past its fire window, is never answered): the second whose
+    tick waited for it is recorded as skipped, unreachable, once no answer can come; a late
+    answer then only frees its slot."""
+    import types
+    from torchcore import coordinator
+
+    now = [time.time()]
+    clock = types.SimpleNamespace(time=lambda: now[0], monotonic=time.monotonic)
+    skipped, sent = [], []
+    starter = types.SimpleNamespace(start_claimed=lambda *a: pytest.fail("started"),
+                                    prepare_claimed=lambda *a: None,
+                                    skip_claimed=lambda *a: skipped.append(a))
+    fleet_ = coordinator.FleetCoordinator(clock, "n1")
+    fleet_.attach(None, starter)
+    fleet_._send = sent.append
+    fleet_.hello = {"url": "postgresql://x", "node": "n1", "takeover": 0.5, "lease": 15}
+    fleet_.once = {"job"}
+    task = types.SimpleNamespace(name="job", run="once", type="common", max=1, ips=(), hosts=())
+    second = int(now[0])
+    fleet_.ahead(second, [task])
+    assert fleet_.claim(task, second) is False             # waits for the first answer
+    fleet_._answer({"db": "up"})                            # connected: no answer for it yet
+    now[0] += claims.RECHECK_FOR
+    fleet_._answer({"holding": {"at": now[0], "tasks": {}}})
+    assert skipped == []                                    # it could still be answered
+    now[0] += 2
+    fleet_._answer({"holding": {"at": now[0], "tasks": {}}})
+    assert skipped == [("job", second, claims.UNREACHABLE)]
+    fleet_._answer({"won": [["job", second, 7]], "lost": [], "late": False})
+    assert fleet_.won == {} and sent[-1] == {"end": [["job", second, 7]]}
+    fleet_.ahead(second + 20, [task])
+    assert skipped == [("job", second, claims.UNREACHABLE)]     # recorded once
+
+
 def test_a_claim_made_after_its_second_is_not_taken_over_before_it_could_start(fleet):
     now = int(time.time())
     with fleetdb.connect(fleet.url) as conn:
@@ -329,3 +366,29 @@ def test_a_claim_made_after_its_second_is_not_taken_over_before_it_could_start(f
         time.sleep(claims.EXPIRE_AFTER + 0.1)
         assert run(claims.TAKE_OVER, "n2", [("job", now - 5)]) == [
             ("job", now - 5, claims.first_fence(now - 5) + 1)]
+
+
+@pytest.mark.slow
+def test_a_node_starting_with_the_database_silent_records_every_first_second_as_skipped(
+        daemons, tmp_path):
+    """A database that accepts the connection and never answers (a hung server, a black hole
+    behind a proxy): the claims process's first connection fails only at its timeout, after the
+    first ticks.  Those seconds are recorded as skipped with the reason even with
+    ``misfire_grace: 0s`` (a skip is a record, not a late start)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)                   # never accepted, never answered
+    try:
+        url = f"postgresql://torchcore@127.0.0.1:{silent.getsockname()[1]}/torchcore"
+        out = tmp_path / "ticks.txt"
+        daemon = daemons(EVERY_SECOND.format(out=out),
+                         settings=f"  misfire_grace: 0s\n  fleet:\n    database: {url}\n")
+        daemon.start("--node-name", "n1")
+        started = time.time()
+        time.sleep(7)
+        daemon.stop()
+    finally:
+        silent.close()
+    assert not out.exists()
+    skipped = {r["scheduled"] for r in daemon.runs("tick") if r["skipped"] == claims.UNREACHABLE}
+    assert set(range(int(started) + 1, int(started) + 6)) <= skipped, (started, sorted(skipped))

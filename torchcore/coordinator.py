@@ -174,6 +174,7 @@ class FleetCoordinator(LocalCoordinator):
                 asked.append(task)
         if asked:
             self._ask(second, asked, now=False)
+        self._starting_unanswered(self.clock.time())
         self._forget(second)
 
     def claim(self, task, second):
@@ -428,6 +429,7 @@ class FleetCoordinator(LocalCoordinator):
 
     def _answer(self, message):
         now = self.clock.time()
+        self._starting_unanswered(now)
         if "won" in message:
             late = bool(message.get("late"))
             for name, second, fence in message["won"]:
@@ -476,12 +478,31 @@ class FleetCoordinator(LocalCoordinator):
 
     def _connected(self):
         """The claims process has reached the database, or found it unreachable: the seconds
-        whose tick came before are answered, or (unreachable) now skipped with the reason."""
+        whose tick came before are answered, or (unreachable) now recorded as skipped with the
+        reason, however late that is (a record, not a start: misfire_grace does not apply)."""
         self.connected = True
-        for key in [key for key, state in self.state.items() if state == STARTING]:
-            if self.db_down is not None:
-                self.state[key] = ASKED
-                self.starter.start_claimed(*key)    # refused: recorded as unreachable
+        if self.db_down is not None:
+            self._skip_starting(lambda second: True)
+
+    def _skip_starting(self, which):
+        """The seconds whose tick came before the claims process first answered and ``which``
+        (a test on the second) says are over: recorded as skipped, unreachable (a late answer
+        then frees its claim's slot, _won)."""
+        from torchcore import claims
+
+        for key in [key for key, state in self.state.items()
+                    if state == STARTING and which(key[1])]:
+            self.state[key] = SKIPPED
+            self.starter.skip_claimed(*key, claims.UNREACHABLE)
+
+    def _starting_unanswered(self, now):
+        """A second waiting for the first answer that the claims process will not answer any
+        more (it tries a claim asked before its first connection until RECHECK_FOR after its
+        second; one asked while it was being restarted never reached it): skipped, with the
+        reason, so that every second is run or recorded."""
+        from torchcore import claims
+
+        self._skip_starting(lambda second: now > second + claims.RECHECK_FOR + 1)
 
     def _daemon_lost(self, name, fence, signum):
         """A daemon's slot whose lease cannot be kept: its instance stopped, the slot gone."""
