@@ -392,3 +392,123 @@ def test_a_node_starting_with_the_database_silent_records_every_first_second_as_
     assert not out.exists()
     skipped = {r["scheduled"] for r in daemon.runs("tick") if r["skipped"] == claims.UNREACHABLE}
     assert set(range(int(started) + 1, int(started) + 6)) <= skipped, (started, sorted(skipped))
+
+
+# ---- a node restarted: the runs it adopts keep their leases -------------------------------------
+
+@pytest.mark.slow
+def test_a_once_run_adopted_by_a_restarted_node_keeps_its_lease_and_is_neither_lost_nor_rerun(
+        fleet, daemons, tmp_path):
+    """Its supervisor and claims process killed (kill -9; its executor and command live on), the
+    node restarts at once and adopts the run: the new claims process renews its lease, so no
+    other node records it lost, nor re-runs it while it still runs here."""
+    from daemon_harness import wait_for
+    from test_fleet_once import _nodes
+
+    _nodes(fleet.url, 2)
+    out = tmp_path / "runs.txt"
+    nodes = {}
+    for number in (1, 2):
+        daemon = daemons(RERUN.format(node=f"n{number}", out=out).replace("sleep 60", "sleep 25"),
+                         settings=f"  misfire_grace: 1m\n  fleet:\n    database: {fleet.url}\n"
+                                  "    lease: 6s\n")
+        nodes[f"n{number}"] = daemon.start("--node-name", f"n{number}", "--node-ip",
+                                           f"10.0.0.{number}")
+
+    def lines():
+        return [line.split() for line in out.read_text().splitlines()] if out.exists() else []
+    [(second, fence, node)] = wait_for(lines, 25, "the first run")
+    _restart_keeping_runs(nodes[node], node)
+    time.sleep(6 + 6)                   # past the lease the killed claims process last renewed
+    assert [line for line in lines() if line[0] == second] == [[second, fence, node]]
+    with fleetdb.connect(fleet.url) as conn:
+        assert conn.execute(f"SELECT lost, reruns, node, fence FROM {S}.claims WHERE task = "
+                            "'report' AND second = %s", (int(second),)).fetchone() == (
+            None, 0, node, int(fence))
+    assert not any("is lost" in daemon.log for daemon in nodes.values())
+
+
+def _restart_keeping_runs(daemon, node, after=0.0):
+    """kill -9 of the node's supervisor and claims process (its executors and commands live
+    on), then its restart (``after`` seconds later), which adopts the runs."""
+    import psutil
+    from daemon_harness import wait_for
+
+    root = psutil.Process(daemon.proc.pid)
+    claims_process = [p for p in root.children() if "fleet claims" in " ".join(p.cmdline())]
+    assert len(claims_process) == 1
+    for proc in [root] + claims_process:
+        proc.kill()
+    daemon.proc.wait()
+    time.sleep(after)
+    starts = daemon.log.count("torchcore started")
+    daemon.start("--node-name", node, "--node-ip", f"10.0.0.{node[1:]}", wait=False)
+    wait_for(lambda: daemon.log.count("torchcore started") > starts, 15, "the restart")
+    assert "still runs: it counts against max (adopted" in daemon.log
+
+
+@pytest.mark.slow
+def test_a_once_daemon_adopted_by_a_restarted_node_keeps_its_slot_and_runs_nowhere_else(
+        fleet, daemons, tmp_path):
+    from daemon_harness import wait_for
+    from test_fleet_once import SINGLETON, _nodes, _stamps
+
+    _nodes(fleet.url, 2)
+    out = tmp_path / "stamps.txt"
+    nodes = {}
+    for number in (1, 2):
+        daemon = daemons(SINGLETON.format(node=f"n{number}", out=out),
+                         settings=f"  fleet:\n    database: {fleet.url}\n    lease: 6s\n")
+        nodes[f"n{number}"] = daemon.start("--node-name", f"n{number}", "--node-ip",
+                                           f"10.0.0.{number}")
+    first = wait_for(lambda: [s for s in _stamps(out) if s[0] == "s"], 15, "an instance")[0]
+    _restart_keeping_runs(nodes[first[2]], first[2])
+    time.sleep(6 + 6)
+    assert _stamps(out) == [first]              # the adopted instance only, never a second one
+    with fleetdb.connect(fleet.url) as conn:
+        assert conn.execute(f"SELECT node, fence, lease_until > now() FROM {S}.slots "
+                            "WHERE task = 'single'").fetchall() == [(first[2], first[3], True)]
+    stopped = time.time()                       # a clean stop still hands it over at once
+    nodes[first[2]].stop()
+    moved = wait_for(lambda: [s for s in _stamps(out) if s[0] == "s" and s[1] > stopped], 10,
+                     "the instance to move")[0]
+    assert moved[2] != first[2] and moved[3] > first[3]
+
+
+@pytest.mark.slow
+def test_a_run_adopted_after_its_lease_ended_is_killed_and_runs_once_more_only(
+        fleet, daemons, tmp_path):
+    """Restarted only after its lease ended, the node finds its adopted run's lease gone (the
+    run recorded lost, re-run once): it kills it at once."""
+    from daemon_harness import wait_for
+    from test_fleet_once import _nodes
+
+    _nodes(fleet.url, 2)
+    out = tmp_path / "runs.txt"
+    nodes = {}
+    for number in (1, 2):
+        daemon = daemons(RERUN.format(node=f"n{number}", out=out),
+                         settings=f"  misfire_grace: 1m\n  fleet:\n    database: {fleet.url}\n"
+                                  "    lease: 6s\n")
+        nodes[f"n{number}"] = daemon.start("--node-name", f"n{number}", "--node-ip",
+                                           f"10.0.0.{number}")
+
+    def lines():
+        return [line.split() for line in out.read_text().splitlines()] if out.exists() else []
+    [(second, fence, node)] = wait_for(lines, 25, "the first run")
+    _restart_keeping_runs(nodes[node], node, after=6 + 3)
+    wait_for(lambda: "adopted run(s) no longer hold their fleet lease" in nodes[node].log, 10,
+             "the adopted run killed")
+    records = wait_for(lambda: [r for r in nodes[node].runs("report")
+                                if r["scheduled"] == int(second) and r["ended"]], 10, "its end")
+    import psutil
+    assert records[0]["signal"] == 9 or records[0]["error"].startswith("lost"), records
+
+    def gone():
+        try:
+            return psutil.Process(records[0]["pid"]).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    wait_for(gone, 5, "its command gone")
+    assert [line[:2] for line in lines() if line[0] == second] == [[second, fence],
+                                                                   [second, str(int(fence) + 1)]]

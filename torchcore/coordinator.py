@@ -81,6 +81,9 @@ class LocalCoordinator:
     def ended(self, run):
         """``run`` ended, or never started (its slot is freed)."""
 
+    def adopted(self, runs):
+        """``runs``: those a killed supervisor left behind, adopted by this one."""
+
     def close(self):
         """At shutdown."""
 
@@ -122,6 +125,7 @@ class FleetCoordinator(LocalCoordinator):
         self.once_specs = []            # ... and of the other `run: once` tasks (claimloss.py)
         self.daemon_slots = {}          # name -> {fence: [-1 - slot, run id or None]}
         self.daemon_pick = None         # (name, fence) the daemon run being started takes
+        self.adopting = {}              # run id -> what the claims process is told (claimadopt.py)
         self.db_down = None
         from torchcore import holders
         self.known = holders.Known()    # the holders of the `once` tasks, for status
@@ -274,6 +278,38 @@ class FleetCoordinator(LocalCoordinator):
             del self.won[key]
             self._send({"end": [[run.task.name, run.scheduled, won.fence]]})
 
+    def adopted(self, runs):
+        """Runs a killed supervisor left behind, adopted (adopt.py): the `run: once` ones keep
+        their fleet lease, found by the claims process (claimadopt.py); one whose lease is gone
+        is killed (it may be lost, and re-run elsewhere)."""
+        for run in runs:
+            task = run.task
+            if getattr(task, "run", None) != "once" or run.manual or \
+                    (task.type != "daemon" and run.scheduled is None):
+                continue
+            self.adopting[run.run_id] = [run.run_id, task.name,
+                                         None if task.type == "daemon" else run.scheduled,
+                                         run.pgid, task.kill_grace, run.executor_pid]
+        if self.adopting:
+            self._send({"adopt": list(self.adopting.values())})
+
+    def _adopted(self, run_id, name, key, fence):
+        self.adopting.pop(run_id, None)
+        run = self.starter.table.get(run_id)
+        if run is None:                 # it ended meanwhile: its slot freed
+            self._send({"end": [[name, key, fence]]})
+        elif key < 0:
+            self.daemon_slots.setdefault(name, {})[fence] = [key, run_id]
+        else:
+            won = self.won[(name, key)] = _Won(fence)
+            won.slot, won.started = -1, True
+
+    def _unheld(self, run_id):
+        self.adopting.pop(run_id, None)
+        run = self.starter.table.get(run_id)
+        if run is not None:
+            self.starter.signal_run(run, signal.SIGKILL, "its fleet lease could not be kept")
+
     def _drop_won(self, key):
         """A won claim this node does not start: its slot (if it took one) freed at once."""
         won = self.won.pop(key)
@@ -352,6 +388,8 @@ class FleetCoordinator(LocalCoordinator):
         self._send({"watch": sorted(self.once)})
         if self.once_specs:
             self._send({"once": self.once_specs})
+        if self.adopting:
+            self._send({"adopt": list(self.adopting.values())})
         return True
 
     def _tell_leases(self):
@@ -466,6 +504,11 @@ class FleetCoordinator(LocalCoordinator):
             self._connected()
         elif "holding" in message:
             self.known.reported(message["holding"])
+        elif "adopted" in message or "unheld" in message:
+            for run_id, name, key, fence in message.get("adopted") or ():
+                self._adopted(run_id, name, int(key), int(fence))
+            for run_id in message.get("unheld") or ():
+                self._unheld(run_id)
 
     def holders(self, name):
         """The holders of ``name`` as the claims process last read them, with this node's own
