@@ -319,6 +319,31 @@ def test_before_the_claims_process_first_answers_a_tick_waits_then_runs_late_or_
     assert fleet_.claim(task, now + 2) == claims.UNREACHABLE    # connected (down): at once
 
 
+def test_a_second_whose_tick_waited_and_was_won_beyond_misfire_grace_is_recorded_missed():
+    import types
+    from torchcore import coordinator
+
+    clock = types.SimpleNamespace(time=time.time, monotonic=time.monotonic)
+    missed, sent = [], []
+    starter = types.SimpleNamespace(start_claimed=lambda *a: pytest.fail("started"),
+                                    prepare_claimed=lambda *a: None,
+                                    missed_claimed=lambda *a: missed.append(a))
+    fleet_ = coordinator.FleetCoordinator(clock, "n1")
+    fleet_.attach(None, starter)
+    fleet_._send = sent.append
+    fleet_.hello = {"url": "postgresql://x", "node": "n1", "takeover": 0.5, "lease": 15}
+    fleet_.once, fleet_.misfire_grace = {"job"}, 0
+    task = types.SimpleNamespace(name="job", run="once", type="common", max=1, ips=(), hosts=())
+    second = int(time.time()) - 1
+    fleet_.ahead(second, [task])
+    assert fleet_.claim(task, second) is False
+    fleet_._answer({"db": "up"})
+    fleet_._answer({"won": [["job", second, 7]], "lost": [], "late": False})
+    assert missed == [("job", second)] and fleet_.won == {}
+    fleet_._answer({"slots": [["job", second, 7, 0]], "full": []})
+    assert sent[-1] == {"end": [["job", second, 7]]}       # its slot freed, the claim ended
+
+
 def test_a_second_waiting_for_a_first_answer_that_never_comes_is_recorded_as_skipped():
     """A claim asked while the claims process was being restarted never reached it (and one the
     process drops once connected, past its fire window, is never answered): the second whose

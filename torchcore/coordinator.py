@@ -126,6 +126,7 @@ class FleetCoordinator(LocalCoordinator):
         self.daemon_slots = {}          # name -> {fence: [-1 - slot, run id or None]}
         self.daemon_pick = None         # (name, fence) the daemon run being started takes
         self.adopting = {}              # run id -> what the claims process is told (claimadopt.py)
+        self.misfire_grace = 60
         self.db_down = None
         from torchcore import holders
         self.known = holders.Known()    # the holders of the `once` tasks, for status
@@ -137,6 +138,7 @@ class FleetCoordinator(LocalCoordinator):
         from torchcore import fleetspec
 
         fleet = settings.fleet
+        self.misfire_grace = settings.misfire_grace
         self.once = set(getattr(tasks, "once", ()))
         daemons = sorted(self.once & set(getattr(tasks, "daemons", ())))
         self.daemon_specs = [[name, [str(n) for n in tasks[name].ips], list(tasks[name].hosts),
@@ -567,6 +569,11 @@ class FleetCoordinator(LocalCoordinator):
             self._send({"end": [[name, second, fence]]})
             return
         self.state.pop(key, None)
+        if state == STARTING and now - second > self.misfire_grace:
+            # won for a tick that waited, too late to start: missed, recorded here (the node
+            # that won it); its slot, when taken, is freed and the claim ended (_slot)
+            self.starter.missed_claimed(name, second)
+            return
         start_now = late or state in (LATE_ASK, STARTING) or second <= now
         self.won[key] = _Won(fence, now if start_now else None, start_now)
         if not start_now:

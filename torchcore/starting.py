@@ -283,6 +283,11 @@ class Starter:
         if task is not None:
             self.ledger.skipped(task, second, reason, False)
 
+    def missed_claimed(self, name, second):
+        """A `run: once` second won too late to start (beyond misfire_grace): recorded missed."""
+        if name in self.tasks:
+            self.ledger.missed(name, second, 1, self.settings.misfire_grace)
+
     def stop_claimed(self, name, second, signum):
         """A `run: once` run whose lease cannot be kept (or whose claim was taken over before
         its start was confirmed): TERM, or KILL when its lease is about to end."""
