@@ -114,6 +114,20 @@ def test_on_node_loss_rerun_runs_a_lost_second_once_more_with_a_higher_token(fle
     assert _lost(_look(fleet.url, "n5", {"job": 60})) == []
 
 
+def test_a_node_never_reruns_its_own_lost_run_it_leaves_it_to_another_within_the_grace(fleet):
+    """A node stopped past its lease (SIGSTOP) finds its own run lost on resuming, while that
+    run's command may still be going (it is killed then): re-run there, the rerun would run
+    beside it, and replace the claim the kill is matched on.  Within the grace it leaves the
+    loss to another node, which re-runs it; past the grace it records it, not re-run."""
+    now = int(time.time())
+    with fleetdb.connect(fleet.url) as conn:
+        recent = _started(conn, "n1", "job", now - 10, -1)
+        old = _started(conn, "n1", "job", now - 100, -1)
+    assert _lost(_look(fleet.url, "n1", {"job": 60})) == [("job", now - 100, old, "n1", old, False)]
+    assert _lost(_look(fleet.url, "n2", {"job": 60})) == [
+        ("job", now - 10, recent + 1, "n1", recent, True)]
+
+
 def test_a_rerun_never_started_is_recorded_lost_when_its_claim_expires(fleet):
     now = int(time.time())
     with fleetdb.connect(fleet.url) as conn:
@@ -154,9 +168,10 @@ _claim = st.fixed_dictionaries({
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(_claim, max_size=8, unique_by=lambda c: (c["task"], c["offset"])),
        graces=st.fixed_dictionaries({"a": st.sampled_from([None, 30]),
-                                     "b": st.sampled_from([None, 30])}))
+                                     "b": st.sampled_from([None, 30])}),
+       finder=st.sampled_from(["n2", "n1"]))       # another node, or the one that lost them
 def test_the_statement_and_the_python_rules_agree_on_which_claims_are_lost_and_rerun(
-        fleet, rows, graces):
+        fleet, rows, graces, finder):
     base = int(time.time())
     expected = set()
     leases = {}
@@ -183,10 +198,11 @@ def test_the_statement_and_the_python_rules_agree_on_which_claims_are_lost_and_r
                      "node": "n1", "lost_fence": lost_fence, "reruns": row["reruns"],
                      "started": 0 if row["started"] else None,
                      "ended": 0 if row["ended"] else None, "expires": row["expires"]}
-            if claimloss.is_lost(claim, leases, 0):
+            if claimloss.is_lost(claim, leases, 0) and not claimloss.left_to_others(
+                    claim, graces[row["task"]], 0, finder):
                 expected.add((row["task"], second,
                               claimloss.may_rerun(claim, graces[row["task"]], 0)))
-    found = _lost(_look(fleet.url, "n2", graces))
+    found = _lost(_look(fleet.url, finder, graces))
     assert {(task, second, rerun) for task, second, _, _, _, rerun in found} == expected
 
 
