@@ -114,6 +114,20 @@ def test_on_node_loss_rerun_runs_a_lost_second_once_more_with_a_higher_token(fle
     assert _lost(_look(fleet.url, "n5", {"job": 60})) == []
 
 
+def test_a_node_never_reruns_its_own_lost_run_it_leaves_it_to_another_within_the_grace(fleet):
+    """A node stopped past its lease (SIGSTOP) finds its own run lost on resuming, while that
+    run's command may still be going (it is killed then): re-run there, the rerun would run
+    beside it, and replace the claim the kill is matched on.  Within the grace it leaves the
+    loss to another node, which re-runs it; past the grace it records it, not re-run."""
+    now = int(time.time())
+    with fleetdb.connect(fleet.url) as conn:
+        recent = _started(conn, "n1", "job", now - 10, -1)
+        old = _started(conn, "n1", "job", now - 100, -1)
+    assert _lost(_look(fleet.url, "n1", {"job": 60})) == [("job", now - 100, old, "n1", old, False)]
+    assert _lost(_look(fleet.url, "n2", {"job": 60})) == [
+        ("job", now - 10, recent + 1, "n1", recent, True)]
+
+
 def test_a_rerun_never_started_is_recorded_lost_when_its_claim_expires(fleet):
     now = int(time.time())
     with fleetdb.connect(fleet.url) as conn:
@@ -154,9 +168,10 @@ _claim = st.fixed_dictionaries({
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(_claim, max_size=8, unique_by=lambda c: (c["task"], c["offset"])),
        graces=st.fixed_dictionaries({"a": st.sampled_from([None, 30]),
-                                     "b": st.sampled_from([None, 30])}))
+                                     "b": st.sampled_from([None, 30])}),
+       finder=st.sampled_from(["n2", "n1"]))       # another node, or the one that lost them
 def test_the_statement_and_the_python_rules_agree_on_which_claims_are_lost_and_rerun(
-        fleet, rows, graces):
+        fleet, rows, graces, finder):
     base = int(time.time())
     expected = set()
     leases = {}
@@ -183,10 +198,11 @@ def test_the_statement_and_the_python_rules_agree_on_which_claims_are_lost_and_r
                      "node": "n1", "lost_fence": lost_fence, "reruns": row["reruns"],
                      "started": 0 if row["started"] else None,
                      "ended": 0 if row["ended"] else None, "expires": row["expires"]}
-            if claimloss.is_lost(claim, leases, 0):
+            if claimloss.is_lost(claim, leases, 0) and not claimloss.left_to_others(
+                    claim, graces[row["task"]], 0, finder):
                 expected.add((row["task"], second,
                               claimloss.may_rerun(claim, graces[row["task"]], 0)))
-    found = _lost(_look(fleet.url, "n2", graces))
+    found = _lost(_look(fleet.url, finder, graces))
     assert {(task, second, rerun) for task, second, _, _, _, rerun in found} == expected
 
 
@@ -296,7 +312,8 @@ def test_before_the_claims_process_first_answers_a_tick_waits_then_runs_late_or_
     clock = types.SimpleNamespace(time=time.time, monotonic=time.monotonic)
     started = []
     starter = types.SimpleNamespace(start_claimed=lambda name, second: started.append(
-        (name, second, fleet_.claim(task, second))), prepare_claimed=lambda *a: None)
+        (name, second, fleet_.claim(task, second))), prepare_claimed=lambda *a: None,
+        skip_claimed=lambda name, second, reason: started.append((name, second, reason)))
     fleet_ = coordinator.FleetCoordinator(clock, "n1")
     fleet_.attach(None, starter)
     fleet_.hello = {"url": "postgresql://x", "node": "n1", "takeover": 0.5, "lease": 15}
@@ -318,6 +335,67 @@ def test_before_the_claims_process_first_answers_a_tick_waits_then_runs_late_or_
     assert fleet_.claim(task, now + 2) == claims.UNREACHABLE    # connected (down): at once
 
 
+def test_a_second_whose_tick_waited_and_was_won_beyond_misfire_grace_is_recorded_missed():
+    import types
+    from torchcore import coordinator
+
+    clock = types.SimpleNamespace(time=time.time, monotonic=time.monotonic)
+    missed, sent = [], []
+    starter = types.SimpleNamespace(start_claimed=lambda *a: pytest.fail("started"),
+                                    prepare_claimed=lambda *a: None,
+                                    missed_claimed=lambda *a: missed.append(a))
+    fleet_ = coordinator.FleetCoordinator(clock, "n1")
+    fleet_.attach(None, starter)
+    fleet_._send = sent.append
+    fleet_.hello = {"url": "postgresql://x", "node": "n1", "takeover": 0.5, "lease": 15}
+    fleet_.once, fleet_.misfire_grace = {"job"}, 0
+    task = types.SimpleNamespace(name="job", run="once", type="common", max=1, ips=(), hosts=())
+    second = int(time.time()) - 1
+    fleet_.ahead(second, [task])
+    assert fleet_.claim(task, second) is False
+    fleet_._answer({"db": "up"})
+    fleet_._answer({"won": [["job", second, 7]], "lost": [], "late": False})
+    assert missed == [("job", second)] and fleet_.won == {}
+    fleet_._answer({"slots": [["job", second, 7, 0]], "full": []})
+    assert sent[-1] == {"end": [["job", second, 7]]}       # its slot freed, the claim ended
+
+
+def test_a_second_waiting_for_a_first_answer_that_never_comes_is_recorded_as_skipped():
+    """A claim asked while the claims process was being restarted never reached it (and one the
+    process drops once connected, past its fire window, is never answered): the second whose
+    tick waited for it is recorded as skipped, unreachable, once no answer can come; a late
+    answer then only frees its slot."""
+    import types
+    from torchcore import coordinator
+
+    now = [time.time()]
+    clock = types.SimpleNamespace(time=lambda: now[0], monotonic=time.monotonic)
+    skipped, sent = [], []
+    starter = types.SimpleNamespace(start_claimed=lambda *a: pytest.fail("started"),
+                                    prepare_claimed=lambda *a: None,
+                                    skip_claimed=lambda *a: skipped.append(a))
+    fleet_ = coordinator.FleetCoordinator(clock, "n1")
+    fleet_.attach(None, starter)
+    fleet_._send = sent.append
+    fleet_.hello = {"url": "postgresql://x", "node": "n1", "takeover": 0.5, "lease": 15}
+    fleet_.once = {"job"}
+    task = types.SimpleNamespace(name="job", run="once", type="common", max=1, ips=(), hosts=())
+    second = int(now[0])
+    fleet_.ahead(second, [task])
+    assert fleet_.claim(task, second) is False             # waits for the first answer
+    fleet_._answer({"db": "up"})                            # connected: no answer for it yet
+    now[0] += claims.RECHECK_FOR
+    fleet_._answer({"holding": {"at": now[0], "tasks": {}}})
+    assert skipped == []                                    # it could still be answered
+    now[0] += 2
+    fleet_._answer({"holding": {"at": now[0], "tasks": {}}})
+    assert skipped == [("job", second, claims.UNREACHABLE)]
+    fleet_._answer({"won": [["job", second, 7]], "lost": [], "late": False})
+    assert fleet_.won == {} and sent[-1] == {"end": [["job", second, 7]]}
+    fleet_.ahead(second + 20, [task])
+    assert skipped == [("job", second, claims.UNREACHABLE)]     # recorded once
+
+
 def test_a_claim_made_after_its_second_is_not_taken_over_before_it_could_start(fleet):
     now = int(time.time())
     with fleetdb.connect(fleet.url) as conn:
@@ -329,3 +407,149 @@ def test_a_claim_made_after_its_second_is_not_taken_over_before_it_could_start(f
         time.sleep(claims.EXPIRE_AFTER + 0.1)
         assert run(claims.TAKE_OVER, "n2", [("job", now - 5)]) == [
             ("job", now - 5, claims.first_fence(now - 5) + 1)]
+
+
+@pytest.mark.slow
+def test_a_node_starting_with_the_database_silent_records_every_first_second_as_skipped(
+        daemons, tmp_path):
+    """A database that accepts the connection and never answers (a hung server, a black hole
+    behind a proxy): the claims process's first connection fails only at its timeout, after the
+    first ticks.  Those seconds are recorded as skipped with the reason even with
+    ``misfire_grace: 0s`` (a skip is a record, not a late start)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)                   # never accepted, never answered
+    try:
+        url = f"postgresql://torchcore@127.0.0.1:{silent.getsockname()[1]}/torchcore"
+        out = tmp_path / "ticks.txt"
+        daemon = daemons(EVERY_SECOND.format(out=out),
+                         settings=f"  misfire_grace: 0s\n  fleet:\n    database: {url}\n")
+        daemon.start("--node-name", "n1")
+        started = time.time()
+        time.sleep(7)
+        daemon.stop()
+    finally:
+        silent.close()
+    assert not out.exists()
+    skipped = {r["scheduled"] for r in daemon.runs("tick") if r["skipped"] == claims.UNREACHABLE}
+    assert set(range(int(started) + 1, int(started) + 6)) <= skipped, (started, sorted(skipped))
+
+
+# ---- a node restarted: the runs it adopts keep their leases -------------------------------------
+
+@pytest.mark.slow
+def test_a_once_run_adopted_by_a_restarted_node_keeps_its_lease_and_is_neither_lost_nor_rerun(
+        fleet, daemons, tmp_path):
+    """Its supervisor and claims process killed (kill -9; its executor and command live on), the
+    node restarts at once and adopts the run: the new claims process renews its lease, so no
+    other node records it lost, nor re-runs it while it still runs here."""
+    from daemon_harness import wait_for
+    from test_fleet_once import _nodes
+
+    _nodes(fleet.url, 2)
+    out = tmp_path / "runs.txt"
+    nodes = {}
+    for number in (1, 2):
+        daemon = daemons(RERUN.format(node=f"n{number}", out=out).replace("sleep 60", "sleep 25"),
+                         settings=f"  misfire_grace: 1m\n  fleet:\n    database: {fleet.url}\n"
+                                  "    lease: 12s\n")
+        nodes[f"n{number}"] = daemon.start("--node-name", f"n{number}", "--node-ip",
+                                           f"10.0.0.{number}")
+
+    def lines():
+        return [line.split() for line in out.read_text().splitlines()] if out.exists() else []
+    [(second, fence, node)] = wait_for(lines, 25, "the first run")
+    _restart_keeping_runs(nodes[node], node)
+    time.sleep(12 + 5)                  # past the lease the killed claims process last renewed
+    assert [line for line in lines() if line[0] == second] == [[second, fence, node]]
+    with fleetdb.connect(fleet.url) as conn:
+        assert conn.execute(f"SELECT lost, reruns, node, fence FROM {S}.claims WHERE task = "
+                            "'report' AND second = %s", (int(second),)).fetchone() == (
+            None, 0, node, int(fence))
+    assert not any("is lost" in daemon.log for daemon in nodes.values())
+
+
+def _restart_keeping_runs(daemon, node, after=0.0):
+    """kill -9 of the node's supervisor and claims process (its executors and commands live
+    on), then its restart (``after`` seconds later), which adopts the runs."""
+    import psutil
+    from daemon_harness import wait_for
+
+    root = psutil.Process(daemon.proc.pid)
+    claims_process = [p for p in root.children() if "fleet claims" in " ".join(p.cmdline())]
+    assert len(claims_process) == 1
+    for proc in [root] + claims_process:
+        proc.kill()
+    daemon.proc.wait()
+    time.sleep(after)
+    starts = daemon.log.count("torchcore started")
+    daemon.start("--node-name", node, "--node-ip", f"10.0.0.{node[1:]}", wait=False)
+    wait_for(lambda: daemon.log.count("torchcore started") > starts, 15, "the restart")
+    assert "still runs: it counts against max (adopted" in daemon.log
+
+
+@pytest.mark.slow
+def test_a_once_daemon_adopted_by_a_restarted_node_keeps_its_slot_and_runs_nowhere_else(
+        fleet, daemons, tmp_path):
+    from daemon_harness import wait_for
+    from test_fleet_once import SINGLETON, _nodes, _stamps
+
+    _nodes(fleet.url, 2)
+    out = tmp_path / "stamps.txt"
+    nodes = {}
+    for number in (1, 2):
+        daemon = daemons(SINGLETON.format(node=f"n{number}", out=out),
+                         settings=f"  fleet:\n    database: {fleet.url}\n    lease: 12s\n")
+        nodes[f"n{number}"] = daemon.start("--node-name", f"n{number}", "--node-ip",
+                                           f"10.0.0.{number}")
+    first = wait_for(lambda: [s for s in _stamps(out) if s[0] == "s"], 15, "an instance")[0]
+    _restart_keeping_runs(nodes[first[2]], first[2])
+    time.sleep(12 + 5)
+    assert _stamps(out) == [first], nodes[first[2]].log     # the adopted instance only
+    with fleetdb.connect(fleet.url) as conn:
+        assert conn.execute(f"SELECT node, fence, lease_until > now() FROM {S}.slots "
+                            "WHERE task = 'single'").fetchall() == [(first[2], first[3], True)]
+    stopped = time.time()                       # a clean stop still hands it over at once
+    nodes[first[2]].stop()
+    moved = wait_for(lambda: [s for s in _stamps(out) if s[0] == "s" and s[1] > stopped], 10,
+                     "the instance to move")[0]
+    assert moved[2] != first[2] and moved[3] > first[3]
+
+
+@pytest.mark.slow
+def test_a_run_adopted_after_its_lease_ended_is_killed_and_runs_once_more_only(
+        fleet, daemons, tmp_path):
+    """Restarted only after its lease ended, the node finds its adopted run's lease gone (the
+    run recorded lost, re-run once): it kills it at once."""
+    from daemon_harness import wait_for
+    from test_fleet_once import _nodes
+
+    _nodes(fleet.url, 2)
+    out = tmp_path / "runs.txt"
+    nodes = {}
+    for number in (1, 2):
+        daemon = daemons(RERUN.format(node=f"n{number}", out=out),
+                         settings=f"  misfire_grace: 1m\n  fleet:\n    database: {fleet.url}\n"
+                                  "    lease: 6s\n")
+        nodes[f"n{number}"] = daemon.start("--node-name", f"n{number}", "--node-ip",
+                                           f"10.0.0.{number}")
+
+    def lines():
+        return [line.split() for line in out.read_text().splitlines()] if out.exists() else []
+    [(second, fence, node)] = wait_for(lines, 25, "the first run")
+    _restart_keeping_runs(nodes[node], node, after=6 + 3)
+    wait_for(lambda: "adopted run(s) no longer hold their fleet lease" in nodes[node].log, 10,
+             "the adopted run killed")
+    records = wait_for(lambda: [r for r in nodes[node].runs("report")
+                                if r["scheduled"] == int(second) and r["ended"]], 10, "its end")
+    import psutil
+    assert records[0]["signal"] == 9 or records[0]["error"].startswith("lost"), records
+
+    def gone():
+        try:
+            return psutil.Process(records[0]["pid"]).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    wait_for(gone, 5, "its command gone")
+    assert [line[:2] for line in lines() if line[0] == second] == [[second, fence],
+                                                                   [second, str(int(fence) + 1)]]

@@ -35,7 +35,7 @@ import socket
 import sys
 import time
 
-from torchcore import claimloss, claims, holders, standby
+from torchcore import claimadopt, claimloss, claims, holders, standby
 
 log = logging.getLogger("torchcore")
 
@@ -101,6 +101,7 @@ class Claimer:
         self.daemons = {}               # name -> (ips, hosts, max, kill_grace): once daemons
         self.standby = standby.DaemonSlots(clock)   # when to look for a free daemon slot
         self.losses = claimloss.LossWatch(clock)    # lost runs of its `once` tasks
+        self.adoptions = claimadopt.Adoptions(clock)    # runs a restarted node adopted
         self.pruned_at = clock()
         self.buffer = b""
         self.holders = holders.Reporter()   # read every few seconds for status (holders.py)
@@ -164,6 +165,8 @@ class Claimer:
             times.append(self.standby.at)
         if self.losses.tasks and not self.orphaned:
             times.append(self.losses.at)
+        if self.adoptions.pending:
+            times.append(self.adoptions.at)
         if self.held:
             times.append(self.renew_at)
             for held in self.held.values():
@@ -205,6 +208,8 @@ class Claimer:
             self.maxes.update((name, int(most)) for name, most, _ in message["once"])
         elif "hello" in message:
             self.hello(message["hello"])
+        elif "adopt" in message:    # runs a killed supervisor left, adopted (claimadopt.py)
+            self.adoptions.add(message["adopt"], self.lease)
         elif "watch" in message:    # the node's `run: once` tasks, whose holders status shows
             self.holders.watch = [str(name) for name in message["watch"]]
         return []
@@ -262,6 +267,8 @@ class Claimer:
         if (self.unconfirmed or self.unreleased) and self.conn is None and now >= self.next_connect:
             self.confirm()
             self.release()
+        if self.adoptions.due(now) and not self.orphaned:
+            self.adoptions.look(self)
         if not self.orphaned and self.losses.due(now):
             self.take_late(self.losses.look(self))
         if self.daemons and not self.orphaned:

@@ -18,7 +18,9 @@ can win (the rows are locked, skipped by a concurrent look, and no longer match 
 
 ``on_node_loss: rerun`` (a common `once` task): in the same statement, a lost run is handed to
 the node that found it, if that is within ``misfire_grace`` after its scheduled second and the
-second was never re-run: the claim gets the next fencing token (``takeovers`` + 1), the node,
+second was never re-run, and the node is not the one that lost it (a node stopped past its lease,
+``SIGSTOP``, finds its own run lost on resuming while that run may still be going: it kills it,
+and leaves the loss and the rerun to another node, or records it itself once the grace is over): the claim gets the next fencing token (``takeovers`` + 1), the node,
 ``reruns`` + 1 and no start; the node runs it at once, as a claim taken over late, with the
 same ``TORCHCORE_SCHEDULED_AT``.  At most once per (task, second) in the whole fleet: a rerun
 that is lost in turn (or never started: its claim expires unstarted) is recorded lost, never
@@ -55,6 +57,9 @@ FIND_LOST = f"""WITH found AS (
         FROM {S}.claims AS c
         JOIN unnest(%(tasks)s::text[], %(graces)s::float8[]) AS k(task, grace) ON c.task = k.task
         WHERE {_LOST_WHERE}
+          AND NOT (c.node = %(node)s AND k.grace IS NOT NULL AND c.reruns = 0  -- its own,
+                   AND c.started IS NOT NULL                                 -- left to another
+                   AND now() <= to_timestamp(c.second) + make_interval(secs => k.grace))
         FOR UPDATE OF c SKIP LOCKED),
     lost AS (
         UPDATE {S}.claims AS c SET lost = now(), lost_node = c.node, lost_fence = c.fence,
@@ -96,6 +101,11 @@ def is_lost(claim, leases, now):
         lease = leases.get((claim["task"], claim["fence"], claim["node"]))
         return lease is None or lease < now
     return claim["reruns"] > 0 and claim["expires"] < now
+
+
+def left_to_others(claim, grace, now, finder):
+    """Is a lost ``claim`` left alone by ``finder`` (its own run, still to be re-run elsewhere)?"""
+    return claim["node"] == finder and may_rerun(claim, grace, now)
 
 
 def may_rerun(claim, grace, now):

@@ -234,6 +234,8 @@ def columns(keys):
 #                                    read every few seconds for status, holders.py)
 #                        {"once": [[name, max, grace], ...]}     (common `once` tasks: their lost
 #                                    runs are looked for; grace: on_node_loss: rerun's, or null)
+#                        {"adopt": [[run_id, name, second | null, pgid, kill_grace, pid], ...]}
+#                                    (runs a killed supervisor left: their leases, claimadopt.py)
 # claimer -> supervisor: {"won": [[name, second, fence], ...], "lost": [[name, second], ...],
 #                         "late": bool}              (late: taken over after its second)
 #                        {"slots": [[name, second, fence, slot], ...],
@@ -241,6 +243,8 @@ def columns(keys):
 #                        {"revoked": [[name, second, fence], ...]}  (taken over before its start)
 #                        {"stop": [[name, second, fence], ...], "kill": bool}  (its lease ends)
 #                        {"daemon": [[name, -1 - slot, fence], ...]}   (a daemon slot taken)
+#                        {"adopted": [[run_id, name, second | -1 - slot, fence], ...]}
+#                        {"unheld": [run_id, ...]}  (adopted runs whose lease is gone: killed)
 #                        {"db": "up" | "down", "error": text}   (also at the first connection:
 #                                    until then a second without an answer is not skipped)
 #                        {"holding": {"at": epoch, "tasks": {name: {"last": [second, fence,

@@ -81,6 +81,9 @@ class LocalCoordinator:
     def ended(self, run):
         """``run`` ended, or never started (its slot is freed)."""
 
+    def adopted(self, runs):
+        """``runs``: those a killed supervisor left behind, adopted by this one."""
+
     def close(self):
         """At shutdown."""
 
@@ -124,6 +127,8 @@ class FleetCoordinator(LocalCoordinator):
         self.daemon_pick = None         # (name, fence) the daemon run being started takes
         self.daemon_leaving = set()     # fences of instances stopped as their lease cannot be
         #                                 kept: their slot freed at their end, not restarted in
+        self.adopting = {}              # run id -> what the claims process is told (claimadopt.py)
+        self.misfire_grace = 60
         self.db_down = None
         from torchcore import holders
         self.known = holders.Known()    # the holders of the `once` tasks, for status
@@ -135,6 +140,7 @@ class FleetCoordinator(LocalCoordinator):
         from torchcore import fleetspec
 
         fleet = settings.fleet
+        self.misfire_grace = settings.misfire_grace
         self.once = set(getattr(tasks, "once", ()))
         daemons = sorted(self.once & set(getattr(tasks, "daemons", ())))
         self.daemon_specs = [[name, [str(n) for n in tasks[name].ips], list(tasks[name].hosts),
@@ -176,6 +182,7 @@ class FleetCoordinator(LocalCoordinator):
                 asked.append(task)
         if asked:
             self._ask(second, asked, now=False)
+        self._starting_unanswered(self.clock.time())
         self._forget(second)
 
     def claim(self, task, second):
@@ -279,6 +286,38 @@ class FleetCoordinator(LocalCoordinator):
             del self.won[key]
             self._send({"end": [[run.task.name, run.scheduled, won.fence]]})
 
+    def adopted(self, runs):
+        """Runs a killed supervisor left behind, adopted (adopt.py): the `run: once` ones keep
+        their fleet lease, found by the claims process (claimadopt.py); one whose lease is gone
+        is killed (it may be lost, and re-run elsewhere)."""
+        for run in runs:
+            task = run.task
+            if getattr(task, "run", None) != "once" or run.manual or \
+                    (task.type != "daemon" and run.scheduled is None):
+                continue
+            self.adopting[run.run_id] = [run.run_id, task.name,
+                                         None if task.type == "daemon" else run.scheduled,
+                                         run.pgid, task.kill_grace, run.executor_pid]
+        if self.adopting:
+            self._send({"adopt": list(self.adopting.values())})
+
+    def _adopted(self, run_id, name, key, fence):
+        self.adopting.pop(run_id, None)
+        run = self.starter.table.get(run_id)
+        if run is None:                 # it ended meanwhile: its slot freed
+            self._send({"end": [[name, key, fence]]})
+        elif key < 0:
+            self.daemon_slots.setdefault(name, {})[fence] = [key, run_id]
+        else:
+            won = self.won[(name, key)] = _Won(fence)
+            won.slot, won.started = -1, True
+
+    def _unheld(self, run_id):
+        self.adopting.pop(run_id, None)
+        run = self.starter.table.get(run_id)
+        if run is not None:
+            self.starter.signal_run(run, signal.SIGKILL, "its fleet lease could not be kept")
+
     def _drop_won(self, key):
         """A won claim this node does not start: its slot (if it took one) freed at once."""
         won = self.won.pop(key)
@@ -357,6 +396,8 @@ class FleetCoordinator(LocalCoordinator):
         self._send({"watch": sorted(self.once)})
         if self.once_specs:
             self._send({"once": self.once_specs})
+        if self.adopting:
+            self._send({"adopt": list(self.adopting.values())})
         return True
 
     def _tell_leases(self):
@@ -434,6 +475,7 @@ class FleetCoordinator(LocalCoordinator):
 
     def _answer(self, message):
         now = self.clock.time()
+        self._starting_unanswered(now)
         if "won" in message:
             late = bool(message.get("late"))
             for name, second, fence in message["won"]:
@@ -470,6 +512,11 @@ class FleetCoordinator(LocalCoordinator):
             self._connected()
         elif "holding" in message:
             self.known.reported(message["holding"])
+        elif "adopted" in message or "unheld" in message:
+            for run_id, name, key, fence in message.get("adopted") or ():
+                self._adopted(run_id, name, int(key), int(fence))
+            for run_id in message.get("unheld") or ():
+                self._unheld(run_id)
 
     def holders(self, name):
         """The holders of ``name`` as the claims process last read them, with this node's own
@@ -482,12 +529,31 @@ class FleetCoordinator(LocalCoordinator):
 
     def _connected(self):
         """The claims process has reached the database, or found it unreachable: the seconds
-        whose tick came before are answered, or (unreachable) now skipped with the reason."""
+        whose tick came before are answered, or (unreachable) now recorded as skipped with the
+        reason, however late that is (a record, not a start: misfire_grace does not apply)."""
         self.connected = True
-        for key in [key for key, state in self.state.items() if state == STARTING]:
-            if self.db_down is not None:
-                self.state[key] = ASKED
-                self.starter.start_claimed(*key)    # refused: recorded as unreachable
+        if self.db_down is not None:
+            self._skip_starting(lambda second: True)
+
+    def _skip_starting(self, which):
+        """The seconds whose tick came before the claims process first answered and ``which``
+        (a test on the second) says are over: recorded as skipped, unreachable (a late answer
+        then frees its claim's slot, _won)."""
+        from torchcore import claims
+
+        for key in [key for key, state in self.state.items()
+                    if state == STARTING and which(key[1])]:
+            self.state[key] = SKIPPED
+            self.starter.skip_claimed(*key, claims.UNREACHABLE)
+
+    def _starting_unanswered(self, now):
+        """A second waiting for the first answer that the claims process will not answer any
+        more (it tries a claim asked before its first connection until RECHECK_FOR after its
+        second; one asked while it was being restarted never reached it): skipped, with the
+        reason, so that every second is run or recorded."""
+        from torchcore import claims
+
+        self._skip_starting(lambda second: now > second + claims.RECHECK_FOR + 1)
 
     def _daemon_lost(self, name, fence, signum):
         """A daemon's slot whose lease cannot be kept: its instance stopped, the slot gone."""
@@ -512,6 +578,11 @@ class FleetCoordinator(LocalCoordinator):
             self._send({"end": [[name, second, fence]]})
             return
         self.state.pop(key, None)
+        if state == STARTING and now - second > self.misfire_grace:
+            # won for a tick that waited, too late to start: missed, recorded here (the node
+            # that won it); its slot, when taken, is freed and the claim ended (_slot)
+            self.starter.missed_claimed(name, second)
+            return
         start_now = late or state in (LATE_ASK, STARTING) or second <= now
         self.won[key] = _Won(fence, now if start_now else None, start_now)
         if not start_now:

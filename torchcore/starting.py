@@ -275,6 +275,19 @@ class Starter:
                 self.clock.time() - second <= self.settings.misfire_grace:
             self._contained(f"starting {name}", self.launch, task, second)
 
+    def skip_claimed(self, name, second, reason):
+        """A `run: once` second the coordinator could not decide by its tick (the claims
+        process's first connection failed after it): recorded as skipped with ``reason``,
+        whatever misfire_grace (it records, it starts nothing)."""
+        task = self.tasks.get(name)
+        if task is not None:
+            self.ledger.skipped(task, second, reason, False)
+
+    def missed_claimed(self, name, second):
+        """A `run: once` second won too late to start (beyond misfire_grace): recorded missed."""
+        if name in self.tasks:
+            self.ledger.missed(name, second, 1, self.settings.misfire_grace)
+
     def stop_claimed(self, name, second, signum):
         """A `run: once` run whose lease cannot be kept (or whose claim was taken over before
         its start was confirmed): TERM, or KILL when its lease is about to end."""

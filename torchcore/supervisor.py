@@ -163,6 +163,7 @@ class Supervisor:
         """Take over the runs a killed supervisor left behind (see adopt.py)."""
         adopt.take_over(self.records, self.system, self.tasks, self.clock, self.table,
                         self.starter.signal_run, self.node_name)
+        self.coordinator.adopted([run for run in self.table if run.adopted])  # fleet leases
 
     def _open(self):
         safepaths.secure_dir(self.settings.state_dir, safepaths.STATE_DIR_MODE,
