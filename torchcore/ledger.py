@@ -57,8 +57,6 @@ class Ledger:
         self.clock = clock
         self.records = None
         self.stats = Stats()
-        self.write_soon = False     # a record a restarted supervisor needs (a run's pid) is pending:
-                                    # written on this pass, not up to FLUSH_EVERY later
         self.last_result = {}       # name -> RunResult of its last finished run
         self.skipped_last = {}      # name -> reason, while its last due run was skipped
         self._refusals_logged = set()   # names whose refusal was logged once

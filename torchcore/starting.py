@@ -224,8 +224,7 @@ class Starter:
             return
         self.coordinator.started(run)       # its executor's pid (for a `run: once` lease)
         if run.launcher is not None:
-            self.ledger.started(run)         # again, now with the pid a new supervisor looks for
-            self.ledger.write_soon = True    # ... and finds only once it is written (kill -9)
+            self.ledger.started(run)         # again, now with the pid: written with the records
         if run.pending_signal is not None:
             self.signal_run(run, run.pending_signal)
 

@@ -511,11 +511,10 @@ class Supervisor:
         if not self.stopping:
             self.services.tend()
             self.ledger.planned(self.planner.watermark)     # written with the records
-        if self.records.pending and (self.ledger.write_soon or (
-                not self.ahead.in_burst() and self.clock.monotonic() >= self.flush_at)):
+        if self.records.pending and not self.ahead.in_burst() and \
+                self.clock.monotonic() >= self.flush_at:
             if self.records.flush():    # one transaction for what came since the last
                 self.flush_at = self.clock.monotonic() + FLUSH_EVERY
-                self.ledger.write_soon = False
         self._set_title()
         if self.control is not None:
             self.control.reap_idle(self.clock.monotonic())
