@@ -215,3 +215,29 @@ def test_the_quick_depth_walk_refuses_what_the_budget_refuses(doc, wrap, flow):
     except ConfigError:
         refused = True
     assert (yamlread._deepest(root) > yamlread.MAX_DEPTH) == refused
+
+
+def test_a_worker_that_cannot_be_forked_leaves_no_descriptor_open(tmp_path, monkeypatch):
+    """fork failing (EAGAIN at a process limit): the one-piece load, and the two pipes made
+    for the worker closed (a load that cannot fork is not a descriptor leak)."""
+    import errno
+    import os
+
+    text = _plain(40)
+    path = str(tmp_path / "t.yaml")
+
+    def no_fork():
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    before = sorted(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    for _ in range(3):
+        try:
+            loadsplit.load(path, NODE, text, 0)
+        except OSError:
+            pass
+    if before is not None:
+        assert sorted(os.listdir("/proc/self/fd")) == before
+    monkeypatch.undo()
+    verdict, _, _ = _both(tmp_path, text)
+    assert verdict["ok"]

@@ -125,9 +125,16 @@ def load(path, node, text, min_bytes=SPLIT_MIN_BYTES):
         return None
     tasks_line, offset, line, indent = where
     second = "\n" * (line - 1) + "tasks:\n" + text[offset:]
-    settings_r, settings_w = os.pipe()
-    result_r, result_w = os.pipe()
-    pid = os.fork()
+    fds = []
+    try:
+        fds.extend(os.pipe())
+        fds.extend(os.pipe())
+        pid = os.fork()
+    except OSError:                                 # no worker (a process or descriptor
+        for fd in fds:                              # limit): one piece, nothing left open
+            os.close(fd)
+        return None
+    settings_r, settings_w, result_r, result_w = fds
     if pid == 0:                                    # the worker: the second half
         code = 1
         try:
