@@ -241,3 +241,28 @@ def test_a_worker_that_cannot_be_forked_leaves_no_descriptor_open(tmp_path, monk
     monkeypatch.undo()
     verdict, _, _ = _both(tmp_path, text)
     assert verdict["ok"]
+
+
+def test_a_worker_that_hangs_is_given_up_for_the_one_piece_load(tmp_path, monkeypatch):
+    """A worker stopped or stuck (its half never comes): the load does not wait for it
+    forever (a reload would wait out its whole timeout and fail) but kills it and returns
+    None, for the one-piece load, within the grace it gives the worker."""
+    import os
+    import signal
+
+    def hang(*args):
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    monkeypatch.setattr(loadsplit, "_second", hang)        # the forked worker inherits it
+    monkeypatch.setattr(loadsplit, "WORKER_GRACE", 0.5, raising=False)
+
+    def waited_too_long(*args):
+        raise TimeoutError("the load waited 30 s for a worker that hangs")
+
+    previous = signal.signal(signal.SIGALRM, waited_too_long)
+    signal.alarm(30)
+    try:
+        assert loadsplit.load(str(tmp_path / "t.yaml"), NODE, _plain(40), 0) is None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
