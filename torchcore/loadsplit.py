@@ -186,8 +186,11 @@ def _first(path, node, text, tasks_line, settings_w, result_r):
             not _plain_key(pair[0], tasks_line) or not _block_list(pair[1]):
         return None
     sent = pickle.dumps(settings, pickle.HIGHEST_PROTOCOL)
+    now = time.monotonic()      # settings bigger than a pipe holds: not waited for forever
     try:
-        _write_all(settings_w, len(sent).to_bytes(8, "big") + sent)
+        if not _write_all(settings_w, len(sent).to_bytes(8, "big") + sent,
+                          deadline=now + 3 * (now - began) + WORKER_GRACE):
+            return None                             # the worker did not take them in time
     except OSError:
         return None                                 # the worker gave its half up
     tasks = _tasks(loader, root, pair, settings)
@@ -274,10 +277,22 @@ def _block_list(node):
     return isinstance(node, yaml.SequenceNode) and not node.flow_style and bool(node.value)
 
 
-def _write_all(fd, data):
+def _write_all(fd, data, deadline=None):
+    """Write all of ``data``; False if ``fd`` (blocking) cannot take it all by ``deadline``
+    (monotonic), in which case what was written is of no use to the reader."""
     view = memoryview(data)
+    poller = None
     while view:
+        if deadline is not None:
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+            if not poller.poll(max(0, deadline - time.monotonic()) * 1000):
+                return False
+            view = view[os.write(fd, view[:select.PIPE_BUF]):]  # a pipe taking PIPE_BUF
+            continue                                             # does not block
         view = view[os.write(fd, view):]
+    return True
 
 
 def _read_all(fd, size=None, deadline=None):
