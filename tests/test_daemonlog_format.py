@@ -73,3 +73,20 @@ def test_the_stamp_follows_the_clock_across_seconds():
         expected = datetime.datetime.fromtimestamp(created).astimezone().isoformat(
             timespec="milliseconds")
         assert fast.format(_record(created)).startswith(expected + " INFO ")
+
+
+def test_a_zone_changed_within_a_second_is_the_new_zone(monkeypatch):
+    """The zone set again (TZ and time.tzset) between two lines of one second: the second
+    line has the new zone's offset, as logging's own format gives it."""
+    if not hasattr(time, "tzset"):
+        pytest.skip("no tzset")
+    fast = daemonlog.Formatter()
+    try:
+        for zone, created in (("UTC", 1_767_225_600.25), ("Asia/Kolkata", 1_767_225_600.5),
+                              ("America/St_Johns", 1_767_225_600.75), ("UTC", 1_767_225_600.9)):
+            monkeypatch.setenv("TZ", zone)
+            time.tzset()
+            assert fast.format(_record(created)) == Reference().format(_record(created)), zone
+    finally:
+        monkeypatch.undo()
+        time.tzset()

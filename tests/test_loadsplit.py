@@ -215,3 +215,89 @@ def test_the_quick_depth_walk_refuses_what_the_budget_refuses(doc, wrap, flow):
     except ConfigError:
         refused = True
     assert (yamlread._deepest(root) > yamlread.MAX_DEPTH) == refused
+
+
+def test_a_worker_that_cannot_be_forked_leaves_no_descriptor_open(tmp_path, monkeypatch):
+    """fork failing (EAGAIN at a process limit): the one-piece load, and the two pipes made
+    for the worker closed (a load that cannot fork is not a descriptor leak)."""
+    import errno
+    import os
+
+    text = _plain(40)
+    path = str(tmp_path / "t.yaml")
+
+    def no_fork():
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    before = sorted(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    for _ in range(3):
+        try:
+            loadsplit.load(path, NODE, text, 0)
+        except OSError:
+            pass
+    if before is not None:
+        assert sorted(os.listdir("/proc/self/fd")) == before
+    monkeypatch.undo()
+    verdict, _, _ = _both(tmp_path, text)
+    assert verdict["ok"]
+
+
+class Hung(Exception):
+    """Raised by the alarm of a test whose load waits for a hung worker (not an OSError,
+    which the load takes for a worker gone)."""
+
+
+def test_a_worker_that_hangs_is_given_up_for_the_one_piece_load(tmp_path, monkeypatch):
+    """A worker stopped or stuck (its half never comes): the load does not wait for it
+    forever (a reload would wait out its whole timeout and fail) but kills it and returns
+    None, for the one-piece load, within the grace it gives the worker."""
+    import os
+    import signal
+
+    def hang(*args):
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    monkeypatch.setattr(loadsplit, "_second", hang)        # the forked worker inherits it
+    monkeypatch.setattr(loadsplit, "WORKER_GRACE", 0.5, raising=False)
+
+    def waited_too_long(*args):
+        raise Hung("the load waited 30 s for a worker that hangs")
+
+    previous = signal.signal(signal.SIGALRM, waited_too_long)
+    signal.alarm(30)
+    try:
+        assert loadsplit.load(str(tmp_path / "t.yaml"), NODE, _plain(40), 0) is None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_big_settings_for_a_worker_that_hangs_are_not_waited_for(tmp_path, monkeypatch):
+    """Settings larger than a pipe holds (a long notify list, say), sent to a worker that
+    hangs before it reads them: the write is given up as the answer is, for the one-piece
+    load (padded here: pickle.loads ignores what follows a pickle's end)."""
+    import os
+    import pickle
+    import signal
+    from types import SimpleNamespace
+
+    def hang(*args):
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    padded = SimpleNamespace(dumps=lambda obj, protocol: pickle.dumps(obj, protocol) + bytes(4 << 20),
+                             loads=pickle.loads, HIGHEST_PROTOCOL=pickle.HIGHEST_PROTOCOL)
+    monkeypatch.setattr(loadsplit, "_second", hang)
+    monkeypatch.setattr(loadsplit, "pickle", padded)
+    monkeypatch.setattr(loadsplit, "WORKER_GRACE", 0.5)
+
+    def waited_too_long(*args):
+        raise Hung("the load waited 30 s for a worker that hangs")
+
+    previous = signal.signal(signal.SIGALRM, waited_too_long)
+    signal.alarm(30)
+    try:
+        assert loadsplit.load(str(tmp_path / "t.yaml"), NODE, _plain(40), 0) is None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -15,6 +15,7 @@ import logging.handlers
 import math
 import os
 import sys
+import time
 
 DIR_MODE = 0o750
 
@@ -30,14 +31,16 @@ class Formatter(logging.Formatter):
 
     def __init__(self):
         super().__init__("%(asctime)s %(levelname)s %(message)s")
-        self._second = None         # the whole second of the stamp kept below
+        self._second = None         # the whole second of the stamp kept below, and the zone
+                                    # then (time.tzset may change it within a second)
         self._stamp = ("", "")      # its ISO text to the second, and its offset
 
     def formatTime(self, record, datefmt=None):
         whole, micros = _split(record.created)
-        if whole != self._second:
+        second = (whole, time.timezone, time.altzone, time.tzname)
+        if second != self._second:
             text = datetime.datetime.fromtimestamp(whole).astimezone().isoformat()
-            self._stamp, self._second = (text[:19], text[19:]), whole
+            self._stamp, self._second = (text[:19], text[19:]), second
         head, offset = self._stamp
         return f"{head}.{micros // 1000:03d}{offset}"
 

@@ -9,8 +9,9 @@ blank lines above it), and validates it with the first half's settings.  Each ha
 
 This is only ever a faster way to the same accepted file: whenever anything is not plain
 (a file whose shape the cut cannot vouch for, an alias, a problem of any kind, a name in
-both halves, a worker that fails), ``load`` returns None and the file is loaded in one piece
-as always, which gives every message exactly as before.  A file is cut only where:
+both halves, a worker that fails or has not answered by its deadline), ``load`` returns
+None and the file is loaded in one piece as always, which gives every message exactly as
+before.  A file is cut only where:
 
 - its lines break with ``\\n`` alone and it has no directive or document marker;
 - one line is ``tasks:`` at the margin (a comment may follow), the last top-level key:
@@ -27,7 +28,9 @@ second half starts in the state its synthetic ``tasks:`` gives, the one the file
 import os
 import pickle
 import re
+import select
 import signal
+import time
 from types import SimpleNamespace
 
 import yaml
@@ -37,6 +40,7 @@ from torchcore.taskspec import TaskFile
 from torchcore.validate import Loader
 
 SPLIT_MIN_BYTES = 512 << 10     # smaller files parse in a fraction of a second: one piece
+WORKER_GRACE = 10               # seconds the worker may take beyond 3x the first half's time
 _TASKS_LINE = re.compile(r"\ntasks:[ \t]*(?:#[^\n]*)?(?=\n)")
 _MARKERS = re.compile(r"\n(?:%|---|\.\.\.)")
 _ODD_BREAKS = ("\r", "\x85", "\u2028", "\u2029")
@@ -125,9 +129,16 @@ def load(path, node, text, min_bytes=SPLIT_MIN_BYTES):
         return None
     tasks_line, offset, line, indent = where
     second = "\n" * (line - 1) + "tasks:\n" + text[offset:]
-    settings_r, settings_w = os.pipe()
-    result_r, result_w = os.pipe()
-    pid = os.fork()
+    fds = []
+    try:
+        fds.extend(os.pipe())
+        fds.extend(os.pipe())
+        pid = os.fork()
+    except OSError:                                 # no worker (a process or descriptor
+        for fd in fds:                              # limit): one piece, nothing left open
+            os.close(fd)
+        return None
+    settings_r, settings_w, result_r, result_w = fds
     if pid == 0:                                    # the worker: the second half
         code = 1
         try:
@@ -163,6 +174,7 @@ def load(path, node, text, min_bytes=SPLIT_MIN_BYTES):
 
 def _first(path, node, text, tasks_line, settings_w, result_r):
     """The first half, validated here while the worker parses the second; both parts joined."""
+    began = time.monotonic()
     root = _document(text, path)
     if root is None:
         return None
@@ -174,15 +186,19 @@ def _first(path, node, text, tasks_line, settings_w, result_r):
             not _plain_key(pair[0], tasks_line) or not _block_list(pair[1]):
         return None
     sent = pickle.dumps(settings, pickle.HIGHEST_PROTOCOL)
+    now = time.monotonic()      # settings bigger than a pipe holds: not waited for forever
     try:
-        _write_all(settings_w, len(sent).to_bytes(8, "big") + sent)
+        if not _write_all(settings_w, len(sent).to_bytes(8, "big") + sent,
+                          deadline=now + 3 * (now - began) + WORKER_GRACE):
+            return None                             # the worker did not take them in time
     except OSError:
         return None                                 # the worker gave its half up
     tasks = _tasks(loader, root, pair, settings)
     if tasks is None:
         return None
     first = Part.of_tasks(path, settings, tasks, node)
-    data = _read_all(result_r)
+    now = time.monotonic()      # a worker stopped or stuck is given up, not waited for
+    data = _read_all(result_r, deadline=now + 3 * (now - began) + WORKER_GRACE)
     if not data:
         return None
     second = Part.load(data)
@@ -261,16 +277,36 @@ def _block_list(node):
     return isinstance(node, yaml.SequenceNode) and not node.flow_style and bool(node.value)
 
 
-def _write_all(fd, data):
+def _write_all(fd, data, deadline=None):
+    """Write all of ``data``; False if ``fd`` (blocking) cannot take it all by ``deadline``
+    (monotonic), in which case what was written is of no use to the reader."""
     view = memoryview(data)
+    poller = None
     while view:
+        if deadline is not None:
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+            if not poller.poll(max(0, deadline - time.monotonic()) * 1000):
+                return False
+            view = view[os.write(fd, view[:select.PIPE_BUF]):]  # a pipe taking PIPE_BUF
+            continue                                             # does not block
         view = view[os.write(fd, view):]
+    return True
 
 
-def _read_all(fd, size=None):
-    """What ``fd`` gives up to its end (or ``size`` bytes, or fewer if it ends first)."""
+def _read_all(fd, size=None, deadline=None):
+    """What ``fd`` gives up to its end (or ``size`` bytes, or fewer if it ends first); None
+    if it has not ended by ``deadline`` (monotonic)."""
     chunks, got = [], 0
+    poller = None
     while size is None or got < size:
+        if deadline is not None:
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+            if not poller.poll(max(0, deadline - time.monotonic()) * 1000):
+                return None
         chunk = os.read(fd, 1 << 20 if size is None else min(1 << 20, size - got))
         if not chunk:
             break
