@@ -133,6 +133,38 @@ def test_a_batch_of_won_claims_takes_the_slots_that_one_claim_at_a_time_would(fl
         assert decided == {key for key, slot in expected.items() if slot is None}
 
 
+def test_batches_of_slots_raced_from_many_connections_never_exceed_the_fleet_max(fleet):
+    import threading
+    base = int(time.time()) + 100
+    with fleetdb.connect(fleet.url) as conn:
+        conn.execute(claims.MAKE_SLOTS_OF, {"tasks": list(BATCH_TASKS),
+                                            "maxes": list(BATCH_TASKS.values())})
+    barrier = threading.Barrier(6)
+
+    def take(number):       # each node its own seconds of every task, two of "two"
+        keys = [(task, base + 10 * number + k) for task in BATCH_TASKS
+                for k in range(2 if task == "two" else 1)]
+        with fleetdb.connect(fleet.url) as conn:
+            conn.execute(claims.CLAIM, {"node": f"n{number}", **claims.columns(keys)})
+            barrier.wait()
+            return conn.execute(claims.TAKE_SLOTS, {
+                "node": f"n{number}", **claims.columns(keys),
+                "fences": [claims.first_fence(second) for _, second in keys],
+                "maxes": [BATCH_TASKS[task] for task, _ in keys]}).fetchall()
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        rows = [row for rows in pool.map(take, range(6)) for row in rows]
+    taken = collections.Counter((task, slot) for task, _, _, slot in rows)
+    assert all(count == 1 for count in taken.values()), rows       # no slot given twice
+    assert all(slot < BATCH_TASKS[task] for task, slot in taken)
+    with fleetdb.connect(fleet.url) as conn:
+        held = {(task, slot): fence for task, slot, fence in conn.execute(
+            f"SELECT task, slot, fence FROM {fleetdb.SCHEMA}.slots WHERE lease_until > now()")}
+        decided = conn.execute(f"SELECT count(*) FROM {fleetdb.SCHEMA}.claims "
+                               "WHERE ended IS NOT NULL").fetchone()[0]
+    assert held == {(task, slot): fence for task, _, fence, slot in rows}
+    assert decided == 6 * 5 - len(rows)         # every claim without a slot decided
+
+
 # ---- the claims process on its own --------------------------------------------------------------
 
 def _claimer(url, node, takeover=0.5):
