@@ -384,14 +384,13 @@ class Claimer:
     def recheck(self, keys):
         """Take over the expired claims among ``keys``; look again in a second at those still
         open (until RECHECK_FOR after their second)."""
-        rows = self.execute(claims.TAKE_OVER, {"node": self.node, **claims.columns(keys)})
+        rows = self.execute(claims.RECHECK, {"node": self.node, **claims.columns(keys)})
         if rows is None:
             return
-        self.take_late(rows)
-        still = self.execute(claims.OPEN, claims.columns(keys))
-        if still is None:
-            return
-        still = {(task, int(second)) for task, second in still}
+        self.take_late([row for row in rows if row[2] is not None])
+        if self.conn is None:
+            return              # lost meanwhile: no look again (lost())
+        still = {(task, int(second)) for task, second, fence in rows if fence is None}
         now = self.clock()
         for key in keys:
             _, give_up = self.rechecks.pop(key)

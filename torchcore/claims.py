@@ -135,6 +135,14 @@ OPEN = f"""SELECT c.task, c.second FROM {SCHEMA}.claims AS c
       ON c.task = k.task AND c.second = k.second AND c.slot = {SLOT}
     WHERE c.started IS NULL"""
 
+# Both in one statement (a look at a batch): the claims taken over (fence), then those open
+# (fence NULL; the open ones are read as they were before the takeovers, which leave `started`).
+RECHECK = f"""WITH taken AS ({TAKE_OVER})
+    SELECT task, second, fence FROM taken
+    UNION ALL
+    {OPEN.replace("SELECT c.task, c.second FROM", "SELECT c.task, c.second, NULL::bigint FROM")}"""
+assert "NULL::bigint" in RECHECK
+
 # The winner's runs started: a row back for each claim still its own (else it was taken over).
 START = f"""UPDATE {SCHEMA}.claims AS c SET started = now()
     FROM unnest(%(tasks)s::text[], %(seconds)s::bigint[], %(fences)s::bigint[])
