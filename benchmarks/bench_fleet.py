@@ -513,9 +513,9 @@ def claim_sim(spec):
                         got.setdefault(name, []).append((task, int(sec), int(fence)))
                         won.append([task, int(sec), name])
                 elif name in got and phase == "slot":
-                    for task, sec, fence in got[name]:
-                        conn.execute(claims.TAKE_SLOT, {"task": task, "second": sec, "fence": fence,
-                                                        "node": name, "max": 1})
+                    conn.execute(claims.TAKE_SLOTS, {
+                        "node": name, **claims.columns([(t, sec) for t, sec, _ in got[name]]),
+                        "fences": [f for _, _, f in got[name]], "maxes": [1] * len(got[name])})
                 elif name in got and phase == "start":
                     keys = [(task, sec) for task, sec, _ in got[name]]
                     fences = [fence for _, _, fence in got[name]]

@@ -249,13 +249,10 @@ def test_five_nodes_through_kills_a_stop_an_outage_and_a_skewed_clock(pg, daemon
 
 def _chaos(nodes, files, watch, rng, seed, figures, stopped, pg):
     why = f"(chaos seed {seed})"
-    starts = {}                 # node -> (when it was started, its clock's skew)
     for node in nodes:          # all at once (started one by one, they take 2-4 s each here)
-        starts[node.name] = (time.time(), 2 if node.env else 0)
         node.start()
     for node in nodes:
         node.wait_log("torchcore started", timeout=40)
-        starts[node.name] = (time.time(), starts[node.name][1])   # (the latest it can be)
     watch.start()
     by_name = {node.name: node for node in nodes}
     wait_for(lambda: _holder(files["single"])[1], 30, "the singleton's start")
@@ -326,9 +323,9 @@ def _chaos(nodes, files, watch, rng, seed, figures, stopped, pg):
         rows = conn.execute(f"SELECT task, second, fence, node, takeovers, started, ended "
                             f"FROM {fleetdb.SCHEMA}.claims").fetchall()
     records["claims"] = {(task, second): row for task, second, *row in rows}
-    _check_ticks(files, records, events, starts, t0, end, why, figures,
+    _check_ticks(files, records, events, t0, end, why, figures,
                  {n.name for n in nodes if n.env})
-    _check_pairs(files, records, events, starts, t0, end, watch, deaths, why)
+    _check_pairs(files, records, events, t0, end, watch, deaths, why)
     _check_single(files, events, watch, deaths, why, third.name, t0)
     # no process left behind: the commands' pids, and every process the nodes ever had
     deadline = time.time() + 10
@@ -341,22 +338,13 @@ def _chaos(nodes, files, watch, rng, seed, figures, stopped, pg):
                       [(p.pid, p.cmdline()) for p in left])
 
 
-STARTUP = 3     # seconds (on its clock) after a node's start: see _excused
-
-
-def _excused(second, events, starts, reasons):
+def _excused(second, events):
     """May ``second`` not have run with the database and eligible nodes up?  Within MARGIN of a
     fault, or of the database's outage (its own check: the seconds skipped, with the reason)."""
     if any(at - MARGIN <= second <= at + MARGIN for what, at in events.items()
            if not what.startswith("db")):
         return True
-    if events["db stop"] - MARGIN <= second <= events["db back"] + MARGIN:
-        return True
-    # KNOWN, fixed apart: a node's first second or two after its start are skipped as "fleet
-    # database unreachable" (its claims process not connected yet, the claim not taken over).
-    # Tolerated for those seconds and that reason only; tighten (drop this) once the fix is in.
-    return claims.UNREACHABLE in reasons and any(
-        at + skew <= second <= at + skew + STARTUP for at, skew in starts.values())
+    return events["db stop"] - MARGIN <= second <= events["db back"] + MARGIN
 
 
 def _skips(records, task):
@@ -375,7 +363,7 @@ def _skips(records, task):
     return found
 
 
-def _check_ticks(files, records, events, starts, t0, end, why, figures, skewed):
+def _check_ticks(files, records, events, t0, end, why, figures, skewed):
     runs = [(int(s), int(f), node) for s, f, node, _, _ in _rows(files["tick"])]
     started = {(int(s), int(f)): float(at) for s, f, _, at, _ in _rows(files["tick"])}
     per_second = collections.defaultdict(list)
@@ -386,7 +374,7 @@ def _check_ticks(files, records, events, starts, t0, end, why, figures, skewed):
     skips = _skips(records, "tick")
     down = (events["db stop"], events["db back"])
     missed = [s for s in window if s not in per_second and
-              not _excused(s, events, starts, skips[s])]
+              not _excused(s, events)]
     unrecorded = [s for s in window if s not in per_second and not skips.get(s)]
     figures.add(faults=4 + ("n5" in skewed), runs=len(window), lost=len(missed),
                 doubled=len(doubled))
@@ -407,7 +395,7 @@ def _check_ticks(files, records, events, starts, t0, end, why, figures, skewed):
     assert {node for _, _, node in runs} >= {"n5"}, why
 
 
-def _check_pairs(files, records, events, starts, t0, end, watch, deaths, why):
+def _check_pairs(files, records, events, t0, end, watch, deaths, why):
     runs = _intervals(files["pair"], watch, deaths)
     seconds = collections.Counter(second for _, _, second, _, _ in runs.values())
     assert not [s for s, count in seconds.items() if count > 1], (f"pair run twice {why}", runs)
@@ -422,7 +410,7 @@ def _check_pairs(files, records, events, starts, t0, end, watch, deaths, why):
     assert not unrecorded, (f"pair seconds neither run nor recorded as skipped {why}",
                             unrecorded, events)
     missed = [s for s in window if s not in seconds and "fleet max 2 reached" not in skips[s]
-              and not _excused(s, events, starts, skips[s])]
+              and not _excused(s, events)]
     assert not missed, (f"pair seconds missed {why}", missed, events,
                         {s: (skips[s], records["claims"].get(("pair", s))) for s in missed})
 

@@ -16,6 +16,8 @@ import time
 
 import pytest
 from daemon_harness import wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from torchcore import claimer, claims, fleetdb
 
@@ -65,6 +67,102 @@ def test_one_node_wins_each_claim_raced_from_many_connections_and_fences_increas
         assert run(claims.START, "n1", past, fences=[claims.first_fence(now - 5)]) == []
         assert run(claims.START, "n2", past, fences=[taken[0][2]]) == [("late", now - 5)]
         assert run(claims.TAKE_OVER, "n3", past) == []
+
+
+# The slots of a batch of won claims (TAKE_SLOTS), against the same batch taken one claim at a
+# time in the batch's order: each claim the lowest free slot of its task below its max (free: no
+# lease, or a lease past), none free -> no slot and its claim decided (started and ended).
+BATCH_TASKS = {"two": 2, "a": 1, "b": 1, "c": 1}
+SLOT_STATES = st.sampled_from(["free", "past", "held"])
+
+
+@st.composite
+def _slot_batches(draw):
+    states = {(task, slot): draw(SLOT_STATES)
+              for task, most in BATCH_TASKS.items() for slot in range(most)}
+    keys = draw(st.lists(st.tuples(st.sampled_from(sorted(BATCH_TASKS)), st.integers(0, 3)),
+                         min_size=1, max_size=8, unique=True))
+    return states, keys
+
+
+@settings(derandomize=True, max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(batch=_slot_batches())
+def test_a_batch_of_won_claims_takes_the_slots_that_one_claim_at_a_time_would(fleet, batch):
+    states, keys = batch
+    base = int(time.time()) + 100
+    keys = [(task, base + second) for task, second in keys]
+    free = {task: [slot for slot in range(most) if states[(task, slot)] != "held"]
+            for task, most in BATCH_TASKS.items()}
+    expected = {}
+    for task, second in keys:
+        expected[(task, second)] = free[task].pop(0) if free[task] else None
+    with fleetdb.connect(fleet.url) as conn:
+        conn.execute(f"DELETE FROM {fleetdb.SCHEMA}.claims")
+        conn.execute(f"DELETE FROM {fleetdb.SCHEMA}.slots")
+        conn.execute(claims.MAKE_SLOTS_OF, {"tasks": list(BATCH_TASKS),
+                                            "maxes": list(BATCH_TASKS.values())})
+        for (task, slot), state in states.items():
+            if state != "free":
+                conn.execute(f"""UPDATE {fleetdb.SCHEMA}.slots SET node = 'other', second = 1,
+                    fence = 1000, lease_until = now() + make_interval(secs => %s)
+                    WHERE task = %s AND slot = %s""", (60 if state == "held" else -60, task, slot))
+        conn.execute(claims.CLAIM, {"node": "n1", **claims.columns(keys)})
+        rows = conn.execute(claims.TAKE_SLOTS, {
+            "node": "n1", **claims.columns(keys),
+            "fences": [claims.first_fence(second) for _, second in keys],
+            "maxes": [BATCH_TASKS[task] for task, _ in keys]}).fetchall()
+        assert sorted((task, second, fence, slot) for task, second, fence, slot in rows) == sorted(
+            (task, second, claims.first_fence(second), slot)
+            for (task, second), slot in expected.items() if slot is not None)
+        slots = {(task, slot): (node, second, bool(ahead)) for task, slot, node, second, ahead in
+                 conn.execute(f"""SELECT task, slot, node, second, lease_until > now()
+                     FROM {fleetdb.SCHEMA}.slots""")}
+        for (task, slot), state in states.items():
+            holder = [second for (name, second), got in expected.items()
+                      if name == task and got == slot]
+            if holder:              # taken by the batch, until FIRE_WINDOW after its second
+                assert slots[(task, slot)] == ("n1", holder[0], True)
+            elif state == "held":
+                assert slots[(task, slot)] == ("other", 1, True)
+            else:                   # free, and left free
+                assert slots[(task, slot)] == ((None, None, False) if state == "free" else
+                                               ("other", 1, False))
+        decided = {(task, second) for task, second in conn.execute(
+            f"SELECT task, second FROM {fleetdb.SCHEMA}.claims WHERE ended IS NOT NULL")}
+        assert decided == {key for key, slot in expected.items() if slot is None}
+
+
+def test_batches_of_slots_raced_from_many_connections_never_exceed_the_fleet_max(fleet):
+    import threading
+    base = int(time.time()) + 100
+    with fleetdb.connect(fleet.url) as conn:
+        conn.execute(claims.MAKE_SLOTS_OF, {"tasks": list(BATCH_TASKS),
+                                            "maxes": list(BATCH_TASKS.values())})
+    barrier = threading.Barrier(6)
+
+    def take(number):       # each node its own seconds of every task, two of "two"
+        keys = [(task, base + 10 * number + k) for task in BATCH_TASKS
+                for k in range(2 if task == "two" else 1)]
+        with fleetdb.connect(fleet.url) as conn:
+            conn.execute(claims.CLAIM, {"node": f"n{number}", **claims.columns(keys)})
+            barrier.wait()
+            return conn.execute(claims.TAKE_SLOTS, {
+                "node": f"n{number}", **claims.columns(keys),
+                "fences": [claims.first_fence(second) for _, second in keys],
+                "maxes": [BATCH_TASKS[task] for task, _ in keys]}).fetchall()
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        rows = [row for rows in pool.map(take, range(6)) for row in rows]
+    taken = collections.Counter((task, slot) for task, _, _, slot in rows)
+    assert all(count == 1 for count in taken.values()), rows       # no slot given twice
+    assert all(slot < BATCH_TASKS[task] for task, slot in taken)
+    with fleetdb.connect(fleet.url) as conn:
+        held = {(task, slot): fence for task, slot, fence in conn.execute(
+            f"SELECT task, slot, fence FROM {fleetdb.SCHEMA}.slots WHERE lease_until > now()")}
+        decided = conn.execute(f"SELECT count(*) FROM {fleetdb.SCHEMA}.claims "
+                               "WHERE ended IS NOT NULL").fetchone()[0]
+    assert held == {(task, slot): fence for task, _, fence, slot in rows}
+    assert decided == 6 * 5 - len(rows)         # every claim without a slot decided
 
 
 # ---- the claims process on its own --------------------------------------------------------------

@@ -359,41 +359,45 @@ class Claimer:
                                    key[1] - claims.SLOT_AHEAD if key[1] > now else 0]
 
     def take_slots(self, keys):
-        """Take a free slot for each won claim in ``keys``: answer slots and full (a full one
-        is decided: skipped everywhere, never taken over)."""
-        slots, full = [], []
+        """Take a free slot for each won claim in ``keys``, in one statement: answer slots and
+        full (a full one is decided: skipped everywhere, never taken over)."""
+        batch = []
         now = self.clock()
         for key in keys:
             fence, most, when = self.slots_due.pop(key)
-            name, second = key
-            if when and now > second + claims.FIRE_WINDOW:
+            if when and now > key[1] + claims.FIRE_WINDOW:
                 continue        # its tick is over (the database was away): not worth a slot
-            if name not in self.made:
-                if self.execute(claims.MAKE_SLOTS, {"task": name, "max": most}) is None:
-                    return
-                self.made.add(name)
-            rows = self.execute(claims.TAKE_SLOT, {"task": name, "second": second, "fence": fence,
-                                                   "node": self.node, "max": most})
-            if rows is None:
-                return          # unanswered: the supervisor fails it closed
-            if rows:
-                slots.append([name, second, fence, rows[0][0]])
-            else:
-                self.execute(claims.DECIDED, {"task": name, "second": second, "fence": fence})
-                full.append([name, second, fence])
-        self.send({"slots": slots, "full": full})
+            batch.append((key[0], key[1], fence, most))
+        if not batch:
+            return
+        new = {name: most for name, _, _, most in batch if name not in self.made}
+        if new and self.execute(claims.MAKE_SLOTS_OF, {
+                "tasks": list(new), "maxes": list(new.values())}) is None:
+            return
+        self.made.update(new)
+        rows = self.execute(claims.TAKE_SLOTS, {
+            "node": self.node, "tasks": [name for name, _, _, _ in batch],
+            "seconds": [second for _, second, _, _ in batch],
+            "fences": [fence for _, _, fence, _ in batch],
+            "maxes": [most for _, _, _, most in batch]})
+        if rows is None:
+            return              # unanswered: the supervisor fails them closed
+        taken = {(name, int(second), int(fence)): slot for name, second, fence, slot in rows}
+        self.send({"slots": [[name, second, fence, taken[(name, second, fence)]]
+                             for name, second, fence, _ in batch if (name, second, fence) in taken],
+                   "full": [[name, second, fence] for name, second, fence, _ in batch
+                            if (name, second, fence) not in taken]})
 
     def recheck(self, keys):
         """Take over the expired claims among ``keys``; look again in a second at those still
         open (until RECHECK_FOR after their second)."""
-        rows = self.execute(claims.TAKE_OVER, {"node": self.node, **claims.columns(keys)})
+        rows = self.execute(claims.RECHECK, {"node": self.node, **claims.columns(keys)})
         if rows is None:
             return
-        self.take_late(rows)
-        still = self.execute(claims.OPEN, claims.columns(keys))
-        if still is None:
-            return
-        still = {(task, int(second)) for task, second in still}
+        self.take_late([row for row in rows if row[2] is not None])
+        if self.conn is None:
+            return              # lost meanwhile: no look again (lost())
+        still = {(task, int(second)) for task, second, fence in rows if fence is None}
         now = self.clock()
         for key in keys:
             _, give_up = self.rechecks.pop(key)

@@ -135,6 +135,14 @@ OPEN = f"""SELECT c.task, c.second FROM {SCHEMA}.claims AS c
       ON c.task = k.task AND c.second = k.second AND c.slot = {SLOT}
     WHERE c.started IS NULL"""
 
+# Both in one statement (a look at a batch): the claims taken over (fence), then those open
+# (fence NULL; the open ones are read as they were before the takeovers, which leave `started`).
+RECHECK = f"""WITH taken AS ({TAKE_OVER})
+    SELECT task, second, fence FROM taken
+    UNION ALL
+    {OPEN.replace("SELECT c.task, c.second FROM", "SELECT c.task, c.second, NULL::bigint FROM")}"""
+assert "NULL::bigint" in RECHECK
+
 # The winner's runs started: a row back for each claim still its own (else it was taken over).
 START = f"""UPDATE {SCHEMA}.claims AS c SET started = now()
     FROM unnest(%(tasks)s::text[], %(seconds)s::bigint[], %(fences)s::bigint[])
@@ -142,10 +150,6 @@ START = f"""UPDATE {SCHEMA}.claims AS c SET started = now()
     WHERE c.task = k.task AND c.second = k.second AND c.slot = {SLOT} AND c.fence = k.fence
       AND c.node = %(node)s AND c.started IS NULL
     RETURNING c.task, c.second"""
-
-# A claim decided without a run (its task's fleet max reached): never taken over.
-DECIDED = f"""UPDATE {SCHEMA}.claims SET started = now(), ended = now()
-    WHERE task = %(task)s AND second = %(second)s AND slot = {SLOT} AND fence = %(fence)s"""
 
 # ---- fleet-wide max: slots 0 .. max-1 per task, each held by one run under a lease -------------
 #
@@ -159,13 +163,42 @@ SLOT_AHEAD = 0.25       # seconds before its second a won claim takes its slot
 MAKE_SLOTS = f"""INSERT INTO {SCHEMA}.slots (task, slot)
     SELECT %(task)s, n FROM generate_series(0, %(max)s - 1) AS n ON CONFLICT DO NOTHING"""
 
-TAKE_SLOT = f"""UPDATE {SCHEMA}.slots SET second = %(second)s, fence = %(fence)s, node = %(node)s,
-        lease_until = greatest(to_timestamp(%(second)s), now()) + interval '{FIRE_WINDOW:g} second'
-    WHERE task = %(task)s AND slot = (
-        SELECT slot FROM {SCHEMA}.slots WHERE task = %(task)s AND slot < %(max)s
-          AND (lease_until IS NULL OR lease_until < now())
-        ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED)
-    RETURNING slot"""
+# (the same for several tasks at once: their names and maxes)
+MAKE_SLOTS_OF = f"""INSERT INTO {SCHEMA}.slots (task, slot)
+    SELECT t.task, n FROM unnest(%(tasks)s::text[], %(maxes)s::int[]) AS t(task, most)
+    CROSS JOIN LATERAL generate_series(0, t.most - 1) AS n ON CONFLICT DO NOTHING"""
+
+# The slots of a batch of won claims (task, second, fence, max), in one statement: each task's
+# free slots are locked once, the lowest first, as many as the batch has claims of that task
+# (ranked in the batch's order: the first claim of a task gets its lowest free slot, the second
+# the next one); a claim left without one (its task's fleet max reached) is decided at once,
+# never taken over.  A row back for each slot taken.
+TAKE_SLOTS = f"""WITH k AS (
+        SELECT task, second, fence, most,
+               row_number() OVER (PARTITION BY task ORDER BY i) AS n
+        FROM unnest(%(tasks)s::text[], %(seconds)s::bigint[], %(fences)s::bigint[],
+                    %(maxes)s::int[]) WITH ORDINALITY AS k(task, second, fence, most, i)),
+    free AS (
+        SELECT t.task, f.slot, row_number() OVER (PARTITION BY t.task ORDER BY f.slot) AS n
+        FROM (SELECT task, max(most) AS most, count(*) AS wanted FROM k GROUP BY task) AS t
+        CROSS JOIN LATERAL (
+            SELECT slot FROM {SCHEMA}.slots AS s WHERE s.task = t.task AND s.slot < t.most
+              AND (s.lease_until IS NULL OR s.lease_until < now())
+            ORDER BY s.slot LIMIT t.wanted FOR UPDATE SKIP LOCKED) AS f),
+    taken AS (
+        UPDATE {SCHEMA}.slots AS s SET second = k.second, fence = k.fence, node = %(node)s,
+            lease_until = greatest(to_timestamp(k.second), now())
+                          + interval '{FIRE_WINDOW:g} second'
+        FROM free JOIN k ON k.task = free.task AND k.n = free.n
+        WHERE s.task = free.task AND s.slot = free.slot
+        RETURNING k.task, k.second, k.fence, s.slot),
+    decided AS (
+        UPDATE {SCHEMA}.claims AS c SET started = now(), ended = now()
+        FROM k WHERE c.task = k.task AND c.second = k.second AND c.slot = {SLOT}
+          AND c.fence = k.fence
+          AND NOT EXISTS (SELECT 1 FROM taken WHERE taken.task = k.task
+                          AND taken.second = k.second AND taken.fence = k.fence))
+    SELECT task, second, fence, slot FROM taken"""
 
 # A `run: once` daemon's slot: taken for ``lease`` at once (its instance starts now); the
 # fencing token is the database's clock in milliseconds, so it grows with each holder.  None
