@@ -78,3 +78,20 @@ def test_a_standby_looks_when_the_lease_can_end_and_at_once_when_the_slot_is_fre
     _drive([holder], LEASE + standby_.WAIT + 2, until=lambda: _slots(holder))
     assert _slots(holder)
     assert LEASE - 0.5 < time.time() - died <= LEASE + standby_.WAIT + 0.5
+
+
+def test_a_max_raised_by_a_reload_gets_its_new_slots_without_a_restart(fleet):
+    """The claims process made a task's slot rows once, by name: a reload raising ``max`` left
+    the new slots unmade (fewer runs at once than the file says) until it restarted."""
+    proc = claimer.Claimer(socket.socketpair()[1])
+    proc.handle({"hello": {"url": fleet.url, "node": "n1", "takeover": 0.5, "lease": LEASE}})
+    base = int(time.time()) + 100
+    proc.slots_due[("wide", base)] = [base * 1000, 1, 0]
+    proc.take_slots([("wide", base)])
+    for second, most in ((base + 1, 3), (base + 2, 3)):     # the reload: max 3
+        proc.slots_due[("wide", second)] = [second * 1000, most, 0]
+    proc.take_slots([("wide", base + 1), ("wide", base + 2)])
+    with fleetdb.connect(fleet.url) as conn:
+        taken = dict(conn.execute(f"SELECT slot, second FROM {fleetdb.SCHEMA}.slots "
+                                  "WHERE task = 'wide' AND node = 'n1'").fetchall())
+    assert taken == {0: base, 1: base + 1, 2: base + 2}

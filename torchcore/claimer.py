@@ -92,7 +92,7 @@ class Claimer:
         self.rechecks = {}              # (name, second) -> (next look, give up after)
         self.unconfirmed = []           # Held whose start is not confirmed yet
         self.slots_due = {}             # (name, second) -> [fence, max, when]: a slot to take
-        self.made = set()               # tasks whose slot rows exist
+        self.made = set()               # (task, max) whose slot rows exist (a raised max: more)
         self.held = {}                  # (name, second) -> Held: runs under a lease
         self.unreleased = []            # [name, fence] of ended runs whose slot is not freed yet
         self.maxes = {}                 # name -> max, from the claims asked
@@ -370,11 +370,11 @@ class Claimer:
             batch.append((key[0], key[1], fence, most))
         if not batch:
             return
-        new = {name: most for name, _, _, most in batch if name not in self.made}
+        new = {name: most for name, _, _, most in batch if (name, most) not in self.made}
         if new and self.execute(claims.MAKE_SLOTS_OF, {
                 "tasks": list(new), "maxes": list(new.values())}) is None:
             return
-        self.made.update(new)
+        self.made.update(new.items())
         rows = self.execute(claims.TAKE_SLOTS, {
             "node": self.node, "tasks": [name for name, _, _, _ in batch],
             "seconds": [second for _, second, _, _ in batch],

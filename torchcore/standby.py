@@ -90,10 +90,10 @@ class DaemonSlots:
                 if most > 1:
                     nexts.append(now + lease / 3)      # the pool may shrink: a bigger share
                 continue
-            if name not in claimer.made:
+            if (name, most) not in claimer.made:
                 if claimer.execute(claims.MAKE_SLOTS, {"task": name, "max": most}) is None:
                     return
-                claimer.made.add(name)
+                claimer.made.add((name, most))
             sent = self.clock()
             wait = 0.0 if claims.preferred(name, 0, names) == claimer.node else WAIT
             rows = claimer.execute(claims.TAKE_DAEMON_SLOT, {
