@@ -96,6 +96,21 @@ def test_reload_text_says_the_file_watch_already_applied_it():
     assert cmd_daemon.reload_text(reply).startswith("reloaded: 2 tasks")
 
 
+# ---- fleet status's clock column ----------------------------------------------------------------
+
+@pytest.mark.parametrize("offset, shown", [(-0.0002, "+0.000s"), (-0.0004, "+0.000s"),
+                                           (0.004, "+0.004s"), (-0.012, "-0.012s"),
+                                           (1.83, "+1.830s (off)")])
+def test_fleet_status_shows_a_clock_offset_that_rounds_to_zero_without_a_minus(offset, shown):
+    from torchcore.commands import fleet as cmd_fleet
+
+    node = {"name": "web-1", "addresses": ["10.0.0.1"], "version": "0.1.0", "file_commit": None,
+            "file_digest": "65a520e57135", "drifted": False, "clock_offset": offset,
+            "clock_flagged": abs(offset) > 1, "since": None, "state": "up", "running": 0,
+            "failed_24h": 0}
+    assert cmd_fleet._node_row(node, time.time(), datetime.timezone.utc)[-1] == shown
+
+
 # ---- names: did-you-mean wherever a name is looked up ------------------------------------------
 
 PLACES = """settings:\n  timezone: UTC\n  state_dir: state\ntasks:
