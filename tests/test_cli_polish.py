@@ -96,6 +96,47 @@ def test_reload_text_says_the_file_watch_already_applied_it():
     assert cmd_daemon.reload_text(reply).startswith("reloaded: 2 tasks")
 
 
+# ---- fleet status's clock column ----------------------------------------------------------------
+
+@pytest.mark.parametrize("offset, shown", [(-0.0002, "+0.000s"), (-0.0004, "+0.000s"),
+                                           (0.004, "+0.004s"), (-0.012, "-0.012s"),
+                                           (1.83, "+1.830s (off)")])
+def test_fleet_status_shows_a_clock_offset_that_rounds_to_zero_without_a_minus(offset, shown):
+    from torchcore.commands import fleet as cmd_fleet
+
+    node = {"name": "web-1", "addresses": ["10.0.0.1"], "version": "0.1.0", "file_commit": None,
+            "file_digest": "65a520e57135", "drifted": False, "clock_offset": offset,
+            "clock_flagged": abs(offset) > 1, "since": None, "state": "up", "running": 0,
+            "failed_24h": 0}
+    assert cmd_fleet._node_row(node, time.time(), datetime.timezone.utc)[-1] == shown
+
+
+def test_status_json_has_a_clock_offset_that_rounds_to_zero_as_0_not_minus_0(tmp_path):
+    """The agent keeps the offset to 0.1 s for `status --json`: -0.02 s is 0.0, not -0.0."""
+    import dataclasses
+
+    from torchcore import fleetagent, fleetspec, taskspec
+
+    class Store:
+        saved = None
+
+        def waiting(self):
+            return 0
+
+        def save_state(self, state):
+            self.saved = state
+
+    url = "postgresql://a@127.0.0.1:1/x"
+    settings = dataclasses.replace(taskspec.default_settings(str(tmp_path / "tasks.yaml")),
+                                   fleet=fleetspec.FleetSettings(database=url))
+    store = Store()
+    agent = fleetagent.Agent(store, settings, "n1", url, monotonic=lambda: 1000.0)
+    for offset, kept in ((-0.02, "0.0"), (0.02, "0.0"), (-0.06, "-0.1"), (1.84, "1.8")):
+        agent.offset = offset
+        agent.save()
+        assert json.dumps(store.saved["clock_offset"]) == kept
+
+
 # ---- names: did-you-mean wherever a name is looked up ------------------------------------------
 
 PLACES = """settings:\n  timezone: UTC\n  state_dir: state\ntasks:

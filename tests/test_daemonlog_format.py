@@ -90,3 +90,22 @@ def test_a_zone_changed_within_a_second_is_the_new_zone(monkeypatch):
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+@pytest.mark.process
+def test_the_fleet_claims_process_writes_the_daemons_line_format():
+    """Its lines go to the daemon's log beside the supervisor's: the same format (the ISO
+    stamp), not logging's default (``2026-12-01 17:33:59,164``)."""
+    import re
+    import socket
+    import subprocess
+
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, "-m", "torchcore.claimer"], stdin=theirs.fileno(),
+                            stderr=subprocess.PIPE, text=True)
+    theirs.close()
+    ours.close()                    # the supervisor is gone: it says so, and exits
+    _, err = proc.communicate(timeout=30)
+    line = next(line for line in err.splitlines() if "the supervisor is gone" in line)
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d INFO fleet claims: ",
+                    line), line

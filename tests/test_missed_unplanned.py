@@ -116,3 +116,33 @@ def test_a_year_down_finishes_fast_and_says_when_the_count_is_a_lower_bound(tmp_
     assert miss.scheduled == T0
     assert miss.skipped == (f"missed at least {ledger.UNPLANNED_BUSY} run(s) while torchcore "
                             "was not running, from this second on")
+
+
+def test_a_run_once_task_is_not_missed_by_a_node_that_was_down():
+    """The other nodes claimed and ran its seconds: a node's restart records no miss of a
+    `run: once` task (nor a missed event), only of the tasks that run on every node."""
+
+    class Planner:
+        def due_between(self, after, upto, max_busy):
+            return {"report": [after + 1, 5], "every": [after + 1, 5]}, True
+
+    class Records:
+        def __init__(self):
+            self.added, self.next_id = [], 0
+
+        def allocate_run_id(self):
+            self.next_id += 1
+            return self.next_id
+
+        def add(self, record):
+            self.added.append(record)
+
+    class Clock:
+        def monotonic(self):
+            return 0.0
+
+    book = ledger.Ledger("web-3", Clock())
+    book.records = Records()
+    book.unplanned(Planner(), T0, T0 + 5, "while torchcore was not running", once={"report"})
+    assert [r.task for r in book.records.added] == ["every"]
+    assert book.stats.missed == 5

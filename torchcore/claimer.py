@@ -39,7 +39,6 @@ from torchcore import claimadopt, claimloss, claims, holders, standby
 
 log = logging.getLogger("torchcore")
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 CONNECT_TIMEOUT = 2         # seconds for a connection attempt (the process waits, not the loop)
 STATEMENT_TIMEOUT_MS = 2000
 RECONNECT_EVERY = 0.5       # seconds between connection attempts while down
@@ -573,10 +572,10 @@ def _connect(url):
 
 
 def main(argv=None):
-    from torchcore import services
+    from torchcore import daemonlog, services
 
     services.set_title("fleet claims")
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    daemonlog.log_to_stderr()       # the daemon's log, in its line format
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # the supervisor's terminal's ^C is its own
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sock = socket.socket(fileno=os.dup(0))

@@ -333,8 +333,9 @@ class Agent:
         keeps up: what the supervisor wrote since its last look ships at the next, POLL later)."""
         waiting = 0 if self.state == UP and self.caught_up else self.store.waiting()
         state = {"state": self.state, "since": self.since, "waiting": waiting, "error": self.error,
-                 "database": self.shown, "node": self.node,      # the offset to 0.1 s: written
-                 "clock_offset": None if self.offset is None else round(self.offset, 1)}  # seldom
+                 "database": self.shown, "node": self.node,      # the offset to 0.1 s, written
+                 "clock_offset": None if self.offset is None       # seldom (+ 0.0: -0.02 is 0.0,
+                 else round(self.offset, 1) + 0.0}                  # not -0.0)
         if state != self.saved:         # an idle node writes nothing
             self.store.save_state({**state, "at": self.clock()})
             self.saved = state

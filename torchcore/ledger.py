@@ -178,30 +178,33 @@ class Ledger:
         self.records.add(RunRecord.of_miss(self.records.allocate_run_id(), name, self.node_name,
                                            second, count))
 
-    def resumed(self, planner, now):
+    def resumed(self, planner, now, once=()):
         """A start: the seconds since the last one a previous supervisor planned (kept in the
         records' meta table; none at a first start) are missed, and ``now`` is kept."""
         self.unplanned(planner, _second(self.records.recall(PLANNED)), now,
-                       "while torchcore was not running")
+                       "while torchcore was not running", once)
         self.records.remember(PLANNED, now)
 
     def planned(self, second):
         """The last second planned, kept for the next start (written with the records)."""
         self.records.remember(PLANNED, second)
 
-    def stopped(self, planner, now):
+    def stopped(self, planner, now, once=()):
         """A stop: the seconds since the last tick, which none planned, are missed; the second
         it stopped is kept for the next start."""
-        self.unplanned(planner, planner.watermark, now, "while torchcore was stopping")
+        self.unplanned(planner, planner.watermark, now, "while torchcore was stopping", once)
         self.records.remember(PLANNED, max(now, planner.watermark or now))
 
-    def unplanned(self, planner, after, upto, why):
+    def unplanned(self, planner, after, upto, why, once=()):
         """The seconds (after, upto] that no tick planned (the daemon stopping, or down): each
         task due in them gets one miss record, for its first such second, with its count (a
-        lower bound, said so, past UNPLANNED_BUSY busy seconds)."""
+        lower bound, said so, past UNPLANNED_BUSY busy seconds).  Not the ``once`` tasks (`run:
+        once`): the other nodes claimed and ran their seconds, and this node was not to run
+        them unless it won them (as when it runs, it records nothing of a second it did not)."""
         if after is None or upto <= after:
             return
         found, complete = planner.due_between(after, upto, UNPLANNED_BUSY)
+        found = {name: seen for name, seen in found.items() if name not in once}
         bound = "" if complete else "at least "
         for name, (first, count) in sorted(found.items()):
             self.stats.missed += count

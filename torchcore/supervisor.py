@@ -144,7 +144,7 @@ class Supervisor:
         self.services.apply(self.taskfile, self.node)
         self.adopt_previous_executors()
         now = int(self.clock.time())
-        self.ledger.resumed(self.planner, now)      # the seconds it was down: missed
+        self.ledger.resumed(self.planner, now, self._once())    # the seconds it was down
         self.planner.start(now)
         self.wakeups.started()
         self.starter.start_reboot_tasks()
@@ -402,7 +402,11 @@ class Supervisor:
         """Stopped: the seconds none planned since the last tick are missed (see ledger.py)."""
         if not self.stop_noted:
             self.stop_noted = True
-            self.ledger.stopped(self.planner, int(self.clock.time()))
+            self.ledger.stopped(self.planner, int(self.clock.time()), self._once())
+
+    def _once(self):
+        """The `run: once` tasks, which a node down or stopping does not miss (ledger.py)."""
+        return getattr(self.coordinator, "once", ())
 
     # ---- reload ---------------------------------------------------------------------------
 

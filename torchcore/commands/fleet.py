@@ -127,6 +127,8 @@ def _node_row(node, now, tz):
     if node["drifted"]:
         version += f" (drifted {format_duration(max(0, now - _epoch(node['drifted_since'])))})"
     offset = node["clock_offset"]
+    if offset is not None:
+        offset = round(offset, 3) + 0.0     # -0.0002 is +0.000s, not -0.000s
     clock = "-" if offset is None else f"{offset:+.3f}s" + (" (off)" if node["clock_flagged"] else "")
     return [node["name"], ", ".join(node["addresses"]) or "-", node["version"], version,
             _state_text(node, now, tz), node["running"], node["failed_24h"], clock]
