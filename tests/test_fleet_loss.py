@@ -242,24 +242,37 @@ tasks:
 """
 
 
+def _two_nodes(fleet, daemons, out, lease="6s", sleep=60):
+    """Nodes n1 and n2 running RERUN (its command sleeping ``sleep`` s), writing to ``out``."""
+    from test_fleet_once import _nodes
+
+    _nodes(fleet.url, 2)
+    nodes = {}
+    for number in (1, 2):
+        body = RERUN.format(node=f"n{number}", out=out).replace("sleep 60", f"sleep {sleep}")
+        daemon = daemons(body, settings=f"  misfire_grace: 1m\n  fleet:\n    database: "
+                                        f"{fleet.url}\n    lease: {lease}\n")
+        nodes[f"n{number}"] = daemon.start("--node-name", f"n{number}", "--node-ip",
+                                           f"10.0.0.{number}")
+    return nodes
+
+
+def _lines(out):
+    """What the runs wrote, a line split in words each."""
+    return [line.split() for line in out.read_text().splitlines()] if out.exists() else []
+
+
 @pytest.mark.slow
 def test_a_node_killed_mid_run_has_its_run_recorded_lost_and_rerun_once_on_another(
         fleet, daemons, tmp_path):
     from daemon_harness import wait_for
-    from test_fleet_once import _kill_node, _nodes
+    from test_fleet_once import _kill_node
 
-    _nodes(fleet.url, 2)
     out = tmp_path / "runs.txt"
-    nodes = {}
-    for number in (1, 2):
-        daemon = daemons(RERUN.format(node=f"n{number}", out=out),
-                         settings=f"  misfire_grace: 1m\n  fleet:\n    database: {fleet.url}\n"
-                                  "    lease: 6s\n")
-        nodes[f"n{number}"] = daemon.start("--node-name", f"n{number}", "--node-ip",
-                                           f"10.0.0.{number}")
+    nodes = _two_nodes(fleet, daemons, out)
 
     def lines():
-        return [line.split() for line in out.read_text().splitlines()] if out.exists() else []
+        return _lines(out)
     [(second, fence, node)] = wait_for(lines, 25, "the first run")
     _kill_node(nodes[node])                 # supervisor, claims process, executors, command
     killed = time.time()
@@ -450,20 +463,11 @@ def test_a_once_run_adopted_by_a_restarted_node_keeps_its_lease_and_is_neither_l
     node restarts at once and adopts the run: the new claims process renews its lease, so no
     other node records it lost, nor re-runs it while it still runs here."""
     from daemon_harness import wait_for
-    from test_fleet_once import _nodes
-
-    _nodes(fleet.url, 2)
     out = tmp_path / "runs.txt"
-    nodes = {}
-    for number in (1, 2):
-        daemon = daemons(RERUN.format(node=f"n{number}", out=out).replace("sleep 60", "sleep 25"),
-                         settings=f"  misfire_grace: 1m\n  fleet:\n    database: {fleet.url}\n"
-                                  "    lease: 12s\n")
-        nodes[f"n{number}"] = daemon.start("--node-name", f"n{number}", "--node-ip",
-                                           f"10.0.0.{number}")
+    nodes = _two_nodes(fleet, daemons, out, lease="12s", sleep=25)
 
     def lines():
-        return [line.split() for line in out.read_text().splitlines()] if out.exists() else []
+        return _lines(out)
     [(second, fence, node)] = wait_for(lines, 25, "the first run")
     _restart_keeping_runs(nodes[node], node)
     time.sleep(12 + 5)                  # past the lease the killed claims process last renewed
@@ -528,20 +532,11 @@ def test_a_run_adopted_after_its_lease_ended_is_killed_and_runs_once_more_only(
     """Restarted only after its lease ended, the node finds its adopted run's lease gone (the
     run recorded lost, re-run once): it kills it at once."""
     from daemon_harness import wait_for
-    from test_fleet_once import _nodes
-
-    _nodes(fleet.url, 2)
     out = tmp_path / "runs.txt"
-    nodes = {}
-    for number in (1, 2):
-        daemon = daemons(RERUN.format(node=f"n{number}", out=out),
-                         settings=f"  misfire_grace: 1m\n  fleet:\n    database: {fleet.url}\n"
-                                  "    lease: 6s\n")
-        nodes[f"n{number}"] = daemon.start("--node-name", f"n{number}", "--node-ip",
-                                           f"10.0.0.{number}")
+    nodes = _two_nodes(fleet, daemons, out)
 
     def lines():
-        return [line.split() for line in out.read_text().splitlines()] if out.exists() else []
+        return _lines(out)
     [(second, fence, node)] = wait_for(lines, 25, "the first run")
     _restart_keeping_runs(nodes[node], node, after=6 + 3)
     wait_for(lambda: "adopted run(s) no longer hold their fleet lease" in nodes[node].log, 10,
