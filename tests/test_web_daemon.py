@@ -76,6 +76,11 @@ def test_run_now_disable_and_counts_agree_with_history(daemon):
     assert status == 202
     wait_for(lambda: any(r["run_id"] == reply["run_id"] and r["ended"] for r in daemon.runs("later")),
              15, "the manual run to end")
+    # this test may be the first of the module on its xdist worker: let good and bad end a run
+    # before they are disabled, or the counts below have nothing to agree on
+    for name in ("good", "bad"):
+        wait_for(lambda: any(r["ended"] and not r["skipped"] for r in daemon.runs(name)), 15,
+                 f"a run of {name} to end")
     for name in ("good", "bad"):
         assert daemon.json(f"api/v1/tasks/{name}/disable", "POST", token=TOKEN)[1]["changed"]
     assert daemon.json("api/v1/tasks/good/disable", "POST", token=TOKEN)[1]["changed"] is False
