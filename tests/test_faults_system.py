@@ -254,6 +254,38 @@ def test_the_services_follow_the_daemon_log_when_logrotate_moves_it(daemons, fig
 
 
 @pytest.mark.slow
+def test_the_fleet_claims_process_follows_the_daemon_log_when_logrotate_moves_it(
+        daemons, pg, figures):
+    """The claims process of `run: once` tasks logs into the daemon's file by its path, as the
+    services do: after logrotate moves torchcore.log away, its lines about the fleet database
+    going and coming back are in the new file, none in the moved one."""
+    from torchcore import fleetdb
+
+    with fleetdb.connect(pg.url) as conn:
+        fleetdb.migrate(conn, pg.url)
+    d = daemons('tasks:\n  - {name: one, schedule: "* * * * * *", command: "true", run: once}\n',
+                settings=f"  fleet:\n    database: {pg.url}\n", cls=Detached)
+    d.start("--node-name", "n1")
+    wait_for(lambda: any(r["ended"] for r in d.runs("one")), 20, "a run: once run", lambda: d.log)
+    os.rename(d.log_path, f"{d.log_path}.1")
+    os.kill(d.pid, signal.SIGHUP)
+    wait_for(lambda: "reloaded (SIGHUP)" in d.log, 15, "the supervisor's line in the new log")
+    pg.server.stop()
+    try:
+        wait_for(lambda: "are skipped until it is back" in d.log, 20,
+                 "the claims process's outage line in the new log", lambda: d.log)
+    finally:
+        pg.server.start_again()
+    wait_for(lambda: "the fleet database is reachable again" in d.log, 30,
+             "the claims process's line in the new log", lambda: d.log)
+    with open(f"{d.log_path}.1") as moved:
+        text = moved.read()
+    assert "skipped until it is back" not in text and "reachable again" not in text
+    assert d.stop() == 0
+    figures.add(faults=2)
+
+
+@pytest.mark.slow
 def test_the_records_database_removed_under_a_running_daemon_is_recreated(daemons, figures):
     d = daemons("tasks:\n" + EVERY).start()
     wait_for(lambda: len(started(d.runs("tick"))) >= 2, 15, "runs")

@@ -572,10 +572,14 @@ def _connect(url):
 
 
 def main(argv=None):
-    from torchcore import daemonlog, services
+    from torchcore import services
 
     services.set_title("fleet claims")
-    daemonlog.log_to_stderr()       # the daemon's log, in its line format
+    args = sys.argv[1:] if argv is None else argv
+    log_file = args[1] if len(args) == 2 and args[0] == "--log-file" else None
+    # the daemon's log, in its line format: its file followed across logrotate's moves when the
+    # daemon is in the background (as the services' lines are), else stderr
+    services.log_to(log_file)
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # the supervisor's terminal's ^C is its own
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sock = socket.socket(fileno=os.dup(0))

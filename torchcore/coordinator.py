@@ -320,7 +320,10 @@ class FleetCoordinator(LocalCoordinator):
             if self.stderr is not None:
                 err = os.open(self.stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                               0o600)
-            self.proc = subprocess.Popen(self.argv, stdin=child.fileno(), stdout=subprocess.DEVNULL,
+            argv = list(self.argv)
+            if self.stderr is not None and self.stderr != os.devnull:
+                argv += ["--log-file", self.stderr]     # followed across logrotate's moves
+            self.proc = subprocess.Popen(argv, stdin=child.fileno(), stdout=subprocess.DEVNULL,
                                          stderr=err, close_fds=True)
         except Exception as exc:
             parent.close()

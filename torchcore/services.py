@@ -334,15 +334,20 @@ def setup_logging(args):
     written through daemonlog's handler, which follows it when logrotate moves it, as the
     supervisor's own lines do; else stderr (the foreground's).  Lines in the daemon's format.
     Its stderr stays on the file the supervisor opened, for what Python itself prints there."""
+    log_to(getattr(args, "log_file", None))
+
+
+def log_to(log_file):
+    """setup_logging's work for a child that takes no service arguments (the claims process)."""
     import logging
 
     from torchcore import daemonlog
 
     handler = None
-    if getattr(args, "log_file", None):
+    if log_file:
         try:
             from torchcore.safepaths import log_file_handler
-            handler = log_file_handler(args.log_file)
+            handler = log_file_handler(log_file)
         except Exception:
             handler = None
     if handler is None:
