@@ -26,8 +26,19 @@ same ``TORCHCORE_SCHEDULED_AT``.  At most once per (task, second) in the whole f
 that is lost in turn (or never started: its claim expires unstarted) is recorded lost, never
 re-run.
 
-``is_lost`` and ``may_rerun`` are the rules in Python, the statement's twins (the tests hold
-them equal on generated rows).
+A `run: once` *daemon*'s instance has no claim: its slot is what its node renews.  A node that
+takes over a daemon slot whose lease ended without its holder freeing it (claims.TAKE_DAEMON_SLOT,
+standby.py) closes the holder's instance rows of the task in the fleet history in the same
+statement, as above (ended then, "lost: ..."): the rows of that node with no scheduled second,
+not manual, not final, unless the node still holds another slot of the task under a live lease
+(which of its instances is which cannot be told from the rows: they are closed when its last
+slot is taken), and never by the node itself.  Only one node can lock the slot, so one records
+it; a row is closed once.  A slot freed by a clean stop has no lease: nothing is recorded.  The
+same upsert rule keeps the row closed; the node's own final record replaces it when it comes back
+(lost, or, stopped past its lease, ``SIGSTOP``, killed as its lease could not be kept).
+
+``is_lost``, ``may_rerun`` and ``instance_lost`` are the rules in Python, the statements' twins
+(the tests hold them equal on generated rows).
 """
 
 import logging
@@ -113,6 +124,21 @@ def may_rerun(claim, grace, now):
     rerun``, else None)?"""
     return grace is not None and claim["reruns"] == 0 and claim["started"] is not None \
         and now <= claim["second"] + grace
+
+
+def instance_lost(run, taken, slots, taker, now):
+    """Is the fleet history row ``run`` (a dict of its columns: node, task, scheduled, manual,
+    ended, skipped, missed) closed as lost when ``taker`` takes a daemon's slot ``taken`` (its
+    columns before: task, slot, node, second, lease_until)?  ``slots``: the task's slot rows."""
+    was = taken["node"]
+    if taken["lease_until"] is None or taken["second"] is not None or was is None or was == taker:
+        return False        # freed (a clean stop), a scheduled run's, or its own
+    if run["node"] != was or run["task"] != taken["task"] or run["scheduled"] is not None \
+            or run["manual"] or run["ended"] is not None or run["skipped"] is not None \
+            or run["missed"]:
+        return False
+    return not any(s["node"] == was and s["slot"] != taken["slot"]
+                   and s["lease_until"] is not None and s["lease_until"] >= now for s in slots)
 
 
 # ---- the claims process's side ---------------------------------------------------------------

@@ -200,23 +200,51 @@ TAKE_SLOTS = f"""WITH k AS (
                           AND taken.second = k.second AND taken.fence = k.fence))
     SELECT task, second, fence, slot FROM taken"""
 
+# (the lost instances of a daemon slot ``taken`` over, see TAKE_DAEMON_SLOT)
+CLOSE_LOST_INSTANCES = f"""UPDATE {SCHEMA}.runs AS r SET ended = now(), failed = true,
+            error = 'lost: node ' || t.was || ' stopped renewing its fleet lease '
+                    '(recorded by ' || %(node)s || ')'
+        FROM taken AS t
+        WHERE t.was_until IS NOT NULL AND t.was_second IS NULL AND t.was <> %(node)s
+          AND r.node = t.was AND r.task = %(task)s AND r.scheduled IS NULL AND NOT r.manual
+          AND r.ended IS NULL AND r.skipped IS NULL AND NOT r.missed
+          AND NOT EXISTS (SELECT 1 FROM {SCHEMA}.slots AS o WHERE o.task = %(task)s
+                          AND o.node = t.was AND o.slot <> t.slot AND o.lease_until >= now())
+        RETURNING t.was"""
+
 # A `run: once` daemon's slot: taken for ``lease`` at once (its instance starts now); the
 # fencing token is the database's clock in milliseconds, so it grows with each holder.  None
-# taken: one row (NULL, NULL, seconds) says when the earliest slot of another node can be
+# taken: one row (NULL, NULL, seconds, NULL) says when the earliest slot of another node can be
 # taken (its lease end + wait; standby.py looks again then).
-TAKE_DAEMON_SLOT = f"""WITH taken AS (
-        UPDATE {SCHEMA}.slots SET second = NULL, node = %(node)s,
+#
+# A slot taken whose lease had ended without its holder freeing it (a clean stop frees it: no
+# lease) held an instance whose node died or was cut off: in the same statement, that node's
+# open instance rows of the task in the fleet history (``runs``: no scheduled second, not
+# manual, not final) are closed as lost, ended now (claimloss.instance_lost is the rule in
+# Python).  Not while that node still holds another slot of the task under a live lease (its
+# rows cannot be told apart: they are closed when its last slot is taken), nor by the node
+# itself (taking back its own slot: it records its own instance's end).  A slot row is locked
+# by one taker, a run row closed once (a concurrent close finds it ended): one node records it.
+# The taken row's fourth column is the node whose instance was recorded lost (NULL: none).
+TAKE_DAEMON_SLOT = f"""WITH free AS (
+        SELECT slot, node, second, lease_until FROM {SCHEMA}.slots
+        WHERE task = %(task)s AND slot < %(max)s
+          AND (lease_until IS NULL OR lease_until < now() - make_interval(secs => %(wait)s))
+        ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED),
+    taken AS (
+        UPDATE {SCHEMA}.slots AS s SET second = NULL, node = %(node)s,
             fence = (extract(epoch FROM clock_timestamp()) * 1000)::bigint,
             lease_until = now() + make_interval(secs => %(lease)s)
-        WHERE task = %(task)s AND slot = (
-            SELECT slot FROM {SCHEMA}.slots WHERE task = %(task)s AND slot < %(max)s
-              AND (lease_until IS NULL OR lease_until < now() - make_interval(secs => %(wait)s))
-            ORDER BY slot LIMIT 1 FOR UPDATE SKIP LOCKED)
-        RETURNING slot, fence)
-    SELECT slot, fence, NULL::float8 FROM taken
+        FROM free WHERE s.task = %(task)s AND s.slot = free.slot
+        RETURNING s.slot, s.fence, free.node AS was, free.second AS was_second,
+                  free.lease_until AS was_until),
+    lost AS (
+        {CLOSE_LOST_INSTANCES})
+    SELECT slot, fence, NULL::float8, (SELECT min(was) FROM lost) FROM taken
     UNION ALL
     SELECT NULL, NULL, extract(epoch FROM min(coalesce(lease_until, now())
-                                              + make_interval(secs => %(wait)s)) - now())::float8
+                                              + make_interval(secs => %(wait)s)) - now())::float8,
+           NULL
     FROM {SCHEMA}.slots WHERE task = %(task)s AND slot < %(max)s
       AND (node IS DISTINCT FROM %(node)s OR lease_until IS NULL OR lease_until < now())
       AND NOT EXISTS (SELECT 1 FROM taken)"""

@@ -100,11 +100,14 @@ class DaemonSlots:
                 "task": name, "max": most, "node": claimer.node, "lease": lease, "wait": wait})
             if rows is None:
                 return
-            for slot, fence, until in rows:
+            for slot, fence, until, was in rows:
                 if slot is None:
                     if until is not None:       # when the earliest slot of another can be taken
                         nexts.append(sent + max(SOON, until))
                     continue
+                if was is not None:
+                    log.warning("fleet claims: the instance of %s on node %s is lost: its lease "
+                                "ended unrenewed; its slot %d is taken here", name, was, slot)
                 held = Held(name, -1 - slot, fence, None, kill_grace, sent + lease)
                 held.confirmed = True
                 claimer.held[(name, held.second)] = held
