@@ -1,5 +1,6 @@
 """A run's row never goes back: a start never replaces an end, a lost verdict never a real end
-(recordsql.UPSERT), whichever writer writes and in whatever order the writes land.
+(recordsql.rank, kept by records.write_rows), whichever writer writes and in whatever order the
+writes land.
 
 The writers: the supervisor's buffered start, end and failed-fork rows; an executor's own end
 record, written at once on a connection of its own when its supervisor is gone
@@ -131,7 +132,8 @@ def test_any_interleaving_of_the_writers_ends_as_the_rule_says(sequence):
         for run_id in real_end:                 # a real end, once written, is never lost again
             assert twin_rank(rows[run_id]) == 2 and not (rows[run_id].error or "").startswith(LOST)
         for record in rows.values():
-            assert recordsql.rank(record) == twin_rank(record)
+            assert recordsql.rank(record.ended, record.skipped, record.missed, record.error) == \
+                twin_rank(record)
 
 
 # ---- adopt.py's check-then-write, with the executor's own end record landing in between ----
@@ -262,3 +264,22 @@ def test_a_lost_verdict_still_closes_a_run_nobody_ended_and_a_late_real_end_repl
         db.close()
     assert fields(got) == fields(end(4, 5001.0, 0))
     assert journal_of(path, 4) == [0, 1, 1]
+
+
+def test_a_flush_of_more_runs_than_one_look_takes_keeps_every_end(tmp_path):
+    """Over recordsql.CHUNK runs in one flush: each is looked up, the last ones too."""
+    path = db_path(str(tmp_path))
+    count = recordsql.CHUNK * 2 + 7
+    killed_supervisor(path, *(end(run_id, 1500.0, 1) for run_id in range(1, count + 1, 2)))
+    db = Records(path)
+    try:
+        for run_id in range(1, count + 1):
+            db.add(start(run_id, 2000.0) if run_id % 4 else lost(run_id, 2000.0))
+        assert db.flush()
+        rows = {record.run_id: record for record in db.query(limit=None)}
+    finally:
+        db.close()
+    for run_id in range(1, count + 1):
+        expected = end(run_id, 1500.0, 1) if run_id % 2 else (
+            start(run_id, 2000.0) if run_id % 4 else lost(run_id, 2000.0))
+        assert fields(rows[run_id]) == fields(expected)

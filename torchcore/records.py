@@ -33,9 +33,9 @@ from collections import OrderedDict
 from torchcore import paths, safepaths
 from torchcore.errors import TorchcoreError
 from torchcore.outcome import RunResult
-from torchcore.recordsql import (COLUMNS, FAILED, JOURNAL, JOURNAL_CURSORS, PRUNE_JOURNAL,
-                                 SCHEMA, SELECT, TRIM_JOURNAL, UPGRADE_FROM_1, UPSERT, UPSERT_END,
-                                 is_real_end)
+from torchcore.recordsql import (CHUNK, COLUMNS, FAILED, FINAL_AMONG, JOURNAL, JOURNAL_CURSORS,
+                                 PRUNE_JOURNAL, SCHEMA, SELECT, TRIM_JOURNAL, UPGRADE_FROM_1, UPSERT,
+                                 rank, row_rank)
 from torchcore.runrecord import RunRecord
 
 log = logging.getLogger(__name__)
@@ -74,16 +74,22 @@ def _row(record):
 
 
 def write_rows(conn, rows):
-    """Write rows (of ``_row``) of distinct runs, each replacing its run's row unless that would take
-    the run back (a start over an end, a lost verdict over a real end: recordsql.UPSERT, the rule
-    every writer of a run row goes through); a refused row is not written, nor journalled."""
-    ends, others = [], []
+    """Write rows (of ``_row``) of distinct runs in the open write transaction, each replacing its
+    run's row unless that would take the run back: never a start over an end, nor a lost verdict
+    over a real end (recordsql.rank; every writer of a run row comes here).  A refused row is not
+    written, nor journalled.  Real ends, which nothing outranks, are written without a look."""
+    written, others = [], []
     for row in rows:
-        (ends if is_real_end(row) else others).append(row)
-    if ends:
-        conn.executemany(UPSERT_END, ends)
+        (written if row_rank(row) == 2 else others).append(row)
     if others:
-        conn.executemany(UPSERT, others)
+        ids = [row[0] for row in others]
+        stored = {}
+        for i in range(0, len(ids), CHUNK):
+            part = ids[i:i + CHUNK]
+            for run_id, *values in conn.execute(FINAL_AMONG, part + [None] * (CHUNK - len(part))):
+                stored[run_id] = rank(*values)
+        written += [row for row in others if stored.get(row[0], 0) <= row_rank(row)]
+    conn.executemany(UPSERT, written)
 
 
 def record_of(row):
@@ -513,7 +519,13 @@ def write_record_now(path, record, busy_timeout=5.0):
         log.warning("records: %s", exc)
         return False
     try:
-        write_rows(conn, [_row(record)])   # autocommit: its own transaction
+        conn.execute("BEGIN IMMEDIATE")     # its look and its write: no writer in between
+        try:
+            write_rows(conn, [_row(record)])
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
         return True
     except sqlite3.Error as exc:
         log.warning("records: cannot write run %s to %s: %s", record.run_id, path, exc)

@@ -1,17 +1,16 @@
 """The SQL of the records database (records.py): the runs table, its journal of changes, the rule
-of a failed run, and the upsert every writer of a run row goes through (records.write_rows: UPSERT,
-or UPSERT_END for a real end, which the rule never refuses).
+of a failed run, and the rule every write of a run row keeps (records.write_rows applies it).
 
-UPSERT writes a run's row, replacing the one of the same ``run_id``, unless that would take the
-run back: a row is a start (no end yet), a lost verdict (``error`` "lost: ...", the daemon's
-guess that nobody will record the run's end: adopt.py) or a real end (ended, skipped or missed),
-and a row is never replaced by one of a lower rank.  So an executor's own end record (written
-when its supervisor is gone) is never undone by the next supervisor's adoption, whatever the
-order their writes land in: neither by the start row of a run it found without a record, nor by
-the lost verdict of a run it found unfinished.  Between two rows of the same rank the later
-wins, and a real end replaces a lost verdict.  A refused row is not written at all, so the
-journal (an AFTER INSERT trigger) is not told of it either.  ``rank`` is the rule in Python
-(tests/test_records_guard.py holds the statement to it).
+A run's row is a start (no end yet), a lost verdict (``error`` "lost: ...", the daemon's guess
+that nobody will record the run's end: adopt.py) or a real end (ended, skipped or missed): its
+``rank``, 0, 1 or 2.  A row is never replaced by one of a lower rank, so an executor's own end
+record (written when its supervisor is gone) is never undone by the next supervisor's adoption,
+whatever the order their writes land in: neither by the start row of a run it found without a
+record, nor by the lost verdict of a run it found unfinished.  Between two rows of the same rank
+the later wins, and a real end replaces a lost verdict.  A refused row is not written at all, so
+the journal (an AFTER INSERT trigger) is not told of it either.  The writer looks up the stored
+final rows among the runs it writes (FINAL_AMONG) in the transaction that writes, so no other
+writer lands in between.
 """
 
 from torchcore.runrecord import LOST
@@ -42,7 +41,7 @@ CREATE INDEX IF NOT EXISTS runs_task_at ON runs (task, at);
 CREATE INDEX IF NOT EXISTS runs_failed ON runs (at) WHERE {failed};
 """
 
-# Every write of a run row that lands (not one UPSERT refuses), in order (ended: an end, skip or
+# Every write of a run row that lands (not one the rank rule refuses), in order (ended: an end, skip or
 # miss; else a start; written: when, epoch seconds), added by a trigger in the writer's
 # transaction: the notifier and the fleet agent follow it, each with its cursor (notifystore.py,
 # fleetstore.py).  AUTOINCREMENT: a deleted number
@@ -78,30 +77,23 @@ UPGRADE_FROM_1 = ("ALTER TABLE runs ADD COLUMN error TEXT", "ALTER TABLE runs AD
                    f"CREATE INDEX runs_failed ON runs (at) WHERE {FAILED}")
 SELECT = "SELECT {} FROM runs".format(", ".join(COLUMNS))
 
-# A row's rank: 0 a start, 1 a lost verdict, 2 a real end (ended, skipped or missed), of the row
-# stored (its columns as runs.*) or of the new one (the statement's parameters ?N).
-_RANK = ("(CASE WHEN {ended} IS NULL AND {skipped} IS NULL AND {missed} = 0 THEN 0"
-         " WHEN substr({error}, 1, %d) = '%s' THEN 1 ELSE 2 END)" % (len(LOST), LOST))
-_NEW = {name: f"?{COLUMNS.index(name) + 1}" for name in ("ended", "skipped", "missed", "error")}
-UPSERT = ("INSERT OR REPLACE INTO runs ({}, at) SELECT {} WHERE NOT EXISTS (SELECT 1 FROM runs"
-          " WHERE run_id = ?1 AND {} > {})").format(
-    ", ".join(COLUMNS), ", ".join(f"?{i}" for i in range(1, len(COLUMNS) + 2)),
-    _RANK.format(**{name: "runs." + name for name in _NEW}), _RANK.format(**_NEW))
-# UPSERT for a real end, which the rule never refuses (nothing ranks above it): the plain
-# statement, a third cheaper (INSERT ... SELECT costs more than INSERT ... VALUES).
-UPSERT_END = "INSERT OR REPLACE INTO runs ({}, at) VALUES ({}?)".format(
+UPSERT = "INSERT OR REPLACE INTO runs ({}, at) VALUES ({}?)".format(
     ", ".join(COLUMNS), "?, " * len(COLUMNS))
-_ENDED, _SKIPPED, _MISSED, _ERROR = (COLUMNS.index(name) for name in _NEW)
+CHUNK = 250     # run ids per FINAL_AMONG (padded with NULL: one statement text, cached)
+FINAL_AMONG = ("SELECT run_id, ended, skipped, missed, error FROM runs WHERE run_id IN ({}) AND"
+               " (ended IS NOT NULL OR skipped IS NOT NULL OR missed != 0)").format(
+    ", ".join("?" * CHUNK))
+_ENDED, _SKIPPED, _MISSED, _ERROR = (COLUMNS.index(name)
+                                     for name in ("ended", "skipped", "missed", "error"))
 
 
-def is_real_end(row):
-    """A row of the upsert's parameters (records._row) ranks 2: UPSERT_END may write it."""
-    return ((row[_ENDED] is not None or row[_SKIPPED] is not None or row[_MISSED] != 0)
-            and not (row[_ERROR] or "").startswith(LOST))
-
-
-def rank(record):
-    """UPSERT's rank of a RunRecord in Python: 0 a start, 1 a lost verdict, 2 a real end."""
-    if record.ended is None and record.skipped is None and not record.missed:
+def rank(ended, skipped, missed, error):
+    """A run row's rank: 0 a start, 1 a lost verdict, 2 a real end (ended, skipped or missed)."""
+    if ended is None and skipped is None and not missed:
         return 0
-    return 1 if (record.error or "").startswith(LOST) else 2
+    return 1 if error is not None and error.startswith(LOST) else 2
+
+
+def row_rank(row):
+    """The rank of a row of UPSERT's parameters (records._row)."""
+    return rank(row[_ENDED], row[_SKIPPED], row[_MISSED], row[_ERROR])
