@@ -76,7 +76,7 @@ UPGRADE_FROM_1 = ("ALTER TABLE runs ADD COLUMN error TEXT", "ALTER TABLE runs AD
                    "DROP INDEX IF EXISTS runs_failed",
                    f"CREATE INDEX runs_failed ON runs (at) WHERE {FAILED}")
 SELECT = "SELECT {} FROM runs".format(", ".join(COLUMNS))
-
+# Only through records.write_rows, which drops first the rows the rank rule refuses.
 UPSERT = "INSERT OR REPLACE INTO runs ({}, at) VALUES ({}?)".format(
     ", ".join(COLUMNS), "?, " * len(COLUMNS))
 CHUNK = 250     # run ids per FINAL_AMONG (padded with NULL: one statement text, cached)
