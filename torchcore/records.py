@@ -3,7 +3,9 @@
 The supervisor owns one :class:`Records`: ``add()`` only buffers, and ``flush()``
 (called once per tick or so) writes the whole buffer in one transaction, so a
 burst of 500 runs costs one commit, not 500.  A run is written twice under the
-same ``run_id``: a start row, then the end row replacing it.
+same ``run_id``: a start row, then the end row replacing it.  Every write of a run row, by
+whichever writer, goes through ``write_rows``: a row never takes its run back (a start never
+replaces an end, a lost verdict never a real end: recordsql.py has the rule).
 
 The database is in WAL mode, so the ``history`` and ``status`` commands read it
 while the daemon writes.  If it is locked or the disk is full, ``flush()`` logs a
@@ -31,6 +33,9 @@ from collections import OrderedDict
 from torchcore import paths, safepaths
 from torchcore.errors import TorchcoreError
 from torchcore.outcome import RunResult
+from torchcore.recordsql import (CHUNK, COLUMNS, FAILED, FINAL_AMONG, JOURNAL, JOURNAL_CURSORS,
+                                 PRUNE_JOURNAL, SCHEMA, SELECT, TRIM_JOURNAL, UPGRADE_FROM_1, UPSERT,
+                                 rank, row_rank)
 from torchcore.runrecord import RunRecord
 
 log = logging.getLogger(__name__)
@@ -40,69 +45,7 @@ ID_BLOCK = 1000          # run ids reserved per commit of the hi/lo counter
 MAX_BUFFER = 100_000     # records kept in memory while the database cannot be written
 BUSY_TIMEOUT = 0.5       # seconds a supervisor's statement waits for a lock (it must keep ticking)
 WARN_INTERVAL = 60.0     # seconds between repeated warnings about an unwritable database
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
-    run_id INTEGER PRIMARY KEY,
-    task TEXT NOT NULL,
-    node TEXT NOT NULL,
-    scheduled INTEGER,
-    started REAL,
-    ended REAL,
-    exit_code INTEGER,
-    signal INTEGER,
-    timed_out INTEGER NOT NULL DEFAULT 0,
-    skipped TEXT,
-    missed INTEGER NOT NULL DEFAULT 0,
-    manual INTEGER NOT NULL DEFAULT 0,
-    pid INTEGER,
-    peak_rss INTEGER,
-    error TEXT,                 -- why a run failed without an exit code (executor died, cannot start)
-    stopped TEXT,               -- why a planned stop ended the run (shutdown, reload): not a failure
-    at REAL NOT NULL            -- sort key: started, else scheduled (skips and misses never start)
-);
-CREATE INDEX IF NOT EXISTS runs_at ON runs (at);
-CREATE INDEX IF NOT EXISTS runs_task_at ON runs (task, at);
-CREATE INDEX IF NOT EXISTS runs_failed ON runs (at) WHERE {failed};
-"""
-
-# Every write of a run row, in order (ended: an end, skip or miss; else a start; written: when,
-# epoch seconds), added by a trigger in the writer's transaction: the notifier and the fleet agent
-# follow it, each with its cursor (notifystore.py, fleetstore.py).  AUTOINCREMENT: a deleted number
-# never comes back.  Pruned by ``written`` with the runs, from its oldest end (seq and written
-# grow together), never scanned.
-_JOURNAL = (
-    ("CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
-     " run_id INTEGER NOT NULL, ended INTEGER NOT NULL,"
-     " written REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0))"),
-    ("CREATE TRIGGER IF NOT EXISTS runs_changed AFTER INSERT ON runs BEGIN"
-     " INSERT INTO changes (run_id, ended) VALUES (NEW.run_id,"
-     " NEW.ended IS NOT NULL OR NEW.skipped IS NOT NULL OR NEW.missed != 0); END"),
-)
-
-# The meta keys of the journal's readers' cursors (each the last entry it is done with): the
-# notifier's (notifystore.py) and the fleet agent's (fleetstore.py).  An entry is dropped once
-# every reader this database has is past it (trim_journal), never before.
-JOURNAL_CURSORS = ("notify_cursor", "fleet_cursor")
-_TRIM_JOURNAL = ("DELETE FROM changes WHERE seq <= (SELECT min(CAST(value AS INTEGER)) FROM meta"
-                 " WHERE key IN ({}))".format(", ".join("?" * len(JOURNAL_CURSORS))))
-
-_PRUNE_JOURNAL = ("DELETE FROM changes WHERE seq < coalesce((SELECT seq FROM changes"
-                  " WHERE written >= ? ORDER BY seq LIMIT 1), (SELECT max(seq) + 1 FROM changes))")
-
-# The rule of outcome.RunResult.failed in SQL (tests/test_outcome.py checks they agree).  Also the
-# WHERE of the partial index runs_failed: a query must use the same text to use the index.
-_FAILED = ("(ended IS NOT NULL AND skipped IS NULL AND missed = 0 AND stopped IS NULL"
-           " AND (exit_code IS NOT 0 OR signal IS NOT NULL OR timed_out != 0 OR error IS NOT NULL))")
-_COLUMNS = ("run_id", "task", "node", "scheduled", "started", "ended", "exit_code", "signal",
-            "timed_out", "skipped", "missed", "manual", "pid", "peak_rss", "error", "stopped")
-_UPGRADE_FROM_1 = ("ALTER TABLE runs ADD COLUMN error TEXT", "ALTER TABLE runs ADD COLUMN stopped TEXT",
-                   "DROP INDEX IF EXISTS runs_failed",
-                   f"CREATE INDEX runs_failed ON runs (at) WHERE {_FAILED}")
-_UPSERT = "INSERT OR REPLACE INTO runs ({}, at) VALUES ({}?)".format(
-    ", ".join(_COLUMNS), "?, " * len(_COLUMNS))
-_SELECT = "SELECT {} FROM runs".format(", ".join(_COLUMNS))
+_FAILED, _SELECT = FAILED, SELECT      # the names the web store reads here (web/store.py)
 
 
 class RecordsError(TorchcoreError):
@@ -114,8 +57,8 @@ def db_path(state_dir):
     return paths.records_db(state_dir)
 
 
-_VALUES = operator.attrgetter(*_COLUMNS)
-_FLAGS = tuple(_COLUMNS.index(name) for name in ("timed_out", "missed", "manual"))
+_VALUES = operator.attrgetter(*COLUMNS)
+_FLAGS = tuple(COLUMNS.index(name) for name in ("timed_out", "missed", "manual"))
 
 
 def _row(record):
@@ -128,6 +71,25 @@ def _row(record):
         at = record.scheduled if record.scheduled is not None else record.ended
     values.append(time.time() if at is None else at)
     return tuple(values)
+
+
+def write_rows(conn, rows):
+    """Write rows (of ``_row``) of distinct runs in the open write transaction, each replacing its
+    run's row unless that would take the run back: never a start over an end, nor a lost verdict
+    over a real end (recordsql.rank; every writer of a run row comes here).  A refused row is not
+    written, nor journalled.  Real ends, which nothing outranks, are written without a look."""
+    written, others = [], []
+    for row in rows:
+        (written if row_rank(row) == 2 else others).append(row)
+    if others:
+        ids = [row[0] for row in others]
+        stored = {}
+        for i in range(0, len(ids), CHUNK):
+            part = ids[i:i + CHUNK]
+            for run_id, *values in conn.execute(FINAL_AMONG, part + [None] * (CHUNK - len(part))):
+                stored[run_id] = rank(*values)
+        written += [row for row in others if stored.get(row[0], 0) <= row_rank(row)]
+    conn.executemany(UPSERT, written)
 
 
 def record_of(row):
@@ -170,7 +132,7 @@ def trim_journal(conn):
     the readers this database has; none without a reader).  Called by a reader in the
     transaction that moves its cursor: with two readers, neither drops what the other has not
     read yet."""
-    return conn.execute(_TRIM_JOURNAL, JOURNAL_CURSORS).rowcount
+    return conn.execute(TRIM_JOURNAL, JOURNAL_CURSORS).rowcount
 
 
 def _create_private(path):
@@ -203,10 +165,10 @@ def _ensure_schema(conn, path):
     if version is None:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _SCHEMA.format(failed=_FAILED).split(";"):
+            for statement in SCHEMA.format(failed=_FAILED).split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            for statement in _JOURNAL:
+            for statement in JOURNAL:
                 conn.execute(statement)
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                          (str(SCHEMA_VERSION),))
@@ -231,7 +193,7 @@ def _upgrade(conn):
     try:
         version = _schema_version(conn)
         if version in (1, 2):
-            for statement in (_UPGRADE_FROM_1 if version == 1 else ()) + _JOURNAL:
+            for statement in (UPGRADE_FROM_1 if version == 1 else ()) + JOURNAL:
                 conn.execute(statement)
             conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
                          (str(SCHEMA_VERSION),))
@@ -362,7 +324,7 @@ class Records:
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.executemany(_UPSERT, rows)
+                write_rows(self._conn, rows)
                 self._conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", kept)
                 self._conn.execute("COMMIT")
             except BaseException:
@@ -422,7 +384,7 @@ class Records:
             cursor = self._conn.execute(
                 "DELETE FROM runs WHERE at < ? AND (ended IS NOT NULL OR skipped IS NOT NULL"
                 " OR missed != 0 OR started IS NULL)", (before_epoch,))
-            self._conn.execute(_PRUNE_JOURNAL, (before_epoch,))
+            self._conn.execute(PRUNE_JOURNAL, (before_epoch,))
         except sqlite3.Error as exc:
             log.warning("records: cannot prune %s (will retry): %s", self.path, exc)
             return 0
@@ -478,7 +440,7 @@ class Records:
                 UNION ALL
                 SELECT (SELECT min(task) FROM runs WHERE task > name) FROM tasks
                 WHERE name IS NOT NULL)
-            SELECT {", ".join("r." + c for c in _COLUMNS)} FROM tasks JOIN runs r
+            SELECT {", ".join("r." + c for c in COLUMNS)} FROM tasks JOIN runs r
             ON r.run_id = (SELECT run_id FROM runs WHERE task = tasks.name AND ended IS NOT NULL
                            ORDER BY at DESC, run_id DESC LIMIT 1)"""
         return {record.task: record for record in map(record_of, self._read(sql, ()))}
@@ -557,7 +519,13 @@ def write_record_now(path, record, busy_timeout=5.0):
         log.warning("records: %s", exc)
         return False
     try:
-        conn.execute(_UPSERT, _row(record))   # autocommit: its own transaction
+        conn.execute("BEGIN IMMEDIATE")     # its look and its write: no writer in between
+        try:
+            write_rows(conn, [_row(record)])
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
         return True
     except sqlite3.Error as exc:
         log.warning("records: cannot write run %s to %s: %s", record.run_id, path, exc)

@@ -9,6 +9,8 @@ import dataclasses
 
 from torchcore.outcome import RunResult
 
+LOST = "lost: "     # the start of a lost verdict's error (recordsql.py ranks it below a real end)
+
 
 @dataclasses.dataclass
 class RunRecord:
@@ -84,7 +86,7 @@ class RunRecord:
 
     def lost(self, now, why):
         """This unfinished run closed as lost at ``now`` (a copy)."""
-        return dataclasses.replace(self, ended=now, error=f"lost: {why}")
+        return dataclasses.replace(self, ended=now, error=LOST + why)
 
     # ---- reading one --------------------------------------------------------------------------
 
