@@ -97,6 +97,8 @@ def state_of(driver, name):
 
 def test_dashboard(site):
     daemon, driver = site
+    if "browser" in driver.log_types:
+        driver.get_log("browser")           # what the tests before logged (another test's 401s)
     wait_for(lambda: any(r["ended"] for r in daemon.runs("bad")), 15, "a run of bad to end")
     driver.get(daemon.base)
     until(driver, lambda d: state_of(d, "bad") == "failing", what="bad shown as failing")
