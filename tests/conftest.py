@@ -133,4 +133,15 @@ def pg(pg_server, request):
     yield types.SimpleNamespace(url=url, name=name, server=pg_server)
 
 
+@pytest.fixture
+def fleet(pg):
+    """``pg`` with the fleet schema made (``torchcore fleet init``'s migrations).  A test module
+    may override it (test_fleet_commands.py: a task file and a connection besides)."""
+    from torchcore import fleetdb
+
+    with fleetdb.connect(pg.url) as conn:
+        fleetdb.migrate(conn, pg.url)
+    return pg
+
+
 _PG_NAMES = []

@@ -61,7 +61,10 @@ def _kill_holders(state_dir):
             if name.isdigit() and mark in procscan._marks(int(name)):
                 proc = psutil.Process(int(name))
                 for each in [*proc.children(recursive=True), proc]:
-                    each.kill()
+                    try:
+                        each.kill()
+                    except psutil.Error:    # ended meanwhile: kill the others still
+                        pass
         except (OSError, psutil.Error):
             pass
 

@@ -126,13 +126,6 @@ def test_the_clock_warning_says_how_far_and_which_way_beyond_one_second():
 
 # ---- against PostgreSQL ----------------------------------------------------------------------
 
-@pytest.fixture
-def fleet(pg):
-    with fleetdb.connect(pg.url) as conn:
-        fleetdb.migrate(conn, pg.url)
-    return pg
-
-
 def _claim(conn, task, second, node, *, started=None, ended=None, fence=None, takeovers=0):
     """A claims row; ``started``/``ended``: seconds after the second (None: not)."""
     conn.execute(

@@ -16,13 +16,6 @@ pytestmark = pytest.mark.process
 S = fleetdb.SCHEMA
 
 
-@pytest.fixture
-def fleet(pg):
-    with fleetdb.connect(pg.url) as conn:
-        fleetdb.migrate(conn, pg.url)
-    return pg
-
-
 def _started(conn, node, task, second, lease, run_id=None):
     """A `once` run of ``node`` started for ``second``: claim, slot (lease seconds from now, may
     be negative) and, with ``run_id``, its fleet history row as the agent ships it."""
@@ -303,6 +296,7 @@ tasks:
   - name: tick
     schedule: "* * * * * *"
     run: once
+    max: 3          # a run slow to end on a loaded machine holds its slot past the next second's
     command: echo "$TORCHCORE_SCHEDULED_AT" >> {out}
 """
 
@@ -317,11 +311,14 @@ def test_a_node_starting_alone_skips_no_second_as_unreachable_while_its_claims_p
     time.sleep(5)
     daemon.stop()
     runs = daemon.runs("tick")
-    assert [r for r in runs if r["skipped"]] == []
+    # no second skipped as unreachable; one skipped as its slots were all held (runs slow to end
+    # on a loaded machine, claims.SLOT_AHEAD) is recorded, and is no start-up fault
+    skipped = {r["scheduled"]: r["skipped"] for r in runs if r["skipped"]}
+    assert [s for s, why in skipped.items() if not why.startswith("fleet max")] == [], skipped
     ran = {int(line) for line in out.read_text().split()}
     first = min(r["scheduled"] for r in runs)
     assert first <= started + 2.5          # its first seconds are run (late, if need be) ...
-    assert set(range(first, int(started) + 4)) <= ran      # ... none missed from the first on
+    assert set(range(first, int(started) + 4)) <= ran | set(skipped)    # ... none missed from it
 
 
 def test_before_the_claims_process_first_answers_a_tick_waits_then_runs_late_or_skips():

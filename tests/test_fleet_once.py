@@ -24,13 +24,6 @@ from torchcore import claimer, claims, fleetdb
 pytestmark = pytest.mark.process
 
 
-@pytest.fixture
-def fleet(pg):
-    with fleetdb.connect(pg.url) as conn:
-        fleetdb.migrate(conn, pg.url)
-    return pg
-
-
 def _nodes(url, count):
     with fleetdb.connect(url) as conn:
         for number in range(1, count + 1):

@@ -15,14 +15,14 @@ LEASE = 6
 
 
 @pytest.fixture
-def fleet(pg):
-    with fleetdb.connect(pg.url) as conn:
-        fleetdb.migrate(conn, pg.url)
+def fleet(fleet):
+    """conftest's fleet database, with two live nodes."""
+    with fleetdb.connect(fleet.url) as conn:
         for number in (1, 2):
             conn.execute(f"""INSERT INTO {fleetdb.SCHEMA}.nodes (name, hostname, addresses,
                 version, heartbeat, last_seen) VALUES (%s, %s, %s, 'test', 3600, now())""",
                          (f"n{number}", f"n{number}", [f"10.0.0.{number}"]))
-    return pg
+    return fleet
 
 
 def _node(url, name, counts):
