@@ -263,21 +263,20 @@ def test_a_once_daemons_instance_on_a_node_stopped_past_its_lease_ends_final_onc
     [(run_id, _, _, _, _)] = rows(frozen)
     root = psutil.Process(nodes[frozen].proc.pid)
     procs = [root] + root.children(recursive=True)
-    for proc in procs:
-        try:
-            proc.suspend()
-        except psutil.NoSuchProcess:    # a child that ended meanwhile (a run, a loader)
-            pass
+
+    def each(action):       # the instance's `sleep 0.1`s come and go: one may be gone already
+        for proc in procs:
+            try:
+                getattr(proc, action)()
+            except psutil.NoSuchProcess:
+                pass
+    each("suspend")
     try:
         _moved(out, time.time())
         assert rows(frozen) == [(run_id, True, f"lost: node {frozen} stopped renewing its fleet "
                                                f"lease (recorded by {other})", True, None)]
     finally:
-        for proc in procs:
-            try:
-                proc.resume()
-            except psutil.NoSuchProcess:
-                pass
+        each("resume")
     [local] = wait_for(lambda: [r for r in nodes[frozen].runs("single") if r["ended"]], 10,
                        "the resumed node to end its instance")
     assert local["run_id"] == run_id and local["stopped"] == "its fleet lease could not be kept"
@@ -287,3 +286,32 @@ def test_a_once_daemons_instance_on_a_node_stopped_past_its_lease_ends_final_onc
     nodes[frozen].stop()
     nodes[other].stop()
     assert rows(frozen) == final
+
+
+def _scans_of(plan, table):
+    """The scans of ``table`` in an EXPLAIN (FORMAT JSON) plan, at any depth."""
+    found = [plan] if plan.get("Relation Name") == table and "Scan" in plan["Node Type"] else []
+    for child in plan.get("Plans", ()):
+        found += _scans_of(child, table)
+    return found
+
+
+def test_a_standby_look_that_takes_no_slot_reads_no_row_of_the_fleet_history(fleet):
+    """Every look of a standby runs TAKE_DAEMON_SLOT, and most take nothing (the slot is held).
+    The close of a lost instance is then not run over ``runs``: on a history where the task's
+    open rows are few (as they are), the planner read ``runs`` first, all of it, on every look of
+    every node; nothing taken, the close is skipped before ``runs`` is read (a one-time filter)."""
+    with fleetdb.connect(fleet.url) as conn:
+        conn.execute(f"""INSERT INTO {S}.runs (node, run_id, task, started, ended, at)
+            SELECT 'n' || (i % 2), i, 'single', to_timestamp(1e9 + i), to_timestamp(1e9 + i + 1),
+                   to_timestamp(1e9 + i) FROM generate_series(1, 2000) AS i""")
+        _instance(conn, "n1", "single", 5000)               # the holder's instance: open
+        _hold(conn, "n1", "single", 0, 15)                  # ... under a live lease
+        conn.execute(f"ANALYZE {S}.runs")
+        conn.execute(f"ANALYZE {S}.slots")
+        with conn.transaction(force_rollback=True):
+            [[plan]] = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + claims.TAKE_DAEMON_SLOT, {
+                "task": "single", "max": 1, "node": "n2", "lease": 15, "wait": 0.0}).fetchone()
+        scans = _scans_of(plan["Plan"], "runs")
+        assert scans and all(scan["Actual Loops"] == 0 for scan in scans), scans
+        assert conn.execute(HISTORY, ("n1", 5000)).fetchone() == (False, None, False)

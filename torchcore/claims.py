@@ -200,17 +200,21 @@ TAKE_SLOTS = f"""WITH k AS (
                           AND taken.second = k.second AND taken.fence = k.fence))
     SELECT task, second, fence, slot FROM taken"""
 
-# (the lost instances of a daemon slot ``taken`` over, see TAKE_DAEMON_SLOT)
-CLOSE_LOST_INSTANCES = f"""UPDATE {SCHEMA}.runs AS r SET ended = now(), failed = true,
-            error = 'lost: node ' || t.was || ' stopped renewing its fleet lease '
-                    '(recorded by ' || %(node)s || ')'
-        FROM taken AS t
+# (the lost instances of a daemon slot ``taken`` over, see TAKE_DAEMON_SLOT): ``gone`` is the
+# node whose instance was lost, if any; the UPDATE reads it through uncorrelated subqueries, so
+# the planner makes its EXISTS a one-time filter and ``runs`` is not read at all when no slot
+# was taken (every look of a standby), whatever order it would have joined them in.
+GONE = f"""SELECT t.was FROM taken AS t
         WHERE t.was_until IS NOT NULL AND t.was_second IS NULL AND t.was <> %(node)s
-          AND r.node = t.was AND r.task = %(task)s AND r.scheduled IS NULL AND NOT r.manual
-          AND r.ended IS NULL AND r.skipped IS NULL AND NOT r.missed
           AND NOT EXISTS (SELECT 1 FROM {SCHEMA}.slots AS o WHERE o.task = %(task)s
-                          AND o.node = t.was AND o.slot <> t.slot AND o.lease_until >= now())
-        RETURNING t.was"""
+                          AND o.node = t.was AND o.slot <> t.slot AND o.lease_until >= now())"""
+CLOSE_LOST_INSTANCES = f"""UPDATE {SCHEMA}.runs AS r SET ended = now(), failed = true,
+            error = 'lost: node ' || r.node || ' stopped renewing its fleet lease '
+                    '(recorded by ' || %(node)s || ')'
+        WHERE EXISTS (SELECT 1 FROM gone)
+          AND r.node = (SELECT was FROM gone) AND r.task = %(task)s AND r.scheduled IS NULL
+          AND NOT r.manual AND r.ended IS NULL AND r.skipped IS NULL AND NOT r.missed
+        RETURNING r.node AS was"""
 
 # A `run: once` daemon's slot: taken for ``lease`` at once (its instance starts now); the
 # fencing token is the database's clock in milliseconds, so it grows with each holder.  None
@@ -238,6 +242,8 @@ TAKE_DAEMON_SLOT = f"""WITH free AS (
         FROM free WHERE s.task = %(task)s AND s.slot = free.slot
         RETURNING s.slot, s.fence, free.node AS was, free.second AS was_second,
                   free.lease_until AS was_until),
+    gone AS (
+        {GONE}),
     lost AS (
         {CLOSE_LOST_INSTANCES})
     SELECT slot, fence, NULL::float8, (SELECT min(was) FROM lost) FROM taken
