@@ -106,7 +106,8 @@ def test_the_summary_is_a_count_of_the_runs_whatever_the_shipping(conn, runs, se
     a start then a failed fork) shipped through the agent's upsert, each up to ``repeats`` times,
     shuffled (an end before its start, a start shipped again after the end), in transactions
     of ``batch`` rows: the summary is what a count over the runs' rows says, and so is what
-    task_view reads of it; after deleting runs too."""
+    task_view reads of it; after the runs still running are recorded lost by another node and
+    their own node's ends replace those rows; after deleting runs too."""
     conn.execute(f"TRUNCATE {S}.runs")
     assert conn.execute(f"SELECT count(*) FROM {S}.task_hours").fetchone()[0] == 0
     now = fleetquery.db_now(conn)
@@ -123,6 +124,33 @@ def test_the_summary_is_a_count_of_the_runs_whatever_the_shipping(conn, runs, se
                 for r in shipped[first:first + batch]])
     rows = _compare(conn)
     _compare_view(conn, rows)
+    # the runs still running recorded lost by another node (claimloss.py: an UPDATE of the open
+    # row), then their own node's final records of them shipped, each up to ``repeats`` times:
+    # a final row replaced by another final state
+    lost = [(run_id, run) for run_id, run in enumerate(runs, 1) if run[2] == "running"]
+    if lost:
+        conn.execute(f"""UPDATE {S}.runs SET ended = now(), failed = true,
+                         error = 'lost: node ' || node || ' stopped renewing its fleet lease'
+                         WHERE ended IS NULL AND skipped IS NULL AND NOT missed""")
+        _compare(conn)
+        pick = random.Random(seed)
+        own = []
+        for run_id, (node, task, _, hours, offset, delay) in lost:
+            scheduled = int(hour0 - hours * 3600 + offset)
+            started = scheduled + delay
+            own += [pick.choice([
+                RunRecord(run_id, task, node, scheduled, started, started + 1.0, signal=9,
+                          stopped="its fleet lease could not be kept", pid=5000 + run_id),
+                RunRecord(run_id, task, node, scheduled, started, started + 1.0, exit_code=0,
+                          pid=5000 + run_id),
+                RunRecord(run_id, task, node, scheduled, started, started + 1.0,
+                          error="lost: its supervisor and executor stopped before recording "
+                                "an end", pid=5000 + run_id)])] * pick.randint(1, repeats)
+        pick.shuffle(own)
+        for record in own:
+            conn.execute(agent.UPSERT_RUNS, agent.run_row(record.node, record, None))
+        rows = _compare(conn)
+        _compare_view(conn, rows)
     if delete:
         conn.execute(f"DELETE FROM {S}.runs WHERE run_id %% %s = 0", (delete + 1,))
         _compare_view(conn, _compare(conn))

@@ -132,6 +132,9 @@ MIGRATIONS = (
         f"""CREATE INDEX claims_open ON {SCHEMA}.claims (task) WHERE ended IS NULL
             AND (started IS NOT NULL OR reruns > 0) AND lost_fence IS DISTINCT FROM fence""",
     )),
+    (6, "fleet tasks: a lost run's row replaced by its node's end", (
+        fleetsummary.REPLACE_COUNT_FUNCTION,
+    )),
 )
 CODE_VERSION = MIGRATIONS[-1][0]
 

@@ -12,9 +12,11 @@ A row of ``task_hours`` holds, of the runs whose ``at`` falls in that hour (UTC)
 - ``done_*``: the latest finished one (ended, not skipped nor missed) and whether it failed.
 
 The trigger ``runs_count`` (after insert or update, per row) keeps it exact whatever order and
-number of times a run's states are shipped: an update of a final row (ended, skipped, missed) is
-a final row shipped again as it was (the upsert of fleetrows.py never replaces it by an earlier
-state) and changes nothing; otherwise the row's contribution before the change is taken out and
+number of times a run's states are shipped: an update of a final row (ended, skipped, missed)
+leaving what the summary sees of it as it was is a final row shipped again and changes nothing
+(the upsert of fleetrows.py never replaces it by an earlier state); a final row replaced by
+another final state (a run recorded lost by another node, claimloss.py, then its own node's
+record of how it ended) makes its hour counted again (``recount_hour``); otherwise the row's contribution before the change is taken out and
 its contribution after it put in, so a run is counted once in ``runs`` when its row first has
 ``started`` and once in ``failures`` when it first is final and failed.  The latest run is
 replaced by a row at least as late, so the state of the same run shipped again is refreshed.
@@ -66,6 +68,11 @@ _ADD = f"""
                    f"{_LATER.format('done')}) THEN EXCLUDED.{c} ELSE h.{c} END"
                    for c, _ in _DONE)}"""
 
+# what the summary sees of a row: a final row shipped again with all of these unchanged is no
+# change to it
+_SEEN = "ROW({0}.task, {0}.node, {0}.started, {0}.failed, " + ", ".join(
+    v for _, v in _LAST) + ")"
+
 COUNT_FUNCTION = f"""CREATE FUNCTION {S}.count_run() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     was_started integer := 0;
@@ -73,7 +80,17 @@ DECLARE
 BEGIN
     IF TG_OP = 'UPDATE' THEN
         IF {FINAL.format("OLD")} THEN
-            RETURN NULL;    -- a final row shipped again: counted when it became final
+            IF {_SEEN.format("OLD")} IS NOT DISTINCT FROM {_SEEN.format("NEW")} THEN
+                RETURN NULL;    -- a final row shipped again: counted when it became final
+            END IF;
+            -- a final row replaced by another final state (a run another node recorded lost,
+            -- then its own node's end of it): its hour, and the new one, counted again
+            PERFORM {S}.recount_hour(OLD.task, OLD.node, {HOUR.format("OLD")});
+            IF (OLD.task, OLD.node, {HOUR.format("OLD")})
+                    IS DISTINCT FROM (NEW.task, NEW.node, {HOUR.format("NEW")}) THEN
+                PERFORM {S}.recount_hour(NEW.task, NEW.node, {HOUR.format("NEW")});
+            END IF;
+            RETURN NULL;
         END IF;
         IF (OLD.task, OLD.node, OLD.at) IS DISTINCT FROM (NEW.task, NEW.node, NEW.at) THEN
             -- moved (a start, then a failed fork: due time, not start time): its old hour
@@ -125,6 +142,10 @@ BEGIN
     TRUNCATE {S}.task_hours;
     RETURN NULL;
 END $$"""
+
+# migration 6 of fleetdb.py replaces count_run in a database made before a final row could be
+# replaced by another final state (one made now gets this text from migration 2 already)
+REPLACE_COUNT_FUNCTION = COUNT_FUNCTION.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
 
 STATEMENTS = (
     TABLE,
