@@ -111,6 +111,14 @@ def test_an_end_report_becomes_the_result_and_the_record_of_its_run():
         "killed by SIGTERM"
     record = RunRecord.of_end(9, "t", "n", 10, False, 77, result)
     assert record.result == result and record.duration == 2.5 and record.pid == 77
+    # SIGKILL to the command's group from the supervisor (a lease lost, a shutdown's grace over):
+    # the executor may report its command killed before it is killed itself: still the stop
+    killed = end._replace(signal=9, stopped=False)
+    assert RunResult.from_report(killed, "its fleet lease could not be kept", True).describe() \
+        == "stopped: its fleet lease could not be kept"
+    assert RunResult.from_report(killed, "shutdown").failed         # not killed by the supervisor
+    assert RunResult.from_report(end._replace(signal=None, exit_code=3, stopped=False),
+                                 "shutdown", True).failed           # ended of itself first
 
 
 def test_wire_imports_nothing_from_the_package():

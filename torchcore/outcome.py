@@ -41,11 +41,14 @@ class RunResult:
         return cls(exit_code=exit_code, signal=signal, **fields)
 
     @classmethod
-    def from_report(cls, end, stop_reason):
+    def from_report(cls, end, stop_reason, killed=False):
         """The result an executor's end report (wire.End) says, ``stop_reason`` the planned
-        stop the supervisor asked for (if the report says a stop request ended the run)."""
+        stop the supervisor asked for (if the report says a stop request ended the run, or
+        ``killed``: the supervisor sent SIGKILL to the command's group itself, and the executor,
+        killed a moment later, saw its command die of it first and reported that)."""
+        stopped = end.stopped or (killed and end.signal == _signal.SIGKILL)
         return cls(exit_code=end.exit_code, signal=end.signal, timed_out=bool(end.timed_out),
-                   error=end.error, stopped=stop_reason if end.stopped else None,
+                   error=end.error, stopped=stop_reason if stopped else None,
                    started=end.started, ended=end.ended, peak_rss=end.peak_rss)
 
     @property

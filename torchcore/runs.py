@@ -30,6 +30,7 @@ class Run:
     orphaned: bool = False      # its launcher died: followed by pid until it ends
     adopted: bool = False       # started by a previous supervisor (killed): followed by pid too
     stop_reason: str | None = None  # why the supervisor stopped it: recorded as stopped, not failed
+    killed: bool = False        # the supervisor sent SIGKILL to its command's group itself
 
 
 _STARTED = (RunState.STARTING, RunState.RUNNING, RunState.STOPPING)

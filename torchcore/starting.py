@@ -446,6 +446,7 @@ class Starter:
         if run.adopted and not self.system.is_executor(run.executor_pid, run.task.name, run.run_id):
             return      # ended already (its pid may be another process's now)
         if signum == signal.SIGKILL and run.pgid:
+            run.killed = True       # its executor may see the command killed before it dies
             self.system.kill(-run.pgid, signal.SIGKILL)
         if run.executor_pid is None:
             run.pending_signal = signum     # sent as soon as the launcher has forked it

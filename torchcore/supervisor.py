@@ -325,7 +325,7 @@ class Supervisor:
         self.table.exited(run)      # RUNNING -> EXITED
         report = run.report         # the executor's wire.End, if it sent one
         if report is not None:
-            result = RunResult.from_report(report, run.stop_reason)
+            result = RunResult.from_report(report, run.stop_reason, run.killed)
         else:
             how = RunResult.from_returncode(os.waitstatus_to_exitcode(status)).ending(raw=True)
             result = RunResult(error=f"executor ended without a report ({how})",
