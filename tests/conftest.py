@@ -33,6 +33,26 @@ class Figures:
         self.doubled += doubled
 
 
+@pytest.fixture(autouse=True)
+def _no_thread_left_behind():
+    """A test ends every thread it started (receivers, pools, talkers): the supervisor refuses to
+    fork with a second thread alive (starting.py), so a thread one test leaves behind on an xdist
+    worker fails whichever in-process supervisor test comes next there.  Threads of wider-scoped
+    fixtures, alive when the test began, are theirs to end."""
+    import threading
+    import time
+
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 10
+    while True:
+        left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert not left, f"threads left running by this test: {[t.name for t in left]}"
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("process") is None and item.get_closest_marker("slow") is None:

@@ -466,6 +466,7 @@ def test_a_once_run_adopted_by_a_restarted_node_keeps_its_lease_and_is_neither_l
     def lines():
         return _lines(out)
     [(second, fence, node)] = wait_for(lines, 25, "the first run")
+    _wait_confirmed(fleet, second)
     _restart_keeping_runs(nodes[node], node)
     time.sleep(12 + 5)                  # past the lease the killed claims process last renewed
     assert [line for line in lines() if line[0] == second] == [[second, fence, node]]
@@ -474,6 +475,19 @@ def test_a_once_run_adopted_by_a_restarted_node_keeps_its_lease_and_is_neither_l
                             "'report' AND second = %s", (int(second),)).fetchone() == (
             None, 0, node, int(fence))
     assert not any("is lost" in daemon.log for daemon in nodes.values())
+
+
+def _wait_confirmed(fleet, second):
+    """Until the start of report's run of ``second`` is confirmed in the fleet database: a node
+    killed before that has its claim taken over as unconfirmed (same second, next token), which
+    is another case than the adoption these tests are about."""
+    from daemon_harness import wait_for
+
+    def confirmed():
+        with fleetdb.connect(fleet.url) as conn:
+            return conn.execute(f"SELECT started IS NOT NULL FROM {S}.claims WHERE task = "
+                                "'report' AND second = %s", (int(second),)).fetchone()[0]
+    wait_for(confirmed, 10, "the run's start confirmed in the fleet database")
 
 
 def _restart_keeping_runs(daemon, node, after=0.0):
@@ -535,6 +549,7 @@ def test_a_run_adopted_after_its_lease_ended_is_killed_and_runs_once_more_only(
     def lines():
         return _lines(out)
     [(second, fence, node)] = wait_for(lines, 25, "the first run")
+    _wait_confirmed(fleet, second)
     _restart_keeping_runs(nodes[node], node, after=6 + 3)
     wait_for(lambda: "adopted run(s) no longer hold their fleet lease" in nodes[node].log, 10,
              "the adopted run killed")
