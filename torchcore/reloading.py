@@ -323,12 +323,19 @@ class Reloader:
             os.close(go)
         return pid, fd
 
-    def _drop_spare(self):
+    def _drop_spare(self, kill=False):
+        """``kill``: at shutdown, SIGKILL too: a spare still starting (its imports, on a loaded
+        machine) would read the end of file only after the daemon had gone, outliving it."""
         if self.spare is not None:
-            _, fd, go = self.spare
+            pid, fd, go = self.spare
             self.spare = None
             os.close(fd)
             os.close(go)            # end of file: it exits
+            if kill:
+                try:
+                    self.host.system.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
 
     def _readable(self, key=None, mask=None):
         reload = self.current
@@ -384,7 +391,7 @@ class Reloader:
 
     def cancel(self, why):
         """Give up the reload under way and those asked for (shutdown): each asker is told."""
-        self._drop_spare()
+        self._drop_spare(kill=True)
         callbacks = []
         if self.current is not None:
             reload, self.current = self.current, None
