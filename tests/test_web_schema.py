@@ -30,7 +30,7 @@ tasks:
   - {name: report, schedule: "*/5 * * * *", command: [sh, -c, "exit 3"]}
 """
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.module_threads]
 
 schema = schemathesis.openapi.from_dict(document(None, "/"))
 
