@@ -94,6 +94,35 @@ def daemons(tmp_path):
     yield factory
     for daemon in made:
         daemon.kill()
+    if made:
+        _end_leftovers(str(tmp_path))
+
+
+def _end_leftovers(directory):
+    """Processes still working in ``directory`` once its daemons are killed: a service or run a
+    failed test left stopped (SIGSTOP before its SIGCONT) never sees its supervisor go.  Resumed
+    and killed, so none outlives the test."""
+    import os
+    import time
+
+    import psutil
+
+    def working_there():
+        found = []
+        for proc in psutil.process_iter(["cwd"]):
+            cwd = proc.info["cwd"] or ""
+            if proc.pid != os.getpid() and (cwd == directory or cwd.startswith(directory + "/")):
+                found.append(proc)
+        return found
+
+    if working_there():
+        time.sleep(0.5)     # the services see their parent's end and go by themselves
+    for proc in working_there():
+        try:
+            proc.resume()
+            proc.kill()
+        except psutil.Error:
+            pass
 
 
 @pytest.fixture
