@@ -248,18 +248,17 @@ class Hung(Exception):
     which the load takes for a worker gone)."""
 
 
-def test_a_worker_that_hangs_is_given_up_for_the_one_piece_load(tmp_path, monkeypatch):
-    """A worker stopped or stuck (its half never comes): the load does not wait for it
-    forever (a reload would wait out its whole timeout and fail) but kills it and returns
-    None, for the one-piece load, within the grace it gives the worker."""
+def _hang(*args):
+    """A worker's second half that never comes: the worker stops itself."""
     import os
     import signal
 
-    def hang(*args):
-        os.kill(os.getpid(), signal.SIGSTOP)
+    os.kill(os.getpid(), signal.SIGSTOP)
 
-    monkeypatch.setattr(loadsplit, "_second", hang)        # the forked worker inherits it
-    monkeypatch.setattr(loadsplit, "WORKER_GRACE", 0.5, raising=False)
+
+def _load_with_a_hung_worker(tmp_path):
+    """loadsplit.load of a plain file, failed with Hung if it waits 30 s for its worker."""
+    import signal
 
     def waited_too_long(*args):
         raise Hung("the load waited 30 s for a worker that hangs")
@@ -267,37 +266,31 @@ def test_a_worker_that_hangs_is_given_up_for_the_one_piece_load(tmp_path, monkey
     previous = signal.signal(signal.SIGALRM, waited_too_long)
     signal.alarm(30)
     try:
-        assert loadsplit.load(str(tmp_path / "t.yaml"), NODE, _plain(40), 0) is None
+        return loadsplit.load(str(tmp_path / "t.yaml"), NODE, _plain(40), 0)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_worker_that_hangs_is_given_up_for_the_one_piece_load(tmp_path, monkeypatch):
+    """A worker stopped or stuck (its half never comes): the load does not wait for it
+    forever (a reload would wait out its whole timeout and fail) but kills it and returns
+    None, for the one-piece load, within the grace it gives the worker."""
+    monkeypatch.setattr(loadsplit, "_second", _hang)       # the forked worker inherits it
+    monkeypatch.setattr(loadsplit, "WORKER_GRACE", 0.5, raising=False)
+    assert _load_with_a_hung_worker(tmp_path) is None
 
 
 def test_big_settings_for_a_worker_that_hangs_are_not_waited_for(tmp_path, monkeypatch):
     """Settings larger than a pipe holds (a long notify list, say), sent to a worker that
     hangs before it reads them: the write is given up as the answer is, for the one-piece
     load (padded here: pickle.loads ignores what follows a pickle's end)."""
-    import os
     import pickle
-    import signal
     from types import SimpleNamespace
-
-    def hang(*args):
-        os.kill(os.getpid(), signal.SIGSTOP)
 
     padded = SimpleNamespace(dumps=lambda obj, protocol: pickle.dumps(obj, protocol) + bytes(4 << 20),
                              loads=pickle.loads, HIGHEST_PROTOCOL=pickle.HIGHEST_PROTOCOL)
-    monkeypatch.setattr(loadsplit, "_second", hang)
+    monkeypatch.setattr(loadsplit, "_second", _hang)
     monkeypatch.setattr(loadsplit, "pickle", padded)
     monkeypatch.setattr(loadsplit, "WORKER_GRACE", 0.5)
-
-    def waited_too_long(*args):
-        raise Hung("the load waited 30 s for a worker that hangs")
-
-    previous = signal.signal(signal.SIGALRM, waited_too_long)
-    signal.alarm(30)
-    try:
-        assert loadsplit.load(str(tmp_path / "t.yaml"), NODE, _plain(40), 0) is None
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    assert _load_with_a_hung_worker(tmp_path) is None
