@@ -321,20 +321,33 @@ def test_a_node_starting_alone_skips_no_second_as_unreachable_while_its_claims_p
     assert set(range(first, int(started) + 4)) <= ran | set(skipped)    # ... none missed from it
 
 
-def test_before_the_claims_process_first_answers_a_tick_waits_then_runs_late_or_skips():
+def _coordinator(clock, **calls):
+    """A FleetCoordinator of node n1 for one `run: once` task "job", its claims process not
+    started (``hello`` set), the supervisor's side a stub with ``calls`` (start_claimed, ...):
+    (coordinator, task, the messages it sends)."""
     import types
     from torchcore import coordinator
 
-    clock = types.SimpleNamespace(time=time.time, monotonic=time.monotonic)
-    started = []
-    starter = types.SimpleNamespace(start_claimed=lambda name, second: started.append(
-        (name, second, fleet_.claim(task, second))), prepare_claimed=lambda *a: None,
-        skip_claimed=lambda name, second, reason: started.append((name, second, reason)))
+    sent = []
+    starter = types.SimpleNamespace(prepare_claimed=lambda *a: None, **calls)
     fleet_ = coordinator.FleetCoordinator(clock, "n1")
     fleet_.attach(None, starter)
+    fleet_._send = sent.append
     fleet_.hello = {"url": "postgresql://x", "node": "n1", "takeover": 0.5, "lease": 15}
     fleet_.once = {"job"}
     task = types.SimpleNamespace(name="job", run="once", type="common", max=1, ips=(), hosts=())
+    return fleet_, task, sent
+
+
+def test_before_the_claims_process_first_answers_a_tick_waits_then_runs_late_or_skips():
+    import types
+
+    clock = types.SimpleNamespace(time=time.time, monotonic=time.monotonic)
+    started = []
+    fleet_, task, _ = _coordinator(
+        clock, start_claimed=lambda name, second: started.append(
+            (name, second, fleet_.claim(task, second))),
+        skip_claimed=lambda name, second, reason: started.append((name, second, reason)))
     now = int(time.time())
     for second in (now - 1, now):
         fleet_.ahead(second, [task])
@@ -353,19 +366,12 @@ def test_before_the_claims_process_first_answers_a_tick_waits_then_runs_late_or_
 
 def test_a_second_whose_tick_waited_and_was_won_beyond_misfire_grace_is_recorded_missed():
     import types
-    from torchcore import coordinator
 
     clock = types.SimpleNamespace(time=time.time, monotonic=time.monotonic)
-    missed, sent = [], []
-    starter = types.SimpleNamespace(start_claimed=lambda *a: pytest.fail("started"),
-                                    prepare_claimed=lambda *a: None,
-                                    missed_claimed=lambda *a: missed.append(a))
-    fleet_ = coordinator.FleetCoordinator(clock, "n1")
-    fleet_.attach(None, starter)
-    fleet_._send = sent.append
-    fleet_.hello = {"url": "postgresql://x", "node": "n1", "takeover": 0.5, "lease": 15}
-    fleet_.once, fleet_.misfire_grace = {"job"}, 0
-    task = types.SimpleNamespace(name="job", run="once", type="common", max=1, ips=(), hosts=())
+    missed = []
+    fleet_, task, sent = _coordinator(clock, start_claimed=lambda *a: pytest.fail("started"),
+                                      missed_claimed=lambda *a: missed.append(a))
+    fleet_.misfire_grace = 0
     second = int(time.time()) - 1
     fleet_.ahead(second, [task])
     assert fleet_.claim(task, second) is False
@@ -382,20 +388,12 @@ def test_a_second_waiting_for_a_first_answer_that_never_comes_is_recorded_as_ski
     tick waited for it is recorded as skipped, unreachable, once no answer can come; a late
     answer then only frees its slot."""
     import types
-    from torchcore import coordinator
 
     now = [time.time()]
     clock = types.SimpleNamespace(time=lambda: now[0], monotonic=time.monotonic)
-    skipped, sent = [], []
-    starter = types.SimpleNamespace(start_claimed=lambda *a: pytest.fail("started"),
-                                    prepare_claimed=lambda *a: None,
-                                    skip_claimed=lambda *a: skipped.append(a))
-    fleet_ = coordinator.FleetCoordinator(clock, "n1")
-    fleet_.attach(None, starter)
-    fleet_._send = sent.append
-    fleet_.hello = {"url": "postgresql://x", "node": "n1", "takeover": 0.5, "lease": 15}
-    fleet_.once = {"job"}
-    task = types.SimpleNamespace(name="job", run="once", type="common", max=1, ips=(), hosts=())
+    skipped = []
+    fleet_, task, sent = _coordinator(clock, start_claimed=lambda *a: pytest.fail("started"),
+                                      skip_claimed=lambda *a: skipped.append(a))
     second = int(now[0])
     fleet_.ahead(second, [task])
     assert fleet_.claim(task, second) is False             # waits for the first answer
