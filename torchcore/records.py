@@ -33,8 +33,8 @@ from collections import OrderedDict
 from torchcore import paths, safepaths
 from torchcore.errors import TorchcoreError
 from torchcore.outcome import RunResult
-from torchcore.recordsql import (CHUNK, COLUMNS, FAILED, FINAL_AMONG, JOURNAL, JOURNAL_CURSORS,
-                                 PRUNE_JOURNAL, SCHEMA, SELECT, TRIM_JOURNAL, UPGRADE_FROM_1, UPSERT,
+from torchcore.recordsql import (CHUNK, COLUMNS, FAILED, JOURNAL, JOURNAL_CURSORS, PRUNE_JOURNAL,
+                                 SCHEMA, SELECT, TRIM_JOURNAL, UPGRADE_FROM_1, UPSERT, final_among,
                                  rank, row_rank)
 from torchcore.runrecord import RunRecord
 
@@ -86,7 +86,7 @@ def write_rows(conn, rows):
         stored = {}
         for i in range(0, len(ids), CHUNK):
             part = ids[i:i + CHUNK]
-            for run_id, *values in conn.execute(FINAL_AMONG, part + [None] * (CHUNK - len(part))):
+            for run_id, *values in conn.execute(*final_among(part)):
                 stored[run_id] = rank(*values)
         written += [row for row in others if stored.get(row[0], 0) <= row_rank(row)]
     conn.executemany(UPSERT, written)
