@@ -94,6 +94,19 @@ def wait_for(predicate, timeout, message="condition", detail=lambda: ""):
     raise AssertionError("timed out waiting for " + message.format(detail()))
 
 
+def titled(procs, text):
+    """Those of ``procs`` whose title (command line) holds ``text``, passing over a process that
+    ends meanwhile (gone, or a zombie not yet reaped: psutil raises on reading its title)."""
+    found = []
+    for proc in procs:
+        try:
+            if text in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
 def processes_with(marker, env=None):
     """Live (non-zombie) processes whose command line contains ``marker``, of the daemons this
     test process started (their commands inherit ``SUITE`` from the daemon's environment), or,

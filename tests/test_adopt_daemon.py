@@ -17,7 +17,7 @@ import time
 
 import psutil
 import pytest
-from daemon_harness import wait_for
+from daemon_harness import titled, wait_for
 from test_faults_daemon import started
 
 from torchcore import paths, procscan, records
@@ -27,7 +27,7 @@ NAME = f"keeper{os.getpid()}"
 
 
 def _launchers(pid):
-    return [p for p in psutil.Process(pid).children() if "launcher" in " ".join(p.cmdline())]
+    return titled(psutil.Process(pid).children(), "launcher")
 
 
 def _executors(state_dir, task, run_id):

@@ -492,10 +492,10 @@ def _restart_keeping_runs(daemon, node, after=0.0):
     """kill -9 of the node's supervisor and claims process (its executors and commands live
     on), then its restart (``after`` seconds later), which adopts the runs."""
     import psutil
-    from daemon_harness import wait_for
+    from daemon_harness import titled, wait_for
 
     root = psutil.Process(daemon.proc.pid)
-    claims_process = [p for p in root.children() if "fleet claims" in " ".join(p.cmdline())]
+    claims_process = titled(root.children(), "fleet claims")
     assert len(claims_process) == 1
     for proc in [root] + claims_process:
         proc.kill()

@@ -8,7 +8,7 @@ import time
 
 import psutil
 import pytest
-from daemon_harness import Daemon, processes_with, wait_for
+from daemon_harness import Daemon, processes_with, titled, wait_for
 
 from torchcore.jobspec import Job
 from torchcore import wire
@@ -74,10 +74,10 @@ def test_executors_are_children_of_launchers_not_of_the_supervisor(tmp_path):
     try:
         wait_for(lambda: processes_with("sleep 5.31"), 10, "a run")
         supervisor = psutil.Process(d.proc.pid)
-        launchers = [c for c in supervisor.children() if "launcher" in " ".join(c.cmdline())]
+        launchers = titled(supervisor.children(), "launcher")
         assert len(launchers) == max(1, min(4, os.cpu_count()))
         executors = [p for launcher in launchers for p in launcher.children()]
-        assert any("torchcore: nap [run " in " ".join(p.cmdline()) for p in executors)
+        assert titled(executors, "torchcore: nap [run ")
     finally:
         d.stop()
 
@@ -88,14 +88,12 @@ def test_a_killed_launcher_is_replaced_and_its_run_still_recorded(tmp_path):
 """).start()
     try:
         supervisor = psutil.Process(d.proc.pid)
-        victim = wait_for(lambda: next((c for c in supervisor.children()
-                                        if "launcher" in " ".join(c.cmdline()) and c.children()),
-                                       None), 10, "a launcher with a run")
+        victim = wait_for(lambda: next((c for c in titled(supervisor.children(), "launcher")
+                                        if c.children()), None), 10, "a launcher with a run")
         victim.send_signal(signal.SIGKILL)
         d.wait_log("died; starting another")
         count = max(1, min(4, os.cpu_count()))
-        wait_for(lambda: len([c for c in supervisor.children()
-                              if "launcher" in " ".join(c.cmdline())]) == count,
+        wait_for(lambda: len(titled(supervisor.children(), "launcher")) == count,
                  10, "a replacement launcher")
         done = wait_for(lambda: [r for r in d.runs("nap") if r["ended"] and r["exit_code"] == 0],
                         15, "runs to end and be recorded")
